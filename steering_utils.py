@@ -1,0 +1,200 @@
+"""领域引导解码（domain-steered decoding）的纯张量工具函数。
+
+每个贪心解码步骤中，三个模型各给出一行下一词 logits（形状均为 (B, V)，B = batch，V = 词表大小）：
+
+    z_final = z_target + α(t) · (z_expert − z_base)
+    α(t)    = base_alpha + tanh(d · adaptive_scale) · max_boost
+
+其中 d 是目标分布 p_t 与专家分布 p_e 之间的距离：
+    - "js"：Jensen–Shannon 散度（自然对数），范围 [0, ln 2]；
+    - "l2"：概率向量差的 L2 范数 ‖p_t − p_e‖₂，范围 [0, √2]。
+
+设计约定（所有函数共同遵守）：
+    - 纯函数：不持有任何模型状态，不原地修改输入，总是返回新张量；
+      因此可以在 decoding 循环中随意复用输入 logits，也可以在 torch.inference_mode() 下调用。
+    - 输入可为任意浮点精度（bf16 / fp16 / fp32），内部一律先转成 float32 再计算：
+      bf16 只有 8 位尾数，直接在 bf16 下做 softmax / log / 相减会让 JS 散度（通常只有 0.0x 量级）
+      被舍入误差淹没；输出也统一为 float32，便于下游 argmax 与记录。
+    - 被屏蔽的词（logit 为 −inf）是合法输入，任何位置都不会产生 NaN（规则见各函数文档）。
+      整行全为 −inf 不是合法的概率分布，不在支持范围内；+inf / NaN 输入同样视为调用方错误。
+      为避免 GPU 同步，这些取值不做逐元素检查。
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["METRICS", "distance", "calculate_adaptive_alpha", "compute_steered_logits"]
+
+# 支持的距离度量；与 config.CHOICES["distance"] 保持一致（此处不 import config，保持本模块无依赖）。
+METRICS: tuple[str, ...] = ("js", "l2")
+
+# 两种度量的理论上界：JS（自然对数）≤ ln 2（两分布支撑集不相交时取到）；
+# 两个概率向量之差的 L2 范数 ≤ √2（两个不同的 one-hot 时取到）。
+_LN2: float = math.log(2.0)
+_UPPER: dict[str, float] = {"js": _LN2, "l2": math.sqrt(2.0)}
+
+
+def _check_pair(a: Tensor, b: Tensor, names: str = "logits") -> None:
+    """校验两个 logits 张量都是 2-D 且形状相同；否则抛出 ValueError 并写明实际形状。
+
+    为什么要求严格的 (B, V)：广播会把 (V,) 与 (B, V) 静默地组合在一起，
+    得到形状正确但语义错误的结果（每一行都和同一个向量比较），这种错误在解码中很难察觉。
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape != b.shape:
+        raise ValueError(
+            f"{names} 必须是形状相同的 2-D 张量 (B, V)；实际得到 {tuple(a.shape)} 与 {tuple(b.shape)}"
+        )
+
+
+def _check_metric(metric: str) -> None:
+    """校验距离度量名称；非法时在消息中列出全部可选值。"""
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r} 非法；可选值：{', '.join(METRICS)}")
+
+
+def _kl_to_mixture(la: Tensor, lb: Tensor, lm: Tensor) -> Tensor:
+    """计算 KL(p_a ‖ m) 的逐行值，形状 (B, V) → (B,)，其中 m = (p_a + p_b) / 2。
+
+    参数均为 float32 的对数概率：la = log p_a，lb = log p_b，lm = log m，形状 (B, V)。
+
+    逐词项 p_a · (log p_a − log m) 按 xlogy 的约定处理（0 · log 0 = 0）：
+        - p_a == 0（包括 la = −inf 的屏蔽词，以及 exp 下溢为 0 的极小概率）时该项记 0；
+          否则 0 · (−inf) 或 (−inf) − (−inf) 会产生 NaN。极小概率的真实贡献也只有 ~1e-40 量级，
+          记 0 不影响精度。
+        - la == lb 时 p_a == p_b == m，该项按定义恰为 0；显式置 0 而不是依赖
+          la − (logaddexp(la, la) − ln2) 的浮点舍入，这样两个完全相同的分布得到的 JS 恰好是 0，
+          从而 α 恰好等于 base_alpha（而不是 base_alpha + 1 ulp）。
+    torch.where 只挑选取值，未被选中分支里的 NaN 不会传播到前向结果。
+    """
+    pa = la.exp()
+    keep = (pa > 0) & (la != lb)
+    terms = torch.where(keep, pa * (la - lm), torch.zeros_like(la))
+    return terms.sum(dim=-1)
+
+
+def distance(logits_a: Tensor, logits_b: Tensor, metric: str = "js") -> Tensor:
+    """逐行计算两个下一词分布之间的距离。
+
+    参数：
+        logits_a, logits_b: 形状 (B, V) 的 logits，任意浮点精度；可含 −inf（被屏蔽的词）。
+        metric: "js"（Jensen–Shannon 散度，自然对数）或 "l2"（‖p_a − p_b‖₂）。
+
+    返回：
+        形状 (B,) 的 float32 张量；JS 落在 [0, ln 2]，L2 落在 [0, √2]。
+
+    实现要点：
+        - 先在 float32 下做 log_softmax：它对 −inf 的处理是精确的（exp(−inf) = 0），
+          并且比先 softmax 再 log 更稳定（不会出现 log(0) 的下溢）。
+        - JS = ½·KL(p_a‖m) + ½·KL(p_b‖m)，m = ½(p_a + p_b)。
+          log m 用 logaddexp(la, lb) − ln 2 在对数域中计算，避免 p 很小时 (p_a + p_b)/2 下溢为 0
+          再取 log 得到 −inf；两行都为 −inf 的词 logaddexp 给出 −inf，随后由 _kl_to_mixture 置 0。
+        - 对称性：交换参数只是交换两个 KL 项的加法顺序，浮点加法可交换，所以结果逐位相同。
+        - 最后 clamp 到理论区间，去掉 ~1e-8 的浮点误差（例如微小的负 JS），
+          保证下游 tanh(d · scale) 的输入与文档中的区间一致。
+    """
+    _check_metric(metric)
+    _check_pair(logits_a, logits_b)
+    # (B, V) float32 对数概率；.float() 对 float32 输入不复制，但后续运算都生成新张量，输入不被修改。
+    la = F.log_softmax(logits_a.float(), dim=-1)
+    lb = F.log_softmax(logits_b.float(), dim=-1)
+    if metric == "js":
+        lm = torch.logaddexp(la, lb) - _LN2  # (B, V)，log m
+        d = 0.5 * (_kl_to_mixture(la, lb, lm) + _kl_to_mixture(lb, la, lm))
+    else:
+        # exp(−inf) = 0，屏蔽词对 L2 的贡献天然正确，无需特殊处理。
+        d = torch.linalg.vector_norm(la.exp() - lb.exp(), ord=2, dim=-1)
+    return d.clamp(0.0, _UPPER[metric])
+
+
+def _check_finite_number(name: str, value: float) -> None:
+    """校验标量超参数是有限实数（拒绝 bool、NaN、±inf、字符串等），否则抛出 ValueError。"""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} 必须是有限实数")
+
+
+def calculate_adaptive_alpha(
+    logits_target: Tensor,
+    logits_expert: Tensor,
+    base_alpha: float = 1.0,
+    adaptive_scale: float = 10.0,
+    max_boost: float = 1.0,
+    metric: str = "js",
+) -> Tensor:
+    """逐行计算自适应引导强度 α = base_alpha + tanh(d · adaptive_scale) · max_boost。
+
+    参数：
+        logits_target, logits_expert: 形状 (B, V) 的 logits，任意浮点精度。
+        base_alpha: 距离为 0 时的 α（目标与专家意见一致时的基础引导强度）。
+        adaptive_scale: tanh 内的灵敏度，≥ 0。JS 通常只有 0.0x 量级，需要乘以 ~10 才能让 tanh 走出线性区。
+        max_boost: α 的最大增量，≥ 0。
+        metric: 距离度量，"js" 或 "l2"（见 distance）。
+
+    返回：
+        形状 (B,) 的 float32 张量，取值在 [base_alpha, base_alpha + max_boost] 内。
+
+    为什么用 tanh：d ≥ 0 时 tanh(d · scale) ∈ [0, 1) 且单调不减，α 因此被限制在有界区间、
+    并随分歧增大而平滑增大；要求 adaptive_scale、max_boost ≥ 0 正是为了保持这种单调性。
+    d = 0（两分布完全相同）时 tanh(0) = 0，α 恰好等于 base_alpha。
+    """
+    for name, value in (("base_alpha", base_alpha), ("adaptive_scale", adaptive_scale), ("max_boost", max_boost)):
+        _check_finite_number(name, value)
+    if adaptive_scale < 0 or max_boost < 0:
+        raise ValueError(
+            f"adaptive_scale={adaptive_scale!r} 与 max_boost={max_boost!r} 必须 ≥ 0（保证 α 随距离单调不减）"
+        )
+    d = distance(logits_target, logits_expert, metric=metric)  # (B,) float32
+    return base_alpha + torch.tanh(d * adaptive_scale) * max_boost
+
+
+def compute_steered_logits(
+    logits_t: Tensor,
+    logits_e: Tensor,
+    logits_b: Tensor,
+    alpha: float | Tensor,
+) -> Tensor:
+    """融合三路 logits：z_final = z_t + α · (z_e − z_b)。
+
+    参数：
+        logits_t: 目标模型 logits z_t，形状 (B, V)，任意浮点精度。
+        logits_e: 领域专家 logits z_e，形状 (B, V)。
+        logits_b: 专家的通用基座 logits z_b，形状 (B, V)。
+        alpha: Python 实数（整批共用），或形状 (B,) / (B, 1) 的张量（逐行 α，例如
+            calculate_adaptive_alpha 的输出）。α 必须为有限值。
+
+    返回：
+        形状 (B, V) 的 float32 新张量。
+
+    −inf（被屏蔽词）的处理规则——保证任何位置都不出现 NaN：
+        1. 若 (z_e − z_b) 不是有限值（inf − inf，或 z_e、z_b 中恰有一个为 −inf），把差值记为 0：
+           该词的引导项被丢弃，保留目标的 logit。理由：一方屏蔽、另一方不屏蔽时，
+           差值是 ±inf，会把该词强行推到 ±inf，完全压过目标模型，这不是"领域差异"的合理估计；
+           两方都屏蔽时 inf − inf 本身就是 NaN。
+        2. 若 z_t 为 −inf，结果保持 −inf（目标模型屏蔽的词永远不会被引导"复活"）。
+        3. 若某行 α == 0，该行结果与 z_t（转为 float32 后）逐位相同，包括 −inf 与 −0.0；
+           显式用 where 选择，而不依赖 z_t + 0·diff（−0.0 + 0.0 = +0.0，会改变符号位）。
+    """
+    _check_pair(logits_t, logits_e, names="logits_t/logits_e")
+    _check_pair(logits_t, logits_b, names="logits_t/logits_b")
+    zt, ze, zb = logits_t.float(), logits_e.float(), logits_b.float()
+    batch = zt.shape[0]
+
+    # 把 α 统一成可以与 (B, V) 广播的 float32 张量：标量 → 0-d，逐行 → (B, 1)。
+    if isinstance(alpha, Tensor):
+        if alpha.shape not in ((batch,), (batch, 1)):
+            raise ValueError(
+                f"alpha 张量的形状必须是 ({batch},) 或 ({batch}, 1)；实际得到 {tuple(alpha.shape)}"
+            )
+        a = alpha.to(device=zt.device, dtype=torch.float32).reshape(batch, 1)
+    else:
+        _check_finite_number("alpha", alpha)
+        a = torch.tensor(float(alpha), dtype=torch.float32, device=zt.device)
+
+    diff = ze - zb  # (B, V)
+    diff = torch.where(torch.isfinite(diff), diff, torch.zeros_like(diff))  # 规则 1
+    keep_target = (a == 0) | torch.isneginf(zt)  # (B, V)：规则 2 与规则 3
+    return torch.where(keep_target, zt, zt + a * diff)
