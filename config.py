@@ -47,6 +47,10 @@ NUM_SAMPLES: int = 100  # 取前 N 道题；0 表示全部
 MAX_NEW_TOKENS: int = 512
 BATCH_SIZE: int = 8
 SEED: int = 42
+# 快速路径（evaluator.FastDecoder）：静态 KV 缓存 + 固定形状的解码步；与慢速参考循环逐 token 一致（fp32 测试）。
+FAST_DECODE: bool = True
+# 编译解码步：auto = 仅在 CUDA 上编译（CUDA graphs）；CPU 上编译耗时远超收益。
+COMPILE: str = "auto"  # "auto" | "on" | "off"
 
 # 提示词：目标模型的系统提示；专家/基座可各自覆盖（None 表示与目标相同）。
 # 三个模型各有自己的 KV 缓存，所以每个角色的提示可以不同。
@@ -72,7 +76,7 @@ DEMO_EXPERT_SYSTEM_PROMPT: str = (
 )
 DEMO_BASE_SYSTEM_PROMPT: str = "You are a helpful assistant."
 
-# 捆绑数据（见 data/SOURCE.md）：hub 不可达或用户要求时使用。
+# 捆绑数据（见 data/medqa/SOURCE.md）：hub 不可达或用户要求时使用。
 BUNDLED_DATA_DIR: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "medqa")
 
 # 取值约束：命令行 choices 与构造时校验共用这一张表。
@@ -81,6 +85,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cuda", "cpu"),
     "dtype": ("bfloat16", "float16", "float32"),
     "split": ("test", "dev", "validation", "train"),
+    "compile": ("auto", "on", "off"),
 }
 VALID_MODES: tuple[str, ...] = ("baseline", "steered")
 
@@ -113,6 +118,8 @@ class Config:
     batch_size: int = field(default=BATCH_SIZE, metadata={"help": "每批题目数"})
     max_new_tokens: int = field(default=MAX_NEW_TOKENS, metadata={"help": "每题最多生成的 token 数"})
     seed: int = field(default=SEED, metadata={"help": "随机种子（random、numpy、torch）"})
+    fast: bool = field(default=FAST_DECODE, metadata={"help": "快速解码路径（静态缓存）；--no-fast 用慢速参考循环"})
+    compile: str = field(default=COMPILE, metadata={"help": "编译解码步：auto（仅 CUDA）| on | off"})
     system_prompt: str = field(default=SYSTEM_PROMPT, metadata={"help": "目标模型的系统提示"})
     expert_system_prompt: str | None = field(
         default=EXPERT_SYSTEM_PROMPT, metadata={"help": "专家的系统提示（缺省同目标）"})

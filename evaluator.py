@@ -25,6 +25,11 @@ from steering_utils import calculate_adaptive_alpha, compute_steered_logits
 # transformers 适配器：唯一知道缓存类与参数名的地方
 # ---------------------------------------------------------------------------
 
+def cache_kwarg(model: PreTrainedModel) -> str:
+    """forward 接收 KV 缓存的参数名：transformers 5.24 为 `cache`，5.17 为 `past_key_values`（都是公开参数）。"""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class ModelAdapter:
     """包装一个因果语言模型，只暴露 prefill / decode 两个操作，返回 float32 的 (B, V_model) logits。
 
@@ -35,8 +40,7 @@ class ModelAdapter:
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
-        params = inspect.signature(model.forward).parameters
-        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.cache_kwarg = cache_kwarg(model)
         self.cache: DynamicCache | None = None
         self.attention_mask: torch.Tensor | None = None  # (B, 已处理长度)：1 = 真实 token，0 = 左填充
         self.next_position: torch.Tensor | None = None  # (B, 1)：下一个 token 的位置编号
@@ -190,6 +194,167 @@ def _alpha_rows(alphas: list[torch.Tensor]) -> list[list[float]]:
 
 
 
+
+# ---------------------------------------------------------------------------
+# 快速路径：预分配的静态 KV 缓存 + 一个（可编译的）解码步，仿照 gpt-fast
+# ---------------------------------------------------------------------------
+
+PACKED_GQA: str = "steer_packed_gqa"  # 注册到 transformers 的注意力实现名
+
+
+def packed_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                         **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """解码步（q_len = 1）的分组查询注意力，不复制 K/V。
+
+    query (B, H, 1, D)，key/value (B, H_kv, L, D)，mask (B, 1, 1, L) 布尔（True = 可见）。
+    transformers 的 sdpa 路径在 torch.compile 下会用 repeat_kv 把 K/V 复制 H/H_kv 倍：批 64、
+    上下文 1k 时 8B 模型每步多搬 20+ GB。这里把同一 KV 头下的 n_rep 个查询头当作“查询长度”维：
+    query → (B, H_kv, n_rep, D)（repeat_kv 的头顺序正是 h = k·n_rep + r），mask 在 n_rep 维上广播，
+    一次 SDPA 就算完，数学上与复制 K/V 完全相同。预填充（q_len > 1）交回 transformers 自带的 sdpa。
+    """
+    from transformers import AttentionInterface
+
+    n_rep = getattr(module, "num_key_value_groups", 1)
+    batch, heads, q_len, dim = query.shape
+    if q_len != 1 or n_rep == 1:
+        return AttentionInterface()["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
+                                            scaling=scaling, **kwargs)
+    packed = query.reshape(batch, heads // n_rep, n_rep, dim)
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def use_packed_gqa(model: PreTrainedModel) -> None:
+    """把模型的注意力实现切换为 packed_gqa_attention（注意力函数与掩码函数都要注册，否则 transformers 不建掩码）。"""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(PACKED_GQA, packed_gqa_attention)
+    AttentionMaskInterface.register(PACKED_GQA, sdpa_mask)
+    if model.config._attn_implementation != PACKED_GQA:
+        model.set_attn_implementation(PACKED_GQA)
+
+
+def length_bucket(n: int, granularity: int = 128) -> int:
+    """静态缓存长度向上取整到 granularity 的倍数：不同批复用同一缓存与同一编译图，避免每批重新编译。"""
+    return -(-n // granularity) * granularity
+
+
+class FastDecoder:
+    """快速解码器：与 generate_batch 逐 token 等价（fp32 测试保证），但每步的开销小得多。
+
+    - 每个模型一个 StaticCache，按 (批大小, 长度桶) 分配一次、之后每批 reset() 复用（仿 gpt-fast：缓存只分配一次）；
+      批不足 batch_size 时用“已结束”的占位行补齐，让所有批形状相同、只编译一张图。
+    - 一个解码步函数包含三个模型的前向、α、融合、argmax 与结束判定；CUDA 上用
+      torch.compile(mode="reduce-overhead")（CUDA graphs）把几百次小 kernel 启动合成一次重放。
+    - 不再每步同步主机：每 check_every 步才看一次“是否全部结束”；多走的几步只会给已结束的行写 pad。
+    - 解码用 packed_gqa_attention，避免编译路径里 GQA 的 K/V 复制。
+    """
+
+    def __init__(self, models: Sequence[PreTrainedModel], *, vocab_size: int, end_ids: Sequence[int], pad_id: int,
+                 batch_size: int, steering: SteeringParams | None, compile: bool, check_every: int = 16) -> None:
+        if steering is not None and len(models) != 3:
+            raise ValueError("引导模式需要三个模型：[目标, 专家, 基座]")
+        self.models = list(models)
+        for m in {id(m): m for m in self.models}.values():
+            use_packed_gqa(m)
+        self.kwargs = [cache_kwarg(m) for m in self.models]
+        self.device = self.models[0].device
+        self.vocab_size, self.pad_id, self.batch_size = vocab_size, pad_id, batch_size
+        self.end_ids = sorted(set(end_ids))
+        self.ends = torch.tensor(self.end_ids, dtype=torch.long, device=self.device)
+        self.steering = steering
+        self.check_every = check_every
+        self.caches: list[Any] = []
+        self.cache_key: tuple[int, int] | None = None
+        mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        self.step = torch.compile(self._step, mode=mode, fullgraph=False) if compile else self._step
+
+    def _caches_for(self, length: int) -> list[Any]:
+        """取 (batch_size, length) 的静态缓存；长度桶变化时释放旧缓存再分配（批按长度降序，桶只会变小）。"""
+        from transformers import StaticCache
+
+        if self.cache_key != (self.batch_size, length):
+            self.caches = []
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.caches = [StaticCache(config=m.config, max_cache_len=length) for m in self.models]
+            self.cache_key = (self.batch_size, length)
+        for c in self.caches:
+            c.reset()
+        return self.caches
+
+    def _logits(self, k: int, out: Any) -> torch.Tensor:
+        """第 k 个模型输出 → 最后位置、切到分词器词表的 float32 logits (B, V)。"""
+        return out.logits[:, -1, : self.vocab_size].float()
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, masks: list[torch.Tensor],
+              finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """一个解码步（被编译的部分）。tokens/positions: (B, 1)；masks[k]: (B, L)；finished: (B,) bool。
+
+        返回 (next (B,), alpha (B,) float32, finished (B,))。形状全部固定，缓存在 StaticCache 内原地更新。
+        """
+        z = [self._logits(k, m(input_ids=tokens, position_ids=pos, attention_mask=mask, use_cache=True,
+                                **{kw: c}))
+             for k, (m, kw, c, pos, mask) in enumerate(zip(self.models, self.kwargs, self.caches, positions, masks))]
+        return self._choose(z, finished)
+
+    def _choose(self, z: list[torch.Tensor], finished: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """融合并选 token：与 generate_batch 的规则完全相同（已结束的行写 pad，不再改变）。"""
+        if self.steering is None:
+            fused, alpha = z[0], torch.zeros(z[0].shape[0], device=z[0].device)
+        else:
+            s = self.steering
+            alpha = calculate_adaptive_alpha(z[0], z[1], base_alpha=s.base_alpha, adaptive_scale=s.adaptive_scale,
+                                             max_boost=s.max_boost, metric=s.metric)
+            fused = compute_steered_logits(z[0], z[1], z[2], alpha)
+        nxt = fused.argmax(-1).masked_fill(finished, self.pad_id)
+        return nxt, alpha, finished | torch.isin(nxt, self.ends)
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[Sequence[int]]], max_new_tokens: int) -> BatchResult:
+        """与 generate_batch 相同的输入输出约定；prompts[k][i] 为第 k 个模型第 i 行的提示 id。"""
+        real = len(prompts[0])
+        if real > self.batch_size or len(prompts) != len(self.models):
+            raise ValueError(f"批大小 {real} 超过 FastDecoder 的 batch_size={self.batch_size}，或角色数不符")
+        # 补齐占位行（复制第 0 行的提示）：它们从一开始就标记为已结束，不影响真实行。
+        padded = [list(p) + [p[0]] * (self.batch_size - real) for p in prompts]
+        pads = [left_pad(p, self.pad_id, self.device) for p in padded]
+        length = length_bucket(max(ids.shape[1] for ids, _ in pads) + max_new_tokens)
+        caches = self._caches_for(length)
+        masks, positions, z = [], [], []
+        for k, ((ids, mask), m, kw, c) in enumerate(zip(pads, self.models, self.kwargs, caches)):
+            full = torch.ones(self.batch_size, length, dtype=torch.long, device=self.device)
+            full[:, : mask.shape[1]] = mask  # 左填充位为 0，其余（提示与未来生成位）为 1，因果性由缓存位置保证
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            out = m(input_ids=ids, attention_mask=full, position_ids=pos, use_cache=True, logits_to_keep=1,
+                    **{kw: c})
+            z.append(self._logits(k, out))
+            masks.append(full)
+            positions.append(pos[:, -1:] + 1)
+        finished = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
+        finished[real:] = True
+        out_tokens: list[torch.Tensor] = []
+        alphas: list[torch.Tensor] = []
+        nxt, alpha, new_finished = self._choose(z, finished)
+        for step in range(max_new_tokens):
+            if step > 0:
+                if step % self.check_every == 0 and bool(finished.all()):
+                    break
+                # CUDA graphs 的输出缓冲会被下一次重放覆盖：.clone() 保留本步结果。
+                nxt, alpha, new_finished = (t.clone() for t in self.step(nxt[:, None], positions, masks, finished))
+                positions = [p + 1 for p in positions]
+            alphas.append(alpha.masked_fill(finished, float("nan")))  # nan = 该行在本步之前已结束
+            out_tokens.append(nxt)
+            finished = new_finished
+        trimmed = _trim(torch.stack(out_tokens, 1)[:real].tolist(), set(self.end_ids))
+        alpha_rows = _alpha_rows([a[:real] for a in alphas]) if self.steering is not None else None
+        steps = len(out_tokens)
+        return BatchResult(tokens=trimmed, alpha=alpha_rows, steps=steps)
+
+
 # ---------------------------------------------------------------------------
 # 一个模式（baseline / steered）跑完全部题目
 # ---------------------------------------------------------------------------
@@ -216,9 +381,12 @@ def run_arm(
     max_new_tokens: int,
     end_ids: Sequence[int],
     steering: SteeringParams | None,
+    fast: bool = True,
+    compile: bool = False,
     progress: bool = True,
 ) -> ArmResult:
-    """按目标提示长度降序分批解码（同批长度相近、填充少；最长的批先跑，显存不够会最早暴露），
+    """fast=True 用 FastDecoder（compile 决定是否编译解码步），否则用慢速参考循环 generate_batch。
+    按目标提示长度降序分批解码（同批长度相近、填充少；最长的批先跑，显存不够会最早暴露），
     抽取答案并生成逐题记录。role_prompts[角色][j] 是第 j 道题在该角色下的提示 id。
 
     批的划分只取决于提示长度与 batch_size，因此同一配置的重复运行完全相同。
@@ -230,13 +398,20 @@ def run_arm(
     records: list[dict[str, Any] | None] = [None] * len(questions)
     total_tokens = 0
     start = time.perf_counter()
+    steer = steering if mode == "steered" else None
+    decoder = FastDecoder([models[r] for r in roles], vocab_size=vocab_size, end_ids=end_ids,
+                          pad_id=tokenizer.pad_token_id, batch_size=min(batch_size, len(questions)),
+                          steering=steer, compile=compile) if fast else None
     bar = tqdm(total=len(questions), desc=mode, unit="q", disable=not progress)
     for lo in range(0, len(order), batch_size):
         chunk = order[lo:lo + batch_size]
-        result = generate_batch(
-            [models[r] for r in roles], [[role_prompts[r][j] for j in chunk] for r in roles],
-            vocab_size=vocab_size, max_new_tokens=max_new_tokens, end_ids=end_ids,
-            pad_id=tokenizer.pad_token_id, steering=steering if mode == "steered" else None)
+        prompts = [[role_prompts[r][j] for j in chunk] for r in roles]
+        if decoder is not None:
+            result = decoder.generate(prompts, max_new_tokens)
+        else:
+            result = generate_batch([models[r] for r in roles], prompts, vocab_size=vocab_size,
+                                    max_new_tokens=max_new_tokens, end_ids=end_ids,
+                                    pad_id=tokenizer.pad_token_id, steering=steer)
         for row, j in enumerate(chunk):
             records[j] = make_record(mode, questions[j], result.tokens[row], tokenizer,
                                      result.alpha[row] if result.alpha is not None else None)

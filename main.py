@@ -122,11 +122,12 @@ def run(cfg: Config) -> dict[str, Any]:
         "started": _dt.datetime.now().isoformat(timespec="seconds")})
 
     steering = SteeringParams(cfg.base_alpha, cfg.adaptive_scale, cfg.max_boost, cfg.distance)
+    compile_step = cfg.fast and (cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"))
     arms: dict[str, ArmResult] = {}
     for mode in cfg.modes:
         arms[mode] = run_arm(mode, questions, role_prompts, models, tokenizer, vocab_size=vocab_size,
                              batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, end_ids=end_ids,
-                             steering=steering)
+                             steering=steering, fast=cfg.fast, compile=compile_step)
 
     with open(os.path.join(run_dir, "predictions.jsonl"), "w", encoding="utf-8") as f:
         for arm in arms.values():

@@ -1,0 +1,287 @@
+"""解码速度基准：目标单独 vs 三模型引导，走与 evaluator.py 完全相同的代码路径（FastDecoder / generate_batch）。
+
+速度与权重取值无关，所以用真实配置（Llama-3.1-8B / Llama-3.2-1B 的形状）构造随机权重模型，无需下载。
+计时：先预热（编译与 CUDA graph 录制不计入），再在设备同步后计时；每步毫秒数 =
+(T(生成 N 个 token) − T(生成 1 个 token)) / (N − 1)，即扣除两者共有的 prefill。忽略结束记号（固定长度）。
+
+    python bench.py                                   # GPU：bf16，批 1/16/64/最大，目标 vs 引导，快速路径
+    python bench.py --quant nf4 --batches 16,64       # 4-bit NF4（需要 bitsandbytes）
+    python bench.py --check                           # 真实形状上 fp32：快速路径 == 慢速循环逐 token；bf16 的一致率
+    python bench.py --preset tiny --device cpu        # CI 冒烟测试，几秒钟
+
+最后一行是一个 JSON 对象，包含全部测量值。
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from typing import Any, Callable
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from evaluator import BatchResult, FastDecoder, SteeringParams, generate_batch
+
+STEER = SteeringParams(base_alpha=1.0, adaptive_scale=10.0, max_boost=1.0, metric="js")
+MEDQA_QUESTIONS = 1273  # MedQA-USMLE 4 选项测试集题数（全量估算用）
+
+
+def llama_config(kind: str, preset: str) -> LlamaConfig:
+    """真实形状（8B：hidden 4096、32 层、32 头、8 个 KV 头、MLP 14336、词表 128256；
+    1B：hidden 2048、16 层、head_dim 64、MLP 8192、共享嵌入）或 CI 用的 tiny 形状。"""
+    if preset == "tiny":
+        return LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=(kind == "1b"),
+                           max_position_embeddings=4096)
+    if kind == "8b":
+        return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                           max_position_embeddings=8192, tie_word_embeddings=False, rope_theta=500000.0)
+    return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+                       max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=500000.0)
+
+
+def random_model(kind: str, preset: str, dtype: torch.dtype, device: str, seed: int,
+                 head_scale: float = 1.0) -> PreTrainedModel:
+    """随机权重模型，直接在目标设备上以目标精度构造（8B 不必先在 CPU 上占 32 GB）。
+
+    head_scale > 1 放大 lm_head，让 argmax 远离近似平局（--check 逐 token 比较时用）。
+    """
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(llama_config(kind, preset))
+    finally:
+        torch.set_default_dtype(previous)
+    if head_scale != 1.0:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(head_scale)
+    return model.eval()
+
+
+def nf4_models(preset: str, device: str) -> list[PreTrainedModel]:
+    """NF4：随机 bf16 模型先存盘，再经 model_loader.load_model（与 main.py 相同的 4-bit 加载路径）读回。"""
+    from config import Config
+    from model_loader import load_model
+
+    cfg = Config(load_in_4bit=True, device="cuda")
+    models = []
+    for kind, seed in (("8b", 0), ("1b", 1), ("1b", 2)):
+        folder = tempfile.mkdtemp(prefix=f"bench-{kind}-")  # 不放在 $OUT 下：8B 有 16 GB
+        m = random_model(kind, preset, torch.bfloat16, device, seed)
+        m.save_pretrained(folder)
+        del m
+        gc.collect()
+        torch.cuda.empty_cache()
+        models.append(load_model(folder, cfg, torch.device(device), role=kind))
+    return models
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def prompts_for(batch: int, length: int, vocab: int, seed: int = 1) -> list[list[int]]:
+    """固定长度的随机提示 (batch 行 × length 个 id)；三个角色用同一份。"""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab - 10, (batch, length), generator=g).tolist()
+
+
+def timed(fn: Callable[[], BatchResult], device: str) -> float:
+    """设备同步后的墙钟秒数。"""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int, args: argparse.Namespace,
+            compile_step: bool) -> dict[str, Any]:
+    """测一个 (路径, 模式, 批大小)：预热后测 T(new) 与 T(1)，返回每步毫秒、tokens/s、峰值显存。"""
+    use = models if steered else models[:1]
+    vocab = use[0].config.vocab_size
+    prompts = prompts_for(batch, args.prompt, vocab)
+    steering = STEER if steered else None
+    new = args.new if path == "fast" else args.eager_new
+    if path == "fast":
+        decoder = FastDecoder(use, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=batch, steering=steering,
+                              compile=compile_step)
+        gen = lambda n: decoder.generate([prompts] * len(use), n)  # noqa: E731
+    else:
+        gen = lambda n: generate_batch(use, [prompts] * len(use), vocab_size=vocab, max_new_tokens=n,  # noqa: E731
+                                       end_ids=[], pad_id=0, steering=steering)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    gen(min(new, 24))  # 预热：编译、CUDA graph 录制、cuBLAS 句柄
+    gen(min(new, 24))
+    warmup = time.perf_counter() - start
+    t_one = min(timed(lambda: gen(1), args.device) for _ in range(2))
+    t_full = timed(lambda: gen(new), args.device)
+    ms = 1000 * (t_full - t_one) / (new - 1)
+    row = {"path": path, "mode": "steered" if steered else "target", "batch": batch, "prompt": args.prompt,
+           "new": new, "ms_per_step": round(ms, 3), "tok_per_s": round(batch * 1000 / ms, 1),
+           "prefill_s": round(t_one, 4), "warmup_s": round(warmup, 1), "compiled": compile_step and path == "fast"}
+    if args.device.startswith("cuda"):
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return row
+
+
+def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
+    """正确性：真实形状上 fp32 快速路径（可编译）== 慢速循环逐 token；bf16 报告一致率。
+
+    左填充的变长批（长度 [P, P−37, P−5, P−101]），引导与基线两种模式。返回每种精度的统计。
+    """
+    results: dict[str, Any] = {}
+    lengths = [args.prompt, args.prompt - 37, args.prompt - 5, max(4, args.prompt - 101)]
+    for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        models = [random_model(k, args.preset, dtype, args.device, s, head_scale=8.0)
+                  for k, s in (("8b", 0), ("1b", 1), ("1b", 2))]
+        vocab = models[0].config.vocab_size
+        prompts = [p[:n] for p, n in zip(prompts_for(len(lengths), args.prompt, vocab, seed=3), lengths)]
+        for steered in (False, True):
+            use, steering = (models, STEER) if steered else (models[:1], None)
+            slow = generate_batch(use, [prompts] * len(use), vocab_size=vocab, max_new_tokens=args.check_new,
+                                  end_ids=[], pad_id=0, steering=steering).tokens
+            decoder = FastDecoder(use, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=len(prompts),
+                                  steering=steering, compile=compile_step)
+            quick = decoder.generate([prompts] * len(use), args.check_new).tokens
+            same_rows = sum(a == b for a, b in zip(slow, quick))
+            prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(slow, quick))
+            total = sum(len(a) for a in slow)
+            key = f"{dtype_name}:{'steered' if steered else 'target'}"
+            results[key] = {"identical_rows": f"{same_rows}/{len(slow)}", "tokens_before_first_divergence":
+                            f"{prefix}/{total}", "agreement": round(prefix / total, 4), "compiled": compile_step}
+            print(json.dumps({"check": key, **results[key]}), flush=True)
+        del models
+        gc.collect()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return results
+
+
+def environment() -> dict[str, Any]:
+    """记录设备、版本与提交：BENCHMARKS.md 里的每个数字都要能追溯到这里。"""
+    versions = {}
+    for name in ("torch", "transformers", "accelerate", "bitsandbytes"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"device": gpu, "python": platform.python_version(), **versions, "commit": commit}
+
+
+def estimate_full_run(rows: list[dict[str, Any]], max_new: int = 512) -> list[str]:
+    """按测得的每步时间估算“两个模式 × 1,273 题 × 512 个新 token（最坏情况）”的解码时间，并写出算式。"""
+    lines = []
+    for batch in sorted({r["batch"] for r in rows if r["path"] == "fast"}):
+        got = {r["mode"]: r for r in rows if r["path"] == "fast" and r["batch"] == batch and "ms_per_step" in r}
+        if {"target", "steered"} <= got.keys():
+            batches = -(-MEDQA_QUESTIONS // batch)
+            secs = {m: batches * (max_new * got[m]["ms_per_step"] / 1000 + got[m]["prefill_s"]) for m in got}
+            lines.append(f"batch {batch}: {batches} batches × (512 × ({got['target']['ms_per_step']:.2f} + "
+                         f"{got['steered']['ms_per_step']:.2f}) ms + prefill {got['target']['prefill_s']:.2f} + "
+                         f"{got['steered']['prefill_s']:.2f} s) = {(secs['target'] + secs['steered']) / 60:.1f} min")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--preset", choices=("real", "tiny"), default="real")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quant", choices=("bf16", "nf4"), default="bf16")
+    parser.add_argument("--batches", default="1,16,64,max", help="逗号分隔；max = 从 128 起翻倍直到显存不够")
+    parser.add_argument("--modes", default="target,steered")
+    parser.add_argument("--paths", default="fast", help="fast（FastDecoder）与/或 eager（慢速参考循环）")
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--eager-new", type=int, default=64, help="慢速循环测的步数（它慢，少测几步）")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--check", action="store_true", help="只做正确性检查（fp32 逐 token、bf16 一致率）")
+    parser.add_argument("--check-new", type=int, default=48)
+    parser.add_argument("--out", default=None, help="把 JSON 结果也写到这个文件")
+    args = parser.parse_args(argv)
+    if args.preset == "tiny":
+        args.prompt, args.new, args.eager_new, args.check_new = min(args.prompt, 32), min(args.new, 16), \
+            min(args.eager_new, 8), min(args.check_new, 8)
+    compile_step = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda"))
+    torch.set_grad_enabled(False)
+    env = environment()
+    print(json.dumps({"env": env, "args": vars(args)}), flush=True)
+
+    report: dict[str, Any] = {"env": env, "args": vars(args)}
+    if args.check:
+        report["check"] = check(args, compile_step)
+        print(json.dumps(report))
+        return 0
+
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    if args.quant == "nf4":
+        models = nf4_models(args.preset, args.device)
+    else:
+        models = [random_model(k, args.preset, dtype, args.device, s) for k, s in (("8b", 0), ("1b", 1), ("1b", 2))]
+    rows: list[dict[str, Any]] = []
+    requested = [b for b in args.batches.split(",") if b]
+    sizes = [int(b) for b in requested if b != "max"]
+    if "max" in requested:
+        sizes += [128 * 2 ** i for i in range(4)]
+    for batch in sizes:
+        oom = False
+        for path in args.paths.split(","):
+            for mode in args.modes.split(","):
+                try:
+                    row = measure(path, models, mode == "steered", batch, args, compile_step)
+                except torch.OutOfMemoryError:
+                    row = {"path": path, "mode": mode, "batch": batch, "error": "OOM"}
+                    oom = True
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                gc.collect()
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+        if oom and batch > 64:
+            break
+    report["rows"] = rows
+    report["full_run_estimate"] = estimate_full_run(rows)
+
+    print(f"\n{'path':<6}{'mode':<9}{'batch':>6}{'ms/step':>10}{'tok/s':>10}{'ratio':>7}{'peak GiB':>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['path']:<6}{r['mode']:<9}{r['batch']:>6}  {r['error']}")
+            continue
+        base = next((x for x in rows if x["path"] == r["path"] and x["batch"] == r["batch"]
+                     and x["mode"] == "target" and "ms_per_step" in x), None)
+        ratio = f"{r['ms_per_step'] / base['ms_per_step']:.2f}" if base and r["mode"] == "steered" else ""
+        print(f"{r['path']:<6}{r['mode']:<9}{r['batch']:>6}{r['ms_per_step']:>10.2f}{r['tok_per_s']:>10.1f}"
+              f"{ratio:>7}{r.get('peak_gib', '-'):>10}")
+    for line in report["full_run_estimate"]:
+        print("full MedQA, both arms, 512 new tokens:", line)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

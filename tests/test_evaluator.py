@@ -1,0 +1,264 @@
+"""解码循环的正确性：与 HF generate()、无缓存全量重算参考、单条 vs 批量、逐行停止、α≡0 等价性。
+
+全部用 LlamaConfig 构造的小随机模型（fp32、CPU、确定性）。lm_head 放大若干倍，
+让 logits 拉开距离，argmax 不会出现近似平局——否则浮点噪声就可能让两条正确路径选出不同 token。
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from evaluator import SteeringParams, generate_batch, left_pad
+from steering_utils import calculate_adaptive_alpha, compute_steered_logits
+
+VOCAB = 96
+PAD = 0
+# 三条长度不同的提示：左填充时真实 token 的位置编号必须不受影响。
+PROMPTS = [[5, 17, 23, 9, 41, 7, 3], [11, 2, 60], [33, 34, 35, 36, 37]]
+
+
+def tiny_llama(seed: int, vocab: int = VOCAB) -> LlamaForCausalLM:
+    """2 层、hidden 64 的随机 Llama（GQA：4 个头、2 个 KV 头）；lm_head ×40 使 argmax 无近似平局。"""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def trio() -> tuple[LlamaForCausalLM, LlamaForCausalLM, LlamaForCausalLM]:
+    return tiny_llama(0), tiny_llama(1), tiny_llama(2)
+
+
+def run(models, prompts, steps=12, ends=(), steering=None, per_role=None):
+    """generate_batch 的简写：默认三个角色看同一份提示。"""
+    role_prompts = per_role or [prompts] * len(models)
+    return generate_batch(models, role_prompts, vocab_size=VOCAB, max_new_tokens=steps, end_ids=list(ends),
+                          pad_id=PAD, steering=steering)
+
+
+@torch.no_grad()
+def reference_greedy(models, role_prompts, steps, steering=None, ends=()):
+    """慢但显然正确的参考：每一步把“提示 + 已生成”整段重新前向（无 KV 缓存），逐行独立处理。
+
+    与被测循环共享的只有 steering_utils 的纯函数；填充、位置编号、缓存一概不用。
+    """
+    outputs = []
+    for row in range(len(role_prompts[0])):
+        generated: list[int] = []
+        for _ in range(steps):
+            z = [m(torch.tensor([role_prompts[k][row] + generated])).logits[:, -1].float()
+                 for k, m in enumerate(models)]
+            if steering is None:
+                fused = z[0]
+            else:
+                a = calculate_adaptive_alpha(z[0], z[1], steering.base_alpha, steering.adaptive_scale,
+                                             steering.max_boost, steering.metric)
+                fused = compute_steered_logits(z[0], z[1], z[2], a)
+            tok = int(fused.argmax(-1))
+            generated.append(tok)
+            if tok in ends:
+                break
+        outputs.append(generated)
+    return outputs
+
+
+STEER = SteeringParams(base_alpha=1.0, adaptive_scale=10.0, max_boost=1.0, metric="js")
+
+
+def test_left_pad_shapes_and_mask():
+    ids, mask = left_pad(PROMPTS, PAD, torch.device("cpu"))
+    assert ids.shape == mask.shape == (3, 7)
+    assert mask.sum(1).tolist() == [7, 3, 5]
+    assert ids[1].tolist() == [PAD] * 4 + [11, 2, 60]
+
+
+def test_baseline_matches_hf_generate(trio):
+    """条目 1：基线循环与 HF generate(do_sample=False) 在左填充的变长批次上逐 token 一致。"""
+    target = trio[0]
+    ids, mask = left_pad(PROMPTS, PAD, torch.device("cpu"))
+    with torch.no_grad():
+        hf = target.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                             pad_token_id=PAD, eos_token_id=None)
+    ours = run([target], PROMPTS, steps=16)
+    assert ours.tokens == hf[:, ids.shape[1]:].tolist()
+    assert ours.steps == 16
+
+
+def test_baseline_matches_hf_generate_with_eos(trio):
+    """带结束记号时同样一致：HF 在结束后填 pad，我们的输出截止到结束记号（含）。"""
+    target = trio[0]
+    free = run([target], PROMPTS, steps=16).tokens
+    end = free[0][5]  # 第 0 行第 6 个 token 作为结束记号
+    ids, mask = left_pad(PROMPTS, PAD, torch.device("cpu"))
+    with torch.no_grad():
+        hf = target.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                             pad_token_id=PAD, eos_token_id=end)[:, ids.shape[1]:].tolist()
+    ours = run([target], PROMPTS, steps=16, ends=[end]).tokens
+    for h, o in zip(hf, ours):
+        cut = h.index(end) + 1 if end in h else len(h)
+        assert o == h[:cut]
+
+
+def test_cached_loop_matches_full_recompute(trio):
+    """条目 3（后半）：带缓存的循环 == 无缓存全量重算的参考，基线与引导都成立。"""
+    assert run([trio[0]], PROMPTS, steps=10).tokens == reference_greedy([trio[0]], [PROMPTS], 10)
+    steered = run(list(trio), PROMPTS, steps=10, steering=STEER)
+    assert steered.tokens == reference_greedy(list(trio), [PROMPTS] * 3, 10, STEER)
+
+
+def test_per_role_prompts_match_reference(trio):
+    """三个角色看不同的提示（不同系统提示、不同长度）时，循环仍与逐行参考一致。"""
+    per_role = [PROMPTS, [[8, 8] + p for p in PROMPTS], [p[1:] for p in PROMPTS]]
+    ours = run(list(trio), PROMPTS, steps=10, steering=STEER, per_role=per_role)
+    assert ours.tokens == reference_greedy(list(trio), per_role, 10, STEER)
+
+
+def test_steering_changes_the_output(trio):
+    """健全性检查：引导确实改变了生成（否则上面的“等价”测试可能什么都没测）。"""
+    assert run(list(trio), PROMPTS, steering=STEER).tokens != run([trio[0]], PROMPTS).tokens
+
+
+@pytest.mark.parametrize("batch_prompts", [PROMPTS, PROMPTS[::-1]])
+def test_batch_equals_each_prompt_alone(trio, batch_prompts):
+    """条目 3（前半）：批量结果 == 每条提示单独跑的结果（左填充不泄漏到真实 token）。"""
+    for steering, models in ((None, [trio[0]]), (STEER, list(trio))):
+        batch = run(models, batch_prompts, steering=steering).tokens
+        alone = [run(models, [p], steering=steering).tokens[0] for p in batch_prompts]
+        assert batch == alone
+
+
+def test_alpha_zero_equals_baseline(trio):
+    """条目 2：α ≡ 0（base_alpha = max_boost = 0）时引导 == 基线，逐 token 完全相同。"""
+    zero = SteeringParams(base_alpha=0.0, adaptive_scale=10.0, max_boost=0.0)
+    steered = run(list(trio), PROMPTS, steps=16, steering=zero)
+    assert steered.tokens == run([trio[0]], PROMPTS, steps=16).tokens
+    assert all(a == 0.0 for row in steered.alpha for a in row)
+
+
+def test_expert_equal_to_base_equals_baseline(trio):
+    """条目 2：专家与基座是同一模型（同一对象、同一提示）时 z_e − z_b ≡ 0，引导 == 基线。"""
+    target, other = trio[0], trio[1]
+    steered = run([target, other, other], PROMPTS, steps=16, steering=STEER)
+    assert steered.tokens == run([target], PROMPTS, steps=16).tokens
+
+
+def test_per_row_stop(trio):
+    """条目 4：一行生成结束记号后停止、之后什么都不出现，其他行继续到上限且不受影响。"""
+    target = trio[0]
+    free = run([target], PROMPTS, steps=16).tokens
+    # 选一个只在第 0 行出现、且不在其他行出现的 token 作为结束记号。
+    candidates = [t for t in free[0][2:] if all(t not in r for r in free[1:])]
+    assert candidates, "测试前提：第 0 行应有其他行没有的 token"
+    end = candidates[0]
+    stop_at = free[0].index(end) + 1
+    result = run([target], PROMPTS, steps=16, ends=[end])
+    assert result.tokens[0] == free[0][:stop_at] and result.tokens[0][-1] == end
+    assert result.tokens[1:] == free[1:]
+    assert result.steps == 16
+
+
+def test_all_rows_stop_early(trio):
+    """所有行都结束时循环提前退出（不再浪费前向）。"""
+    target = trio[0]
+    free = run([target], PROMPTS[:1], steps=16).tokens[0]
+    result = run([target], PROMPTS[:1], steps=16, ends=[free[3]])
+    assert result.steps == free.index(free[3]) + 1
+    assert result.tokens[0] == free[: result.steps]
+
+
+def test_alpha_recorded_per_active_step(trio):
+    """引导模式按行记录活跃步上的 α：长度等于该行生成的 token 数，且落在 [base, base + boost]。"""
+    free = run(list(trio), PROMPTS, steps=12, steering=STEER).tokens
+    end = next(t for t in free[1][1:] if all(t not in r for r in (free[0], free[2])))
+    result = run(list(trio), PROMPTS, steps=12, steering=STEER, ends=[end])
+    for toks, alphas in zip(result.tokens, result.alpha):
+        assert len(alphas) == len(toks)
+        assert all(1.0 <= a <= 2.0 for a in alphas)
+    assert len(result.tokens[1]) < 12
+
+
+def test_vocab_slice_excludes_padded_rows():
+    """模型的 lm_head 比分词器词表多出的填充行永远不会被选中（即使它们的 logit 最大）。"""
+    model = tiny_llama(3, vocab=VOCAB + 32)
+    with torch.no_grad():
+        model.lm_head.weight[VOCAB:] = 0.0
+        model.lm_head.bias = None
+        model.lm_head.weight[VOCAB:, 0] = 1e4  # 让填充行在几乎所有位置上都是最大 logit
+    out = generate_batch([model], [PROMPTS], vocab_size=VOCAB, max_new_tokens=8, end_ids=[], pad_id=PAD)
+    assert all(t < VOCAB for row in out.tokens for t in row)
+
+
+def test_argument_validation(trio):
+    with pytest.raises(ValueError, match="三个模型"):
+        generate_batch([trio[0]], [PROMPTS], vocab_size=VOCAB, max_new_tokens=2, end_ids=[], pad_id=PAD,
+                       steering=STEER)
+    with pytest.raises(ValueError, match="为空"):
+        left_pad([[1, 2], []], PAD, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------
+# 快速路径（FastDecoder，CPU 上不编译）== 慢速参考循环，逐 token
+# ---------------------------------------------------------------------------
+
+from evaluator import FastDecoder, length_bucket  # noqa: E402
+
+
+def fast(models, prompts, steps=12, ends=(), steering=None, per_role=None, batch_size=4, decoder=None):
+    """FastDecoder 的简写；decoder 给出时复用它（检验缓存跨批复用）。"""
+    decoder = decoder or FastDecoder(models, vocab_size=VOCAB, end_ids=list(ends), pad_id=PAD,
+                                     batch_size=batch_size, steering=steering, compile=False)
+    return decoder.generate(per_role or [prompts] * len(models), steps)
+
+
+@pytest.mark.parametrize("steered", [False, True])
+def test_fast_path_matches_reference_loop(trio, steered):
+    models, steering = (list(trio), STEER) if steered else ([trio[0]], None)
+    slow = run(models, PROMPTS, steps=16, steering=steering)
+    quick = fast(models, PROMPTS, steps=16, steering=steering)
+    assert quick.tokens == slow.tokens
+    if steered:
+        for a, b in zip(quick.alpha, slow.alpha):
+            assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_fast_path_with_end_ids_and_per_role_prompts(trio):
+    """带结束记号、三个角色提示不同、批不满（3 行、batch_size 5，补 2 个占位行）时仍一致。"""
+    per_role = [PROMPTS, [[8, 8] + p for p in PROMPTS], [p[1:] for p in PROMPTS]]
+    free = run(list(trio), PROMPTS, steps=16, steering=STEER, per_role=per_role).tokens
+    end = next(t for t in free[0][2:] if all(t not in r for r in free[1:]))
+    slow = run(list(trio), PROMPTS, steps=16, steering=STEER, per_role=per_role, ends=[end])
+    quick = fast(list(trio), PROMPTS, steps=16, steering=STEER, per_role=per_role, ends=[end], batch_size=5)
+    assert quick.tokens == slow.tokens
+    assert len(quick.tokens[0]) < 16 and quick.tokens[0][-1] == end
+    assert [len(a) for a in quick.alpha] == [len(t) for t in quick.tokens]
+
+
+def test_fast_path_reuses_caches_across_batches(trio):
+    """同一个 FastDecoder 连续处理不同长度的批（同桶复用缓存、换桶重新分配），结果都与参考一致。"""
+    decoder = FastDecoder(list(trio), vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=3, steering=STEER,
+                          compile=False)
+    long_prompts = [[3 + i % 90 for i in range(140)], [7] * 20]
+    for prompts, steps in ((PROMPTS, 10), (PROMPTS[:1], 6), (long_prompts, 8), (PROMPTS[1:], 10)):
+        assert fast(list(trio), prompts, steps=steps, steering=STEER, decoder=decoder).tokens == \
+            run(list(trio), prompts, steps=steps, steering=STEER).tokens
+    assert decoder.cache_key == (3, length_bucket(max(len(p) for p in PROMPTS[1:]) + 10))
+
+
+def test_fast_path_all_finished_stops_early(trio):
+    target = trio[0]
+    free = run([target], PROMPTS[:1], steps=40).tokens[0]
+    decoder = FastDecoder([target], vocab_size=VOCAB, end_ids=[free[2]], pad_id=PAD, batch_size=1, steering=None,
+                          compile=False, check_every=4)
+    out = decoder.generate([PROMPTS[:1]], 40)
+    assert out.tokens[0] == free[: free.index(free[2]) + 1]
+    assert out.steps <= 4  # 每 4 步检查一次“全部结束”，不会跑满 40 步
+
+
+def test_length_bucket():
+    assert [length_bucket(n) for n in (1, 128, 129, 700)] == [128, 128, 256, 768]
