@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from evaluator import BatchResult, FastDecoder, SteeringParams, generate_batch
+from evaluator import BatchResult, FastDecoder, SteeringParams, generate_batch, length_bucket
 
 STEER = SteeringParams(base_alpha=1.0, adaptive_scale=10.0, max_boost=1.0, metric="js")
 MEDQA_QUESTIONS = 1273  # MedQA-USMLE 4 选项测试集题数（全量估算用）
@@ -117,8 +117,10 @@ def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int,
     steering = STEER if steered else None
     new = args.new if path == "fast" else args.eager_new
     if path == "fast":
+        # 固定缓存长度：预热、T(1)、T(new) 用同一形状，计时区间里不会有重新编译（H100 上踩过：
+        # 预热用了另一个长度桶，计时里混进了 40 秒编译）。
         decoder = FastDecoder(use, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=batch, steering=steering,
-                              compile=compile_step)
+                              compile=compile_step, cache_len=length_bucket(args.prompt + new))
         gen = lambda n: decoder.generate([prompts] * len(use), n)  # noqa: E731
     else:
         gen = lambda n: generate_batch(use, [prompts] * len(use), vocab_size=vocab, max_new_tokens=n,  # noqa: E731
@@ -254,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                 except torch.OutOfMemoryError:
                     row = {"path": path, "mode": mode, "batch": batch, "error": "OOM"}
                     oom = True
+                except Exception as exc:  # noqa: BLE001 — 记录失败（如 4-bit 下编译失败）并继续测其余配置
+                    row = {"path": path, "mode": mode, "batch": batch, "error": f"{type(exc).__name__}: {exc}"[:500]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 gc.collect()

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Sequence
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, PreTrainedModel
+from transformers.masking_utils import sdpa_mask
 
 from steering_utils import calculate_adaptive_alpha, compute_steered_logits
 
@@ -200,6 +201,9 @@ def _alpha_rows(alphas: list[torch.Tensor]) -> list[list[float]]:
 # ---------------------------------------------------------------------------
 
 PACKED_GQA: str = "steer_packed_gqa"  # 注册到 transformers 的注意力实现名
+# transformers 自带的 sdpa 注意力（预填充用）。在模块加载时取一次：在被编译的函数里 import 或构造
+# AttentionInterface 会在 torch 2.11 上造成 graph break，使整个解码步退回 eager（在 H100 上实测过）。
+_STOCK_SDPA = AttentionInterface()["sdpa"]
 
 
 def packed_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -213,13 +217,10 @@ def packed_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     query → (B, H_kv, n_rep, D)（repeat_kv 的头顺序正是 h = k·n_rep + r），mask 在 n_rep 维上广播，
     一次 SDPA 就算完，数学上与复制 K/V 完全相同。预填充（q_len > 1）交回 transformers 自带的 sdpa。
     """
-    from transformers import AttentionInterface
-
     n_rep = getattr(module, "num_key_value_groups", 1)
     batch, heads, q_len, dim = query.shape
     if q_len != 1 or n_rep == 1:
-        return AttentionInterface()["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
-                                            scaling=scaling, **kwargs)
+        return _STOCK_SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     packed = query.reshape(batch, heads // n_rep, n_rep, dim)
     out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
@@ -227,9 +228,6 @@ def packed_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
 
 def use_packed_gqa(model: PreTrainedModel) -> None:
     """把模型的注意力实现切换为 packed_gqa_attention（注意力函数与掩码函数都要注册，否则 transformers 不建掩码）。"""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
     AttentionInterface.register(PACKED_GQA, packed_gqa_attention)
     AttentionMaskInterface.register(PACKED_GQA, sdpa_mask)
     if model.config._attn_implementation != PACKED_GQA:
@@ -253,7 +251,8 @@ class FastDecoder:
     """
 
     def __init__(self, models: Sequence[PreTrainedModel], *, vocab_size: int, end_ids: Sequence[int], pad_id: int,
-                 batch_size: int, steering: SteeringParams | None, compile: bool, check_every: int = 16) -> None:
+                 batch_size: int, steering: SteeringParams | None, compile: bool, check_every: int = 16,
+                 cache_len: int | None = None) -> None:
         if steering is not None and len(models) != 3:
             raise ValueError("引导模式需要三个模型：[目标, 专家, 基座]")
         self.models = list(models)
@@ -266,10 +265,17 @@ class FastDecoder:
         self.ends = torch.tensor(self.end_ids, dtype=torch.long, device=self.device)
         self.steering = steering
         self.check_every = check_every
+        # 固定的缓存长度：给出时所有批共用一个形状（一次编译）；None 时每批按长度桶取（桶变了就重新编译）。
+        self.cache_len = cache_len
         self.caches: list[Any] = []
         self.cache_key: tuple[int, int] | None = None
         mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        self.step = torch.compile(self._step, mode=mode, fullgraph=False) if compile else self._step
+        if compile:
+            # 每个 (模型组, 批形状) 会让同一段代码各编译一次；默认上限 8 次后 dynamo 会静默退回 eager，
+            # 一次评测（两个模式）或一次基准（多个批大小）很容易超过，所以放宽上限。
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # fullgraph=True：任何 graph break 都直接报错，而不是悄悄退回 eager、让“快速路径”名不副实。
+        self.step = torch.compile(self._step, mode=mode, fullgraph=True) if compile else self._step
 
     def _caches_for(self, length: int) -> list[Any]:
         """取 (batch_size, length) 的静态缓存；长度桶变化时释放旧缓存再分配（批按长度降序，桶只会变小）。"""
@@ -322,7 +328,10 @@ class FastDecoder:
         # 补齐占位行（复制第 0 行的提示）：它们从一开始就标记为已结束，不影响真实行。
         padded = [list(p) + [p[0]] * (self.batch_size - real) for p in prompts]
         pads = [left_pad(p, self.pad_id, self.device) for p in padded]
-        length = length_bucket(max(ids.shape[1] for ids, _ in pads) + max_new_tokens)
+        needed = max(ids.shape[1] for ids, _ in pads) + max_new_tokens
+        if self.cache_len is not None and needed > self.cache_len:
+            raise ValueError(f"提示 + 新 token 共 {needed} 个，超过固定缓存长度 cache_len={self.cache_len}")
+        length = self.cache_len or length_bucket(needed)
         caches = self._caches_for(length)
         masks, positions, z = [], [], []
         for k, ((ids, mask), m, kw, c) in enumerate(zip(pads, self.models, self.kwargs, caches)):
@@ -399,9 +408,13 @@ def run_arm(
     total_tokens = 0
     start = time.perf_counter()
     steer = steering if mode == "steered" else None
+    # 整个模式只用一个缓存长度（最长提示 + max_new_tokens，向上取整）：所有批形状相同，解码步只编译一次。
+    # 代价是短提示的批也要在完整长度上做注意力；每个长度桶各编译一次（每次约 1 分钟）在 H100 上更慢。
+    longest = max(len(role_prompts[r][j]) for r in roles for j in range(len(questions)))
     decoder = FastDecoder([models[r] for r in roles], vocab_size=vocab_size, end_ids=end_ids,
                           pad_id=tokenizer.pad_token_id, batch_size=min(batch_size, len(questions)),
-                          steering=steer, compile=compile) if fast else None
+                          steering=steer, compile=compile,
+                          cache_len=length_bucket(longest + max_new_tokens)) if fast else None
     bar = tqdm(total=len(questions), desc=mode, unit="q", disable=not progress)
     for lo in range(0, len(order), batch_size):
         chunk = order[lo:lo + batch_size]

