@@ -198,3 +198,23 @@ def compute_steered_logits(
     diff = torch.where(torch.isfinite(diff), diff, torch.zeros_like(diff))  # 规则 1
     keep_target = (a == 0) | torch.isneginf(zt)  # (B, V)：规则 2 与规则 3
     return torch.where(keep_target, zt, zt + a * diff)
+
+
+def guard_nonfinite(fused: Tensor, fallback: Tensor) -> tuple[Tensor, Tensor]:
+    """逐行检查融合后的 logits；坏行整行换成 fallback（目标模型的 logits），返回 (新 logits, 坏行标记)。
+
+    参数：
+        fused: 融合后的 logits，形状 (B, V)。
+        fallback: 目标模型的 logits，形状 (B, V)（坏行改用它，相当于该步退回基线）。
+
+    返回：
+        (B, V) float32 的新张量，以及 (B,) bool 张量（True = 该行本步触发了守卫）。
+
+    “坏行”：含 NaN 或 +inf，或一个有限值都没有（全是 −inf）。单独的 −inf 是正常的（被屏蔽的词），
+    不算坏。为什么整行替换而不是只替换坏元素：一个 NaN 说明这一步的某个模型已经数值失常，
+    同一行其他位置的值也不可信；退回目标模型的分布是最保守的选择，且被计数、写进 metrics，不会静默发生。
+    """
+    _check_pair(fused, fallback, names="fused/fallback")
+    f = fused.float()
+    bad = torch.isnan(f).any(-1) | torch.isposinf(f).any(-1) | ~torch.isfinite(f).any(-1)  # (B,)
+    return torch.where(bad[:, None], fallback.float(), f), bad

@@ -351,3 +351,32 @@ def test_bad_scalar_alpha_in_fusion() -> None:
     a = _logits(2, 5, 45)
     with pytest.raises(ValueError, match="alpha"):
         compute_steered_logits(a, a, a, float("nan"))
+
+
+# ---------------------------------------------------------------------------
+# guard_nonfinite：NaN / +inf / 全 −inf 的行整行退回目标 logits
+# ---------------------------------------------------------------------------
+
+def test_guard_nonfinite_replaces_only_bad_rows():
+    from steering_utils import guard_nonfinite
+
+    torch.manual_seed(7)
+    fused, target = torch.randn(5, 11), torch.randn(5, 11)
+    fused[1, 3] = float("nan")
+    fused[2, 0] = float("inf")
+    fused[3] = float("-inf")
+    fused[4, 2] = float("-inf")  # 单个 −inf 是正常的屏蔽词，不算坏行
+    before = fused.clone()
+    out, bad = guard_nonfinite(fused, target)
+    assert bad.tolist() == [False, True, True, True, False]
+    assert torch.equal(out[[0, 4]], fused[[0, 4]])
+    assert torch.equal(out[1:4], target[1:4])
+    assert torch.equal(fused.isnan(), before.isnan()) and torch.equal(fused.nan_to_num(), before.nan_to_num())
+    assert out.dtype == torch.float32 and not out.isnan().any()
+
+
+def test_guard_nonfinite_shape_check():
+    from steering_utils import guard_nonfinite
+
+    with pytest.raises(ValueError):
+        guard_nonfinite(torch.zeros(2, 3), torch.zeros(2, 4))
