@@ -175,6 +175,45 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
     return results
 
 
+def profile(models: list[PreTrainedModel], batch: int, args: argparse.Namespace,
+            compile_step: bool) -> dict[str, Any]:
+    """用 torch.profiler 看引导解码一步的时间花在哪：按 kernel 名归类（矩阵乘 / 注意力 / 其他），
+    并列出最耗时的 kernel。测的是与 measure() 相同的 FastDecoder（预热后，固定缓存长度）。"""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    vocab = models[0].config.vocab_size
+    prompts = prompts_for(batch, args.prompt, vocab)
+    decoder = FastDecoder(models, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=batch, steering=STEER,
+                          compile=compile_step, cache_len=length_bucket(args.prompt + args.new))
+    decoder.generate([prompts] * 3, 24)
+    decoder.generate([prompts] * 3, 24)
+    steps = 64
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        decoder.generate([prompts] * 3, steps)
+        sync(args.device)
+    buckets: dict[str, float] = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    kernels = []
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", 0.0) or getattr(evt, "cuda_time_total", 0.0)
+        if us <= 0 or evt.key.startswith(("cudaGraph", "ProfilerStep", "aten::", "cuda")):
+            continue
+        name = evt.key.lower()
+        kind = ("attention" if any(k in name for k in ("flash", "fmha", "attention", "sdpa", "efficient"))
+                else "matmul" if any(k in name for k in ("gemm", "nvjet", "sm90_", "cutlass", "matmul", "gemv"))
+                else "other")
+        buckets[kind] += us
+        kernels.append((us, evt.key[:90], evt.count))
+    total = sum(buckets.values())
+    kernels.sort(reverse=True)
+    result = {"batch": batch, "steps_profiled": steps, "device_ms_per_step": round(total / 1000 / steps, 3),
+              "share": {k: round(v / total, 3) for k, v in buckets.items()} if total else {},
+              "top_kernels": [{"kernel": n, "ms_per_step": round(us / 1000 / steps, 3), "calls": c}
+                              for us, n, c in kernels[:15]]}
+    print(json.dumps({"profile": result}), flush=True)
+    return result
+
+
 def environment() -> dict[str, Any]:
     """记录设备、版本与提交：BENCHMARKS.md 里的每个数字都要能追溯到这里。"""
     versions = {}
@@ -221,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--check", action="store_true", help="只做正确性检查（fp32 逐 token、bf16 一致率）")
     parser.add_argument("--check-new", type=int, default=48)
+    parser.add_argument("--profile", type=int, default=0, metavar="BATCH",
+                        help="只在这个批大小上剖析引导解码一步的 kernel 时间分布")
     parser.add_argument("--out", default=None, help="把 JSON 结果也写到这个文件")
     args = parser.parse_args(argv)
     if args.preset == "tiny":
@@ -242,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         models = nf4_models(args.preset, args.device)
     else:
         models = [random_model(k, args.preset, dtype, args.device, s) for k, s in (("8b", 0), ("1b", 1), ("1b", 2))]
+    if args.profile:
+        report["profile"] = profile(models, args.profile, args, compile_step)
+        print(json.dumps(report))
+        return 0
     rows: list[dict[str, Any]] = []
     requested = [b for b in args.batches.split(",") if b]
     sizes = [int(b) for b in requested if b != "max"]

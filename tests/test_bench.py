@@ -1,0 +1,31 @@
+"""bench.py 的 CI 冒烟测试：tiny 形状、CPU、几秒钟。速度目标只由 GPU 上的 bench.py 检查，这里不计时。"""
+from __future__ import annotations
+
+import json
+
+import bench
+
+
+def last_json(capsys) -> dict:
+    """bench.main 的约定：最后一行是包含全部测量值的 JSON。"""
+    lines = [ln for ln in capsys.readouterr().out.strip().splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1])
+
+
+def test_tiny_benchmark_runs_both_paths_and_modes(capsys):
+    assert bench.main(["--preset", "tiny", "--device", "cpu", "--batches", "2", "--paths", "fast,eager"]) == 0
+    report = last_json(capsys)
+    rows = report["rows"]
+    assert {(r["path"], r["mode"]) for r in rows} == {("fast", "target"), ("fast", "steered"),
+                                                       ("eager", "target"), ("eager", "steered")}
+    assert all(r["ms_per_step"] > 0 and r["batch"] == 2 and not r["compiled"] for r in rows)
+    assert report["env"]["torch"] and report["full_run_estimate"]
+
+
+def test_tiny_check_fast_equals_eager_in_float32(capsys):
+    """--check：fp32 下快速路径与慢速循环逐 token 相同（真实形状的同一检查在 GPU 上运行，见 BENCHMARKS.md）。"""
+    assert bench.main(["--preset", "tiny", "--device", "cpu", "--check"]) == 0
+    check = last_json(capsys)["check"]
+    for key in ("float32:target", "float32:steered"):
+        assert check[key]["identical_rows"] == "4/4" and check[key]["agreement"] == 1.0
+    assert 0.0 <= check["bfloat16:steered"]["agreement"] <= 1.0
