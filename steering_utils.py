@@ -9,6 +9,10 @@
     - "js"：Jensen–Shannon 散度（自然对数），范围 [0, ln 2]；
     - "l2"：概率向量差的 L2 范数 ‖p_t − p_e‖₂，范围 [0, √2]。
 
+上式是默认的 "adaptive" 调度；schedule_alpha 另提供 "constant"（α ≡ base_alpha）与
+"adaptive_inverse"（α 随距离减小）作对照。plausibility_mask / apply_plausibility 可选地把融合结果
+限制在目标模型自己认为足够可能的词上（对比解码的自适应可行性约束）。
+
 设计约定（所有函数共同遵守）：
     - 纯函数：不持有任何模型状态，不原地修改输入，总是返回新张量；
       因此可以在 decoding 循环中随意复用输入 logits，也可以在 torch.inference_mode() 下调用。
@@ -28,10 +32,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["METRICS", "distance", "calculate_adaptive_alpha", "compute_steered_logits"]
+__all__ = [
+    "METRICS",
+    "SCHEDULES",
+    "distance",
+    "calculate_adaptive_alpha",
+    "schedule_alpha",
+    "compute_steered_logits",
+    "plausibility_mask",
+    "apply_plausibility",
+    "guard_nonfinite",
+]
 
 # 支持的距离度量；与 config.CHOICES["distance"] 保持一致（此处不 import config，保持本模块无依赖）。
 METRICS: tuple[str, ...] = ("js", "l2")
+
+# α 的调度方式（见 schedule_alpha）：
+#   "constant"         —— α ≡ base_alpha，不看距离；
+#   "adaptive"         —— 设计中的规则，α 随目标–专家距离增大（即 calculate_adaptive_alpha）；
+#   "adaptive_inverse" —— 反向规则，α 随距离减小（专家与目标分歧越大，越少依赖专家）。
+SCHEDULES: tuple[str, ...] = ("constant", "adaptive", "adaptive_inverse")
 
 # 两种度量的理论上界：JS（自然对数）≤ ln 2（两分布支撑集不相交时取到）；
 # 两个概率向量之差的 L2 范数 ≤ √2（两个不同的 one-hot 时取到）。
@@ -49,6 +69,12 @@ def _check_pair(a: Tensor, b: Tensor, names: str = "logits") -> None:
         raise ValueError(
             f"{names} 必须是形状相同的 2-D 张量 (B, V)；实际得到 {tuple(a.shape)} 与 {tuple(b.shape)}"
         )
+
+
+def _check_matrix(x: Tensor, name: str) -> None:
+    """校验单个 logits 张量是 2-D (B, V)；否则抛出 ValueError 并写明实际形状（理由同 _check_pair）。"""
+    if x.dim() != 2:
+        raise ValueError(f"{name} 必须是 2-D 张量 (B, V)；实际得到 {tuple(x.shape)}")
 
 
 def _check_metric(metric: str) -> None:
@@ -117,6 +143,17 @@ def _check_finite_number(name: str, value: float) -> None:
         raise ValueError(f"{name}={value!r} 必须是有限实数")
 
 
+def _check_alpha_hyperparameters(base_alpha: float, adaptive_scale: float, max_boost: float, why: str) -> None:
+    """校验 α 的三个超参数：都必须是有限实数，且 adaptive_scale、max_boost ≥ 0；why 写进错误消息，说明约束的理由。
+
+    calculate_adaptive_alpha 与 schedule_alpha 共用这一份校验，保证同样的非法配置在两处给出同样的错误。
+    """
+    for name, value in (("base_alpha", base_alpha), ("adaptive_scale", adaptive_scale), ("max_boost", max_boost)):
+        _check_finite_number(name, value)
+    if adaptive_scale < 0 or max_boost < 0:
+        raise ValueError(f"adaptive_scale={adaptive_scale!r} 与 max_boost={max_boost!r} 必须 ≥ 0（{why}）")
+
+
 def calculate_adaptive_alpha(
     logits_target: Tensor,
     logits_expert: Tensor,
@@ -141,14 +178,57 @@ def calculate_adaptive_alpha(
     并随分歧增大而平滑增大；要求 adaptive_scale、max_boost ≥ 0 正是为了保持这种单调性。
     d = 0（两分布完全相同）时 tanh(0) = 0，α 恰好等于 base_alpha。
     """
-    for name, value in (("base_alpha", base_alpha), ("adaptive_scale", adaptive_scale), ("max_boost", max_boost)):
-        _check_finite_number(name, value)
-    if adaptive_scale < 0 or max_boost < 0:
-        raise ValueError(
-            f"adaptive_scale={adaptive_scale!r} 与 max_boost={max_boost!r} 必须 ≥ 0（保证 α 随距离单调不减）"
-        )
+    _check_alpha_hyperparameters(base_alpha, adaptive_scale, max_boost, why="保证 α 随距离单调不减")
     d = distance(logits_target, logits_expert, metric=metric)  # (B,) float32
     return base_alpha + torch.tanh(d * adaptive_scale) * max_boost
+
+
+def schedule_alpha(
+    logits_target: Tensor,
+    logits_expert: Tensor,
+    schedule: str = "adaptive",
+    base_alpha: float = 1.0,
+    adaptive_scale: float = 10.0,
+    max_boost: float = 1.0,
+    metric: str = "js",
+) -> Tensor:
+    """按调度方式 schedule 逐行给出引导强度 α，供 compute_steered_logits 使用。
+
+    参数：
+        logits_target, logits_expert: 形状 (B, V) 的 logits，任意浮点精度。
+        schedule: SCHEDULES 之一：
+            - "constant"：α = base_alpha（每行相同）。不计算距离、不读取专家 logits 的取值，
+              因此与"固定 α"基线完全等价，也不为它付出 softmax 的开销。
+            - "adaptive"：α = base_alpha + tanh(d · adaptive_scale) · max_boost，α 随距离单调不减。
+              直接调用 calculate_adaptive_alpha，两者逐位相同（同一份实现，不会漂移）。
+            - "adaptive_inverse"：α = base_alpha + (1 − tanh(d · adaptive_scale)) · max_boost，
+              α 随距离单调不增：专家与目标分歧越大，越少依赖专家（用于检验"分歧大时专家更可信"
+              这一设计假设的反面）。d = 0 时 α = base_alpha + max_boost；d → ∞ 时趋于 base_alpha。
+              与 "adaptive" 逐行满足 α_adaptive + α_inverse = 2·base_alpha + max_boost（浮点误差内）。
+        base_alpha, adaptive_scale, max_boost, metric: 含义与 calculate_adaptive_alpha 相同。
+
+    返回：
+        形状 (B,) 的 float32 张量；三种调度的取值都在 [base_alpha, base_alpha + max_boost] 内
+        （"constant" 恰为 base_alpha）。
+
+    校验：schedule、三个超参数（与 calculate_adaptive_alpha 相同的规则）、metric 与两个输入的形状
+    对所有调度都做——即使 "constant" 用不到其中一部分，配置错误也应该立刻暴露，而不是换一种调度才出现。
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} 非法；可选值：{', '.join(SCHEDULES)}")
+    why = "保证 α 随距离单调" + ("不增" if schedule == "adaptive_inverse" else "不减")
+    _check_alpha_hyperparameters(base_alpha, adaptive_scale, max_boost, why=why)
+    _check_metric(metric)
+    _check_pair(logits_target, logits_expert)
+
+    if schedule == "constant":
+        # 不调用 distance：结果与专家 logits 的取值无关（即使其中含 NaN 也不影响）。
+        return torch.full((logits_target.shape[0],), float(base_alpha), dtype=torch.float32, device=logits_target.device)
+    if schedule == "adaptive":
+        return calculate_adaptive_alpha(logits_target, logits_expert, base_alpha, adaptive_scale, max_boost, metric)
+    # adaptive_inverse：tanh(·) ∈ [0, 1]（float32 下大参数时可恰为 1），故 1 − tanh ∈ [0, 1]，α 落在同一区间内。
+    d = distance(logits_target, logits_expert, metric=metric)  # (B,) float32
+    return base_alpha + (1.0 - torch.tanh(d * adaptive_scale)) * max_boost
 
 
 def compute_steered_logits(
@@ -218,3 +298,75 @@ def guard_nonfinite(fused: Tensor, fallback: Tensor) -> tuple[Tensor, Tensor]:
     f = fused.float()
     bad = torch.isnan(f).any(-1) | torch.isposinf(f).any(-1) | ~torch.isfinite(f).any(-1)  # (B,)
     return torch.where(bad[:, None], fallback.float(), f), bad
+
+
+def _check_beta(beta: float) -> None:
+    """校验可行性阈值 beta：有限实数且在 [0, 1] 内（拒绝 bool / NaN / ±inf），否则抛出 ValueError。"""
+    _check_finite_number("beta", beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta={beta!r} 必须在 [0, 1] 内（0 表示关闭可行性约束，1 表示只保留目标模型的最大概率词）")
+
+
+def plausibility_mask(logits_target: Tensor, beta: float) -> Tensor:
+    """目标模型的自适应可行性约束（adaptive plausibility constraint，Li et al. 2023 对比解码）。
+
+    参数：
+        logits_target: 目标模型 logits z_t，形状 (B, V)，任意浮点精度；可含 −inf（被屏蔽的词）。
+        beta: 阈值，[0, 1]。
+
+    返回：
+        形状 (B, V) 的 bool 新张量：True 表示该词"可行"，即 p_t(v) ≥ beta · max_w p_t(w)。
+
+    为什么需要它：融合项 α·(z_e − z_b) 只反映专家与其基座的差异，可能把目标模型认为几乎不可能的词
+    推到第一位（对比解码中已知的"假阳性"问题）。只在目标模型自己认为足够可能的词里挑选，
+    就保证了引导只在目标的合理候选之间重新排序。
+
+    实现（float32、对数域）：
+        条件 p_i ≥ beta · max p 等价于 log p_i ≥ log beta + max log p。由于 log p_i = z_i − logsumexp(z)，
+        logsumexp 在两边相消，于是直接比较 z_i − max z ≥ log beta。这与在 log_softmax 上比较数学上相同，
+        但省去了 logsumexp 及其舍入：两个不同的 logit 不会因减去同一个 logsumexp 被舍入成"并列"，
+        而 z_i − max z == 0 当且仅当 z_i == max z，所以 beta = 1 时恰好保留所有并列最大的词。
+        对数域也避免了 softmax 下溢：概率 < 1e-38 的词在概率域里都变成 0，无法与 beta · max p 正确比较。
+
+    约定：
+        - beta == 0：约束关闭，返回全 True（包括 −inf 的词——掩码不做任何限制，屏蔽词本身仍是 −inf，
+          见 apply_plausibility）。
+        - beta > 0：log beta 有限，−inf 的词（z_i − max z = −inf）永远不可行。
+        - 目标模型的 argmax 词永远可行：它满足 z_i − max z = 0 ≥ log beta（beta ≤ 1 ⇒ log beta ≤ 0）。
+        - 整行全为 −inf 不在支持范围内（见模块文档）；此时 beta > 0 会得到全 False。
+    """
+    _check_beta(beta)
+    _check_matrix(logits_target, "logits_target")
+    if beta == 0:
+        return torch.ones(logits_target.shape, dtype=torch.bool, device=logits_target.device)
+    z = logits_target.float()
+    shifted = z - z.amax(dim=-1, keepdim=True)  # (B, V)，= log p_i − max log p，argmax 处恰为 0
+    return shifted >= math.log(beta)
+
+
+def apply_plausibility(fused: Tensor, logits_target: Tensor, beta: float) -> Tensor:
+    """把目标模型认为不可行的词从融合后的 logits 中剔除（置为 −inf）。
+
+    参数：
+        fused: 融合后的 logits，形状 (B, V)，例如 compute_steered_logits 的输出。
+        logits_target: 目标模型 logits z_t，形状 (B, V)，用来计算可行性掩码（见 plausibility_mask）。
+        beta: 阈值，[0, 1]；0 表示关闭约束。
+
+    返回：
+        形状 (B, V) 的 float32 新张量：可行处等于 fused（转为 float32），其余位置为 −inf。
+        beta == 0 时与 fused.float() 逐位相同（仍是新张量，不与输入共享存储）。
+
+    为什么 argmax 一定是目标可行的词：目标的 argmax 词总是可行；若 fused 在该处是有限值，
+    该行就至少有一个有限值，而所有不可行位置都是 −inf，所以该行的 argmax 必落在可行词中。
+    对 compute_steered_logits 的输出这一前提总成立（目标 argmax 处 z_t 有限，融合值只在上溢时才会非有限，
+    那种行会被 guard_nonfinite 捕获）。
+
+    不会引入 NaN：只做 where 选择，不做算术；fused 或 logits_target 中的 −inf 原样保留或替换为 −inf。
+    """
+    _check_pair(fused, logits_target, names="fused/logits_target")
+    _check_beta(beta)  # 先校验再走 beta == 0 的捷径，保证 beta 非法时总是报错
+    if beta == 0:
+        # 显式复制而不是 fused.float()：float32 输入时 .float() 返回输入本身，会违反"总是返回新张量"。
+        return fused.to(torch.float32, copy=True)
+    mask = plausibility_mask(logits_target, beta)  # (B, V) bool
+    return torch.where(mask, fused.float(), float("-inf"))

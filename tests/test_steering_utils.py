@@ -1,4 +1,4 @@
-"""steering_utils 的单元测试：距离、自适应 α 与三路 logits 融合。
+"""steering_utils 的单元测试：距离、自适应 α、α 调度、三路 logits 融合与可行性约束。
 
 全部使用固定种子的随机张量（CPU，float32 / bf16 / fp16），每个测试都断言一条具体性质：
 取值区间、单调性、逐行独立、与 float64 参考实现一致、−inf 不产生 NaN、输入不被修改、参数校验。
@@ -12,7 +12,17 @@ import pytest
 import torch
 from torch import Tensor
 
-from steering_utils import METRICS, calculate_adaptive_alpha, compute_steered_logits, distance
+import steering_utils
+from steering_utils import (
+    METRICS,
+    SCHEDULES,
+    apply_plausibility,
+    calculate_adaptive_alpha,
+    compute_steered_logits,
+    distance,
+    plausibility_mask,
+    schedule_alpha,
+)
 
 LN2: float = math.log(2.0)
 SQRT2: float = math.sqrt(2.0)
@@ -380,3 +390,258 @@ def test_guard_nonfinite_shape_check():
 
     with pytest.raises(ValueError):
         guard_nonfinite(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+# ---------------------------------------------------------------------------
+# schedule_alpha：constant / adaptive / adaptive_inverse
+# ---------------------------------------------------------------------------
+
+
+def _interpolated_rows(seed: int, k: int = 12) -> tuple[Tensor, Tensor]:
+    """目标固定、专家从目标线性插值到另一个向量的 k 行：第 i 行的距离随 i 严格递增（第 0 行距离为 0）。"""
+    t, u = _logits(1, 200, seed), _logits(1, 200, seed + 1)
+    lam = torch.linspace(0.0, 1.0, k).unsqueeze(1)  # (K, 1)
+    experts = t + lam * (u - t)  # (K, V)
+    return t.expand_as(experts), experts
+
+
+def test_constant_schedule_is_base_alpha_and_ignores_expert(monkeypatch: pytest.MonkeyPatch) -> None:
+    t, e = _logits(5, 60, 50), _logits(5, 60, 51)
+    want = torch.full((5,), 0.7)
+    # 不计算距离：把 distance 换成一调用就失败的函数，constant 仍须正常返回。
+    def _no_distance(*args: object, **kwargs: object) -> Tensor:
+        raise AssertionError("constant 调度不应计算距离")
+
+    monkeypatch.setattr(steering_utils, "distance", _no_distance)
+    for expert in (e, t.clone(), torch.full_like(e, float("nan")), e.bfloat16()):
+        got = schedule_alpha(t, expert, "constant", base_alpha=0.7, adaptive_scale=10.0, max_boost=2.0)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_adaptive_schedule_is_calculate_adaptive_alpha_bitwise(metric: str) -> None:
+    for seed, (base, scale, boost) in enumerate([(1.0, 10.0, 1.0), (0.3, 2.5, 1.7), (-0.5, 40.0, 0.25)]):
+        t = _masked(_logits(8, 100, 60 + seed, dtype=torch.bfloat16), torch.rand(8, 100, generator=_gen(63 + seed)) < 0.2)
+        e = _logits(8, 100, 66 + seed, scale=1.0 + seed)
+        got = schedule_alpha(t, e, "adaptive", base, scale, boost, metric)
+        assert torch.equal(got, calculate_adaptive_alpha(t, e, base, scale, boost, metric))
+    # 默认调度就是 adaptive
+    assert torch.equal(schedule_alpha(t, e), calculate_adaptive_alpha(t, e))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_inverse_schedule_at_zero_distance_is_base_plus_boost(metric: str) -> None:
+    x = _masked(_logits(4, 50, 70), torch.rand(4, 50, generator=_gen(71)) < 0.2)
+    got = schedule_alpha(x, x.clone(), "adaptive_inverse", base_alpha=0.5, adaptive_scale=10.0, max_boost=1.5, metric=metric)
+    assert got.dtype == torch.float32 and torch.equal(got, torch.full((4,), 2.0))  # 0.5 + 1.5，float32 精确
+    got = schedule_alpha(x, x.clone(), "adaptive_inverse", base_alpha=0.7, adaptive_scale=3.0, max_boost=0.2, metric=metric)
+    _assert_close(got, torch.full((4,), 0.9), atol=1e-6)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_inverse_schedule_within_bounds(metric: str) -> None:
+    base, boost = 0.5, 1.5
+    for seed in range(0, 20, 3):
+        scale = 0.1 * (seed + 1) ** 1.5  # 从近均匀到非常尖锐（包括 tanh 饱和的情形）
+        t, e = _logits(8, 128, seed, scale), _logits(8, 128, seed + 1000, scale)
+        alpha = schedule_alpha(t, e, "adaptive_inverse", base, adaptive_scale=10.0, max_boost=boost, metric=metric)
+        assert alpha.shape == (8,)
+        assert (alpha >= base).all() and (alpha <= base + boost).all()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_inverse_schedule_monotone_non_increasing_in_distance(metric: str) -> None:
+    """第 i 行的专家离目标越来越远：adaptive 单调不减，adaptive_inverse 单调不增，且首尾确有变化。"""
+    targets, experts = _interpolated_rows(72)
+    d = distance(targets, experts, metric)
+    assert d[0] == 0 and (d[1:] > d[:-1]).all()
+    inv = schedule_alpha(targets, experts, "adaptive_inverse", 1.0, adaptive_scale=3.0, max_boost=1.0, metric=metric)
+    assert inv[0] == 2.0 and (inv[1:] <= inv[:-1]).all() and inv[-1] < inv[0]
+    ada = schedule_alpha(targets, experts, "adaptive", 1.0, adaptive_scale=3.0, max_boost=1.0, metric=metric)
+    assert (ada[1:] >= ada[:-1]).all() and ada[-1] > ada[0]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_inverse_plus_adaptive_is_constant(metric: str) -> None:
+    """tanh + (1 − tanh) = 1：两种自适应调度逐行相加恒为 2·base_alpha + max_boost。"""
+    for seed, (base, scale, boost) in enumerate([(1.0, 10.0, 1.0), (0.25, 3.0, 2.0), (-1.0, 50.0, 0.5)]):
+        t, e = _logits(16, 120, 80 + seed, scale=0.5 + 3 * seed), _logits(16, 120, 90 + seed, scale=0.5 + 3 * seed)
+        ada = schedule_alpha(t, e, "adaptive", base, scale, boost, metric)
+        inv = schedule_alpha(t, e, "adaptive_inverse", base, scale, boost, metric)
+        _assert_close(ada + inv, torch.full((16,), 2 * base + boost), atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_schedule_rows_are_independent(schedule: str) -> None:
+    t, e = _logits(6, 80, 100), _logits(6, 80, 101)
+    full = schedule_alpha(t, e, schedule, 0.8, 5.0, 1.2, "js")
+    for i in range(6):
+        _assert_close(schedule_alpha(t[i:i + 1], e[i:i + 1], schedule, 0.8, 5.0, 1.2, "js")[0], full[i], atol=1e-6)
+    perm = torch.randperm(6, generator=_gen(102))
+    _assert_close(schedule_alpha(t[perm], e[perm], schedule, 0.8, 5.0, 1.2, "js"), full[perm], atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_schedule_inputs_unchanged_and_no_nan(schedule: str) -> None:
+    mask = torch.rand(3, 40, generator=_gen(103)) < 0.2
+    t = _masked(_logits(3, 40, 104, dtype=torch.bfloat16), mask)
+    e = _masked(_logits(3, 40, 105, dtype=torch.bfloat16), mask.roll(1, dims=1))
+    snapshot = [t.clone(), e.clone()]
+    out = schedule_alpha(t, e, schedule)
+    assert torch.equal(snapshot[0], t) and torch.equal(snapshot[1], e) and t.dtype == torch.bfloat16
+    assert out.shape == (3,) and out.dtype == torch.float32 and not out.isnan().any()
+
+
+def test_bad_schedule_lists_choices() -> None:
+    a = _logits(2, 5, 106)
+    for bad in ("inverse", "Adaptive", ""):
+        with pytest.raises(ValueError, match="constant.*adaptive.*adaptive_inverse"):
+            schedule_alpha(a, a, bad)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"max_boost": -0.1}, "max_boost"),
+        ({"adaptive_scale": -1.0}, "adaptive_scale"),
+        ({"base_alpha": float("nan")}, "base_alpha"),
+        ({"max_boost": float("inf")}, "max_boost"),
+        ({"adaptive_scale": True}, "adaptive_scale"),
+        ({"metric": "kl"}, "js.*l2"),
+    ],
+)
+def test_bad_schedule_hyperparameters(schedule: str, kwargs: dict[str, object], pattern: str) -> None:
+    """超参数按 calculate_adaptive_alpha 的规则校验，且对每种调度都校验（constant 也不例外）。"""
+    a = _logits(2, 5, 107)
+    with pytest.raises(ValueError, match=pattern):
+        schedule_alpha(a, a, schedule, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_schedule_shape_errors(schedule: str) -> None:
+    a, b = _logits(2, 5, 108), _logits(2, 6, 109)
+    with pytest.raises(ValueError, match=r"\(2, 5\).*\(2, 6\)"):
+        schedule_alpha(a, b, schedule)
+
+
+# ---------------------------------------------------------------------------
+# plausibility_mask / apply_plausibility：目标模型的自适应可行性约束
+# ---------------------------------------------------------------------------
+
+BETAS: tuple[float, ...] = (0.0, 1e-4, 0.01, 0.1, 0.3, 0.5, 0.9, 1.0)
+
+
+def _target_with_masks(seed: int, b: int = 8, v: int = 200, dtype: torch.dtype = torch.float32) -> Tensor:
+    """带约 20% −inf 屏蔽词的随机目标 logits（每行至少留下有限值）。"""
+    return _masked(_logits(b, v, seed, dtype=dtype), torch.rand(b, v, generator=_gen(seed + 1)) < 0.2)
+
+
+def test_plausibility_beta_zero_is_all_true() -> None:
+    t = _target_with_masks(110)
+    m = plausibility_mask(t, 0.0)
+    assert m.dtype == torch.bool and m.shape == t.shape and m.all()  # 连 −inf 的词也为 True：约束被关闭
+    assert plausibility_mask(t, 0).all()
+
+
+def test_plausibility_beta_one_keeps_only_the_max_with_ties() -> None:
+    t = _target_with_masks(112, b=4, v=50)
+    rowmax = t.amax(-1)
+    t[0, [3, 17, 40]] = rowmax[0] + 1.0  # 第 0 行三个并列最大
+    t[1, 5] = rowmax[1] + 1e-3  # 第 1 行的最大值只比第二名高一点点，也不能被舍入成并列
+    m = plausibility_mask(t, 1.0)
+    assert torch.equal(m, t == t.amax(-1, keepdim=True))
+    assert m[0].nonzero().flatten().tolist() == [3, 17, 40] and m[1].sum() == 1 and (m.sum(-1) >= 1).all()
+
+
+def test_plausibility_monotone_in_beta() -> None:
+    """beta 越大，可行集合越小（嵌套的子集）。"""
+    t = _target_with_masks(114)
+    masks = [plausibility_mask(t, beta) for beta in BETAS]
+    for looser, stricter in zip(masks, masks[1:]):
+        assert not (stricter & ~looser).any()
+    counts = torch.stack([m.sum(-1) for m in masks])  # (len(BETAS), B)
+    assert (counts[1:] <= counts[:-1]).all() and (counts[0] > counts[-1]).all()
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 20.0])
+def test_plausibility_matches_float64_softmax_reference(scale: float) -> None:
+    """与 float64 概率域的定义 p ≥ beta · max p 一致；只豁免比值与 beta 相差 < 1e-5（相对）的边界词。"""
+    t = _masked(_logits(8, 300, 116, scale=scale), torch.rand(8, 300, generator=_gen(117)) < 0.2)
+    p = torch.softmax(t.double(), -1)
+    ratio = p / p.amax(-1, keepdim=True)  # (B, V)，float64
+    for beta in BETAS[1:]:
+        got = plausibility_mask(t, beta)
+        ref = ratio >= beta
+        decided = (ratio.log() - math.log(beta)).abs() > 1e-5
+        assert decided.float().mean() > 0.99
+        assert torch.equal(got[decided], ref[decided])
+        assert got.any(-1).all() and ref.any(-1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_target_argmax_always_plausible_and_neg_inf_never(dtype: torch.dtype) -> None:
+    t = _target_with_masks(118, b=16, v=100, dtype=dtype)
+    top = t.float().argmax(-1, keepdim=True)  # (B, 1)
+    for beta in BETAS:
+        m = plausibility_mask(t, beta)
+        assert m.gather(-1, top).all()
+        if beta > 0:
+            assert not m[t.isneginf()].any()
+
+
+def test_apply_plausibility_keeps_plausible_values_and_masks_the_rest() -> None:
+    zt, ze, zb = _target_with_masks(120), _logits(8, 200, 121), _logits(8, 200, 122)
+    fused = compute_steered_logits(zt, ze, zb, calculate_adaptive_alpha(zt, ze))
+    for beta in BETAS[1:]:
+        mask = plausibility_mask(zt, beta)
+        out = apply_plausibility(fused, zt, beta)
+        assert out.dtype == torch.float32 and out.shape == fused.shape
+        assert torch.equal(out[mask], fused[mask])
+        assert out[~mask].isneginf().all()
+        # 融合后的 argmax 一定是目标自己认为可行的词
+        assert mask.gather(-1, out.argmax(-1, keepdim=True)).all()
+    # beta = 1：只剩目标的 argmax，融合结果的 argmax 必然退化为目标的 argmax（无并列时）
+    assert torch.equal(apply_plausibility(fused, zt, 1.0).argmax(-1), zt.argmax(-1))
+
+
+def test_apply_plausibility_beta_zero_is_bit_identical() -> None:
+    zt = _target_with_masks(124)
+    for fused in (_target_with_masks(126), _target_with_masks(128, dtype=torch.bfloat16)):
+        fused[:, 0] = -0.0
+        out = apply_plausibility(fused, zt, 0.0)
+        assert torch.equal(out, fused.float()) and torch.equal(out.signbit(), fused.float().signbit())
+        assert out.dtype == torch.float32 and out.data_ptr() != fused.data_ptr()  # 新张量，不与输入共享存储
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_apply_plausibility_inputs_unchanged_and_no_nan(dtype: torch.dtype) -> None:
+    zt = _target_with_masks(130, dtype=dtype)
+    fused = _masked(_logits(8, 200, 132, dtype=dtype), torch.rand(8, 200, generator=_gen(133)) < 0.2)
+    snapshot = [zt.clone(), fused.clone()]
+    for beta in BETAS:
+        m = plausibility_mask(zt, beta)
+        out = apply_plausibility(fused, zt, beta)
+        assert m.dtype == torch.bool and m.shape == zt.shape
+        assert not out.isnan().any()
+        assert torch.equal(out.isneginf(), fused.isneginf() | ~m)
+    assert torch.equal(snapshot[0], zt) and torch.equal(snapshot[1], fused) and zt.dtype == dtype
+
+
+@pytest.mark.parametrize("beta", [-0.1, 1.5, float("nan"), float("inf"), True, "0.5"])
+def test_bad_beta(beta: object) -> None:
+    t = _logits(2, 5, 134)
+    with pytest.raises(ValueError, match="beta"):
+        plausibility_mask(t, beta)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="beta"):
+        apply_plausibility(t, t, beta)  # type: ignore[arg-type]
+
+
+def test_plausibility_shape_errors() -> None:
+    a, b = _logits(2, 5, 135), _logits(2, 6, 136)
+    with pytest.raises(ValueError, match=r"\(5,\)"):
+        plausibility_mask(a[0], 0.1)
+    with pytest.raises(ValueError, match=r"\(2, 5\).*\(2, 6\)"):
+        apply_plausibility(a, b, 0.1)
+    with pytest.raises(ValueError, match=r"\(2, 5\).*\(2, 6\)"):
+        apply_plausibility(a, b, 0.0)  # beta = 0 的捷径也先校验形状
