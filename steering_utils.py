@@ -38,6 +38,7 @@ __all__ = [
     "distance",
     "calculate_adaptive_alpha",
     "schedule_alpha",
+    "alpha_from_distance",
     "compute_steered_logits",
     "plausibility_mask",
     "apply_plausibility",
@@ -226,8 +227,28 @@ def schedule_alpha(
         return torch.full((logits_target.shape[0],), float(base_alpha), dtype=torch.float32, device=logits_target.device)
     if schedule == "adaptive":
         return calculate_adaptive_alpha(logits_target, logits_expert, base_alpha, adaptive_scale, max_boost, metric)
-    # adaptive_inverse：tanh(·) ∈ [0, 1]（float32 下大参数时可恰为 1），故 1 − tanh ∈ [0, 1]，α 落在同一区间内。
     d = distance(logits_target, logits_expert, metric=metric)  # (B,) float32
+    return alpha_from_distance(d, schedule, base_alpha, adaptive_scale, max_boost)
+
+
+def alpha_from_distance(d: Tensor, schedule: str = "adaptive", base_alpha: float = 1.0,
+                        adaptive_scale: float = 10.0, max_boost: float = 1.0) -> Tensor:
+    """已知距离 d（形状 (N,)，来自 distance()）时按调度算 α，形状 (N,) float32。
+
+    为什么单独拿出来：字母打分的扫参（sweep）对每道题只需算一次距离，之后每个 (调度, α) 组合
+    只是对 d 做逐元素运算——1,273 道题 × 几十个设置也只要几毫秒，不必保存整张 128k 词表的 logits。
+    与 schedule_alpha 的公式逐位相同（"adaptive" 与 calculate_adaptive_alpha 同一表达式）。
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} 非法；可选值：{', '.join(SCHEDULES)}")
+    why = "保证 α 随距离单调" + ("不增" if schedule == "adaptive_inverse" else "不减")
+    _check_alpha_hyperparameters(base_alpha, adaptive_scale, max_boost, why=why)
+    d = d.float()
+    if schedule == "constant":
+        return torch.full_like(d, float(base_alpha))
+    if schedule == "adaptive":
+        return base_alpha + torch.tanh(d * adaptive_scale) * max_boost
+    # adaptive_inverse：tanh(·) ∈ [0, 1]（float32 下大参数时可恰为 1），故 1 − tanh ∈ [0, 1]，α 落在同一区间内。
     return base_alpha + (1.0 - torch.tanh(d * adaptive_scale)) * max_boost
 
 

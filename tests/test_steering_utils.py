@@ -645,3 +645,18 @@ def test_plausibility_shape_errors() -> None:
         apply_plausibility(a, b, 0.1)
     with pytest.raises(ValueError, match=r"\(2, 5\).*\(2, 6\)"):
         apply_plausibility(a, b, 0.0)  # beta = 0 的捷径也先校验形状
+
+
+@pytest.mark.parametrize("schedule", ["constant", "adaptive", "adaptive_inverse"])
+@pytest.mark.parametrize("metric", ["js", "l2"])
+def test_alpha_from_distance_matches_schedule_alpha(schedule, metric):
+    """扫参用的 alpha_from_distance(distance(z_t, z_e)) 与 schedule_alpha 逐位相同。"""
+    from steering_utils import alpha_from_distance, distance, schedule_alpha
+
+    torch.manual_seed(11)
+    zt, ze = torch.randn(9, 40) * 3, torch.randn(9, 40) * 3
+    kw = dict(base_alpha=0.4, adaptive_scale=7.0, max_boost=1.3)
+    expected = schedule_alpha(zt, ze, schedule, metric=metric, **kw)
+    assert torch.equal(alpha_from_distance(distance(zt, ze, metric), schedule, **kw), expected)
+    with pytest.raises(ValueError):
+        alpha_from_distance(torch.zeros(3), "cosine")

@@ -1,0 +1,128 @@
+"""sweep.py：字母打分、一次前向上的扫参、配对统计、CSV/JSON/PNG 输出。CPU、小随机 Llama 与真实 SmolLM2 分词器。"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from test_evaluator import PROMPTS, VOCAB, tiny_llama
+
+from data_loader import Question
+from steering_utils import distance
+from sweep import (CHANCE, LETTERS, letter_predictions, letter_prompt, letter_token_ids, paired_stats,
+                   plot_sweep, run_letter_sweep, score_letters, write_sweep)
+
+LETTER_IDS = [40, 41, 42, 43]
+
+
+@pytest.fixture(scope="module")
+def trio_models():
+    return {"target": tiny_llama(0), "expert": tiny_llama(1), "base": tiny_llama(2)}
+
+
+@pytest.fixture(scope="module")
+def scores(trio_models):
+    prompts = [p * 2 for p in PROMPTS] + PROMPTS + [[9, 8, 7, 6]]
+    return prompts, score_letters(trio_models, prompts, LETTER_IDS, vocab_size=VOCAB, batch_size=3)
+
+
+def test_letter_prompt_matches_lm_eval_style():
+    q = Question(index=0, question=" A 30-year-old man has a cough. ", answer_idx="C", answer="Asthma",
+                 options={"A": "Flu", "B": "Cold", "C": "Asthma", "D": "TB"})
+    assert letter_prompt(q) == "Question: A 30-year-old man has a cough.\nA. Flu\nB. Cold\nC. Asthma\nD. TB\nAnswer:"
+
+
+def test_letter_token_ids_single_tokens(smol_tokenizer):
+    ids = letter_token_ids({"target": smol_tokenizer, "expert": smol_tokenizer})
+    assert len(set(ids)) == 4
+    assert [smol_tokenizer.decode([i]) for i in ids] == [" " + x for x in LETTERS]
+
+
+def test_letter_token_ids_refuse_mismatch(smol_tokenizer):
+    class Shifted:
+        def encode(self, text, add_special_tokens=False):
+            return [smol_tokenizer.encode(text, add_special_tokens=False)[0] + 1]
+
+    with pytest.raises(ValueError, match="不一致"):
+        letter_token_ids({"target": smol_tokenizer, "expert": Shifted()})
+
+    class Split:
+        def encode(self, text, add_special_tokens=False):
+            return [1, 2]
+
+    with pytest.raises(ValueError, match="单个 token"):
+        letter_token_ids({"target": Split()})
+
+
+def test_score_letters_equals_unbatched_forward(trio_models, scores):
+    """批量左填充的打分 == 每题单独前向的最后位置 logits（字母列）与距离。"""
+    prompts, got = scores
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            z = {r: m(torch.tensor([p])).logits[:, -1].float() for r, m in trio_models.items()}
+            for role in trio_models:
+                assert torch.allclose(got.letters[role][i], z[role][0, LETTER_IDS], atol=1e-4)
+            assert got.distance[i] == pytest.approx(float(distance(z["target"], z["expert"])[0]), abs=1e-5)
+    assert got.letters["target"].shape == (len(prompts), 4)
+
+
+def test_letter_predictions_formula(scores):
+    _, s = scores
+    zero, alpha = letter_predictions(s, "constant", 0.0, 10.0, 0.0)
+    assert np.array_equal(zero, s.letters["target"].argmax(-1).numpy()) and np.all(alpha == 0)
+    pred, alpha = letter_predictions(s, "constant", 1.5, 10.0, 1.0)
+    manual = (s.letters["target"] + 1.5 * (s.letters["expert"] - s.letters["base"])).argmax(-1).numpy()
+    assert np.array_equal(pred, manual) and np.all(alpha == 1.5)
+    _, adaptive = letter_predictions(s, "adaptive", 1.0, 10.0, 1.0)
+    assert np.all((adaptive >= 1.0) & (adaptive <= 2.0))
+
+
+def test_sweep_rows_and_zero_alpha_equals_baseline(scores):
+    _, s = scores
+    gold = np.array([0, 1, 2, 3, 0, 1, 2])
+    rows = run_letter_sweep(s, gold, alphas=[0.0, 1.0, 4.0], schedules=["constant", "adaptive_inverse"],
+                            adaptive_scale=10.0, max_boost=0.0)
+    assert len(rows) == 3 + 2 * 3
+    base = rows[0]
+    assert base["accuracy"] == np.mean(s.letters["target"].argmax(-1).numpy() == gold) and base["delta"] == 0
+    expert = rows[1]
+    assert expert["accuracy"] == np.mean(s.letters["expert"].argmax(-1).numpy() == gold)
+    zero = next(r for r in rows if r["schedule"] == "constant" and r["base_alpha"] == 0.0)
+    assert zero["delta"] == 0 and zero["fixed"] == [] and zero["broken"] == [] and zero["mcnemar_exact_p"] == 1.0
+    for r in rows:
+        assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
+        assert r["delta_ci95_bootstrap"][0] <= r["delta"] + 1e-9 <= r["delta_ci95_bootstrap"][1] + 2e-9
+    with pytest.raises(ValueError, match="未知调度"):
+        run_letter_sweep(s, gold, [1.0], ["cosine"], 10.0, 1.0)
+
+
+def test_paired_stats_known_values():
+    """b = 8 题被修好、c = 2 题被弄坏：精确 McNemar p = 2·P(X ≤ 2 | n = 10, 1/2) = 2·56/1024。"""
+    base = np.array([False] * 8 + [True] * 2 + [True] * 5 + [False] * 5)
+    other = np.array([True] * 8 + [False] * 2 + [True] * 5 + [False] * 5)
+    st = paired_stats(base, other, n_boot=2000, seed=1)
+    assert st["mcnemar_exact_p"] == pytest.approx(2 * 56 / 1024)
+    assert st["delta"] == pytest.approx(0.3) and st["fixed"] == list(range(8)) and st["broken"] == [8, 9]
+    lo, hi = st["delta_ci95_bootstrap"]
+    assert lo < 0.3 < hi and lo > -0.2
+    same = paired_stats(base, base, n_boot=500)
+    assert same["delta_ci95_bootstrap"] == [0.0, 0.0] and same["mcnemar_exact_p"] == 1.0
+
+
+def test_write_and_plot(scores, tmp_path):
+    _, s = scores
+    gold = np.array([0, 1, 2, 3, 0, 1, 2])
+    rows = run_letter_sweep(s, gold, alphas=[0.0, 0.5, 1.0, 2.0], schedules=["constant", "adaptive"],
+                            adaptive_scale=10.0, max_boost=1.0)
+    write_sweep(rows, str(tmp_path))
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert data["chance"] == CHANCE and len(data["rows"]) == len(rows)
+    with open(tmp_path / "sweep.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) and float(table[0]["accuracy"]) == rows[0]["accuracy"]
+    png = tmp_path / "sweep.png"
+    plot_sweep(rows, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
