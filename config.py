@@ -41,7 +41,10 @@ DEVICE: str = "auto"  # "auto" | "cuda" | "cpu"
 DATASET_ID: str = "GBaker/MedQA-USMLE-4-options"
 DATA_FILE: str | None = None
 SPLIT: str = "test"
-NUM_SAMPLES: int = 100  # 取前 N 道题；0 表示全部
+NUM_SAMPLES: int = 100  # 取前 N 道题（≥ 1）；全部题目用 ALL_QUESTIONS / --all-questions
+ALL_QUESTIONS: bool = False  # True：评测划分里的全部题目（忽略 NUM_SAMPLES）
+# 坏数据行：默认整个运行在加载模型之前失败；True 时跳过坏行（计数写进 metrics.json，逐行原因写进 config.json）。
+SKIP_INVALID: bool = False
 
 # 解码：贪心链式思考（CoT）。
 MAX_NEW_TOKENS: int = 512
@@ -88,6 +91,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compile": ("auto", "on", "off"),
 }
 VALID_MODES: tuple[str, ...] = ("baseline", "steered")
+SEED_MAX: int = 2**32 - 1  # np.random.seed 接受的上限
+# 不属于“实验配置”的字段：同一次运行在续跑前后它们可以不同（比较配置时忽略）。
+RUN_LOCATION_FIELDS: tuple[str, ...] = ("output_dir", "resume")
 
 
 class ConfigError(ValueError):
@@ -114,7 +120,10 @@ class Config:
     dataset_id: str = field(default=DATASET_ID, metadata={"help": "HF 数据集 id（--data-file 未给出时使用）"})
     data_file: str | None = field(default=DATA_FILE, metadata={"help": "本地 MedQA schema 的 JSONL 文件"})
     split: str = field(default=SPLIT, metadata={"help": "数据划分：test | dev | validation | train"})
-    limit: int = field(default=NUM_SAMPLES, metadata={"help": "只评测前 N 道题（0 = 全部）"})
+    limit: int = field(default=NUM_SAMPLES, metadata={"help": "只评测前 N 道题（N ≥ 1；全部题目用 --all-questions）"})
+    all_questions: bool = field(default=ALL_QUESTIONS, metadata={"help": "评测全部题目（忽略 --limit）"})
+    skip_invalid: bool = field(default=SKIP_INVALID,
+                               metadata={"help": "跳过无效的数据行（计数写进 metrics.json），而不是拒绝整个文件"})
     batch_size: int = field(default=BATCH_SIZE, metadata={"help": "每批题目数"})
     max_new_tokens: int = field(default=MAX_NEW_TOKENS, metadata={"help": "每题最多生成的 token 数"})
     seed: int = field(default=SEED, metadata={"help": "随机种子（random、numpy、torch）"})
@@ -127,6 +136,7 @@ class Config:
         default=BASE_SYSTEM_PROMPT, metadata={"help": "基座的系统提示（缺省同目标）"})
     modes: tuple[str, ...] = field(default=MODES, metadata={"help": "逗号分隔：baseline,steered"})
     output_dir: str | None = field(default=OUTPUT_DIR, metadata={"help": "运行目录（缺省 runs/<时间戳>/）"})
+    resume: str | None = field(default=None, metadata={"help": "继续一次被中断的运行：给出它的运行目录（配置取自其 config.json）"})
     demo: bool = field(default=False, metadata={"help": "离线 CPU 演示：三个角色都用 SmolLM2-135M-Instruct"})
 
     def __post_init__(self) -> None:
@@ -141,8 +151,11 @@ class Config:
                 raise ConfigError(f"{_flag(name)}={value!r} 必须是有限实数")
         if self.adaptive_scale < 0 or self.max_boost < 0:
             raise ConfigError("--adaptive-scale 与 --max-boost 必须 ≥ 0（α 应随距离单调不减）")
-        if self.limit < 0:
-            raise ConfigError(f"--limit={self.limit} 必须 ≥ 0（0 表示全部题目）")
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
+            raise ConfigError(f"--limit={self.limit!r} 必须是 ≥ 1 的整数；要评测全部题目请用 --all-questions")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX:
+            # numpy 的种子必须落在 [0, 2**32 − 1]：否则 np.random.seed 在运行中途抛异常（带 traceback）。
+            raise ConfigError(f"--seed={self.seed!r} 必须是 0 到 {SEED_MAX} 之间的整数")
         for name in ("batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)}={getattr(self, name)} 必须 ≥ 1")
@@ -235,12 +248,41 @@ def demo_overrides() -> dict[str, Any]:
     }
 
 
-def parse_config(argv: Sequence[str] | None = None) -> Config:
-    """解析命令行 → 已校验的 Config。优先级：显式参数 > --demo 预设 > config.py 常量。
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, frozenset[str]]:
+    """解析命令行 → (已校验的 Config, 用户显式给出的字段名)。优先级：显式参数 > --demo 预设 > config.py 常量。
 
+    显式字段集合供 --resume 使用：只给 --resume（或再加同一个 --output-dir）时沿用保存的配置。
     未知参数由 argparse 报错（退出码 2）；非法取值抛出 ConfigError。
     """
     explicit = vars(build_parser().parse_args(argv))
+    if "limit" in explicit and explicit.get("all_questions"):
+        raise ConfigError("--limit 与 --all-questions 不能同时给出：要么前 N 道题，要么全部题目")
     values: dict[str, Any] = demo_overrides() if explicit.get("demo") else {}
     values.update(explicit)
+    return Config(**values), frozenset(explicit)
+
+
+def parse_config(argv: Sequence[str] | None = None) -> Config:
+    """parse_args 的简写：只要 Config。"""
+    return parse_args(argv)[0]
+
+
+def config_from_dict(stored: dict[str, Any], where: str) -> Config:
+    """config.json 里保存的 "config" 字典 → Config（--resume 用）。
+
+    缺少的字段（旧版本写的 config.json）取当前默认值；未知字段说明它来自另一个版本的本工具，直接拒绝，
+    而不是静默丢掉某个可能影响结果的设置。where 是 config.json 的路径，用于错误消息。
+    """
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(stored) - names)
+    if unknown:
+        raise ConfigError(f"{where}: 含有本版本不认识的配置项 {', '.join(unknown)}（来自另一个版本的 main.py？）；"
+                          "无法续跑，请用原版本续跑或换一个 --output-dir 重新开始")
+    values = {k: (tuple(v) if k == "modes" and isinstance(v, list) else v) for k, v in stored.items()}
     return Config(**values)
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """两个 Config.to_dict() 之间不同的实验配置项，每项一行 "key: 旧值 → 新值"（忽略 RUN_LOCATION_FIELDS）。"""
+    keys = sorted((set(old) | set(new)) - set(RUN_LOCATION_FIELDS))
+    return [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]

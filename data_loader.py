@@ -12,12 +12,13 @@
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import config
 
@@ -128,32 +129,57 @@ def _question(row: Any, index: int, where: str) -> Question:
 # ---------------------------------------------------------------------------
 
 
-def _jsonl_rows(data: bytes, path: str) -> Iterable[tuple[int, Any]]:
-    """逐行产出 (1 基行号, 已解析 JSON)；逐行解码 UTF-8（严格）以便报告出错的行号。
-
-    只允许文件末尾一个换行符（正常的 JSONL 结尾）；中间或末尾多余的空行一律拒绝——
-    它们通常意味着文件被拼接或截断过。行尾的 \\r（CRLF 文件）属于 JSON 空白，可以接受。
-    """
+def _jsonl_lines(data: bytes) -> list[bytes]:
+    """文件字节 → 各行字节（行号 = 下标 + 1）。只允许文件末尾一个换行符（正常的 JSONL 结尾）：
+    中间或末尾多余的空行会作为“空行”被逐行拒绝——它们通常意味着文件被拼接或截断过。"""
     lines = data.split(b"\n")
     if lines[-1] == b"":
         lines.pop()  # 末尾唯一的换行符产生的空串
-    for lineno, raw in enumerate(lines, start=1):
-        where = f"{path}:{lineno}"
-        try:
-            text = raw.decode("utf-8")  # 严格模式：非法字节直接报错，而不是替换成 U+FFFD 混进题目
-        except UnicodeDecodeError as e:
-            raise DataError(f"{where}: 不是合法的 UTF-8（该行第 {e.start + 1} 个字节 {raw[e.start:e.end]!r}）；"
-                            "请把文件转换为 UTF-8") from None
-        if not text.strip():
-            raise DataError(f"{where}: 空行；JSONL 每行必须是一个 JSON 对象（只允许文件末尾一个换行符）")
-        try:
-            yield lineno, json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: 不是合法的 JSON（第 {e.colno} 列：{e.msg}）") from None
+    return lines
 
 
-def _load_file(path: str) -> tuple[list[Question], str]:
-    """读取并校验整个本地 JSONL → (题目列表, "file:<绝对路径> sha256=<hex>")。
+def _parse_line(raw: bytes, where: str) -> Any:
+    """一行字节 → 已解析的 JSON。逐行严格解码 UTF-8，以便报告出错的行号；行尾的 \\r（CRLF 文件）属于
+    JSON 空白，可以接受。非 UTF-8、空行、坏 JSON 都抛出带 `文件:行号` 的 DataError。"""
+    try:
+        text = raw.decode("utf-8")  # 严格模式：非法字节直接报错，而不是替换成 U+FFFD 混进题目
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: 不是合法的 UTF-8（该行第 {e.start + 1} 个字节 {raw[e.start:e.end]!r}）；"
+                        "请把文件转换为 UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{where}: 空行；JSONL 每行必须是一个 JSON 对象（只允许文件末尾一个换行符）")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: 不是合法的 JSON（第 {e.colno} 列：{e.msg}）") from None
+
+
+def _file_row(raw: bytes, lineno: int, path: str) -> Question:
+    """文件第 lineno 行（1 基）→ Question（index = lineno − 1，即原始的 0 基行号）。"""
+    where = f"{path}:{lineno}"
+    return _question(_parse_line(raw, where), lineno - 1, where)
+
+
+def _keep_valid(candidates: Iterable[tuple[str, Callable[[], Question]]],
+                skip_invalid: bool) -> tuple[list[Question], list[dict[str, str]]]:
+    """逐行构造题目。skip_invalid=False：第一个坏行就抛出 DataError（默认：坏数据在加载模型之前失败）；
+    True：记下 {"where": 位置, "reason": 原因} 并跳过，有效行保留原始 index（结果仍能对回数据文件的行）。"""
+    questions: list[Question] = []
+    skipped: list[dict[str, str]] = []
+    for where, build in candidates:
+        try:
+            questions.append(build())
+        except DataError as e:
+            msg = str(e)
+            if not skip_invalid:
+                raise DataError(f"{msg}。请修正这一行，或加 --skip-invalid 跳过无效的行（跳过的行数写进 metrics.json）") \
+                    from None
+            skipped.append({"where": where, "reason": msg[len(where) + 2:] if msg.startswith(f"{where}: ") else msg})
+    return questions, skipped
+
+
+def _load_file(path: str, skip_invalid: bool = False) -> tuple[list[Question], str, list[dict[str, str]]]:
+    """读取并校验整个本地 JSONL → (题目列表, "file:<绝对路径> sha256=<hex>", 跳过的行)。
 
     一次性读入字节：同一份字节既用于解析也用于 sha256，保证来源字符串里的哈希
     就是实际评测的内容（MedQA 单个划分约 2 MB，无需流式读取）。
@@ -164,9 +190,14 @@ def _load_file(path: str) -> tuple[list[Question], str]:
     with open(path, "rb") as f:
         data = f.read()
     if not data.strip():
-        raise DataError(f"{path}:1: 文件为空，没有任何题目")
-    questions = [_question(row, lineno - 1, f"{path}:{lineno}") for lineno, row in _jsonl_rows(data, path)]
-    return questions, f"file:{path} sha256={hashlib.sha256(data).hexdigest()}"
+        raise DataError(f"{path}:1: 文件为空，没有任何题目；请检查 --data-file 是否指向正确的文件")
+    candidates = ((f"{path}:{n}", functools.partial(_file_row, raw, n, path))
+                  for n, raw in enumerate(_jsonl_lines(data), start=1))
+    questions, skipped = _keep_valid(candidates, skip_invalid)
+    if not questions:
+        raise DataError(f"{path}: 没有任何有效的题目（{len(skipped)} 行全部无效；第一个：{skipped[0]['where']}: "
+                        f"{skipped[0]['reason']}）")
+    return questions, f"file:{path} sha256={hashlib.sha256(data).hexdigest()}", skipped
 
 
 # ---------------------------------------------------------------------------
@@ -174,7 +205,8 @@ def _load_file(path: str) -> tuple[list[Question], str]:
 # ---------------------------------------------------------------------------
 
 
-def _load_hub(dataset_id: str, split: str) -> tuple[list[Question], str]:
+def _load_hub(dataset_id: str, split: str,
+              skip_invalid: bool = False) -> tuple[list[Question], str, list[dict[str, str]]]:
     """从 HF hub 加载并逐行校验（与本地文件同一套规则，index 为 0 基行号，消息中为 1 基 row）。
 
     `datasets` 在函数内部延迟导入：它是可选依赖，离线/演示环境可以不装。
@@ -186,10 +218,12 @@ def _load_hub(dataset_id: str, split: str) -> tuple[list[Question], str]:
     hub_split = HUB_SPLITS.get(split, split)
     rows = datasets.load_dataset(dataset_id, split=hub_split)
     source = f"hub:{dataset_id} split={hub_split}"
-    questions = [_question(row, i, f"{source} row {i + 1}") for i, row in enumerate(rows)]
+    candidates = ((f"{source} row {i + 1}", functools.partial(_question, row, i, f"{source} row {i + 1}"))
+                  for i, row in enumerate(rows))
+    questions, skipped = _keep_valid(candidates, skip_invalid)
     if not questions:
-        raise DataError(f"{source}: 该划分没有任何题目")
-    return questions, source
+        raise DataError(f"{source}: 该划分没有任何{'有效的' if skipped else ''}题目")
+    return questions, source, skipped
 
 
 def _one_line(exc: BaseException, width: int = 200) -> str:
@@ -198,13 +232,14 @@ def _one_line(exc: BaseException, width: int = 200) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _load_hub_or_bundled(dataset_id: str, split: str) -> tuple[list[Question], str]:
+def _load_hub_or_bundled(dataset_id: str, split: str,
+                         skip_invalid: bool = False) -> tuple[list[Question], str, list[dict[str, str]]]:
     """先试 hub；加载失败时大声回落到捆绑文件（stderr 一行警告 + 来源字符串标注原因）。
 
     捆绑文件不存在（例如 train 划分）时抛出 DataError，告诉用户用 --data-file 指定本地文件。
     """
     try:
-        return _load_hub(dataset_id, split)
+        return _load_hub(dataset_id, split, skip_invalid)
     except DataError:
         raise  # hub 数据已下载但校验失败：不回落（见 _load_hub）
     except Exception as exc:  # noqa: BLE001  未安装、无网络、无此划分……任何加载失败都回落
@@ -215,8 +250,8 @@ def _load_hub_or_bundled(dataset_id: str, split: str) -> tuple[list[Question], s
                         f"{split} 划分文件（{bundled}）；请用 --data-file 指定本地 MedQA 4 选项 JSONL")
     print(f"[data_loader] WARNING: 无法从 hub 加载 {dataset_id} split={split}（{reason}）；"
           f"改用仓库捆绑的文件 {bundled}", file=sys.stderr, flush=True)
-    questions, source = _load_file(bundled)
-    return questions, f"{source} (bundled fallback: hub {dataset_id} split={split} unavailable: {reason})"
+    questions, source, skipped = _load_file(bundled, skip_invalid)
+    return questions, f"{source} (bundled fallback: hub {dataset_id} split={split} unavailable: {reason})", skipped
 
 
 # ---------------------------------------------------------------------------
@@ -226,18 +261,32 @@ def _load_hub_or_bundled(dataset_id: str, split: str) -> tuple[list[Question], s
 
 def load_medqa(data_file: str | None = None, split: str = "test", limit: int | None = None,
                dataset_id: str = config.DATASET_ID) -> tuple[list[Question], str]:
-    """加载并校验 MedQA 4 选项题目，返回 (题目列表, 实际使用的数据来源描述)。
+    """加载并校验 MedQA 4 选项题目，返回 (题目列表, 实际使用的数据来源描述)；任何坏行都抛出 DataError。
+
+    是 load_questions(..., skip_invalid=False) 去掉“跳过的行”之后的简写，参数与返回值见那里。
+    """
+    questions, source, _ = load_questions(data_file, split, limit, dataset_id)
+    return questions, source
+
+
+def load_questions(data_file: str | None = None, split: str = "test", limit: int | None = None,
+                   dataset_id: str = config.DATASET_ID, *,
+                   skip_invalid: bool = False) -> tuple[list[Question], str, list[dict[str, str]]]:
+    """加载并校验 MedQA 4 选项题目，返回 (题目列表, 实际使用的数据来源描述, 跳过的行)。
 
     Args:
         data_file: 本地 JSONL 路径；给出时只读该文件（此时忽略 split 与 dataset_id）。
             None 时走 hub，失败则大声回落到 data/medqa/{split}.jsonl（validation → dev.jsonl）。
         split: "test" | "dev" | "validation" | "train"（hub 上 dev 对应 validation）。
-        limit: 只取前 N 题（index 为 0..N-1）；None 或 0 表示全部。负数或超过总行数都报错，
-            而不是静默截断——否则结果里的题数会与用户要求的不一致。
+        limit: 只取前 N 题（index 为 0..N-1）；None 或 0 表示全部（命令行的 --limit 必须 ≥ 1，
+            --all-questions 传 None）。负数或超过总行数都报错，而不是静默截断——否则结果里的题数会与用户要求的不一致。
         dataset_id: HF 数据集 id。
+        skip_invalid: False（默认）时第一个坏行就抛出 DataError；True 时跳过坏行（整个文件的坏行都记下），
+            有效行保留原始 index，limit 取前 N 道*有效*题。
 
     Returns:
-        (questions, source)：questions 为 list[Question]，长度 = limit 或总行数；
+        (questions, source, skipped)：questions 为 list[Question]，长度 = limit 或有效题总数；
+        skipped 为 [{"where": "文件:行号", "reason": 原因}]（skip_invalid=False 时总是空）；
         source 形如 "file:/abs/path sha256=<hex>"、"hub:<id> split=test"，
         回落时为 "file:... sha256=... (bundled fallback: hub ... unavailable: <原因>)"，写入运行记录以便复现。
 
@@ -251,11 +300,13 @@ def load_medqa(data_file: str | None = None, split: str = "test", limit: int | N
         raise DataError(f"{where}: limit={limit!r} 非法；应为 ≥ 0 的整数（0 或 None 表示全部题目）")
     if data_file is None and split not in config.CHOICES["split"]:
         raise DataError(f"{where}: 未知划分 {split!r}；可选：{', '.join(config.CHOICES['split'])}")
-    questions, source = _load_file(data_file) if data_file else _load_hub_or_bundled(dataset_id, split)
+    questions, source, skipped = (_load_file(data_file, skip_invalid) if data_file
+                                  else _load_hub_or_bundled(dataset_id, split, skip_invalid))
     if limit and limit > len(questions):
-        raise DataError(f"{where if data_file else source}: limit={limit} 超过了题目总数 {len(questions)}；"
-                        f"请把 --limit 设为 ≤ {len(questions)}，或设为 0 表示全部")
-    return (questions[:limit] if limit else questions), source
+        valid = "有效题" if skipped else "题目"
+        raise DataError(f"{where if data_file else source}: limit={limit} 超过了{valid}总数 {len(questions)}；"
+                        f"请把 --limit 设为 ≤ {len(questions)}，或用 --all-questions 评测全部")
+    return (questions[:limit] if limit else questions), source, skipped
 
 
 def format_user_turn(question: Question) -> str:

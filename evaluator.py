@@ -8,18 +8,24 @@
 """
 from __future__ import annotations
 
+import gc
 import inspect
 import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final, Sequence
+from typing import Any, Callable, Collection, Final, Sequence
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, PreTrainedModel
 from transformers.masking_utils import sdpa_mask
 
-from steering_utils import calculate_adaptive_alpha, compute_steered_logits
+from steering_utils import calculate_adaptive_alpha, compute_steered_logits, guard_nonfinite
+
+# 故障注入（只给测试用）：不为 None 时，run_arm 在每次解码一批之前调用它，参数是这一批实际占用的批大小
+# （快速路径为补齐后的 FastDecoder.batch_size）。测试用 monkeypatch 设置它来模拟 CUDA 显存不足；
+# 没有任何环境变量或命令行参数能打开它，正常运行不可能意外触发。
+_FAULT_HOOK: Callable[[int], None] | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -93,12 +99,15 @@ class SteeringParams:
 class BatchResult:
     """一批的输出。tokens[i]：第 i 行生成的 id（含结束记号，若生成了的话；之后什么都没有）。
 
-    alpha[i]：第 i 行在其活跃的每一步上的 α 值（只在引导模式下有）；steps：实际执行的解码步数。
+    alpha[i]：第 i 行在其被引导的每一步上的 α 值（只在引导模式下有；守卫触发、退回目标 logits 的步不计入）；
+    steps：实际执行的解码步数；nonfinite[i]：第 i 行有多少个活跃步的融合 logits 非有限（NaN/+inf/整行 −inf），
+    这些步改用目标模型的 logits（只在引导模式下有）。
     """
 
     tokens: list[list[int]]
     alpha: list[list[float]] | None
     steps: int
+    nonfinite: list[int] | None = None
 
 
 def left_pad(batch: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,6 +141,7 @@ def generate_batch(
       z_k = 各模型最后位置的 logits (B, V_model)，切到分词器词表 [:, :vocab_size]
             （模型多出的填充行永远不会被选中）；
       引导时 α = calculate_adaptive_alpha(z_t, z_e)，z = z_t + α·(z_e − z_b)，否则 z = z_t；
+      引导时再经 guard_nonfinite：z 的某行出现 NaN/+inf（或整行 −inf）时该行本步改用 z_t，并计数；
       next = argmax(z) (B,)，已结束的行改喂 pad_id 且不再记录；
       同一个 next 喂给所有模型（专家和基座“跟随”目标的实际生成）。
     某行生成任一结束记号即停止；全部停止或达到 max_new_tokens 时循环结束。
@@ -154,6 +164,7 @@ def generate_batch(
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     alphas: list[torch.Tensor] = []  # 每步 (B,)
+    nonfinite = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)：每行守卫触发的活跃步数
     steps = 0
     for step in range(max_new_tokens):
         if steering is None:
@@ -162,8 +173,10 @@ def generate_batch(
             alpha = calculate_adaptive_alpha(logits[0], logits[1], base_alpha=steering.base_alpha,
                                              adaptive_scale=steering.adaptive_scale,
                                              max_boost=steering.max_boost, metric=steering.metric)
-            alphas.append(alpha.masked_fill(finished, float("nan")))  # nan = 该行已结束，不计入统计
-            fused = compute_steered_logits(logits[0], logits[1], logits[2], alpha)
+            fused, bad = guard_nonfinite(compute_steered_logits(logits[0], logits[1], logits[2], alpha), logits[0])
+            nonfinite += bad & ~finished
+            # nan = 该行已结束或本步退回了目标 logits（没有被引导），都不计入 α 统计
+            alphas.append(alpha.masked_fill(finished | bad, float("nan")))
         nxt = fused.argmax(-1).masked_fill(finished, pad_id)  # (B,)
         out[:, step] = nxt
         steps = step + 1
@@ -174,7 +187,8 @@ def generate_batch(
         logits = [a.decode(nxt[:, None].to(a.device))[:, :vocab_size].to(device) for a in adapters]
 
     return BatchResult(tokens=_trim(out[:, :steps].tolist(), set(end_ids)),
-                       alpha=_alpha_rows(alphas) if steering is not None else None, steps=steps)
+                       alpha=_alpha_rows(alphas) if steering is not None else None, steps=steps,
+                       nonfinite=nonfinite.tolist() if steering is not None else None)
 
 
 def _trim(rows: list[list[int]], end_ids: set[int]) -> list[list[int]]:
@@ -187,7 +201,7 @@ def _trim(rows: list[list[int]], end_ids: set[int]) -> list[list[int]]:
 
 
 def _alpha_rows(alphas: list[torch.Tensor]) -> list[list[float]]:
-    """[(B,)] × 步数 → 每行活跃步上的 α 列表（去掉 nan 标记的已结束步）。"""
+    """[(B,)] × 步数 → 每行被引导的步上的 α 列表（去掉 nan 标记的步：已结束，或守卫退回了目标 logits）。"""
     if not alphas:
         return []
     table = torch.stack(alphas, 1).tolist()  # (B, steps)
@@ -296,10 +310,10 @@ class FastDecoder:
         return out.logits[:, -1, : self.vocab_size].float()
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, masks: list[torch.Tensor],
-              finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """一个解码步（被编译的部分）。tokens/positions: (B, 1)；masks[k]: (B, L)；finished: (B,) bool。
 
-        返回 (next (B,), alpha (B,) float32, finished (B,))。形状全部固定，缓存在 StaticCache 内原地更新。
+        返回 (next (B,), alpha (B,) float32, finished (B,), bad (B,) bool)。形状全部固定，缓存在 StaticCache 内原地更新。
         """
         z = [self._logits(k, m(input_ids=tokens, position_ids=pos, attention_mask=mask, use_cache=True,
                                 **{kw: c}))
@@ -307,17 +321,22 @@ class FastDecoder:
         return self._choose(z, finished)
 
     def _choose(self, z: list[torch.Tensor], finished: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """融合并选 token：与 generate_batch 的规则完全相同（已结束的行写 pad，不再改变）。"""
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """融合并选 token：与 generate_batch 的规则完全相同（已结束的行写 pad，不再改变）。
+
+        第 4 个输出 bad (B,) bool：本步融合 logits 非有限、已改用目标 logits 的行（基线恒为 False）。
+        它留在设备上由 generate() 累加，不在每步同步主机。
+        """
         if self.steering is None:
             fused, alpha = z[0], torch.zeros(z[0].shape[0], device=z[0].device)
+            bad = torch.zeros(z[0].shape[0], dtype=torch.bool, device=z[0].device)
         else:
             s = self.steering
             alpha = calculate_adaptive_alpha(z[0], z[1], base_alpha=s.base_alpha, adaptive_scale=s.adaptive_scale,
                                              max_boost=s.max_boost, metric=s.metric)
-            fused = compute_steered_logits(z[0], z[1], z[2], alpha)
+            fused, bad = guard_nonfinite(compute_steered_logits(z[0], z[1], z[2], alpha), z[0])
         nxt = fused.argmax(-1).masked_fill(finished, self.pad_id)
-        return nxt, alpha, finished | torch.isin(nxt, self.ends)
+        return nxt, alpha, finished | torch.isin(nxt, self.ends), bad
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[Sequence[int]]], max_new_tokens: int) -> BatchResult:
@@ -347,35 +366,80 @@ class FastDecoder:
         finished[real:] = True
         out_tokens: list[torch.Tensor] = []
         alphas: list[torch.Tensor] = []
-        nxt, alpha, new_finished = self._choose(z, finished)
+        nonfinite = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)  # 设备上累加，整批只同步一次
+        nxt, alpha, new_finished, bad = self._choose(z, finished)
         for step in range(max_new_tokens):
             if step > 0:
                 if step % self.check_every == 0 and bool(finished.all()):
                     break
                 # CUDA graphs 的输出缓冲会被下一次重放覆盖：.clone() 保留本步结果。
-                nxt, alpha, new_finished = (t.clone() for t in self.step(nxt[:, None], positions, masks, finished))
+                nxt, alpha, new_finished, bad = (t.clone() for t in self.step(nxt[:, None], positions, masks,
+                                                                              finished))
                 positions = [p + 1 for p in positions]
-            alphas.append(alpha.masked_fill(finished, float("nan")))  # nan = 该行在本步之前已结束
+            nonfinite += bad & ~finished
+            # nan = 该行在本步之前已结束，或本步退回了目标 logits（没有被引导）：都不计入 α 统计
+            alphas.append(alpha.masked_fill(finished | bad, float("nan")))
             out_tokens.append(nxt)
             finished = new_finished
         trimmed = _trim(torch.stack(out_tokens, 1)[:real].tolist(), set(self.end_ids))
-        alpha_rows = _alpha_rows([a[:real] for a in alphas]) if self.steering is not None else None
+        steered = self.steering is not None
+        alpha_rows = _alpha_rows([a[:real] for a in alphas]) if steered else None
         steps = len(out_tokens)
-        return BatchResult(tokens=trimmed, alpha=alpha_rows, steps=steps)
+        return BatchResult(tokens=trimmed, alpha=alpha_rows, steps=steps,
+                           nonfinite=nonfinite[:real].tolist() if steered else None)
 
 
 # ---------------------------------------------------------------------------
 # 一个模式（baseline / steered）跑完全部题目
 # ---------------------------------------------------------------------------
 
+class RunError(RuntimeError):
+    """解码无法继续（批大小退到 1 仍然显存不足）：消息写明哪道题、怎么办。
+
+    main.py 捕获后以退出码 3 结束、不打印 traceback，并打印 --resume 命令：已写入 predictions.jsonl 的记录都保留。
+    """
+
+
 @dataclass
 class ArmResult:
-    """一个模式的全部逐题记录与计时。records 按题目 index 升序；seconds 只含解码（不含加载）。"""
+    """一个模式在*本次会话*里的结果（指标不从这里算，而从持久的 predictions.jsonl 算，见 main.py）。
+
+    records：本次新解码、已交给 on_batch 的逐题记录（按 index 升序；续跑时不含之前已记录的题）；
+    seconds / decoded_tokens：本次的解码墙钟秒数（不含加载）与生成的 token 数；
+    oom_backoffs：本次因显存不足把批减半的次数；interrupted：是否因 should_stop() 在完成之前停下。
+    """
 
     mode: str
     records: list[dict[str, Any]]
     seconds: float
-    generated_tokens: int
+    decoded_tokens: int
+    oom_backoffs: int = 0
+    interrupted: bool = False
+
+
+def batch_plan(target_prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """题目位置 j → 批的划分：按目标提示长度降序（同长按 j）排序后每 batch_size 个一批。
+
+    同批长度相近、填充少；最长的批先跑，显存不够会最早暴露。划分只取决于*全部*题目的提示长度与 batch_size，
+    所以续跑时重新计算得到完全相同的批：剩下的批保持原来的组成与填充，续跑的输出与不中断的运行逐 token 相同
+    （填充一变，fp32 下 argmax 的近似平局就可能翻转）。
+    """
+    order = sorted(range(len(target_prompts)), key=lambda j: (-len(target_prompts[j]), j))
+    return [order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)]
+
+
+def _free_memory(compiled: bool) -> None:
+    """显存不足之后：回收 Python 端的引用，再把 PyTorch 缓存分配器里空闲的块还给 CUDA，给减半后的批腾地方。
+
+    compiled=True 时先 torch.compiler.reset()：OOM 若发生在 CUDA graph 录制途中，cudagraph trees 的全局状态会不一致
+    （H100、torch 2.11 上实测：减半后的新解码器第一次重放就在 dealloc_current_path_weakrefs 里 AssertionError）；
+    重置同时释放旧图占着的显存池。代价是减半后的解码器重新编译一次（它的批形状本来就变了）。
+    """
+    if compiled:
+        torch.compiler.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_arm(
@@ -393,54 +457,121 @@ def run_arm(
     fast: bool = True,
     compile: bool = False,
     progress: bool = True,
+    done: Collection[int] = (),
+    on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ArmResult:
-    """fast=True 用 FastDecoder（compile 决定是否编译解码步），否则用慢速参考循环 generate_batch。
-    按目标提示长度降序分批解码（同批长度相近、填充少；最长的批先跑，显存不够会最早暴露），
-    抽取答案并生成逐题记录。role_prompts[角色][j] 是第 j 道题在该角色下的提示 id。
+    """一个模式（baseline / steered）跑完全部题目。fast=True 用 FastDecoder（compile 决定是否编译解码步），
+    否则用慢速参考循环 generate_batch。role_prompts[角色][j] 是第 j 道题在该角色下的提示 id。
+    批的划分见 batch_plan：同一配置的重复运行（以及续跑）完全相同。
 
-    批的划分只取决于提示长度与 batch_size，因此同一配置的重复运行完全相同。
+    不丢进度（issue #4）：
+    - done：本模式已记录的题目 index（续跑时来自 predictions.jsonl）。整批都已记录的批直接跳过；
+      部分记录的批（只可能来自显存回退后写了一半的批，或被杀时写坏的最后一行）按原组成整批重跑，
+      但只交出缺少的记录——同一题绝不交出两次。
+    - on_batch(records)：每解码完一批调用一次（调用者追加写入并 fsync）；它返回后这批才算完成。
+    - 显存不足（torch.OutOfMemoryError）：丢掉这批的中间结果与解码器、回收显存，批大小减半后重试*同一批*题目，
+      直到 1；本模式余下的批都用减半后的大小。每次减半调用 on_event({"event": "oom_backoff", ...})。
+      批大小 1 仍不够 → RunError，写明题目 index（之前交出的记录不受影响）。
+    - should_stop()：每写完一批检查一次；为真且还有没做的批时停下，返回 interrupted=True。
     """
     from tqdm.auto import tqdm
 
     roles = ("target",) if mode == "baseline" else ("target", "expert", "base")
-    order = sorted(range(len(questions)), key=lambda j: (-len(role_prompts["target"][j]), j))
-    records: list[dict[str, Any] | None] = [None] * len(questions)
-    total_tokens = 0
-    start = time.perf_counter()
     steer = steering if mode == "steered" else None
+    done = set(done)
+    plan = [chunk for chunk in batch_plan(role_prompts["target"], batch_size)
+            if any(questions[j].index not in done for j in chunk)]
     # 整个模式只用一个缓存长度（最长提示 + max_new_tokens，向上取整）：所有批形状相同，解码步只编译一次。
     # 代价是短提示的批也要在完整长度上做注意力；每个长度桶各编译一次（每次约 1 分钟）在 H100 上更慢。
+    # 按*全部*题目计算（而不是续跑时剩下的题）：续跑的批与原来的形状完全相同。
     longest = max(len(role_prompts[r][j]) for r in roles for j in range(len(questions)))
-    decoder = FastDecoder([models[r] for r in roles], vocab_size=vocab_size, end_ids=end_ids,
-                          pad_id=tokenizer.pad_token_id, batch_size=min(batch_size, len(questions)),
-                          steering=steer, compile=compile,
-                          cache_len=length_bucket(longest + max_new_tokens)) if fast else None
-    bar = tqdm(total=len(questions), desc=mode, unit="q", disable=not progress)
-    for lo in range(0, len(order), batch_size):
-        chunk = order[lo:lo + batch_size]
+    cache_len = length_bucket(longest + max_new_tokens)
+    size = min(batch_size, len(questions))
+
+    def make_decoder(n: int) -> FastDecoder | None:
+        return FastDecoder([models[r] for r in roles], vocab_size=vocab_size, end_ids=end_ids,
+                           pad_id=tokenizer.pad_token_id, batch_size=n, steering=steer, compile=compile,
+                           cache_len=cache_len) if fast else None
+
+    def decode(chunk: list[int], decoder: FastDecoder | None) -> BatchResult:
         prompts = [[role_prompts[r][j] for j in chunk] for r in roles]
+        if _FAULT_HOOK is not None:
+            _FAULT_HOOK(decoder.batch_size if decoder is not None else len(chunk))
         if decoder is not None:
-            result = decoder.generate(prompts, max_new_tokens)
-        else:
-            result = generate_batch([models[r] for r in roles], prompts, vocab_size=vocab_size,
-                                    max_new_tokens=max_new_tokens, end_ids=end_ids,
-                                    pad_id=tokenizer.pad_token_id, steering=steer)
-        for row, j in enumerate(chunk):
-            records[j] = make_record(mode, questions[j], result.tokens[row], tokenizer,
-                                     result.alpha[row] if result.alpha is not None else None)
-            total_tokens += len(result.tokens[row])
-        bar.update(len(chunk))
+            return decoder.generate(prompts, max_new_tokens)
+        return generate_batch([models[r] for r in roles], prompts, vocab_size=vocab_size,
+                              max_new_tokens=max_new_tokens, end_ids=end_ids, pad_id=tokenizer.pad_token_id,
+                              steering=steer)
+
+    decoder = make_decoder(size)
+    records: list[dict[str, Any]] = []
+    decoded_tokens = backoffs = 0
+    interrupted = False
+    bar = tqdm(total=len(questions), initial=sum(q.index in done for q in questions), desc=mode, unit="q",
+               disable=not progress)
+    start = time.perf_counter()
+    for b, chunk in enumerate(plan):
+        pending = [chunk]
+        while pending:
+            sub = pending.pop(0)
+            if len(sub) > size:  # 回退之后，原来的整批按新的大小切开（仍是同一批题，顺序不变）
+                pending[:0] = [sub[lo:lo + size] for lo in range(0, len(sub), size)]
+                continue
+            try:
+                result: BatchResult | None = decode(sub, decoder)
+            except torch.OutOfMemoryError as exc:
+                result, oom = None, str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+            if result is None:
+                # 在 except 块之外清理：异常的 traceback 引用着出错帧里的张量，块结束后才会释放。
+                attempted = decoder.batch_size if decoder is not None else len(sub)
+                decoder = None
+                _free_memory(compiled=fast and compile)
+                if attempted == 1:
+                    raise RunError(
+                        f"第 {questions[sub[0]].index} 题（{mode} 模式）在批大小 1 时仍然显存不足（{oom}）。"
+                        "请减小 --max-new-tokens、使用 --load-in-4bit，或换显存更大的 GPU；"
+                        "之前完成的题目都已写入 predictions.jsonl。")
+                size = max(1, attempted // 2)
+                backoffs += 1
+                if on_event is not None:
+                    on_event({"event": "oom_backoff", "mode": mode, "batch_size_from": attempted,
+                              "batch_size_to": size, "indices": sorted(questions[j].index for j in sub)})
+                print(f"[evaluator] {mode}：显存不足，批大小 {attempted} → {size}，重试同一批题目", flush=True)
+                decoder = make_decoder(size)
+                pending.insert(0, sub)
+                continue
+            new: list[dict[str, Any]] = []
+            for row, j in enumerate(sub):
+                if questions[j].index in done:
+                    continue  # 上次已记录（部分记录的批整批重跑，只补缺的）
+                new.append(make_record(mode, questions[j], result.tokens[row], tokenizer,
+                                       result.alpha[row] if result.alpha is not None else None,
+                                       result.nonfinite[row] if result.nonfinite is not None else None))
+                decoded_tokens += len(result.tokens[row])
+            if new and on_batch is not None:
+                on_batch(new)
+            done.update(r["index"] for r in new)
+            records.extend(new)
+            bar.update(len(new))
+        if should_stop is not None and b + 1 < len(plan) and should_stop():
+            interrupted = True
+            break
     bar.close()
-    return ArmResult(mode=mode, records=[r for r in records if r is not None],
-                     seconds=time.perf_counter() - start, generated_tokens=total_tokens)
+    return ArmResult(mode=mode, records=sorted(records, key=lambda r: r["index"]),
+                     seconds=time.perf_counter() - start, decoded_tokens=decoded_tokens, oom_backoffs=backoffs,
+                     interrupted=interrupted)
 
 
 def make_record(mode: str, question: Any, tokens: list[int], tokenizer: Any,
-                alpha: list[float] | None) -> dict[str, Any]:
+                alpha: list[float] | None, nonfinite: int | None = None) -> dict[str, Any]:
     """predictions.jsonl 的一行：mode、index、gold、pred（字母或 None）、correct、output、num_tokens；
-    引导模式另有 alpha_mean / alpha_min / alpha_max（该题活跃步上的 α）。
+    引导模式另有 alpha_mean / alpha_min / alpha_max（该题被引导的步上的 α）与 nonfinite_steps
+    （融合 logits 非有限、改用目标 logits 的步数）。
 
     output 用 skip_special_tokens=True 解码；num_tokens 含结束记号（若生成了）。
+    记录里没有任何计时或会话信息：续跑与不中断的运行写出的记录逐字节相同。
     """
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     pred = extract_answer(text)
@@ -449,6 +580,8 @@ def make_record(mode: str, question: Any, tokens: list[int], tokenizer: Any,
     if alpha is not None:
         rec.update(alpha_mean=sum(alpha) / len(alpha) if alpha else None,
                    alpha_min=min(alpha) if alpha else None, alpha_max=max(alpha) if alpha else None)
+    if nonfinite is not None:
+        rec["nonfinite_steps"] = int(nonfinite)
     return rec
 
 
@@ -456,37 +589,54 @@ def make_record(mode: str, question: Any, tokens: list[int], tokenizer: Any,
 # 统计：准确率的 95% 置信区间、配对的精确 McNemar 检验
 # ---------------------------------------------------------------------------
 
-def arm_metrics(arm: ArmResult) -> dict[str, Any]:
-    """一个模式的指标：n、correct、accuracy、95% Wilson 区间、unparsed（抽不出答案的题数，计为错）、
-    生成 token 数、墙钟秒数、tokens/s；引导模式另有 α 的均值（按题平均的 alpha_mean 再平均）。"""
+def arm_metrics(mode: str, records: Sequence[dict[str, Any]], *, oom_backoffs: int = 0,
+                timing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """一个模式的指标，从逐题记录（predictions.jsonl，持久的唯一来源）算出：n、correct、accuracy、
+    95% Wilson 区间、unparsed（抽不出答案的题数，计为错）、generated_tokens（所有记录的 num_tokens 之和）、
+    oom_backoffs；引导模式另有 alpha_mean（按题平均的 alpha_mean 再平均）与 nonfinite_steps（守卫触发的总步数）。
+
+    墙钟相关的数字只放在 "timing" 子对象里：续跑与不中断的运行除 timing 之外完全相同（测试就是这样比较的）。
+    """
     from scipy.stats import binomtest
 
-    n = len(arm.records)
-    correct = sum(r["correct"] for r in arm.records)
+    n = len(records)
+    correct = sum(r["correct"] for r in records)
     ci = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson") if n else None
     out: dict[str, Any] = {
         "n": n, "correct": correct, "accuracy": correct / n if n else None,
         "ci95": [ci.low, ci.high] if ci else None,
-        "unparsed": sum(r["pred"] is None for r in arm.records),
-        "generated_tokens": arm.generated_tokens, "seconds": round(arm.seconds, 3),
-        "tokens_per_second": arm.generated_tokens / arm.seconds if arm.seconds > 0 else None,
+        "unparsed": sum(r["pred"] is None for r in records),
+        "generated_tokens": sum(r["num_tokens"] for r in records),
+        "oom_backoffs": oom_backoffs,
     }
-    alpha = [r["alpha_mean"] for r in arm.records if r.get("alpha_mean") is not None]
-    if arm.mode == "steered":
+    if mode == "steered":
+        alpha = [r["alpha_mean"] for r in records if r.get("alpha_mean") is not None]
         out["alpha_mean"] = sum(alpha) / len(alpha) if alpha else None
+        out["nonfinite_steps"] = sum(r.get("nonfinite_steps", 0) for r in records)
+    out["timing"] = timing or {}
     return out
 
 
-def compare_arms(baseline: ArmResult, steered: ArmResult) -> dict[str, Any]:
-    """同一批题上的配对比较：Δ 准确率、被引导“修好”/“弄坏”的题目 index、精确 McNemar 双侧 p 值。
+def arm_timing(arm: ArmResult) -> dict[str, Any]:
+    """本次会话的计时（metrics.json 里的 "timing"）：解码秒数、本次生成的 token 数、tokens/s。
+
+    续跑时只统计续跑这一次；这些数字因机器负载而异，不参与“结果相同”的比较。
+    """
+    return {"seconds": round(arm.seconds, 3), "decoded_tokens": arm.decoded_tokens,
+            "tokens_per_second": arm.decoded_tokens / arm.seconds if arm.seconds > 0 else None}
+
+
+def compare_arms(baseline: Sequence[dict[str, Any]], steered: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """同一批题上的配对比较（参数为两个模式的逐题记录）：Δ 准确率、被引导“修好”/“弄坏”的题目 index、
+    精确 McNemar 双侧 p 值。
 
     精确 McNemar：只看不一致的题对（b = 修好，c = 弄坏），在 H0 下 b ~ Binomial(b + c, 1/2)。
     题量几百时不一致对往往只有几十个，卡方近似不可靠，所以用精确二项检验。
     """
     from scipy.stats import binomtest
 
-    base = {r["index"]: r["correct"] for r in baseline.records}
-    steer = {r["index"]: r["correct"] for r in steered.records}
+    base = {r["index"]: r["correct"] for r in baseline}
+    steer = {r["index"]: r["correct"] for r in steered}
     if base.keys() != steer.keys():
         raise ValueError("两个模式的题目集合不同，无法做配对比较")
     fixed = sorted(i for i in base if steer[i] and not base[i])

@@ -31,6 +31,7 @@ DEFAULT_CONSTANTS: dict[str, str] = {
     "fast": "FAST_DECODE", "compile": "COMPILE",
     "system_prompt": "SYSTEM_PROMPT", "expert_system_prompt": "EXPERT_SYSTEM_PROMPT",
     "base_system_prompt": "BASE_SYSTEM_PROMPT", "modes": "MODES", "output_dir": "OUTPUT_DIR",
+    "all_questions": "ALL_QUESTIONS", "skip_invalid": "SKIP_INVALID",
 }
 
 # 每个非布尔字段：(命令行文本, 解析后的期望值)，且期望值与默认值不同。
@@ -57,6 +58,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "base_system_prompt": ("You are an assistant.", "You are an assistant."),
     "modes": ("steered", ("steered",)),
     "output_dir": ("runs/x", "runs/x"),
+    "resume": ("runs/old", "runs/old"),
 }
 
 
@@ -70,7 +72,8 @@ def _flag(name: str) -> str:
 
 
 def test_every_field_has_a_default_constant() -> None:
-    assert set(DEFAULT_CONSTANTS) | {"demo"} == set(FIELDS)
+    # demo 与 resume 不是实验配置的默认值（一个是预设开关，一个指向已有的运行目录），没有模块常量。
+    assert set(DEFAULT_CONSTANTS) | {"demo", "resume"} == set(FIELDS)
 
 
 @pytest.mark.parametrize("name", sorted(DEFAULT_CONSTANTS))
@@ -230,7 +233,12 @@ def test_unknown_or_abbreviated_flag_exits_2(argv: list[str], needle: str,
     ["--batch-size", "0"],
     ["--max-new-tokens", "0"],
     ["--limit", "-1"],
+    ["--limit", "0"],  # 0 不再表示“全部”：全部题目用 --all-questions
     ["--limit", "2.5"],
+    ["--limit", "3", "--all-questions"],
+    ["--all-questions", "--limit", "3"],
+    ["--seed", "-1"],
+    ["--seed", str(2**32)],
     ["--base-alpha", "nan"],
     ["--adaptive-scale", "inf"],
     ["--max-boost", "-1"],
@@ -256,6 +264,9 @@ def test_bad_values_rejected(argv: list[str], capsys: pytest.CaptureFixture[str]
     ({"base_alpha": math.nan}, "--base-alpha"),
     ({"max_boost": math.inf}, "--max-boost"),
     ({"limit": -1}, "--limit"),
+    ({"limit": 0}, "--all-questions"),
+    ({"seed": -1}, "--seed"),
+    ({"seed": 2**32}, "--seed"),
     ({"batch_size": 0}, "--batch-size"),
     ({"max_new_tokens": 0}, "--max-new-tokens"),
     ({"modes": ("baseline", "foo")}, "--modes"),
@@ -308,8 +319,14 @@ def test_role_system_prompts_fall_back_to_system_prompt() -> None:
     assert Config(system_prompt="S", expert_system_prompt="").role_system_prompts["expert"] == ""
 
 
-@pytest.mark.xfail(reason="已知缺陷：Config 不校验 seed 的范围；np.random.seed(-1) 在 main.set_seed 里抛 ValueError"
-                          "（带 traceback），应在构造时报 ConfigError", strict=False)
-def test_negative_seed_rejected_before_any_work() -> None:
-    with pytest.raises((ConfigError, SystemExit)):
+def test_seed_range_checked_before_any_work() -> None:
+    """np.random.seed 只接受 [0, 2**32 − 1]：越界的 --seed 在构造时就报 ConfigError（以前在 set_seed 里带 traceback 崩溃）。"""
+    with pytest.raises(ConfigError, match="--seed"):
         parse_config(["--seed", "-1"])
+    assert parse_config(["--seed", str(2**32 - 1)]).seed == 2**32 - 1 and parse_config(["--seed", "0"]).seed == 0
+
+
+def test_all_questions_flag() -> None:
+    assert parse_config(["--all-questions"]).all_questions is True
+    assert Config().all_questions is False and Config().limit == config.NUM_SAMPLES
+    assert parse_config(["--demo", "--all-questions"]).all_questions is True  # --demo 的 limit 预设不冲突

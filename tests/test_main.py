@@ -169,7 +169,8 @@ def test_demo_predictions(demo_run: SimpleNamespace) -> None:
 
 def test_demo_metrics_consistent_with_predictions(demo_run: SimpleNamespace) -> None:
     m, preds = demo_run.metrics, demo_run.predictions
-    assert set(m) == {"baseline", "steered", "comparison"}
+    assert set(m) == {"baseline", "steered", "comparison", "skipped_invalid_rows"}
+    assert m["skipped_invalid_rows"] == 0
     correct: dict[str, dict[int, bool]] = {}
     for mode in ("baseline", "steered"):
         rows = [r for r in preds if r["mode"] == mode]
@@ -183,6 +184,11 @@ def test_demo_metrics_consistent_with_predictions(demo_run: SimpleNamespace) -> 
         assert mm["ci95"] == pytest.approx(list(_wilson(k, LIMIT)), abs=1e-9)
         assert 0 <= mm["ci95"][0] <= mm["accuracy"] <= mm["ci95"][1] <= 1
         assert mm["generated_tokens"] == sum(r["num_tokens"] for r in rows)
+        assert mm["oom_backoffs"] == 0
+        # 墙钟数字只在 timing 里（续跑与不中断的运行比较时除去它）；新运行本次解码的 token 即全部 token。
+        assert set(mm["timing"]) == {"seconds", "decoded_tokens", "tokens_per_second"}
+        assert mm["timing"]["decoded_tokens"] == mm["generated_tokens"] and mm["timing"]["seconds"] > 0
+    assert m["steered"]["nonfinite_steps"] == sum(r["nonfinite_steps"] for r in preds if r["mode"] == "steered") == 0
     alphas = [r["alpha_mean"] for r in preds if r["mode"] == "steered"]
     assert m["steered"]["alpha_mean"] == pytest.approx(sum(alphas) / len(alphas))
 
@@ -309,7 +315,7 @@ def test_baseline_only_run(tmp_path: Path, smol_path: str, capsys: pytest.Captur
     assert [(r["mode"], r["index"]) for r in preds] == [("baseline", 0), ("baseline", 1)]
     assert all(1 <= r["num_tokens"] <= 3 for r in preds)
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    assert set(metrics) == {"baseline"} and metrics["baseline"]["n"] == 2
+    assert set(metrics) == {"baseline", "skipped_invalid_rows"} and metrics["baseline"]["n"] == 2
     cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     assert set(cfg["models"]) == {"target"} and cfg["config"]["modes"] == ["baseline"]
     assert "Δ accuracy" not in captured.out and "McNemar" not in captured.out
