@@ -31,6 +31,10 @@ BASE_ALPHA: float = 1.0
 ADAPTIVE_SCALE: float = 10.0
 MAX_BOOST: float = 1.0
 DISTANCE_METRIC: str = "js"  # "js" | "l2"
+# α 的调度：adaptive（设计规则，α 随距离增大）| adaptive_inverse（α 随距离减小）| constant（α = BASE_ALPHA）。
+SCHEDULE: str = "adaptive"
+# 可信度约束（对比解码的做法）：只有目标概率 ≥ β × 目标最大概率的 token 可被选中；0 = 关闭。
+PLAUSIBILITY_BETA: float = 0.0
 
 # 加载：默认 4-bit NF4（bitsandbytes，需要 CUDA），计算精度 bf16。
 LOAD_IN_4BIT: bool = True
@@ -89,6 +93,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("bfloat16", "float16", "float32"),
     "split": ("test", "dev", "validation", "train"),
     "compile": ("auto", "on", "off"),
+    "schedule": ("constant", "adaptive", "adaptive_inverse"),  # 与 steering_utils.SCHEDULES 相同（测试核对）
 }
 VALID_MODES: tuple[str, ...] = ("baseline", "steered")
 SEED_MAX: int = 2**32 - 1  # np.random.seed 接受的上限
@@ -114,6 +119,9 @@ class Config:
     adaptive_scale: float = field(default=ADAPTIVE_SCALE, metadata={"help": "tanh 内的灵敏度 ADAPTIVE_SCALE"})
     max_boost: float = field(default=MAX_BOOST, metadata={"help": "α 的最大增量 MAX_BOOST"})
     distance: str = field(default=DISTANCE_METRIC, metadata={"help": "目标与专家分布的距离：js 或 l2"})
+    schedule: str = field(default=SCHEDULE, metadata={"help": "α 调度：constant | adaptive | adaptive_inverse"})
+    plausibility_beta: float = field(default=PLAUSIBILITY_BETA,
+                                     metadata={"help": "可信度约束 β ∈ [0, 1]：只选目标概率 ≥ β·最大概率的 token（0 = 关闭）"})
     load_in_4bit: bool = field(default=LOAD_IN_4BIT, metadata={"help": "4-bit NF4 加载（需要 CUDA 与 bitsandbytes）"})
     dtype: str = field(default=DTYPE, metadata={"help": "非 4-bit 时的权重精度"})
     device: str = field(default=DEVICE, metadata={"help": "auto | cuda | cpu"})
@@ -149,6 +157,8 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"{_flag(name)}={value!r} 必须是有限实数")
+        if not isinstance(self.plausibility_beta, (int, float)) or not 0.0 <= self.plausibility_beta <= 1.0:
+            raise ConfigError(f"--plausibility-beta={self.plausibility_beta!r} 必须在 [0, 1] 内（0 = 关闭约束）")
         if self.adaptive_scale < 0 or self.max_boost < 0:
             raise ConfigError("--adaptive-scale 与 --max-boost 必须 ≥ 0（α 应随距离单调不减）")
         if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:

@@ -20,7 +20,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, PreTrainedModel
 from transformers.masking_utils import sdpa_mask
 
-from steering_utils import calculate_adaptive_alpha, compute_steered_logits, guard_nonfinite
+from steering_utils import apply_plausibility, compute_steered_logits, guard_nonfinite, schedule_alpha
 
 # 故障注入（只给测试用）：不为 None 时，run_arm 在每次解码一批之前调用它，参数是这一批实际占用的批大小
 # （快速路径为补齐后的 FastDecoder.batch_size）。测试用 monkeypatch 设置它来模拟 CUDA 显存不足；
@@ -87,12 +87,32 @@ class ModelAdapter:
 
 @dataclass(frozen=True)
 class SteeringParams:
-    """α(t) = base_alpha + tanh(d · adaptive_scale) · max_boost 的参数；metric 为 'js' 或 'l2'。"""
+    """一步引导的全部参数。schedule='adaptive' 时 α = base_alpha + tanh(d · adaptive_scale) · max_boost；
+    metric 为 'js' 或 'l2'；plausibility_beta > 0 时只允许目标认为可信的 token（见 steering_utils）。"""
 
     base_alpha: float
     adaptive_scale: float
     max_boost: float
     metric: str = "js"
+    schedule: str = "adaptive"
+    plausibility_beta: float = 0.0
+
+
+def fuse_step(zt: torch.Tensor, ze: torch.Tensor, zb: torch.Tensor,
+              s: SteeringParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """一步的融合，慢速循环与 FastDecoder（含编译图）共用这一处，保证两条路径规则相同。
+
+    输入 (B, V) 的三路 logits；返回 (fused (B, V) float32, alpha (B,), bad (B,) bool)：
+    α 按调度算出 → z_t + α·(z_e − z_b) → 可选的可信度约束 → 非有限守卫（坏行退回 z_t，bad 标记它们）。
+    默认参数（adaptive、β = 0）时与设计公式逐位相同。
+    """
+    alpha = schedule_alpha(zt, ze, s.schedule, base_alpha=s.base_alpha, adaptive_scale=s.adaptive_scale,
+                           max_boost=s.max_boost, metric=s.metric)
+    fused = compute_steered_logits(zt, ze, zb, alpha)
+    if s.plausibility_beta > 0:
+        fused = apply_plausibility(fused, zt, s.plausibility_beta)
+    fused, bad = guard_nonfinite(fused, zt)
+    return fused, alpha, bad
 
 
 @dataclass
@@ -140,7 +160,7 @@ def generate_batch(
     因此长度可能不同；每个模型各自左填充、各自维护缓存）。每步：
       z_k = 各模型最后位置的 logits (B, V_model)，切到分词器词表 [:, :vocab_size]
             （模型多出的填充行永远不会被选中）；
-      引导时 α = calculate_adaptive_alpha(z_t, z_e)，z = z_t + α·(z_e − z_b)，否则 z = z_t；
+      引导时经 fuse_step：α 按调度（默认 adaptive），z = z_t + α·(z_e − z_b)，可选可信度约束；否则 z = z_t；
       引导时再经 guard_nonfinite：z 的某行出现 NaN/+inf（或整行 −inf）时该行本步改用 z_t，并计数；
       next = argmax(z) (B,)，已结束的行改喂 pad_id 且不再记录；
       同一个 next 喂给所有模型（专家和基座“跟随”目标的实际生成）。
@@ -170,10 +190,7 @@ def generate_batch(
         if steering is None:
             fused = logits[0]
         else:
-            alpha = calculate_adaptive_alpha(logits[0], logits[1], base_alpha=steering.base_alpha,
-                                             adaptive_scale=steering.adaptive_scale,
-                                             max_boost=steering.max_boost, metric=steering.metric)
-            fused, bad = guard_nonfinite(compute_steered_logits(logits[0], logits[1], logits[2], alpha), logits[0])
+            fused, alpha, bad = fuse_step(logits[0], logits[1], logits[2], steering)
             nonfinite += bad & ~finished
             # nan = 该行已结束或本步退回了目标 logits（没有被引导），都不计入 α 统计
             alphas.append(alpha.masked_fill(finished | bad, float("nan")))
@@ -331,10 +348,7 @@ class FastDecoder:
             fused, alpha = z[0], torch.zeros(z[0].shape[0], device=z[0].device)
             bad = torch.zeros(z[0].shape[0], dtype=torch.bool, device=z[0].device)
         else:
-            s = self.steering
-            alpha = calculate_adaptive_alpha(z[0], z[1], base_alpha=s.base_alpha, adaptive_scale=s.adaptive_scale,
-                                             max_boost=s.max_boost, metric=s.metric)
-            fused, bad = guard_nonfinite(compute_steered_logits(z[0], z[1], z[2], alpha), z[0])
+            fused, alpha, bad = fuse_step(z[0], z[1], z[2], self.steering)
         nxt = fused.argmax(-1).masked_fill(finished, self.pad_id)
         return nxt, alpha, finished | torch.isin(nxt, self.ends), bad
 

@@ -389,7 +389,8 @@ def run(cfg: Config, run_dir: str, stored: dict[str, Any] | None = None) -> dict
         log_event(run_dir, {"event": "resumed", "already_recorded": len(existing),
                             "git_commit": environment()["git_commit"], "argv": sys.argv})
 
-    steering = SteeringParams(cfg.base_alpha, cfg.adaptive_scale, cfg.max_boost, cfg.distance)
+    steering = SteeringParams(cfg.base_alpha, cfg.adaptive_scale, cfg.max_boost, cfg.distance,
+                              schedule=cfg.schedule, plausibility_beta=cfg.plausibility_beta)
     compile_step = cfg.fast and (cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"))
     timing: dict[str, dict[str, Any]] = {}
     # 追加模式：每批的记录一次写入并 fsync（append_jsonl）；被杀死时最多丢掉正在解码的那一批。

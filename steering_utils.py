@@ -139,7 +139,14 @@ def distance(logits_a: Tensor, logits_b: Tensor, metric: str = "js") -> Tensor:
 
 
 def _check_finite_number(name: str, value: float) -> None:
-    """校验标量超参数是有限实数（拒绝 bool、NaN、±inf、字符串等），否则抛出 ValueError。"""
+    """校验标量超参数是有限实数（拒绝 bool、NaN、±inf、字符串等），否则抛出 ValueError。
+
+    在 torch.compile 追踪时跳过：同一段解码步代码以不同的 α 再次编译时，dynamo 会把这些浮点数
+    变成符号量（SymFloat），math.isfinite 无法追踪、fullgraph 编译会失败（CPU 上实测）。
+    FastDecoder 的第一步（prefill 之后）总是先在 eager 下调用同一函数，所以校验不会被绕过。
+    """
+    if torch.compiler.is_compiling():
+        return
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name}={value!r} 必须是有限实数")
 

@@ -25,7 +25,8 @@ BOOL_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) 
 DEFAULT_CONSTANTS: dict[str, str] = {
     "target": "TARGET_MODEL_ID", "expert": "EXPERT_MODEL_ID", "base": "BASE_MODEL_ID",
     "base_alpha": "BASE_ALPHA", "adaptive_scale": "ADAPTIVE_SCALE", "max_boost": "MAX_BOOST",
-    "distance": "DISTANCE_METRIC", "load_in_4bit": "LOAD_IN_4BIT", "dtype": "DTYPE", "device": "DEVICE",
+    "distance": "DISTANCE_METRIC", "schedule": "SCHEDULE", "plausibility_beta": "PLAUSIBILITY_BETA",
+    "load_in_4bit": "LOAD_IN_4BIT", "dtype": "DTYPE", "device": "DEVICE",
     "dataset_id": "DATASET_ID", "data_file": "DATA_FILE", "split": "SPLIT", "limit": "NUM_SAMPLES",
     "batch_size": "BATCH_SIZE", "max_new_tokens": "MAX_NEW_TOKENS", "seed": "SEED",
     "fast": "FAST_DECODE", "compile": "COMPILE",
@@ -43,6 +44,8 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "adaptive_scale": ("3", 3.0),
     "max_boost": ("2.25", 2.25),
     "distance": ("l2", "l2"),
+    "schedule": ("adaptive_inverse", "adaptive_inverse"),
+    "plausibility_beta": ("0.1", 0.1),
     "dtype": ("float16", "float16"),
     "device": ("cpu", "cpu"),
     "dataset_id": ("someone/medqa", "someone/medqa"),
@@ -330,3 +333,15 @@ def test_all_questions_flag() -> None:
     assert parse_config(["--all-questions"]).all_questions is True
     assert Config().all_questions is False and Config().limit == config.NUM_SAMPLES
     assert parse_config(["--demo", "--all-questions"]).all_questions is True  # --demo 的 limit 预设不冲突
+
+
+def test_schedule_choices_match_steering_utils() -> None:
+    import steering_utils
+
+    assert config.CHOICES["schedule"] == steering_utils.SCHEDULES
+
+
+@pytest.mark.parametrize("beta", ["-0.1", "1.5"])
+def test_plausibility_beta_out_of_range(beta: str) -> None:
+    with pytest.raises(config.ConfigError, match="plausibility-beta"):
+        config.parse_config(["--plausibility-beta", beta])
