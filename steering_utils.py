@@ -186,9 +186,8 @@ def calculate_adaptive_alpha(
     并随分歧增大而平滑增大；要求 adaptive_scale、max_boost ≥ 0 正是为了保持这种单调性。
     d = 0（两分布完全相同）时 tanh(0) = 0，α 恰好等于 base_alpha。
     """
-    _check_alpha_hyperparameters(base_alpha, adaptive_scale, max_boost, why="保证 α 随距离单调不减")
     d = distance(logits_target, logits_expert, metric=metric)  # (B,) float32
-    return base_alpha + torch.tanh(d * adaptive_scale) * max_boost
+    return alpha_from_distance(d, "adaptive", base_alpha, adaptive_scale, max_boost)  # 同一公式只写一处
 
 
 def schedule_alpha(
