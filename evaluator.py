@@ -603,6 +603,25 @@ def make_record(mode: str, question: Any, tokens: list[int], tokenizer: Any,
 # 统计：准确率的 95% 置信区间、配对的精确 McNemar 检验
 # ---------------------------------------------------------------------------
 
+def wilson_ci95(correct: int, n: int) -> list[float] | None:
+    """准确率的 95% Wilson 区间 [low, high]（scipy.stats.binomtest）；n = 0 时为 None。
+    Wilson 而非正态近似：准确率靠近 0 或 1、n 只有几十时正态区间会越出 [0, 1]。"""
+    from scipy.stats import binomtest
+
+    if not n:
+        return None
+    ci = binomtest(int(correct), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
+    return [ci.low, ci.high]
+
+
+def mcnemar_exact_p(fixed: int, broken: int) -> float:
+    """精确 McNemar 双侧 p 值：只看不一致的题对（fixed = b，broken = c），H0 下 b ~ Binomial(b + c, 1/2)。
+    题量几百时不一致对往往只有几十个，卡方近似不可靠，所以用精确二项检验；没有不一致对时 p = 1。"""
+    from scipy.stats import binomtest
+
+    return binomtest(int(fixed), int(fixed + broken), 0.5).pvalue if fixed + broken else 1.0
+
+
 def arm_metrics(mode: str, records: Sequence[dict[str, Any]], *, oom_backoffs: int = 0,
                 timing: dict[str, Any] | None = None) -> dict[str, Any]:
     """一个模式的指标，从逐题记录（predictions.jsonl，持久的唯一来源）算出：n、correct、accuracy、
@@ -611,14 +630,10 @@ def arm_metrics(mode: str, records: Sequence[dict[str, Any]], *, oom_backoffs: i
 
     墙钟相关的数字只放在 "timing" 子对象里：续跑与不中断的运行除 timing 之外完全相同（测试就是这样比较的）。
     """
-    from scipy.stats import binomtest
-
     n = len(records)
     correct = sum(r["correct"] for r in records)
-    ci = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson") if n else None
     out: dict[str, Any] = {
-        "n": n, "correct": correct, "accuracy": correct / n if n else None,
-        "ci95": [ci.low, ci.high] if ci else None,
+        "n": n, "correct": correct, "accuracy": correct / n if n else None, "ci95": wilson_ci95(correct, n),
         "unparsed": sum(r["pred"] is None for r in records),
         "generated_tokens": sum(r["num_tokens"] for r in records),
         "oom_backoffs": oom_backoffs,
@@ -642,21 +657,15 @@ def arm_timing(arm: ArmResult) -> dict[str, Any]:
 
 def compare_arms(baseline: Sequence[dict[str, Any]], steered: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """同一批题上的配对比较（参数为两个模式的逐题记录）：Δ 准确率、被引导“修好”/“弄坏”的题目 index、
-    精确 McNemar 双侧 p 值。
-
-    精确 McNemar：只看不一致的题对（b = 修好，c = 弄坏），在 H0 下 b ~ Binomial(b + c, 1/2)。
-    题量几百时不一致对往往只有几十个，卡方近似不可靠，所以用精确二项检验。
+    精确 McNemar 双侧 p 值（mcnemar_exact_p）。
     """
-    from scipy.stats import binomtest
-
     base = {r["index"]: r["correct"] for r in baseline}
     steer = {r["index"]: r["correct"] for r in steered}
     if base.keys() != steer.keys():
         raise ValueError("两个模式的题目集合不同，无法做配对比较")
     fixed = sorted(i for i in base if steer[i] and not base[i])
     broken = sorted(i for i in base if base[i] and not steer[i])
-    discordant = len(fixed) + len(broken)
-    p = binomtest(len(fixed), discordant, 0.5).pvalue if discordant else 1.0
+    p = mcnemar_exact_p(len(fixed), len(broken))
     n = len(base)
     return {"n": n, "delta": (sum(steer.values()) - sum(base.values())) / n if n else None,
             "fixed": fixed, "broken": broken, "both_correct": sum(base[i] and steer[i] for i in base),

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from evaluator import left_pad
+from evaluator import left_pad, mcnemar_exact_p, wilson_ci95
 from steering_utils import SCHEDULES, alpha_from_distance, distance
 
 LETTERS: tuple[str, ...] = ("A", "B", "C", "D")
@@ -102,25 +102,21 @@ def paired_stats(base_correct: np.ndarray, other_correct: np.ndarray, *, n_boot:
                  seed: int = 0) -> dict[str, Any]:
     """同一批题上“某设置 vs 基线”的配对比较（两个 (N,) bool 数组）。
 
-    - accuracy 与 95% Wilson 区间（scipy.stats.binomtest）；
+    - accuracy 与 95% Wilson 区间（evaluator.wilson_ci95，与 metrics.json 同一实现）；
     - delta 与配对自助法 95% 区间：对题目重抽样 n_boot 次，保留配对结构（同一题的两个结果一起抽）；
-    - 精确 McNemar 双侧 p 值：不一致对中 b ~ Binomial(b + c, 1/2)；
+    - 精确 McNemar 双侧 p 值（evaluator.mcnemar_exact_p）；
     - fixed / broken：被该设置修好 / 弄坏的题目下标。
     """
-    from scipy.stats import binomtest
-
     base, other = np.asarray(base_correct, bool), np.asarray(other_correct, bool)
     n = len(base)
-    ci = binomtest(int(other.sum()), n).proportion_ci(confidence_level=0.95, method="wilson")
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, n, size=(n_boot, n))
     deltas = other[picks].mean(1) - base[picks].mean(1)
     fixed, broken = np.flatnonzero(other & ~base), np.flatnonzero(base & ~other)
-    discordant = len(fixed) + len(broken)
-    return {"n": n, "accuracy": float(other.mean()), "ci95": [ci.low, ci.high],
+    return {"n": n, "accuracy": float(other.mean()), "ci95": wilson_ci95(int(other.sum()), n),
             "delta": float(other.mean() - base.mean()),
             "delta_ci95_bootstrap": [float(np.quantile(deltas, 0.025)), float(np.quantile(deltas, 0.975))],
-            "mcnemar_exact_p": binomtest(len(fixed), discordant, 0.5).pvalue if discordant else 1.0,
+            "mcnemar_exact_p": mcnemar_exact_p(len(fixed), len(broken)),
             "fixed": fixed.tolist(), "broken": broken.tolist()}
 
 

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -185,6 +185,18 @@ def tiny_models(monkeypatch: pytest.MonkeyPatch, tiny_trio: dict[str, LlamaForCa
 
 def _oom(message: str = "CUDA out of memory (injected by test)") -> torch.OutOfMemoryError:
     return torch.OutOfMemoryError(message)
+
+
+def _oom_after_first_batch() -> Callable[[int], None]:
+    """故障钩子：第一批照常解码，之后每次尝试（无论批大小）都抛出显存不足——批大小退到 1 仍失败的情形。"""
+    calls = [0]
+
+    def hook(n: int) -> None:
+        calls[0] += 1
+        if calls[0] > 1:
+            raise _oom()
+
+    return hook
 
 
 # ---------------------------------------------------------------------------
@@ -483,14 +495,7 @@ def test_oom_with_compiled_step_resets_compiler_state(small_trio: dict[str, Llam
 def test_oom_at_batch_one_names_the_question(small_trio: dict[str, LlamaForCausalLM],
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """第一批成功之后每次都 OOM：退到批大小 1 仍失败 → RunError 写明题目 index；之前的记录已交出。"""
-    calls = [0]
-
-    def hook(n: int) -> None:
-        calls[0] += 1
-        if calls[0] > 1:
-            raise _oom()
-
-    monkeypatch.setattr(evaluator, "_FAULT_HOOK", hook)
+    monkeypatch.setattr(evaluator, "_FAULT_HOOK", _oom_after_first_batch())
     batches: list[list[dict[str, Any]]] = []
     with pytest.raises(RunError) as info:
         _arm(small_trio, "steered", True, on_batch=batches.append)
@@ -525,14 +530,7 @@ def test_oom_at_batch_one_exit_3_then_resume(tmp_path: Path, data: Path, tiny_mo
     去掉故障后续跑，结果（除 timing）与一次不出故障的运行相同。"""
     clean_dir = tmp_path / "clean"
     assert _main(_argv(data, clean_dir), capsys)[0] == 0
-    calls = [0]
-
-    def hook(n: int) -> None:
-        calls[0] += 1
-        if calls[0] > 1:
-            raise _oom()
-
-    monkeypatch.setattr(evaluator, "_FAULT_HOOK", hook)
+    monkeypatch.setattr(evaluator, "_FAULT_HOOK", _oom_after_first_batch())
     run_dir = tmp_path / "run"
     code, text = _main(_argv(data, run_dir), capsys)
     assert code == 3

@@ -341,15 +341,19 @@ def test_shape_errors_name_the_shapes() -> None:
         compute_steered_logits(a, a, a, torch.ones(3))  # α 的行数与 batch 不符
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "pattern"),
-    [
+# α 超参数的非法取值及错误消息应点名的字段：calculate_adaptive_alpha 与各调度共用这张表。
+BAD_ALPHA_KWARGS: list[tuple[dict, str]] = [
         ({"max_boost": -0.1}, "max_boost"),
         ({"adaptive_scale": -1.0}, "adaptive_scale"),
         ({"base_alpha": float("nan")}, "base_alpha"),
         ({"max_boost": float("inf")}, "max_boost"),
         ({"adaptive_scale": True}, "adaptive_scale"),
-    ],
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    BAD_ALPHA_KWARGS,
 )
 def test_bad_alpha_hyperparameters(kwargs: dict[str, float], pattern: str) -> None:
     a = _logits(2, 5, 44)
@@ -502,14 +506,7 @@ def test_bad_schedule_lists_choices() -> None:
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
-    [
-        ({"max_boost": -0.1}, "max_boost"),
-        ({"adaptive_scale": -1.0}, "adaptive_scale"),
-        ({"base_alpha": float("nan")}, "base_alpha"),
-        ({"max_boost": float("inf")}, "max_boost"),
-        ({"adaptive_scale": True}, "adaptive_scale"),
-        ({"metric": "kl"}, "js.*l2"),
-    ],
+    BAD_ALPHA_KWARGS + [({"metric": "kl"}, "js.*l2")],
 )
 def test_bad_schedule_hyperparameters(schedule: str, kwargs: dict[str, object], pattern: str) -> None:
     """超参数按 calculate_adaptive_alpha 的规则校验，且对每种调度都校验（constant 也不例外）。"""
