@@ -89,6 +89,7 @@ def nf4_models(preset: str, device: str) -> list[PreTrainedModel]:
 
 
 def sync(device: str) -> None:
+    """CUDA 上等设备做完已排队的工作：计时必须在同步之后读主机时钟，否则只量到了 kernel 的提交。"""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -246,6 +247,7 @@ def estimate_full_run(rows: list[dict[str, Any]], max_new: int = 512) -> list[st
 
 
 def main(argv: list[str] | None = None) -> int:
+    """命令行入口：--check 只做正确性检查，--profile 只做剖析，否则按批大小 × 路径 × 模式计时并打印表格与 JSON。"""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--preset", choices=("real", "tiny"), default="real")
