@@ -54,7 +54,7 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
-        """模型所在设备（4-bit 时由 bitsandbytes 放置，不一定是 cuda:0 以外的默认值）。"""
+        """模型所在设备：输入 id、mask 与位置编号都放到这里。"""
         return self.model.device
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
