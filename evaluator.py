@@ -13,14 +13,15 @@ import inspect
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Collection, Final, Sequence
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, PreTrainedModel
 from transformers.masking_utils import sdpa_mask
 
-from steering_utils import apply_plausibility, compute_steered_logits, guard_nonfinite, schedule_alpha
+from steering_utils import (apply_plausibility, compute_steered_logits, guard_nonfinite, sample_tokens,
+                            sampling_keys, schedule_alpha)
 
 # 故障注入（只给测试用）：不为 None 时，run_arm 在每次解码一批之前调用它，参数是这一批实际占用的批大小
 # （快速路径为补齐后的 FastDecoder.batch_size）。测试用 monkeypatch 设置它来模拟 CUDA 显存不足；
@@ -116,6 +117,29 @@ def fuse_step(zt: torch.Tensor, ze: torch.Tensor, zb: torch.Tensor,
     return fused, alpha, bad
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """一条采样链的参数（None 表示贪心）。随机数只由 (seed, 题目 index, chain, 步数, token id) 决定
+    （steering_utils.sampling_keys / counter_uniform）：同一道题不论落在哪个批、哪一行，抽到的样本都相同，
+    续跑、改批大小、多进程分片都不改变结果。temperature > 0；top_p ∈ (0, 1]；chain 区分同一题的多条投票链。"""
+
+    temperature: float
+    top_p: float
+    seed: int
+    chain: int = 0
+
+
+def pick_tokens(fused: torch.Tensor, sampling: Sampling | None, question_ids: torch.Tensor,
+                step: torch.Tensor | int) -> torch.Tensor:
+    """从 (B, V) 的融合 logits 选出下一个 token (B,)：贪心取 argmax；采样时按温度与 top-p 抽样
+    （Gumbel-max，噪声由题目 index 与步数决定，见 Sampling）。question_ids: (B,) int64；step: 标量或 0 维张量。
+    慢速循环与 FastDecoder 的编译步共用这一处，两条路径的选词规则因此相同。"""
+    if sampling is None:
+        return fused.argmax(-1)
+    keys = sampling_keys(sampling.seed, question_ids, sampling.chain, step)
+    return sample_tokens(fused, keys, sampling.temperature, sampling.top_p)
+
+
 @dataclass
 class BatchResult:
     """一批的输出。tokens[i]：第 i 行生成的 id（含结束记号，若生成了的话；之后什么都没有）。
@@ -154,6 +178,8 @@ def generate_batch(
     end_ids: Sequence[int],
     pad_id: int,
     steering: SteeringParams | None = None,
+    sampling: Sampling | None = None,
+    question_ids: Sequence[int] | None = None,
 ) -> BatchResult:
     """对一批问题做贪心解码。基线：models = [目标]；引导：models = [目标, 专家, 基座]。
 
@@ -163,7 +189,8 @@ def generate_batch(
             （模型多出的填充行永远不会被选中）；
       引导时经 fuse_step：α 按调度（默认 adaptive），z = z_t + α·(z_e − z_b)，可选可信度约束；否则 z = z_t；
       引导时再经 guard_nonfinite：z 的某行出现 NaN/+inf（或整行 −inf）时该行本步改用 z_t，并计数；
-      next = argmax(z) (B,)，已结束的行改喂 pad_id 且不再记录；
+      next = argmax(z) (B,)（sampling 给出时按温度/top-p 抽样，随机数由 question_ids[i] 与步数决定），
+      已结束的行改喂 pad_id 且不再记录；
       同一个 next 喂给所有模型（专家和基座“跟随”目标的实际生成）。
     某行生成任一结束记号即停止；全部停止或达到 max_new_tokens 时循环结束。
     """
@@ -171,10 +198,14 @@ def generate_batch(
         raise ValueError("引导模式需要三个模型：[目标, 专家, 基座]")
     if len(prompts) != len(models) or len({len(p) for p in prompts}) != 1:
         raise ValueError("prompts 必须为每个模型各给一份、且批大小相同")
+    if sampling is not None and (question_ids is None or len(question_ids) != len(prompts[0])):
+        raise ValueError("采样需要每行的题目 index（question_ids）：随机数由它决定，与批的组成无关")
     adapters = [ModelAdapter(m) for m in models]
     device = adapters[0].device
     batch = len(prompts[0])
     ends = torch.tensor(sorted(set(end_ids)), dtype=torch.long, device=device)
+    qids = torch.tensor(list(question_ids) if question_ids is not None else [-1] * batch, dtype=torch.long,
+                        device=device)
 
     # prefill：每个模型一次，只取最后位置的 logits。
     logits = []
@@ -195,7 +226,7 @@ def generate_batch(
             nonfinite += bad & ~finished
             # nan = 该行已结束或本步退回了目标 logits（没有被引导），都不计入 α 统计
             alphas.append(alpha.masked_fill(finished | bad, float("nan")))
-        nxt = fused.argmax(-1).masked_fill(finished, pad_id)  # (B,)
+        nxt = pick_tokens(fused, sampling, qids, step).masked_fill(finished, pad_id)  # (B,)
         out[:, step] = nxt
         steps = step + 1
         finished = finished | torch.isin(nxt, ends)
@@ -284,7 +315,7 @@ class FastDecoder:
 
     def __init__(self, models: Sequence[PreTrainedModel], *, vocab_size: int, end_ids: Sequence[int], pad_id: int,
                  batch_size: int, steering: SteeringParams | None, compile: bool, check_every: int = 16,
-                 cache_len: int | None = None) -> None:
+                 cache_len: int | None = None, sampling: Sampling | None = None) -> None:
         if steering is not None and len(models) != 3:
             raise ValueError("引导模式需要三个模型：[目标, 专家, 基座]")
         self.models = list(models)
@@ -296,6 +327,7 @@ class FastDecoder:
         self.end_ids = sorted(set(end_ids))
         self.ends = torch.tensor(self.end_ids, dtype=torch.long, device=self.device)
         self.steering = steering
+        self.sampling = sampling
         self.check_every = check_every
         # 固定的缓存长度：给出时所有批共用一个形状（一次编译）；None 时每批按长度桶取（桶变了就重新编译）。
         self.cache_len = cache_len
@@ -328,17 +360,19 @@ class FastDecoder:
         return out.logits[:, -1, : self.vocab_size].float()
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, masks: list[torch.Tensor],
-              finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """一个解码步（被编译的部分）。tokens/positions: (B, 1)；masks[k]: (B, L)；finished: (B,) bool。
+              finished: torch.Tensor, qids: torch.Tensor, step: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """一个解码步（被编译的部分）。tokens/positions: (B, 1)；masks[k]: (B, L)；finished: (B,) bool；
+        qids: (B,) 题目 index（只在采样时用）；step: 0 维 int64 张量（设备上的步数，不随主机同步）。
 
         返回 (next (B,), alpha (B,) float32, finished (B,), bad (B,) bool)。形状全部固定，缓存在 StaticCache 内原地更新。
         """
         z = [self._logits(k, m(input_ids=tokens, position_ids=pos, attention_mask=mask, use_cache=True,
                                 **{kw: c}))
              for k, (m, kw, c, pos, mask) in enumerate(zip(self.models, self.kwargs, self.caches, positions, masks))]
-        return self._choose(z, finished)
+        return self._choose(z, finished, qids, step)
 
-    def _choose(self, z: list[torch.Tensor], finished: torch.Tensor
+    def _choose(self, z: list[torch.Tensor], finished: torch.Tensor, qids: torch.Tensor, step: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """融合并选 token：与 generate_batch 的规则完全相同（已结束的行写 pad，不再改变）。
 
@@ -350,15 +384,23 @@ class FastDecoder:
             bad = torch.zeros(z[0].shape[0], dtype=torch.bool, device=z[0].device)
         else:
             fused, alpha, bad = fuse_step(z[0], z[1], z[2], self.steering)
-        nxt = fused.argmax(-1).masked_fill(finished, self.pad_id)
+        nxt = pick_tokens(fused, self.sampling, qids, step).masked_fill(finished, self.pad_id)
         return nxt, alpha, finished | torch.isin(nxt, self.ends), bad
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[Sequence[Sequence[int]]], max_new_tokens: int) -> BatchResult:
-        """与 generate_batch 相同的输入输出约定；prompts[k][i] 为第 k 个模型第 i 行的提示 id。"""
+    def generate(self, prompts: Sequence[Sequence[Sequence[int]]], max_new_tokens: int,
+                 question_ids: Sequence[int] | None = None) -> BatchResult:
+        """与 generate_batch 相同的输入输出约定；prompts[k][i] 为第 k 个模型第 i 行的提示 id；
+        question_ids[i] 为第 i 行的题目 index（采样时必需：随机数由它决定）。"""
         real = len(prompts[0])
         if real > self.batch_size or len(prompts) != len(self.models):
             raise ValueError(f"批大小 {real} 超过 FastDecoder 的 batch_size={self.batch_size}，或角色数不符")
+        if self.sampling is not None and (question_ids is None or len(question_ids) != real):
+            raise ValueError("采样需要每行的题目 index（question_ids）：随机数由它决定，与批的组成无关")
+        # 占位行的题目 index 记为 −1（它们从一开始就已结束，抽到什么都不会被记录）。
+        qids = torch.tensor((list(question_ids) if question_ids is not None else [-1] * real)
+                            + [-1] * (self.batch_size - real), dtype=torch.long, device=self.device)
+        step_t = torch.zeros((), dtype=torch.long, device=self.device)  # 设备上的步数：每步 +1，不经主机
         # 补齐占位行（复制第 0 行的提示）：它们从一开始就标记为已结束，不影响真实行。
         padded = [list(p) + [p[0]] * (self.batch_size - real) for p in prompts]
         pads = [left_pad(p, self.pad_id, self.device) for p in padded]
@@ -382,14 +424,15 @@ class FastDecoder:
         out_tokens: list[torch.Tensor] = []
         alphas: list[torch.Tensor] = []
         nonfinite = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)  # 设备上累加，整批只同步一次
-        nxt, alpha, new_finished, bad = self._choose(z, finished)
+        nxt, alpha, new_finished, bad = self._choose(z, finished, qids, step_t)
         for step in range(max_new_tokens):
             if step > 0:
                 if step % self.check_every == 0 and bool(finished.all()):
                     break
+                step_t = step_t + 1
                 # CUDA graphs 的输出缓冲会被下一次重放覆盖：.clone() 保留本步结果。
                 nxt, alpha, new_finished, bad = (t.clone() for t in self.step(nxt[:, None], positions, masks,
-                                                                              finished))
+                                                                              finished, qids, step_t))
                 positions = [p + 1 for p in positions]
             nonfinite += bad & ~finished
             # nan = 该行在本步之前已结束，或本步退回了目标 logits（没有被引导）：都不计入 α 统计
@@ -476,10 +519,19 @@ def run_arm(
     on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    roles: Sequence[str] | None = None,
+    sampling: Sampling | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> ArmResult:
-    """一个模式（baseline / steered）跑完全部题目。fast=True 用 FastDecoder（compile 决定是否编译解码步），
-    否则用慢速参考循环 generate_batch。role_prompts[角色][j] 是第 j 道题在该角色下的提示 id。
+    """一个“臂”（arm：baseline、steered、扫参的某个设置、专家/基座单独、某条采样链）跑完全部题目。
+    mode 是臂的名字，写进每条记录。roles：参与的模型角色——("target",)、("expert",) 这类单模型臂不融合；
+    ("target", "expert", "base") 按 steering 融合。缺省按名字：baseline → 只有目标，其余 → 三个模型。
+    sampling 为 None 时贪心，否则按 Sampling 采样（随机数由题目 index 决定）。
+    fast=True 用 FastDecoder（compile 决定是否编译解码步），否则用慢速参考循环 generate_batch。
+    role_prompts[角色][j] 是第 j 道题在该角色下的提示 id。
     批的划分见 batch_plan：同一配置的重复运行（以及续跑）完全相同。
+    shard = (rank, world)：多进程时本进程只跑第 b 批满足 b % world == rank 的批——批的组成与单进程完全相同，
+    所以每道题的输出与单进程逐 token 相同（填充与批形状都不变）。
 
     不丢进度（issue #4）：
     - done：本模式已记录的题目 index（续跑时来自 predictions.jsonl）。整批都已记录的批直接跳过；
@@ -493,11 +545,15 @@ def run_arm(
     """
     from tqdm.auto import tqdm
 
-    roles = ("target",) if mode == "baseline" else ("target", "expert", "base")
-    steer = steering if mode == "steered" else None
+    roles = tuple(roles) if roles is not None else (
+        ("target",) if mode == "baseline" else ("target", "expert", "base"))
+    if len(roles) not in (1, 3):
+        raise ValueError(f"roles={roles!r}：单模型臂给一个角色，引导臂给 (target, expert, base)")
+    steer = steering if len(roles) == 3 else None
+    rank, world = shard
     done = set(done)
-    plan = [chunk for chunk in batch_plan(role_prompts["target"], batch_size)
-            if any(questions[j].index not in done for j in chunk)]
+    mine = [chunk for b, chunk in enumerate(batch_plan(role_prompts["target"], batch_size)) if b % world == rank]
+    plan = [chunk for chunk in mine if any(questions[j].index not in done for j in chunk)]
     # 整个模式只用一个缓存长度（最长提示 + max_new_tokens，向上取整）：所有批形状相同，解码步只编译一次。
     # 代价是短提示的批也要在完整长度上做注意力；每个长度桶各编译一次（每次约 1 分钟）在 H100 上更慢。
     # 按*全部*题目计算（而不是续跑时剩下的题）：续跑的批与原来的形状完全相同。
@@ -508,24 +564,25 @@ def run_arm(
     def make_decoder(n: int) -> FastDecoder | None:
         return FastDecoder([models[r] for r in roles], vocab_size=vocab_size, end_ids=end_ids,
                            pad_id=tokenizer.pad_token_id, batch_size=n, steering=steer, compile=compile,
-                           cache_len=cache_len) if fast else None
+                           cache_len=cache_len, sampling=sampling) if fast else None
 
     def decode(chunk: list[int], decoder: FastDecoder | None) -> BatchResult:
         prompts = [[role_prompts[r][j] for j in chunk] for r in roles]
+        qids = [questions[j].index for j in chunk]
         if _FAULT_HOOK is not None:
             _FAULT_HOOK(decoder.batch_size if decoder is not None else len(chunk))
         if decoder is not None:
-            return decoder.generate(prompts, max_new_tokens)
+            return decoder.generate(prompts, max_new_tokens, question_ids=qids)
         return generate_batch([models[r] for r in roles], prompts, vocab_size=vocab_size,
                               max_new_tokens=max_new_tokens, end_ids=end_ids, pad_id=tokenizer.pad_token_id,
-                              steering=steer)
+                              steering=steer, sampling=sampling, question_ids=qids)
 
     decoder = make_decoder(size)
     records: list[dict[str, Any]] = []
     decoded_tokens = backoffs = 0
     interrupted = False
-    bar = tqdm(total=len(questions), initial=sum(q.index in done for q in questions), desc=mode, unit="q",
-               disable=not progress)
+    own = [questions[j].index for chunk in mine for j in chunk]  # 本进程负责的题（单进程时为全部）
+    bar = tqdm(total=len(own), initial=sum(i in done for i in own), desc=mode, unit="q", disable=not progress)
     start = time.perf_counter()
     for b, chunk in enumerate(plan):
         pending = [chunk]
@@ -579,11 +636,14 @@ def run_arm(
                      interrupted=interrupted)
 
 
+ALPHA_DECIMALS: int = 4  # 逐 token α 的保存精度：α 量级为 1，万分之一足够作图，又让每题 512 步的记录保持小巧
+
+
 def make_record(mode: str, question: Any, tokens: list[int], tokenizer: Any,
                 alpha: list[float] | None, nonfinite: int | None = None) -> dict[str, Any]:
     """predictions.jsonl 的一行：mode、index、gold、pred（字母或 None）、correct、output、num_tokens；
-    引导模式另有 alpha_mean / alpha_min / alpha_max（该题被引导的步上的 α）与 nonfinite_steps
-    （融合 logits 非有限、改用目标 logits 的步数）。
+    引导模式另有 alpha（该题被引导的每一步的 α，保留 ALPHA_DECIMALS 位小数：α 直方图与轨迹图的原料）、
+    alpha_mean / alpha_min / alpha_max（由未取整的 α 算出）与 nonfinite_steps（融合 logits 非有限、改用目标 logits 的步数）。
 
     output 用 skip_special_tokens=True 解码；num_tokens 含结束记号（若生成了）。
     记录里没有任何计时或会话信息：续跑与不中断的运行写出的记录逐字节相同。
@@ -594,7 +654,8 @@ def make_record(mode: str, question: Any, tokens: list[int], tokenizer: Any,
                            "correct": pred == question.answer_idx, "output": text, "num_tokens": len(tokens)}
     if alpha is not None:
         rec.update(alpha_mean=sum(alpha) / len(alpha) if alpha else None,
-                   alpha_min=min(alpha) if alpha else None, alpha_max=max(alpha) if alpha else None)
+                   alpha_min=min(alpha) if alpha else None, alpha_max=max(alpha) if alpha else None,
+                   alpha=[round(a, ALPHA_DECIMALS) for a in alpha])
     if nonfinite is not None:
         rec["nonfinite_steps"] = int(nonfinite)
     return rec
@@ -639,7 +700,7 @@ def arm_metrics(mode: str, records: Sequence[dict[str, Any]], *, oom_backoffs: i
         "generated_tokens": sum(r["num_tokens"] for r in records),
         "oom_backoffs": oom_backoffs,
     }
-    if mode == "steered":
+    if any("alpha_mean" in r for r in records):  # 融合臂（steered 与扫参的每个设置）
         alpha = [r["alpha_mean"] for r in records if r.get("alpha_mean") is not None]
         out["alpha_mean"] = sum(alpha) / len(alpha) if alpha else None
         out["nonfinite_steps"] = sum(r.get("nonfinite_steps", 0) for r in records)

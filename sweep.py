@@ -59,21 +59,23 @@ class LetterScores:
 
 
 @torch.inference_mode()
-def score_letters(models: dict[str, PreTrainedModel], prompt_ids: Sequence[Sequence[int]], letter_ids: list[int],
+def score_letters(models: dict[str, PreTrainedModel],
+                  prompt_ids: Sequence[Sequence[int]] | dict[str, Sequence[Sequence[int]]], letter_ids: list[int],
                   *, vocab_size: int, batch_size: int, metric: str = "js") -> LetterScores:
     """每个模型对每道题做一次前向（左填充成批，只算最后位置的 logits），收集字母 logits 与距离。
 
-    prompt_ids: 每题的 id 列表（三个角色用同一份：字母打分没有系统提示）。
-    返回的数组都在 CPU 上，按题目顺序排列。
+    prompt_ids: 每题的 id 列表——三个角色共用一份，或 {角色: 各自的一份}（角色有自己的系统提示时，
+    见 main.letter_role_text）。返回的数组都在 CPU 上，按题目顺序排列。
     """
+    per_role = prompt_ids if isinstance(prompt_ids, dict) else {role: prompt_ids for role in models}
+    n = len(next(iter(per_role.values())))
     letters: dict[str, list[torch.Tensor]] = {role: [] for role in models}
     dists: list[torch.Tensor] = []
     index = torch.tensor(letter_ids)
-    for lo in range(0, len(prompt_ids), batch_size):
-        chunk = prompt_ids[lo:lo + batch_size]
+    for lo in range(0, n, batch_size):
         z = {}
         for role, model in models.items():
-            ids, mask = left_pad(chunk, 0, model.device)
+            ids, mask = left_pad(per_role[role][lo:lo + batch_size], 0, model.device)
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
             z[role] = out.logits[:, -1, :vocab_size].float()
@@ -85,12 +87,21 @@ def score_letters(models: dict[str, PreTrainedModel], prompt_ids: Sequence[Seque
 
 
 def letter_predictions(scores: LetterScores, schedule: str, base_alpha: float, adaptive_scale: float,
-                       max_boost: float) -> tuple[np.ndarray, np.ndarray]:
+                       max_boost: float, plausibility_beta: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """一个 (调度, α) 设置下的预测字母下标 (N,) 与每题的 α (N,)。融合公式与生成时相同：
-    z = z_t + α·(z_e − z_b)，只是限制在四个字母上。"""
+    z = z_t + α·(z_e − z_b)，只是限制在四个字母上。
+
+    plausibility_beta > 0 时的可信度约束也限制在四个字母上：只有目标概率 ≥ β × 四个字母里目标的最大概率的字母可选
+    （即 z_t ≥ max z_t + ln β）。候选先被限制成四个字母，约束才有意义——整词表上目标的最大 token 往往不是字母。
+    目标最偏好的字母永远可选，所以至少有一个候选。
+    """
     alpha = alpha_from_distance(scores.distance, schedule, base_alpha, adaptive_scale, max_boost)
     z = scores.letters
     fused = z["target"] + alpha[:, None] * (z["expert"] - z["base"])
+    if plausibility_beta > 0:
+        zt = z["target"]
+        eligible = zt >= zt.max(-1, keepdim=True).values + float(np.log(plausibility_beta))
+        fused = fused.masked_fill(~eligible, float("-inf"))
     return fused.argmax(-1).numpy(), alpha.numpy()
 
 
@@ -99,13 +110,13 @@ def letter_predictions(scores: LetterScores, schedule: str, base_alpha: float, a
 # ---------------------------------------------------------------------------
 
 def paired_stats(base_correct: np.ndarray, other_correct: np.ndarray, *, n_boot: int = 10_000,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, ids: Sequence[int] | None = None) -> dict[str, Any]:
     """同一批题上“某设置 vs 基线”的配对比较（两个 (N,) bool 数组）。
 
     - accuracy 与 95% Wilson 区间（evaluator.wilson_ci95，与 metrics.json 同一实现）；
     - delta 与配对自助法 95% 区间：对题目重抽样 n_boot 次，保留配对结构（同一题的两个结果一起抽）；
     - 精确 McNemar 双侧 p 值（evaluator.mcnemar_exact_p）；
-    - fixed / broken：被该设置修好 / 弄坏的题目下标。
+    - fixed / broken：被该设置修好 / 弄坏的题目——ids 给出时为题目 index（ids[k] 是第 k 个位置的题目），否则为位置下标。
     """
     base, other = np.asarray(base_correct, bool), np.asarray(other_correct, bool)
     n = len(base)
@@ -113,6 +124,8 @@ def paired_stats(base_correct: np.ndarray, other_correct: np.ndarray, *, n_boot:
     picks = rng.integers(0, n, size=(n_boot, n))
     deltas = other[picks].mean(1) - base[picks].mean(1)
     fixed, broken = np.flatnonzero(other & ~base), np.flatnonzero(base & ~other)
+    if ids is not None:
+        fixed, broken = np.asarray(ids)[fixed], np.asarray(ids)[broken]
     return {"n": n, "accuracy": float(other.mean()), "ci95": wilson_ci95(int(other.sum()), n),
             "delta": float(other.mean() - base.mean()),
             "delta_ci95_bootstrap": [float(np.quantile(deltas, 0.025)), float(np.quantile(deltas, 0.975))],
@@ -132,17 +145,22 @@ def run_letter_sweep(scores: LetterScores, gold: np.ndarray, alphas: Sequence[fl
             raise ValueError(f"未知调度 {s!r}；可选：{', '.join(SCHEDULES)}")
     base_pred = scores.letters["target"].argmax(-1).numpy()
     base_ok = base_pred == gold
-    rows = []
-    for name, role in (("baseline (target alone)", "target"), ("expert alone", "expert"), ("base alone", "base")):
-        ok = scores.letters[role].argmax(-1).numpy() == gold
-        rows.append({"setting": name, "schedule": None, "base_alpha": None, "alpha_mean": None,
-                     **paired_stats(base_ok, ok, seed=seed)})
+    correct = {"baseline": base_ok}
+    meta: dict[str, dict[str, Any]] = {}
+    for name, role in (("expert_alone", "expert"), ("base_alone", "base")):
+        correct[name] = scores.letters[role].argmax(-1).numpy() == gold
     for schedule in schedules:
         for a in alphas:
             pred, alpha = letter_predictions(scores, schedule, a, adaptive_scale, max_boost)
-            rows.append({"setting": f"{schedule} α={a:g}", "schedule": schedule, "base_alpha": float(a),
-                         "alpha_mean": float(alpha.mean()), **paired_stats(base_ok, pred == gold, seed=seed)})
-    return rows
+            name = arm_name(schedule, a)
+            correct[name] = pred == gold
+            meta[name] = {"schedule": schedule, "base_alpha": float(a), "alpha_mean": float(alpha.mean())}
+    return setting_rows(correct, meta, list(range(len(gold))), seed=seed)
+
+
+def arm_name(schedule: str, base_alpha: float) -> str:
+    """扫参中一个设置的名字（也是 predictions.jsonl 里的 mode）：例如 "adaptive@0.5"。"""
+    return f"{schedule}@{base_alpha:g}"
 
 
 def write_sweep(rows: list[dict[str, Any]], run_dir: str) -> None:
@@ -173,12 +191,79 @@ def format_sweep(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(rows: list[dict[str, Any]], path: str) -> None:
-    """准确率 vs base_alpha，每个调度一条线，带 95% CI 误差棒；基线（目标单独）与 25% 随机线为水平线。"""
+def setting_rows(correct: dict[str, np.ndarray], meta: dict[str, dict[str, Any]], ids: Sequence[int],
+                 seed: int = 0) -> list[dict[str, Any]]:
+    """把每个“臂”的逐题对错变成扫参表的行（第一行是基线自身，Δ = 0）。
+
+    correct[名字]: (N,) bool，题目顺序与 ids 相同，必须含 "baseline"；meta[名字]: setting 的附加列
+    （schedule、base_alpha、alpha_mean，没有的填 None）。CoT 与字母打分共用这一个函数，表的列因此相同。
+    """
+    base = np.asarray(correct["baseline"], bool)
+    names = ["baseline"] + [k for k in correct if k != "baseline"]
+    rows = []
+    for name in names:
+        m = meta.get(name, {})
+        rows.append({"setting": name, "schedule": m.get("schedule"), "base_alpha": m.get("base_alpha"),
+                     "alpha_mean": m.get("alpha_mean"), **paired_stats(base, correct[name], seed=seed, ids=ids)})
+    return rows
+
+
+def _pyplot() -> Any:
+    """无显示环境的 matplotlib（Agg 后端）；延迟导入：只有作图时才需要 matplotlib。"""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_alpha_histogram(alphas: dict[str, dict[str, np.ndarray]], path: str, unit: str) -> None:
+    """α 的直方图。alphas[调度][设置名] = 该设置下全部 α 值（CoT：每个被引导的 token 一个；字母打分：每题一个）。
+
+    每个调度一个子图、同一调度的各设置叠加为阶梯直方图：不同 base_alpha 的分布只是平移，放在同一张子图里
+    才看得出 tanh 项把 α 推开了多少。unit 写进横轴标题（"per generated token" / "per question"）。
+    """
+    plt = _pyplot()
+    groups = list(alphas)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        # 同一子图共用一组等宽的箱：各设置的柱高才可以直接比较。
+        every = np.concatenate([np.asarray(v, float) for v in alphas[group].values()] or [np.zeros(0)])
+        lo, hi = (float(every.min()), float(every.max())) if every.size else (0.0, 1.0)
+        bins = np.linspace(lo - 0.05, hi + 0.05, 61)
+        for name, values in alphas[group].items():
+            v = np.asarray(values, float)
+            if v.size:
+                ax.hist(v, bins=bins, histtype="step", linewidth=1.4, label=f"{name} (n={v.size})")
+        ax.set_title(group)
+        ax.set_xlabel(f"α {unit}")
+        ax.set_ylabel("count")
+        ax.legend(fontsize=7)
+    fig.suptitle("Distribution of the steering weight α")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_alpha_trace(traces: dict[str, Sequence[float]], path: str, question_index: int) -> None:
+    """一道题的 α 轨迹：横轴为生成的第几个 token，每个融合设置一条线（各设置的生成文本可能不同，长度也不同）。"""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name, trace in traces.items():
+        ax.plot(range(len(trace)), trace, linewidth=1.1, label=name)
+    ax.set_xlabel("generated token")
+    ax.set_ylabel("α(t)")
+    ax.set_title(f"α over generated tokens, question index {question_index}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(rows: list[dict[str, Any]], path: str) -> None:
+    """准确率 vs base_alpha，每个调度一条线，带 95% CI 误差棒；基线（目标单独）与 25% 随机线为水平线。"""
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     schedules = list(dict.fromkeys(r["schedule"] for r in rows if r["schedule"]))

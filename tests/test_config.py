@@ -33,6 +33,14 @@ DEFAULT_CONSTANTS: dict[str, str] = {
     "system_prompt": "SYSTEM_PROMPT", "expert_system_prompt": "EXPERT_SYSTEM_PROMPT",
     "base_system_prompt": "BASE_SYSTEM_PROMPT", "modes": "MODES", "output_dir": "OUTPUT_DIR",
     "all_questions": "ALL_QUESTIONS", "skip_invalid": "SKIP_INVALID",
+    "scoring": "SCORING", "sweep": "SWEEP", "sweep_alphas": "SWEEP_ALPHAS", "sweep_schedules": "SWEEP_SCHEDULES",
+    "temperature": "TEMPERATURE", "top_p": "TOP_P", "votes": "VOTES", "trace_index": "TRACE_INDEX",
+}
+
+# 单独给出时不合法、需要另一个参数才有意义的字段：测试时一并给出这些前提参数。
+PREREQUISITES: dict[str, dict[str, tuple[str, Any]]] = {
+    "top_p": {"temperature": ("0.5", 0.5)},
+    "votes": {"temperature": ("0.5", 0.5)},
 }
 
 # 每个非布尔字段：(命令行文本, 解析后的期望值)，且期望值与默认值不同。
@@ -45,6 +53,13 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "max_boost": ("2.25", 2.25),
     "distance": ("l2", "l2"),
     "schedule": ("adaptive_inverse", "adaptive_inverse"),
+    "scoring": ("letter", "letter"),
+    "sweep_alphas": ("0,1.5,-1", (0.0, 1.5, -1.0)),
+    "sweep_schedules": ("adaptive_inverse,constant", ("adaptive_inverse", "constant")),
+    "temperature": ("0.7", 0.7),
+    "top_p": ("0.9", 0.9),
+    "votes": ("5", 5),
+    "trace_index": ("12", 12),
     "plausibility_beta": ("0.1", 0.1),
     "dtype": ("float16", "float16"),
     "device": ("cpu", "cpu"),
@@ -115,10 +130,12 @@ def test_parser_has_one_flag_per_field() -> None:
 def test_explicit_flag_overrides_default(name: str) -> None:
     text, want = SAMPLES[name]
     assert want != getattr(Config(), name)
-    cfg = parse_config([_flag(name), text])
+    extra = PREREQUISITES.get(name, {})
+    cfg = parse_config([_flag(name), text] + [a for k, (t, _) in extra.items() for a in (_flag(k), t)])
     assert getattr(cfg, name) == want
+    assert all(getattr(cfg, k) == v for k, (_, v) in extra.items())
     # 其他字段保持默认值。
-    assert dataclasses.replace(cfg, **{name: getattr(Config(), name)}) == Config()
+    assert dataclasses.replace(cfg, **{k: getattr(Config(), k) for k in (name, *extra)}) == Config()
 
 
 @pytest.mark.parametrize("name", BOOL_FIELDS)
@@ -308,7 +325,8 @@ def test_to_dict_is_json_serializable_and_round_trips(argv: list[str]) -> None:
     loaded = json.loads(json.dumps(d))
     assert loaded == d
     assert isinstance(loaded["modes"], list)
-    assert Config(**{**loaded, "modes": tuple(loaded["modes"])}) == cfg
+    assert Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in loaded.items()}) == cfg
+    assert config.config_from_dict(loaded, "config.json") == cfg
 
 
 def test_role_system_prompts_fall_back_to_system_prompt() -> None:

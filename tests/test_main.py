@@ -99,7 +99,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, smol_path: str) -> Simple
 
 def test_demo_exit_code_and_files(demo_run: SimpleNamespace) -> None:
     assert demo_run.proc.returncode == 0
-    assert sorted(os.listdir(demo_run.run_dir)) == ["config.json", "metrics.json", "predictions.jsonl"]
+    assert sorted(os.listdir(demo_run.run_dir)) == ["alpha_hist.png", "alpha_trace.png", "config.json", "metrics.json",
+                                                    "predictions.jsonl", "sweep.csv", "sweep.json"]
     assert "Traceback" not in demo_run.proc.stderr
     # 演示的专家与基座是同一模型但系统提示不同：不应出现“z_e − z_b ≡ 0”的警告。
     assert "≡ 0" not in demo_run.proc.stderr
@@ -163,13 +164,24 @@ def test_demo_predictions(demo_run: SimpleNamespace) -> None:
             for key in ("alpha_mean", "alpha_min", "alpha_max"):
                 assert lo - 1e-6 <= r[key] <= hi + 1e-6, (key, r[key])
             assert r["alpha_min"] - 1e-9 <= r["alpha_mean"] <= r["alpha_max"] + 1e-9
+            # 逐 token 的 α：每个被引导的步一个值（本演示没有守卫触发，所以等于生成的 token 数），4 位小数
+            assert len(r["alpha"]) == r["num_tokens"] - r["nonfinite_steps"]
+            assert r["alpha_mean"] == pytest.approx(sum(r["alpha"]) / len(r["alpha"]), abs=1e-4)
         else:
             assert "alpha_mean" not in r
 
 
 def test_demo_metrics_consistent_with_predictions(demo_run: SimpleNamespace) -> None:
     m, preds = demo_run.metrics, demo_run.predictions
-    assert set(m) == {"baseline", "steered", "comparison", "skipped_invalid_rows"}
+    assert set(m) == {"baseline", "steered", "comparison", "skipped_invalid_rows", "scoring", "arm_order", "sweep",
+                      "plots"}
+    assert m["arm_order"] == ["baseline", "steered"] and m["scoring"] == "cot"
+    assert m["plots"] == ["alpha_hist.png", "alpha_trace.png"]
+    # 扫参表的 steered 行与 comparison 是同一个配对比较的两种写法
+    row = m["sweep"][1]
+    assert row["setting"] == "steered" and row["fixed"] == m["comparison"]["fixed"]
+    assert row["broken"] == m["comparison"]["broken"]
+    assert row["mcnemar_exact_p"] == pytest.approx(m["comparison"]["mcnemar_exact_p"])
     assert m["skipped_invalid_rows"] == 0
     correct: dict[str, dict[int, bool]] = {}
     for mode in ("baseline", "steered"):
@@ -206,7 +218,7 @@ def test_demo_prints_comparison_table(demo_run: SimpleNamespace) -> None:
     out = demo_run.proc.stdout
     m = demo_run.metrics
     lines = out.splitlines()
-    header = next(line for line in lines if line.split()[:2] == ["mode", "n"])
+    header = next(line for line in lines if line.split()[:2] == ["arm", "n"])
     assert "acc" in header and "95% CI" in header
     for mode in ("baseline", "steered"):
         row = next(line for line in lines if line.startswith(mode))
@@ -315,7 +327,8 @@ def test_baseline_only_run(tmp_path: Path, smol_path: str, capsys: pytest.Captur
     assert [(r["mode"], r["index"]) for r in preds] == [("baseline", 0), ("baseline", 1)]
     assert all(1 <= r["num_tokens"] <= 3 for r in preds)
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    assert set(metrics) == {"baseline", "skipped_invalid_rows"} and metrics["baseline"]["n"] == 2
+    assert set(metrics) == {"baseline", "skipped_invalid_rows", "scoring", "arm_order", "sweep", "plots"}
+    assert metrics["baseline"]["n"] == 2 and metrics["plots"] == [] and len(metrics["sweep"]) == 1
     cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     assert set(cfg["models"]) == {"target"} and cfg["config"]["modes"] == ["baseline"]
     assert "Δ accuracy" not in captured.out and "McNemar" not in captured.out
