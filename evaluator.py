@@ -282,12 +282,14 @@ class FastDecoder:
     - 解码用 packed_gqa_attention，避免编译路径里 GQA 的 K/V 复制。
     - overlap（见 _GraphedStep）："off" = 上面那个整步编译（reduce-overhead / cudagraph trees）；
       "graph" = 每个模型的前向与融合分别编译（不带 cudagraphs），整步手动录成一张 CUDA graph；
-      "streams" = 同上，但专家与基座各在一条侧流上，与 8B 前向在图内并行。
+      "streams" = 同上，但专家与基座各在一条侧流上，与 8B 前向在图内并行；
+      "auto"（默认）= CUDA 上编译的引导解码用 "streams"（H100 实测：批 1 每步 10.78 → 9.58 ms，批 64 13.95 → 12.99 ms，
+      见 BENCHMARKS.md），其余情况 "off"（CPU、不编译、只有目标模型时没有可重叠的前向）。
     """
 
     def __init__(self, models: Sequence[PreTrainedModel], *, vocab_size: int, end_ids: Sequence[int], pad_id: int,
                  batch_size: int, steering: SteeringParams | None, compile: bool, check_every: int = 16,
-                 cache_len: int | None = None, overlap: str = "off") -> None:
+                 cache_len: int | None = None, overlap: str = "auto") -> None:
         if steering is not None and len(models) != 3:
             raise ValueError("引导模式需要三个模型：[目标, 专家, 基座]")
         self.models = list(models)
@@ -309,8 +311,11 @@ class FastDecoder:
             # 每个 (模型组, 批形状) 会让同一段代码各编译一次；默认上限 8 次后 dynamo 会静默退回 eager，
             # 一次评测（两个模式）或一次基准（多个批大小）很容易超过，所以放宽上限。
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        if overlap not in ("off", "graph", "streams"):
-            raise ValueError(f"overlap={overlap!r}：应为 off / graph / streams")
+        if overlap not in ("auto", "off", "graph", "streams"):
+            raise ValueError(f"overlap={overlap!r}：应为 auto / off / graph / streams")
+        if overlap == "auto":
+            # 手动录图只在编译过的前向上做：eager 的前向里可能有主机同步，录制期间不允许。
+            overlap = "streams" if compile and self.device.type == "cuda" and steering is not None else "off"
         self.overlap = overlap
         # fullgraph=True：任何 graph break 都直接报错，而不是悄悄退回 eager、让“快速路径”名不副实。
         self.step: Callable[..., tuple[torch.Tensor, ...]] = (
@@ -454,6 +459,19 @@ def _copy_tree(dst: Any, src: Any) -> None:
         raise ValueError(f"非张量输入 {src!r} 与录图时的 {dst!r} 不同：它在图里是常量")
 
 
+def _root_oom(exc: BaseException) -> BaseException:
+    """录图途中显存不足时，torch.cuda.graph 退出时的 capture_end 会抛出另一个 RuntimeError，把 OOM 藏进 __context__。
+
+    返回异常链里的 torch.OutOfMemoryError（没有就返回 exc 本身）：run_arm 的“显存不足就把批减半”只认 OOM。
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, torch.OutOfMemoryError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
 class _GraphedStep:
     """FastDecoder 的 overlap 模式（"graph" / "streams"）：手动录制的 CUDA graph 解码步。
 
@@ -544,8 +562,15 @@ class _GraphedStep:
             self.static_in = _clone_tree(inputs)
             if self.capture_stream is not None:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=self.capture_stream):
-                    self.static_out = self.run(*self.static_in)
+                try:
+                    with torch.cuda.graph(graph, stream=self.capture_stream):
+                        self.static_out = self.run(*self.static_in)
+                except Exception as exc:
+                    self.invalidate()
+                    root = _root_oom(exc)
+                    if root is exc:
+                        raise
+                    raise root from None  # 上游只认 OOM；capture_end 的后续错误只是它的结果
                 self.graph = graph
         else:
             _copy_tree(self.static_in, inputs)

@@ -371,3 +371,24 @@ def test_copy_tree_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="overlap"):
         FastDecoder([tiny_llama(0)], vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=1, steering=None,
                     compile=False, overlap="yes")
+
+
+def test_overlap_auto_resolution_and_oom_unwrapping(trio):
+    """auto：只有 CUDA 上编译的引导解码才用 streams；CPU / 不编译 / 只有目标时都是 off（走原来的整步编译路径）。
+    录图中途 OOM 时，capture_end 抛出的 RuntimeError 里找回原来的 OutOfMemoryError（run_arm 的减半只认它）。"""
+    from evaluator import _root_oom
+
+    for models, steering in ((list(trio), STEER), ([trio[0]], None)):
+        decoder = FastDecoder(models, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=2, steering=steering,
+                              compile=False)
+        assert decoder.overlap == "off" and not isinstance(decoder.step, _GraphedStep)
+    oom = torch.OutOfMemoryError("CUDA out of memory")
+    try:
+        try:
+            raise oom
+        except torch.OutOfMemoryError:
+            raise RuntimeError("operation failed due to a previous error during capture")
+    except RuntimeError as wrapped:
+        assert _root_oom(wrapped) is oom
+    plain = RuntimeError("x")
+    assert _root_oom(plain) is plain
