@@ -110,18 +110,27 @@ def timed(fn: Callable[[], BatchResult], device: str) -> float:
 
 
 def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int, args: argparse.Namespace,
-            compile_step: bool) -> dict[str, Any]:
-    """测一个 (路径, 模式, 批大小)：预热后测 T(new) 与 T(1)，返回每步毫秒、tokens/s、峰值显存。"""
+            compile_step: bool, overlap: str = "off") -> dict[str, Any]:
+    """测一个 (路径, 模式, 批大小, overlap)：预热后测 T(new) 与 T(1)，返回每步毫秒、tokens/s、峰值显存。
+
+    overlap 只对引导模式的快速路径有意义（evaluator._GraphedStep）；--with-profile 时再附上同一解码器的剖析。
+    """
     use = models if steered else models[:1]
     vocab = use[0].config.vocab_size
     prompts = prompts_for(batch, args.prompt, vocab)
     steering = STEER if steered else None
     new = args.new if path == "fast" else args.eager_new
+    overlap = overlap if steered and path == "fast" else "off"  # 只有一个模型时没有可以重叠的前向
+    decoder: FastDecoder | None = None
     if path == "fast":
+        if compile_step:
+            # 每行从干净的 dynamo 状态编译：否则同一进程里先测的批大小会让后面的批被编成动态形状的图
+            # （automatic dynamic），各行的结果就取决于测量顺序。
+            torch.compiler.reset()
         # 固定缓存长度：预热、T(1)、T(new) 用同一形状，计时区间里不会有重新编译（H100 上踩过：
         # 预热用了另一个长度桶，计时里混进了 40 秒编译）。
         decoder = FastDecoder(use, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=batch, steering=steering,
-                              compile=compile_step, cache_len=length_bucket(args.prompt + new))
+                              compile=compile_step, cache_len=length_bucket(args.prompt + new), overlap=overlap)
         gen = lambda n: decoder.generate([prompts] * len(use), n)  # noqa: E731
     else:
         gen = lambda n: generate_batch(use, [prompts] * len(use), vocab_size=vocab, max_new_tokens=n,  # noqa: E731
@@ -137,37 +146,47 @@ def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int,
     ms = 1000 * (t_full - t_one) / (new - 1)
     row = {"path": path, "mode": "steered" if steered else "target", "batch": batch, "prompt": args.prompt,
            "new": new, "ms_per_step": round(ms, 3), "tok_per_s": round(batch * 1000 / ms, 1),
-           "prefill_s": round(t_one, 4), "warmup_s": round(warmup, 1), "compiled": compile_step and path == "fast"}
+           "prefill_s": round(t_one, 4), "warmup_s": round(warmup, 1), "compiled": compile_step and path == "fast",
+           "overlap": decoder.overlap if decoder is not None else "off"}  # auto 解析后的实际模式
     if args.device.startswith("cuda"):
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if args.with_profile and decoder is not None:
+        row["profile"] = profile_decoder(decoder, prompts, len(use), args.profile_steps, args.device)
     return row
 
 
 def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
     """正确性：真实形状上 fp32 快速路径（可编译）== 慢速循环逐 token；bf16 报告一致率。
 
-    左填充的变长批（长度 [P, P−37, P−5, P−101]），引导与基线两种模式。返回每种精度的统计。
+    左填充的变长批（长度 [P, P−37, P−5, P−101]），引导与基线两种模式；--check-dtypes 选精度
+    （两种都做在 H100 上超过单次命令的 10 分钟，可以分开跑），--overlap 选引导时的快速路径。返回每种精度的统计。
     """
     results: dict[str, Any] = {}
+    overlap = args.overlap.split(",")[0]
     lengths = [args.prompt, args.prompt - 37, args.prompt - 5, max(4, args.prompt - 101)]
-    for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    for dtype_name in args.check_dtypes.split(","):
+        dtype = dtypes[dtype_name]
         models = [random_model(k, args.preset, dtype, args.device, s, head_scale=8.0)
                   for k, s in (("8b", 0), ("1b", 1), ("1b", 2))]
         vocab = models[0].config.vocab_size
         prompts = [p[:n] for p, n in zip(prompts_for(len(lengths), args.prompt, vocab, seed=3), lengths)]
-        for steered in (False, True):
+        for steered in [m == "steered" for m in args.check_modes.split(",")]:
             use, steering = (models, STEER) if steered else (models[:1], None)
             slow = generate_batch(use, [prompts] * len(use), vocab_size=vocab, max_new_tokens=args.check_new,
                                   end_ids=[], pad_id=0, steering=steering).tokens
+            if compile_step:
+                torch.compiler.reset()
             decoder = FastDecoder(use, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=len(prompts),
-                                  steering=steering, compile=compile_step)
+                                  steering=steering, compile=compile_step, overlap=overlap if steered else "off")
             quick = decoder.generate([prompts] * len(use), args.check_new).tokens
             same_rows = sum(a == b for a, b in zip(slow, quick))
             prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(slow, quick))
             total = sum(len(a) for a in slow)
             key = f"{dtype_name}:{'steered' if steered else 'target'}"
             results[key] = {"identical_rows": f"{same_rows}/{len(slow)}", "tokens_before_first_divergence":
-                            f"{prefix}/{total}", "agreement": round(prefix / total, 4), "compiled": compile_step}
+                            f"{prefix}/{total}", "agreement": round(prefix / total, 4), "compiled": compile_step,
+                            "overlap": decoder.overlap}
             print(json.dumps({"check": key, **results[key]}), flush=True)
         del models
         gc.collect()
@@ -176,41 +195,94 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
     return results
 
 
-def profile(models: list[PreTrainedModel], batch: int, args: argparse.Namespace,
-            compile_step: bool) -> dict[str, Any]:
-    """用 torch.profiler 看引导解码一步的时间花在哪：按 kernel 名归类（矩阵乘 / 注意力 / 其他），
-    并列出最耗时的 kernel。测的是与 measure() 相同的 FastDecoder（预热后，固定缓存长度）。"""
+# 剖析结果里不是 GPU kernel 的条目：主机侧的算子/运行时调用，以及 torch.compile 区域与 CUPTI 自身的记录
+# （H100 上实测：cudagraph trees 路径下 "Torch-Compiled Region" 等条目带着子 kernel 的累计时间，会把分类撑大上百倍）。
+NOT_KERNELS: tuple[str, ...] = ("cudaGraph", "ProfilerStep", "aten::", "cuda", "Torch-Compiled Region",
+                                "## Call CompiledFxGraph", "Command Buffer Full", "Buffer Flush",
+                                "Activity Buffer Request")
+
+
+def _kernel_times(decoder: FastDecoder, prompts: list[list[int]], n_models: int, new: int,
+                  device: str) -> dict[str, tuple[float, int]]:
+    """在 torch.profiler 下跑一次 generate(new)，返回 {kernel 名: (设备上的总微秒, 调用次数)}。
+
+    只统计 GPU kernel（去掉 aten:: / cuda* 运行时等主机侧事件）。CUDA graph 重放里的 kernel 也逐个出现。
+    """
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    vocab = models[0].config.vocab_size
-    prompts = prompts_for(batch, args.prompt, vocab)
-    decoder = FastDecoder(models, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=batch, steering=STEER,
-                          compile=compile_step, cache_len=length_bucket(args.prompt + args.new))
-    decoder.generate([prompts] * 3, 24)
-    decoder.generate([prompts] * 3, 24)
-    steps = 64
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        decoder.generate([prompts] * 3, steps)
-        sync(args.device)
-    buckets: dict[str, float] = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
-    kernels = []
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch_profile(activities=activities) as prof:
+        decoder.generate([prompts] * n_models, new)
+        sync(device)
+    times: dict[str, tuple[float, int]] = {}
     for evt in prof.key_averages():
         us = getattr(evt, "device_time_total", 0.0) or getattr(evt, "cuda_time_total", 0.0)
-        if us <= 0 or evt.key.startswith(("cudaGraph", "ProfilerStep", "aten::", "cuda")):
+        if us <= 0 or evt.key.startswith(NOT_KERNELS):
             continue
-        name = evt.key.lower()
-        kind = ("attention" if any(k in name for k in ("flash", "fmha", "attention", "sdpa", "efficient"))
-                else "matmul" if any(k in name for k in ("gemm", "nvjet", "sm90_", "cutlass", "matmul", "gemv"))
-                else "other")
-        buckets[kind] += us
-        kernels.append((us, evt.key[:90], evt.count))
+        times[evt.key] = (us, evt.count)
+    return times
+
+
+def kernel_kind(name: str) -> str:
+    """按 kernel 名归类：matmul（cuBLAS/cutlass/nvjet/gemv）、attention（SDPA 的 flash/efficient 等）、
+    triton（inductor 生成的融合 kernel：RMSNorm、RoPE、SiLU·乘、softmax/JS 等）、other（index_copy、拷贝等）。"""
+    low = name.lower()
+    if any(k in low for k in ("flash", "fmha", "attention", "sdpa", "efficient")):
+        return "attention"
+    if any(k in low for k in ("gemm", "nvjet", "sm90_", "cutlass", "matmul", "gemv", "splitk")):
+        return "matmul"
+    if low.startswith("triton"):
+        return "triton"
+    return "other"
+
+
+def profile_decoder(decoder: FastDecoder, prompts: list[list[int]], n_models: int, steps: int,
+                    device: str) -> dict[str, Any]:
+    """一个已预热的 FastDecoder 每个解码步的 kernel 时间分布（去掉 prefill）。
+
+    与计时相同的差分：剖析 generate(steps + 1) 与 generate(1)，逐个 kernel 名相减，再除以 steps，
+    得到纯解码步的每步设备时间（prefill 的大矩阵乘不混进来）。kernel_ms_per_step 是各 kernel 时长之和：
+    多条流并行时它会大于墙钟的每步时间，两者之差就是重叠掉的部分。
+    """
+    full = _kernel_times(decoder, prompts, n_models, steps + 1, device)
+    one = _kernel_times(decoder, prompts, n_models, 1, device)
+    buckets = {"matmul": 0.0, "attention": 0.0, "triton": 0.0, "other": 0.0}
+    counts = dict.fromkeys(buckets, 0.0)
+    kernels = []
+    for name, (us, calls) in full.items():
+        base_us, base_calls = one.get(name, (0.0, 0))
+        d_us, d_calls = us - base_us, calls - base_calls
+        if d_calls <= 0 or d_us <= 0:
+            continue
+        kind = kernel_kind(name)
+        buckets[kind] += d_us
+        counts[kind] += d_calls
+        kernels.append((d_us, name, d_calls, kind))
     total = sum(buckets.values())
     kernels.sort(reverse=True)
-    result = {"batch": batch, "steps_profiled": steps, "device_ms_per_step": round(total / 1000 / steps, 3),
-              "share": {k: round(v / total, 3) for k, v in buckets.items()} if total else {},
-              "top_kernels": [{"kernel": n, "ms_per_step": round(us / 1000 / steps, 3), "calls": c}
-                              for us, n, c in kernels[:15]]}
+    return {"steps_profiled": steps, "kernel_ms_per_step": round(total / 1000 / steps, 3),
+            "kernels_per_step": round(sum(counts.values()) / steps, 1),
+            "ms_per_step": {k: round(v / 1000 / steps, 3) for k, v in buckets.items()},
+            "kernels_per_step_by_kind": {k: round(v / steps, 1) for k, v in counts.items()},
+            "top_kernels": [{"kernel": n[:140], "kind": kind, "ms_per_step": round(us / 1000 / steps, 4),
+                             "calls_per_step": round(c / steps, 2)} for us, n, c, kind in kernels[:30]]}
+
+
+def profile(models: list[PreTrainedModel], batch: int, args: argparse.Namespace,
+            compile_step: bool) -> dict[str, Any]:
+    """--profile BATCH：只剖析引导解码（与 measure() 相同的 FastDecoder：预热后、固定缓存长度），见 profile_decoder。"""
+    vocab = models[0].config.vocab_size
+    prompts = prompts_for(batch, args.prompt, vocab)
+    overlap = args.overlap.split(",")[0]
+    if compile_step:
+        torch.compiler.reset()
+    decoder = FastDecoder(models, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=batch, steering=STEER,
+                          compile=compile_step, cache_len=length_bucket(args.prompt + args.new), overlap=overlap)
+    decoder.generate([prompts] * 3, 24)
+    decoder.generate([prompts] * 3, 24)
+    result = {"batch": batch, "overlap": decoder.overlap,
+              **profile_decoder(decoder, prompts, 3, args.profile_steps, args.device)}
     print(json.dumps({"profile": result}), flush=True)
     return result
 
@@ -228,6 +300,8 @@ def environment() -> dict[str, Any]:
                                 cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = None
+    # 设备机上的副本没有 .git：由命令行用 BENCH_COMMIT 传入提交号
+    commit = commit or os.environ.get("BENCH_COMMIT") or None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     return {"device": gpu, "python": platform.python_version(), **versions, "commit": commit}
 
@@ -236,7 +310,11 @@ def estimate_full_run(rows: list[dict[str, Any]], max_new: int = 512) -> list[st
     """按测得的每步时间估算“两个模式 × 1,273 题 × 512 个新 token（最坏情况）”的解码时间，并写出算式。"""
     lines = []
     for batch in sorted({r["batch"] for r in rows if r["path"] == "fast"}):
-        got = {r["mode"]: r for r in rows if r["path"] == "fast" and r["batch"] == batch and "ms_per_step" in r}
+        fast = [r for r in rows if r["path"] == "fast" and r["batch"] == batch and "ms_per_step" in r]
+        got = {r["mode"]: r for r in fast if r["mode"] == "target"}
+        steered = [r for r in fast if r["mode"] == "steered"]
+        if steered:  # 多个 overlap 模式时取最快的那个
+            got["steered"] = min(steered, key=lambda r: r["ms_per_step"])
         if {"target", "steered"} <= got.keys():
             batches = -(-MEDQA_QUESTIONS // batch)
             secs = {m: batches * (max_new * got[m]["ms_per_step"] / 1000 + got[m]["prefill_s"]) for m in got}
@@ -262,13 +340,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--check", action="store_true", help="只做正确性检查（fp32 逐 token、bf16 一致率）")
     parser.add_argument("--check-new", type=int, default=48)
+    parser.add_argument("--check-dtypes", default="float32,bfloat16", help="--check 检查哪些精度（逗号分隔）")
+    parser.add_argument("--check-modes", default="target,steered", help="--check 检查哪些模式（逗号分隔）")
     parser.add_argument("--profile", type=int, default=0, metavar="BATCH",
                         help="只在这个批大小上剖析引导解码一步的 kernel 时间分布")
+    parser.add_argument("--with-profile", action="store_true",
+                        help="计时之后用同一个（已编译的）解码器再剖析，结果附在每个快速路径的行上")
+    parser.add_argument("--profile-steps", type=int, default=64)
+    parser.add_argument("--overlap", default="auto",
+                        help="引导时 FastDecoder 的 overlap 模式 auto/off/graph/streams（见 evaluator._GraphedStep）；"
+                             "计时可给多个（逗号分隔，每个引导行各测一次），--check/--profile 用第一个")
     parser.add_argument("--out", default=None, help="把 JSON 结果也写到这个文件")
     args = parser.parse_args(argv)
     if args.preset == "tiny":
         args.prompt, args.new, args.eager_new, args.check_new = min(args.prompt, 32), min(args.new, 16), \
             min(args.eager_new, 8), min(args.check_new, 8)
+        args.profile_steps = min(args.profile_steps, 4)
+    overlaps = [o for o in args.overlap.split(",") if o]
+    if not overlaps or any(o not in ("auto", "off", "graph", "streams") for o in overlaps):
+        parser.error(f"--overlap {args.overlap!r}：每一项应为 auto / off / graph / streams")
     compile_step = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda"))
     torch.set_grad_enabled(False)
     env = environment()
@@ -297,14 +387,17 @@ def main(argv: list[str] | None = None) -> int:
     for batch in sizes:
         oom = False
         for path in args.paths.split(","):
-            for mode in args.modes.split(","):
+            runs = [(mode, o) for mode in args.modes.split(",")
+                    for o in (overlaps if mode == "steered" and path == "fast" else ["off"])]
+            for mode, overlap in runs:
                 try:
-                    row = measure(path, models, mode == "steered", batch, args, compile_step)
+                    row = measure(path, models, mode == "steered", batch, args, compile_step, overlap)
                 except torch.OutOfMemoryError:
-                    row = {"path": path, "mode": mode, "batch": batch, "error": "OOM"}
+                    row = {"path": path, "mode": mode, "batch": batch, "overlap": overlap, "error": "OOM"}
                     oom = True
                 except Exception as exc:  # noqa: BLE001 — 记录失败（如 4-bit 下编译失败）并继续测其余配置
-                    row = {"path": path, "mode": mode, "batch": batch, "error": f"{type(exc).__name__}: {exc}"[:500]}
+                    row = {"path": path, "mode": mode, "batch": batch, "overlap": overlap,
+                           "error": f"{type(exc).__name__}: {exc}"[:500]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 gc.collect()
@@ -315,16 +408,21 @@ def main(argv: list[str] | None = None) -> int:
     report["rows"] = rows
     report["full_run_estimate"] = estimate_full_run(rows)
 
-    print(f"\n{'path':<6}{'mode':<9}{'batch':>6}{'ms/step':>10}{'tok/s':>10}{'ratio':>7}{'peak GiB':>10}")
+    print(f"\n{'path':<6}{'mode':<9}{'overlap':<9}{'batch':>6}{'ms/step':>10}{'tok/s':>10}{'ratio':>7}"
+          f"{'peak GiB':>10}")
     for r in rows:
         if "error" in r:
-            print(f"{r['path']:<6}{r['mode']:<9}{r['batch']:>6}  {r['error']}")
+            print(f"{r['path']:<6}{r['mode']:<9}{r.get('overlap', ''):<9}{r['batch']:>6}  {r['error']}")
             continue
         base = next((x for x in rows if x["path"] == r["path"] and x["batch"] == r["batch"]
                      and x["mode"] == "target" and "ms_per_step" in x), None)
         ratio = f"{r['ms_per_step'] / base['ms_per_step']:.2f}" if base and r["mode"] == "steered" else ""
-        print(f"{r['path']:<6}{r['mode']:<9}{r['batch']:>6}{r['ms_per_step']:>10.2f}{r['tok_per_s']:>10.1f}"
-              f"{ratio:>7}{r.get('peak_gib', '-'):>10}")
+        print(f"{r['path']:<6}{r['mode']:<9}{r['overlap']:<9}{r['batch']:>6}{r['ms_per_step']:>10.2f}"
+              f"{r['tok_per_s']:>10.1f}{ratio:>7}{r.get('peak_gib', '-'):>10}")
+        if "profile" in r:
+            p = r["profile"]
+            print(f"      profile: kernels {p['kernel_ms_per_step']} ms/step in {p['kernels_per_step']} kernels; "
+                  + ", ".join(f"{k} {v}" for k, v in p["ms_per_step"].items()))
     for line in report["full_run_estimate"]:
         print("full MedQA, both arms, 512 new tokens:", line)
     if args.out:

@@ -311,11 +311,16 @@ class FastDecoder:
       torch.compile(mode="reduce-overhead")（CUDA graphs）把几百次小 kernel 启动合成一次重放。
     - 不再每步同步主机：每 check_every 步才看一次“是否全部结束”；多走的几步只会给已结束的行写 pad。
     - 解码用 packed_gqa_attention，避免编译路径里 GQA 的 K/V 复制。
+    - overlap（见 _GraphedStep）："off" = 上面那个整步编译（reduce-overhead / cudagraph trees）；
+      "graph" = 每个模型的前向与融合分别编译（不带 cudagraphs），整步手动录成一张 CUDA graph；
+      "streams" = 同上，但专家与基座各在一条侧流上，与 8B 前向在图内并行；
+      "auto"（默认）= CUDA 上编译的引导解码用 "streams"（H100 实测：批 1 每步 10.78 → 9.58 ms，批 64 13.95 → 12.99 ms，
+      见 BENCHMARKS.md），其余情况 "off"（CPU、不编译、只有目标模型时没有可重叠的前向）。
     """
 
     def __init__(self, models: Sequence[PreTrainedModel], *, vocab_size: int, end_ids: Sequence[int], pad_id: int,
                  batch_size: int, steering: SteeringParams | None, compile: bool, check_every: int = 16,
-                 cache_len: int | None = None, sampling: Sampling | None = None) -> None:
+                 cache_len: int | None = None, overlap: str = "auto", sampling: Sampling | None = None) -> None:
         if steering is not None and len(models) != 3:
             raise ValueError("引导模式需要三个模型：[目标, 专家, 基座]")
         self.models = list(models)
@@ -338,14 +343,24 @@ class FastDecoder:
             # 每个 (模型组, 批形状) 会让同一段代码各编译一次；默认上限 8 次后 dynamo 会静默退回 eager，
             # 一次评测（两个模式）或一次基准（多个批大小）很容易超过，所以放宽上限。
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        if overlap not in ("auto", "off", "graph", "streams"):
+            raise ValueError(f"overlap={overlap!r}：应为 auto / off / graph / streams")
+        if overlap == "auto":
+            # 手动录图只在编译过的前向上做：eager 的前向里可能有主机同步，录制期间不允许。
+            overlap = "streams" if compile and self.device.type == "cuda" and steering is not None else "off"
+        self.overlap = overlap
         # fullgraph=True：任何 graph break 都直接报错，而不是悄悄退回 eager、让“快速路径”名不副实。
-        self.step = torch.compile(self._step, mode=mode, fullgraph=True) if compile else self._step
+        self.step: Callable[..., tuple[torch.Tensor, ...]] = (
+            _GraphedStep(self, compile=compile, side_streams=overlap == "streams") if overlap != "off"
+            else torch.compile(self._step, mode=mode, fullgraph=True) if compile else self._step)
 
     def _caches_for(self, length: int) -> list[Any]:
         """取 (batch_size, length) 的静态缓存；长度桶变化时释放旧缓存再分配（批按长度降序，桶只会变小）。"""
         from transformers import StaticCache
 
         if self.cache_key != (self.batch_size, length):
+            if isinstance(self.step, _GraphedStep):
+                self.step.invalidate()  # 旧图引用着旧缓存的地址：先丢掉，新缓存上重新预热、录制
             self.caches = []
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -358,6 +373,16 @@ class FastDecoder:
     def _logits(self, k: int, out: Any) -> torch.Tensor:
         """第 k 个模型输出 → 最后位置、切到分词器词表的 float32 logits (B, V)。"""
         return out.logits[:, -1, : self.vocab_size].float()
+
+    def _forward_one(self, k: int, tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """第 k 个模型的一步解码前向（overlap 模式下单独编译，好让三个前向分属不同的 CUDA 流）。
+
+        tokens/position: (B, 1)；mask: (B, L)。返回 (B, V) float32 logits；StaticCache 原地更新。
+        与 _step 里的那一行完全相同的调用，所以两种模式的数值规则一致。
+        """
+        out = self.models[k](input_ids=tokens, position_ids=position, attention_mask=mask, use_cache=True,
+                             **{self.kwargs[k]: self.caches[k]})
+        return self._logits(k, out)
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, masks: list[torch.Tensor],
               finished: torch.Tensor, qids: torch.Tensor, step: torch.Tensor
@@ -445,6 +470,159 @@ class FastDecoder:
         steps = len(out_tokens)
         return BatchResult(tokens=trimmed, alpha=alpha_rows, steps=steps,
                            nonfinite=nonfinite[:real].tolist() if steered else None)
+
+
+def _clone_tree(x: Any) -> Any:
+    """把一步的输入（张量，或张量的 list/tuple）复制成新的静态缓冲，结构不变；非张量原样保留。
+
+    CUDA graph 只认录制时的地址，所以 _GraphedStep 录图前先把输入复制到自己持有的缓冲里。
+    """
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone_tree(v) for v in x)
+    return x
+
+
+def _copy_tree(dst: Any, src: Any) -> None:
+    """把本步的输入原地写进录图时的静态缓冲（dst 与 src 结构、形状相同）。
+
+    形状不同就报错，而不是让 copy_ 悄悄广播；非张量输入在图里是常量，必须与录制时相等。
+    """
+    if isinstance(dst, torch.Tensor):
+        if not isinstance(src, torch.Tensor) or src.shape != dst.shape:
+            raise ValueError(f"静态输入形状 {tuple(dst.shape)} 与本步输入不符：{getattr(src, 'shape', src)!r}")
+        dst.copy_(src)
+    elif isinstance(dst, (list, tuple)):
+        if not isinstance(src, (list, tuple)) or len(src) != len(dst):
+            raise ValueError("静态输入的结构与本步输入不符")
+        for d, s in zip(dst, src):
+            _copy_tree(d, s)
+    elif dst != src:
+        raise ValueError(f"非张量输入 {src!r} 与录图时的 {dst!r} 不同：它在图里是常量")
+
+
+def _root_oom(exc: BaseException) -> BaseException:
+    """录图途中显存不足时，torch.cuda.graph 退出时的 capture_end 会抛出另一个 RuntimeError，把 OOM 藏进 __context__。
+
+    返回异常链里的 torch.OutOfMemoryError（没有就返回 exc 本身）：run_arm 的“显存不足就把批减半”只认 OOM。
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, torch.OutOfMemoryError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
+class _GraphedStep:
+    """FastDecoder 的 overlap 模式（"graph" / "streams"）：手动录制的 CUDA graph 解码步。
+
+    解码步拆成“每个模型一个前向（FastDecoder._forward_one）+ 融合选词（FastDecoder._choose）”，各自用
+    torch.compile 编译（fullgraph、不带 cudagraphs），再把整步手动录成一张 CUDA graph。
+    side_streams=True 时专家与基座的前向各在一条侧流上：侧流先等主流（fork），融合前主流等侧流（join），
+    录进图里就是依赖边，两个 1B 前向与 8B 前向在图内可以并行。
+
+    为什么手动：reduce-overhead 的整步编译把三个模型串在一条流上；1B 模型 hidden 只有 2048，它们的小 kernel
+    单独跑时喂不满显存带宽（BENCHMARKS.md 的剖析）。torch 2.11 的 dynamo 不能把多条流编进一张图，
+    所以流的分叉/汇合与图的录制都放在编译区之外，由这里管理。
+
+    调用约定与 FastDecoder._step 相同：(tokens (B, 1), positions [(B, 1)] × 模型数, masks [(B, L)] × 模型数, *rest)
+    → _choose(z, *rest) 的输出元组（next (B,), alpha (B,), finished (B,), bad (B,)）。状态机（每组新缓存重新开始）：
+      第 1、2 次调用：直接执行（触发编译与 cuBLAS 等的惰性初始化），它们就是真实的解码步，不需要事后撤销；
+      第 3 次：把输入复制成静态缓冲并录图（录制不执行 kernel），然后重放——同样是真实的一步；
+      之后：输入原地写进静态缓冲，再重放。返回的是图的输出缓冲，下一次重放会覆盖它（调用方 .clone()）。
+    CPU 上没有 CUDA graph：同样走静态缓冲，只是“重放”= 在静态缓冲上直接执行，CPU 测试因此覆盖这套搬运逻辑。
+    """
+
+    WARMUP_CALLS: Final[int] = 2
+
+    def __init__(self, decoder: "FastDecoder", *, compile: bool, side_streams: bool) -> None:
+        self.decoder = decoder
+        self.cuda = decoder.device.type == "cuda"
+        # dynamic=False：一个解码器的批形状固定；不让 dynamo 在第二个形状出现时改编成动态形状的图。
+        self.forward: Callable[..., torch.Tensor] = (
+            torch.compile(decoder._forward_one, fullgraph=True, dynamic=False) if compile else decoder._forward_one)
+        self.choose: Callable[..., tuple[torch.Tensor, ...]] = (
+            torch.compile(decoder._choose, fullgraph=True, dynamic=False) if compile else decoder._choose)
+        n = len(decoder.models)
+        # streams[k]：第 k 个模型前向所在的侧流；None = 主流（目标模型总在主流上）。
+        self.streams: list[torch.cuda.Stream | None] = [None] * n
+        if self.cuda and side_streams:
+            self.streams = [None] + [torch.cuda.Stream(decoder.device) for _ in range(n - 1)]
+        # 预热与录制用同一条流：cuBLAS 按流惰性分配的工作区等在预热时就建好，录制期间不再分配。
+        self.capture_stream: torch.cuda.Stream | None = torch.cuda.Stream(decoder.device) if self.cuda else None
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_in: tuple[Any, ...] | None = None
+        self.static_out: tuple[torch.Tensor, ...] | None = None
+
+    def invalidate(self) -> None:
+        """缓存重新分配时调用：图里录的是旧缓存的地址，丢掉它（连同它的显存池），下次调用重新预热、录制。"""
+        self.calls = 0
+        self.graph = None
+        self.static_in = None
+        self.static_out = None
+
+    def run(self, tokens: torch.Tensor, positions: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+            *rest: Any) -> tuple[torch.Tensor, ...]:
+        """执行（或在录制中记录）一步：三个前向（侧流上的与主流并行），汇合后融合选词。形状见类说明。
+
+        内存安全：侧流上分配的 logits 在主流等待侧流之后才被读；下一次侧流再分配之前它又先等主流，
+        所以缓存分配器回收的块不会在仍被读取时被改写（不需要 record_stream）。
+        """
+        main = torch.cuda.current_stream(self.decoder.device) if self.cuda else None
+        z: list[torch.Tensor] = []
+        for k, stream in enumerate(self.streams):
+            if stream is None:
+                z.append(self.forward(k, tokens, positions[k], masks[k]))
+                continue
+            stream.wait_stream(main)  # fork：侧流看到本步的输入
+            with torch.cuda.stream(stream):
+                z.append(self.forward(k, tokens, positions[k], masks[k]))
+        for stream in self.streams:
+            if stream is not None:
+                main.wait_stream(stream)  # join：融合之前三路 logits 都已算完
+        return self.choose(z, *rest)
+
+    def _on_capture_stream(self, inputs: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
+        """预热调用：在录制用的流上执行一步，前后与调用方的当前流互相等待（结果对调用方立即可用）。"""
+        if self.capture_stream is None:
+            return self.run(*inputs)
+        current = torch.cuda.current_stream(self.decoder.device)
+        self.capture_stream.wait_stream(current)
+        with torch.cuda.stream(self.capture_stream):
+            out = self.run(*inputs)
+        current.wait_stream(self.capture_stream)
+        return out
+
+    def __call__(self, *inputs: Any) -> tuple[torch.Tensor, ...]:
+        """一步解码，见类说明的状态机。inputs 与 FastDecoder._step 的参数相同。"""
+        self.calls += 1
+        if self.calls <= self.WARMUP_CALLS:
+            return self._on_capture_stream(inputs)
+        if self.static_in is None:
+            self.static_in = _clone_tree(inputs)
+            if self.capture_stream is not None:
+                graph = torch.cuda.CUDAGraph()
+                try:
+                    with torch.cuda.graph(graph, stream=self.capture_stream):
+                        self.static_out = self.run(*self.static_in)
+                except Exception as exc:
+                    self.invalidate()
+                    root = _root_oom(exc)
+                    if root is exc:
+                        raise
+                    raise root from None  # 上游只认 OOM；capture_end 的后续错误只是它的结果
+                self.graph = graph
+        else:
+            _copy_tree(self.static_in, inputs)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.static_out = self.run(*self.static_in)
+        assert self.static_out is not None
+        return self.static_out
 
 
 # ---------------------------------------------------------------------------

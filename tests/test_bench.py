@@ -29,3 +29,32 @@ def test_tiny_check_fast_equals_eager_in_float32(capsys):
     for key in ("float32:target", "float32:steered"):
         assert check[key]["identical_rows"] == "4/4" and check[key]["agreement"] == 1.0
     assert 0.0 <= check["bfloat16:steered"]["agreement"] <= 1.0
+
+
+def test_tiny_benchmark_overlap_modes_and_attached_profile(capsys):
+    """--overlap 可给多个：每个引导行各测一次（目标行只测一次）；--with-profile 把剖析附在每个快速路径行上。"""
+    assert bench.main(["--preset", "tiny", "--device", "cpu", "--batches", "2", "--overlap", "off,streams",
+                       "--with-profile"]) == 0
+    rows = last_json(capsys)["rows"]
+    assert [(r["mode"], r["overlap"]) for r in rows] == [("target", "off"), ("steered", "off"),
+                                                         ("steered", "streams")]
+    for r in rows:
+        assert r["ms_per_step"] > 0
+        assert {"kernel_ms_per_step", "ms_per_step", "top_kernels", "steps_profiled"} <= r["profile"].keys()
+
+
+def test_tiny_check_overlap_path_in_float32_only(capsys):
+    """--check-dtypes 只做所选精度；--overlap streams 时引导行检查的是 overlap 路径。"""
+    assert bench.main(["--preset", "tiny", "--device", "cpu", "--check", "--check-dtypes", "float32",
+                       "--overlap", "streams"]) == 0
+    check = last_json(capsys)["check"]
+    assert set(check) == {"float32:target", "float32:steered"}
+    assert check["float32:steered"]["overlap"] == "streams"
+    assert check["float32:steered"]["identical_rows"] == "4/4"
+
+
+def test_bad_overlap_value_is_rejected():
+    import pytest
+
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "tiny", "--device", "cpu", "--overlap", "off,sideways"])

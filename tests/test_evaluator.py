@@ -305,3 +305,90 @@ def test_compiled_fullgraph_step_matches_slow_loop_across_recompiles(trio):
         decoder = FastDecoder(list(trio), vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4, steering=s,
                               compile=True)
         assert decoder.generate([PROMPTS] * 3, 8).tokens == run(list(trio), PROMPTS, steps=8, steering=s).tokens
+
+
+# ---------------------------------------------------------------------------
+# overlap 模式（_GraphedStep：分开编译的前向 + 手动录制的整步图；CPU 上没有图，但走同一套静态缓冲）
+# ---------------------------------------------------------------------------
+
+from evaluator import _copy_tree, _GraphedStep  # noqa: E402
+
+
+@pytest.mark.parametrize("overlap", ["graph", "streams"])
+@pytest.mark.parametrize("steered", [False, True])
+def test_overlap_step_matches_reference_loop(trio, overlap, steered):
+    """overlap 模式 == 慢速循环逐 token（α 也一致）；超过预热次数的步走“复制进静态缓冲再执行”的路径。"""
+    models, steering = (list(trio), STEER) if steered else ([trio[0]], None)
+    decoder = FastDecoder(models, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4, steering=steering,
+                          compile=False, overlap=overlap)
+    assert isinstance(decoder.step, _GraphedStep)
+    quick = decoder.generate([PROMPTS] * len(models), 16)
+    slow = run(models, PROMPTS, steps=16, steering=steering)
+    assert quick.tokens == slow.tokens
+    assert decoder.step.static_in is not None and decoder.step.calls == 15  # 16 步 = 1 步来自 prefill + 15 次调用
+    if steered:
+        for a, b in zip(quick.alpha, slow.alpha):
+            assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_overlap_step_across_batches_and_cache_reallocation(trio):
+    """同一解码器：同桶的批复用静态缓冲（不重新预热），换桶时 invalidate 后重新预热；带结束记号、批不满。"""
+    decoder = FastDecoder(list(trio), vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=3, steering=STEER,
+                          compile=False, overlap="streams")
+    long_prompts = [[3 + i % 90 for i in range(140)], [7] * 20]
+    calls = []
+    for prompts, steps in ((PROMPTS, 10), (PROMPTS[:1], 6), (long_prompts, 8), (PROMPTS[1:], 10)):
+        assert decoder.generate([prompts] * 3, steps).tokens == run(list(trio), prompts, steps=steps,
+                                                                    steering=STEER).tokens
+        calls.append(decoder.step.calls)
+    # 第 1、2 批同桶：调用次数累计（9 + 5）；第 3 批换桶重新开始（7）；第 4 批又换桶（9）。
+    assert calls == [9, 14, 7, 9]
+    free = run(list(trio), PROMPTS, steps=16, steering=STEER).tokens
+    end = free[0][3]
+    decoder = FastDecoder(list(trio), vocab_size=VOCAB, end_ids=[end], pad_id=PAD, batch_size=5, steering=STEER,
+                          compile=False, overlap="graph", check_every=4)
+    assert decoder.generate([PROMPTS] * 3, 16).tokens == run(list(trio), PROMPTS, steps=16, steering=STEER,
+                                                             ends=[end]).tokens
+
+
+def test_overlap_compiled_matches_slow_loop(trio):
+    """CPU 上真的编译（每个模型的前向与融合各自 fullgraph 编译）：与慢速循环逐 token 一致。"""
+    decoder = FastDecoder(list(trio), vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4, steering=STEER,
+                          compile=True, overlap="streams")
+    assert decoder.generate([PROMPTS] * 3, 8).tokens == run(list(trio), PROMPTS, steps=8, steering=STEER).tokens
+
+
+def test_copy_tree_rejects_mismatched_inputs():
+    dst = (torch.zeros(2, 1), [torch.zeros(2, 3)], 5)
+    _copy_tree(dst, (torch.ones(2, 1), [torch.full((2, 3), 2.0)], 5))
+    assert dst[0].sum() == 2 and dst[1][0].sum() == 12
+    with pytest.raises(ValueError, match="形状"):
+        _copy_tree(dst, (torch.ones(1), [torch.zeros(2, 3)], 5))
+    with pytest.raises(ValueError, match="结构"):
+        _copy_tree(dst, (torch.ones(2, 1), [], 5))
+    with pytest.raises(ValueError, match="常量"):
+        _copy_tree(dst, (torch.ones(2, 1), [torch.zeros(2, 3)], 6))
+    with pytest.raises(ValueError, match="overlap"):
+        FastDecoder([tiny_llama(0)], vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=1, steering=None,
+                    compile=False, overlap="yes")
+
+
+def test_overlap_auto_resolution_and_oom_unwrapping(trio):
+    """auto：只有 CUDA 上编译的引导解码才用 streams；CPU / 不编译 / 只有目标时都是 off（走原来的整步编译路径）。
+    录图中途 OOM 时，capture_end 抛出的 RuntimeError 里找回原来的 OutOfMemoryError（run_arm 的减半只认它）。"""
+    from evaluator import _root_oom
+
+    for models, steering in ((list(trio), STEER), ([trio[0]], None)):
+        decoder = FastDecoder(models, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=2, steering=steering,
+                              compile=False)
+        assert decoder.overlap == "off" and not isinstance(decoder.step, _GraphedStep)
+    oom = torch.OutOfMemoryError("CUDA out of memory")
+    try:
+        try:
+            raise oom
+        except torch.OutOfMemoryError:
+            raise RuntimeError("operation failed due to a previous error during capture")
+    except RuntimeError as wrapped:
+        assert _root_oom(wrapped) is oom
+    plain = RuntimeError("x")
+    assert _root_oom(plain) is plain

@@ -143,6 +143,15 @@ def test_sampling_fast_path_equals_reference_loop(trio: list[Any], steered: bool
     assert slow != greedy  # 采样真的改变了输出（否则上面的相等检验不了什么）
 
 
+@pytest.mark.parametrize("overlap", ["graph", "streams"])
+def test_sampling_through_graphed_step_equals_reference_loop(trio: list[Any], overlap: str) -> None:
+    """手动录图的解码步（overlap 模式；CPU 上走同一套静态缓冲搬运）也把题目 index 与设备上的步数正确地带进选词。"""
+    dec = FastDecoder(trio, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4, steering=STEER, compile=False,
+                      sampling=SAMPLE, overlap=overlap)
+    fast = dec.generate([PROMPTS] * 3, 10, question_ids=[10, 11, 12]).tokens
+    assert fast == _sample(trio, PROMPTS, [10, 11, 12], SAMPLE)
+
+
 def test_sample_depends_on_question_not_on_batch(trio: list[Any]) -> None:
     together = _sample(trio, PROMPTS, [10, 11, 12], SAMPLE)
     alone = [_sample(trio, [p], [q], SAMPLE)[0] for p, q in zip(PROMPTS, [10, 11, 12])]
