@@ -7,15 +7,18 @@ OUT=${OUT:-./multigpu-out}
 TOK=${1:?用法：multigpu_run.sh <分词器目录>}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi -L | tee "$OUT/gpus.txt"
-python3 -c "import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)" | tee -a "$OUT/gpus.txt"
+nvidia-smi -L | tee "$OUT/walls.txt"
+python3 -c "import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)" | tee -a "$OUT/walls.txt"
 python3 benchmarks/make_random_models.py --out /tmp/rm --tokenizer "$TOK" 2>&1 | tee "$OUT/make.log"
 A=(--target /tmp/rm/target --expert /tmp/rm/expert --base /tmp/rm/base --no-load-in-4bit --dtype bfloat16
    --data-file data/medqa/test.jsonl --limit 64 --batch-size 8 --max-new-tokens 48 --compile off
    --temperature 0.7 --votes 2)
-/usr/bin/time -v python3 main.py "${A[@]}" --output-dir /tmp/one > "$OUT/one.log" 2>&1 || { tail -40 "$OUT/one.log"; exit 1; }
-/usr/bin/time -v accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+t0=$SECONDS; python3 main.py "${A[@]}" --output-dir /tmp/one > "$OUT/one.log" 2>&1 || { tail -40 "$OUT/one.log"; exit 1; }
+echo "one process, wall incl. loading: $((SECONDS - t0)) s" | tee -a "$OUT/walls.txt"
+t0=$SECONDS
+accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
     --dynamo_backend no main.py "${A[@]}" --output-dir /tmp/two > "$OUT/two.log" 2>&1 || { tail -40 "$OUT/two.log"; exit 1; }
+echo "two processes, wall incl. loading: $((SECONDS - t0)) s" | tee -a "$OUT/walls.txt"
 python3 - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
@@ -37,6 +40,7 @@ cp /tmp/two/metrics.json "$OUT/metrics_two.json"
 L=(--target /tmp/rm/target --expert /tmp/rm/expert --base /tmp/rm/base --no-load-in-4bit --dtype bfloat16
    --data-file data/medqa/test.jsonl --all-questions --batch-size 16 --scoring letter --sweep
    --sweep-alphas 0,0.5,1,2,4)
-/usr/bin/time -v python3 main.py "${L[@]}" --output-dir /tmp/letter > "$OUT/letter.log" 2>&1 || { tail -40 "$OUT/letter.log"; exit 1; }
-grep -E "Elapsed|Maximum resident" "$OUT/letter.log" || true
+t0=$SECONDS; python3 main.py "${L[@]}" --output-dir /tmp/letter > "$OUT/letter.log" 2>&1 || { tail -40 "$OUT/letter.log"; exit 1; }
+echo "letter sweep (1,273 questions, 18 settings), wall incl. loading: $((SECONDS - t0)) s" | tee -a "$OUT/walls.txt"
+cp /tmp/letter/sweep.csv "$OUT/letter_sweep.csv"
 python3 -c "import json; m=json.load(open('/tmp/letter/metrics.json')); print('letter scoring seconds', m['baseline']['timing'])" | tee -a "$OUT/letter.log"
