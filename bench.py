@@ -7,6 +7,7 @@
     python bench.py                                   # GPU：bf16，批 1/16/64/最大，目标 vs 引导，快速路径
     python bench.py --quant nf4 --batches 16,64       # 4-bit NF4（需要 bitsandbytes）
     python bench.py --check                           # 真实形状上 fp32：快速路径 == 慢速循环逐 token；bf16 的一致率
+    python bench.py --batches 1,64 --overlap off,streams --with-profile   # 比较 overlap 模式，并附每步 kernel 剖析
     python bench.py --preset tiny --device cpu        # CI 冒烟测试，几秒钟
 
 最后一行是一个 JSON 对象，包含全部测量值。
@@ -295,13 +296,15 @@ def environment() -> dict[str, Any]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    # 设备机上的副本没有 .git：由命令行用 BENCH_COMMIT 传入提交号
-    commit = commit or os.environ.get("BENCH_COMMIT") or None
+    # BENCH_COMMIT 优先：设备机上的副本带着一个 .git，但它的 HEAD 不是被复制的工作树的提交
+    # （H100 上实测：工作树是 1d60ef9 / e94718f 时 git rev-parse 报 aad8943），所以由命令行传入真实的提交号。
+    commit = os.environ.get("BENCH_COMMIT") or None
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     return {"device": gpu, "python": platform.python_version(), **versions, "commit": commit}
 

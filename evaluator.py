@@ -302,20 +302,37 @@ def length_bucket(n: int, granularity: int = 128) -> int:
     return -(-n // granularity) * granularity
 
 
+def resolve_overlap(overlap: str, models: Sequence[PreTrainedModel], *, steering: SteeringParams | None,
+                    compile: bool, device_type: str) -> str:
+    """FastDecoder 的 overlap 参数 → 实际模式（"off" / "graph" / "streams"）。
+
+    "auto" 只在 CUDA 上编译的 bf16/fp16 引导解码时取 "streams"（H100 实测：批 1 每步 10.78 → 9.58 ms，
+    批 64 13.95 → 12.99 ms，fp32 下与慢速循环逐 token 相同，见 BENCHMARKS.md），其余情况取 "off"：
+    CPU 没有流与图；不编译时 eager 前向里可能有主机同步，录图期间不允许；只有目标模型时没有可重叠的前向；
+    4-bit（bitsandbytes）模型在这条路径上还没有测过，留在原来的整步编译上。
+    """
+    if overlap not in ("auto", "off", "graph", "streams"):
+        raise ValueError(f"overlap={overlap!r}：应为 auto / off / graph / streams")
+    if overlap != "auto":
+        return overlap
+    quantized = any(getattr(m, "hf_quantizer", None) is not None for m in models)
+    return "streams" if compile and device_type == "cuda" and steering is not None and not quantized else "off"
+
+
 class FastDecoder:
     """快速解码器：与 generate_batch 逐 token 等价（fp32 测试保证），但每步的开销小得多。
 
     - 每个模型一个 StaticCache，按 (批大小, 长度桶) 分配一次、之后每批 reset() 复用（仿 gpt-fast：缓存只分配一次）；
       批不足 batch_size 时用“已结束”的占位行补齐，让所有批形状相同、只编译一张图。
-    - 一个解码步函数包含三个模型的前向、α、融合、argmax 与结束判定；CUDA 上用
-      torch.compile(mode="reduce-overhead")（CUDA graphs）把几百次小 kernel 启动合成一次重放。
+    - 一个解码步包含三个模型的前向、α、融合、argmax 与结束判定，CUDA 上整步是一张 CUDA graph，
+      几百次小 kernel 启动合成一次重放：只有目标模型时用 torch.compile(mode="reduce-overhead")；
+      引导时默认（overlap="auto"）用 _GraphedStep 手动录图，专家与基座在侧流上与 8B 并行。
     - 不再每步同步主机：每 check_every 步才看一次“是否全部结束”；多走的几步只会给已结束的行写 pad。
     - 解码用 packed_gqa_attention，避免编译路径里 GQA 的 K/V 复制。
     - overlap（见 _GraphedStep）："off" = 上面那个整步编译（reduce-overhead / cudagraph trees）；
       "graph" = 每个模型的前向与融合分别编译（不带 cudagraphs），整步手动录成一张 CUDA graph；
       "streams" = 同上，但专家与基座各在一条侧流上，与 8B 前向在图内并行；
-      "auto"（默认）= CUDA 上编译的引导解码用 "streams"（H100 实测：批 1 每步 10.78 → 9.58 ms，批 64 13.95 → 12.99 ms，
-      见 BENCHMARKS.md），其余情况 "off"（CPU、不编译、只有目标模型时没有可重叠的前向）。
+      "auto"（默认）见 resolve_overlap。
     """
 
     def __init__(self, models: Sequence[PreTrainedModel], *, vocab_size: int, end_ids: Sequence[int], pad_id: int,
@@ -343,15 +360,11 @@ class FastDecoder:
             # 每个 (模型组, 批形状) 会让同一段代码各编译一次；默认上限 8 次后 dynamo 会静默退回 eager，
             # 一次评测（两个模式）或一次基准（多个批大小）很容易超过，所以放宽上限。
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        if overlap not in ("auto", "off", "graph", "streams"):
-            raise ValueError(f"overlap={overlap!r}：应为 auto / off / graph / streams")
-        if overlap == "auto":
-            # 手动录图只在编译过的前向上做：eager 的前向里可能有主机同步，录制期间不允许。
-            overlap = "streams" if compile and self.device.type == "cuda" and steering is not None else "off"
-        self.overlap = overlap
+        self.overlap = resolve_overlap(overlap, self.models, steering=steering, compile=compile,
+                                       device_type=self.device.type)
         # fullgraph=True：任何 graph break 都直接报错，而不是悄悄退回 eager、让“快速路径”名不副实。
         self.step: Callable[..., tuple[torch.Tensor, ...]] = (
-            _GraphedStep(self, compile=compile, side_streams=overlap == "streams") if overlap != "off"
+            _GraphedStep(self, compile=compile, side_streams=self.overlap == "streams") if self.overlap != "off"
             else torch.compile(self._step, mode=mode, fullgraph=True) if compile else self._step)
 
     def _caches_for(self, length: int) -> list[Any]:

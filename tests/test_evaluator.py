@@ -392,3 +392,19 @@ def test_overlap_auto_resolution_and_oom_unwrapping(trio):
         assert _root_oom(wrapped) is oom
     plain = RuntimeError("x")
     assert _root_oom(plain) is plain
+
+
+def test_resolve_overlap_auto_rules(trio):
+    """auto → streams 只在：CUDA、编译、引导、没有量化模型；显式给出的模式原样返回。"""
+    from evaluator import resolve_overlap
+
+    models = list(trio)
+    assert resolve_overlap("auto", models, steering=STEER, compile=True, device_type="cuda") == "streams"
+    assert resolve_overlap("auto", models, steering=STEER, compile=True, device_type="cpu") == "off"
+    assert resolve_overlap("auto", models, steering=STEER, compile=False, device_type="cuda") == "off"
+    assert resolve_overlap("auto", models[:1], steering=None, compile=True, device_type="cuda") == "off"
+    assert resolve_overlap("graph", models, steering=STEER, compile=False, device_type="cpu") == "graph"
+    quantized = tiny_llama(5)
+    quantized.hf_quantizer = object()  # 只看这个属性是否存在（transformers 给 4-bit 模型设置它）
+    assert resolve_overlap("auto", [quantized, *models[1:]], steering=STEER, compile=True,
+                           device_type="cuda") == "off"
