@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from evaluator import BatchResult, FastDecoder, SteeringParams, generate_batch, length_bucket
+from evaluator import BatchResult, FastDecoder, Sampling, SteeringParams, generate_batch, length_bucket
 
 STEER = SteeringParams(base_alpha=1.0, adaptive_scale=10.0, max_boost=1.0, metric="js")
 MEDQA_QUESTIONS = 1273  # MedQA-USMLE 4 选项测试集题数（全量估算用）
@@ -131,11 +131,13 @@ def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int,
         # 固定缓存长度：预热、T(1)、T(new) 用同一形状，计时区间里不会有重新编译（H100 上踩过：
         # 预热用了另一个长度桶，计时里混进了 40 秒编译）。
         decoder = FastDecoder(use, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=batch, steering=steering,
-                              compile=compile_step, cache_len=length_bucket(args.prompt + new), overlap=overlap)
-        gen = lambda n: decoder.generate([prompts] * len(use), n)  # noqa: E731
+                              compile=compile_step, cache_len=length_bucket(args.prompt + new), overlap=overlap,
+                              sampling=sampling_of(args))
+        gen = lambda n: decoder.generate([prompts] * len(use), n, question_ids=list(range(batch)))  # noqa: E731
     else:
         gen = lambda n: generate_batch(use, [prompts] * len(use), vocab_size=vocab, max_new_tokens=n,  # noqa: E731
-                                       end_ids=[], pad_id=0, steering=steering)
+                                       end_ids=[], pad_id=0, steering=steering, sampling=sampling_of(args),
+                                       question_ids=list(range(batch)))
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -148,12 +150,18 @@ def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int,
     row = {"path": path, "mode": "steered" if steered else "target", "batch": batch, "prompt": args.prompt,
            "new": new, "ms_per_step": round(ms, 3), "tok_per_s": round(batch * 1000 / ms, 1),
            "prefill_s": round(t_one, 4), "warmup_s": round(warmup, 1), "compiled": compile_step and path == "fast",
-           "overlap": decoder.overlap if decoder is not None else "off"}  # auto 解析后的实际模式
+           "overlap": decoder.overlap if decoder is not None else "off",  # auto 解析后的实际模式
+           "temperature": args.temperature, "top_p": args.top_p}
     if args.device.startswith("cuda"):
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if args.with_profile and decoder is not None:
         row["profile"] = profile_decoder(decoder, prompts, len(use), args.profile_steps, args.device)
     return row
+
+
+def sampling_of(args: argparse.Namespace) -> Sampling | None:
+    """--temperature > 0 时按温度 / top-p 采样（随机数由行号充当的题目 index 决定，与 main.py 相同的选词路径），否则贪心。"""
+    return Sampling(args.temperature, args.top_p, seed=0, chain=0) if args.temperature > 0 else None
 
 
 def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
@@ -174,20 +182,23 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
         prompts = [p[:n] for p, n in zip(prompts_for(len(lengths), args.prompt, vocab, seed=3), lengths)]
         for steered in [m == "steered" for m in args.check_modes.split(",")]:
             use, steering = (models, STEER) if steered else (models[:1], None)
+            qids = list(range(len(prompts)))
             slow = generate_batch(use, [prompts] * len(use), vocab_size=vocab, max_new_tokens=args.check_new,
-                                  end_ids=[], pad_id=0, steering=steering).tokens
+                                  end_ids=[], pad_id=0, steering=steering, sampling=sampling_of(args),
+                                  question_ids=qids).tokens
             if compile_step:
                 torch.compiler.reset()
             decoder = FastDecoder(use, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=len(prompts),
-                                  steering=steering, compile=compile_step, overlap=overlap if steered else "off")
-            quick = decoder.generate([prompts] * len(use), args.check_new).tokens
+                                  steering=steering, compile=compile_step, overlap=overlap if steered else "off",
+                                  sampling=sampling_of(args))
+            quick = decoder.generate([prompts] * len(use), args.check_new, question_ids=qids).tokens
             same_rows = sum(a == b for a, b in zip(slow, quick))
             prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(slow, quick))
             total = sum(len(a) for a in slow)
             key = f"{dtype_name}:{'steered' if steered else 'target'}"
             results[key] = {"identical_rows": f"{same_rows}/{len(slow)}", "tokens_before_first_divergence":
                             f"{prefix}/{total}", "agreement": round(prefix / total, 4), "compiled": compile_step,
-                            "overlap": decoder.overlap}
+                            "overlap": decoder.overlap, "temperature": args.temperature, "top_p": args.top_p}
             print(json.dumps({"check": key, **results[key]}), flush=True)
         del models
         gc.collect()
@@ -353,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlap", default="auto",
                         help="引导时 FastDecoder 的 overlap 模式 auto/off/graph/streams（见 evaluator._GraphedStep）；"
                              "计时可给多个（逗号分隔，每个引导行各测一次），--check/--profile 用第一个")
+    parser.add_argument("--temperature", type=float, default=0.0, help="> 0：采样（计入每步的 top-p 与 Gumbel 开销）")
+    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--out", default=None, help="把 JSON 结果也写到这个文件")
     args = parser.parse_args(argv)
     if args.preset == "tiny":
