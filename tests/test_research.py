@@ -11,7 +11,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -279,19 +278,17 @@ def test_trace_index_must_be_in_the_run(tmp_path: Path, capsys: pytest.CaptureFi
     assert "--trace-index=999" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate 命令不可用")
 def test_two_processes_write_the_same_run_folder(tmp_path: Path, smol_path: str) -> None:
     """`accelerate launch --multi_gpu --num_processes 2`（CPU 上它用 torchrun 起两个进程，main.py 用 gloo）
     与单进程：predictions.jsonl 逐字节相同，metrics.json 除 timing 外相同，分片文件已合并删除。"""
     # 三道短题（2 核 CPU 上一道 MedQA 长题的三模型 prefill 就要数秒）、批 1：三个批，rank 0 做第 0、2 批，rank 1 做第 1 批。
-    data = tmp_path / "short.jsonl"
-    data.write_text("".join(json.dumps({"question": f"Which option is number {i}?", "answer": "x", "answer_idx": "ABCD"[i],
-                                        "options": {k: f"option {k}" for k in "ABCD"}}) + "\n" for i in range(3)))
+    data = _short_data(tmp_path / "short.jsonl", 3)
     args = ["--demo", "--data-file", str(data), "--limit", "3", "--max-new-tokens", "5", "--batch-size", "1",
             "--temperature", "0.7"]
     one, two = tmp_path / "one", tmp_path / "two"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    # 与 `accelerate launch` 相同的入口，经当前解释器调用：不依赖 PATH 上有没有 accelerate 命令（缺了就失败，而不是跳过）。
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
     proc = subprocess.run(launch + [str(REPO / "main.py"), *args, "--output-dir", str(two)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -316,3 +313,40 @@ def test_two_processes_write_the_same_run_folder(tmp_path: Path, smol_path: str)
     assert json.loads((two / "config.json").read_text())["processes"] == 2
     assert (one / "sweep.csv").read_bytes() == (two / "sweep.csv").read_bytes()
     assert proc.stdout.count("run folder:") == 1  # 只有 rank 0 打印报告
+
+
+def _short_data(path: Path, n: int) -> Path:
+    """n 道很短的题（2 核 CPU 上的端到端测试：MedQA 长题的三模型 prefill 太慢）。"""
+    path.write_text("".join(json.dumps({"question": f"Which option is number {i}?", "answer": "x",
+                                        "answer_idx": "ABCD"[i % 4], "options": {k: f"option {k}" for k in "ABCD"}})
+                            + "\n" for i in range(n)))
+    return path
+
+
+def test_resume_merges_shards_left_by_a_multiprocess_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """多进程运行被杀后留下 predictions.rank*.jsonl：单进程 --resume 先把它们合并（末尾残行被截掉、该批重跑），
+    补完缺的记录，结果与不中断的运行逐字节相同；两个分片里有同一条记录 → 拒绝并指出文件。"""
+    data = _short_data(tmp_path / "short.jsonl", 4)
+    args = ["--demo", "--data-file", str(data), "--limit", "4", "--max-new-tokens", "4", "--batch-size", "1"]
+    full = tmp_path / "full"
+    assert main.main([*args, "--output-dir", str(full)]) == 0
+    records = (full / "predictions.jsonl").read_text().splitlines(keepends=True)  # 8 条：baseline ×4、steered ×4
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    stored = (full / "config.json").read_bytes()
+    (cut / "config.json").write_bytes(stored)
+    # rank 0 写了 baseline 的两条和 steered 的一条加半行；rank 1 写了 baseline 的一条
+    (cut / "predictions.rank0.jsonl").write_text(records[0] + records[2] + records[4] + records[6][:15])
+    (cut / "predictions.rank1.jsonl").write_text(records[1])
+    assert main.main(["--resume", str(cut)]) == 0
+    assert (cut / "predictions.jsonl").read_bytes() == (full / "predictions.jsonl").read_bytes()
+    assert not list(cut.glob("predictions.rank*"))
+
+    dup = tmp_path / "dup"
+    dup.mkdir()
+    (dup / "config.json").write_bytes(stored)
+    (dup / "predictions.rank0.jsonl").write_text(records[0])
+    (dup / "predictions.rank1.jsonl").write_text(records[0])
+    assert main.main(["--resume", str(dup)]) == main.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "predictions.rank1.jsonl" in err and "重复" in err
