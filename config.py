@@ -114,23 +114,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scoring": ("cot", "letter"),
 }
 VALID_MODES: tuple[str, ...] = ("baseline", "steered")
-
-# 研究用评测（issue #5）。
-# 打分方式：cot = 贪心链式思考 + 从文本抽取答案字母；letter = 不生成，lm-eval medqa_4options 风格的提示，
-# 每题每模型一次前向，在答案位置上把融合 logits 限制到 " A".." D" 四个 token 取 argmax。
-SCORING: str = "cot"  # "cot" | "letter"
-# 扫参：一次加载，基线只算一次；另加“专家单独”“基座单独”两行参考，再跑 SWEEP_SCHEDULES × SWEEP_ALPHAS 的网格
-# （扫的是 BASE_ALPHA；ADAPTIVE_SCALE、MAX_BOOST 取上面的值）。
-SWEEP: bool = False
-SWEEP_ALPHAS: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
-SWEEP_SCHEDULES: tuple[str, ...] = ("constant", "adaptive", "adaptive_inverse")
-# 采样：TEMPERATURE = 0 为贪心（默认）。> 0 时每个模式在贪心之外再采样 VOTES 条链（融合分布 / 基线的目标分布，
-# 先 top-p 截断），多数投票的字母与贪心并列报告。随机数只取决于 (种子, 题目 index, 链号, 步数, token)，与批的组成无关。
-TEMPERATURE: float = 0.0
-TOP_P: float = 1.0
-VOTES: int = 1
-# α 轨迹图画哪道题（题目 index）；None = 本次评测的第一道题。
-TRACE_INDEX: int | None = None
 SEED_MAX: int = 2**32 - 1  # np.random.seed 接受的上限
 # 不属于“实验配置”的字段：同一次运行在续跑前后它们可以不同（比较配置时忽略）。
 RUN_LOCATION_FIELDS: tuple[str, ...] = ("output_dir", "resume")

@@ -264,13 +264,15 @@ def read_events(run_dir: str) -> list[dict[str, Any]]:
     return events
 
 
-def read_records(path: str, modes: Sequence[str], indices: set[int]) -> list[dict[str, Any]]:
+def read_records(path: str, modes: Sequence[str], indices: set[int],
+                 seen: dict[tuple[str, int], str] | None = None) -> list[dict[str, Any]]:
     """读取 predictions.jsonl（续跑时、以及算指标时：它是唯一持久的结果来源）。
 
     - 末尾没有换行符的残行（被杀在写入中途）：把文件截断到最后一个完整行并 fsync，打印一行提示；
       它所在的批会被当作没做完，整批重跑（只补缺的记录）。
     - 完整的行却解析不了、不是本次运行的 (mode, index)、缺少必需的键、或同一 (mode, index) 出现两次：
       文件被改动或损坏，大声拒绝（DataError，消息含 文件:行号），绝不猜测哪一条是对的。
+    seen：跨文件查重时共用的 {(mode, index): "文件:行号"}（collect_records 读多个分片时传入），缺省只在本文件内查。
     返回按文件顺序的记录列表。
     """
     if not os.path.isfile(path):
@@ -285,7 +287,7 @@ def read_records(path: str, modes: Sequence[str], indices: set[int]) -> list[dic
             print(f"[main] {path}: 丢弃末尾不完整的一行（{len(data) - complete} 字节，上次运行在写入时被杀死）；"
                   "该批会重跑", file=sys.stderr, flush=True)
     records: list[dict[str, Any]] = []
-    seen: dict[tuple[str, int], int] = {}
+    seen = {} if seen is None else seen
     for lineno, raw in enumerate(data[:complete].split(b"\n")[:-1], start=1):
         where = f"{os.path.abspath(path)}:{lineno}"
         try:
@@ -299,9 +301,9 @@ def read_records(path: str, modes: Sequence[str], indices: set[int]) -> list[dic
                             f"{', '.join(modes)}，index 属于本次的题目）。请检查该文件，或换一个 --output-dir 重新开始")
         key = (rec["mode"], rec["index"])
         if key in seen:
-            raise DataError(f"{where}: 与第 {seen[key]} 行是同一题的重复记录（mode={key[0]}, index={key[1]}）。"
+            raise DataError(f"{where}: 与 {seen[key]} 是同一题的重复记录（mode={key[0]}, index={key[1]}）。"
                             "本工具不会写出重复记录，文件被改动过；请删掉其中一行后再 --resume")
-        seen[key] = lineno
+        seen[key] = where
         records.append(rec)
     return records
 
@@ -455,17 +457,8 @@ def collect_records(run_dir: str, names: Sequence[str], indices: set[int]) -> li
     再跨文件检查重复：同一 (臂, 题) 出现在两个文件里说明目录被改动过，大声拒绝。"""
     paths = [os.path.join(run_dir, PREDICTIONS_FILE)] + sorted(
         os.path.join(run_dir, f) for f in os.listdir(run_dir) if f.startswith("predictions.rank") and f.endswith(".jsonl"))
-    records: list[dict[str, Any]] = []
-    where: dict[tuple[str, int], str] = {}
-    for path in paths:
-        for rec in read_records(path, names, indices):
-            key = (rec["mode"], rec["index"])
-            if key in where:
-                raise DataError(f"{path}: 与 {where[key]} 有同一题的重复记录（mode={key[0]}, index={key[1]}）。"
-                                "本工具不会写出重复记录，目录被改动过；请删掉其中一条后再 --resume")
-            where[key] = path
-            records.append(rec)
-    return records
+    seen: dict[tuple[str, int], str] = {}
+    return [rec for path in paths for rec in read_records(path, names, indices, seen)]
 
 
 def consolidate(run_dir: str, names: Sequence[str], indices: set[int]) -> list[dict[str, Any]]:
