@@ -278,13 +278,15 @@ def test_trace_index_must_be_in_the_run(tmp_path: Path, capsys: pytest.CaptureFi
     assert "--trace-index=999" in capsys.readouterr().err
 
 
-def test_two_processes_write_the_same_run_folder(tmp_path: Path, smol_path: str) -> None:
+@pytest.mark.parametrize("scoring", ["cot", "letter"])
+def test_two_processes_write_the_same_run_folder(tmp_path: Path, smol_path: str, scoring: str) -> None:
     """`accelerate launch --multi_gpu --num_processes 2`（CPU 上它用 torchrun 起两个进程，main.py 用 gloo）
-    与单进程：predictions.jsonl 逐字节相同，metrics.json 除 timing 外相同，分片文件已合并删除。"""
+    与单进程：predictions.jsonl 逐字节相同，metrics.json 除 timing 外相同，分片文件已合并删除。
+    cot：贪心与一条采样链（采样的随机数与进程、批无关）；letter：字母打分的扫参（分片的打分结果汇总到 rank 0）。"""
     # 三道短题（2 核 CPU 上一道 MedQA 长题的三模型 prefill 就要数秒）、批 1：三个批，rank 0 做第 0、2 批，rank 1 做第 1 批。
     data = _short_data(tmp_path / "short.jsonl", 3)
-    args = ["--demo", "--data-file", str(data), "--limit", "3", "--max-new-tokens", "5", "--batch-size", "1",
-            "--temperature", "0.7"]
+    args = ["--demo", "--data-file", str(data), "--limit", "3", "--max-new-tokens", "5", "--batch-size", "1"]
+    args += ["--temperature", "0.7"] if scoring == "cot" else ["--scoring", "letter", "--sweep", "--sweep-alphas", "0,2"]
     one, two = tmp_path / "one", tmp_path / "two"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     # 与 `accelerate launch` 相同的入口，经当前解释器调用：不依赖 PATH 上有没有 accelerate 命令（缺了就失败，而不是跳过）。
@@ -309,7 +311,9 @@ def test_two_processes_write_the_same_run_folder(tmp_path: Path, smol_path: str)
 
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     assert strip(m1) == strip(m2)
-    assert m2["baseline"]["timing"]["processes"] == 2
+    assert m2["arm_order"] == m1["arm_order"] and len(m1["arm_order"]) == (4 if scoring == "cot" else 9)
+    if scoring == "cot":
+        assert m2["baseline"]["timing"]["processes"] == 2
     assert json.loads((two / "config.json").read_text())["processes"] == 2
     assert (one / "sweep.csv").read_bytes() == (two / "sweep.csv").read_bytes()
     assert proc.stdout.count("run folder:") == 1  # 只有 rank 0 打印报告
