@@ -23,6 +23,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -508,27 +509,26 @@ def letter_records(arms: Sequence[ArmSpec], scores: sweep.LetterScores, question
                    cfg: Config) -> list[dict[str, Any]]:
     """字母打分：每个臂、每道题一条记录（与 CoT 的记录同一 schema，output 为预测的字母续写、num_tokens = 0）。
 
-    letter_logits 是该臂在 " A".." D" 上的（融合后）logits，保留 4 位小数，便于事后重算；融合臂另有 alpha
+    letter_logits 是该臂在 " A".." D" 上的（融合后）logits，保留 4 位小数，pred 就是它的 argmax；被可信度约束
+    排除的字母记为 null（JSON 没有 −inf）。融合臂另有 alpha
     （答案位置上的 α，一题一个值，也存成长度 1 的列表，与 CoT 的逐 token α 同一格式）与 alpha_mean。
     """
     records = []
     gold = [q.answer_idx for q in questions]
     for arm in arms:
         if arm.steering is None:
-            z = scores.letters[arm.roles[0]]
-            pred, alpha = z.argmax(-1).numpy(), None
-            fused = z
+            fused = scores.letters[arm.roles[0]]
+            pred, alpha = fused.argmax(-1).numpy(), None
         else:
             s = arm.steering
-            pred, alpha = sweep.letter_predictions(scores, s.schedule, s.base_alpha, s.adaptive_scale, s.max_boost,
-                                                   s.plausibility_beta)
-            a = torch.from_numpy(alpha)
-            fused = scores.letters["target"] + a[:, None] * (scores.letters["expert"] - scores.letters["base"])
+            pred, alpha, fused = sweep.letter_predictions(scores, s.schedule, s.base_alpha, s.adaptive_scale,
+                                                          s.max_boost, s.plausibility_beta)
         for k, q in enumerate(questions):
             letter = sweep.LETTERS[int(pred[k])]
             rec: dict[str, Any] = {"mode": arm.name, "index": q.index, "gold": gold[k], "pred": letter,
                                    "correct": letter == gold[k], "output": " " + letter, "num_tokens": 0,
-                                   "letter_logits": [round(float(v), 4) for v in fused[k]]}
+                                   "letter_logits": [round(float(v), 4) if math.isfinite(v) else None
+                                                     for v in fused[k].tolist()]}
             if alpha is not None:
                 rec.update(alpha_mean=float(alpha[k]), alpha_min=float(alpha[k]), alpha_max=float(alpha[k]),
                            alpha=[round(float(alpha[k]), 4)])
@@ -573,9 +573,10 @@ def score_letters_sharded(models: dict[str, Any], prompt_ids: dict[str, list[lis
 
 
 def arm_tables(arms: Sequence[ArmSpec], by_arm: dict[str, list[dict[str, Any]]], questions: Sequence[Question],
-               cfg: Config) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+               cfg: Config, metrics: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """多数投票的派生臂（"<臂>/maj@k"）与扫参表的行（每个臂 vs 基线：Wilson CI、配对自助法 Δ 区间、精确 McNemar、
-    修好/弄坏的题目 index）。返回 (majority, rows)；没有基线时 rows 为空。"""
+    修好/弄坏的题目 index）。行里的 alpha_mean 取自各臂的 metrics（arm_metrics 已算过，不再重算）。
+    返回 (majority, rows)；没有基线时 rows 为空。"""
     order = [q.index for q in questions]
     majority: dict[str, Any] = {}
     groups = list(dict.fromkeys(a.group for a in arms if a.group is not None))
@@ -584,9 +585,8 @@ def arm_tables(arms: Sequence[ArmSpec], by_arm: dict[str, list[dict[str, Any]]],
     for arm in arms:
         recs = {r["index"]: r for r in by_arm[arm.name]}
         correct[arm.name] = np.array([recs[i]["correct"] for i in order], bool)
-        alpha = [r["alpha_mean"] for r in by_arm[arm.name] if r.get("alpha_mean") is not None]
         meta[arm.name] = {"schedule": arm.schedule, "base_alpha": arm.base_alpha,
-                          "alpha_mean": float(np.mean(alpha)) if alpha else None}
+                          "alpha_mean": metrics[arm.name].get("alpha_mean")}
     gold = {q.index: q.answer_idx for q in questions}
     for g in groups:
         chains = [a.name for a in arms if a.group == g]
@@ -611,7 +611,8 @@ def make_plots(cfg: Config, arms: Sequence[ArmSpec], by_arm: dict[str, list[dict
     written = []
     fused = [a for a in arms if a.steering is not None and a.sampling is None]
     if cfg.sweep and rows:
-        sweep.plot_sweep([r for r in rows if not r["setting"].count("/")], os.path.join(run_dir, SWEEP_PLOT))
+        # 只画贪心的网格：采样链与多数投票（名字里带 "/"）不是 α 轴上的点
+        sweep.plot_sweep([r for r in rows if "/" not in r["setting"]], os.path.join(run_dir, SWEEP_PLOT))
         written.append(SWEEP_PLOT)
     if fused:
         groups: dict[str, dict[str, np.ndarray]] = {}
@@ -769,7 +770,7 @@ def run(cfg: Config, run_dir: str, stored: dict[str, Any] | None = None, dist: D
                                                      for e in events))
     if "baseline" in by_arm and "steered" in by_arm:
         metrics["comparison"] = compare_arms(by_arm["baseline"], by_arm["steered"])
-    majority, rows = arm_tables(arms, by_arm, questions, cfg)
+    majority, rows = arm_tables(arms, by_arm, questions, cfg, metrics)
     if majority:
         metrics["majority"] = majority
     if rows:

@@ -20,7 +20,7 @@ import torch
 from transformers import PreTrainedModel
 
 from evaluator import left_pad, mcnemar_exact_p, wilson_ci95
-from steering_utils import SCHEDULES, alpha_from_distance, distance
+from steering_utils import alpha_from_distance, distance
 
 LETTERS: tuple[str, ...] = ("A", "B", "C", "D")
 CHANCE: float = 0.25  # 四选一的随机猜测准确率
@@ -87,13 +87,15 @@ def score_letters(models: dict[str, PreTrainedModel],
 
 
 def letter_predictions(scores: LetterScores, schedule: str, base_alpha: float, adaptive_scale: float,
-                       max_boost: float, plausibility_beta: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """一个 (调度, α) 设置下的预测字母下标 (N,) 与每题的 α (N,)。融合公式与生成时相同：
-    z = z_t + α·(z_e − z_b)，只是限制在四个字母上。
+                       max_boost: float, plausibility_beta: float = 0.0
+                       ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """一个 (调度, α) 设置下的预测字母下标 (N,)、每题的 α (N,) 与融合后的字母 logits (N, 4) float32。
+    融合公式与生成时相同：z = z_t + α·(z_e − z_b)，只是限制在四个字母上；预测就是融合 logits 的 argmax，
+    调用者（main.letter_records）把同一份融合 logits 写进记录，记录与预测因此不会不一致。
 
     plausibility_beta > 0 时的可信度约束也限制在四个字母上：只有目标概率 ≥ β × 四个字母里目标的最大概率的字母可选
     （即 z_t ≥ max z_t + ln β）。候选先被限制成四个字母，约束才有意义——整词表上目标的最大 token 往往不是字母。
-    目标最偏好的字母永远可选，所以至少有一个候选。
+    目标最偏好的字母永远可选，所以至少有一个候选；不可选的字母在返回的融合 logits 里为 −inf。
     """
     alpha = alpha_from_distance(scores.distance, schedule, base_alpha, adaptive_scale, max_boost)
     z = scores.letters
@@ -102,7 +104,7 @@ def letter_predictions(scores: LetterScores, schedule: str, base_alpha: float, a
         zt = z["target"]
         eligible = zt >= zt.max(-1, keepdim=True).values + float(np.log(plausibility_beta))
         fused = fused.masked_fill(~eligible, float("-inf"))
-    return fused.argmax(-1).numpy(), alpha.numpy()
+    return fused.argmax(-1).numpy(), alpha.numpy(), fused
 
 
 # ---------------------------------------------------------------------------
@@ -131,31 +133,6 @@ def paired_stats(base_correct: np.ndarray, other_correct: np.ndarray, *, n_boot:
             "delta_ci95_bootstrap": [float(np.quantile(deltas, 0.025)), float(np.quantile(deltas, 0.975))],
             "mcnemar_exact_p": mcnemar_exact_p(len(fixed), len(broken)),
             "fixed": fixed.tolist(), "broken": broken.tolist()}
-
-
-def run_letter_sweep(scores: LetterScores, gold: np.ndarray, alphas: Sequence[float], schedules: Sequence[str],
-                     adaptive_scale: float, max_boost: float, seed: int = 0) -> list[dict[str, Any]]:
-    """扫参表：目标单独（基线）、专家单独、基座单独三行参考，加上每个 (调度, base_alpha) 组合一行。
-
-    每行含准确率、95% CI、相对基线的 Δ 与自助法区间、McNemar p、修好/弄坏的题数（下标在 JSON 里）。
-    α = 0 时引导与基线逐题相同（融合项为 0）。
-    """
-    for s in schedules:
-        if s not in SCHEDULES:
-            raise ValueError(f"未知调度 {s!r}；可选：{', '.join(SCHEDULES)}")
-    base_pred = scores.letters["target"].argmax(-1).numpy()
-    base_ok = base_pred == gold
-    correct = {"baseline": base_ok}
-    meta: dict[str, dict[str, Any]] = {}
-    for name, role in (("expert_alone", "expert"), ("base_alone", "base")):
-        correct[name] = scores.letters[role].argmax(-1).numpy() == gold
-    for schedule in schedules:
-        for a in alphas:
-            pred, alpha = letter_predictions(scores, schedule, a, adaptive_scale, max_boost)
-            name = arm_name(schedule, a)
-            correct[name] = pred == gold
-            meta[name] = {"schedule": schedule, "base_alpha": float(a), "alpha_mean": float(alpha.mean())}
-    return setting_rows(correct, meta, list(range(len(gold))), seed=seed)
 
 
 def arm_name(schedule: str, base_alpha: float) -> str:

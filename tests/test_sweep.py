@@ -10,10 +10,13 @@ import pytest
 import torch
 from test_evaluator import PROMPTS, VOCAB, tiny_llama
 
+import main
+from config import ConfigError, parse_config
 from data_loader import Question
+from evaluator import arm_metrics
 from steering_utils import distance
 from sweep import (CHANCE, LETTERS, letter_predictions, letter_prompt, letter_token_ids, paired_stats,
-                   plot_sweep, run_letter_sweep, score_letters, write_sweep)
+                   plot_sweep, score_letters, write_sweep)
 
 LETTER_IDS = [40, 41, 42, 43]
 
@@ -71,20 +74,44 @@ def test_score_letters_equals_unbatched_forward(trio_models, scores):
 
 def test_letter_predictions_formula(scores):
     _, s = scores
-    zero, alpha = letter_predictions(s, "constant", 0.0, 10.0, 0.0)
+    zero, alpha, _ = letter_predictions(s, "constant", 0.0, 10.0, 0.0)
     assert np.array_equal(zero, s.letters["target"].argmax(-1).numpy()) and np.all(alpha == 0)
-    pred, alpha = letter_predictions(s, "constant", 1.5, 10.0, 1.0)
-    manual = (s.letters["target"] + 1.5 * (s.letters["expert"] - s.letters["base"])).argmax(-1).numpy()
-    assert np.array_equal(pred, manual) and np.all(alpha == 1.5)
-    _, adaptive = letter_predictions(s, "adaptive", 1.0, 10.0, 1.0)
+    pred, alpha, fused = letter_predictions(s, "constant", 1.5, 10.0, 1.0)
+    manual = s.letters["target"] + 1.5 * (s.letters["expert"] - s.letters["base"])
+    assert np.array_equal(pred, manual.argmax(-1).numpy()) and np.all(alpha == 1.5)
+    assert torch.equal(fused, manual)  # 返回的融合 logits 就是预测所依据的那一份
+    _, adaptive, _ = letter_predictions(s, "adaptive", 1.0, 10.0, 1.0)
     assert np.all((adaptive >= 1.0) & (adaptive <= 2.0))
+
+
+def test_plausibility_among_letters(scores):
+    """β > 0：目标概率 < β × 目标最好字母的概率的字母被排除（融合 logits 里为 −inf），预测只在其余字母里取。"""
+    _, s = scores
+    beta = 0.5
+    pred, _, fused = letter_predictions(s, "constant", 4.0, 10.0, 0.0, plausibility_beta=beta)
+    p = torch.softmax(s.letters["target"], -1)
+    eligible = p >= beta * p.max(-1, keepdim=True).values
+    assert torch.equal(torch.isfinite(fused), eligible)
+    assert all(eligible[k, pred[k]] for k in range(len(pred)))
+
+
+def _letter_rows(s, gold: np.ndarray, argv: list[str]) -> list[dict]:
+    """main.py 的字母打分路径（plan_arms → letter_records → arm_metrics → arm_tables）在缓存的打分上产出扫参表。"""
+    cfg = parse_config(["--sweep", *argv])
+    arms = main.plan_arms(cfg)
+    questions = [Question(index=i, question="q", options={k: k for k in LETTERS}, answer_idx=LETTERS[g],
+                          answer=LETTERS[g]) for i, g in enumerate(gold)]
+    records = main.letter_records(arms, s, questions, cfg)
+    by_arm = {a.name: [r for r in records if r["mode"] == a.name] for a in arms}
+    metrics = {a.name: arm_metrics(a.name, by_arm[a.name]) for a in arms}
+    return main.arm_tables(arms, by_arm, questions, cfg, metrics)[1]
 
 
 def test_sweep_rows_and_zero_alpha_equals_baseline(scores):
     _, s = scores
     gold = np.array([0, 1, 2, 3, 0, 1, 2])
-    rows = run_letter_sweep(s, gold, alphas=[0.0, 1.0, 4.0], schedules=["constant", "adaptive_inverse"],
-                            adaptive_scale=10.0, max_boost=0.0)
+    rows = _letter_rows(s, gold, ["--sweep-alphas", "0,1,4", "--sweep-schedules", "constant,adaptive_inverse",
+                                  "--adaptive-scale", "10", "--max-boost", "0"])
     assert len(rows) == 3 + 2 * 3
     base = rows[0]
     assert base["accuracy"] == np.mean(s.letters["target"].argmax(-1).numpy() == gold) and base["delta"] == 0
@@ -95,8 +122,8 @@ def test_sweep_rows_and_zero_alpha_equals_baseline(scores):
     for r in rows:
         assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
         assert r["delta_ci95_bootstrap"][0] <= r["delta"] + 1e-9 <= r["delta_ci95_bootstrap"][1] + 2e-9
-    with pytest.raises(ValueError, match="未知调度"):
-        run_letter_sweep(s, gold, [1.0], ["cosine"], 10.0, 1.0)
+    with pytest.raises(ConfigError, match="--sweep-schedules"):
+        parse_config(["--sweep", "--sweep-schedules", "cosine"])
 
 
 def test_paired_stats_known_values():
@@ -115,8 +142,8 @@ def test_paired_stats_known_values():
 def test_write_and_plot(scores, tmp_path):
     _, s = scores
     gold = np.array([0, 1, 2, 3, 0, 1, 2])
-    rows = run_letter_sweep(s, gold, alphas=[0.0, 0.5, 1.0, 2.0], schedules=["constant", "adaptive"],
-                            adaptive_scale=10.0, max_boost=1.0)
+    rows = _letter_rows(s, gold, ["--sweep-alphas", "0,0.5,1,2", "--sweep-schedules", "constant,adaptive",
+                                  "--adaptive-scale", "10", "--max-boost", "1"])
     write_sweep(rows, str(tmp_path))
     data = json.loads((tmp_path / "sweep.json").read_text())
     assert data["chance"] == CHANCE and len(data["rows"]) == len(rows)
@@ -126,3 +153,20 @@ def test_write_and_plot(scores, tmp_path):
     png = tmp_path / "sweep.png"
     plot_sweep(rows, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
+
+
+def test_letter_records_store_the_logits_the_prediction_used(scores):
+    """记录里的 letter_logits 就是预测所依据的融合 logits：被可信度约束排除的字母为 null，pred 是其余字母的 argmax。"""
+    _, s = scores
+    cfg = parse_config(["--base-alpha", "4", "--schedule", "constant", "--plausibility-beta", "0.5"])
+    arms = main.plan_arms(cfg)
+    questions = [Question(index=i, question="q", options={k: k for k in LETTERS}, answer_idx="A", answer="A")
+                 for i in range(len(s.distance))]
+    steered = [r for r in main.letter_records(arms, s, questions, cfg) if r["mode"] == "steered"]
+    _, _, fused = letter_predictions(s, "constant", 4.0, cfg.adaptive_scale, cfg.max_boost, 0.5)
+    assert any(None in r["letter_logits"] for r in steered)  # 这组打分里确实有被排除的字母
+    for r, row in zip(steered, fused):
+        assert [v is None for v in r["letter_logits"]] == (~torch.isfinite(row)).tolist()
+        finite = {k: v for k, v in enumerate(r["letter_logits"]) if v is not None}
+        assert r["pred"] == LETTERS[max(finite, key=finite.get)]
+    json.dumps(steered, allow_nan=False)  # 合法 JSON：没有 -Infinity
