@@ -110,11 +110,17 @@ def timed(fn: Callable[[], BatchResult], device: str) -> float:
     return time.perf_counter() - start
 
 
-def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int, args: argparse.Namespace,
-            compile_step: bool, overlap: str = "off") -> dict[str, Any]:
-    """测一个 (路径, 模式, 批大小, overlap)：预热后测 T(new) 与 T(1)，返回每步毫秒、tokens/s、峰值显存。
+def stack_for(stack: str, steered: bool) -> str:
+    """--stack 的一项 → 这一行 FastDecoder 的 stack 参数：只有目标模型时 "pair" 无意义，按 "off" 测（基线本来的路径）。"""
+    return "off" if stack == "pair" and not steered else stack
 
-    overlap 只对引导模式的快速路径有意义（evaluator._GraphedStep）；--with-profile 时再附上同一解码器的剖析。
+
+def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int, args: argparse.Namespace,
+            compile_step: bool, overlap: str = "off", stack: str = "off") -> dict[str, Any]:
+    """测一个 (路径, 模式, 批大小, overlap, stack)：预热后测 T(new) 与 T(1)，返回每步毫秒、tokens/s、峰值显存。
+
+    overlap 只对引导模式的快速路径有意义（evaluator._GraphedStep）；stack 见 evaluator.resolve_stack；
+    --with-profile 时再附上同一解码器的剖析。
     """
     use = models if steered else models[:1]
     vocab = use[0].config.vocab_size
@@ -132,7 +138,7 @@ def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int,
         # 预热用了另一个长度桶，计时里混进了 40 秒编译）。
         decoder = FastDecoder(use, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=batch, steering=steering,
                               compile=compile_step, cache_len=length_bucket(args.prompt + new), overlap=overlap,
-                              sampling=sampling_of(args))
+                              sampling=sampling_of(args), stack=stack_for(stack, steered))
         gen = lambda n: decoder.generate([prompts] * len(use), n, question_ids=list(range(batch)))  # noqa: E731
     else:
         gen = lambda n: generate_batch(use, [prompts] * len(use), vocab_size=vocab, max_new_tokens=n,  # noqa: E731
@@ -151,6 +157,7 @@ def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int,
            "new": new, "ms_per_step": round(ms, 3), "tok_per_s": round(batch * 1000 / ms, 1),
            "prefill_s": round(t_one, 4), "warmup_s": round(warmup, 1), "compiled": compile_step and path == "fast",
            "overlap": decoder.overlap if decoder is not None else "off",  # auto 解析后的实际模式
+           "stack": decoder.stack if decoder is not None else "off",
            "temperature": args.temperature, "top_p": args.top_p}
     if args.device.startswith("cuda"):
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -171,7 +178,7 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
     （两种都做在 H100 上超过单次命令的 10 分钟，可以分开跑），--overlap 选引导时的快速路径。返回每种精度的统计。
     """
     results: dict[str, Any] = {}
-    overlap = args.overlap.split(",")[0]
+    overlap, stack = args.overlap.split(",")[0], args.stack.split(",")[0]
     lengths = [args.prompt, args.prompt - 37, args.prompt - 5, max(4, args.prompt - 101)]
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     for dtype_name in args.check_dtypes.split(","):
@@ -190,7 +197,7 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
                 torch.compiler.reset()
             decoder = FastDecoder(use, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=len(prompts),
                                   steering=steering, compile=compile_step, overlap=overlap if steered else "off",
-                                  sampling=sampling_of(args))
+                                  sampling=sampling_of(args), stack=stack_for(stack, steered))
             quick = decoder.generate([prompts] * len(use), args.check_new, question_ids=qids).tokens
             same_rows = sum(a == b for a, b in zip(slow, quick))
             prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(slow, quick))
@@ -198,7 +205,8 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
             key = f"{dtype_name}:{'steered' if steered else 'target'}"
             results[key] = {"identical_rows": f"{same_rows}/{len(slow)}", "tokens_before_first_divergence":
                             f"{prefix}/{total}", "agreement": round(prefix / total, 4), "compiled": compile_step,
-                            "overlap": decoder.overlap, "temperature": args.temperature, "top_p": args.top_p}
+                            "overlap": decoder.overlap, "stack": decoder.stack, "temperature": args.temperature,
+                            "top_p": args.top_p}
             print(json.dumps({"check": key, **results[key]}), flush=True)
         del models
         gc.collect()
@@ -286,14 +294,15 @@ def profile(models: list[PreTrainedModel], batch: int, args: argparse.Namespace,
     """--profile BATCH：只剖析引导解码（与 measure() 相同的 FastDecoder：预热后、固定缓存长度），见 profile_decoder。"""
     vocab = models[0].config.vocab_size
     prompts = prompts_for(batch, args.prompt, vocab)
-    overlap = args.overlap.split(",")[0]
+    overlap, stack = args.overlap.split(",")[0], args.stack.split(",")[0]
     if compile_step:
         torch.compiler.reset()
     decoder = FastDecoder(models, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=batch, steering=STEER,
-                          compile=compile_step, cache_len=length_bucket(args.prompt + args.new), overlap=overlap)
+                          compile=compile_step, cache_len=length_bucket(args.prompt + args.new), overlap=overlap,
+                          stack=stack)
     decoder.generate([prompts] * 3, 24)
     decoder.generate([prompts] * 3, 24)
-    result = {"batch": batch, "overlap": decoder.overlap,
+    result = {"batch": batch, "overlap": decoder.overlap, "stack": decoder.stack,
               **profile_decoder(decoder, prompts, 3, args.profile_steps, args.device)}
     print(json.dumps({"profile": result}), flush=True)
     return result
@@ -320,16 +329,26 @@ def environment() -> dict[str, Any]:
     return {"device": gpu, "python": platform.python_version(), **versions, "commit": commit}
 
 
+def target_row(rows: list[dict[str, Any]], r: dict[str, Any]) -> dict[str, Any] | None:
+    """引导行 r 的比较对象：同一路径、同一批大小、目标走同一条前向（stack="all" 时目标也是叠加前向，否则是 transformers）。"""
+    want = "all" if r.get("stack") == "all" else "off"
+    return next((x for x in rows if x["path"] == r["path"] and x["batch"] == r["batch"] and x["mode"] == "target"
+                 and x.get("stack", "off") == want and "ms_per_step" in x), None)
+
+
 def estimate_full_run(rows: list[dict[str, Any]], max_new: int = 512) -> list[str]:
     """按测得的每步时间估算“两个模式 × 1,273 题 × 512 个新 token（最坏情况）”的解码时间，并写出算式。"""
     lines = []
     for batch in sorted({r["batch"] for r in rows if r["path"] == "fast"}):
         fast = [r for r in rows if r["path"] == "fast" and r["batch"] == batch and "ms_per_step" in r]
-        got = {r["mode"]: r for r in fast if r["mode"] == "target"}
         steered = [r for r in fast if r["mode"] == "steered"]
-        if steered:  # 多个 overlap 模式时取最快的那个
-            got["steered"] = min(steered, key=lambda r: r["ms_per_step"])
-        if {"target", "steered"} <= got.keys():
+        if not steered:
+            continue
+        # 多个 overlap / stack 模式时取最快的引导行，配上它的目标行（目标走同一条前向）
+        got = {"steered": min(steered, key=lambda r: r["ms_per_step"])}
+        target = target_row(fast, got["steered"])
+        if target is not None:
+            got["target"] = target
             batches = -(-MEDQA_QUESTIONS // batch)
             secs = {m: batches * (max_new * got[m]["ms_per_step"] / 1000 + got[m]["prefill_s"]) for m in got}
             lines.append(f"batch {batch}: {batches} batches × (512 × ({got['target']['ms_per_step']:.2f} + "
@@ -364,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlap", default="auto",
                         help="引导时 FastDecoder 的 overlap 模式 auto/off/graph/streams（见 evaluator._GraphedStep）；"
                              "计时可给多个（逗号分隔，每个引导行各测一次），--check/--profile 用第一个")
+    parser.add_argument("--stack", default="auto",
+                        help="FastDecoder 的 stack 模式 auto/off/pair/all（见 evaluator.resolve_stack）；计时可给多个"
+                             "（逗号分隔：引导行逐个测，目标行测 off 与 all），--check/--profile 用第一个")
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0：采样（计入每步的 top-p 与 Gumbel 开销）")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--out", default=None, help="把 JSON 结果也写到这个文件")
@@ -375,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     overlaps = [o for o in args.overlap.split(",") if o]
     if not overlaps or any(o not in ("auto", "off", "graph", "streams") for o in overlaps):
         parser.error(f"--overlap {args.overlap!r}：每一项应为 auto / off / graph / streams")
+    stacks = [o for o in args.stack.split(",") if o]
+    if not stacks or any(o not in ("auto", "off", "pair", "all") for o in stacks):
+        parser.error(f"--stack {args.stack!r}：每一项应为 auto / off / pair / all")
     compile_step = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda"))
     torch.set_grad_enabled(False)
     env = environment()
@@ -403,16 +428,21 @@ def main(argv: list[str] | None = None) -> int:
     for batch in sizes:
         oom = False
         for path in args.paths.split(","):
-            runs = [(mode, o) for mode in args.modes.split(",")
-                    for o in (overlaps if mode == "steered" and path == "fast" else ["off"])]
-            for mode, overlap in runs:
+            runs = [(mode, o, st) for mode in args.modes.split(",")
+                    for o in (overlaps if mode == "steered" and path == "fast" else ["off"])
+                    for st in (stacks if path == "fast" else ["off"])]
+            # 目标行：各 stack 项映射后相同的只测一次（"pair" 对目标就是 "off"）
+            runs = [r for i, r in enumerate(runs) if r[0] == "steered" or
+                    stack_for(r[2], False) not in [stack_for(x[2], False) for x in runs[:i] if x[0] == r[0]]]
+            for mode, overlap, stack in runs:
                 try:
-                    row = measure(path, models, mode == "steered", batch, args, compile_step, overlap)
+                    row = measure(path, models, mode == "steered", batch, args, compile_step, overlap, stack)
                 except torch.OutOfMemoryError:
-                    row = {"path": path, "mode": mode, "batch": batch, "overlap": overlap, "error": "OOM"}
+                    row = {"path": path, "mode": mode, "batch": batch, "overlap": overlap, "stack": stack,
+                           "error": "OOM"}
                     oom = True
                 except Exception as exc:  # noqa: BLE001 — 记录失败（如 4-bit 下编译失败）并继续测其余配置
-                    row = {"path": path, "mode": mode, "batch": batch, "overlap": overlap,
+                    row = {"path": path, "mode": mode, "batch": batch, "overlap": overlap, "stack": stack,
                            "error": f"{type(exc).__name__}: {exc}"[:500]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -424,16 +454,16 @@ def main(argv: list[str] | None = None) -> int:
     report["rows"] = rows
     report["full_run_estimate"] = estimate_full_run(rows)
 
-    print(f"\n{'path':<6}{'mode':<9}{'overlap':<9}{'batch':>6}{'ms/step':>10}{'tok/s':>10}{'ratio':>7}"
+    print(f"\n{'path':<6}{'mode':<9}{'overlap':<9}{'stack':<6}{'batch':>6}{'ms/step':>10}{'tok/s':>10}{'ratio':>7}"
           f"{'peak GiB':>10}")
     for r in rows:
         if "error" in r:
-            print(f"{r['path']:<6}{r['mode']:<9}{r.get('overlap', ''):<9}{r['batch']:>6}  {r['error']}")
+            print(f"{r['path']:<6}{r['mode']:<9}{r.get('overlap', ''):<9}{r.get('stack', ''):<6}{r['batch']:>6}  "
+                  f"{r['error']}")
             continue
-        base = next((x for x in rows if x["path"] == r["path"] and x["batch"] == r["batch"]
-                     and x["mode"] == "target" and "ms_per_step" in x), None)
+        base = target_row(rows, r)
         ratio = f"{r['ms_per_step'] / base['ms_per_step']:.2f}" if base and r["mode"] == "steered" else ""
-        print(f"{r['path']:<6}{r['mode']:<9}{r['overlap']:<9}{r['batch']:>6}{r['ms_per_step']:>10.2f}"
+        print(f"{r['path']:<6}{r['mode']:<9}{r['overlap']:<9}{r['stack']:<6}{r['batch']:>6}{r['ms_per_step']:>10.2f}"
               f"{r['tok_per_s']:>10.1f}{ratio:>7}{r.get('peak_gib', '-'):>10}")
         if "profile" in r:
             p = r["profile"]

@@ -20,6 +20,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, PreTrainedModel
 from transformers.masking_utils import sdpa_mask
 
+from stacked_llama import StackedLlama, check_stackable
 from steering_utils import (apply_plausibility, compute_steered_logits, guard_nonfinite, sample_tokens,
                             sampling_keys, schedule_alpha)
 
@@ -319,6 +320,33 @@ def resolve_overlap(overlap: str, models: Sequence[PreTrainedModel], *, steering
     return "streams" if compile and device_type == "cuda" and steering is not None and not quantized else "off"
 
 
+def resolve_stack(stack: str, models: Sequence[PreTrainedModel], *, steering: SteeringParams | None,
+                  compile: bool, device_type: str) -> str:
+    """FastDecoder 的 stack 参数 → 实际模式（"off" / "pair" / "all"）。
+
+    "pair"：专家与基座叠成一次前向（stacked_llama.StackedLlama，每个投影一次 bmm），目标模型仍走 transformers；
+    "all"：另外目标模型也走 StackedLlama（M = 1：q/k/v、gate/up 各拼成一次矩阵乘，自带 KV 缓存）；
+    "off"：每个模型都走 transformers 的前向。
+    "auto" 只在 CUDA 上编译的引导解码、且专家与基座能叠（check_stackable）时取 "pair"，其余取 "off"
+    （CPU 上不编译时没有可省的 kernel 启动；量化模型的权重不能叠）。显式给出而做不到时报错说明原因。
+    """
+    if stack not in ("auto", "off", "pair", "all"):
+        raise ValueError(f"stack={stack!r}：应为 auto / off / pair / all")
+    steered = steering is not None and len(models) == 3
+    if stack == "auto":
+        ok = steered and compile and device_type == "cuda" and check_stackable(models[1:]) is None
+        return "pair" if ok else "off"
+    if stack == "off":
+        return stack
+    if stack == "pair" and not steered:
+        raise ValueError("stack='pair' 只用于引导解码（目标、专家、基座三个模型）")
+    for group in ([models[1:]] if stack == "pair" else [models[:1]] + ([models[1:]] if steered else [])):
+        reason = check_stackable(group)
+        if reason is not None:
+            raise ValueError(f"stack={stack!r} 做不到：{reason}。用 stack='off'")
+    return stack
+
+
 class FastDecoder:
     """快速解码器：与 generate_batch 逐 token 等价（fp32 测试保证），但每步的开销小得多。
 
@@ -333,11 +361,16 @@ class FastDecoder:
       "graph" = 每个模型的前向与融合分别编译（不带 cudagraphs），整步手动录成一张 CUDA graph；
       "streams" = 同上，但专家与基座各在一条侧流上，与 8B 前向在图内并行；
       "auto"（默认）见 resolve_overlap。
+    - stack（见 resolve_stack）：专家与基座叠成一次前向（StackedLlama，每个投影一次 bmm、两个缓存一次注意力）。
+      模型按“前向单元”分组：units[u] 是一起前向的模型下标，如 [(0,), (1, 2)]；每个单元一次前向、（streams 时）一条流。
+    - 三个角色的提示左填充到同一宽度 T：所有模型的缓存槽位因此相同（第 n 个解码 token 写在槽位 T+n−1），
+      叠加单元按这个槽位写缓存。真实 token 的位置编号由各自的 mask 决定，多出的左填充被屏蔽，结果不变。
     """
 
     def __init__(self, models: Sequence[PreTrainedModel], *, vocab_size: int, end_ids: Sequence[int], pad_id: int,
                  batch_size: int, steering: SteeringParams | None, compile: bool, check_every: int = 16,
-                 cache_len: int | None = None, overlap: str = "auto", sampling: Sampling | None = None) -> None:
+                 cache_len: int | None = None, overlap: str = "auto", sampling: Sampling | None = None,
+                 stack: str = "auto") -> None:
         if steering is not None and len(models) != 3:
             raise ValueError("引导模式需要三个模型：[目标, 专家, 基座]")
         self.models = list(models)
@@ -362,6 +395,15 @@ class FastDecoder:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.overlap = resolve_overlap(overlap, self.models, steering=steering, compile=compile,
                                        device_type=self.device.type)
+        self.stack = resolve_stack(stack, self.models, steering=steering, compile=compile,
+                                   device_type=self.device.type)
+        n = len(self.models)
+        self.units: list[tuple[int, ...]] = (
+            [(0,), (1, 2)] if self.stack != "off" and n == 3 else [(k,) for k in range(n)])
+        # stacked[u]：第 u 个单元的叠加前向（None = 该单元是一个 transformers 模型）
+        self.stacked: list[StackedLlama | None] = [
+            StackedLlama([self.models[k] for k in unit]) if len(unit) > 1 or self.stack == "all" else None
+            for unit in self.units]
         # fullgraph=True：任何 graph break 都直接报错，而不是悄悄退回 eager、让“快速路径”名不副实。
         self.step: Callable[..., tuple[torch.Tensor, ...]] = (
             _GraphedStep(self, compile=compile, side_streams=self.overlap == "streams") if self.overlap != "off"
@@ -377,10 +419,17 @@ class FastDecoder:
             self.caches = []
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self.caches = [StaticCache(config=m.config, max_cache_len=length) for m in self.models]
+            own = {k for unit, s in zip(self.units, self.stacked) if s is not None for k in unit}
+            # 叠加单元自带缓存（StackedLlama.allocate）；其余模型各一个 StaticCache。
+            self.caches = [None if k in own else StaticCache(config=m.config, max_cache_len=length)
+                           for k, m in enumerate(self.models)]
+            for s in self.stacked:
+                if s is not None:
+                    s.allocate(self.batch_size, length)
             self.cache_key = (self.batch_size, length)
         for c in self.caches:
-            c.reset()
+            if c is not None:
+                c.reset()
         return self.caches
 
     def _logits(self, k: int, out: Any) -> torch.Tensor:
@@ -397,17 +446,30 @@ class FastDecoder:
                              **{self.kwargs[k]: self.caches[k]})
         return self._logits(k, out)
 
-    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, masks: list[torch.Tensor],
-              finished: torch.Tensor, qids: torch.Tensor, step: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """一个解码步（被编译的部分）。tokens/positions: (B, 1)；masks[k]: (B, L)；finished: (B,) bool；
-        qids: (B,) 题目 index（只在采样时用）；step: 0 维 int64 张量（设备上的步数，不随主机同步）。
+    def _forward_unit(self, u: int, tokens: torch.Tensor, positions: Sequence[torch.Tensor],
+                      masks: Sequence[torch.Tensor], slot: torch.Tensor) -> list[torch.Tensor]:
+        """第 u 个前向单元的一步：返回单元内每个模型的 (B, V) float32 logits（按模型下标顺序）。
 
-        返回 (next (B,), alpha (B,) float32, finished (B,), bad (B,) bool)。形状全部固定，缓存在 StaticCache 内原地更新。
+        positions[k] (B, 1)、masks[k] (B, L) 按模型下标给出；slot (1,) 是本 token 写入的缓存槽位（所有模型相同）。
+        transformers 单元的槽位由它自己的 StaticCache 决定（与 slot 相同，因为提示左填充到同一宽度）。
         """
-        z = [self._logits(k, m(input_ids=tokens, position_ids=pos, attention_mask=mask, use_cache=True,
-                                **{kw: c}))
-             for k, (m, kw, c, pos, mask) in enumerate(zip(self.models, self.kwargs, self.caches, positions, masks))]
+        unit, stacked = self.units[u], self.stacked[u]
+        if stacked is None:
+            return [self._forward_one(unit[0], tokens, positions[unit[0]], masks[unit[0]])]
+        out = stacked.decode(tokens, torch.cat([positions[k] for k in unit]), torch.cat([masks[k] for k in unit]),
+                             slot)  # (M, B, V_model)
+        return [out[i, :, : self.vocab_size].float() for i in range(len(unit))]
+
+    def _step(self, tokens: torch.Tensor, positions: list[torch.Tensor], masks: list[torch.Tensor],
+              slot: torch.Tensor, finished: torch.Tensor, qids: torch.Tensor, step: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """一个解码步（被编译的部分）。tokens: (B, 1)；positions[k]: (B, 1)；masks[k]: (B, L)；slot: (1,) 缓存槽位；
+        finished: (B,) bool；qids: (B,) 题目 index（只在采样时用）；step: 0 维 int64 张量（设备上的步数，不随主机同步）。
+
+        返回 (next (B,), alpha (B,) float32, finished (B,), bad (B,) bool)。形状全部固定，缓存原地更新。
+        """
+        z = [logits for u in range(len(self.units))
+             for logits in self._forward_unit(u, tokens, positions, masks, slot)]
         return self._choose(z, finished, qids, step)
 
     def _choose(self, z: list[torch.Tensor], finished: torch.Tensor, qids: torch.Tensor, step: torch.Tensor
@@ -441,22 +503,35 @@ class FastDecoder:
         step_t = torch.zeros((), dtype=torch.long, device=self.device)  # 设备上的步数：每步 +1，不经主机
         # 补齐占位行（复制第 0 行的提示）：它们从一开始就标记为已结束，不影响真实行。
         padded = [list(p) + [p[0]] * (self.batch_size - real) for p in prompts]
-        pads = [left_pad(p, self.pad_id, self.device) for p in padded]
-        needed = max(ids.shape[1] for ids, _ in pads) + max_new_tokens
+        # 所有角色一起左填充到同一宽度 T（见类说明：缓存槽位因此对所有模型相同），再按角色切开。
+        ids_all, mask_all = left_pad([row for p in padded for row in p], self.pad_id, self.device)
+        pads = list(zip(ids_all.split(self.batch_size), mask_all.split(self.batch_size)))
+        needed = ids_all.shape[1] + max_new_tokens
         if self.cache_len is not None and needed > self.cache_len:
             raise ValueError(f"提示 + 新 token 共 {needed} 个，超过固定缓存长度 cache_len={self.cache_len}")
         length = self.cache_len or length_bucket(needed)
         caches = self._caches_for(length)
-        masks, positions, z = [], [], []
-        for k, ((ids, mask), m, kw, c) in enumerate(zip(pads, self.models, self.kwargs, caches)):
+        masks, positions, z = [], [], [torch.empty(0)] * len(self.models)
+        prompt_pos = []
+        for ids, mask in pads:
             full = torch.ones(self.batch_size, length, dtype=torch.long, device=self.device)
             full[:, : mask.shape[1]] = mask  # 左填充位为 0，其余（提示与未来生成位）为 1，因果性由缓存位置保证
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
-            out = m(input_ids=ids, attention_mask=full, position_ids=pos, use_cache=True, logits_to_keep=1,
-                    **{kw: c})
-            z.append(self._logits(k, out))
             masks.append(full)
+            prompt_pos.append(pos)
             positions.append(pos[:, -1:] + 1)
+        for unit, stacked in zip(self.units, self.stacked):
+            if stacked is None:
+                k = unit[0]
+                out = self.models[k](input_ids=pads[k][0], attention_mask=masks[k], position_ids=prompt_pos[k],
+                                     use_cache=True, logits_to_keep=1, **{self.kwargs[k]: caches[k]})
+                z[k] = self._logits(k, out)
+                continue
+            logits = stacked.prefill(torch.cat([pads[k][0] for k in unit]), torch.cat([pads[k][1] for k in unit]),
+                                     torch.cat([prompt_pos[k] for k in unit]))  # (M, B, V_model)
+            for i, k in enumerate(unit):
+                z[k] = logits[i, :, : self.vocab_size].float()
+        slot = torch.full((1,), ids_all.shape[1], dtype=torch.long, device=self.device)  # 第一个解码 token 的槽位
         finished = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
         finished[real:] = True
         out_tokens: list[torch.Tensor] = []
@@ -469,9 +544,10 @@ class FastDecoder:
                     break
                 step_t = step_t + 1
                 # CUDA graphs 的输出缓冲会被下一次重放覆盖：.clone() 保留本步结果。
-                nxt, alpha, new_finished, bad = (t.clone() for t in self.step(nxt[:, None], positions, masks,
+                nxt, alpha, new_finished, bad = (t.clone() for t in self.step(nxt[:, None], positions, masks, slot,
                                                                               finished, qids, step_t))
                 positions = [p + 1 for p in positions]
+                slot = slot + 1
             nonfinite += bad & ~finished
             # nan = 该行在本步之前已结束，或本步退回了目标 logits（没有被引导）：都不计入 α 统计
             alphas.append(alpha.masked_fill(finished | bad, float("nan")))
@@ -540,7 +616,7 @@ class _GraphedStep:
     单独跑时喂不满显存带宽（BENCHMARKS.md 的剖析）。torch 2.11 的 dynamo 不能把多条流编进一张图，
     所以流的分叉/汇合与图的录制都放在编译区之外，由这里管理。
 
-    调用约定与 FastDecoder._step 相同：(tokens (B, 1), positions [(B, 1)] × 模型数, masks [(B, L)] × 模型数, *rest)
+    调用约定与 FastDecoder._step 相同：(tokens (B, 1), positions [(B, 1)] × 模型数, masks [(B, L)] × 模型数, slot (1,), *rest)
     → _choose(z, *rest) 的输出元组（next (B,), alpha (B,), finished (B,), bad (B,)）。状态机（每组新缓存重新开始）：
       第 1、2 次调用：直接执行（触发编译与 cuBLAS 等的惰性初始化），它们就是真实的解码步，不需要事后撤销；
       第 3 次：把输入复制成静态缓冲并录图（录制不执行 kernel），然后重放——同样是真实的一步；
@@ -554,12 +630,13 @@ class _GraphedStep:
         self.decoder = decoder
         self.cuda = decoder.device.type == "cuda"
         # dynamic=False：一个解码器的批形状固定；不让 dynamo 在第二个形状出现时改编成动态形状的图。
-        self.forward: Callable[..., torch.Tensor] = (
-            torch.compile(decoder._forward_one, fullgraph=True, dynamic=False) if compile else decoder._forward_one)
+        self.forward: Callable[..., list[torch.Tensor]] = (
+            torch.compile(decoder._forward_unit, fullgraph=True, dynamic=False) if compile
+            else decoder._forward_unit)
         self.choose: Callable[..., tuple[torch.Tensor, ...]] = (
             torch.compile(decoder._choose, fullgraph=True, dynamic=False) if compile else decoder._choose)
-        n = len(decoder.models)
-        # streams[k]：第 k 个模型前向所在的侧流；None = 主流（目标模型总在主流上）。
+        n = len(decoder.units)
+        # streams[u]：第 u 个前向单元所在的侧流；None = 主流（目标模型所在的单元 0 总在主流上）。
         self.streams: list[torch.cuda.Stream | None] = [None] * n
         if self.cuda and side_streams:
             self.streams = [None] + [torch.cuda.Stream(decoder.device) for _ in range(n - 1)]
@@ -578,21 +655,21 @@ class _GraphedStep:
         self.static_out = None
 
     def run(self, tokens: torch.Tensor, positions: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
-            *rest: Any) -> tuple[torch.Tensor, ...]:
-        """执行（或在录制中记录）一步：三个前向（侧流上的与主流并行），汇合后融合选词。形状见类说明。
+            slot: torch.Tensor, *rest: Any) -> tuple[torch.Tensor, ...]:
+        """执行（或在录制中记录）一步：每个前向单元一次前向（侧流上的与主流并行），汇合后融合选词。形状见类说明。
 
         内存安全：侧流上分配的 logits 在主流等待侧流之后才被读；下一次侧流再分配之前它又先等主流，
         所以缓存分配器回收的块不会在仍被读取时被改写（不需要 record_stream）。
         """
         main = torch.cuda.current_stream(self.decoder.device) if self.cuda else None
         z: list[torch.Tensor] = []
-        for k, stream in enumerate(self.streams):
+        for u, stream in enumerate(self.streams):
             if stream is None:
-                z.append(self.forward(k, tokens, positions[k], masks[k]))
+                z.extend(self.forward(u, tokens, positions, masks, slot))
                 continue
             stream.wait_stream(main)  # fork：侧流看到本步的输入
             with torch.cuda.stream(stream):
-                z.append(self.forward(k, tokens, positions[k], masks[k]))
+                z.extend(self.forward(u, tokens, positions, masks, slot))
         for stream in self.streams:
             if stream is not None:
                 main.wait_stream(stream)  # join：融合之前三路 logits 都已算完

@@ -1,0 +1,273 @@
+"""把 M 个形状相同的 Llama（引导时的专家 + 基座）叠成一次解码前向：每个投影只发一次批量矩阵乘。
+
+为什么要它（H100 上的剖析，BENCHMARKS.md「Where the time goes」）：两个 1B 模型 hidden 只有 2048，
+它们的矩阵乘每个只读几 MB 权重，单独发出时只跑到约 2.0 TB/s（8B 的约 2.5 TB/s），批 64 时 1B 的注意力
+也要 1.33 ms。两个同形状模型叠起来：
+- 每层的 q/k/v 拼成一个权重、gate/up 拼成一个权重，再在模型维 M 上 bmm：每层 4 次矩阵乘（原来 2 × 7 次），
+  每次读的字节翻倍，kernel 数约减半；
+- 两个模型的 KV 缓存放在同一个张量里 (M·B, H_kv, L, D)，注意力一次 SDPA 算完 M·B 行；
+- RMSNorm、RoPE、SiLU·mul、残差也都在 M 维上一起算。
+
+不多占显存：叠好的权重是新分配的连续张量，原模型的每个参数改为指向其中的切片（`param.data = 视图`），
+旧存储随即释放。transformers 的前向（预填充之外的慢速参考、其他路径）照常工作，读到的是同一份数据。
+
+数值规则逐项照搬 transformers 的 Llama（RMSNorm 先转 float32、RoPE 用模型自己的 rotary_emb、
+残差在模型精度下相加），float32 下与 transformers 的前向一致到舍入误差，测试逐 token 对比慢速循环。
+只支持结构完全相同、无偏置、SiLU 的 Llama，且不能是量化模型：不满足时 check_stackable 说明原因。
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+# 必须在所有模型之间相同的配置项：它们决定权重形状与数值规则。
+SHAPE_KEYS: tuple[str, ...] = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                               "head_dim", "intermediate_size", "vocab_size", "rms_norm_eps", "hidden_act",
+                               "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings")
+
+
+def check_stackable(models: Sequence[PreTrainedModel]) -> str | None:
+    """能否叠成一次前向；能则返回 None，否则返回一句说明原因的话（调用方决定报错还是不叠）。"""
+    if not models:
+        return "没有模型"
+    if len({id(m) for m in models}) != len(models):
+        return "同一个模型对象出现了两次（叠加需要各自的权重）"
+    first = models[0]
+    for m in models:
+        cfg = m.config
+        if cfg.model_type != "llama":
+            return f"只支持 Llama 结构，得到 model_type={cfg.model_type!r}"
+        if getattr(m, "hf_quantizer", None) is not None:
+            return "量化（4-bit/8-bit）模型的权重不是普通张量，不能叠加"
+        if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+            return "带偏置的 Llama 变体不支持"
+        if cfg.hidden_act != "silu":
+            return f"只支持 hidden_act='silu'，得到 {cfg.hidden_act!r}"
+        if m.dtype != first.dtype or m.device != first.device:
+            return f"模型的精度/设备不同：{m.dtype}@{m.device} 与 {first.dtype}@{first.device}"
+        for key in SHAPE_KEYS:
+            if getattr(cfg, key, None) != getattr(first.config, key, None):
+                return f"配置项 {key} 不同：{getattr(cfg, key, None)!r} 与 {getattr(first.config, key, None)!r}"
+        if m.model.rotary_emb.attention_scaling != first.model.rotary_emb.attention_scaling or not torch.equal(
+                m.model.rotary_emb.inv_freq, first.model.rotary_emb.inv_freq):
+            return "RoPE 频率不同"
+    return None
+
+
+@dataclass
+class StackedWeights:
+    """叠好的权重（第 0 维是模型 m）。qkv: [层] (M, (H_q + 2·H_kv)·D, hidden)；o: [层] (M, hidden, H_q·D)；
+    gate_up: [层] (M, 2·I, hidden)；down: [层] (M, hidden, I)；ln1/ln2: [层] (M, hidden)；
+    norm: (M, hidden)；embed: (M, V, hidden)；lm_head: (M, V, hidden)（权重绑定时与 embed 是同一个张量）。"""
+
+    qkv: list[torch.Tensor]
+    o: list[torch.Tensor]
+    gate_up: list[torch.Tensor]
+    down: list[torch.Tensor]
+    ln1: list[torch.Tensor]
+    ln2: list[torch.Tensor]
+    norm: torch.Tensor
+    embed: torch.Tensor
+    lm_head: torch.Tensor
+    anchors: list[int]  # 每个模型第 0 层 q_proj 权重叠好后的地址：地址变了（模型被 .to() 过）就要重新叠
+
+
+def _stack_into(groups: list[list[torch.nn.Parameter]]) -> torch.Tensor:
+    """groups[m] 为模型 m 要沿第 0 维拼接的参数。分配 (M, Σ行, ...) 的连续张量，拷入后让每个参数指向自己的切片。
+
+    逐组拷贝、逐个改指向：旧存储在改指向后即可释放，峰值显存只多一组（一层）的权重。
+    """
+    head = groups[0]
+    rows = sum(p.shape[0] for p in head)
+    out = torch.empty((len(groups), rows, *head[0].shape[1:]), dtype=head[0].dtype, device=head[0].device)
+    for m, group in enumerate(groups):
+        row = 0
+        for p in group:
+            n = p.shape[0]
+            out[m, row:row + n].copy_(p.data)
+            p.data = out[m, row:row + n]
+            row += n
+    return out
+
+
+# 已叠好的权重：键是模型组里的第一个模型（弱引用，模型被释放时条目自动消失）。
+_STACKS: "weakref.WeakKeyDictionary[PreTrainedModel, tuple[tuple[int, ...], StackedWeights]]" = (
+    weakref.WeakKeyDictionary())
+
+
+def _anchor(model: PreTrainedModel) -> int:
+    """模型第 0 层 q_proj 权重的地址：用来判断叠好的视图是否仍然有效。"""
+    return model.model.layers[0].self_attn.q_proj.weight.data_ptr()
+
+
+def stack_weights(models: Sequence[PreTrainedModel]) -> StackedWeights:
+    """把模型组的权重叠起来（同一组只叠一次，之后复用）。见模块说明；不能叠时抛 ValueError 说明原因。"""
+    reason = check_stackable(models)
+    if reason is not None:
+        raise ValueError(f"不能把这些模型叠成一次前向：{reason}")
+    ids = tuple(id(m) for m in models)
+    cached = _STACKS.get(models[0])
+    if cached is not None and cached[0] == ids and cached[1].anchors == [_anchor(m) for m in models]:
+        return cached[1]
+    with torch.no_grad():
+        layers = [[m.model.layers[i] for m in models] for i in range(models[0].config.num_hidden_layers)]
+        qkv = [_stack_into([[l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight]
+                            for l in ls]) for ls in layers]
+        o = [_stack_into([[l.self_attn.o_proj.weight] for l in ls]) for ls in layers]
+        gate_up = [_stack_into([[l.mlp.gate_proj.weight, l.mlp.up_proj.weight] for l in ls]) for ls in layers]
+        down = [_stack_into([[l.mlp.down_proj.weight] for l in ls]) for ls in layers]
+        ln1 = [_stack_into([[l.input_layernorm.weight] for l in ls]) for ls in layers]
+        ln2 = [_stack_into([[l.post_attention_layernorm.weight] for l in ls]) for ls in layers]
+        norm = _stack_into([[m.model.norm.weight] for m in models])
+        tied = [m.lm_head.weight is m.model.embed_tokens.weight for m in models]
+        embed = _stack_into([[m.model.embed_tokens.weight] for m in models])
+        # 绑定的 lm_head 与 embed 是同一个 Parameter，已经指向 embed 的切片；全部绑定时直接共用 embed。
+        lm_head = embed if all(tied) else _stack_into([[m.lm_head.weight] for m in models])
+    weights = StackedWeights(qkv=qkv, o=o, gate_up=gate_up, down=down, ln1=ln1, ln2=ln2, norm=norm, embed=embed,
+                             lm_head=lm_head, anchors=[_anchor(m) for m in models])
+    _STACKS[models[0]] = (ids, weights)
+    return weights
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """与 transformers 的 LlamaRMSNorm 相同的规则：float32 求均方，转回模型精度后乘权重。
+    x: (M, N, hidden)；weight: (M, hidden)。"""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight[:, None, :] * h.to(x.dtype)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """逐模型的 x @ wᵀ：x (M, N, in)，w (M, out, in) → (M, N, out)，一次 bmm（w 转置只是视图）。"""
+    return torch.bmm(x, w.transpose(1, 2))
+
+
+class StackedLlama:
+    """M 个同形状 Llama 的一次前向：预填充 prefill() 与单 token 解码 decode()，自带 KV 缓存。
+
+    行的排列：第 m 个模型的第 b 行是“扁平行” m·B + b（B 为批大小），输入 id、mask、位置都按这个顺序，
+    KV 缓存 keys[层] / values[层] 为 (M·B, H_kv, L, D)。缓存的第 s 个槽位对所有行是同一个 s
+    （与 transformers 的 StaticCache 相同）：预填充占 0..T−1（左填充的位置由 mask 屏蔽），第 n 个解码 token 写 T+n−1。
+    """
+
+    def __init__(self, models: Sequence[PreTrainedModel]) -> None:
+        self.weights = stack_weights(models)
+        cfg = models[0].config
+        self.n_models = len(models)
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.scale = self.head_dim ** -0.5
+        self.inter = cfg.intermediate_size
+        self.rotary = models[0].model.rotary_emb  # 所有模型的 RoPE 相同（check_stackable 已核对）
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.shape: tuple[int, int] | None = None
+
+    def allocate(self, batch: int, length: int) -> None:
+        """为 (批大小, 缓存长度) 分配 KV 缓存（形状不变时复用，内容不必清零：未写的槽位被 mask 屏蔽）。
+
+        标成静态地址：整步被 torch.compile(mode="reduce-overhead") 录成 CUDA graph 时，缓存的原地写入
+        不会让 cudagraph 因“输入被修改”而退回 eager（transformers 的 StaticCache 也这样做）。
+        """
+        if self.shape == (batch, length):
+            return
+        self.keys, self.values = [], []
+        w = self.weights.embed
+        shape = (self.n_models * batch, self.kv_heads, length, self.head_dim)
+        for _ in self.weights.qkv:
+            for store in (self.keys, self.values):
+                t = torch.zeros(shape, dtype=w.dtype, device=w.device)
+                torch._dynamo.mark_static_address(t)
+                store.append(t)
+        self.shape = (batch, length)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (M·B, T) → (M, B·T, hidden)：第 m 个模型的行查第 m 张嵌入表（一次索引，不分模型循环）。"""
+        m, vocab = self.n_models, self.weights.embed.shape[1]
+        offset = torch.arange(m, device=ids.device).repeat_interleave(ids.shape[0] // m)[:, None] * vocab
+        return self.weights.embed.flatten(0, 1)[ids + offset].reshape(m, -1, self.weights.embed.shape[-1])
+
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, attend: Any) -> torch.Tensor:
+        """所有层。x: (M, N, hidden)，N = B·T；positions: (M·B, T)；attend(l, q, k, v) 写缓存并做注意力，
+        输入 q (M·B, H, T, D)、k/v (M·B, H_kv, T, D)，返回 (M·B, T, H·D)。"""
+        w, m = self.weights, self.n_models
+        rows, t = positions.shape
+        cos, sin = self.rotary(x, positions)  # (M·B, T, D)，模型精度（与 transformers 相同）
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        for l in range(len(w.qkv)):
+            h = _rms_norm(x, w.ln1[l], self.eps)
+            qkv = _linear(h, w.qkv[l]).reshape(rows, t, -1)
+            q = qkv[..., :q_size].reshape(rows, t, self.heads, self.head_dim).transpose(1, 2)
+            k = qkv[..., q_size:q_size + kv_size].reshape(rows, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = qkv[..., q_size + kv_size:].reshape(rows, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            a = attend(l, q, k, v).reshape(m, -1, q_size)
+            x = x + _linear(a, w.o[l])
+            h = _rms_norm(x, w.ln2[l], self.eps)
+            gate, up = _linear(h, w.gate_up[l]).split(self.inter, dim=-1)
+            x = x + _linear(F.silu(gate) * up, w.down[l])
+        return x
+
+    def _logits(self, x_last: torch.Tensor) -> torch.Tensor:
+        """最后位置的隐状态 (M, B, hidden) → logits (M, B, V)，模型精度。"""
+        return _linear(_rms_norm(x_last, self.weights.norm, self.eps), self.weights.lm_head)
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """预填充（左填充的提示）：ids/mask/positions (M·B, T)，mask 1 = 真实 token。
+        把 K/V 写进缓存槽位 0..T−1，返回最后位置的 logits (M, B, V)。先 allocate()。
+
+        注意力掩码 = 因果 ∧ (键是真实 token ∨ 键就是查询自己)：左填充位置的查询只看见自己，
+        不会出现整行被屏蔽（那会得到 NaN，NaN 的 V 再被后面的查询乘 0 仍是 NaN）；真实行的掩码与
+        transformers 完全相同。GQA 在这里显式复制 K/V（与 transformers 的 sdpa 预填充相同），
+        让带掩码的 SDPA 走省显存的 kernel——预填充每批只做一次。
+        """
+        assert self.shape is not None, "先调用 allocate()"
+        rows, t = ids.shape
+        n_rep = self.heads // self.kv_heads
+        idx = torch.arange(t, device=ids.device)
+        causal = idx[None, :] <= idx[:, None]  # (T, T)：查询 i 看键 j ≤ i
+        visible = causal[None] & (mask.bool()[:, None, :] | torch.eye(t, dtype=torch.bool, device=ids.device)[None])
+
+        def attend(l: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self.keys[l][:, :, :t] = k
+            self.values[l][:, :, :t] = v
+            k = k[:, :, None].expand(rows, self.kv_heads, n_rep, t, self.head_dim).reshape(rows, self.heads, t, -1)
+            v = v[:, :, None].expand(rows, self.kv_heads, n_rep, t, self.head_dim).reshape(rows, self.heads, t, -1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], scale=self.scale)
+            return out.transpose(1, 2)
+
+        x = self._layers(self._embed(ids), positions, attend)
+        last = x.reshape(self.n_models, rows // self.n_models, t, -1)[:, :, -1]
+        return self._logits(last)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+               slot: torch.Tensor) -> torch.Tensor:
+        """一个解码步：tokens (B, 1) 喂给全部 M 个模型（引导时三个模型吃同一个 token）；
+        positions (M·B, 1) 每行的位置编号；mask (M·B, L) 1 = 非左填充；slot (1,) 本 token 写入的缓存槽位。
+        返回 logits (M, B, V)。全部是设备张量、形状固定，可以被编译并录进 CUDA graph。
+
+        注意力用“打包 GQA”：共享一个 KV 头的 n_rep 个查询头当作查询长度维（同 evaluator.packed_gqa_attention），
+        不复制 K/V；可见 = 非左填充 ∧ 槽位 ≤ slot。
+        """
+        rows = positions.shape[0]
+        n_rep = self.heads // self.kv_heads
+        length = mask.shape[1]
+        visible = (mask.bool() & (torch.arange(length, device=mask.device)[None, :] <= slot))[:, None, None, :]
+
+        def attend(l: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self.keys[l].index_copy_(2, slot, k)
+            self.values[l].index_copy_(2, slot, v)
+            packed = q.reshape(rows, self.kv_heads, n_rep, self.head_dim)
+            out = F.scaled_dot_product_attention(packed, self.keys[l], self.values[l], attn_mask=visible,
+                                                 scale=self.scale)
+            return out.reshape(rows, 1, self.heads * self.head_dim)
+
+        ids = tokens.repeat(self.n_models, 1)
+        return self._logits(self._layers(self._embed(ids), positions, attend))

@@ -1,0 +1,195 @@
+"""stacked_llama：M 个同形状 Llama 叠成一次前向。
+
+- 叠加前向的 logits（预填充 + 若干解码步，左填充、每个模型提示不同）== transformers 前向（float32，舍入误差内）；
+- 叠加只改变参数的存储位置，不改变 transformers 前向的结果，不多占参数内存；同一组只叠一次；
+- FastDecoder(stack="pair" / "all") == 慢速参考循环逐 token（贪心与采样、各种 overlap、编译、结束记号、批不满）；
+- 不能叠时给出原因（check_stackable / resolve_stack）。
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from evaluator import FastDecoder, ModelAdapter, Sampling, _GraphedStep, left_pad, resolve_stack
+from stacked_llama import StackedLlama, check_stackable, stack_weights
+from test_evaluator import PAD, PROMPTS, STEER, VOCAB, run, tiny_llama
+
+# 每个角色自己的提示（长度各不相同）：叠加单元里两个模型的左填充宽度不同，必须不影响结果。
+PER_ROLE = [PROMPTS, [[9, 8, 7, 6], [1, 3, 5, 7, 9, 11, 13, 15, 17], [4]], [[20, 21], [22], [23, 24, 25, 26, 27, 28]]]
+
+
+@pytest.fixture(scope="module")
+def trio() -> list[LlamaForCausalLM]:
+    """本文件自己的三个模型：叠加会改变参数的存储位置，不与其他测试文件共用模型对象。"""
+    return [tiny_llama(10), tiny_llama(11), tiny_llama(12)]
+
+
+def tied_llama(seed: int) -> LlamaForCausalLM:
+    """权重绑定（lm_head 即嵌入表，1B 专家/基座的结构）的小随机 Llama；嵌入表放大，argmax 无近似平局。"""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
+                      tie_word_embeddings=True, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(8.0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+@torch.no_grad()
+def _hf_logits(models: list[LlamaForCausalLM], prompts: list[list[list[int]]], feed: list[list[int]]
+               ) -> list[torch.Tensor]:
+    """transformers 的逐模型参考：预填充后依次喂 feed[s]（每行一个 token），返回每步的 (M, B, V) logits。"""
+    adapters = [ModelAdapter(m) for m in models]
+    steps = [torch.stack([a.prefill(*left_pad(p, PAD, torch.device("cpu"))) for a, p in zip(adapters, prompts)])]
+    for tokens in feed:
+        t = torch.tensor(tokens)[:, None]
+        steps.append(torch.stack([a.decode(t) for a in adapters]))
+    return steps
+
+
+@torch.no_grad()
+def _stacked_logits(models: list[LlamaForCausalLM], prompts: list[list[list[int]]], feed: list[list[int]],
+                    length: int = 64) -> list[torch.Tensor]:
+    """同样的输入走 StackedLlama：所有模型左填充到同一宽度（FastDecoder 的做法），槽位从 T 起逐步 +1。"""
+    s = StackedLlama(models)
+    batch = len(prompts[0])
+    s.allocate(batch, length)
+    ids, mask = left_pad([row for p in prompts for row in p], PAD, torch.device("cpu"))
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    full = torch.ones(ids.shape[0], length, dtype=torch.long)
+    full[:, : mask.shape[1]] = mask
+    steps = [s.prefill(ids, mask, pos).float()]
+    nxt, slot = pos[:, -1:] + 1, torch.tensor([ids.shape[1]])
+    for tokens in feed:
+        steps.append(s.decode(torch.tensor(tokens)[:, None], nxt, full, slot).float())
+        nxt, slot = nxt + 1, slot + 1
+    return steps
+
+
+@pytest.mark.parametrize("kind", ["untied_pair", "tied_pair", "single"])
+def test_stacked_forward_matches_transformers(kind: str) -> None:
+    """预填充与 5 个解码步的 logits 与 transformers 一致（float32 舍入误差内），每个模型的提示长度不同。"""
+    models = {"untied_pair": lambda: [tiny_llama(20), tiny_llama(21)],
+              "tied_pair": lambda: [tied_llama(22), tied_llama(23)],
+              "single": lambda: [tiny_llama(24)]}[kind]()
+    prompts = PER_ROLE[1:1 + len(models)]
+    feed = [[5, 6, 7], [60, 2, 31], [1, 1, 1], [90, 45, 12], [3, 77, 8]]
+    ref = _hf_logits(models, prompts, feed)  # 先算参考：叠加之前的 transformers
+    got = _stacked_logits(models, prompts, feed)
+    assert len(got) == len(ref) == 6
+    for r, g in zip(ref, got):
+        assert g.shape == r.shape
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-4)
+    # 叠加之后 transformers 前向读的是同一份数据：结果逐位不变。
+    for r, h in zip(ref, _hf_logits(models, prompts, feed)):
+        assert torch.equal(r, h)
+
+
+def test_stacking_shares_storage_and_is_done_once() -> None:
+    """参数改为指向叠好的张量的切片（不多占内存）；同一组再叠直接复用；模型被移动（地址变了）后重新叠。"""
+    models = [tiny_llama(30), tiny_llama(31)]
+    w = stack_weights(models)
+    assert w is stack_weights(models)
+    base, size = w.qkv[0].data_ptr(), w.qkv[0].numel() * w.qkv[0].element_size()
+    for m in models:
+        attn = m.model.layers[0].self_attn
+        for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight):
+            assert base <= p.data_ptr() < base + size
+    assert models[1].lm_head.weight.data_ptr() == w.lm_head[1].data_ptr()
+    assert models[0].model.embed_tokens.weight.data_ptr() == w.embed[0].data_ptr()
+    models[0].to(torch.float64).to(torch.float32)  # 新的存储：旧视图失效
+    again = stack_weights(models)
+    assert again is not w and torch.equal(again.qkv[1], w.qkv[1])
+
+
+def test_check_stackable_reasons() -> None:
+    a, b = tiny_llama(40), tiny_llama(41)
+    assert check_stackable([a, b]) is None
+    assert "两次" in check_stackable([a, a])
+    assert "num_key_value_heads" in check_stackable([a, tied_llama(42)])
+    assert "精度" in check_stackable([a, tiny_llama(43).to(torch.float64)])
+    q = tiny_llama(44)
+    q.hf_quantizer = object()  # transformers 给量化模型设置的属性
+    assert "量化" in check_stackable([a, q])
+    biased = tiny_llama(45)
+    biased.config.attention_bias = True
+    assert "偏置" in check_stackable([a, biased])
+    with pytest.raises(ValueError, match="不能把这些模型叠成一次前向"):
+        StackedLlama([a, a])
+
+
+def test_resolve_stack_rules(trio: list[LlamaForCausalLM]) -> None:
+    """auto → pair 只在：CUDA、编译、引导、专家与基座能叠；显式给出做不到时报错。"""
+    assert resolve_stack("auto", trio, steering=STEER, compile=True, device_type="cuda") == "pair"
+    assert resolve_stack("auto", trio, steering=STEER, compile=True, device_type="cpu") == "off"
+    assert resolve_stack("auto", trio, steering=STEER, compile=False, device_type="cuda") == "off"
+    assert resolve_stack("auto", trio[:1], steering=None, compile=True, device_type="cuda") == "off"
+    assert resolve_stack("auto", [trio[0], trio[1], tied_llama(50)], steering=STEER, compile=True,
+                         device_type="cuda") == "off"
+    assert resolve_stack("all", trio[:1], steering=None, compile=False, device_type="cpu") == "all"
+    with pytest.raises(ValueError, match="只用于引导"):
+        resolve_stack("pair", trio[:1], steering=None, compile=False, device_type="cpu")
+    with pytest.raises(ValueError, match="做不到"):
+        resolve_stack("pair", [trio[0], trio[1], trio[1]], steering=STEER, compile=False, device_type="cpu")
+    with pytest.raises(ValueError, match="auto / off / pair / all"):
+        resolve_stack("yes", trio, steering=STEER, compile=False, device_type="cpu")
+
+
+@pytest.mark.parametrize("stack", ["pair", "all"])
+@pytest.mark.parametrize("overlap", ["off", "graph", "streams"])
+def test_fast_decoder_stacked_equals_reference_loop(trio: list[LlamaForCausalLM], stack: str, overlap: str) -> None:
+    """叠加路径 == 慢速循环逐 token（α 也一致）：每个角色的提示不同、批不满（补占位行）。"""
+    decoder = FastDecoder(trio, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4, steering=STEER,
+                          compile=False, overlap=overlap, stack=stack)
+    assert decoder.units == [(0,), (1, 2)] and (decoder.stacked[0] is not None) == (stack == "all")
+    quick = decoder.generate(PER_ROLE, 14)
+    slow = run(trio, None, steps=14, steering=STEER, per_role=PER_ROLE)
+    assert quick.tokens == slow.tokens
+    for a, b in zip(quick.alpha, slow.alpha):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert (decoder.caches[0] is None) == (stack == "all") and decoder.caches[1] is None and decoder.caches[2] is None
+    if overlap != "off":
+        assert isinstance(decoder.step, _GraphedStep) and decoder.step.calls == 13
+
+
+def test_fast_decoder_stacked_target_only_and_end_tokens(trio: list[LlamaForCausalLM]) -> None:
+    """stack="all" 的基线（只有目标，M = 1）；带结束记号、跨批复用与换桶重新分配缓存。"""
+    decoder = FastDecoder(trio[:1], vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=3, steering=None,
+                          compile=False, stack="all")
+    assert decoder.units == [(0,)] and decoder.stacked[0] is not None
+    long_prompts = [[3 + i % 90 for i in range(140)], [7] * 20]
+    for prompts, steps in ((PROMPTS, 10), (long_prompts, 6), (PROMPTS[1:], 8)):
+        assert decoder.generate([prompts], steps).tokens == run(trio[:1], prompts, steps=steps).tokens
+    free = run(trio, PROMPTS, steps=16, steering=STEER).tokens
+    end = free[0][3]
+    decoder = FastDecoder(trio, vocab_size=VOCAB, end_ids=[end], pad_id=PAD, batch_size=5, steering=STEER,
+                          compile=False, overlap="graph", check_every=4, stack="pair")
+    assert decoder.generate([PROMPTS] * 3, 16).tokens == run(trio, PROMPTS, steps=16, steering=STEER,
+                                                             ends=[end]).tokens
+
+
+def test_fast_decoder_stacked_sampling_equals_reference(trio: list[LlamaForCausalLM]) -> None:
+    """采样时叠加路径也与参考循环逐 token 相同（随机数由题目 index 与步数决定）。"""
+    sampling = Sampling(temperature=0.8, top_p=0.9, seed=3)
+    decoder = FastDecoder(trio, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4, steering=STEER,
+                          compile=False, sampling=sampling, overlap="streams", stack="pair")
+    fast = decoder.generate(PER_ROLE, 10, question_ids=[10, 11, 12]).tokens
+    from evaluator import generate_batch
+
+    slow = generate_batch(trio, PER_ROLE, vocab_size=VOCAB, max_new_tokens=10, end_ids=[], pad_id=PAD,
+                          steering=STEER, sampling=sampling, question_ids=[10, 11, 12]).tokens
+    assert fast == slow
+    greedy = run(trio, None, steps=10, steering=STEER, per_role=PER_ROLE).tokens
+    assert fast != greedy  # 采样真的改变了输出
+
+
+@pytest.mark.parametrize("overlap", ["off", "streams"])
+def test_fast_decoder_stacked_compiled_equals_reference(trio: list[LlamaForCausalLM], overlap: str) -> None:
+    """CPU 上真的编译（fullgraph）叠加单元：整步编译（off）与分开编译（streams）都与慢速循环逐 token 一致。"""
+    decoder = FastDecoder(trio, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4, steering=STEER,
+                          compile=True, overlap=overlap, stack="pair")
+    assert decoder.generate(PER_ROLE, 8).tokens == run(trio, None, steps=8, steering=STEER,
+                                                       per_role=PER_ROLE).tokens
