@@ -131,6 +131,10 @@ def stack_weights(models: Sequence[PreTrainedModel]) -> StackedWeights:
         lm_head = embed if all(tied) else _stack_into([[m.lm_head.weight] for m in models])
     weights = StackedWeights(qkv=qkv, o=o, gate_up=gate_up, down=down, ln1=ln1, ln2=ln2, norm=norm, embed=embed,
                              lm_head=lm_head, anchors=[_anchor(m) for m in models])
+    # 标成静态地址：这些张量不是 nn.Parameter，torch.compile(mode="reduce-overhead") 的 cudagraph 会把它们当作
+    # 普通输入、每次重放前整份拷进自己的静态缓冲（H100 实测：8B 单独解码 7.3 → 18.0 ms/步，峰值显存多 15 GB）。
+    for t in [*qkv, *o, *gate_up, *down, *ln1, *ln2, norm, embed, lm_head]:
+        torch._dynamo.mark_static_address(t)
     _STACKS[models[0]] = (ids, weights)
     return weights
 
