@@ -29,7 +29,8 @@ from typing import Any, Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from evaluator import BatchResult, FastDecoder, Sampling, SteeringParams, generate_batch, length_bucket
+from evaluator import (STACK_MODES, BatchResult, FastDecoder, Sampling, SteeringParams, generate_batch,
+                       length_bucket)
 
 STEER = SteeringParams(base_alpha=1.0, adaptive_scale=10.0, max_boost=1.0, metric="js")
 MEDQA_QUESTIONS = 1273  # MedQA-USMLE 4 选项测试集题数（全量估算用）
@@ -111,8 +112,9 @@ def timed(fn: Callable[[], BatchResult], device: str) -> float:
 
 
 def stack_for(stack: str, steered: bool) -> str:
-    """--stack 的一项 → 这一行 FastDecoder 的 stack 参数：只有目标模型时 "pair" 无意义，按 "off" 测（基线本来的路径）。"""
-    return "off" if stack == "pair" and not steered else stack
+    """--stack 的一项 → 这一行 FastDecoder 的 stack 参数。只有目标模型时只看目标走哪条前向：
+    "pair" → "off"（基线的目标走 transformers），"all" → "target"（目标走叠加前向）。"""
+    return stack if steered else {"pair": "off", "all": "target"}.get(stack, stack)
 
 
 def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int, args: argparse.Namespace,
@@ -330,10 +332,11 @@ def environment() -> dict[str, Any]:
 
 
 def target_row(rows: list[dict[str, Any]], r: dict[str, Any]) -> dict[str, Any] | None:
-    """引导行 r 的比较对象：同一路径、同一批大小、目标走同一条前向（stack="all" 时目标也是叠加前向，否则是 transformers）。"""
-    want = "all" if r.get("stack") == "all" else "off"
+    """引导行 r 的比较对象：同一路径、同一批大小、目标走同一条前向（stack 为 target/all 时是叠加前向，否则是 transformers）。"""
+    stacked = ("target", "all")
+    want = r.get("stack") in stacked
     return next((x for x in rows if x["path"] == r["path"] and x["batch"] == r["batch"] and x["mode"] == "target"
-                 and x.get("stack", "off") == want and "ms_per_step" in x), None)
+                 and (x.get("stack") in stacked) == want and "ms_per_step" in x), None)
 
 
 def estimate_full_run(rows: list[dict[str, Any]], max_new: int = 512) -> list[str]:
@@ -384,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="引导时 FastDecoder 的 overlap 模式 auto/off/graph/streams（见 evaluator._GraphedStep）；"
                              "计时可给多个（逗号分隔，每个引导行各测一次），--check/--profile 用第一个")
     parser.add_argument("--stack", default="auto",
-                        help="FastDecoder 的 stack 模式 auto/off/pair/all（见 evaluator.resolve_stack）；计时可给多个"
-                             "（逗号分隔：引导行逐个测，目标行测 off 与 all），--check/--profile 用第一个")
+                        help="FastDecoder 的 stack 模式 auto/off/pair/target/all（见 evaluator.resolve_stack）；计时可给多个"
+                             "（逗号分隔：引导行逐个测，目标行只按目标走哪条前向测），--check/--profile 用第一个")
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0：采样（计入每步的 top-p 与 Gumbel 开销）")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--out", default=None, help="把 JSON 结果也写到这个文件")
@@ -398,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     if not overlaps or any(o not in ("auto", "off", "graph", "streams") for o in overlaps):
         parser.error(f"--overlap {args.overlap!r}：每一项应为 auto / off / graph / streams")
     stacks = [o for o in args.stack.split(",") if o]
-    if not stacks or any(o not in ("auto", "off", "pair", "all") for o in stacks):
-        parser.error(f"--stack {args.stack!r}：每一项应为 auto / off / pair / all")
+    if not stacks or any(o not in STACK_MODES for o in stacks):
+        parser.error(f"--stack {args.stack!r}：每一项应为 {' / '.join(STACK_MODES)}")
     compile_step = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda"))
     torch.set_grad_enabled(False)
     env = environment()
@@ -431,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = [(mode, o, st) for mode in args.modes.split(",")
                     for o in (overlaps if mode == "steered" and path == "fast" else ["off"])
                     for st in (stacks if path == "fast" else ["off"])]
-            # 目标行：各 stack 项映射后相同的只测一次（"pair" 对目标就是 "off"）
+            # 目标行：各 stack 项映射后相同的只测一次（见 stack_for）
             runs = [r for i, r in enumerate(runs) if r[0] == "steered" or
                     stack_for(r[2], False) not in [stack_for(x[2], False) for x in runs[:i] if x[0] == r[0]]]
             for mode, overlap, stack in runs:

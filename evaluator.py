@@ -320,27 +320,36 @@ def resolve_overlap(overlap: str, models: Sequence[PreTrainedModel], *, steering
     return "streams" if compile and device_type == "cuda" and steering is not None and not quantized else "off"
 
 
+STACK_MODES: Final[tuple[str, ...]] = ("auto", "off", "pair", "target", "all")
+
+
 def resolve_stack(stack: str, models: Sequence[PreTrainedModel], *, steering: SteeringParams | None,
                   compile: bool, device_type: str) -> str:
-    """FastDecoder 的 stack 参数 → 实际模式（"off" / "pair" / "all"）。
+    """FastDecoder 的 stack 参数 → 实际模式（"off" / "pair" / "target" / "all"）。
 
-    "pair"：专家与基座叠成一次前向（stacked_llama.StackedLlama，每个投影一次 bmm），目标模型仍走 transformers；
-    "all"：另外目标模型也走 StackedLlama（M = 1：q/k/v、gate/up 各拼成一次矩阵乘，自带 KV 缓存）；
-    "off"：每个模型都走 transformers 的前向。
-    "auto" 只在 CUDA 上编译的引导解码、且专家与基座能叠（check_stackable）时取 "pair"，其余取 "off"
-    （CPU 上不编译时没有可省的 kernel 启动；量化模型的权重不能叠）。显式给出而做不到时报错说明原因。
+    哪些模型走 stacked_llama.StackedLlama 的前向（q/k/v、gate/up 各拼成一次矩阵乘，自带 KV 缓存）：
+    "pair" = 专家与基座叠成一次前向（每个投影一次 bmm）；"target" = 目标模型单独走它（M = 1）；
+    "all" = 两者都是；"off" = 都走 transformers 的前向。只有目标模型（基线）时 "all" 与 "target" 相同。
+    "auto"：只在 CUDA 上编译时叠加，且按模型各自判断（check_stackable）——目标模型走哪条前向只取决于它自己，
+    所以基线与引导两个臂里目标模型的数值规则相同（bf16 下两条前向的舍入不同，这一点不能因臂而异）。
+    CPU / 不编译时取 "off"（没有可省的 kernel 启动）；量化模型不能叠。显式给出而做不到时报错说明原因。
     """
-    if stack not in ("auto", "off", "pair", "all"):
-        raise ValueError(f"stack={stack!r}：应为 auto / off / pair / all")
+    if stack not in STACK_MODES:
+        raise ValueError(f"stack={stack!r}：应为 {' / '.join(STACK_MODES)}")
     steered = steering is not None and len(models) == 3
     if stack == "auto":
-        ok = steered and compile and device_type == "cuda" and check_stackable(models[1:]) is None
-        return "pair" if ok else "off"
+        if not (compile and device_type == "cuda"):
+            return "off"
+        target = check_stackable(models[:1]) is None
+        pair = steered and check_stackable(models[1:]) is None
+        return {(True, True): "all", (True, False): "target", (False, True): "pair"}.get((target, pair), "off")
     if stack == "off":
         return stack
     if stack == "pair" and not steered:
         raise ValueError("stack='pair' 只用于引导解码（目标、专家、基座三个模型）")
-    for group in ([models[1:]] if stack == "pair" else [models[:1]] + ([models[1:]] if steered else [])):
+    groups = ([models[:1]] if stack in ("target", "all") else []) + (
+        [models[1:]] if stack in ("pair", "all") and steered else [])
+    for group in groups:
         reason = check_stackable(group)
         if reason is not None:
             raise ValueError(f"stack={stack!r} 做不到：{reason}。用 stack='off'")
@@ -398,11 +407,11 @@ class FastDecoder:
         self.stack = resolve_stack(stack, self.models, steering=steering, compile=compile,
                                    device_type=self.device.type)
         n = len(self.models)
-        self.units: list[tuple[int, ...]] = (
-            [(0,), (1, 2)] if self.stack != "off" and n == 3 else [(k,) for k in range(n)])
+        pair, target = self.stack in ("pair", "all") and n == 3, self.stack in ("target", "all")
+        self.units: list[tuple[int, ...]] = [(0,), (1, 2)] if pair else [(k,) for k in range(n)]
         # stacked[u]：第 u 个单元的叠加前向（None = 该单元是一个 transformers 模型）
         self.stacked: list[StackedLlama | None] = [
-            StackedLlama([self.models[k] for k in unit]) if len(unit) > 1 or self.stack == "all" else None
+            StackedLlama([self.models[k] for k in unit]) if len(unit) > 1 or (unit == (0,) and target) else None
             for unit in self.units]
         # fullgraph=True：任何 graph break 都直接报错，而不是悄悄退回 eager、让“快速路径”名不副实。
         self.step: Callable[..., tuple[torch.Tensor, ...]] = (

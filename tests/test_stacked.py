@@ -122,35 +122,45 @@ def test_check_stackable_reasons() -> None:
 
 
 def test_resolve_stack_rules(trio: list[LlamaForCausalLM]) -> None:
-    """auto → pair 只在：CUDA、编译、引导、专家与基座能叠；显式给出做不到时报错。"""
-    assert resolve_stack("auto", trio, steering=STEER, compile=True, device_type="cuda") == "pair"
+    """auto 只在 CUDA 上编译时叠加，且目标与专家/基座各自判断：目标走哪条前向只取决于目标本身
+    （基线与引导两个臂里相同）；显式给出做不到时报错。"""
+    assert resolve_stack("auto", trio, steering=STEER, compile=True, device_type="cuda") == "all"
+    assert resolve_stack("auto", trio[:1], steering=None, compile=True, device_type="cuda") == "target"
     assert resolve_stack("auto", trio, steering=STEER, compile=True, device_type="cpu") == "off"
     assert resolve_stack("auto", trio, steering=STEER, compile=False, device_type="cuda") == "off"
-    assert resolve_stack("auto", trio[:1], steering=None, compile=True, device_type="cuda") == "off"
-    assert resolve_stack("auto", [trio[0], trio[1], tied_llama(50)], steering=STEER, compile=True,
-                         device_type="cuda") == "off"
+    odd = tied_llama(50)  # 与 trio 的形状不同：专家/基座叠不起来，目标仍然叠
+    assert resolve_stack("auto", [trio[0], trio[1], odd], steering=STEER, compile=True, device_type="cuda") == "target"
+    quantized = tiny_llama(51)
+    quantized.hf_quantizer = object()
+    assert resolve_stack("auto", [quantized, trio[1], trio[2]], steering=STEER, compile=True,
+                         device_type="cuda") == "pair"
+    assert resolve_stack("auto", [quantized], steering=None, compile=True, device_type="cuda") == "off"
     assert resolve_stack("all", trio[:1], steering=None, compile=False, device_type="cpu") == "all"
     with pytest.raises(ValueError, match="只用于引导"):
         resolve_stack("pair", trio[:1], steering=None, compile=False, device_type="cpu")
     with pytest.raises(ValueError, match="做不到"):
         resolve_stack("pair", [trio[0], trio[1], trio[1]], steering=STEER, compile=False, device_type="cpu")
-    with pytest.raises(ValueError, match="auto / off / pair / all"):
+    with pytest.raises(ValueError, match="做不到"):
+        resolve_stack("target", [quantized], steering=None, compile=False, device_type="cpu")
+    with pytest.raises(ValueError, match="auto / off / pair / target / all"):
         resolve_stack("yes", trio, steering=STEER, compile=False, device_type="cpu")
 
 
-@pytest.mark.parametrize("stack", ["pair", "all"])
+@pytest.mark.parametrize("stack", ["pair", "target", "all"])
 @pytest.mark.parametrize("overlap", ["off", "graph", "streams"])
 def test_fast_decoder_stacked_equals_reference_loop(trio: list[LlamaForCausalLM], stack: str, overlap: str) -> None:
     """叠加路径 == 慢速循环逐 token（α 也一致）：每个角色的提示不同、批不满（补占位行）。"""
     decoder = FastDecoder(trio, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4, steering=STEER,
                           compile=False, overlap=overlap, stack=stack)
-    assert decoder.units == [(0,), (1, 2)] and (decoder.stacked[0] is not None) == (stack == "all")
+    pair = stack in ("pair", "all")
+    assert decoder.units == ([(0,), (1, 2)] if pair else [(0,), (1,), (2,)])
+    assert (decoder.stacked[0] is not None) == (stack in ("target", "all"))
     quick = decoder.generate(PER_ROLE, 14)
     slow = run(trio, None, steps=14, steering=STEER, per_role=PER_ROLE)
     assert quick.tokens == slow.tokens
     for a, b in zip(quick.alpha, slow.alpha):
         assert a == pytest.approx(b, abs=1e-5)
-    assert (decoder.caches[0] is None) == (stack == "all") and decoder.caches[1] is None and decoder.caches[2] is None
+    assert [c is None for c in decoder.caches] == [stack != "pair", pair, pair]
     if overlap != "off":
         assert isinstance(decoder.step, _GraphedStep) and decoder.step.calls == 13
 
