@@ -13,7 +13,7 @@ import inspect
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Final, Sequence
 
 import torch
@@ -741,7 +741,9 @@ class ArmResult:
 
     records：本次新解码、已交给 on_batch 的逐题记录（按 index 升序；续跑时不含之前已记录的题）；
     seconds / decoded_tokens：本次的解码墙钟秒数（不含加载）与生成的 token 数；
-    oom_backoffs：本次因显存不足把批减半的次数；interrupted：是否因 should_stop() 在完成之前停下。
+    oom_backoffs：本次因显存不足把批减半的次数；interrupted：是否因 should_stop() 在完成之前停下；
+    decode_path：实际走的解码路径（fast、compiled，快速路径时还有解析后的 overlap 与 stack），写进 metrics.json，
+    读者不必猜 auto 选了什么。
     """
 
     mode: str
@@ -750,6 +752,7 @@ class ArmResult:
     decoded_tokens: int
     oom_backoffs: int = 0
     interrupted: bool = False
+    decode_path: dict[str, Any] = field(default_factory=dict)
 
 
 def batch_plan(target_prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
@@ -855,6 +858,9 @@ def run_arm(
                               steering=steer, sampling=sampling, question_ids=qids)
 
     decoder = make_decoder(size)
+    decode_path: dict[str, Any] = {"fast": fast, "compiled": fast and compile}
+    if decoder is not None:
+        decode_path.update(overlap=decoder.overlap, stack=decoder.stack)
     records: list[dict[str, Any]] = []
     decoded_tokens = backoffs = 0
     interrupted = False
@@ -910,7 +916,7 @@ def run_arm(
     bar.close()
     return ArmResult(mode=mode, records=sorted(records, key=lambda r: r["index"]),
                      seconds=time.perf_counter() - start, decoded_tokens=decoded_tokens, oom_backoffs=backoffs,
-                     interrupted=interrupted)
+                     interrupted=interrupted, decode_path=decode_path)
 
 
 ALPHA_DECIMALS: int = 4  # 逐 token α 的保存精度：α 量级为 1，万分之一足够作图，又让每题 512 步的记录保持小巧
@@ -991,7 +997,8 @@ def arm_timing(arm: ArmResult) -> dict[str, Any]:
     续跑时只统计续跑这一次；这些数字因机器负载而异，不参与“结果相同”的比较。
     """
     return {"seconds": round(arm.seconds, 3), "decoded_tokens": arm.decoded_tokens,
-            "tokens_per_second": arm.decoded_tokens / arm.seconds if arm.seconds > 0 else None}
+            "tokens_per_second": arm.decoded_tokens / arm.seconds if arm.seconds > 0 else None,
+            "decode_path": arm.decode_path}
 
 
 def compare_arms(baseline: Sequence[dict[str, Any]], steered: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -749,7 +749,9 @@ def run(cfg: Config, run_dir: str, stored: dict[str, Any] | None = None, dist: D
             return None
         # 多进程：墙钟取最慢的进程，token 数相加（tokens/s 因而是整个运行的吞吐）。
         timing = {name: {"seconds": max(t[name]["seconds"] for t in per_rank),
-                         "decoded_tokens": sum(t[name]["decoded_tokens"] for t in per_rank)} for name in names}
+                         "decoded_tokens": sum(t[name]["decoded_tokens"] for t in per_rank),
+                         **({"decode_path": per_rank[0][name]["decode_path"]}
+                            if "decode_path" in per_rank[0][name] else {})} for name in names}
         for t in timing.values():
             t["tokens_per_second"] = t["decoded_tokens"] / t["seconds"] if t["seconds"] > 0 else None
         if dist.world > 1:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,8 @@ def check_stackable(models: Sequence[PreTrainedModel]) -> str | None:
             return f"只支持 Llama 结构，得到 model_type={cfg.model_type!r}"
         if getattr(m, "hf_quantizer", None) is not None:
             return "量化（4-bit/8-bit）模型的权重不是普通张量，不能叠加"
+        if len(set((getattr(m, "hf_device_map", None) or {"": 0}).values())) > 1:
+            return "模型被 device_map 分散在多个设备上"
         if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
             return "带偏置的 Llama 变体不支持"
         if cfg.hidden_act != "silu":
@@ -198,7 +200,8 @@ class StackedLlama:
         offset = torch.arange(m, device=ids.device).repeat_interleave(ids.shape[0] // m)[:, None] * vocab
         return self.weights.embed.flatten(0, 1)[ids + offset].reshape(m, -1, self.weights.embed.shape[-1])
 
-    def _layers(self, x: torch.Tensor, positions: torch.Tensor, attend: Any) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor,
+                attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """所有层。x: (M, N, hidden)，N = B·T；positions: (M·B, T)；attend(l, q, k, v) 写缓存并做注意力，
         输入 q (M·B, H, T, D)、k/v (M·B, H_kv, T, D)，返回 (M·B, T, H·D)。"""
         w, m = self.weights, self.n_models

@@ -117,6 +117,9 @@ def test_check_stackable_reasons() -> None:
     biased = tiny_llama(45)
     biased.config.attention_bias = True
     assert "偏置" in check_stackable([a, biased])
+    spread = tiny_llama(46)
+    spread.hf_device_map = {"model.layers.0": 0, "model.layers.1": "cpu"}  # accelerate 分散加载时设置的属性
+    assert "多个设备" in check_stackable([a, spread])
     with pytest.raises(ValueError, match="不能把这些模型叠成一次前向"):
         StackedLlama([a, a])
 
