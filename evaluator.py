@@ -370,8 +370,10 @@ class FastDecoder:
       "graph" = 每个模型的前向与融合分别编译（不带 cudagraphs），整步手动录成一张 CUDA graph；
       "streams" = 同上，但专家与基座各在一条侧流上，与 8B 前向在图内并行；
       "auto"（默认）见 resolve_overlap。
-    - stack（见 resolve_stack）：专家与基座叠成一次前向（StackedLlama，每个投影一次 bmm、两个缓存一次注意力）。
-      模型按“前向单元”分组：units[u] 是一起前向的模型下标，如 [(0,), (1, 2)]；每个单元一次前向、（streams 时）一条流。
+    - stack（见 resolve_stack）：解码前向改用 StackedLlama——专家与基座叠成一次前向（每个投影一次 bmm、两个缓存
+      一次注意力），目标模型也可单独走它（M = 1，q/k/v、gate/up 拼接）。H100 上批 1 引导每步 9.62 → 8.94 ms
+      （主要来自目标模型的拼接投影），见 BENCHMARKS.md。模型按“前向单元”分组：units[u] 是一起前向的模型下标，
+      如 [(0,), (1, 2)]；每个单元一次前向、（streams 时）一条流。
     - 三个角色的提示左填充到同一宽度 T：所有模型的缓存槽位因此相同（第 n 个解码 token 写在槽位 T+n−1），
       叠加单元按这个槽位写缓存。真实 token 的位置编号由各自的 mask 决定，多出的左填充被屏蔽，结果不变。
     """
