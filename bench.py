@@ -431,12 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     for batch in sizes:
         oom = False
         for path in args.paths.split(","):
+            # 目标行：各 stack 项按 stack_for 映射、去重后各测一次（"pair" 与 "off" 对目标是同一条路径）
+            target_stacks = list(dict.fromkeys(stack_for(st, False) for st in stacks))
             runs = [(mode, o, st) for mode in args.modes.split(",")
                     for o in (overlaps if mode == "steered" and path == "fast" else ["off"])
-                    for st in (stacks if path == "fast" else ["off"])]
-            # 目标行：各 stack 项映射后相同的只测一次（见 stack_for）
-            runs = [r for i, r in enumerate(runs) if r[0] == "steered" or
-                    stack_for(r[2], False) not in [stack_for(x[2], False) for x in runs[:i] if x[0] == r[0]]]
+                    for st in ((stacks if mode == "steered" else target_stacks) if path == "fast" else ["off"])]
             for mode, overlap, stack in runs:
                 try:
                     row = measure(path, models, mode == "steered", batch, args, compile_step, overlap, stack)

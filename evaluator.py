@@ -368,7 +368,7 @@ class FastDecoder:
     - 解码用 packed_gqa_attention，避免编译路径里 GQA 的 K/V 复制。
     - overlap（见 _GraphedStep）："off" = 上面那个整步编译（reduce-overhead / cudagraph trees）；
       "graph" = 每个模型的前向与融合分别编译（不带 cudagraphs），整步手动录成一张 CUDA graph；
-      "streams" = 同上，但专家与基座各在一条侧流上，与 8B 前向在图内并行；
+      "streams" = 同上，但目标之外的每个前向单元（专家、基座，或叠加后的专家+基座）各在一条侧流上，与 8B 前向在图内并行；
       "auto"（默认）见 resolve_overlap。
     - stack（见 resolve_stack）：解码前向改用 StackedLlama——专家与基座叠成一次前向（每个投影一次 bmm、两个缓存
       一次注意力），目标模型也可单独走它（M = 1，q/k/v、gate/up 拼接）。H100 上批 1 引导每步 9.62 → 9.03 ms（同一次调用）
@@ -448,10 +448,10 @@ class FastDecoder:
         return out.logits[:, -1, : self.vocab_size].float()
 
     def _forward_one(self, k: int, tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """第 k 个模型的一步解码前向（overlap 模式下单独编译，好让三个前向分属不同的 CUDA 流）。
+        """第 k 个模型（未叠加、走 transformers 前向的单元）的一步解码前向，由 _forward_unit 调用。
 
         tokens/position: (B, 1)；mask: (B, L)。返回 (B, V) float32 logits；StaticCache 原地更新。
-        与 _step 里的那一行完全相同的调用，所以两种模式的数值规则一致。
+        _step（整步编译）与 _GraphedStep（分开编译）都经 _forward_unit 走到这里，所以两种模式的数值规则一致。
         """
         out = self.models[k](input_ids=tokens, position_ids=position, attention_mask=mask, use_cache=True,
                              **{self.kwargs[k]: self.caches[k]})
@@ -618,10 +618,11 @@ def _root_oom(exc: BaseException) -> BaseException:
 class _GraphedStep:
     """FastDecoder 的 overlap 模式（"graph" / "streams"）：手动录制的 CUDA graph 解码步。
 
-    解码步拆成“每个模型一个前向（FastDecoder._forward_one）+ 融合选词（FastDecoder._choose）”，各自用
+    解码步拆成“每个前向单元一次前向（FastDecoder._forward_unit）+ 融合选词（FastDecoder._choose）”，各自用
     torch.compile 编译（fullgraph、不带 cudagraphs），再把整步手动录成一张 CUDA graph。
-    side_streams=True 时专家与基座的前向各在一条侧流上：侧流先等主流（fork），融合前主流等侧流（join），
-    录进图里就是依赖边，两个 1B 前向与 8B 前向在图内可以并行。
+    side_streams=True 时目标之外的每个单元在一条侧流上：侧流先等主流（fork），融合前主流等侧流（join），
+    录进图里就是依赖边，1B 前向与 8B 前向在图内可以并行。（专家与基座叠加后，批 64 上实测不再有重叠：
+    叠加后的 kernel 已占满 GPU，streams 与 graph 同为 12.3 ms，见 BENCHMARKS.md。）
 
     为什么手动：reduce-overhead 的整步编译把三个模型串在一条流上；1B 模型 hidden 只有 2048，它们的小 kernel
     单独跑时喂不满显存带宽（BENCHMARKS.md 的剖析）。torch 2.11 的 dynamo 不能把多条流编进一张图，

@@ -43,6 +43,21 @@ def test_tiny_benchmark_overlap_modes_and_attached_profile(capsys):
         assert {"kernel_ms_per_step", "ms_per_step", "top_kernels", "steps_profiled"} <= r["profile"].keys()
 
 
+def test_tiny_benchmark_stack_modes_pair_rows_with_matching_target(capsys):
+    """--stack 给多个：引导行逐个测；目标行按目标走哪条前向去重（pair → off，all → target）；
+    估算配对的是最快引导行与目标走同一条前向的目标行。"""
+    assert bench.main(["--preset", "tiny", "--device", "cpu", "--batches", "2", "--overlap", "streams",
+                       "--stack", "off,pair,all"]) == 0
+    report = last_json(capsys)
+    rows = report["rows"]
+    assert [(r["mode"], r["stack"]) for r in rows] == [("target", "off"), ("target", "target"), ("steered", "off"),
+                                                       ("steered", "pair"), ("steered", "all")]
+    fastest = min((r for r in rows if r["mode"] == "steered"), key=lambda r: r["ms_per_step"])
+    target = bench.target_row(rows, fastest)
+    assert target is not None and (target["stack"] == "target") == (fastest["stack"] == "all")
+    assert f"{target['ms_per_step']:.2f} + {fastest['ms_per_step']:.2f}" in report["full_run_estimate"][0]
+
+
 def test_tiny_check_overlap_path_in_float32_only(capsys):
     """--check-dtypes 只做所选精度；--overlap streams 时引导行检查的是 overlap 路径。"""
     assert bench.main(["--preset", "tiny", "--device", "cpu", "--check", "--check-dtypes", "float32",
