@@ -29,8 +29,9 @@ from typing import Any, Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from stacked_llama import ATTENTION_MODES
 from evaluator import (STACK_MODES, BatchResult, FastDecoder, Sampling, SteeringParams, generate_batch,
-                       length_bucket)
+                       length_bucket, resolve_attention)
 
 STEER = SteeringParams(base_alpha=1.0, adaptive_scale=10.0, max_boost=1.0, metric="js")
 MEDQA_QUESTIONS = 1273  # MedQA-USMLE 4 选项测试集题数（全量估算用）
@@ -117,11 +118,19 @@ def stack_for(stack: str, steered: bool) -> str:
     return stack if steered else {"pair": "off", "all": "target"}.get(stack, stack)
 
 
+def attention_for(attention: str, stack: str, device: str) -> str:
+    """--attention 的一项 → 这一行实际的注意力实现（evaluator.resolve_attention 解析 auto）。没有叠加前向（stack 为 off）
+    的行只能用 SDPA，解析成 "sdpa" 而不是让 "triton" 报错；解析后相同的行只测一次。"""
+    return resolve_attention("auto" if stack == "off" else attention, stacked=stack != "off",
+                             device_type=device.split(":")[0])
+
+
 def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int, args: argparse.Namespace,
-            compile_step: bool, overlap: str = "off", stack: str = "off") -> dict[str, Any]:
-    """测一个 (路径, 模式, 批大小, overlap, stack)：预热后测 T(new) 与 T(1)，返回每步毫秒、tokens/s、峰值显存。
+            compile_step: bool, overlap: str = "off", stack: str = "off", attention: str = "auto") -> dict[str, Any]:
+    """测一个 (路径, 模式, 批大小, overlap, stack, attention)：预热后测 T(new) 与 T(1)，返回每步毫秒、tokens/s、峰值显存。
 
     overlap 只对引导模式的快速路径有意义（evaluator._GraphedStep）；stack 见 evaluator.resolve_stack；
+    attention 见 evaluator.resolve_attention（只作用于叠加前向：这一行没有叠加单元时按 auto 解析成 sdpa）；
     --with-profile 时再附上同一解码器的剖析。
     """
     use = models if steered else models[:1]
@@ -140,7 +149,8 @@ def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int,
         # 预热用了另一个长度桶，计时里混进了 40 秒编译）。
         decoder = FastDecoder(use, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=batch, steering=steering,
                               compile=compile_step, cache_len=length_bucket(args.prompt + new), overlap=overlap,
-                              sampling=sampling_of(args), stack=stack_for(stack, steered))
+                              sampling=sampling_of(args), stack=stack_for(stack, steered),
+                              attention=attention_for(attention, stack_for(stack, steered), args.device))
         gen = lambda n: decoder.generate([prompts] * len(use), n, question_ids=list(range(batch)))  # noqa: E731
     else:
         gen = lambda n: generate_batch(use, [prompts] * len(use), vocab_size=vocab, max_new_tokens=n,  # noqa: E731
@@ -160,6 +170,7 @@ def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int,
            "prefill_s": round(t_one, 4), "warmup_s": round(warmup, 1), "compiled": compile_step and path == "fast",
            "overlap": decoder.overlap if decoder is not None else "off",  # auto 解析后的实际模式
            "stack": decoder.stack if decoder is not None else "off",
+           "attention": decoder.attention if decoder is not None else "sdpa",
            "temperature": args.temperature, "top_p": args.top_p}
     if args.device.startswith("cuda"):
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -180,7 +191,8 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
     （两种都做在 H100 上超过单次命令的 10 分钟，可以分开跑），--overlap 选引导时的快速路径。返回每种精度的统计。
     """
     results: dict[str, Any] = {}
-    overlap, stack = args.overlap.split(",")[0], args.stack.split(",")[0]
+    overlap, stack, attention = (args.overlap.split(",")[0], args.stack.split(",")[0],
+                                 args.attention.split(",")[0])
     lengths = [args.prompt, args.prompt - 37, args.prompt - 5, max(4, args.prompt - 101)]
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     for dtype_name in args.check_dtypes.split(","):
@@ -199,7 +211,8 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
                 torch.compiler.reset()
             decoder = FastDecoder(use, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=len(prompts),
                                   steering=steering, compile=compile_step, overlap=overlap if steered else "off",
-                                  sampling=sampling_of(args), stack=stack_for(stack, steered))
+                                  sampling=sampling_of(args), stack=stack_for(stack, steered),
+                                  attention=attention_for(attention, stack_for(stack, steered), args.device))
             quick = decoder.generate([prompts] * len(use), args.check_new, question_ids=qids).tokens
             same_rows = sum(a == b for a, b in zip(slow, quick))
             prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(slow, quick))
@@ -207,7 +220,8 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
             key = f"{dtype_name}:{'steered' if steered else 'target'}"
             results[key] = {"identical_rows": f"{same_rows}/{len(slow)}", "tokens_before_first_divergence":
                             f"{prefix}/{total}", "agreement": round(prefix / total, 4), "compiled": compile_step,
-                            "overlap": decoder.overlap, "stack": decoder.stack, "temperature": args.temperature,
+                            "overlap": decoder.overlap, "stack": decoder.stack, "attention": decoder.attention,
+                            "temperature": args.temperature,
                             "top_p": args.top_p}
             print(json.dumps({"check": key, **results[key]}), flush=True)
         del models
@@ -296,15 +310,16 @@ def profile(models: list[PreTrainedModel], batch: int, args: argparse.Namespace,
     """--profile BATCH：只剖析引导解码（与 measure() 相同的 FastDecoder：预热后、固定缓存长度），见 profile_decoder。"""
     vocab = models[0].config.vocab_size
     prompts = prompts_for(batch, args.prompt, vocab)
-    overlap, stack = args.overlap.split(",")[0], args.stack.split(",")[0]
+    overlap, stack, attention = (args.overlap.split(",")[0], args.stack.split(",")[0],
+                                 args.attention.split(",")[0])
     if compile_step:
         torch.compiler.reset()
     decoder = FastDecoder(models, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=batch, steering=STEER,
                           compile=compile_step, cache_len=length_bucket(args.prompt + args.new), overlap=overlap,
-                          stack=stack)
+                          stack=stack, attention=attention_for(attention, stack, args.device))
     decoder.generate([prompts] * 3, 24)
     decoder.generate([prompts] * 3, 24)
-    result = {"batch": batch, "overlap": decoder.overlap, "stack": decoder.stack,
+    result = {"batch": batch, "overlap": decoder.overlap, "stack": decoder.stack, "attention": decoder.attention,
               **profile_decoder(decoder, prompts, 3, args.profile_steps, args.device)}
     print(json.dumps({"profile": result}), flush=True)
     return result
@@ -332,11 +347,13 @@ def environment() -> dict[str, Any]:
 
 
 def target_row(rows: list[dict[str, Any]], r: dict[str, Any]) -> dict[str, Any] | None:
-    """引导行 r 的比较对象：同一路径、同一批大小、目标走同一条前向（stack 为 target/all 时是叠加前向，否则是 transformers）。"""
+    """引导行 r 的比较对象：同一路径、同一批大小、目标走同一条前向（stack 为 target/all 时是叠加前向，且注意力实现相同；
+    否则是 transformers 前向）。"""
     stacked = ("target", "all")
     want = r.get("stack") in stacked
     return next((x for x in rows if x["path"] == r["path"] and x["batch"] == r["batch"] and x["mode"] == "target"
-                 and (x.get("stack") in stacked) == want and "ms_per_step" in x), None)
+                 and (x.get("stack") in stacked) == want and (not want or x.get("attention") == r.get("attention"))
+                 and "ms_per_step" in x), None)
 
 
 def estimate_full_run(rows: list[dict[str, Any]], max_new: int = 512) -> list[str]:
@@ -389,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stack", default="auto",
                         help="FastDecoder 的 stack 模式 auto/off/pair/target/all（见 evaluator.resolve_stack）；计时可给多个"
                              "（逗号分隔：引导行逐个测，目标行只按目标走哪条前向测），--check/--profile 用第一个")
+    parser.add_argument("--attention", default="auto",
+                        help="叠加前向的解码注意力 auto/sdpa/triton（见 evaluator.resolve_attention）；计时可给多个"
+                             "（逗号分隔），--check/--profile 用第一个")
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0：采样（计入每步的 top-p 与 Gumbel 开销）")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--out", default=None, help="把 JSON 结果也写到这个文件")
@@ -403,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     stacks = [o for o in args.stack.split(",") if o]
     if not stacks or any(o not in STACK_MODES for o in stacks):
         parser.error(f"--stack {args.stack!r}：每一项应为 {' / '.join(STACK_MODES)}")
+    attentions = [o for o in args.attention.split(",") if o]
+    if not attentions or any(o not in ("auto", *ATTENTION_MODES) for o in attentions):
+        parser.error(f"--attention {args.attention!r}：每一项应为 auto / {' / '.join(ATTENTION_MODES)}")
     compile_step = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda"))
     torch.set_grad_enabled(False)
     env = environment()
@@ -431,21 +454,30 @@ def main(argv: list[str] | None = None) -> int:
     for batch in sizes:
         oom = False
         for path in args.paths.split(","):
-            # 目标行：各 stack 项按 stack_for 映射、去重后各测一次（"pair" 与 "off" 对目标是同一条路径）
-            target_stacks = list(dict.fromkeys(stack_for(st, False) for st in stacks))
-            runs = [(mode, o, st) for mode in args.modes.split(",")
-                    for o in (overlaps if mode == "steered" and path == "fast" else ["off"])
-                    for st in ((stacks if mode == "steered" else target_stacks) if path == "fast" else ["off"])]
-            for mode, overlap, stack in runs:
+            # 引导行：overlap × stack × attention 逐个测。目标行：各 (stack, attention) 按 stack_for / attention_for
+            # 映射、去重后各测一次（"pair" 与 "off" 对目标是同一条路径；没有叠加前向时注意力都是 sdpa）。
+            if path == "fast":
+                steered_runs = [(o, st, at) for o in overlaps for st in stacks for at in attentions]
+                steered_runs = list(dict.fromkeys((o, st, attention_for(at, st, args.device))
+                                                  for o, st, at in steered_runs))
+                target_runs = list(dict.fromkeys(
+                    ("off", stack_for(st, False), attention_for(at, stack_for(st, False), args.device))
+                    for st in stacks for at in attentions))
+            else:
+                steered_runs = target_runs = [("off", "off", "auto")]
+            runs = [(mode, *r) for mode in args.modes.split(",")
+                    for r in (steered_runs if mode == "steered" else target_runs)]
+            for mode, overlap, stack, attention in runs:
+                key = {"path": path, "mode": mode, "batch": batch, "overlap": overlap, "stack": stack,
+                       "attention": attention}
                 try:
-                    row = measure(path, models, mode == "steered", batch, args, compile_step, overlap, stack)
+                    row = measure(path, models, mode == "steered", batch, args, compile_step, overlap, stack,
+                                  attention)
                 except torch.OutOfMemoryError:
-                    row = {"path": path, "mode": mode, "batch": batch, "overlap": overlap, "stack": stack,
-                           "error": "OOM"}
+                    row = {**key, "error": "OOM"}
                     oom = True
                 except Exception as exc:  # noqa: BLE001 — 记录失败（如 4-bit 下编译失败）并继续测其余配置
-                    row = {"path": path, "mode": mode, "batch": batch, "overlap": overlap, "stack": stack,
-                           "error": f"{type(exc).__name__}: {exc}"[:500]}
+                    row = {**key, "error": f"{type(exc).__name__}: {exc}"[:500]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 gc.collect()
@@ -456,16 +488,17 @@ def main(argv: list[str] | None = None) -> int:
     report["rows"] = rows
     report["full_run_estimate"] = estimate_full_run(rows)
 
-    print(f"\n{'path':<6}{'mode':<9}{'overlap':<9}{'stack':<6}{'batch':>6}{'ms/step':>10}{'tok/s':>10}{'ratio':>7}"
+    print(f"\n{'path':<6}{'mode':<9}{'overlap':<9}{'stack':<7}{'attn':<7}{'batch':>6}{'ms/step':>10}{'tok/s':>10}{'ratio':>7}"
           f"{'peak GiB':>10}")
     for r in rows:
         if "error" in r:
-            print(f"{r['path']:<6}{r['mode']:<9}{r.get('overlap', ''):<9}{r.get('stack', ''):<6}{r['batch']:>6}  "
+            print(f"{r['path']:<6}{r['mode']:<9}{r.get('overlap', ''):<9}{r.get('stack', ''):<7}"
+                  f"{r.get('attention', ''):<7}{r['batch']:>6}  "
                   f"{r['error']}")
             continue
         base = target_row(rows, r)
         ratio = f"{r['ms_per_step'] / base['ms_per_step']:.2f}" if base and r["mode"] == "steered" else ""
-        print(f"{r['path']:<6}{r['mode']:<9}{r['overlap']:<9}{r['stack']:<6}{r['batch']:>6}{r['ms_per_step']:>10.2f}"
+        print(f"{r['path']:<6}{r['mode']:<9}{r['overlap']:<9}{r['stack']:<7}{r['attention']:<7}{r['batch']:>6}{r['ms_per_step']:>10.2f}"
               f"{r['tok_per_s']:>10.1f}{ratio:>7}{r.get('peak_gib', '-'):>10}")
         if "profile" in r:
             p = r["profile"]

@@ -20,7 +20,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, PreTrainedModel
 from transformers.masking_utils import sdpa_mask
 
-from stacked_llama import StackedLlama, check_stackable
+from stacked_llama import ATTENTION_MODES, StackedLlama, check_stackable, triton_available
 from steering_utils import (apply_plausibility, compute_steered_logits, guard_nonfinite, sample_tokens,
                             sampling_keys, schedule_alpha)
 
@@ -356,6 +356,26 @@ def resolve_stack(stack: str, models: Sequence[PreTrainedModel], *, steering: St
     return stack
 
 
+def resolve_attention(attention: str, *, stacked: bool, device_type: str) -> str:
+    """FastDecoder 的 attention 参数 → 叠加单元解码注意力的实际实现（"sdpa" / "triton"；没有叠加单元时为 "sdpa"，
+    transformers 单元始终用 packed_gqa_attention）。
+
+    "auto"：CUDA 上有 triton 时取 "triton"（stacked_llama.triton_decode_attention：只读已写的槽位，
+    H100 上的测量见 BENCHMARKS.md），否则 "sdpa"。显式给 "triton" 而做不到时报错，而不是悄悄换成 sdpa。
+    """
+    if attention not in ("auto", *ATTENTION_MODES):
+        raise ValueError(f"attention={attention!r}：应为 auto / {' / '.join(ATTENTION_MODES)}")
+    if not stacked:
+        if attention == "triton":
+            raise ValueError("attention='triton' 只用于叠加前向（stack 不为 off）；transformers 单元用 packed GQA SDPA")
+        return "sdpa"
+    if attention == "auto":
+        return "triton" if device_type == "cuda" and triton_available() else "sdpa"
+    if attention == "triton" and not triton_available():
+        raise ValueError("attention='triton' 需要 triton 包（CUDA 版 torch 自带）；没有时用 attention='sdpa'")
+    return attention
+
+
 class FastDecoder:
     """快速解码器：与 generate_batch 逐 token 等价（fp32 测试保证），但每步的开销小得多。
 
@@ -374,6 +394,8 @@ class FastDecoder:
       一次注意力），目标模型也可单独走它（M = 1，q/k/v、gate/up 拼接）。H100 上批 1 引导每步 9.62 → 9.03 ms（同一次调用）
       （主要来自目标模型的拼接投影），见 BENCHMARKS.md。模型按“前向单元”分组：units[u] 是一起前向的模型下标，
       如 [(0,), (1, 2)]；每个单元一次前向、（streams 时）一条流。
+    - attention（见 resolve_attention）：叠加单元的解码注意力用 SDPA（cuDNN，每步读满整个静态缓存）还是
+      stacked_llama 的 Triton kernel（只读到本步槽位，打包 GQA）；"auto" 在 CUDA 上取 Triton。
     - 三个角色的提示左填充到同一宽度 T：所有模型的缓存槽位因此相同（第 n 个解码 token 写在槽位 T+n−1），
       叠加单元按这个槽位写缓存。真实 token 的位置编号由各自的 mask 决定，多出的左填充被屏蔽，结果不变。
     """
@@ -381,7 +403,7 @@ class FastDecoder:
     def __init__(self, models: Sequence[PreTrainedModel], *, vocab_size: int, end_ids: Sequence[int], pad_id: int,
                  batch_size: int, steering: SteeringParams | None, compile: bool, check_every: int = 16,
                  cache_len: int | None = None, overlap: str = "auto", sampling: Sampling | None = None,
-                 stack: str = "auto") -> None:
+                 stack: str = "auto", attention: str = "auto") -> None:
         if steering is not None and len(models) != 3:
             raise ValueError("引导模式需要三个模型：[目标, 专家, 基座]")
         self.models = list(models)
@@ -411,10 +433,12 @@ class FastDecoder:
         n = len(self.models)
         pair, target = self.stack in ("pair", "all") and n == 3, self.stack in ("target", "all")
         self.units: list[tuple[int, ...]] = [(0,), (1, 2)] if pair else [(k,) for k in range(n)]
+        self.attention = resolve_attention(attention, stacked=self.stack != "off" and (target or pair),
+                                           device_type=self.device.type)
         # stacked[u]：第 u 个单元的叠加前向（None = 该单元是一个 transformers 模型）
         self.stacked: list[StackedLlama | None] = [
-            StackedLlama([self.models[k] for k in unit]) if len(unit) > 1 or (unit == (0,) and target) else None
-            for unit in self.units]
+            StackedLlama([self.models[k] for k in unit], attention=self.attention)
+            if len(unit) > 1 or (unit == (0,) and target) else None for unit in self.units]
         # fullgraph=True：任何 graph break 都直接报错，而不是悄悄退回 eager、让“快速路径”名不副实。
         self.step: Callable[..., tuple[torch.Tensor, ...]] = (
             _GraphedStep(self, compile=compile, side_streams=self.overlap == "streams") if self.overlap != "off"
@@ -745,7 +769,7 @@ class ArmResult:
     records：本次新解码、已交给 on_batch 的逐题记录（按 index 升序；续跑时不含之前已记录的题）；
     seconds / decoded_tokens：本次的解码墙钟秒数（不含加载）与生成的 token 数；
     oom_backoffs：本次因显存不足把批减半的次数；interrupted：是否因 should_stop() 在完成之前停下；
-    decode_path：实际走的解码路径（fast、compiled，快速路径时还有解析后的 overlap 与 stack），写进 metrics.json，
+    decode_path：实际走的解码路径（fast、compiled，快速路径时还有解析后的 overlap、stack 与 attention），写进 metrics.json，
     读者不必猜 auto 选了什么。
     """
 
@@ -863,7 +887,7 @@ def run_arm(
     decoder = make_decoder(size)
     decode_path: dict[str, Any] = {"fast": fast, "compiled": fast and compile}
     if decoder is not None:
-        decode_path.update(overlap=decoder.overlap, stack=decoder.stack)
+        decode_path.update(overlap=decoder.overlap, stack=decoder.stack, attention=decoder.attention)
     records: list[dict[str, Any]] = []
     decoded_tokens = backoffs = 0
     interrupted = False
