@@ -168,7 +168,7 @@ def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 ATTENTION_MODES: Final[tuple[str, ...]] = ("sdpa", "triton")
 
 # 每个 head_dim 的块配置 (BLOCK_N, num_warps, num_stages)：H100 上用 benchmarks/micro_attn.py 测出。
-TRITON_ATTENTION_CONFIG: Final[dict[int, tuple[int, int, int]]] = {64: (64, 4, 2), 128: (64, 4, 2)}
+TRITON_ATTENTION_CONFIG: Final[dict[int, tuple[int, int, int]]] = {64: (128, 4, 2), 128: (64, 4, 2)}
 
 
 def triton_available() -> bool:
@@ -185,12 +185,12 @@ def split_count(programs: int, blocks: int, sms: int) -> int:
 
 
 @functools.cache
-def _triton_attention() -> Callable[..., torch.Tensor]:
-    """第一次用到时才导入 triton、定义 kernel、注册 torch.library 算子 steer::decode_attention 并返回它。
+def load_triton_attention() -> Callable[..., torch.Tensor]:
+    """导入 triton、定义 kernel、注册 torch.library 算子 steer::decode_attention 并返回它（只做一次）。
 
     延迟到这里是因为：CPU 环境（CI）可以没有 triton；测试在 CPU 上设 TRITON_INTERPRET=1，而 triton.jit
-    在定义 kernel 时读这个变量。注册成 triton_op：torch.compile 能看进去（kernel 进 Inductor 的图，不断图），
-    CUDA graph 也能录制它。
+    在定义 kernel 时读这个变量。必须在编译区域之外调用（StackedLlama 构造时）：dynamo 追踪不了 kernel 的定义。
+    注册成 triton_op：torch.compile 能看进去（kernel 进 Inductor 的图，不断图），CUDA graph 也能录制它。
     """
     import triton
     import triton.language as tl
@@ -303,13 +303,14 @@ def triton_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     keys/values (R, H_kv, L, D) 静态缓存；mask (R, L) 1 = 非左填充；slot (1,) 本 token 的槽位（已写入缓存）。
     可见 = mask ∧ 槽位 ≤ slot，与 StackedLlama 的 SDPA 路径相同。返回 (R, H_kv, G, D)，q 的精度。
 
-    n_split None = split_count 按 GPU 的 SM 数选；测试用它强制走“切段 + 合并”。
+    n_split None = split_count 按 GPU 的 SM 数选；测试用它强制走“切段 + 合并”。先调用 load_triton_attention()。
     """
     block_n, warps, stages = TRITON_ATTENTION_CONFIG.get(q.shape[-1], (64, 4, 2))
     if n_split is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
         n_split = split_count(q.shape[0] * q.shape[1], -(-keys.shape[2] // block_n), sms)
-    return _triton_attention()(q, keys, values, mask, slot, scale, n_split, block_n, warps, stages)
+    # 经 torch.ops 调用（而不是调用 load_triton_attention()）：编译区域里 dynamo 只看到一个已注册的算子
+    return torch.ops.steer.decode_attention(q, keys, values, mask, slot, scale, n_split, block_n, warps, stages)
 
 
 class StackedLlama:
@@ -326,6 +327,8 @@ class StackedLlama:
         if attention == "triton" and not triton_available():
             raise ValueError("attention='triton' 需要 triton 包（CUDA 版 torch 自带）；没有 triton 时用 attention='sdpa'")
         self.attention = attention  # 解码注意力："sdpa"（cuDNN，读满缓存）或 "triton"（只读到 slot）
+        if attention == "triton":
+            load_triton_attention()  # 在编译区域之外注册算子
         self.weights = stack_weights(models)
         cfg = models[0].config
         self.n_models = len(models)

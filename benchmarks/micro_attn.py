@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stacked_llama import _triton_attention, split_count  # noqa: E402
+from stacked_llama import load_triton_attention, split_count  # noqa: E402
 
 
 def graph_ms(calls: list[Callable[[], Any]], replays: int = 20) -> float:
@@ -77,7 +77,7 @@ def shape_rows(name: str, rows: int, dim: int, length: int, slot: int, configs: 
                    for s in sets])
     out.append({**base, "impl": "sdpa", "ms": round(ms, 5), "tb_s_valid": round(valid_gb / ms, 3),
                 "max_err": float(err)})
-    op = _triton_attention()
+    op = load_triton_attention()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for block_n, warps, stages, n_split in configs:
         split = n_split or split_count(rows * kv_heads, -(-length // block_n), sms)
