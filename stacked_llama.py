@@ -197,12 +197,13 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
     from torch.library import triton_op, wrap_triton
 
     @triton.jit
-    def split_kernel(Q, K, V, MASK, SLOT, PART, STATS, OUT, qk_scale,
+    def split_kernel(Q, K, V, MASK, SLOT, PART, STATS, OUT,
                      q_r, q_h, q_g, k_r, k_h, k_s, v_r, v_h, v_s, m_r, o_r, o_h, o_g,
                      H_KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
-                     BLOCK_N: tl.constexpr, N_SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+                     BLOCK_N: tl.constexpr, N_SPLIT: tl.constexpr, PRECISION: tl.constexpr, QK_SCALE: tl.constexpr):
         # 程序 (rh, split)：行 r = rh // H_KV 的第 h 个 KV 头，序列的第 split 段。查询块 (BLOCK_G, D)：G 个查询头
-        # 补零到 BLOCK_G ≥ 16 行（tl.dot 的最小尺寸；多出的行不写回）。分数在 log2 域（qk_scale 含 log2 e）。
+        # 补零到 BLOCK_G ≥ 16 行（tl.dot 的最小尺寸；多出的行不写回）。分数在 log2 域（QK_SCALE 含 log2 e）。
+        # QK_SCALE 是编译期常量：作为普通浮点参数时 Inductor 按 float64 传入，分数会被提升成 float64。
         rh = tl.program_id(0)
         split = tl.program_id(1)
         r = rh // H_KV
@@ -224,7 +225,7 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
             keep = inside & (tl.load(MASK + r * m_r + pos, mask=inside, other=0) != 0)  # 左填充位置 mask = 0
             k = tl.load(K + r * k_r + h * k_h + pos[:, None] * k_s + d[None, :], mask=inside[:, None], other=0.0)
             v = tl.load(V + r * v_r + h * v_h + pos[:, None] * v_s + d[None, :], mask=inside[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * QK_SCALE  # (BLOCK_G, BLOCK_N)
             s = tl.where(keep[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # 到目前为止全被屏蔽的行 m_new = −inf：用 0 代替做减数，exp2(−inf) = 0，避免 (−inf) − (−inf) = NaN
@@ -282,11 +283,12 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
             part = stats = out  # 不切段时不用：kernel 直接写 out
         precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 时精确相乘（不用 TF32），逐 token 测试要它
         wrap_triton(split_kernel)[(rows * kv_heads, n_split)](
-            q, keys, values, mask, slot, part, stats, out, scale * math.log2(math.e),
+            q, keys, values, mask, slot, part, stats, out,
             q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
             values.stride(0), values.stride(1), values.stride(2), mask.stride(0),
             out.stride(0), out.stride(1), out.stride(2),
             H_KV=kv_heads, G=groups, D=dim, BLOCK_G=block_g, BLOCK_N=block_n, N_SPLIT=n_split, PRECISION=precision,
+            QK_SCALE=scale * math.log2(math.e),
             num_warps=num_warps, num_stages=num_stages)
         if n_split > 1:
             wrap_triton(combine_kernel)[(rows * kv_heads,)](
