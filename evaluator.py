@@ -468,13 +468,17 @@ class FastDecoder:
         return self.caches
 
     def _logits(self, k: int, out: Any) -> torch.Tensor:
-        """第 k 个模型输出 → 最后位置、切到分词器词表的 float32 logits (B, V)。"""
-        return out.logits[:, -1, : self.vocab_size].float()
+        """第 k 个模型输出 → 最后位置、切到分词器词表的 logits (B, V)，模型精度。
+
+        不在这里转 float32：转换交给 _choose，让它与融合的归约编进同一批 kernel。_GraphedStep 把前向与融合分开编译，
+        在前向末尾转换就要多写、多读一份 float32 的 (B, V)（批 64 时三路共约 100 MB）。bf16 → float32 是精确的，数值不变。
+        """
+        return out.logits[:, -1, : self.vocab_size]
 
     def _forward_one(self, k: int, tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """第 k 个模型（未叠加、走 transformers 前向的单元）的一步解码前向，由 _forward_unit 调用。
 
-        tokens/position: (B, 1)；mask: (B, L)。返回 (B, V) float32 logits；StaticCache 原地更新。
+        tokens/position: (B, 1)；mask: (B, L)。返回 (B, V) logits（模型精度，见 _logits）；StaticCache 原地更新。
         _step（整步编译）与 _GraphedStep（分开编译）都经 _forward_unit 走到这里，所以两种模式的数值规则一致。
         """
         out = self.models[k](input_ids=tokens, position_ids=position, attention_mask=mask, use_cache=True,
@@ -483,7 +487,7 @@ class FastDecoder:
 
     def _forward_unit(self, u: int, tokens: torch.Tensor, positions: Sequence[torch.Tensor],
                       masks: Sequence[torch.Tensor], slot: torch.Tensor) -> list[torch.Tensor]:
-        """第 u 个前向单元的一步：返回单元内每个模型的 (B, V) float32 logits（按模型下标顺序）。
+        """第 u 个前向单元的一步：返回单元内每个模型的 (B, V) logits（模型精度，按模型下标顺序；_choose 转 float32）。
 
         positions[k] (B, 1)、masks[k] (B, L) 按模型下标给出；slot (1,) 是本 token 写入的缓存槽位（所有模型相同）。
         transformers 单元的槽位由它自己的 StaticCache 决定（与 slot 相同，因为提示左填充到同一宽度）。
@@ -493,7 +497,7 @@ class FastDecoder:
             return [self._forward_one(unit[0], tokens, positions[unit[0]], masks[unit[0]])]
         out = stacked.decode(tokens, torch.cat([positions[k] for k in unit]), torch.cat([masks[k] for k in unit]),
                              slot)  # (M, B, V_model)
-        return [out[i, :, : self.vocab_size].float() for i in range(len(unit))]
+        return [out[i, :, : self.vocab_size] for i in range(len(unit))]
 
     def _step(self, tokens: torch.Tensor, positions: list[torch.Tensor], masks: list[torch.Tensor],
               slot: torch.Tensor, finished: torch.Tensor, qids: torch.Tensor, step: torch.Tensor
@@ -512,8 +516,9 @@ class FastDecoder:
         """融合并选 token：与 generate_batch 的规则完全相同（已结束的行写 pad，不再改变）。
 
         第 4 个输出 bad (B,) bool：本步融合 logits 非有限、已改用目标 logits 的行（基线恒为 False）。
-        它留在设备上由 generate() 累加，不在每步同步主机。
+        它留在设备上由 generate() 累加，不在每步同步主机。z[k] 可以是模型精度：这里先精确转成 float32。
         """
+        z = [t.float() for t in z]
         if self.steering is None:
             fused, alpha = z[0], torch.zeros(z[0].shape[0], device=z[0].device)
             bad = torch.zeros(z[0].shape[0], dtype=torch.bool, device=z[0].device)
@@ -565,7 +570,7 @@ class FastDecoder:
             logits = stacked.prefill(torch.cat([pads[k][0] for k in unit]), torch.cat([pads[k][1] for k in unit]),
                                      torch.cat([prompt_pos[k] for k in unit]))  # (M, B, V_model)
             for i, k in enumerate(unit):
-                z[k] = logits[i, :, : self.vocab_size].float()
+                z[k] = logits[i, :, : self.vocab_size]
         slot = torch.full((1,), ids_all.shape[1], dtype=torch.long, device=self.device)  # 第一个解码 token 的槽位
         finished = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
         finished[real:] = True

@@ -3,16 +3,23 @@
 - 叠加前向的 logits（预填充 + 若干解码步，左填充、每个模型提示不同）== transformers 前向（float32，舍入误差内）；
 - 叠加只改变参数的存储位置，不改变 transformers 前向的结果，不多占参数内存；同一组只叠一次；
 - FastDecoder(stack="pair" / "all") == 慢速参考循环逐 token（贪心与采样、各种 overlap、编译、结束记号、批不满）；
-- 不能叠时给出原因（check_stackable / resolve_stack）。
+- 不能叠时给出原因（check_stackable / resolve_stack）；
+- Triton 解码注意力（CPU 上用 Triton 解释器，TRITON_INTERPRET=1）== SDPA（float64 参考），含左填充、切段合并、
+  空段；FastDecoder(attention="triton") == 慢速参考循环逐 token。编译后的 kernel 只能在 GPU 上检查（bench.py --check）。
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from evaluator import FastDecoder, ModelAdapter, Sampling, _GraphedStep, left_pad, resolve_stack
-from stacked_llama import StackedLlama, check_stackable, stack_weights
+import stacked_llama
+from evaluator import FastDecoder, ModelAdapter, Sampling, _GraphedStep, left_pad, resolve_attention, resolve_stack
+from stacked_llama import StackedLlama, check_stackable, split_count, stack_weights, triton_decode_attention
 from test_evaluator import PAD, PROMPTS, STEER, VOCAB, run, tiny_llama
 
 # 每个角色自己的提示（长度各不相同）：叠加单元里两个模型的左填充宽度不同，必须不影响结果。
@@ -206,3 +213,110 @@ def test_fast_decoder_stacked_compiled_equals_reference(trio: list[LlamaForCausa
                           compile=True, overlap=overlap, stack="pair")
     assert decoder.generate(PER_ROLE, 8).tokens == run(trio, None, steps=8, steering=STEER,
                                                        per_role=PER_ROLE).tokens
+
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="没有 triton 包（.ci/run 会安装它，用解释器在 CPU 上跑 kernel）")
+
+
+@pytest.fixture
+def interpreted_triton() -> None:
+    """Triton kernel 在 CPU 上由解释器执行：conftest 在导入 triton 之前设了 TRITON_INTERPRET=1。"""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET 不是 1：kernel 要编译给 GPU，CPU 测试跑不了")
+    stacked_llama.load_triton_attention()
+
+
+def _sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, slot: int,
+                    scale: float) -> torch.Tensor:
+    """float64 的 SDPA：可见 = mask ∧ 槽位 ≤ slot（StackedLlama 的 SDPA 路径的规则）。"""
+    visible = (mask.bool() & (torch.arange(mask.shape[1])[None, :] <= slot))[:, None, None, :]
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=visible, scale=scale)
+
+
+@needs_triton
+@pytest.mark.parametrize("rows, kv_heads, groups, dim, length, slot, n_split", [
+    (3, 2, 4, 16, 40, 25, 1),    # 不切段：kernel 直接写输出
+    (3, 2, 4, 16, 40, 25, 3),    # 切段 + 合并
+    (2, 1, 8, 32, 130, 129, 2),  # slot 在缓存末尾，块数不整除
+    (2, 2, 1, 16, 64, 0, 1),     # 第一个解码位置：只看见自己；G = 1（补零到 16 行）
+    (4, 2, 4, 16, 64, 5, 8),     # 段数多于已写的块：后面的段是空段（m = −inf、l = 0），合并时权重为 0
+])
+def test_triton_attention_matches_sdpa(interpreted_triton: None, rows: int, kv_heads: int, groups: int, dim: int,
+                                       length: int, slot: int, n_split: int) -> None:
+    """随机输入（每行左填充不同、槽位之后写着不该被读到的值）：与 float64 SDPA 一致，不改输入，输出全部写到。"""
+    torch.manual_seed(rows * 100 + slot)
+    q = torch.randn(rows, kv_heads, groups, dim)
+    k, v = torch.randn(rows, kv_heads, length, dim), torch.randn(rows, kv_heads, length, dim)
+    k[:, :, slot + 1:] = 1e4  # 还没写的槽位：读到就会改变结果
+    mask = torch.ones(rows, length, dtype=torch.long)
+    for r in range(rows):
+        mask[r, : min(r * 3, slot)] = 0  # 左填充（本步 token 所在槽位总是可见）
+    before = [t.clone() for t in (q, k, v, mask)]
+    out = triton_decode_attention(q, k, v, mask, torch.tensor([slot]), dim ** -0.5, n_split=n_split)
+    assert out.shape == q.shape and out.dtype == q.dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), _sdpa_reference(q, k, v, mask, slot, dim ** -0.5), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(before, (q, k, v, mask)))
+
+
+@needs_triton
+def test_triton_attention_strided_query(interpreted_triton: None) -> None:
+    """q 是转置出来的视图（StackedLlama 里 (R, H, 1, D) 经 reshape 得到）：kernel 按步长读，不要求连续。"""
+    torch.manual_seed(5)
+    q = torch.randn(2, 1, 8, 16).transpose(1, 2).reshape(2, 2, 4, 16)  # (R, H_kv, G, D)，第 0 维步长非连续布局
+    wide = torch.randn(2, 2, 48, 32)
+    k, v = wide[..., :16], wide[..., 16:]  # 最后一维连续、其他维带步长的 K/V
+    mask = torch.ones(2, 48, dtype=torch.long)
+    out = triton_decode_attention(q, k, v, mask, torch.tensor([30]), 0.25, n_split=2)
+    torch.testing.assert_close(out.double(), _sdpa_reference(q, k, v, mask, 30, 0.25), rtol=1e-5, atol=1e-5)
+
+
+def test_split_count() -> None:
+    """程序数足够（≥ 2 × SM）时不切；不够时切到 ≥ 2 × SM 个程序，但不超过块数。"""
+    assert split_count(1024, 4, 132) == 1
+    assert split_count(512, 8, 132) == 1
+    assert split_count(8, 8, 132) == 8
+    assert split_count(16, 40, 132) == 17
+    assert split_count(1, 1, 132) == 1
+
+
+def test_resolve_attention_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto：CUDA 上有 triton 取 triton，CPU 或没有 triton 取 sdpa；没有叠加单元时总是 sdpa，显式要 triton 报错。"""
+    monkeypatch.setattr("evaluator.triton_available", lambda: True)
+    assert resolve_attention("auto", stacked=True, device_type="cuda") == "triton"
+    assert resolve_attention("auto", stacked=True, device_type="cpu") == "sdpa"
+    assert resolve_attention("auto", stacked=False, device_type="cuda") == "sdpa"
+    assert resolve_attention("sdpa", stacked=True, device_type="cuda") == "sdpa"
+    assert resolve_attention("triton", stacked=True, device_type="cpu") == "triton"
+    with pytest.raises(ValueError, match="只用于叠加前向"):
+        resolve_attention("triton", stacked=False, device_type="cuda")
+    with pytest.raises(ValueError, match="auto / sdpa / triton"):
+        resolve_attention("flash", stacked=True, device_type="cuda")
+    monkeypatch.setattr("evaluator.triton_available", lambda: False)
+    assert resolve_attention("auto", stacked=True, device_type="cuda") == "sdpa"
+    with pytest.raises(ValueError, match="需要 triton"):
+        resolve_attention("triton", stacked=True, device_type="cuda")
+
+
+@needs_triton
+@pytest.mark.parametrize("stack, overlap", [("all", "streams"), ("pair", "off")])
+def test_fast_decoder_triton_attention_equals_reference(interpreted_triton: None, trio: list[LlamaForCausalLM],
+                                                        stack: str, overlap: str) -> None:
+    """attention="triton" 的叠加路径 == 慢速循环逐 token（α 也一致）：每个角色的提示不同、批不满。
+    基线（只有目标、M = 1）同样，再加一批 140 个 token 的长提示：已写的槽位跨过多个 64 槽位的块，
+    且 3 行 × 2 个 KV 头的程序数少于 2 × 4（CPU 上按 4 个 SM 算），kernel 走“切段 + 合并”。"""
+    decoder = FastDecoder(trio, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4, steering=STEER,
+                          compile=False, overlap=overlap, stack=stack, attention="triton")
+    assert decoder.attention == "triton"
+    assert all(s.attention == "triton" for s in decoder.stacked if s is not None)
+    quick = decoder.generate(PER_ROLE, 12)
+    slow = run(trio, None, steps=12, steering=STEER, per_role=PER_ROLE)
+    assert quick.tokens == slow.tokens
+    for a, b in zip(quick.alpha, slow.alpha):
+        assert a == pytest.approx(b, abs=1e-5)
+    target = FastDecoder(trio[:1], vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=3, steering=None,
+                         compile=False, stack="target", attention="triton")
+    assert target.generate([PROMPTS], 10).tokens == run(trio[:1], PROMPTS, steps=10).tokens
+    long_prompts = [[3 + i % 90 for i in range(140)], [7] * 20, [5, 6]]
+    assert split_count(3 * 2, 256 // 64, 4) == 2
+    assert target.generate([long_prompts], 6).tokens == run(trio[:1], long_prompts, steps=6).tokens
