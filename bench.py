@@ -264,6 +264,7 @@ def kernel_kind(name: str) -> str:
     """按 kernel 名归类：matmul（cuBLAS/cutlass/nvjet/gemv）、attention（SDPA 的 flash/efficient 等）、
     triton（inductor 生成的融合 kernel：RMSNorm、RoPE、SiLU·乘、softmax/JS 等）、other（index_copy、拷贝等）。"""
     low = name.lower()
+    # "attention" 也匹配 stacked_llama 的 Triton kernel（decode_attention_split / _combine）
     if any(k in low for k in ("flash", "fmha", "attention", "sdpa", "efficient")):
         return "attention"
     if any(k in low for k in ("gemm", "nvjet", "sm90_", "cutlass", "matmul", "gemv", "splitk")):

@@ -165,6 +165,8 @@ def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # - 只读到本步槽位 slot 为止（循环上界来自设备上的 slot 张量，CUDA graph 不必按长度重录）；
 # - 打包 GQA：一个程序处理一个 (行, KV 头)，共享该 KV 头的 G 个查询头一起算（K/V 只读一次，不复制）；
 # - 行 × KV 头不够填满 GPU 时把序列切成 n_split 段并行，再用第二个小 kernel 合并（flash-decoding）。
+# H100 实测（benchmarks/micro_attn.py，每层一次调用，slot 383 / L 512）：1B 对批 64 81 → 39 µs，8B 批 64 71 → 39 µs，
+# 批 1 18–21 → 6 µs；整步批 64 目标 8.66 → 7.81 ms、引导 12.27 → 10.90 ms（同一次调用，BENCHMARKS.md）。
 ATTENTION_MODES: Final[tuple[str, ...]] = ("sdpa", "triton")
 
 # 每个 head_dim 的块配置 (BLOCK_N, num_warps, num_stages)：H100 上用 benchmarks/micro_attn.py 测出。
@@ -188,8 +190,9 @@ def split_count(programs: int, blocks: int, sms: int) -> int:
 def load_triton_attention() -> Callable[..., torch.Tensor]:
     """导入 triton、定义 kernel、注册 torch.library 算子 steer::decode_attention 并返回它（只做一次）。
 
-    延迟到这里是因为：CPU 环境（CI）可以没有 triton；测试在 CPU 上设 TRITON_INTERPRET=1，而 triton.jit
-    在定义 kernel 时读这个变量。必须在编译区域之外调用（StackedLlama 构造时）：dynamo 追踪不了 kernel 的定义。
+    延迟到这里是因为 CPU 环境可以没有 triton（CI 为了测试装了它：tests/conftest.py 在导入 triton 之前设
+    TRITON_INTERPRET=1，kernel 由解释器在 CPU 张量上执行）。必须在编译区域之外调用（StackedLlama 构造时）：
+    dynamo 追踪不了 kernel 的定义。
     注册成 triton_op：torch.compile 能看进去（kernel 进 Inductor 的图，不断图），CUDA graph 也能录制它。
     """
     import triton
@@ -197,7 +200,7 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
     from torch.library import triton_op, wrap_triton
 
     @triton.jit
-    def split_kernel(Q, K, V, MASK, SLOT, PART, STATS, OUT,
+    def decode_attention_split(Q, K, V, MASK, SLOT, PART, STATS, OUT,
                      q_r, q_h, q_g, k_r, k_h, k_s, v_r, v_h, v_s, m_r, o_r, o_h, o_g,
                      H_KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
                      BLOCK_N: tl.constexpr, N_SPLIT: tl.constexpr, PRECISION: tl.constexpr, QK_SCALE: tl.constexpr):
@@ -240,15 +243,16 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
             tl.store(OUT + r * o_r + h * o_h + g[:, None] * o_g + d[None, :], out.to(OUT.dtype.element_ty),
                      mask=g[:, None] < G)
         else:
-            # 未归一化的部分和与 (m, l) 留给 combine_kernel：PART (RH, N_SPLIT, BLOCK_G, D)，STATS (RH, N_SPLIT, 2, BLOCK_G)
+            # 未归一化的部分和与 (m, l) 留给 decode_attention_combine：
+            # PART (RH, N_SPLIT, BLOCK_G, D)，STATS (RH, N_SPLIT, 2, BLOCK_G)
             part = rh * N_SPLIT + split
             tl.store(PART + part * BLOCK_G * D + g[:, None] * D + d[None, :], acc)
             tl.store(STATS + part * 2 * BLOCK_G + g, m_i)
             tl.store(STATS + part * 2 * BLOCK_G + BLOCK_G + g, l_i)
 
     @triton.jit
-    def combine_kernel(PART, STATS, OUT, o_r, o_h, o_g, H_KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                       BLOCK_G: tl.constexpr, N_SPLIT: tl.constexpr):
+    def decode_attention_combine(PART, STATS, OUT, o_r, o_h, o_g, H_KV: tl.constexpr, G: tl.constexpr,
+                                 D: tl.constexpr, BLOCK_G: tl.constexpr, N_SPLIT: tl.constexpr):
         # 合并各段：out = Σ_s 2^(m_s − M) · acc_s / Σ_s 2^(m_s − M) · l_s，M = max_s m_s（空段 m = −inf，权重 0）
         rh = tl.program_id(0)
         g = tl.arange(0, BLOCK_G)
@@ -282,7 +286,7 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
         else:
             part = stats = out  # 不切段时不用：kernel 直接写 out
         precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 时精确相乘（不用 TF32），逐 token 测试要它
-        wrap_triton(split_kernel)[(rows * kv_heads, n_split)](
+        wrap_triton(decode_attention_split)[(rows * kv_heads, n_split)](
             q, keys, values, mask, slot, part, stats, out,
             q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
             values.stride(0), values.stride(1), values.stride(2), mask.stride(0),
@@ -291,7 +295,7 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
             QK_SCALE=scale * math.log2(math.e),
             num_warps=num_warps, num_stages=num_stages)
         if n_split > 1:
-            wrap_triton(combine_kernel)[(rows * kv_heads,)](
+            wrap_triton(decode_attention_combine)[(rows * kv_heads,)](
                 part, stats, out, out.stride(0), out.stride(1), out.stride(2),
                 H_KV=kv_heads, G=groups, D=dim, BLOCK_G=block_g, N_SPLIT=n_split, num_warps=4)
         return out
