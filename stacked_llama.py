@@ -178,6 +178,11 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def triton_attention_supports(head_dim: int) -> bool:
+    """kernel 能否处理这个 head_dim：tl.arange 要 2 的幂，tl.dot 的内维至少 16（Llama 3 的 64 / 128 都可以）。"""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def split_count(programs: int, blocks: int, sms: int) -> int:
     """序列切几段：让 程序数 × 段数 ≥ 2 × SM 数（每个 SM 至少两个程序，隐藏访存延迟），但不超过块数。
 
@@ -201,9 +206,10 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
 
     @triton.jit
     def decode_attention_split(Q, K, V, MASK, SLOT, PART, STATS, OUT,
-                     q_r, q_h, q_g, k_r, k_h, k_s, v_r, v_h, v_s, m_r, o_r, o_h, o_g,
-                     H_KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
-                     BLOCK_N: tl.constexpr, N_SPLIT: tl.constexpr, PRECISION: tl.constexpr, QK_SCALE: tl.constexpr):
+                               q_r, q_h, q_g, k_r, k_h, k_s, v_r, v_h, v_s, m_r, o_r, o_h, o_g,
+                               H_KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
+                               BLOCK_N: tl.constexpr, N_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+                               QK_SCALE: tl.constexpr):
         # 程序 (rh, split)：行 r = rh // H_KV 的第 h 个 KV 头，序列的第 split 段。查询块 (BLOCK_G, D)：G 个查询头
         # 补零到 BLOCK_G ≥ 16 行（tl.dot 的最小尺寸；多出的行不写回）。分数在 log2 域（QK_SCALE 含 log2 e）。
         # QK_SCALE 是编译期常量：作为普通浮点参数时 Inductor 按 float64 传入，分数会被提升成 float64。
@@ -277,6 +283,8 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
     def decode_attention_op(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                             slot: torch.Tensor, scale: float, n_split: int, block_n: int, num_warps: int,
                             num_stages: int) -> torch.Tensor:
+        """算子本体（参数见 triton_decode_attention，它先核对形状）：分配输出 (R, H_kv, G, D)，
+        切段时另分配部分和 (R·H_kv, n_split, BLOCK_G, D) 与 (m, l) (R·H_kv, n_split, 2, BLOCK_G)，均为 float32。"""
         rows, kv_heads, groups, dim = q.shape
         block_g = max(16, triton.next_power_of_2(groups))
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -310,7 +318,18 @@ def triton_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     可见 = mask ∧ 槽位 ≤ slot，与 StackedLlama 的 SDPA 路径相同。返回 (R, H_kv, G, D)，q 的精度。
 
     n_split None = split_count 按 GPU 的 SM 数选；测试用它强制走“切段 + 合并”。先调用 load_triton_attention()。
+    kernel 按步长寻址，只要求每个张量的最后一维连续；形状不符时报错（在编译追踪时就会报出，不会算出错的数）。
     """
+    rows, kv_heads, groups, dim = q.shape
+    if keys.shape != values.shape or keys.shape[:2] != (rows, kv_heads) or keys.shape[3] != dim:
+        raise ValueError(f"K/V 形状 {tuple(keys.shape)} / {tuple(values.shape)} 与 q {tuple(q.shape)} 不符："
+                         "应为 (R, H_kv, L, D)")
+    if mask.shape != (rows, keys.shape[2]) or slot.shape != (1,):
+        raise ValueError(f"mask 应为 (R, L) = ({rows}, {keys.shape[2]})、slot 应为 (1,)，"
+                         f"得到 {tuple(mask.shape)} 与 {tuple(slot.shape)}")
+    if not triton_attention_supports(dim) or any(t.stride(-1) != 1 for t in (q, keys, values)):
+        raise ValueError(f"Triton 解码注意力要求 head_dim 为 ≥ 16 的 2 的幂、最后一维连续（head_dim={dim}）；"
+                         "用 attention='sdpa'")
     block_n, warps, stages = TRITON_ATTENTION_CONFIG.get(q.shape[-1], (64, 4, 2))
     if n_split is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
@@ -332,6 +351,10 @@ class StackedLlama:
             raise ValueError(f"attention={attention!r}：应为 {' / '.join(ATTENTION_MODES)}")
         if attention == "triton" and not triton_available():
             raise ValueError("attention='triton' 需要 triton 包（CUDA 版 torch 自带）；没有 triton 时用 attention='sdpa'")
+        head_dim = getattr(models[0].config, "head_dim", None) or (
+            models[0].config.hidden_size // models[0].config.num_attention_heads)
+        if attention == "triton" and not triton_attention_supports(head_dim):
+            raise ValueError(f"attention='triton' 不支持 head_dim={head_dim}（需要 ≥ 16 的 2 的幂）；用 attention='sdpa'")
         self.attention = attention  # 解码注意力："sdpa"（cuDNN，读满缓存）或 "triton"（只读到 slot）
         if attention == "triton":
             load_triton_attention()  # 在编译区域之外注册算子

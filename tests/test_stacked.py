@@ -271,6 +271,32 @@ def test_triton_attention_strided_query(interpreted_triton: None) -> None:
     torch.testing.assert_close(out.double(), _sdpa_reference(q, k, v, mask, 30, 0.25), rtol=1e-5, atol=1e-5)
 
 
+@needs_triton
+def test_triton_attention_refuses_bad_shapes(interpreted_triton: None) -> None:
+    """形状不符、head_dim 不是 ≥ 16 的 2 的幂、最后一维不连续：在算之前报错并说明怎么办。"""
+    q, k = torch.randn(2, 2, 4, 16), torch.randn(2, 2, 32, 16)
+    mask, slot = torch.ones(2, 32, dtype=torch.long), torch.tensor([5])
+    with pytest.raises(ValueError, match="K/V 形状"):
+        triton_decode_attention(q, k, torch.randn(2, 2, 31, 16), mask, slot, 0.25)
+    with pytest.raises(ValueError, match="mask 应为"):
+        triton_decode_attention(q, k, k, mask[:, :30], slot, 0.25)
+    odd_q, odd_k = torch.randn(2, 2, 4, 24), torch.randn(2, 2, 32, 24)
+    with pytest.raises(ValueError, match="head_dim 为 ≥ 16 的 2 的幂"):
+        triton_decode_attention(odd_q, odd_k, odd_k, mask, slot, 0.25)
+    with pytest.raises(ValueError, match="最后一维连续"):
+        triton_decode_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), k, mask, slot, 0.25)
+    with pytest.raises(ValueError, match="不支持 head_dim=24"):
+        StackedLlama([odd_llama()], attention="triton")
+
+
+def odd_llama() -> LlamaForCausalLM:
+    """head_dim 24 的小 Llama：Triton kernel 不支持（不是 2 的幂）。"""
+    torch.manual_seed(60)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
 def test_split_count() -> None:
     """程序数足够（≥ 2 × SM）时不切；不够时切到 ≥ 2 × SM 个程序，但不超过块数。"""
     assert split_count(1024, 4, 132) == 1
@@ -292,6 +318,10 @@ def test_resolve_attention_rules(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_attention("triton", stacked=False, device_type="cuda")
     with pytest.raises(ValueError, match="auto / sdpa / triton"):
         resolve_attention("flash", stacked=True, device_type="cuda")
+    assert resolve_attention("auto", stacked=True, device_type="cuda", head_dims=[64, 128]) == "triton"
+    assert resolve_attention("auto", stacked=True, device_type="cuda", head_dims=[128, 80]) == "sdpa"
+    with pytest.raises(ValueError, match="不支持 head_dim"):
+        resolve_attention("triton", stacked=True, device_type="cuda", head_dims=[80])
     monkeypatch.setattr("evaluator.triton_available", lambda: False)
     assert resolve_attention("auto", stacked=True, device_type="cuda") == "sdpa"
     with pytest.raises(ValueError, match="需要 triton"):
