@@ -31,7 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from stacked_llama import ATTENTION_MODES
 from evaluator import (STACK_MODES, BatchResult, FastDecoder, Sampling, SteeringParams, generate_batch,
-                       length_bucket, resolve_attention)
+                       length_bucket)
 
 STEER = SteeringParams(base_alpha=1.0, adaptive_scale=10.0, max_boost=1.0, metric="js")
 MEDQA_QUESTIONS = 1273  # MedQA-USMLE 4 选项测试集题数（全量估算用）
@@ -118,11 +118,11 @@ def stack_for(stack: str, steered: bool) -> str:
     return stack if steered else {"pair": "off", "all": "target"}.get(stack, stack)
 
 
-def attention_for(attention: str, stack: str, device: str) -> str:
-    """--attention 的一项 → 这一行实际的注意力实现（evaluator.resolve_attention 解析 auto）。没有叠加前向（stack 为 off）
-    的行只能用 SDPA，解析成 "sdpa" 而不是让 "triton" 报错；解析后相同的行只测一次。"""
-    return resolve_attention("auto" if stack == "off" else attention, stacked=stack != "off",
-                             device_type=device.split(":")[0])
+def attention_for(attention: str, stack: str) -> str:
+    """--attention 的一项 → 这一行 FastDecoder 的 attention 参数。没有叠加前向（stack 为 off）的行只能用 SDPA：
+    给 "auto"（FastDecoder 解析成 sdpa），而不是让 "triton" 报错。其余原样交给 FastDecoder 解析——stack="auto"
+    在 4-bit 模型或 CPU 上会解析成 off，这里不能预先把 auto 定成 triton。"""
+    return "auto" if stack == "off" else attention
 
 
 def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int, args: argparse.Namespace,
@@ -150,7 +150,7 @@ def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int,
         decoder = FastDecoder(use, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=batch, steering=steering,
                               compile=compile_step, cache_len=length_bucket(args.prompt + new), overlap=overlap,
                               sampling=sampling_of(args), stack=stack_for(stack, steered),
-                              attention=attention_for(attention, stack_for(stack, steered), args.device))
+                              attention=attention_for(attention, stack_for(stack, steered)))
         gen = lambda n: decoder.generate([prompts] * len(use), n, question_ids=list(range(batch)))  # noqa: E731
     else:
         gen = lambda n: generate_batch(use, [prompts] * len(use), vocab_size=vocab, max_new_tokens=n,  # noqa: E731
@@ -212,7 +212,7 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
             decoder = FastDecoder(use, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=len(prompts),
                                   steering=steering, compile=compile_step, overlap=overlap if steered else "off",
                                   sampling=sampling_of(args), stack=stack_for(stack, steered),
-                                  attention=attention_for(attention, stack_for(stack, steered), args.device))
+                                  attention=attention_for(attention, stack_for(stack, steered)))
             quick = decoder.generate([prompts] * len(use), args.check_new, question_ids=qids).tokens
             same_rows = sum(a == b for a, b in zip(slow, quick))
             prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(slow, quick))
@@ -317,7 +317,7 @@ def profile(models: list[PreTrainedModel], batch: int, args: argparse.Namespace,
         torch.compiler.reset()
     decoder = FastDecoder(models, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=batch, steering=STEER,
                           compile=compile_step, cache_len=length_bucket(args.prompt + args.new), overlap=overlap,
-                          stack=stack, attention=attention_for(attention, stack, args.device))
+                          stack=stack, attention=attention_for(attention, stack))
     decoder.generate([prompts] * 3, 24)
     decoder.generate([prompts] * 3, 24)
     result = {"batch": batch, "overlap": decoder.overlap, "stack": decoder.stack, "attention": decoder.attention,
@@ -459,11 +459,9 @@ def main(argv: list[str] | None = None) -> int:
             # 映射、去重后各测一次（"pair" 与 "off" 对目标是同一条路径；没有叠加前向时注意力都是 sdpa）。
             if path == "fast":
                 steered_runs = [(o, st, at) for o in overlaps for st in stacks for at in attentions]
-                steered_runs = list(dict.fromkeys((o, st, attention_for(at, st, args.device))
-                                                  for o, st, at in steered_runs))
-                target_runs = list(dict.fromkeys(
-                    ("off", stack_for(st, False), attention_for(at, stack_for(st, False), args.device))
-                    for st in stacks for at in attentions))
+                steered_runs = list(dict.fromkeys((o, st, attention_for(at, st)) for o, st, at in steered_runs))
+                target_runs = list(dict.fromkeys(("off", stack_for(st, False), attention_for(at, stack_for(st, False)))
+                                                 for st in stacks for at in attentions))
             else:
                 steered_runs = target_runs = [("off", "off", "auto")]
             runs = [(mode, *r) for mode in args.modes.split(",")

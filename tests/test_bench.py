@@ -73,3 +73,34 @@ def test_bad_overlap_value_is_rejected():
 
     with pytest.raises(SystemExit):
         bench.main(["--preset", "tiny", "--device", "cpu", "--overlap", "off,sideways"])
+
+
+def test_attention_for_leaves_resolution_to_fast_decoder():
+    """没有叠加前向的行给 "auto"；其余原样交给 FastDecoder：stack="auto" 在 4-bit 模型上解析成 off，
+    若这里先把 auto 定成 triton，NF4 行就会因“triton 只用于叠加前向”而失败。"""
+    assert bench.attention_for("triton", "off") == "auto"
+    assert bench.attention_for("auto", "auto") == "auto"
+    assert bench.attention_for("sdpa", "all") == "sdpa"
+    assert bench.attention_for("triton", "target") == "triton"
+
+
+def test_tiny_benchmark_attention_modes_pair_rows_with_matching_target(capsys):
+    """--attention 给多个（CPU 上 Triton kernel 由解释器执行）：目标行与引导行各按注意力实现测一次，
+    每个引导行配对的目标行用同一种注意力。"""
+    import os
+
+    import pytest
+
+    from stacked_llama import triton_available
+
+    if os.environ.get("TRITON_INTERPRET") != "1" or not triton_available():
+        pytest.skip("需要 triton 与 TRITON_INTERPRET=1（tests/conftest.py）")
+    assert bench.main(["--preset", "tiny", "--device", "cpu", "--batches", "2", "--overlap", "streams",
+                       "--stack", "all", "--attention", "sdpa,triton", "--new", "6"]) == 0
+    rows = last_json(capsys)["rows"]
+    assert [(r["mode"], r["attention"]) for r in rows] == [("target", "sdpa"), ("target", "triton"),
+                                                           ("steered", "sdpa"), ("steered", "triton")]
+    for r in rows:
+        assert r["ms_per_step"] > 0
+        if r["mode"] == "steered":
+            assert bench.target_row(rows, r)["attention"] == r["attention"]
