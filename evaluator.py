@@ -20,8 +20,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, PreTrainedModel
 from transformers.masking_utils import sdpa_mask
 
-from stacked_llama import (ATTENTION_MODES, StackedLlama, check_stackable, triton_attention_supports,
-                           triton_available)
+from stacked_llama import ATTENTION_MODES, StackedLlama, check_stackable, head_dim_of, triton_attention_problem
 from steering_utils import (apply_plausibility, compute_steered_logits, guard_nonfinite, sample_tokens,
                             sampling_keys, schedule_alpha)
 
@@ -357,29 +356,26 @@ def resolve_stack(stack: str, models: Sequence[PreTrainedModel], *, steering: St
     return stack
 
 
-def resolve_attention(attention: str, *, stacked: bool, device_type: str, head_dims: Sequence[int] = ()) -> str:
-    """FastDecoder 的 attention 参数 → 叠加单元解码注意力的实际实现（"sdpa" / "triton"；没有叠加单元时为 "sdpa"，
-    transformers 单元始终用 packed_gqa_attention）。
+def resolve_attention(attention: str, *, head_dims: Sequence[int], device_type: str) -> str:
+    """FastDecoder 的 attention 参数 → 叠加单元解码注意力的实际实现（"sdpa" / "triton"）。
 
-    "auto"：CUDA 上有 triton 时取 "triton"（stacked_llama.triton_decode_attention：只读已写的槽位；H100 批 64
-    同一次调用里目标每步 8.66 → 7.81 ms、引导 12.27 → 10.90 ms，fp32 下与慢速循环逐 token 相同，见 BENCHMARKS.md），
-    否则 "sdpa"。head_dims：叠加单元的 head_dim，kernel 不支持的（见 triton_attention_supports）时 auto 取 "sdpa"。
-    显式给 "triton" 而做不到时报错，而不是悄悄换成 sdpa。
+    head_dims：各叠加单元模型的 head_dim；为空 = 没有叠加单元，此时为 "sdpa"（transformers 单元始终用
+    packed_gqa_attention）。"auto"：CUDA 上且 stacked_llama.triton_attention_problem 对每个 head_dim 都没有异议时取
+    "triton"（triton_decode_attention：只读已写的槽位；H100 批 64 同一次调用里目标每步 8.66 → 7.81 ms、
+    引导 12.27 → 10.90 ms，fp32 下与慢速循环逐 token 相同，见 BENCHMARKS.md），否则 "sdpa"。
+    显式给 "triton" 而做不到时报错（在叠加权重之前），而不是悄悄换成 sdpa。
     """
     if attention not in ("auto", *ATTENTION_MODES):
         raise ValueError(f"attention={attention!r}：应为 auto / {' / '.join(ATTENTION_MODES)}")
-    if not stacked:
+    if not head_dims:
         if attention == "triton":
             raise ValueError("attention='triton' 只用于叠加前向（stack 不为 off）；transformers 单元用 packed GQA SDPA")
         return "sdpa"
-    supported = all(triton_attention_supports(h) for h in head_dims)
+    reasons = [r for h in sorted(set(head_dims)) if (r := triton_attention_problem(h)) is not None]
     if attention == "auto":
-        return "triton" if device_type == "cuda" and triton_available() and supported else "sdpa"
-    if attention == "triton" and not triton_available():
-        raise ValueError("attention='triton' 需要 triton 包（CUDA 版 torch 自带）；没有时用 attention='sdpa'")
-    if attention == "triton" and not supported:
-        raise ValueError(f"attention='triton' 不支持 head_dim {sorted(set(head_dims))}（需要 ≥ 16 的 2 的幂）；"
-                         "用 attention='sdpa'")
+        return "triton" if device_type == "cuda" and not reasons else "sdpa"
+    if attention == "triton" and reasons:
+        raise ValueError(f"attention='triton' 做不到：{reasons[0]}；用 attention='sdpa'")
     return attention
 
 
@@ -441,10 +437,8 @@ class FastDecoder:
         pair, target = self.stack in ("pair", "all") and n == 3, self.stack in ("target", "all")
         self.units: list[tuple[int, ...]] = [(0,), (1, 2)] if pair else [(k,) for k in range(n)]
         stacked_models = ([self.models[0]] if target else []) + (self.models[1:] if pair else [])
-        self.attention = resolve_attention(attention, stacked=bool(stacked_models), device_type=self.device.type,
-                                           head_dims=[getattr(m.config, "head_dim", None) or
-                                                      m.config.hidden_size // m.config.num_attention_heads
-                                                      for m in stacked_models])
+        self.attention = resolve_attention(attention, head_dims=[head_dim_of(m.config) for m in stacked_models],
+                                           device_type=self.device.type)
         # stacked[u]：第 u 个单元的叠加前向（None = 该单元是一个 transformers 模型）
         self.stacked: list[StackedLlama | None] = [
             StackedLlama([self.models[k] for k in unit], attention=self.attention)

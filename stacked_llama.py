@@ -22,7 +22,7 @@ import importlib.util
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Final, Sequence
+from typing import Any, Callable, Final, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -178,9 +178,24 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def head_dim_of(config: Any) -> int:
+    """模型配置的每头维度：显式的 head_dim（Llama-3.2-1B 为 64），没有时 hidden_size / 头数（transformers 的规则）。"""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def triton_attention_supports(head_dim: int) -> bool:
     """kernel 能否处理这个 head_dim：tl.arange 要 2 的幂，tl.dot 的内维至少 16（Llama 3 的 64 / 128 都可以）。"""
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def triton_attention_problem(head_dim: int) -> str | None:
+    """这个 head_dim 的模型能否用 Triton 解码注意力：能则 None，否则一句原因。
+    StackedLlama（显式 attention="triton"）与 evaluator.resolve_attention（auto 的选择、提前报错）共用这一处。"""
+    if not triton_available():
+        return "需要 triton 包（CUDA 版 torch 自带）"
+    if not triton_attention_supports(head_dim):
+        return f"不支持 head_dim={head_dim}（需要 ≥ 16 的 2 的幂）"
+    return None
 
 
 def split_count(programs: int, blocks: int, sms: int) -> int:
@@ -349,20 +364,17 @@ class StackedLlama:
     def __init__(self, models: Sequence[PreTrainedModel], attention: str = "sdpa") -> None:
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention={attention!r}：应为 {' / '.join(ATTENTION_MODES)}")
-        if attention == "triton" and not triton_available():
-            raise ValueError("attention='triton' 需要 triton 包（CUDA 版 torch 自带）；没有 triton 时用 attention='sdpa'")
-        head_dim = getattr(models[0].config, "head_dim", None) or (
-            models[0].config.hidden_size // models[0].config.num_attention_heads)
-        if attention == "triton" and not triton_attention_supports(head_dim):
-            raise ValueError(f"attention='triton' 不支持 head_dim={head_dim}（需要 ≥ 16 的 2 的幂）；用 attention='sdpa'")
+        cfg = models[0].config
+        reason = triton_attention_problem(head_dim_of(cfg)) if attention == "triton" else None
+        if reason is not None:
+            raise ValueError(f"attention='triton' 做不到：{reason}；用 attention='sdpa'")
         self.attention = attention  # 解码注意力："sdpa"（cuDNN，读满缓存）或 "triton"（只读到 slot）
         if attention == "triton":
             load_triton_attention()  # 在编译区域之外注册算子
         self.weights = stack_weights(models)
-        cfg = models[0].config
         self.n_models = len(models)
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = head_dim_of(cfg)
         self.eps = cfg.rms_norm_eps
         self.scale = self.head_dim ** -0.5
         self.inter = cfg.intermediate_size

@@ -308,24 +308,24 @@ def test_split_count() -> None:
 
 def test_resolve_attention_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     """auto：CUDA 上有 triton 取 triton，CPU 或没有 triton 取 sdpa；没有叠加单元时总是 sdpa，显式要 triton 报错。"""
-    monkeypatch.setattr("evaluator.triton_available", lambda: True)
-    assert resolve_attention("auto", stacked=True, device_type="cuda") == "triton"
-    assert resolve_attention("auto", stacked=True, device_type="cpu") == "sdpa"
-    assert resolve_attention("auto", stacked=False, device_type="cuda") == "sdpa"
-    assert resolve_attention("sdpa", stacked=True, device_type="cuda") == "sdpa"
-    assert resolve_attention("triton", stacked=True, device_type="cpu") == "triton"
+    monkeypatch.setattr("stacked_llama.triton_available", lambda: True)
+    assert resolve_attention("auto", head_dims=[64], device_type="cuda") == "triton"
+    assert resolve_attention("auto", head_dims=[64], device_type="cpu") == "sdpa"
+    assert resolve_attention("auto", head_dims=[], device_type="cuda") == "sdpa"
+    assert resolve_attention("sdpa", head_dims=[64], device_type="cuda") == "sdpa"
+    assert resolve_attention("triton", head_dims=[64], device_type="cpu") == "triton"
     with pytest.raises(ValueError, match="只用于叠加前向"):
-        resolve_attention("triton", stacked=False, device_type="cuda")
+        resolve_attention("triton", head_dims=[], device_type="cuda")
     with pytest.raises(ValueError, match="auto / sdpa / triton"):
-        resolve_attention("flash", stacked=True, device_type="cuda")
-    assert resolve_attention("auto", stacked=True, device_type="cuda", head_dims=[64, 128]) == "triton"
-    assert resolve_attention("auto", stacked=True, device_type="cuda", head_dims=[128, 80]) == "sdpa"
+        resolve_attention("flash", head_dims=[64], device_type="cuda")
+    assert resolve_attention("auto", device_type="cuda", head_dims=[64, 128]) == "triton"
+    assert resolve_attention("auto", device_type="cuda", head_dims=[128, 80]) == "sdpa"
     with pytest.raises(ValueError, match="不支持 head_dim"):
-        resolve_attention("triton", stacked=True, device_type="cuda", head_dims=[80])
-    monkeypatch.setattr("evaluator.triton_available", lambda: False)
-    assert resolve_attention("auto", stacked=True, device_type="cuda") == "sdpa"
+        resolve_attention("triton", device_type="cuda", head_dims=[80])
+    monkeypatch.setattr("stacked_llama.triton_available", lambda: False)
+    assert resolve_attention("auto", head_dims=[64], device_type="cuda") == "sdpa"
     with pytest.raises(ValueError, match="需要 triton"):
-        resolve_attention("triton", stacked=True, device_type="cuda")
+        resolve_attention("triton", head_dims=[64], device_type="cuda")
 
 
 @needs_triton
