@@ -125,6 +125,24 @@ def attention_for(attention: str, stack: str) -> str:
     return "auto" if stack == "off" else attention
 
 
+def bench_decoder(models: list[PreTrainedModel], steered: bool, batch: int, compile_step: bool, overlap: str,
+                  stack: str, attention: str, cache_len: int | None, sampling: Sampling | None) -> FastDecoder:
+    """计时（measure）、--check 与 --profile 共用的 FastDecoder：steered 时三个模型（STEER 融合），否则只有目标；
+    --overlap / --stack / --attention 的一项经 stack_for / attention_for 映射（只有目标时 overlap 为 off）。
+
+    编译时先 torch.compiler.reset()：每个解码器从干净的 dynamo 状态编译，否则同一进程里先建的解码器会让后面的
+    被编成动态形状的图（automatic dynamic），各行的结果就取决于测量顺序。
+    """
+    use = models if steered else models[:1]
+    if compile_step:
+        torch.compiler.reset()
+    stack = stack_for(stack, steered)
+    return FastDecoder(use, vocab_size=use[0].config.vocab_size, end_ids=[], pad_id=0, batch_size=batch,
+                       steering=STEER if steered else None, compile=compile_step, cache_len=cache_len,
+                       overlap=overlap if steered else "off", sampling=sampling, stack=stack,
+                       attention=attention_for(attention, stack))
+
+
 def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int, args: argparse.Namespace,
             compile_step: bool, overlap: str = "off", stack: str = "off", attention: str = "auto") -> dict[str, Any]:
     """测一个 (路径, 模式, 批大小, overlap, stack, attention)：预热后测 T(new) 与 T(1)，返回每步毫秒、tokens/s、峰值显存。
@@ -138,19 +156,12 @@ def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int,
     prompts = prompts_for(batch, args.prompt, vocab)
     steering = STEER if steered else None
     new = args.new if path == "fast" else args.eager_new
-    overlap = overlap if steered and path == "fast" else "off"  # 只有一个模型时没有可以重叠的前向
     decoder: FastDecoder | None = None
     if path == "fast":
-        if compile_step:
-            # 每行从干净的 dynamo 状态编译：否则同一进程里先测的批大小会让后面的批被编成动态形状的图
-            # （automatic dynamic），各行的结果就取决于测量顺序。
-            torch.compiler.reset()
         # 固定缓存长度：预热、T(1)、T(new) 用同一形状，计时区间里不会有重新编译（H100 上踩过：
         # 预热用了另一个长度桶，计时里混进了 40 秒编译）。
-        decoder = FastDecoder(use, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=batch, steering=steering,
-                              compile=compile_step, cache_len=length_bucket(args.prompt + new), overlap=overlap,
-                              sampling=sampling_of(args), stack=stack_for(stack, steered),
-                              attention=attention_for(attention, stack_for(stack, steered)))
+        decoder = bench_decoder(models, steered, batch, compile_step, overlap, stack, attention,
+                                cache_len=length_bucket(args.prompt + new), sampling=sampling_of(args))
         gen = lambda n: decoder.generate([prompts] * len(use), n, question_ids=list(range(batch)))  # noqa: E731
     else:
         gen = lambda n: generate_batch(use, [prompts] * len(use), vocab_size=vocab, max_new_tokens=n,  # noqa: E731
@@ -207,12 +218,8 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
             slow = generate_batch(use, [prompts] * len(use), vocab_size=vocab, max_new_tokens=args.check_new,
                                   end_ids=[], pad_id=0, steering=steering, sampling=sampling_of(args),
                                   question_ids=qids).tokens
-            if compile_step:
-                torch.compiler.reset()
-            decoder = FastDecoder(use, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=len(prompts),
-                                  steering=steering, compile=compile_step, overlap=overlap if steered else "off",
-                                  sampling=sampling_of(args), stack=stack_for(stack, steered),
-                                  attention=attention_for(attention, stack_for(stack, steered)))
+            decoder = bench_decoder(models, steered, len(prompts), compile_step, overlap, stack, attention,
+                                    cache_len=None, sampling=sampling_of(args))
             quick = decoder.generate([prompts] * len(use), args.check_new, question_ids=qids).tokens
             same_rows = sum(a == b for a, b in zip(slow, quick))
             prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(slow, quick))
@@ -313,11 +320,9 @@ def profile(models: list[PreTrainedModel], batch: int, args: argparse.Namespace,
     prompts = prompts_for(batch, args.prompt, vocab)
     overlap, stack, attention = (args.overlap.split(",")[0], args.stack.split(",")[0],
                                  args.attention.split(",")[0])
-    if compile_step:
-        torch.compiler.reset()
-    decoder = FastDecoder(models, vocab_size=vocab, end_ids=[], pad_id=0, batch_size=batch, steering=STEER,
-                          compile=compile_step, cache_len=length_bucket(args.prompt + args.new), overlap=overlap,
-                          stack=stack, attention=attention_for(attention, stack))
+    # 剖析一直是贪心解码（不随 --temperature），保持原样
+    decoder = bench_decoder(models, True, batch, compile_step, overlap, stack, attention,
+                            cache_len=length_bucket(args.prompt + args.new), sampling=None)
     decoder.generate([prompts] * 3, 24)
     decoder.generate([prompts] * 3, 24)
     result = {"batch": batch, "overlap": decoder.overlap, "stack": decoder.stack, "attention": decoder.attention,
