@@ -124,6 +124,12 @@ def rank_file(rank: int) -> str:
     return f"predictions.rank{rank}.jsonl"
 
 
+def rank_files(run_dir: str) -> list[str]:
+    """运行目录里现存的 rank_file 分片（完整路径，按名字排序）：续跑与汇总时读它们、合并后删它们。"""
+    return sorted(os.path.join(run_dir, f) for f in os.listdir(run_dir)
+                  if f.startswith("predictions.rank") and f.endswith(".jsonl"))
+
+
 # ---------------------------------------------------------------------------
 # 臂（arm）：一次运行里要评测的各个设置
 # ---------------------------------------------------------------------------
@@ -456,8 +462,7 @@ def stop_on_sigint() -> Iterator[Callable[[], bool]]:
 def collect_records(run_dir: str, names: Sequence[str], indices: set[int]) -> list[dict[str, Any]]:
     """读 predictions.jsonl 与多进程留下的 predictions.rank*.jsonl（续跑、汇总时），逐文件按 read_records 检查，
     再跨文件检查重复：同一 (臂, 题) 出现在两个文件里说明目录被改动过，大声拒绝。"""
-    paths = [os.path.join(run_dir, PREDICTIONS_FILE)] + sorted(
-        os.path.join(run_dir, f) for f in os.listdir(run_dir) if f.startswith("predictions.rank") and f.endswith(".jsonl"))
+    paths = [os.path.join(run_dir, PREDICTIONS_FILE)] + rank_files(run_dir)
     seen: dict[tuple[str, int], str] = {}
     return [rec for path in paths for rec in read_records(path, names, indices, seen)]
 
@@ -468,9 +473,8 @@ def consolidate(run_dir: str, names: Sequence[str], indices: set[int]) -> list[d
     分片里的记录已在 predictions.jsonl 中——所以删分片前必须先 fsync 合并结果，rewrite_sorted 已做到）。"""
     records = collect_records(run_dir, names, indices)
     rewrite_sorted(os.path.join(run_dir, PREDICTIONS_FILE), records, names)
-    for f in os.listdir(run_dir):
-        if f.startswith("predictions.rank") and f.endswith(".jsonl"):
-            os.remove(os.path.join(run_dir, f))
+    for path in rank_files(run_dir):
+        os.remove(path)
     return records
 
 
