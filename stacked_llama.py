@@ -258,6 +258,13 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
                              other=0.0)
             q = (q.to(tl.float32) * cos[None, :] + sign[None, :] * q_swap.to(tl.float32) * sin[None, :]).to(
                 Q.dtype.element_ty)
+            # 本 token 的 k（旋转后）与 v 在循环之前就读进寄存器：读的延迟与循环的缓存读取重叠。放到循环之后再读，
+            # 每个程序末尾多一段串行的访存等待（H100 批 64 实测每次调用慢约 5 µs，BENCHMARKS.md）。
+            k_swap = tl.load(K_NEW + r * kn_r + h * kn_h + swap)
+            k_new = tl.load(K_NEW + r * kn_r + h * kn_h + d).to(tl.float32) * cos + sign * k_swap.to(tl.float32) * sin
+            k_new = k_new.to(K.dtype.element_ty)
+            v_new = tl.load(V_NEW + r * vn_r + h * vn_h + d)
+            keep_new = tl.load(MASK + r * m_r + slot) != 0
             hi_cache = tl.minimum(hi, slot)  # 本 token 的键值不从缓存读（还没写），下面单独加进来
         else:
             hi_cache = hi
@@ -283,13 +290,8 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
         if FUSED:
             if (lo <= slot) & (slot < hi):
                 # 恰有一个程序的段覆盖 slot：它把本 token 的键值并进在线 softmax，再写进缓存（每个 (行, KV 头) 写一次）
-                k_swap = tl.load(K_NEW + r * kn_r + h * kn_h + swap)
-                k_new = tl.load(K_NEW + r * kn_r + h * kn_h + d).to(tl.float32) * cos + sign * k_swap.to(
-                    tl.float32) * sin
-                k_new = k_new.to(K.dtype.element_ty)
-                v_new = tl.load(V_NEW + r * vn_r + h * vn_h + d)
                 s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * QK_SCALE  # (BLOCK_G,)
-                s_new = tl.where(tl.load(MASK + r * m_r + slot) != 0, s_new, float("-inf"))
+                s_new = tl.where(keep_new, s_new, float("-inf"))
                 m_new = tl.maximum(m_i, s_new)
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 p_new = tl.exp2(s_new - m_safe)

@@ -27,8 +27,10 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,9 @@ __all__ = [
     "counter_uniform",
     "top_p_filter",
     "sample_tokens",
+    "steer_chunks",
+    "load_triton_steering",
+    "triton_greedy_steer",
 ]
 
 # 支持的距离度量；与 config.CHOICES["distance"] 保持一致（此处不 import config，保持本模块无依赖）。
@@ -681,3 +686,259 @@ def sample_tokens(logits: Tensor, keys: Tensor, temperature: float, top_p: float
     u = counter_uniform(keys, z.shape[-1])  # (B, V)
     gumbel = -torch.log(-torch.log(u))
     return (z + gumbel).argmax(dim=-1)
+
+
+# ---------------------------------------------------------------------------
+# 贪心引导一步的融合 kernel（Triton，GPU 快速路径用）
+# ---------------------------------------------------------------------------
+#
+# 为什么要它（H100 批 64 的剖析，BENCHMARKS.md）：编译后的 fuse_step + argmax 由 Inductor 生成 5 个归约 kernel，
+# 共约 113 µs/步，其中 JS（34 µs）与融合 + argmax（44 µs）每行只有一个程序（64 行 < 132 个 SM），只跑到约 1 TB/s。
+# 这里把词表切成 C 段，每个 (行, 段) 一个程序，三次遍历：
+#   K1 每段的 max / Σexp（目标与专家，在线 softmax）与 NaN / +inf 标记 → 各行的 logsumexp；
+#   K2 每段的 JS（或 L2²）部分和 → d → α（alpha_from_distance，与 schedule_alpha 同一公式）；
+#   K3 每段的融合值：守卫标记（有 NaN / +inf / 有限值）、融合 logits 与目标 logits 各自的段内最大值和位置。
+# 段间合并是 (B, C) 上的几个小 torch 运算。逐元素规则与 compute_steered_logits / apply_plausibility /
+# guard_nonfinite / distance 相同（测试逐项对照），结果与 fuse_step + argmax 的区别只在 float32 求和顺序。
+
+_STEER_BLOCK: int = 1024  # 每次循环处理的词数（每个程序按段循环）
+_STEER_SCHEDULE_IDS: dict[str, int] = {name: i for i, name in enumerate(SCHEDULES)}
+
+
+@functools.cache
+def load_triton_steering() -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    """导入 triton、定义三个 kernel、注册 torch.library 算子 steer::greedy_steer 并返回它（只做一次）。
+
+    与 stacked_llama.load_triton_attention 相同的约定：必须在编译区域之外调用（dynamo 追踪不了 kernel 的定义）；
+    注册成 triton_op，torch.compile 与 CUDA graph 都能把它收进去。CPU 测试用 Triton 解释器（TRITON_INTERPRET=1）。
+    """
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+    @triton.jit
+    def steer_stats(ZT, ZE, STATS, V, zt_r, ze_r, CHUNK, BLOCK: tl.constexpr):
+        # 程序 (b, c)：第 b 行第 c 段 [c·CHUNK, min((c+1)·CHUNK, V))。逐 lane 的在线 softmax（max、Σexp），
+        # 段末再在 lane 间合并。NaN / +inf 不进统计（置成 −inf），只记标记：有它们的行 d = NaN（见 distance 的行为）。
+        # STATS (B, C, 7)：m_t, s_t, m_e, s_e, 目标有 NaN, 目标有 +inf, 专家有 NaN 或 +inf（后三项用 0/1 浮点存）。
+        b = tl.program_id(0)
+        c = tl.program_id(1)
+        n_chunks = tl.num_programs(1)
+        offs = tl.arange(0, BLOCK)
+        lo = c * CHUNK
+        hi = tl.minimum(lo + CHUNK, V)
+        m_t = tl.full([BLOCK], float("-inf"), tl.float32)
+        s_t = tl.zeros([BLOCK], tl.float32)
+        m_e = tl.full([BLOCK], float("-inf"), tl.float32)
+        s_e = tl.zeros([BLOCK], tl.float32)
+        nan_t = tl.zeros([BLOCK], tl.int32)
+        inf_t = tl.zeros([BLOCK], tl.int32)
+        bad_e = tl.zeros([BLOCK], tl.int32)
+        for start in range(lo, hi, BLOCK):
+            idx = start + offs
+            ok = idx < hi
+            t = tl.load(ZT + b * zt_r + idx, mask=ok, other=float("-inf")).to(tl.float32)
+            e = tl.load(ZE + b * ze_r + idx, mask=ok, other=float("-inf")).to(tl.float32)
+            nan_t |= (t != t).to(tl.int32)
+            inf_t |= (t == float("inf")).to(tl.int32)
+            bad_e |= ((e != e) | (e == float("inf"))).to(tl.int32)
+            t = tl.where((t != t) | (t == float("inf")), float("-inf"), t)
+            e = tl.where((e != e) | (e == float("inf")), float("-inf"), e)
+            # m 仍为 −inf（这个 lane 到目前只见过 −inf）时用 0 做减数：exp(−inf − 0) = 0，避免 (−inf) − (−inf) = NaN
+            new_t = tl.maximum(m_t, t)
+            safe_t = tl.where(new_t == float("-inf"), 0.0, new_t)
+            s_t = s_t * tl.exp(m_t - safe_t) + tl.exp(t - safe_t)
+            m_t = new_t
+            new_e = tl.maximum(m_e, e)
+            safe_e = tl.where(new_e == float("-inf"), 0.0, new_e)
+            s_e = s_e * tl.exp(m_e - safe_e) + tl.exp(e - safe_e)
+            m_e = new_e
+        mt = tl.max(m_t, 0)
+        me = tl.max(m_e, 0)
+        st = tl.sum(s_t * tl.exp(m_t - tl.where(mt == float("-inf"), 0.0, mt)), 0)
+        se = tl.sum(s_e * tl.exp(m_e - tl.where(me == float("-inf"), 0.0, me)), 0)
+        base = (b * n_chunks + c) * 7
+        tl.store(STATS + base + 0, mt)
+        tl.store(STATS + base + 1, st)
+        tl.store(STATS + base + 2, me)
+        tl.store(STATS + base + 3, se)
+        tl.store(STATS + base + 4, tl.max(nan_t, 0).to(tl.float32))
+        tl.store(STATS + base + 5, tl.max(inf_t, 0).to(tl.float32))
+        tl.store(STATS + base + 6, tl.max(bad_e, 0).to(tl.float32))
+
+    @triton.jit
+    def steer_divergence(ZT, ZE, LSE, PART, V, zt_r, ze_r, CHUNK, BLOCK: tl.constexpr, L2: tl.constexpr):
+        # 程序 (b, c)：本段的 JS 部分和 Σ [p_t·(l_t − l_m)] + Σ [p_e·(l_e − l_m)]（乘 ½ 在段间合并之后），
+        # 或 L2 的 Σ (p_t − p_e)²。LSE (B, 2)：两行 logsumexp（有 NaN/+inf 的行此处不可信，合并时 d 被置 NaN）。
+        # 逐词规则同 _kl_to_mixture：p == 0 或 l_t == l_e 的项记 0（xlogy 约定），log m 用 logaddexp − ln 2。
+        b = tl.program_id(0)
+        c = tl.program_id(1)
+        offs = tl.arange(0, BLOCK)
+        lo = c * CHUNK
+        hi = tl.minimum(lo + CHUNK, V)
+        lse_t = tl.load(LSE + b * 2)
+        lse_e = tl.load(LSE + b * 2 + 1)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(lo, hi, BLOCK):
+            idx = start + offs
+            ok = idx < hi
+            la = tl.load(ZT + b * zt_r + idx, mask=ok, other=float("-inf")).to(tl.float32) - lse_t
+            lb = tl.load(ZE + b * ze_r + idx, mask=ok, other=float("-inf")).to(tl.float32) - lse_e
+            pa = tl.exp(la)
+            pb = tl.exp(lb)
+            if L2:
+                acc += (pa - pb) * (pa - pb)
+            else:
+                hi_l = tl.maximum(la, lb)
+                lm = hi_l + tl.log(1.0 + tl.exp(-tl.abs(la - lb))) - 0.6931471805599453  # logaddexp − ln 2
+                acc += tl.where((pa > 0) & (la != lb), pa * (la - lm), 0.0)
+                acc += tl.where((pb > 0) & (la != lb), pb * (lb - lm), 0.0)
+        tl.store(PART + b * tl.num_programs(1) + c, tl.sum(acc, 0))
+
+    @triton.jit
+    def steer_pick(ZT, ZE, ZB, ALPHA, TMAX, OUT, V, zt_r, ze_r, zb_r, CHUNK, LOG_BETA, BLOCK: tl.constexpr,
+                   PLAUSIBLE: tl.constexpr):
+        # 程序 (b, c)：本段的融合值 f = where((α == 0) | z_t == −inf, z_t, z_t + α·diff)，diff 非有限时记 0；
+        # PLAUSIBLE 时 z_t − max z_t < log β 的词置 −inf。输出 OUT (B, C, 7)：f 有 NaN、f 有 +inf、f 有有限值、
+        # f 的段内最大值与位置（并列取最小位置）、z_t 的段内最大值与位置（NaN 视为最大、取第一个 NaN，同 torch.argmax）。
+        b = tl.program_id(0)
+        c = tl.program_id(1)
+        offs = tl.arange(0, BLOCK)
+        lo = c * CHUNK
+        hi = tl.minimum(lo + CHUNK, V)
+        a = tl.load(ALPHA + b)
+        t_max = tl.load(TMAX + b)
+        log_beta = tl.load(LOG_BETA)  # (1,) float32 张量：log β 已舍入成 float32（torch 中 float32 张量与 Python 数比较的规则）
+        any_nan = tl.zeros([BLOCK], tl.int32)
+        any_inf = tl.zeros([BLOCK], tl.int32)
+        any_fin = tl.zeros([BLOCK], tl.int32)
+        f_best = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)  # 0 维标量（循环携带的变量类型要一致）
+        f_pos = lo
+        t_best = f_best
+        t_pos = lo
+        t_nan = lo * 0 + 2147483647  # 第一个 NaN 的位置；没有 NaN 时保持 int32 最大值
+        for start in range(lo, hi, BLOCK):
+            idx = start + offs
+            ok = idx < hi
+            t = tl.load(ZT + b * zt_r + idx, mask=ok, other=float("-inf")).to(tl.float32)
+            e = tl.load(ZE + b * ze_r + idx, mask=ok, other=float("-inf")).to(tl.float32)
+            z = tl.load(ZB + b * zb_r + idx, mask=ok, other=float("-inf")).to(tl.float32)
+            diff = e - z
+            diff = tl.where((diff == diff) & (tl.abs(diff) != float("inf")), diff, 0.0)
+            a_row = a + tl.zeros([BLOCK], tl.float32)  # 广播成块：标量布尔与块布尔直接 | 在解释器里不支持
+            f = tl.where((a_row == 0) | (t == float("-inf")), t, t + a_row * diff)
+            if PLAUSIBLE:
+                f = tl.where(t - t_max >= log_beta, f, float("-inf"))
+            f = tl.where(ok, f, float("-inf"))
+            any_nan |= (ok & (f != f)).to(tl.int32)
+            any_inf |= (ok & (f == float("inf"))).to(tl.int32)
+            any_fin |= (ok & (f == f) & (tl.abs(f) != float("inf"))).to(tl.int32)
+            # 段内 argmax：严格大于才更新，所以并列时保留更早的块；块内 tl.argmax 并列取最小位置
+            fm = tl.max(f, 0)
+            fi = tl.argmax(f, 0)
+            better = fm > f_best
+            f_pos = tl.where(better, start + fi, f_pos)
+            f_best = tl.where(better, fm, f_best)
+            t_nan = tl.minimum(t_nan, tl.min(tl.where(t != t, idx, 2147483647), 0))
+            tc = tl.where(t != t, float("-inf"), t)
+            tm = tl.max(tc, 0)
+            ti = tl.argmax(tc, 0)
+            better = tm > t_best
+            t_pos = tl.where(better, start + ti, t_pos)
+            t_best = tl.where(better, tm, t_best)
+        has_nan = t_nan < 2147483647
+        t_best = tl.where(has_nan, float("nan"), t_best)
+        t_pos = tl.where(has_nan, t_nan, t_pos)
+        base = (b * tl.num_programs(1) + c) * 7
+        tl.store(OUT + base + 0, tl.max(any_nan, 0).to(tl.float32))
+        tl.store(OUT + base + 1, tl.max(any_inf, 0).to(tl.float32))
+        tl.store(OUT + base + 2, tl.max(any_fin, 0).to(tl.float32))
+        tl.store(OUT + base + 3, f_best)
+        tl.store(OUT + base + 4, f_pos.to(tl.float32))  # 位置 < 2^24，float32 精确
+        tl.store(OUT + base + 5, t_best)
+        tl.store(OUT + base + 6, t_pos.to(tl.float32))
+
+    @triton_op("steer::greedy_steer", mutates_args=())
+    def greedy_steer_op(zt: Tensor, ze: Tensor, zb: Tensor, schedule: int, base_alpha: float, adaptive_scale: float,
+                        max_boost: float, l2: bool, log_beta: float, chunks: int) -> tuple[Tensor, Tensor, Tensor]:
+        """算子本体（参数见 triton_greedy_steer，它先做校验）：返回 (token (B,) int64, α (B,) float32, bad (B,) bool)。"""
+        batch, vocab = zt.shape
+        chunk = -(-(-(-vocab // chunks)) // _STEER_BLOCK) * _STEER_BLOCK  # 每段的词数，整块对齐
+        grid = (batch, chunks)
+        need_stats = schedule != _STEER_SCHEDULE_IDS["constant"] or log_beta > float("-inf")
+        t_max = alpha = None
+        if need_stats:
+            stats = torch.empty((batch, chunks, 7), dtype=torch.float32, device=zt.device)
+            wrap_triton(steer_stats)[grid](zt, ze, stats, vocab, zt.stride(0), ze.stride(0), chunk, BLOCK=_STEER_BLOCK,
+                                           num_warps=4)
+            m_t, s_t, m_e, s_e = stats[..., 0], stats[..., 1], stats[..., 2], stats[..., 3]
+            row_mt, row_me = m_t.amax(-1, keepdim=True), m_e.amax(-1, keepdim=True)
+            lse_t = row_mt[:, 0] + torch.log((s_t * torch.exp(m_t - row_mt.nan_to_num(neginf=0.0))).sum(-1))
+            lse_e = row_me[:, 0] + torch.log((s_e * torch.exp(m_e - row_me.nan_to_num(neginf=0.0))).sum(-1))
+            nan_t, inf_t, bad_e = (stats[..., k].amax(-1) > 0 for k in (4, 5, 6))
+            # 目标的行最大值（可信度约束用）：与 amax 相同地让 NaN / +inf 传播
+            t_max = torch.where(nan_t, float("nan"), torch.where(inf_t, float("inf"), row_mt[:, 0]))
+        if schedule == _STEER_SCHEDULE_IDS["constant"]:
+            alpha = torch.full((batch,), float(base_alpha), dtype=torch.float32, device=zt.device)
+        else:
+            lse = torch.stack([lse_t, lse_e], dim=-1).contiguous()
+            part = torch.empty((batch, chunks), dtype=torch.float32, device=zt.device)
+            wrap_triton(steer_divergence)[grid](zt, ze, lse, part, vocab, zt.stride(0), ze.stride(0), chunk,
+                                                BLOCK=_STEER_BLOCK, L2=l2, num_warps=4)
+            total = part.sum(-1)
+            d = (total.clamp_min(0.0).sqrt() if l2 else 0.5 * total).clamp(0.0, _UPPER["l2" if l2 else "js"])
+            d = torch.where(nan_t | inf_t | bad_e, float("nan"), d)  # distance() 对含 NaN / +inf 的行给 NaN
+            alpha = alpha_from_distance(d, SCHEDULES[schedule], base_alpha, adaptive_scale, max_boost)
+        if t_max is None:
+            t_max = torch.zeros((batch,), dtype=torch.float32, device=zt.device)
+        out = torch.empty((batch, chunks, 7), dtype=torch.float32, device=zt.device)
+        wrap_triton(steer_pick)[grid](zt, ze, zb, alpha.contiguous(), t_max.contiguous(), out, vocab, zt.stride(0),
+                                      ze.stride(0), zb.stride(0), chunk,
+                                      torch.full((1,), log_beta, dtype=torch.float32, device=zt.device),
+                                      BLOCK=_STEER_BLOCK,
+                                      PLAUSIBLE=log_beta > float("-inf"), num_warps=4)
+        bad_row = (out[..., 0].amax(-1) > 0) | (out[..., 1].amax(-1) > 0) | ~(out[..., 2].amax(-1) > 0)
+        f_chunk = out[..., 3].argmax(-1, keepdim=True)  # 段间：第一个取到最大值的段（段内已取最小位置）
+        t_chunk = out[..., 5].argmax(-1, keepdim=True)  # NaN 视为最大：第一个含 NaN 的段
+        f_tok = out[..., 4].gather(-1, f_chunk)[:, 0].long()
+        t_tok = out[..., 6].gather(-1, t_chunk)[:, 0].long()
+        return torch.where(bad_row, t_tok, f_tok), alpha, bad_row
+
+    return greedy_steer_op
+
+
+def steer_chunks(batch: int, vocab: int, sms: int) -> int:
+    """词表切几段：让 行数 × 段数 ≥ 8 × SM 数（每个 SM 有几个程序轮流隐藏访存延迟），但每段至少一个块。
+    H100（132 个 SM）批 64：17 段；批 1：126 段（128,256 词、每块 1,024）。"""
+    return max(1, min(-(-vocab // _STEER_BLOCK), -(-8 * sms // batch)))
+
+
+def triton_greedy_steer(logits_t: Tensor, logits_e: Tensor, logits_b: Tensor, *, schedule: str, base_alpha: float,
+                        adaptive_scale: float, max_boost: float, metric: str, beta: float,
+                        chunks: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """贪心引导一步的融合 kernel：等价于
+        fused, alpha, bad = fuse_step(...)（schedule_alpha → compute_steered_logits → [apply_plausibility] → guard_nonfinite）
+        token = fused.argmax(-1)
+    返回 (token (B,) int64, alpha (B,) float32, bad (B,) bool)，不物化 (B, V) 的融合 logits。
+
+    输入 (B, V) 三路 logits，任意浮点精度（内部 float32），最后一维连续（可以是更宽张量的切片，按行步长读）。
+    与参考的区别只在 float32 求和顺序（JS / L2 的和、logsumexp）：α 可能差几个 ulp，融合值的 argmax 只有在近似并列时才可能不同
+    ——与 torch.compile 编译参考公式时的情形相同。CPU 张量由 Triton 解释器执行（测试），GPU 上编译。
+    chunks None = steer_chunks 按 GPU 的 SM 数选；测试用它覆盖多段与空段。先调用 load_triton_steering()。
+    """
+    _check_pair(logits_t, logits_e, names="logits_t/logits_e")
+    _check_pair(logits_t, logits_b, names="logits_t/logits_b")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} 非法；可选值：{', '.join(SCHEDULES)}")
+    _check_alpha_hyperparameters(base_alpha, adaptive_scale, max_boost, why="保证 α 随距离单调")
+    _check_metric(metric)
+    _check_beta(beta)
+    if any(not t.dtype.is_floating_point or t.stride(-1) != 1 for t in (logits_t, logits_e, logits_b)):
+        raise ValueError("triton_greedy_steer 要求浮点 logits、最后一维连续；否则用 fuse_step + argmax")
+    batch, vocab = logits_t.shape
+    if chunks is None:
+        sms = torch.cuda.get_device_properties(logits_t.device).multi_processor_count if logits_t.is_cuda else 4
+        chunks = steer_chunks(batch, vocab, sms)
+    log_beta = math.log(beta) if beta > 0 else float("-inf")
+    return torch.ops.steer.greedy_steer(logits_t, logits_e, logits_b, _STEER_SCHEDULE_IDS[schedule], float(base_alpha),
+                                        float(adaptive_scale), float(max_boost), metric == "l2", log_beta, chunks)

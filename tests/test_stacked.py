@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import stacked_llama
-from evaluator import FastDecoder, ModelAdapter, Sampling, _GraphedStep, left_pad, resolve_attention, resolve_stack
+import steering_utils
+from evaluator import (FastDecoder, ModelAdapter, Sampling, SteeringParams, _GraphedStep, left_pad, resolve_attention,
+                       resolve_fusion, resolve_stack)
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from stacked_llama import (StackedLlama, check_stackable, split_count, stack_weights, triton_decode_attention,
@@ -423,3 +425,46 @@ def test_fast_decoder_triton_attention_equals_reference(interpreted_triton: None
     long_prompts = [[3 + i % 90 for i in range(140)], [7] * 20, [5, 6]]
     assert split_count(3 * 2, 256 // 64, 4) == 2
     assert target.generate([long_prompts], 6).tokens == run(trio[:1], long_prompts, steps=6).tokens
+
+
+@needs_triton
+@pytest.mark.parametrize("stack, overlap, steering", [
+    ("all", "streams", STEER),
+    ("off", "off", SteeringParams(base_alpha=0.5, adaptive_scale=4.0, max_boost=2.0, metric="l2",
+                                  schedule="adaptive_inverse", plausibility_beta=0.1)),
+])
+def test_fast_decoder_triton_fusion_equals_reference(interpreted_triton: None, trio: list[LlamaForCausalLM],
+                                                     stack: str, overlap: str, steering: SteeringParams) -> None:
+    """fusion="triton"（分段融合 kernel）== 慢速循环逐 token，α 一致：叠加 + Triton 注意力 + 侧流，和 transformers 单元
+    + 另一组引导参数（L2、反向调度、可信度约束）。结束记号照常判定（占位行与已结束的行写 pad）。"""
+    steering_utils.load_triton_steering()
+    kwargs = dict(attention="triton") if stack != "off" else {}
+    decoder = FastDecoder(trio, vocab_size=VOCAB, end_ids=[7], pad_id=PAD, batch_size=4, steering=steering,
+                          compile=False, overlap=overlap, stack=stack, fusion="triton", **kwargs)
+    assert decoder.fusion == "triton"
+    quick = decoder.generate(PER_ROLE, 12)
+    slow = run(trio, None, steps=12, ends=[7], steering=steering, per_role=PER_ROLE)
+    assert quick.tokens == slow.tokens and quick.nonfinite == slow.nonfinite
+    for a, b in zip(quick.alpha, slow.alpha):
+        assert a == pytest.approx(b, abs=1e-5, nan_ok=True)
+
+
+def test_resolve_fusion_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto：CUDA 上贪心引导且有 triton 时取 triton；CPU、采样、基线取 torch。显式 triton 做不到时报错。"""
+    sampling = Sampling(temperature=0.7, top_p=0.9, seed=1)
+    monkeypatch.setattr("evaluator.triton_available", lambda: True)
+    assert resolve_fusion("auto", steering=STEER, sampling=None, device_type="cuda") == "triton"
+    assert resolve_fusion("auto", steering=STEER, sampling=None, device_type="cpu") == "torch"
+    assert resolve_fusion("auto", steering=STEER, sampling=sampling, device_type="cuda") == "torch"
+    assert resolve_fusion("auto", steering=None, sampling=None, device_type="cuda") == "torch"
+    assert resolve_fusion("triton", steering=None, sampling=None, device_type="cuda") == "torch"  # 基线没有融合
+    assert resolve_fusion("triton", steering=STEER, sampling=None, device_type="cpu") == "triton"
+    assert resolve_fusion("torch", steering=STEER, sampling=None, device_type="cuda") == "torch"
+    with pytest.raises(ValueError, match="只做贪心"):
+        resolve_fusion("triton", steering=STEER, sampling=sampling, device_type="cuda")
+    with pytest.raises(ValueError, match="auto / torch / triton"):
+        resolve_fusion("fused", steering=STEER, sampling=None, device_type="cuda")
+    monkeypatch.setattr("evaluator.triton_available", lambda: False)
+    assert resolve_fusion("auto", steering=STEER, sampling=None, device_type="cuda") == "torch"
+    with pytest.raises(ValueError, match="需要 triton"):
+        resolve_fusion("triton", steering=STEER, sampling=None, device_type="cuda")
