@@ -701,7 +701,8 @@ def sample_tokens(logits: Tensor, keys: Tensor, temperature: float, top_p: float
 # 段间合并是 (B, C) 上的几个小 torch 运算。逐元素规则与 compute_steered_logits / apply_plausibility /
 # guard_nonfinite / distance 相同（测试逐项对照），结果与 fuse_step + argmax 的区别只在 float32 求和顺序。
 
-_STEER_BLOCK: int = 1024  # 每次循环处理的词数（每个程序按段循环）
+# (每次循环处理的词数 BLOCK, num_warps)：H100 上用 benchmarks/micro_steer.py 选（批 64、128,256 词、bf16）。
+STEER_CONFIG: tuple[int, int] = (1024, 4)
 _STEER_SCHEDULE_IDS: dict[str, int] = {name: i for i, name in enumerate(SCHEDULES)}
 
 
@@ -727,10 +728,11 @@ def load_triton_steering() -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
         offs = tl.arange(0, BLOCK)
         lo = c * CHUNK
         hi = tl.minimum(lo + CHUNK, V)
-        m_t = tl.full([BLOCK], float("-inf"), tl.float32)
-        s_t = tl.zeros([BLOCK], tl.float32)
-        m_e = tl.full([BLOCK], float("-inf"), tl.float32)
-        s_e = tl.zeros([BLOCK], tl.float32)
+        # 块级在线 softmax：每块先取块内最大值（一次归约），每个元素只算一次 exp；m、s 是 0 维标量
+        m_t = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+        s_t = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+        m_e = m_t
+        s_e = s_t
         nan_t = tl.zeros([BLOCK], tl.int32)
         inf_t = tl.zeros([BLOCK], tl.int32)
         bad_e = tl.zeros([BLOCK], tl.int32)
@@ -744,19 +746,16 @@ def load_triton_steering() -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
             bad_e |= ((e != e) | (e == float("inf"))).to(tl.int32)
             t = tl.where((t != t) | (t == float("inf")), float("-inf"), t)
             e = tl.where((e != e) | (e == float("inf")), float("-inf"), e)
-            # m 仍为 −inf（这个 lane 到目前只见过 −inf）时用 0 做减数：exp(−inf − 0) = 0，避免 (−inf) − (−inf) = NaN
-            new_t = tl.maximum(m_t, t)
+            # m 仍为 −inf（到目前只见过 −inf）时用 0 做减数：exp(−inf − 0) = 0，避免 (−inf) − (−inf) = NaN
+            new_t = tl.maximum(m_t, tl.max(t, 0))
             safe_t = tl.where(new_t == float("-inf"), 0.0, new_t)
-            s_t = s_t * tl.exp(m_t - safe_t) + tl.exp(t - safe_t)
+            s_t = s_t * tl.exp(m_t - safe_t) + tl.sum(tl.exp(t - safe_t), 0)
             m_t = new_t
-            new_e = tl.maximum(m_e, e)
+            new_e = tl.maximum(m_e, tl.max(e, 0))
             safe_e = tl.where(new_e == float("-inf"), 0.0, new_e)
-            s_e = s_e * tl.exp(m_e - safe_e) + tl.exp(e - safe_e)
+            s_e = s_e * tl.exp(m_e - safe_e) + tl.sum(tl.exp(e - safe_e), 0)
             m_e = new_e
-        mt = tl.max(m_t, 0)
-        me = tl.max(m_e, 0)
-        st = tl.sum(s_t * tl.exp(m_t - tl.where(mt == float("-inf"), 0.0, mt)), 0)
-        se = tl.sum(s_e * tl.exp(m_e - tl.where(me == float("-inf"), 0.0, me)), 0)
+        mt, st, me, se = m_t, s_t, m_e, s_e
         base = (b * n_chunks + c) * 7
         tl.store(STATS + base + 0, mt)
         tl.store(STATS + base + 1, st)
@@ -860,17 +859,18 @@ def load_triton_steering() -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
 
     @triton_op("steer::greedy_steer", mutates_args=())
     def greedy_steer_op(zt: Tensor, ze: Tensor, zb: Tensor, schedule: int, base_alpha: float, adaptive_scale: float,
-                        max_boost: float, l2: bool, log_beta: float, chunks: int) -> tuple[Tensor, Tensor, Tensor]:
+                        max_boost: float, l2: bool, log_beta: float, chunks: int, block: int,
+                        num_warps: int) -> tuple[Tensor, Tensor, Tensor]:
         """算子本体（参数见 triton_greedy_steer，它先做校验）：返回 (token (B,) int64, α (B,) float32, bad (B,) bool)。"""
         batch, vocab = zt.shape
-        chunk = -(-(-(-vocab // chunks)) // _STEER_BLOCK) * _STEER_BLOCK  # 每段的词数，整块对齐
+        chunk = -(-(-(-vocab // chunks)) // block) * block  # 每段的词数，整块对齐
         grid = (batch, chunks)
         need_stats = schedule != _STEER_SCHEDULE_IDS["constant"] or log_beta > float("-inf")
         t_max = alpha = None
         if need_stats:
             stats = torch.empty((batch, chunks, 7), dtype=torch.float32, device=zt.device)
-            wrap_triton(steer_stats)[grid](zt, ze, stats, vocab, zt.stride(0), ze.stride(0), chunk, BLOCK=_STEER_BLOCK,
-                                           num_warps=4)
+            wrap_triton(steer_stats)[grid](zt, ze, stats, vocab, zt.stride(0), ze.stride(0), chunk, BLOCK=block,
+                                           num_warps=num_warps)
             m_t, s_t, m_e, s_e = stats[..., 0], stats[..., 1], stats[..., 2], stats[..., 3]
             row_mt, row_me = m_t.amax(-1, keepdim=True), m_e.amax(-1, keepdim=True)
             lse_t = row_mt[:, 0] + torch.log((s_t * torch.exp(m_t - row_mt.nan_to_num(neginf=0.0))).sum(-1))
@@ -884,7 +884,7 @@ def load_triton_steering() -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
             lse = torch.stack([lse_t, lse_e], dim=-1).contiguous()
             part = torch.empty((batch, chunks), dtype=torch.float32, device=zt.device)
             wrap_triton(steer_divergence)[grid](zt, ze, lse, part, vocab, zt.stride(0), ze.stride(0), chunk,
-                                                BLOCK=_STEER_BLOCK, L2=l2, num_warps=4)
+                                                BLOCK=block, L2=l2, num_warps=num_warps)
             total = part.sum(-1)
             d = (total.clamp_min(0.0).sqrt() if l2 else 0.5 * total).clamp(0.0, _UPPER["l2" if l2 else "js"])
             d = torch.where(nan_t | inf_t | bad_e, float("nan"), d)  # distance() 对含 NaN / +inf 的行给 NaN
@@ -895,8 +895,7 @@ def load_triton_steering() -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
         wrap_triton(steer_pick)[grid](zt, ze, zb, alpha.contiguous(), t_max.contiguous(), out, vocab, zt.stride(0),
                                       ze.stride(0), zb.stride(0), chunk,
                                       torch.full((1,), log_beta, dtype=torch.float32, device=zt.device),
-                                      BLOCK=_STEER_BLOCK,
-                                      PLAUSIBLE=log_beta > float("-inf"), num_warps=4)
+                                      BLOCK=block, PLAUSIBLE=log_beta > float("-inf"), num_warps=num_warps)
         bad_row = (out[..., 0].amax(-1) > 0) | (out[..., 1].amax(-1) > 0) | ~(out[..., 2].amax(-1) > 0)
         f_chunk = out[..., 3].argmax(-1, keepdim=True)  # 段间：第一个取到最大值的段（段内已取最小位置）
         t_chunk = out[..., 5].argmax(-1, keepdim=True)  # NaN 视为最大：第一个含 NaN 的段
@@ -907,15 +906,16 @@ def load_triton_steering() -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
     return greedy_steer_op
 
 
-def steer_chunks(batch: int, vocab: int, sms: int) -> int:
+def steer_chunks(batch: int, vocab: int, sms: int, block: int = STEER_CONFIG[0]) -> int:
     """词表切几段：让 行数 × 段数 ≥ 8 × SM 数（每个 SM 有几个程序轮流隐藏访存延迟），但每段至少一个块。
     H100（132 个 SM）批 64：17 段；批 1：126 段（128,256 词、每块 1,024）。"""
-    return max(1, min(-(-vocab // _STEER_BLOCK), -(-8 * sms // batch)))
+    return max(1, min(-(-vocab // block), -(-8 * sms // batch)))
 
 
 def triton_greedy_steer(logits_t: Tensor, logits_e: Tensor, logits_b: Tensor, *, schedule: str, base_alpha: float,
                         adaptive_scale: float, max_boost: float, metric: str, beta: float,
-                        chunks: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                        chunks: int | None = None, config: tuple[int, int] | None = None
+                        ) -> tuple[Tensor, Tensor, Tensor]:
     """贪心引导一步的融合 kernel：等价于
         fused, alpha, bad = fuse_step(...)（schedule_alpha → compute_steered_logits → [apply_plausibility] → guard_nonfinite）
         token = fused.argmax(-1)
@@ -924,7 +924,8 @@ def triton_greedy_steer(logits_t: Tensor, logits_e: Tensor, logits_b: Tensor, *,
     输入 (B, V) 三路 logits，任意浮点精度（内部 float32），最后一维连续（可以是更宽张量的切片，按行步长读）。
     与参考的区别只在 float32 求和顺序（JS / L2 的和、logsumexp）：α 可能差几个 ulp，融合值的 argmax 只有在近似并列时才可能不同
     ——与 torch.compile 编译参考公式时的情形相同。CPU 张量由 Triton 解释器执行（测试），GPU 上编译。
-    chunks None = steer_chunks 按 GPU 的 SM 数选；测试用它覆盖多段与空段。先调用 load_triton_steering()。
+    chunks None = steer_chunks 按 GPU 的 SM 数选；测试用它覆盖多段与空段。config = (BLOCK, num_warps)，None = STEER_CONFIG
+    （微基准扫它）。先调用 load_triton_steering()。
     """
     _check_pair(logits_t, logits_e, names="logits_t/logits_e")
     _check_pair(logits_t, logits_b, names="logits_t/logits_b")
@@ -936,9 +937,11 @@ def triton_greedy_steer(logits_t: Tensor, logits_e: Tensor, logits_b: Tensor, *,
     if any(not t.dtype.is_floating_point or t.stride(-1) != 1 for t in (logits_t, logits_e, logits_b)):
         raise ValueError("triton_greedy_steer 要求浮点 logits、最后一维连续；否则用 fuse_step + argmax")
     batch, vocab = logits_t.shape
+    block, warps = config or STEER_CONFIG
     if chunks is None:
         sms = torch.cuda.get_device_properties(logits_t.device).multi_processor_count if logits_t.is_cuda else 4
-        chunks = steer_chunks(batch, vocab, sms)
+        chunks = steer_chunks(batch, vocab, sms, block)
     log_beta = math.log(beta) if beta > 0 else float("-inf")
     return torch.ops.steer.greedy_steer(logits_t, logits_e, logits_b, _STEER_SCHEDULE_IDS[schedule], float(base_alpha),
-                                        float(adaptive_scale), float(max_boost), metric == "l2", log_beta, chunks)
+                                        float(adaptive_scale), float(max_boost), metric == "l2", log_beta, chunks,
+                                        block, warps)

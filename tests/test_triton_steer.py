@@ -84,11 +84,17 @@ def test_matches_reference_all_settings(schedule: str, metric: str, beta: float)
     assert torch.isfinite(alpha).all()
 
 
-@pytest.mark.parametrize("chunks", [1, 2, 5])
-def test_chunking_does_not_change_the_result(chunks: int) -> None:
-    """一段、两段、以及段数多于块数（后面的段是空段：不读任何词，合并时不会胜出）。"""
+@pytest.mark.parametrize("chunks, config", [(1, None), (2, None), (5, None), (3, (256, 2)), (2, (4096, 8))])
+def test_chunking_does_not_change_the_result(chunks: int, config: tuple[int, int] | None) -> None:
+    """一段、两段、段数多于块数（后面的段是空段：不读任何词，合并时不会胜出）；块长 256（每段循环多次）与 4,096
+    （一块大于整行）。"""
     zt, ze, zb = logits(3, 3000, seed=chunks)
-    check(zt, ze, zb, chunks=chunks)
+    params = {**KW}
+    token, alpha, bad = triton_greedy_steer(zt, ze, zb, schedule="adaptive", metric="js", beta=0.0, chunks=chunks,
+                                            config=config, **params)
+    ref_token, ref_alpha, ref_bad = reference(zt, ze, zb, "adaptive", "js", 0.0)
+    assert torch.equal(token, ref_token) and torch.equal(bad, ref_bad)
+    torch.testing.assert_close(alpha, ref_alpha, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_inputs_and_strided_rows() -> None:
