@@ -30,7 +30,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from stacked_llama import ATTENTION_MODES
-from evaluator import (FUSION_MODES, STACK_MODES, BatchResult, FastDecoder, Sampling, SteeringParams, generate_batch,
+from evaluator import (STACK_MODES, BatchResult, FastDecoder, Sampling, SteeringParams, generate_batch,
                        length_bucket)
 
 STEER = SteeringParams(base_alpha=1.0, adaptive_scale=10.0, max_boost=1.0, metric="js")
@@ -126,11 +126,9 @@ def attention_for(attention: str, stack: str) -> str:
 
 
 def bench_decoder(models: list[PreTrainedModel], steered: bool, batch: int, compile_step: bool, overlap: str,
-                  stack: str, attention: str, cache_len: int | None, sampling: Sampling | None,
-                  fusion: str = "auto") -> FastDecoder:
+                  stack: str, attention: str, cache_len: int | None, sampling: Sampling | None) -> FastDecoder:
     """计时（measure）、--check 与 --profile 共用的 FastDecoder：steered 时三个模型（STEER 融合），否则只有目标；
-    --overlap / --stack / --attention 的一项经 stack_for / attention_for 映射（只有目标时 overlap 为 off）；
-    --fusion 的一项原样交给 FastDecoder（基线与采样时它解析成 torch，见 evaluator.resolve_fusion）。
+    --overlap / --stack / --attention 的一项经 stack_for / attention_for 映射（只有目标时 overlap 为 off）。
 
     编译时先 torch.compiler.reset()：每个解码器从干净的 dynamo 状态编译，否则同一进程里先建的解码器会让后面的
     被编成动态形状的图（automatic dynamic），各行的结果就取决于测量顺序。
@@ -142,15 +140,12 @@ def bench_decoder(models: list[PreTrainedModel], steered: bool, batch: int, comp
     return FastDecoder(use, vocab_size=use[0].config.vocab_size, end_ids=[], pad_id=0, batch_size=batch,
                        steering=STEER if steered else None, compile=compile_step, cache_len=cache_len,
                        overlap=overlap if steered else "off", sampling=sampling, stack=stack,
-                       attention=attention_for(attention, stack),
-                       fusion=fusion if steered and sampling is None else "auto")
+                       attention=attention_for(attention, stack))
 
 
 def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int, args: argparse.Namespace,
-            compile_step: bool, overlap: str = "off", stack: str = "off", attention: str = "auto",
-            fusion: str = "auto") -> dict[str, Any]:
-    """测一个 (路径, 模式, 批大小, overlap, stack, attention, fusion)：预热后测 T(new) 与 T(1)，返回每步毫秒、tokens/s、
-    峰值显存。
+            compile_step: bool, overlap: str = "off", stack: str = "off", attention: str = "auto") -> dict[str, Any]:
+    """测一个 (路径, 模式, 批大小, overlap, stack, attention)：预热后测 T(new) 与 T(1)，返回每步毫秒、tokens/s、峰值显存。
 
     overlap 只对引导模式的快速路径有意义（evaluator._GraphedStep）；stack 见 evaluator.resolve_stack；
     attention 见 evaluator.resolve_attention（只作用于叠加前向：这一行没有叠加单元时按 auto 解析成 sdpa）；
@@ -166,7 +161,7 @@ def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int,
         # 固定缓存长度：预热、T(1)、T(new) 用同一形状，计时区间里不会有重新编译（H100 上踩过：
         # 预热用了另一个长度桶，计时里混进了 40 秒编译）。
         decoder = bench_decoder(models, steered, batch, compile_step, overlap, stack, attention,
-                                cache_len=length_bucket(args.prompt + new), sampling=sampling_of(args), fusion=fusion)
+                                cache_len=length_bucket(args.prompt + new), sampling=sampling_of(args))
         gen = lambda n: decoder.generate([prompts] * len(use), n, question_ids=list(range(batch)))  # noqa: E731
     else:
         gen = lambda n: generate_batch(use, [prompts] * len(use), vocab_size=vocab, max_new_tokens=n,  # noqa: E731
@@ -187,7 +182,6 @@ def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int,
            "overlap": decoder.overlap if decoder is not None else "off",  # auto 解析后的实际模式
            "stack": decoder.stack if decoder is not None else "off",
            "attention": decoder.attention if decoder is not None else "sdpa",
-           "fusion": decoder.fusion if decoder is not None else "torch",
            "temperature": args.temperature, "top_p": args.top_p}
     if args.device.startswith("cuda"):
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -208,8 +202,8 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
     （两种都做在 H100 上超过单次命令的 10 分钟，可以分开跑），--overlap 选引导时的快速路径。返回每种精度的统计。
     """
     results: dict[str, Any] = {}
-    overlap, stack, attention, fusion = (args.overlap.split(",")[0], args.stack.split(",")[0],
-                                         args.attention.split(",")[0], args.fusion.split(",")[0])
+    overlap, stack, attention = (args.overlap.split(",")[0], args.stack.split(",")[0],
+                                 args.attention.split(",")[0])
     lengths = [args.prompt, args.prompt - 37, args.prompt - 5, max(4, args.prompt - 101)]
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     for dtype_name in args.check_dtypes.split(","):
@@ -225,7 +219,7 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
                                   end_ids=[], pad_id=0, steering=steering, sampling=sampling_of(args),
                                   question_ids=qids).tokens
             decoder = bench_decoder(models, steered, len(prompts), compile_step, overlap, stack, attention,
-                                    cache_len=None, sampling=sampling_of(args), fusion=fusion)
+                                    cache_len=None, sampling=sampling_of(args))
             quick = decoder.generate([prompts] * len(use), args.check_new, question_ids=qids).tokens
             same_rows = sum(a == b for a, b in zip(slow, quick))
             prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(slow, quick))
@@ -234,7 +228,7 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
             results[key] = {"identical_rows": f"{same_rows}/{len(slow)}", "tokens_before_first_divergence":
                             f"{prefix}/{total}", "agreement": round(prefix / total, 4), "compiled": compile_step,
                             "overlap": decoder.overlap, "stack": decoder.stack, "attention": decoder.attention,
-                            "fusion": decoder.fusion, "temperature": args.temperature,
+                            "temperature": args.temperature,
                             "top_p": args.top_p}
             print(json.dumps({"check": key, **results[key]}), flush=True)
         del models
@@ -282,7 +276,7 @@ def kernel_kind(name: str) -> str:
         return "attention"
     if any(k in low for k in ("gemm", "nvjet", "sm90_", "cutlass", "matmul", "gemv", "splitk")):
         return "matmul"
-    if low.startswith(("triton", "steer_")):  # steer_*：steering_utils 的分段融合 kernel
+    if low.startswith("triton"):
         return "triton"
     return "other"
 
@@ -324,15 +318,14 @@ def profile(models: list[PreTrainedModel], batch: int, args: argparse.Namespace,
     """--profile BATCH：只剖析引导解码（与 measure() 相同的 FastDecoder：预热后、固定缓存长度），见 profile_decoder。"""
     vocab = models[0].config.vocab_size
     prompts = prompts_for(batch, args.prompt, vocab)
-    overlap, stack, attention, fusion = (args.overlap.split(",")[0], args.stack.split(",")[0],
-                                         args.attention.split(",")[0], args.fusion.split(",")[0])
+    overlap, stack, attention = (args.overlap.split(",")[0], args.stack.split(",")[0],
+                                 args.attention.split(",")[0])
     # 剖析一直是贪心解码（不随 --temperature），保持原样
     decoder = bench_decoder(models, True, batch, compile_step, overlap, stack, attention,
-                            cache_len=length_bucket(args.prompt + args.new), sampling=None, fusion=fusion)
+                            cache_len=length_bucket(args.prompt + args.new), sampling=None)
     decoder.generate([prompts] * 3, 24)
     decoder.generate([prompts] * 3, 24)
     result = {"batch": batch, "overlap": decoder.overlap, "stack": decoder.stack, "attention": decoder.attention,
-              "fusion": decoder.fusion,
               **profile_decoder(decoder, prompts, 3, args.profile_steps, args.device)}
     print(json.dumps({"profile": result}), flush=True)
     return result
@@ -422,8 +415,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention", default="auto",
                         help="叠加前向的解码注意力 auto/sdpa/triton（见 evaluator.resolve_attention）；计时可给多个"
                              "（逗号分隔），--check/--profile 用第一个")
-    parser.add_argument("--fusion", default="auto",
-                        help="引导一步的融合 auto/torch/triton（见 evaluator.resolve_fusion）；计时可给多个（逗号分隔）")
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0：采样（计入每步的 top-p 与 Gumbel 开销）")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--out", default=None, help="把 JSON 结果也写到这个文件")
@@ -441,9 +432,6 @@ def main(argv: list[str] | None = None) -> int:
     attentions = [o for o in args.attention.split(",") if o]
     if not attentions or any(o not in ("auto", *ATTENTION_MODES) for o in attentions):
         parser.error(f"--attention {args.attention!r}：每一项应为 auto / {' / '.join(ATTENTION_MODES)}")
-    fusions = [o for o in args.fusion.split(",") if o]
-    if not fusions or any(o not in ("auto", *FUSION_MODES) for o in fusions):
-        parser.error(f"--fusion {args.fusion!r}：每一项应为 auto / {' / '.join(FUSION_MODES)}")
     compile_step = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda"))
     torch.set_grad_enabled(False)
     env = environment()
@@ -475,22 +463,20 @@ def main(argv: list[str] | None = None) -> int:
             # 引导行：overlap × stack × attention 逐个测。目标行：各 (stack, attention) 按 stack_for / attention_for
             # 映射、去重后各测一次（"pair" 与 "off" 对目标是同一条路径；没有叠加前向时注意力都是 sdpa）。
             if path == "fast":
-                steered_runs = [(o, st, at, fu) for o in overlaps for st in stacks for at in attentions
-                                for fu in fusions]
-                steered_runs = list(dict.fromkeys((o, st, attention_for(at, st), fu)
-                                                  for o, st, at, fu in steered_runs))
-                target_runs = list(dict.fromkeys(("off", stack_for(st, False), attention_for(at, stack_for(st, False)),
-                                                  "auto") for st in stacks for at in attentions))
+                steered_runs = [(o, st, at) for o in overlaps for st in stacks for at in attentions]
+                steered_runs = list(dict.fromkeys((o, st, attention_for(at, st)) for o, st, at in steered_runs))
+                target_runs = list(dict.fromkeys(("off", stack_for(st, False), attention_for(at, stack_for(st, False)))
+                                                 for st in stacks for at in attentions))
             else:
-                steered_runs = target_runs = [("off", "off", "auto", "auto")]
+                steered_runs = target_runs = [("off", "off", "auto")]
             runs = [(mode, *r) for mode in args.modes.split(",")
                     for r in (steered_runs if mode == "steered" else target_runs)]
-            for mode, overlap, stack, attention, fusion in runs:
+            for mode, overlap, stack, attention in runs:
                 key = {"path": path, "mode": mode, "batch": batch, "overlap": overlap, "stack": stack,
-                       "attention": attention, "fusion": fusion}
+                       "attention": attention}
                 try:
                     row = measure(path, models, mode == "steered", batch, args, compile_step, overlap, stack,
-                                  attention, fusion)
+                                  attention)
                 except torch.OutOfMemoryError:
                     row = {**key, "error": "OOM"}
                     oom = True
@@ -506,18 +492,17 @@ def main(argv: list[str] | None = None) -> int:
     report["rows"] = rows
     report["full_run_estimate"] = estimate_full_run(rows)
 
-    print(f"\n{'path':<6}{'mode':<9}{'overlap':<9}{'stack':<7}{'attn':<7}{'fusion':<7}{'batch':>6}{'ms/step':>10}"
-          f"{'tok/s':>10}{'ratio':>7}{'peak GiB':>10}")
+    print(f"\n{'path':<6}{'mode':<9}{'overlap':<9}{'stack':<7}{'attn':<7}{'batch':>6}{'ms/step':>10}{'tok/s':>10}{'ratio':>7}"
+          f"{'peak GiB':>10}")
     for r in rows:
         if "error" in r:
             print(f"{r['path']:<6}{r['mode']:<9}{r.get('overlap', ''):<9}{r.get('stack', ''):<7}"
-                  f"{r.get('attention', ''):<7}{r.get('fusion', ''):<7}{r['batch']:>6}  "
+                  f"{r.get('attention', ''):<7}{r['batch']:>6}  "
                   f"{r['error']}")
             continue
         base = target_row(rows, r)
         ratio = f"{r['ms_per_step'] / base['ms_per_step']:.2f}" if base and r["mode"] == "steered" else ""
-        print(f"{r['path']:<6}{r['mode']:<9}{r['overlap']:<9}{r['stack']:<7}{r['attention']:<7}{r['fusion']:<7}"
-              f"{r['batch']:>6}{r['ms_per_step']:>10.2f}"
+        print(f"{r['path']:<6}{r['mode']:<9}{r['overlap']:<9}{r['stack']:<7}{r['attention']:<7}{r['batch']:>6}{r['ms_per_step']:>10.2f}"
               f"{r['tok_per_s']:>10.1f}{ratio:>7}{r.get('peak_gib', '-'):>10}")
         if "profile" in r:
             p = r["profile"]

@@ -20,10 +20,9 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, PreTrainedModel
 from transformers.masking_utils import sdpa_mask
 
-from stacked_llama import (ATTENTION_MODES, StackedLlama, check_stackable, head_dim_of, triton_attention_problem,
-                           triton_available)
+from stacked_llama import ATTENTION_MODES, StackedLlama, check_stackable, head_dim_of, triton_attention_problem
 from steering_utils import (apply_plausibility, compute_steered_logits, guard_nonfinite, sample_tokens,
-                            load_triton_steering, sampling_keys, schedule_alpha, triton_greedy_steer)
+                            sampling_keys, schedule_alpha)
 
 # 故障注入（只给测试用）：不为 None 时，run_arm 在每次解码一批之前调用它，参数是这一批实际占用的批大小
 # （快速路径为补齐后的 FastDecoder.batch_size）。测试用 monkeypatch 设置它来模拟 CUDA 显存不足；
@@ -380,31 +379,6 @@ def resolve_attention(attention: str, *, head_dims: Sequence[int], device_type: 
     return attention
 
 
-FUSION_MODES: Final[tuple[str, ...]] = ("torch", "triton")
-
-
-def resolve_fusion(fusion: str, *, steering: SteeringParams | None, sampling: Sampling | None,
-                   device_type: str) -> str:
-    """FastDecoder 的 fusion 参数 → 引导一步“α、融合、守卫、选词”的实现（"torch" / "triton"）。
-
-    "torch"：fuse_step + pick_tokens（慢速循环也用它；编译时由 Inductor 生成 kernel）。
-    "triton"：steering_utils.triton_greedy_steer，一个分段的融合 kernel 组（只做贪心：采样要完整的融合 logits）。
-    "auto"：引导 + 贪心 + CUDA + 装了 triton 时取 "triton"，否则 "torch"。没有引导（基线）时总是 "torch"：
-    基线只有一次 argmax，没有要融合的东西。显式 "triton" 做不到（采样）时报错，而不是悄悄换成 "torch"。
-    """
-    if fusion not in ("auto", *FUSION_MODES):
-        raise ValueError(f"fusion={fusion!r}：应为 auto / {' / '.join(FUSION_MODES)}")
-    if steering is None:
-        return "torch"
-    if fusion == "triton" and sampling is not None:
-        raise ValueError("fusion='triton' 只做贪心解码（采样要完整的融合 logits）；采样时用 fusion='torch' 或 'auto'")
-    if fusion == "triton" and not triton_available():
-        raise ValueError("fusion='triton' 需要 triton 包（CUDA 版 torch 自带）；用 fusion='torch'")
-    if fusion == "auto":
-        return "triton" if device_type == "cuda" and sampling is None and triton_available() else "torch"
-    return fusion
-
-
 class FastDecoder:
     """快速解码器：与 generate_batch 逐 token 等价（fp32 测试保证），但每步的开销小得多。
 
@@ -424,9 +398,7 @@ class FastDecoder:
       （主要来自目标模型的拼接投影），见 BENCHMARKS.md。模型按“前向单元”分组：units[u] 是一起前向的模型下标，
       如 [(0,), (1, 2)]；每个单元一次前向、（streams 时）一条流。
     - attention（见 resolve_attention）：叠加单元的解码注意力用 SDPA（cuDNN，每步读满整个静态缓存）还是
-      stacked_llama 的 Triton kernel（只读到本步槽位，打包 GQA，RoPE 与写缓存也在 kernel 里）；"auto" 在 CUDA 上取 Triton。
-    - fusion（见 resolve_fusion）：引导一步的 α / 融合 / 守卫 / argmax 用 fuse_step + pick_tokens（Inductor 编译）还是
-      steering_utils.triton_greedy_steer（分段的 Triton kernel，只做贪心）；"auto" 在 CUDA 上的贪心引导取 Triton。
+      stacked_llama 的 Triton kernel（只读到本步槽位，打包 GQA）；"auto" 在 CUDA 上取 Triton。
     - 三个角色的提示左填充到同一宽度 T：所有模型的缓存槽位因此相同（第 n 个解码 token 写在槽位 T+n−1），
       叠加单元按这个槽位写缓存。真实 token 的位置编号由各自的 mask 决定，多出的左填充被屏蔽，结果不变。
     """
@@ -434,7 +406,7 @@ class FastDecoder:
     def __init__(self, models: Sequence[PreTrainedModel], *, vocab_size: int, end_ids: Sequence[int], pad_id: int,
                  batch_size: int, steering: SteeringParams | None, compile: bool, check_every: int = 16,
                  cache_len: int | None = None, overlap: str = "auto", sampling: Sampling | None = None,
-                 stack: str = "auto", attention: str = "auto", fusion: str = "auto") -> None:
+                 stack: str = "auto", attention: str = "auto") -> None:
         if steering is not None and len(models) != 3:
             raise ValueError("引导模式需要三个模型：[目标, 专家, 基座]")
         self.models = list(models)
@@ -467,9 +439,6 @@ class FastDecoder:
         stacked_models = ([self.models[0]] if target else []) + (self.models[1:] if pair else [])
         self.attention = resolve_attention(attention, head_dims=[head_dim_of(m.config) for m in stacked_models],
                                            device_type=self.device.type)
-        self.fusion = resolve_fusion(fusion, steering=steering, sampling=sampling, device_type=self.device.type)
-        if self.fusion == "triton":
-            load_triton_steering()  # 在编译区域之外注册算子（同 load_triton_attention）
         # stacked[u]：第 u 个单元的叠加前向（None = 该单元是一个 transformers 模型）
         self.stacked: list[StackedLlama | None] = [
             StackedLlama([self.models[k] for k in unit], attention=self.attention)
@@ -553,15 +522,6 @@ class FastDecoder:
         第 4 个输出 bad (B,) bool：本步融合 logits 非有限、已改用目标 logits 的行（基线恒为 False）。
         它留在设备上由 generate() 累加，不在每步同步主机。z[k] 可以是模型精度：这里先精确转成 float32。
         """
-        if self.fusion == "triton":
-            # 分段融合 kernel：直接读模型精度的 logits（kernel 内转 float32），不物化 (B, V) 的融合结果
-            s = self.steering
-            assert s is not None
-            nxt, alpha, bad = triton_greedy_steer(z[0], z[1], z[2], schedule=s.schedule, base_alpha=s.base_alpha,
-                                                  adaptive_scale=s.adaptive_scale, max_boost=s.max_boost,
-                                                  metric=s.metric, beta=s.plausibility_beta)
-            nxt = nxt.masked_fill(finished, self.pad_id)
-            return nxt, alpha, finished | torch.isin(nxt, self.ends), bad
         z = [t.float() for t in z]
         if self.steering is None:
             fused, alpha = z[0], torch.zeros(z[0].shape[0], device=z[0].device)
@@ -936,8 +896,7 @@ def run_arm(
     decoder = make_decoder(size)
     decode_path: dict[str, Any] = {"fast": fast, "compiled": fast and compile}
     if decoder is not None:
-        decode_path.update(overlap=decoder.overlap, stack=decoder.stack, attention=decoder.attention,
-                           fusion=decoder.fusion)
+        decode_path.update(overlap=decoder.overlap, stack=decoder.stack, attention=decoder.attention)
     records: list[dict[str, Any]] = []
     decoded_tokens = backoffs = 0
     interrupted = False

@@ -220,25 +220,19 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
     from torch.library import triton_op, wrap_triton
 
     @triton.jit
-    def decode_attention_split(Q, K, V, MASK, SLOT, PART, STATS, OUT, K_NEW, V_NEW, COS, SIN,
+    def decode_attention_split(Q, K, V, MASK, SLOT, PART, STATS, OUT,
                                q_r, q_h, q_g, k_r, k_h, k_s, v_r, v_h, v_s, m_r, o_r, o_h, o_g,
-                               kn_r, kn_h, vn_r, vn_h, cos_r, sin_r,
                                H_KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
                                BLOCK_N: tl.constexpr, N_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-                               QK_SCALE: tl.constexpr, FUSED: tl.constexpr):
+                               QK_SCALE: tl.constexpr):
         # 程序 (rh, split)：行 r = rh // H_KV 的第 h 个 KV 头，序列的第 split 段。查询块 (BLOCK_G, D)：G 个查询头
         # 补零到 BLOCK_G ≥ 16 行（tl.dot 的最小尺寸；多出的行不写回）。分数在 log2 域（QK_SCALE 含 log2 e）。
         # QK_SCALE 是编译期常量：作为普通浮点参数时 Inductor 按 float64 传入，分数会被提升成 float64。
-        # FUSED：Q 是 RoPE 之前的查询，本 token 的 K_NEW / V_NEW (R, H_kv, D) 也还没写进缓存、K_NEW 也未旋转；
-        # kernel 自己做 RoPE（COS/SIN (R, D)），本 token 的键值直接用寄存器里的，最后由覆盖 slot 的那个程序写回缓存。
-        # 为什么融合：否则每层要另发 3 个小 kernel（q 的 RoPE、k 的 RoPE + 写缓存、v 写缓存），H100 批 64 每个 1–3 µs，
-        # 外加 CUDA graph 里 kernel 之间的空隙（BENCHMARKS.md 的剖析）。
         rh = tl.program_id(0)
         split = tl.program_id(1)
         r = rh // H_KV
         h = rh % H_KV
-        slot = tl.load(SLOT).to(tl.int32)
-        end = slot + 1  # 只看槽位 < end 的键：本步 token 在 slot，之后的槽位还没写
+        end = tl.load(SLOT).to(tl.int32) + 1  # 只看槽位 < end 的键：本步 token 写在 slot，之后的槽位还没写
         chunk = tl.cdiv(tl.cdiv(end, N_SPLIT), BLOCK_N) * BLOCK_N  # 按已写长度均分，各段整块对齐
         lo = split * chunk
         hi = tl.minimum(lo + chunk, end)
@@ -246,34 +240,12 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
         d = tl.arange(0, D)
         n = tl.arange(0, BLOCK_N)
         q = tl.load(Q + r * q_r + h * q_h + g[:, None] * q_g + d[None, :], mask=g[:, None] < G, other=0.0)
-        if FUSED:
-            # RoPE（与 transformers 的 apply_rotary_pos_emb 相同）：x·cos + rotate_half(x)·sin，
-            # rotate_half(x)[d] = −x[d + D/2]（d < D/2），x[d − D/2]（d ≥ D/2）。float32 里算，转回模型精度
-            # （transformers 在模型精度下算，随后写进缓存的也是模型精度）。
-            swap = tl.where(d < D // 2, d + D // 2, d - D // 2)
-            sign = tl.where(d < D // 2, -1.0, 1.0)
-            cos = tl.load(COS + r * cos_r + d).to(tl.float32)
-            sin = tl.load(SIN + r * sin_r + d).to(tl.float32)
-            q_swap = tl.load(Q + r * q_r + h * q_h + g[:, None] * q_g + swap[None, :], mask=g[:, None] < G,
-                             other=0.0)
-            q = (q.to(tl.float32) * cos[None, :] + sign[None, :] * q_swap.to(tl.float32) * sin[None, :]).to(
-                Q.dtype.element_ty)
-            # 本 token 的 k（旋转后）与 v 在循环之前就读进寄存器：读的延迟与循环的缓存读取重叠。放到循环之后再读，
-            # 每个程序末尾多一段串行的访存等待（H100 批 64 实测每次调用慢约 5 µs，BENCHMARKS.md）。
-            k_swap = tl.load(K_NEW + r * kn_r + h * kn_h + swap)
-            k_new = tl.load(K_NEW + r * kn_r + h * kn_h + d).to(tl.float32) * cos + sign * k_swap.to(tl.float32) * sin
-            k_new = k_new.to(K.dtype.element_ty)
-            v_new = tl.load(V_NEW + r * vn_r + h * vn_h + d)
-            keep_new = tl.load(MASK + r * m_r + slot) != 0
-            hi_cache = tl.minimum(hi, slot)  # 本 token 的键值不从缓存读（还没写），下面单独加进来
-        else:
-            hi_cache = hi
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, D], tl.float32)
-        for start in range(lo, hi_cache, BLOCK_N):
+        for start in range(lo, hi, BLOCK_N):
             pos = start + n
-            inside = pos < hi_cache
+            inside = pos < hi
             keep = inside & (tl.load(MASK + r * m_r + pos, mask=inside, other=0) != 0)  # 左填充位置 mask = 0
             k = tl.load(K + r * k_r + h * k_h + pos[:, None] * k_s + d[None, :], mask=inside[:, None], other=0.0)
             v = tl.load(V + r * v_r + h * v_h + pos[:, None] * v_s + d[None, :], mask=inside[:, None], other=0.0)
@@ -287,20 +259,6 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
             l_i = l_i * corr + tl.sum(p, 1)
             acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
-        if FUSED:
-            if (lo <= slot) & (slot < hi):
-                # 恰有一个程序的段覆盖 slot：它把本 token 的键值并进在线 softmax，再写进缓存（每个 (行, KV 头) 写一次）
-                s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * QK_SCALE  # (BLOCK_G,)
-                s_new = tl.where(keep_new, s_new, float("-inf"))
-                m_new = tl.maximum(m_i, s_new)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p_new = tl.exp2(s_new - m_safe)
-                corr = tl.exp2(m_i - m_safe)
-                l_i = l_i * corr + p_new
-                acc = acc * corr[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
-                m_i = m_new
-                tl.store(K + r * k_r + h * k_h + slot * k_s + d, k_new)
-                tl.store(V + r * v_r + h * v_h + slot * v_s + d, v_new.to(V.dtype.element_ty))
         if N_SPLIT == 1:
             out = acc / l_i[:, None]
             tl.store(OUT + r * o_r + h * o_h + g[:, None] * o_g + d[None, :], out.to(OUT.dtype.element_ty),
@@ -336,31 +294,28 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
         tl.store(OUT + r * o_r + h * o_h + g[:, None] * o_g + d[None, :], (acc / total[:, None]).to(
             OUT.dtype.element_ty), mask=g[:, None] < G)
 
-    def launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor,
-               scale: float, n_split: int, block_n: int, num_warps: int, num_stages: int,
-               new: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """两个算子共用的启动代码（参数见 triton_decode_attention / _rope，它们先核对形状）：分配输出 (R, H_kv, G, D)，
-        切段时另分配部分和 (R·H_kv, n_split, BLOCK_G, D) 与 (m, l) (R·H_kv, n_split, 2, BLOCK_G)，均为 float32。
-        new = (k_new, v_new, cos, sin) 时走 FUSED：kernel 做 RoPE 并把本 token 的键值写进 keys/values 的 slot。"""
+    @triton_op("steer::decode_attention", mutates_args=())
+    def decode_attention_op(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                            slot: torch.Tensor, scale: float, n_split: int, block_n: int, num_warps: int,
+                            num_stages: int) -> torch.Tensor:
+        """算子本体（参数见 triton_decode_attention，它先核对形状）：分配输出 (R, H_kv, G, D)，
+        切段时另分配部分和 (R·H_kv, n_split, BLOCK_G, D) 与 (m, l) (R·H_kv, n_split, 2, BLOCK_G)，均为 float32。"""
         rows, kv_heads, groups, dim = q.shape
         block_g = max(16, triton.next_power_of_2(groups))
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
         if n_split > 1:
             part = torch.empty((rows * kv_heads, n_split, block_g, dim), dtype=torch.float32, device=q.device)
             stats = torch.empty((rows * kv_heads, n_split, 2, block_g), dtype=torch.float32, device=q.device)
         else:
             part = stats = out  # 不切段时不用：kernel 直接写 out
-        # 不融合时 K_NEW 等四个指针不被读（FUSED 是编译期常量，那段代码不生成）：传 q 占位
-        k_new, v_new, cos, sin = new if new is not None else (q, q, q, q)
         precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 时精确相乘（不用 TF32），逐 token 测试要它
         wrap_triton(decode_attention_split)[(rows * kv_heads, n_split)](
-            q, keys, values, mask, slot, part, stats, out, k_new, v_new, cos, sin,
+            q, keys, values, mask, slot, part, stats, out,
             q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
             values.stride(0), values.stride(1), values.stride(2), mask.stride(0),
             out.stride(0), out.stride(1), out.stride(2),
-            k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos.stride(0), sin.stride(0),
             H_KV=kv_heads, G=groups, D=dim, BLOCK_G=block_g, BLOCK_N=block_n, N_SPLIT=n_split, PRECISION=precision,
-            QK_SCALE=scale * math.log2(math.e), FUSED=new is not None,
+            QK_SCALE=scale * math.log2(math.e),
             num_warps=num_warps, num_stages=num_stages)
         if n_split > 1:
             wrap_triton(decode_attention_combine)[(rows * kv_heads,)](
@@ -368,30 +323,18 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
                 H_KV=kv_heads, G=groups, D=dim, BLOCK_G=block_g, N_SPLIT=n_split, num_warps=4)
         return out
 
-    @triton_op("steer::decode_attention", mutates_args=())
-    def decode_attention_op(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                            slot: torch.Tensor, scale: float, n_split: int, block_n: int, num_warps: int,
-                            num_stages: int) -> torch.Tensor:
-        """注意力：本 token 已在缓存里（q 已旋转）。返回 (R, H_kv, G, D)。"""
-        return launch(q, keys, values, mask, slot, scale, n_split, block_n, num_warps, num_stages, None)
-
-    @triton_op("steer::decode_attention_rope", mutates_args=("keys", "values"))
-    def decode_attention_rope_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cos: torch.Tensor,
-                                 sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                                 slot: torch.Tensor, scale: float, n_split: int, block_n: int, num_warps: int,
-                                 num_stages: int) -> torch.Tensor:
-        """RoPE + 写缓存 + 注意力（原地改 keys/values 的 slot 槽位，声明在 mutates_args 里：
-        Inductor 据此把它当作对输入的原地写入，不复制缓存）。返回 (R, H_kv, G, D)。"""
-        return launch(q, keys, values, mask, slot, scale, n_split, block_n, num_warps, num_stages,
-                      (k_new, v_new, cos, sin))
-
     return decode_attention_op
 
 
-def _attention_plan(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                    slot: torch.Tensor, n_split: int | None) -> tuple[int, int, int, int]:
-    """核对注意力输入的形状，返回 (n_split, BLOCK_N, num_warps, num_stages)。两个入口共用；形状不符时报错
-    （在编译追踪时就会报出，不会算出错的数）。n_split None = split_count 按 GPU 的 SM 数选。"""
+def triton_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                            slot: torch.Tensor, scale: float, n_split: int | None = None) -> torch.Tensor:
+    """单 token 解码的打包 GQA 注意力（Triton，只读到 slot 为止）。q (R, H_kv, G, D)：第 h 个 KV 头下的 G 个查询头；
+    keys/values (R, H_kv, L, D) 静态缓存；mask (R, L) 1 = 非左填充；slot (1,) 本 token 的槽位（已写入缓存）。
+    可见 = mask ∧ 槽位 ≤ slot，与 StackedLlama 的 SDPA 路径相同。返回 (R, H_kv, G, D)，q 的精度。
+
+    n_split None = split_count 按 GPU 的 SM 数选；测试用它强制走“切段 + 合并”。先调用 load_triton_attention()。
+    kernel 按步长寻址，只要求每个张量的最后一维连续；形状不符时报错（在编译追踪时就会报出，不会算出错的数）。
+    """
     rows, kv_heads, groups, dim = q.shape
     if keys.shape != values.shape or keys.shape[:2] != (rows, kv_heads) or keys.shape[3] != dim:
         raise ValueError(f"K/V 形状 {tuple(keys.shape)} / {tuple(values.shape)} 与 q {tuple(q.shape)} 不符："
@@ -402,48 +345,12 @@ def _attention_plan(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, m
     if not triton_attention_supports(dim) or any(t.stride(-1) != 1 for t in (q, keys, values)):
         raise ValueError(f"Triton 解码注意力要求 head_dim 为 ≥ 16 的 2 的幂、最后一维连续（head_dim={dim}）；"
                          "用 attention='sdpa'")
-    block_n, warps, stages = TRITON_ATTENTION_CONFIG.get(dim, (64, 4, 2))
+    block_n, warps, stages = TRITON_ATTENTION_CONFIG.get(q.shape[-1], (64, 4, 2))
     if n_split is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        n_split = split_count(rows * kv_heads, -(-keys.shape[2] // block_n), sms)
-    return n_split, block_n, warps, stages
-
-
-def triton_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                            slot: torch.Tensor, scale: float, n_split: int | None = None) -> torch.Tensor:
-    """单 token 解码的打包 GQA 注意力（Triton，只读到 slot 为止）。q (R, H_kv, G, D)：第 h 个 KV 头下的 G 个查询头
-    （已做 RoPE）；keys/values (R, H_kv, L, D) 静态缓存；mask (R, L) 1 = 非左填充；slot (1,) 本 token 的槽位
-    （已写入缓存）。可见 = mask ∧ 槽位 ≤ slot，与 StackedLlama 的 SDPA 路径相同。返回 (R, H_kv, G, D)，q 的精度。
-
-    n_split None = split_count 按 GPU 的 SM 数选；测试用它强制走“切段 + 合并”。先调用 load_triton_attention()。
-    kernel 按步长寻址，只要求每个张量的最后一维连续。解码步用的是 triton_decode_attention_rope（连 RoPE 与写缓存一起做）；
-    这个入口留给微基准与测试。
-    """
-    plan = _attention_plan(q, keys, values, mask, slot, n_split)
+        n_split = split_count(q.shape[0] * q.shape[1], -(-keys.shape[2] // block_n), sms)
     # 经 torch.ops 调用（而不是调用 load_triton_attention()）：编译区域里 dynamo 只看到一个已注册的算子
-    return torch.ops.steer.decode_attention(q, keys, values, mask, slot, scale, *plan)
-
-
-def triton_decode_attention_rope(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cos: torch.Tensor,
-                                 sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                                 slot: torch.Tensor, scale: float, n_split: int | None = None) -> torch.Tensor:
-    """解码一步的“RoPE + 写缓存 + 注意力”一个 kernel：q (R, H_kv, G, D) 与本 token 的 k_new / v_new (R, H_kv, D)
-    都是 RoPE 之前的投影输出（可以是 qkv 的跨步视图）；cos/sin (R, D) 是各行位置的旋转角（模型精度，rotary_emb 的输出）。
-
-    结果与「apply_rotary_pos_emb → keys/values[:, :, slot] = k/v → triton_decode_attention」相同（浮点舍入内），
-    并原地把旋转后的 k 与 v 写进 keys/values 的 slot 槽位（每个 (行, KV 头) 只由覆盖 slot 的那个程序写一次）。
-    其余参数与返回值同 triton_decode_attention。为什么：省掉每层 3 个小 kernel 与它们在 CUDA graph 里的间隙。
-    """
-    plan = _attention_plan(q, keys, values, mask, slot, n_split)
-    rows, kv_heads, _, dim = q.shape
-    if k_new.shape != (rows, kv_heads, dim) or v_new.shape != k_new.shape:
-        raise ValueError(f"k_new / v_new 应为 (R, H_kv, D) = ({rows}, {kv_heads}, {dim})，"
-                         f"得到 {tuple(k_new.shape)} 与 {tuple(v_new.shape)}")
-    if cos.shape != (rows, dim) or sin.shape != (rows, dim):
-        raise ValueError(f"cos / sin 应为 (R, D) = ({rows}, {dim})，得到 {tuple(cos.shape)} 与 {tuple(sin.shape)}")
-    if any(t.stride(-1) != 1 for t in (k_new, v_new, cos, sin)):
-        raise ValueError("k_new / v_new / cos / sin 的最后一维必须连续；用 attention='sdpa'")
-    return torch.ops.steer.decode_attention_rope(q, k_new, v_new, cos, sin, keys, values, mask, slot, scale, *plan)
+    return torch.ops.steer.decode_attention(q, keys, values, mask, slot, scale, n_split, block_n, warps, stages)
 
 
 class StackedLlama:
@@ -501,10 +408,9 @@ class StackedLlama:
         return self.weights.embed.flatten(0, 1)[ids + offset].reshape(m, -1, self.weights.embed.shape[-1])
 
     def _layers(self, x: torch.Tensor, positions: torch.Tensor,
-                attend: Callable[..., torch.Tensor]) -> torch.Tensor:
-        """所有层。x: (M, N, hidden)，N = B·T；positions: (M·B, T)；attend(l, q, k, v, cos, sin) 做 RoPE、写缓存并做
-        注意力：输入是 RoPE 之前的 q (M·B, H, T, D)、k/v (M·B, H_kv, T, D) 与 cos/sin (M·B, T, D)，返回 (M·B, T, H·D)。
-        RoPE 交给 attend：解码的 Triton 路径把它和写缓存一起放进注意力 kernel。"""
+                attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """所有层。x: (M, N, hidden)，N = B·T；positions: (M·B, T)；attend(l, q, k, v) 写缓存并做注意力，
+        输入 q (M·B, H, T, D)、k/v (M·B, H_kv, T, D)，返回 (M·B, T, H·D)。"""
         w, m = self.weights, self.n_models
         rows, t = positions.shape
         cos, sin = self.rotary(x, positions)  # (M·B, T, D)，模型精度（与 transformers 相同）
@@ -515,7 +421,8 @@ class StackedLlama:
             q = qkv[..., :q_size].reshape(rows, t, self.heads, self.head_dim).transpose(1, 2)
             k = qkv[..., q_size:q_size + kv_size].reshape(rows, t, self.kv_heads, self.head_dim).transpose(1, 2)
             v = qkv[..., q_size + kv_size:].reshape(rows, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            a = attend(l, q, k, v, cos, sin).reshape(m, -1, q_size)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            a = attend(l, q, k, v).reshape(m, -1, q_size)
             x = x + _linear(a, w.o[l])
             h = _rms_norm(x, w.ln2[l], self.eps)
             gate, up = _linear(h, w.gate_up[l]).split(self.inter, dim=-1)
@@ -542,9 +449,7 @@ class StackedLlama:
         causal = idx[None, :] <= idx[:, None]  # (T, T)：查询 i 看键 j ≤ i
         visible = causal[None] & (mask.bool()[:, None, :] | torch.eye(t, dtype=torch.bool, device=ids.device)[None])
 
-        def attend(l: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor) -> torch.Tensor:
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        def attend(l: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self.keys[l][:, :, :t] = k
             self.values[l][:, :, :t] = v
             k = k[:, :, None].expand(rows, self.kv_heads, n_rep, t, self.head_dim).reshape(rows, self.heads, t, -1)
@@ -564,8 +469,7 @@ class StackedLlama:
 
         注意力用“打包 GQA”：共享一个 KV 头的 n_rep 个查询头当作查询长度维（同 evaluator.packed_gqa_attention），
         不复制 K/V；可见 = 非左填充 ∧ 槽位 ≤ slot。self.attention 选实现："sdpa" 每层一次 SDPA（可见掩码每步建一次，
-        各层共用），"triton" 用 triton_decode_attention_rope（RoPE、写缓存与注意力一个 kernel，直接读 mask 与 slot，
-        只读已写的槽位）。
+        各层共用），"triton" 用 triton_decode_attention（直接读 mask 与 slot，只读已写的槽位）。
         """
         rows = positions.shape[0]
         n_rep = self.heads // self.kv_heads
@@ -573,20 +477,15 @@ class StackedLlama:
         visible = (None if self.attention == "triton" else
                    (mask.bool() & (torch.arange(length, device=mask.device)[None, :] <= slot))[:, None, None, :])
 
-        def attend(l: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor) -> torch.Tensor:
-            if visible is None:
-                # 一个 kernel：RoPE + 本 token 的 K/V 写进 slot + 注意力（q/k/v 是 qkv 输出的跨步视图，不复制）
-                packed = q.reshape(rows, self.kv_heads, n_rep, self.head_dim)
-                out = triton_decode_attention_rope(packed, k[:, :, 0], v[:, :, 0], cos[:, 0], sin[:, 0],
-                                                   self.keys[l], self.values[l], mask, slot, self.scale)
-                return out.reshape(rows, 1, self.heads * self.head_dim)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        def attend(l: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self.keys[l].index_copy_(2, slot, k)
             self.values[l].index_copy_(2, slot, v)
             packed = q.reshape(rows, self.kv_heads, n_rep, self.head_dim)
-            out = F.scaled_dot_product_attention(packed, self.keys[l], self.values[l], attn_mask=visible,
-                                                 scale=self.scale)
+            if visible is None:
+                out = triton_decode_attention(packed, self.keys[l], self.values[l], mask, slot, self.scale)
+            else:
+                out = F.scaled_dot_product_attention(packed, self.keys[l], self.values[l], attn_mask=visible,
+                                                     scale=self.scale)
             return out.reshape(rows, 1, self.heads * self.head_dim)
 
         ids = tokens.repeat(self.n_models, 1)

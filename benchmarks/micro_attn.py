@@ -50,10 +50,9 @@ def graph_ms(calls: list[Callable[[], Any]], replays: int = 20) -> float:
     return start.elapsed_time(end) / (replays * len(calls))
 
 
-def shape_rows(name: str, rows: int, dim: int, length: int, slot: int, configs: list[tuple[int, int, int, int]],
-               fused: bool = False) -> list[dict[str, Any]]:
-    """一种形状：SDPA 与各 Triton 配置 (BLOCK_N, warps, stages, n_split；n_split 0 = split_count 的选择)；
-    fused 时再测融合版（steer::decode_attention_rope）的快速路径配置。"""
+def shape_rows(name: str, rows: int, dim: int, length: int, slot: int, configs: list[tuple[int, int, int, int]]
+               ) -> list[dict[str, Any]]:
+    """一种形状：SDPA 与各 Triton 配置 (BLOCK_N, warps, stages, n_split；n_split 0 = split_count 的选择)。"""
     dev, dt, kv_heads, groups = "cuda", torch.bfloat16, 8, 4
     per_set = 2 * rows * kv_heads * length * dim * 2
     n_sets = max(2, min(64, -(-256 * 2**20 // per_set)))
@@ -93,19 +92,6 @@ def shape_rows(name: str, rows: int, dim: int, length: int, slot: int, configs: 
             out.append({**base, "impl": "triton", "block_n": block_n, "warps": warps, "stages": stages,
                         "n_split": split, "error": f"{type(exc).__name__}: {exc}"[:300]})
         print(json.dumps(out[-1]), flush=True)
-    if fused:
-        # 解码步实际用的融合版（RoPE + 写 slot + 注意力，steer::decode_attention_rope），快速路径的块配置
-        block_n, warps, stages = TRITON_ATTENTION_CONFIG[dim]
-        split = split_count(rows * kv_heads, -(-length // block_n), sms)
-        extra = [(torch.randn(rows, kv_heads, dim, device=dev, dtype=dt), torch.randn(rows, kv_heads, dim, device=dev,
-                  dtype=dt)) for _ in sets]
-        cos, sin = torch.rand(rows, dim, device=dev, dtype=dt), torch.rand(rows, dim, device=dev, dtype=dt)
-        ms = graph_ms([lambda s=s, e=e: torch.ops.steer.decode_attention_rope(
-            s[0], e[0], e[1], cos, sin, s[1], s[2], mask, slot_t, scale, split, block_n, warps, stages)
-            for s, e in zip(sets, extra)])
-        out.append({**base, "impl": "triton_rope", "block_n": block_n, "warps": warps, "stages": stages,
-                    "n_split": split, "ms": round(ms, 5), "tb_s_valid": round(valid_gb / ms, 3)})
-        print(json.dumps(out[-1]), flush=True)
     return out
 
 
@@ -114,7 +100,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None)
     parser.add_argument("--quick", action="store_true", help="只测快速路径用的块配置（不扫）")
-    parser.add_argument("--fused", action="store_true", help="再测融合版（RoPE + 写缓存 + 注意力）")
     args = parser.parse_args()
     sweep = [(bn, w, st, 0) for bn, w, st in itertools.product((32, 64, 128), (2, 4), (1, 2, 3))]
     sweep += [(64, 4, 2, s) for s in (1, 2, 4, 8)]
@@ -127,18 +112,15 @@ def main() -> None:
     for name, r, d, length, slot in shapes:
         # 块配置只在四个主要形状上扫（每个配置要编译一次），其余形状只测快速路径用的配置（TRITON_ATTENTION_CONFIG）
         swept = not args.quick and name in ("pair b64", "8b b64", "pair b1", "8b b1")
-        rows += shape_rows(name, r, d, length, slot, sweep if swept else [(*TRITON_ATTENTION_CONFIG[d], 0)],
-                           fused=args.fused)
+        rows += shape_rows(name, r, d, length, slot, sweep if swept else [(*TRITON_ATTENTION_CONFIG[d], 0)])
     summary = []
     for name, *_ in shapes:
         mine = [x for x in rows if x["shape"] == name and "ms" in x]
         sdpa = next(x for x in mine if x["impl"] == "sdpa")
         best = min((x for x in mine if x["impl"] == "triton"), key=lambda x: x["ms"])
-        rope = next((x["ms"] for x in mine if x["impl"] == "triton_rope"), None)
         summary.append({"shape": name, "sdpa_ms": sdpa["ms"], "best_triton_ms": best["ms"],
                         "best": [best["block_n"], best["warps"], best["stages"], best["n_split"]],
-                        "speedup": round(sdpa["ms"] / best["ms"], 2), "best_tb_s_valid": best["tb_s_valid"],
-                        "triton_rope_ms": rope})
+                        "speedup": round(sdpa["ms"] / best["ms"], 2), "best_tb_s_valid": best["tb_s_valid"]})
         print(json.dumps(summary[-1]), flush=True)
     env = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     try:

@@ -104,34 +104,3 @@ def test_tiny_benchmark_attention_modes_pair_rows_with_matching_target(capsys):
         assert r["ms_per_step"] > 0
         if r["mode"] == "steered":
             assert bench.target_row(rows, r)["attention"] == r["attention"]
-
-
-def test_tiny_benchmark_fusion_modes_and_check(capsys):
-    """--fusion torch,triton：引导行各测一次（目标行只有一个：基线没有融合），行里记下解析后的 fusion；
-    --check 在 fp32 下用 fusion=triton 的快速路径与慢速循环逐 token 相同。"""
-    import os
-
-    import pytest
-
-    from stacked_llama import triton_available
-
-    if os.environ.get("TRITON_INTERPRET") != "1" or not triton_available():
-        pytest.skip("需要 triton 与 TRITON_INTERPRET=1（tests/conftest.py）")
-    assert bench.main(["--preset", "tiny", "--device", "cpu", "--batches", "2", "--fusion", "torch,triton",
-                       "--new", "6"]) == 0
-    rows = last_json(capsys)["rows"]
-    assert [(r["mode"], r["fusion"]) for r in rows] == [("target", "torch"), ("steered", "torch"),
-                                                        ("steered", "triton")]
-    assert all(r["ms_per_step"] > 0 for r in rows)
-    assert bench.main(["--preset", "tiny", "--device", "cpu", "--check", "--check-dtypes", "float32",
-                       "--check-modes", "steered", "--fusion", "triton", "--check-new", "8", "--prompt", "120"]) == 0
-    result = last_json(capsys)["check"]["float32:steered"]
-    assert result["fusion"] == "triton" and result["identical_rows"] == "4/4"
-
-
-def test_bad_fusion_value_is_rejected():
-    """--fusion 的拼写错误在开始测量之前报错。"""
-    import pytest
-
-    with pytest.raises(SystemExit):
-        bench.main(["--preset", "tiny", "--device", "cpu", "--fusion", "fused"])

@@ -201,7 +201,7 @@ def test_demo_metrics_consistent_with_predictions(demo_run: SimpleNamespace) -> 
         assert set(mm["timing"]) == {"seconds", "decoded_tokens", "tokens_per_second", "decode_path"}
         # 实际走的解码路径写明（CPU 上 auto 解析为不编译、不叠加、不用流）
         assert mm["timing"]["decode_path"] == {"fast": True, "compiled": False, "overlap": "off", "stack": "off",
-                                               "attention": "sdpa", "fusion": "torch"}
+                                               "attention": "sdpa"}
         assert mm["timing"]["decoded_tokens"] == mm["generated_tokens"] and mm["timing"]["seconds"] > 0
     assert m["steered"]["nonfinite_steps"] == sum(r["nonfinite_steps"] for r in preds if r["mode"] == "steered") == 0
     alphas = [r["alpha_mean"] for r in preds if r["mode"] == "steered"]

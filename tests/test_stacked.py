@@ -5,8 +5,7 @@
 - FastDecoder(stack="pair" / "all") == 慢速参考循环逐 token（贪心与采样、各种 overlap、编译、结束记号、批不满）；
 - 不能叠时给出原因（check_stackable / resolve_stack）；
 - Triton 解码注意力（CPU 上用 Triton 解释器，TRITON_INTERPRET=1）== SDPA（float64 参考），含左填充、切段合并、
-  空段；融合版（RoPE + 写缓存 + 注意力）== 分步做（transformers 的 RoPE、写槽位、float64 SDPA），只写 slot 槽位；
-  FastDecoder(attention="triton") == 慢速参考循环逐 token。编译后的 kernel 只能在 GPU 上检查（bench.py --check）。
+  空段；FastDecoder(attention="triton") == 慢速参考循环逐 token。编译后的 kernel 只能在 GPU 上检查（bench.py --check）。
 """
 from __future__ import annotations
 
@@ -19,13 +18,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import stacked_llama
-import steering_utils
-from evaluator import (FastDecoder, ModelAdapter, Sampling, SteeringParams, _GraphedStep, left_pad, resolve_attention,
-                       resolve_fusion, resolve_stack)
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-from stacked_llama import (StackedLlama, check_stackable, split_count, stack_weights, triton_decode_attention,
-                           triton_decode_attention_rope)
+from evaluator import FastDecoder, ModelAdapter, Sampling, _GraphedStep, left_pad, resolve_attention, resolve_stack
+from stacked_llama import StackedLlama, check_stackable, split_count, stack_weights, triton_decode_attention
 from test_evaluator import PAD, PROMPTS, STEER, VOCAB, run, tiny_llama
 
 # 每个角色自己的提示（长度各不相同）：叠加单元里两个模型的左填充宽度不同，必须不影响结果。
@@ -295,75 +289,6 @@ def test_triton_attention_refuses_bad_shapes(interpreted_triton: None) -> None:
         StackedLlama([odd_llama()], attention="triton")
 
 
-def _rope_inputs(rows: int, kv_heads: int, groups: int, dim: int, length: int, slot: int, seed: int
-                 ) -> tuple[torch.Tensor, ...]:
-    """融合 kernel 的随机输入，布局同解码步：q/k/v 是一个 (R, 1, (H + 2·H_kv)·D) 的 qkv 输出的跨步视图；
-    cos/sin 取自 transformers 的 LlamaRotaryEmbedding，各行位置不同（左填充宽度不同）；缓存的 slot 及之后写着 1e4，
-    读到就会改变结果。返回 (q (R, H_kv, G, D), k_new, v_new (R, H_kv, D), cos, sin (R, D), keys, values, mask)。"""
-    torch.manual_seed(seed)
-    heads = kv_heads * groups
-    qkv = torch.randn(rows, 1, (heads + 2 * kv_heads) * dim)
-    q = qkv[..., : heads * dim].reshape(rows, 1, heads, dim).transpose(1, 2).reshape(rows, kv_heads, groups, dim)
-    k_new = qkv[..., heads * dim:(heads + kv_heads) * dim].reshape(rows, kv_heads, dim)
-    v_new = qkv[..., (heads + kv_heads) * dim:].reshape(rows, kv_heads, dim)
-    mask = torch.ones(rows, length, dtype=torch.long)
-    for r in range(rows):
-        mask[r, : min(r * 3, slot)] = 0  # 左填充（本步 token 所在槽位总是可见）
-    positions = (mask[:, : slot + 1].sum(-1, keepdim=True) - 1)  # (R, 1)：本 token 的位置 = 之前的真实 token 数
-    cfg = LlamaConfig(hidden_size=heads * dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      head_dim=dim, max_position_embeddings=4 * length)
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-    cos, sin = LlamaRotaryEmbedding(cfg)(qkv, positions)  # (R, 1, D)
-    keys, values = torch.randn(rows, kv_heads, length, dim), torch.randn(rows, kv_heads, length, dim)
-    keys[:, :, slot:], values[:, :, slot:] = 1e4, 1e4
-    return q, k_new, v_new, cos[:, 0], sin[:, 0], keys, values, mask
-
-
-@needs_triton
-@pytest.mark.parametrize("rows, kv_heads, groups, dim, length, slot, n_split", [
-    (3, 2, 4, 16, 40, 25, 1),    # 不切段：一个程序读缓存 0..slot−1，再并入本 token
-    (3, 2, 4, 16, 40, 25, 3),    # 切段：只有覆盖 slot 的最后一段并入本 token、写缓存
-    (2, 1, 8, 32, 130, 128, 2),  # slot 正好是一个新块的第一个位置：那一段不读缓存，只有本 token
-    (2, 2, 1, 16, 64, 0, 1),     # 第一个解码位置：缓存里什么都不读，只看见自己；G = 1
-    (4, 2, 4, 16, 64, 5, 8),     # 段数多于已写的块：空段（m = −inf、l = 0）合并时权重为 0
-])
-def test_triton_attention_rope_matches_stepwise(interpreted_triton: None, rows: int, kv_heads: int, groups: int,
-                                               dim: int, length: int, slot: int, n_split: int) -> None:
-    """融合 kernel == transformers 的 apply_rotary_pos_emb → 把 k/v 写进 slot → float64 SDPA；
-    缓存只有 slot 槽位被改（等于旋转后的 k 与原样的 v），q/k/v/cos/sin/mask 不被修改。"""
-    q, k_new, v_new, cos, sin, keys, values, mask = _rope_inputs(rows, kv_heads, groups, dim, length, slot,
-                                                                 seed=rows * 100 + slot + n_split)
-    q_rot, k_rot = apply_rotary_pos_emb(q, k_new[:, :, None], cos[:, None], sin[:, None])  # (R, H_kv, G/1, D)
-    ref_keys, ref_values = keys.clone(), values.clone()
-    ref_keys[:, :, slot], ref_values[:, :, slot] = k_rot[:, :, 0], v_new
-    expected = _sdpa_reference(q_rot, ref_keys, ref_values, mask, slot, dim ** -0.5)
-    inputs = [t.clone() for t in (q, k_new, v_new, cos, sin, mask)]
-    out = triton_decode_attention_rope(q, k_new, v_new, cos, sin, keys, values, mask, torch.tensor([slot]),
-                                       dim ** -0.5, n_split=n_split)
-    assert out.shape == q.shape and out.dtype == q.dtype and torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(keys, ref_keys, rtol=1e-6, atol=1e-6)  # slot 槽位 = 旋转后的 k（舍入内）
-    assert torch.equal(values, ref_values)  # v 原样写入；其余槽位（含 slot 之后的 1e4）都没动
-    assert torch.equal(keys[:, :, :slot], ref_keys[:, :, :slot]) and torch.equal(keys[:, :, slot + 1:],
-                                                                                 ref_keys[:, :, slot + 1:])
-    assert all(torch.equal(a, b) for a, b in zip(inputs, (q, k_new, v_new, cos, sin, mask)))
-
-
-@needs_triton
-def test_triton_attention_rope_refuses_bad_shapes(interpreted_triton: None) -> None:
-    """本 token 的 k/v、cos/sin 形状不符或最后一维不连续：在算之前报错（形状核对与不融合的入口共用）。"""
-    q, k_new, v_new, cos, sin, keys, values, mask = _rope_inputs(2, 2, 4, 16, 32, 5, seed=3)
-    slot = torch.tensor([5])
-    with pytest.raises(ValueError, match="k_new / v_new 应为"):
-        triton_decode_attention_rope(q, k_new[:1], v_new[:1], cos, sin, keys, values, mask, slot, 0.25)
-    with pytest.raises(ValueError, match="cos / sin 应为"):
-        triton_decode_attention_rope(q, k_new, v_new, cos[:, :8], sin[:, :8], keys, values, mask, slot, 0.25)
-    with pytest.raises(ValueError, match="最后一维必须连续"):
-        triton_decode_attention_rope(q, k_new, v_new, cos.t().contiguous().t(), sin, keys, values, mask, slot, 0.25)
-    with pytest.raises(ValueError, match="mask 应为"):
-        triton_decode_attention_rope(q, k_new, v_new, cos, sin, keys, values, mask[:, :30], slot, 0.25)
-
-
 def odd_llama() -> LlamaForCausalLM:
     """head_dim 24 的小 Llama：Triton kernel 不支持（不是 2 的幂）。"""
     torch.manual_seed(60)
@@ -425,46 +350,3 @@ def test_fast_decoder_triton_attention_equals_reference(interpreted_triton: None
     long_prompts = [[3 + i % 90 for i in range(140)], [7] * 20, [5, 6]]
     assert split_count(3 * 2, 256 // 64, 4) == 2
     assert target.generate([long_prompts], 6).tokens == run(trio[:1], long_prompts, steps=6).tokens
-
-
-@needs_triton
-@pytest.mark.parametrize("stack, overlap, steering", [
-    ("all", "streams", STEER),
-    ("off", "off", SteeringParams(base_alpha=0.5, adaptive_scale=4.0, max_boost=2.0, metric="l2",
-                                  schedule="adaptive_inverse", plausibility_beta=0.1)),
-])
-def test_fast_decoder_triton_fusion_equals_reference(interpreted_triton: None, trio: list[LlamaForCausalLM],
-                                                     stack: str, overlap: str, steering: SteeringParams) -> None:
-    """fusion="triton"（分段融合 kernel）== 慢速循环逐 token，α 一致：叠加 + Triton 注意力 + 侧流，和 transformers 单元
-    + 另一组引导参数（L2、反向调度、可信度约束）。结束记号照常判定（占位行与已结束的行写 pad）。"""
-    steering_utils.load_triton_steering()
-    kwargs = dict(attention="triton") if stack != "off" else {}
-    decoder = FastDecoder(trio, vocab_size=VOCAB, end_ids=[7], pad_id=PAD, batch_size=4, steering=steering,
-                          compile=False, overlap=overlap, stack=stack, fusion="triton", **kwargs)
-    assert decoder.fusion == "triton"
-    quick = decoder.generate(PER_ROLE, 12)
-    slow = run(trio, None, steps=12, ends=[7], steering=steering, per_role=PER_ROLE)
-    assert quick.tokens == slow.tokens and quick.nonfinite == slow.nonfinite
-    for a, b in zip(quick.alpha, slow.alpha):
-        assert a == pytest.approx(b, abs=1e-5, nan_ok=True)
-
-
-def test_resolve_fusion_rules(monkeypatch: pytest.MonkeyPatch) -> None:
-    """auto：CUDA 上贪心引导且有 triton 时取 triton；CPU、采样、基线取 torch。显式 triton 做不到时报错。"""
-    sampling = Sampling(temperature=0.7, top_p=0.9, seed=1)
-    monkeypatch.setattr("evaluator.triton_available", lambda: True)
-    assert resolve_fusion("auto", steering=STEER, sampling=None, device_type="cuda") == "triton"
-    assert resolve_fusion("auto", steering=STEER, sampling=None, device_type="cpu") == "torch"
-    assert resolve_fusion("auto", steering=STEER, sampling=sampling, device_type="cuda") == "torch"
-    assert resolve_fusion("auto", steering=None, sampling=None, device_type="cuda") == "torch"
-    assert resolve_fusion("triton", steering=None, sampling=None, device_type="cuda") == "torch"  # 基线没有融合
-    assert resolve_fusion("triton", steering=STEER, sampling=None, device_type="cpu") == "triton"
-    assert resolve_fusion("torch", steering=STEER, sampling=None, device_type="cuda") == "torch"
-    with pytest.raises(ValueError, match="只做贪心"):
-        resolve_fusion("triton", steering=STEER, sampling=sampling, device_type="cuda")
-    with pytest.raises(ValueError, match="auto / torch / triton"):
-        resolve_fusion("fused", steering=STEER, sampling=None, device_type="cuda")
-    monkeypatch.setattr("evaluator.triton_available", lambda: False)
-    assert resolve_fusion("auto", steering=STEER, sampling=None, device_type="cuda") == "torch"
-    with pytest.raises(ValueError, match="需要 triton"):
-        resolve_fusion("triton", steering=STEER, sampling=None, device_type="cuda")
