@@ -195,6 +195,11 @@ def sampling_of(args: argparse.Namespace) -> Sampling | None:
     return Sampling(args.temperature, args.top_p, seed=0, chain=0) if args.temperature > 0 else None
 
 
+def first_choices(args: argparse.Namespace) -> tuple[str, str, str]:
+    """--check 与 --profile 只建一个解码器：--overlap / --stack / --attention 各取逗号列表的第一项。"""
+    return args.overlap.split(",")[0], args.stack.split(",")[0], args.attention.split(",")[0]
+
+
 def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
     """正确性：真实形状上 fp32 快速路径（可编译）== 慢速循环逐 token；bf16 报告一致率。
 
@@ -202,8 +207,7 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
     （两种都做在 H100 上超过单次命令的 10 分钟，可以分开跑），--overlap 选引导时的快速路径。返回每种精度的统计。
     """
     results: dict[str, Any] = {}
-    overlap, stack, attention = (args.overlap.split(",")[0], args.stack.split(",")[0],
-                                 args.attention.split(",")[0])
+    overlap, stack, attention = first_choices(args)
     lengths = [args.prompt, args.prompt - 37, args.prompt - 5, max(4, args.prompt - 101)]
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     for dtype_name in args.check_dtypes.split(","):
@@ -318,8 +322,7 @@ def profile(models: list[PreTrainedModel], batch: int, args: argparse.Namespace,
     """--profile BATCH：只剖析引导解码（与 measure() 相同的 FastDecoder：预热后、固定缓存长度），见 profile_decoder。"""
     vocab = models[0].config.vocab_size
     prompts = prompts_for(batch, args.prompt, vocab)
-    overlap, stack, attention = (args.overlap.split(",")[0], args.stack.split(",")[0],
-                                 args.attention.split(",")[0])
+    overlap, stack, attention = first_choices(args)
     # 剖析一直是贪心解码（不随 --temperature），保持原样
     decoder = bench_decoder(models, True, batch, compile_step, overlap, stack, attention,
                             cache_len=length_bucket(args.prompt + args.new), sampling=None)
