@@ -24,12 +24,12 @@ import sys
 import tempfile
 import time
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from stacked_llama import ATTENTION_MODES
+from stacked_llama import ATTENTION_MODES, head_dim_of
 from evaluator import (STACK_MODES, BatchResult, FastDecoder, Sampling, SteeringParams, generate_batch,
                        length_bucket)
 
@@ -89,6 +89,95 @@ def nf4_models(preset: str, device: str) -> list[PreTrainedModel]:
         torch.cuda.empty_cache()
         models.append(load_model(folder, cfg, torch.device(device), role=kind))
     return models
+
+
+def _quant_state_bytes(state: Any, seen: set[int]) -> int:
+    """bitsandbytes 4-bit 权重的量化状态（QuantState）里的张量字节：absmax、码表、offset，双重量化时递归进 state2。
+
+    Params4bit 本身只是打包的 uint8（每个权重半字节）；反量化每步还要读这些。state 为 None（非量化参数）时为 0。
+    seen 按 data_ptr 去重：各层可能共用同一张码表，只读一次。
+    """
+    if state is None:
+        return 0
+    total = 0
+    for key, value in vars(state).items():
+        if key == "state2":
+            total += _quant_state_bytes(value, seen)
+        elif torch.is_tensor(value) and value.data_ptr() not in seen:
+            seen.add(value.data_ptr())
+            total += value.numel() * value.element_size()
+    return total
+
+
+def weight_bytes(model: PreTrainedModel) -> int:
+    """一步解码至少要读的权重字节：所有参数（含 4-bit 的量化状态）各读一次，但不含独立的输入嵌入表。
+
+    为什么去掉输入嵌入：一步只按 B 个 token id 取 B 行（8B 的 1.05 GB 表里每步只读 B × 8 KiB）。共享嵌入
+    （1B：tie_word_embeddings，嵌入与 lm_head 是同一个参数对象）时这张表又是 lm_head，每步整张都要读，所以保留。
+    parameters() 本身按对象去重，共享的参数只算一次。只是字节的计数，与权重取值无关（meta 设备上也能算）：
+    真实形状的 8B 约 15.01 GB、每个 1B 约 2.47 GB（bf16）。
+    """
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    seen: set[int] = set()
+    return sum(p.numel() * p.element_size() + _quant_state_bytes(getattr(p, "quant_state", None), seen)
+               for p in model.parameters() if p is not embed or embed is head)
+
+
+def kv_bytes_per_token(model: PreTrainedModel) -> int:
+    """每个 token 每步要读的 K/V 缓存字节：层数 × KV 头数 × head_dim × 2（K 与 V）× 缓存精度的字节数。
+
+    缓存精度 = 嵌入表的精度（4-bit 模型的计算精度 bf16；权重量化不影响缓存）。真实 8B：128 KiB；1B：32 KiB。
+    """
+    c = model.config
+    itemsize = model.get_input_embeddings().weight.element_size()
+    return c.num_hidden_layers * c.num_key_value_heads * head_dim_of(c) * 2 * itemsize
+
+
+def mean_context(prompt: int, new: int) -> float:
+    """计时窗口里每个解码步平均要注意的 token 数（含本步的 token）。
+
+    每步毫秒数 = (T(new) − T(1)) / (new − 1)：差出来的是第 k = 1 … new−1 个解码步，第 k 步把第 k 个新 token
+    写进槽位 prompt + k − 1、注意 prompt + k 个 token，平均 prompt + new / 2（提示 256、新 256 时为 384）。
+    """
+    return prompt + new / 2
+
+
+def floor_bytes(models: Sequence[PreTrainedModel], batch: int, context: float) -> float:
+    """一步解码的最少读取字节（带宽下限的分子）：每个模型的权重各读一次 + 每行 context 个 token 的 K/V。
+
+    不计 logits 的写回与融合的读取（批 64 时三路 bf16 logits 约 50 MB，< 总量的 0.3%：融合进 lm_head 的实现可以不读写它），
+    也不计激活（每层 B × hidden，可以忽略）。所以它是下限：任何实现都至少要读这么多。
+    """
+    return float(sum(weight_bytes(m) + batch * context * kv_bytes_per_token(m) for m in models))
+
+
+def read_bandwidth(device: str, nbytes: int, repeats: int = 10) -> dict[str, Any]:
+    """实测这块设备“只读”的带宽：对 nbytes 的 bf16 张量求和（读一遍、几乎不写），取最好与中位数。
+
+    为什么要测而不是抄规格：带宽下限 = 最少字节 / 可达带宽，H100 的标称 3.35 TB/s 实际读不到；
+    同一次调用里测出的数才能和同一次的每步时间相比。张量远大于 L2（H100 为 50 MB），所以读的是显存。
+    """
+    x = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
+    x.sum(dtype=torch.float32)  # 预热：kernel 选择与分配
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            # CUDA 事件量设备上的时间：一次求和只有约 0.7 ms，主机侧的启动与同步开销会占到几个百分点
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            x.sum(dtype=torch.float32)
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1000)
+        else:
+            start = time.perf_counter()
+            x.sum(dtype=torch.float32)
+            times.append(time.perf_counter() - start)
+    del x
+    times.sort()
+    return {"op": "sum of a bf16 tensor (float32 accumulate)", "gib": round(nbytes / 2**30, 3),
+            "tbps_best": round(nbytes / times[0] / 1e12, 4),
+            "tbps_median": round(nbytes / times[len(times) // 2] / 1e12, 4), "repeats": repeats}
 
 
 def sync(device: str) -> None:
@@ -185,6 +274,11 @@ def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int,
            "temperature": args.temperature, "top_p": args.top_p}
     if args.device.startswith("cuda"):
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    # 带宽下限：这一行每步至少要读的字节（权重 + 计时窗口里平均上下文的 K/V），以及按它折算的实际读取速率
+    row["mean_context"] = mean_context(args.prompt, new)
+    row["floor_bytes"] = round(floor_bytes(use, batch, row["mean_context"]))
+    row["floor_gb"] = round(row["floor_bytes"] / 1e9, 3)
+    row["achieved_tbps"] = round(row["floor_bytes"] / 1e9 / ms, 4)  # GB / ms = TB/s
     if args.with_profile and decoder is not None:
         row["profile"] = profile_decoder(decoder, prompts, len(use), args.profile_steps, args.device)
     return row
@@ -365,6 +459,26 @@ def target_row(rows: list[dict[str, Any]], r: dict[str, Any]) -> dict[str, Any] 
                  and "ms_per_step" in x), None)
 
 
+def ratio_summary(rows: list[dict[str, Any]], read_tbps: float) -> list[dict[str, Any]]:
+    """每个引导行对它的目标行（target_row）：实测的 steered / target，以及同样字节计数下的下限比值。
+
+    floor_ratio = 引导行的最少字节 / 目标行的最少字节：两边都以同一带宽读满时的比值，实现做不到更低，除非
+    专家+基座读字节的效率高于 8B。of_floor = 下限毫秒（最少字节 / 本次实测的只读带宽）/ 实测毫秒。
+    """
+    out = []
+    for r in rows:
+        base = target_row(rows, r) if r["mode"] == "steered" and "ms_per_step" in r else None
+        if base is None:
+            continue
+        out.append({k: r[k] for k in ("path", "batch", "overlap", "stack", "attention")}
+                   | {"target_ms": base["ms_per_step"], "steered_ms": r["ms_per_step"],
+                      "ratio": round(r["ms_per_step"] / base["ms_per_step"], 3),
+                      "floor_ratio": round(r["floor_bytes"] / base["floor_bytes"], 4),
+                      "target_of_floor": round(base["floor_bytes"] / 1e9 / read_tbps / base["ms_per_step"], 3),
+                      "steered_of_floor": round(r["floor_bytes"] / 1e9 / read_tbps / r["ms_per_step"], 3)})
+    return out
+
+
 def estimate_full_run(rows: list[dict[str, Any]], max_new: int = 512) -> list[str]:
     """按测得的每步时间估算“两个模式 × 1,273 题 × 512 个新 token（最坏情况）”的解码时间，并写出算式。"""
     lines = []
@@ -447,6 +561,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    if not args.check and not args.profile:
+        # 模型加载之前、设备空闲时测只读带宽；CPU（CI 冒烟测试）用小得多的张量
+        bandwidth = read_bandwidth(args.device, 2 * 2**30 if args.device.startswith("cuda") else 64 * 2**20)
+        report["read_bandwidth"] = bandwidth
+        print(json.dumps({"read_bandwidth": bandwidth}), flush=True)
     if args.quant == "nf4":
         models = nf4_models(args.preset, args.device)
     else:
@@ -493,10 +612,11 @@ def main(argv: list[str] | None = None) -> int:
         if oom and batch > 64:
             break
     report["rows"] = rows
+    report["ratios"] = ratio_summary(rows, report["read_bandwidth"]["tbps_best"])
     report["full_run_estimate"] = estimate_full_run(rows)
 
     print(f"\n{'path':<6}{'mode':<9}{'overlap':<9}{'stack':<7}{'attn':<7}{'batch':>6}{'ms/step':>10}{'tok/s':>10}{'ratio':>7}"
-          f"{'peak GiB':>10}")
+          f"{'peak GiB':>10}{'GB/step':>9}{'TB/s':>7}")
     for r in rows:
         if "error" in r:
             print(f"{r['path']:<6}{r['mode']:<9}{r.get('overlap', ''):<9}{r.get('stack', ''):<7}"
@@ -506,11 +626,17 @@ def main(argv: list[str] | None = None) -> int:
         base = target_row(rows, r)
         ratio = f"{r['ms_per_step'] / base['ms_per_step']:.2f}" if base and r["mode"] == "steered" else ""
         print(f"{r['path']:<6}{r['mode']:<9}{r['overlap']:<9}{r['stack']:<7}{r['attention']:<7}{r['batch']:>6}{r['ms_per_step']:>10.2f}"
-              f"{r['tok_per_s']:>10.1f}{ratio:>7}{r.get('peak_gib', '-'):>10}")
+              f"{r['tok_per_s']:>10.1f}{ratio:>7}{r.get('peak_gib', '-'):>10}{r['floor_gb']:>9.2f}{r['achieved_tbps']:>7.2f}")
         if "profile" in r:
             p = r["profile"]
             print(f"      profile: kernels {p['kernel_ms_per_step']} ms/step in {p['kernels_per_step']} kernels; "
                   + ", ".join(f"{k} {v}" for k, v in p["ms_per_step"].items()))
+    bw = report["read_bandwidth"]
+    print(f"\nread bandwidth (sum over {bw['gib']} GiB bf16): best {bw['tbps_best']} TB/s, median {bw['tbps_median']} TB/s")
+    for q in report["ratios"]:
+        print(f"batch {q['batch']} ({q['path']}, {q['stack']}, {q['overlap']}, {q['attention']}): steered / target "
+              f"{q['ratio']:.3f}, floor ratio {q['floor_ratio']:.3f} (least bytes steered / target); "
+              f"at {q['target_of_floor']:.0%} / {q['steered_of_floor']:.0%} of the floor time")
     for line in report["full_run_estimate"]:
         print("full MedQA, both arms, 512 new tokens:", line)
     if args.out:
