@@ -343,12 +343,27 @@ NOT_KERNELS: tuple[str, ...] = ("cudaGraph", "ProfilerStep", "aten::", "cuda", "
                                 "Activity Buffer Request")
 
 
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """区间 [start, end) 并集的总长度（微秒）：设备上至少有一个 kernel 在跑的时间。
+
+    kernel 时长之和减去它就是多条流真正重叠掉的时间；墙钟减去它就是设备空闲（kernel 之间的间隙）。
+    """
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
 def _kernel_times(decoder: FastDecoder, prompts: list[list[int]], n_models: int, new: int,
-                  device: str) -> dict[str, tuple[float, int]]:
-    """在 torch.profiler 下跑一次 generate(new)，返回 {kernel 名: (设备上的总微秒, 调用次数)}。
+                  device: str) -> tuple[dict[str, tuple[float, int]], float]:
+    """在 torch.profiler 下跑一次 generate(new)，返回 ({kernel 名: (设备上的总微秒, 调用次数)}, 忙碌微秒)。
 
     只统计 GPU kernel（去掉 aten:: / cuda* 运行时等主机侧事件）。CUDA graph 重放里的 kernel 也逐个出现。
+    忙碌微秒 = 这些 kernel 时间区间的并集（busy_us）；CPU 上没有设备事件，为 0。
     """
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -362,7 +377,9 @@ def _kernel_times(decoder: FastDecoder, prompts: list[list[int]], n_models: int,
         if us <= 0 or evt.key.startswith(NOT_KERNELS):
             continue
         times[evt.key] = (us, evt.count)
-    return times
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+             if e.device_type == DeviceType.CUDA and e.name in times]
+    return times, busy_us(spans)
 
 
 def kernel_kind(name: str) -> str:
@@ -385,10 +402,11 @@ def profile_decoder(decoder: FastDecoder, prompts: list[list[int]], n_models: in
 
     与计时相同的差分：剖析 generate(steps + 1) 与 generate(1)，逐个 kernel 名相减，再除以 steps，
     得到纯解码步的每步设备时间（prefill 的大矩阵乘不混进来）。kernel_ms_per_step 是各 kernel 时长之和：
-    多条流并行时它会大于墙钟的每步时间，两者之差就是重叠掉的部分。
+    多条流并行时它会大于墙钟的每步时间。busy_ms_per_step 是 kernel 时间区间的并集（设备忙碌的时间），
+    overlap_ms_per_step = 时长之和 − 并集，是真正并行掉的时间；墙钟 − 并集是 kernel 之间的空闲。
     """
-    full = _kernel_times(decoder, prompts, n_models, steps + 1, device)
-    one = _kernel_times(decoder, prompts, n_models, 1, device)
+    full, busy_full = _kernel_times(decoder, prompts, n_models, steps + 1, device)
+    one, busy_one = _kernel_times(decoder, prompts, n_models, 1, device)
     buckets = {"matmul": 0.0, "attention": 0.0, "triton": 0.0, "other": 0.0}
     counts = dict.fromkeys(buckets, 0.0)
     kernels = []
@@ -403,7 +421,10 @@ def profile_decoder(decoder: FastDecoder, prompts: list[list[int]], n_models: in
         kernels.append((d_us, name, d_calls, kind))
     total = sum(buckets.values())
     kernels.sort(reverse=True)
+    busy = (busy_full - busy_one) / 1000 / steps
     return {"steps_profiled": steps, "kernel_ms_per_step": round(total / 1000 / steps, 3),
+            # 并集：设备上至少一个 kernel 在跑的每步毫秒；kernel_ms_per_step − busy = 流之间重叠掉的部分
+            "busy_ms_per_step": round(busy, 3), "overlap_ms_per_step": round(total / 1000 / steps - busy, 3),
             "kernels_per_step": round(sum(counts.values()) / steps, 1),
             "ms_per_step": {k: round(v / 1000 / steps, 3) for k, v in buckets.items()},
             "kernels_per_step_by_kind": {k: round(v / steps, 1) for k, v in counts.items()},
@@ -629,7 +650,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['tok_per_s']:>10.1f}{ratio:>7}{r.get('peak_gib', '-'):>10}{r['floor_gb']:>9.2f}{r['achieved_tbps']:>7.2f}")
         if "profile" in r:
             p = r["profile"]
-            print(f"      profile: kernels {p['kernel_ms_per_step']} ms/step in {p['kernels_per_step']} kernels; "
+            print(f"      profile: kernels {p['kernel_ms_per_step']} ms/step in {p['kernels_per_step']} kernels "
+                  f"(busy {p['busy_ms_per_step']}, overlapped {p['overlap_ms_per_step']}); "
                   + ", ".join(f"{k} {v}" for k, v in p["ms_per_step"].items()))
     bw = report["read_bandwidth"]
     print(f"\nread bandwidth (sum over {bw['gib']} GiB bf16): best {bw['tbps_best']} TB/s, median {bw['tbps_median']} TB/s")

@@ -653,9 +653,8 @@ class _GraphedStep:
 
     解码步拆成“每个前向单元一次前向（FastDecoder._forward_unit）+ 融合选词（FastDecoder._choose）”，各自用
     torch.compile 编译（fullgraph、不带 cudagraphs），再把整步手动录成一张 CUDA graph。
-    side_streams=True 时目标之外的每个单元在一条侧流上：侧流先等主流（fork），融合前主流等侧流（join），
-    录进图里就是依赖边，1B 前向与 8B 前向在图内可以并行。（专家与基座叠加后，批 64 上实测不再有重叠：
-    叠加后的 kernel 已占满 GPU，streams 与 graph 同为 12.3 ms，见 BENCHMARKS.md。）
+    side_streams=True 时目标之外的每个单元在一条侧流上：侧流先等主流（fork，在排入任何前向之前），融合前主流等侧流
+    （join），录进图里就是依赖边，1B 前向与 8B 前向在图内是两条互不依赖的支路，可以并行（见 run）。
 
     为什么手动：reduce-overhead 的整步编译把三个模型串在一条流上；1B 模型 hidden 只有 2048，它们的小 kernel
     单独跑时喂不满显存带宽（BENCHMARKS.md 的剖析）。torch 2.11 的 dynamo 不能把多条流编进一张图，
@@ -707,12 +706,17 @@ class _GraphedStep:
         所以缓存分配器回收的块不会在仍被读取时被改写（不需要 record_stream）。
         """
         main = torch.cuda.current_stream(self.decoder.device) if self.cuda else None
+        # fork：每条侧流先等主流，而且都在主流排入任何前向之前。wait_stream 等的是主流上“此刻之前”排入的全部工作；
+        # 若像 1d60ef9 … 2d9bffe 那样先排目标的前向、再 fork，侧流就要等整个 8B 前向做完，两个单元在图里首尾相接，
+        # 根本没有并行（那几轮 streams 与 graph 一样快，原因在此，而不是当时推断的“kernel 已占满 GPU”）。
+        for stream in self.streams:
+            if stream is not None:
+                stream.wait_stream(main)  # 侧流看到本步的输入（在主流上写好的 tokens / positions / masks / slot）
         z: list[torch.Tensor] = []
         for u, stream in enumerate(self.streams):
             if stream is None:
                 z.extend(self.forward(u, tokens, positions, masks, slot))
                 continue
-            stream.wait_stream(main)  # fork：侧流看到本步的输入
             with torch.cuda.stream(stream):
                 z.extend(self.forward(u, tokens, positions, masks, slot))
         for stream in self.streams:

@@ -224,3 +224,11 @@ def test_tiny_benchmark_reports_floor_bytes_and_ratios(capsys):
         assert r["mean_context"] == bench.mean_context(r["prompt"], r["new"]) and r["floor_bytes"] > 0
     (summary,) = report["ratios"]
     assert summary["floor_ratio"] == round(steered["floor_bytes"] / target["floor_bytes"], 4)
+
+
+def test_busy_us_is_the_length_of_the_union_of_intervals():
+    """并集长度：重叠部分只算一次，相接与包含都正确，间隙不算。"""
+    assert bench.busy_us([]) == 0.0
+    assert bench.busy_us([(0, 10), (5, 15)]) == 15  # 重叠 5
+    assert bench.busy_us([(0, 10), (2, 3), (10, 12)]) == 12  # 包含、相接
+    assert bench.busy_us([(20, 30), (0, 5)]) == 15  # 乱序、有间隙

@@ -358,6 +358,39 @@ def test_overlap_compiled_matches_slow_loop(trio):
     assert decoder.generate([PROMPTS] * 3, 8).tokens == run(list(trio), PROMPTS, steps=8, steering=STEER).tokens
 
 
+def test_streams_fork_every_side_stream_before_any_forward(trio, monkeypatch):
+    """streams 的依赖边：每一步里所有侧流都在主流排入任何前向之前 fork（wait_stream(主流)），融合之前 join。
+
+    回归测试：1d60ef9 … 2d9bffe 先排目标的前向、再 fork，侧流于是要等整个 8B 前向做完，图里两条支路首尾相接、
+    没有并行。CPU 上没有流，这里用记录调用顺序的假流替换 torch.cuda 的两个入口，数值仍由真实前向算出。
+    """
+    import contextlib
+
+    log: list[tuple[str, ...]] = []
+
+    class FakeStream:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def wait_stream(self, other: "FakeStream") -> None:
+            log.append(("wait", self.name, other.name))
+
+    main = FakeStream("main")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    decoder = FastDecoder(list(trio), vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4, steering=STEER,
+                          compile=False, overlap="streams", stack="pair")
+    step = decoder.step
+    assert isinstance(step, _GraphedStep) and decoder.units == [(0,), (1, 2)]
+    step.cuda, step.streams = True, [None, FakeStream("side")]
+    forward, choose = step.forward, step.choose
+    step.forward = lambda u, *a: (log.append(("forward", str(u))), forward(u, *a))[1]
+    step.choose = lambda *a: (log.append(("choose",)), choose(*a))[1]
+    assert decoder.generate([PROMPTS] * 3, 6).tokens == run(list(trio), PROMPTS, steps=6, steering=STEER).tokens
+    one_step = [("wait", "side", "main"), ("forward", "0"), ("forward", "1"), ("wait", "main", "side"), ("choose",)]
+    assert log == one_step * 5  # 6 个 token = prefill 的 1 个 + 5 次解码步
+
+
 def test_copy_tree_rejects_mismatched_inputs():
     dst = (torch.zeros(2, 1), [torch.zeros(2, 3)], 5)
     _copy_tree(dst, (torch.ones(2, 1), [torch.full((2, 3), 2.0)], 5))
