@@ -307,8 +307,8 @@ def resolve_overlap(overlap: str, models: Sequence[PreTrainedModel], *, steering
                     compile: bool, device_type: str) -> str:
     """FastDecoder 的 overlap 参数 → 实际模式（"off" / "graph" / "streams"）。
 
-    "auto" 只在 CUDA 上编译的 bf16/fp16 引导解码时取 "streams"（H100 实测：批 1 每步 10.78 → 9.58 ms，
-    批 64 13.95 → 12.99 ms，fp32 下与慢速循环逐 token 相同，见 BENCHMARKS.md），其余情况取 "off"：
+    "auto" 只在 CUDA 上编译的 bf16/fp16 引导解码时取 "streams"（H100 实测，同一次调用里对 "graph"：批 1 每步
+    8.60 → 7.83 ms，批 64 10.78 → 10.18 ms，fp32 下与慢速循环逐 token 相同，见 BENCHMARKS.md），其余情况取 "off"：
     CPU 没有流与图；不编译时 eager 前向里可能有主机同步，录图期间不允许；只有目标模型时没有可重叠的前向；
     4-bit（bitsandbytes）模型在这条路径上还没有测过，留在原来的整步编译上。
     """
