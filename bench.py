@@ -483,8 +483,10 @@ def target_row(rows: list[dict[str, Any]], r: dict[str, Any]) -> dict[str, Any] 
 def ratio_summary(rows: list[dict[str, Any]], read_tbps: float) -> list[dict[str, Any]]:
     """每个引导行对它的目标行（target_row）：实测的 steered / target，以及同样字节计数下的下限比值。
 
-    floor_ratio = 引导行的最少字节 / 目标行的最少字节：两边都以同一带宽读满时的比值，实现做不到更低，除非
-    专家+基座读字节的效率高于 8B。of_floor = 下限毫秒（最少字节 / 本次实测的只读带宽）/ 实测毫秒。
+    floor_ratio = 引导行的最少字节 / 目标行的最少字节：两行读字节的效率（占下限时间的比例）相同时的比值。
+    实测比值低于它，说明引导步读字节比目标单独时更有效率——专家+基座的支路与 8B 并行，用的是 8B 没用满
+    显存带宽的时间（H100 上批 64：1.30 对 1.36，见 BENCHMARKS.md）。
+    of_floor = 下限毫秒（最少字节 / 本次实测的只读带宽）/ 实测毫秒。
     """
     out = []
     for r in rows:

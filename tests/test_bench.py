@@ -142,7 +142,7 @@ def test_weight_bytes_of_real_shapes_match_hand_count():
 
 def test_floor_ratio_of_the_issue_lengths_is_above_1_35():
     """批 64：提示 256 + 新 256（bench 的默认）与提示 256 + 新 128（issue 的探针）下，最少字节之比都高于 1.35。
-    这就是 BENCHMARKS.md 里“1.35 低于下限”的算术，由 CI 复算。"""
+    这就是 BENCHMARKS.md 里“两条支路串行时 1.35 低于下限”的算术，由 CI 复算。"""
     m8, m1 = _meta_model("8b"), _meta_model("1b")
     for new, expected in ((256, 1.3595), (128, 1.3552)):
         ctx = bench.mean_context(256, new)
