@@ -111,17 +111,11 @@ def test_tiny_benchmark_attention_modes_pair_rows_with_matching_target(capsys):
 # ---------------------------------------------------------------------------
 
 def _meta_model(kind: str):
-    """真实形状的模型建在 meta 设备上：只有形状没有存储，几毫秒、不占内存，字节计数与真实模型相同。"""
+    """真实形状的模型建在 meta 设备上（bench.random_model 同一条构造路径）：只有形状没有存储，不占内存，
+    字节计数与真实模型相同。"""
     import torch
-    from transformers import LlamaForCausalLM
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("meta"):
-            return LlamaForCausalLM(bench.llama_config(kind, "real"))
-    finally:
-        torch.set_default_dtype(previous)
+    return bench.random_model(kind, "real", torch.bfloat16, "meta", 0)
 
 
 def test_weight_bytes_of_real_shapes_match_hand_count():
