@@ -481,7 +481,7 @@ class StackedLlama:
             self.keys[l].index_copy_(2, slot, k)
             self.values[l].index_copy_(2, slot, v)
             packed = q.reshape(rows, self.kv_heads, n_rep, self.head_dim)
-            if visible is None:
+            if self.attention == "triton":
                 out = triton_decode_attention(packed, self.keys[l], self.values[l], mask, slot, self.scale)
             else:
                 out = F.scaled_dot_product_attention(packed, self.keys[l], self.values[l], attn_mask=visible,
