@@ -29,11 +29,13 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from stacked_llama import ATTENTION_MODES, head_dim_of
-from evaluator import (STACK_MODES, BatchResult, FastDecoder, Sampling, SteeringParams, generate_batch,
-                       length_bucket)
+from evaluator import BatchResult, generate_batch
+from fast.attention import ATTENTION_MODES, head_dim_of
+from fast.decoder import STACK_MODES, FastDecoder, length_bucket
+from sampling import Sampling
+from steering_utils import SteeringParams
 
-STEER = SteeringParams(base_alpha=1.0, adaptive_scale=10.0, max_boost=1.0, metric="js")
+STEER = SteeringParams()  # config.py 的缺省引导设置
 MEDQA_QUESTIONS = 1273  # MedQA-USMLE 4 选项测试集题数（全量估算用）
 
 
@@ -236,8 +238,8 @@ def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int,
             compile_step: bool, overlap: str = "off", stack: str = "off", attention: str = "auto") -> dict[str, Any]:
     """测一个 (路径, 模式, 批大小, overlap, stack, attention)：预热后测 T(new) 与 T(1)，返回每步毫秒、tokens/s、峰值显存。
 
-    overlap 只对引导模式的快速路径有意义（evaluator._GraphedStep）；stack 见 evaluator.resolve_stack；
-    attention 见 evaluator.resolve_attention（只作用于叠加前向：这一行没有叠加单元时按 auto 解析成 sdpa）；
+    overlap 只对引导模式的快速路径有意义（fast/decoder.py 的 _GraphedStep）；stack 见 fast/decoder.py 的 resolve_stack；
+    attention 见 fast/decoder.py 的 resolve_attention（只作用于叠加前向：这一行没有叠加单元时按 auto 解析成 sdpa）；
     --with-profile 时再附上同一解码器的剖析。
     """
     use = models if steered else models[:1]
@@ -386,7 +388,7 @@ def kernel_kind(name: str) -> str:
     """按 kernel 名归类：matmul（cuBLAS/cutlass/nvjet/gemv）、attention（SDPA 的 flash/efficient 等）、
     triton（inductor 生成的融合 kernel：RMSNorm、RoPE、SiLU·乘、softmax/JS 等）、other（index_copy、拷贝等）。"""
     low = name.lower()
-    # "attention" 也匹配 stacked_llama 的 Triton kernel（decode_attention_split / _combine）
+    # "attention" 也匹配 fast/attention.py 的 Triton kernel（decode_attention_split / _combine）
     if any(k in low for k in ("flash", "fmha", "attention", "sdpa", "efficient")):
         return "attention"
     if any(k in low for k in ("gemm", "nvjet", "sm90_", "cutlass", "matmul", "gemv", "splitk")):
@@ -547,13 +549,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="计时之后用同一个（已编译的）解码器再剖析，结果附在每个快速路径的行上")
     parser.add_argument("--profile-steps", type=int, default=64)
     parser.add_argument("--overlap", default="auto",
-                        help="引导时 FastDecoder 的 overlap 模式 auto/off/graph/streams（见 evaluator._GraphedStep）；"
+                        help="引导时 FastDecoder 的 overlap 模式 auto/off/graph/streams（见 fast/decoder.py 的 _GraphedStep）；"
                              "计时可给多个（逗号分隔，每个引导行各测一次），--check/--profile 用第一个")
     parser.add_argument("--stack", default="auto",
-                        help="FastDecoder 的 stack 模式 auto/off/pair/target/all（见 evaluator.resolve_stack）；计时可给多个"
+                        help="FastDecoder 的 stack 模式 auto/off/pair/target/all（见 fast/decoder.py 的 resolve_stack）；计时可给多个"
                              "（逗号分隔：引导行逐个测，目标行只按目标走哪条前向测），--check/--profile 用第一个")
     parser.add_argument("--attention", default="auto",
-                        help="叠加前向的解码注意力 auto/sdpa/triton（见 evaluator.resolve_attention）；计时可给多个"
+                        help="叠加前向的解码注意力 auto/sdpa/triton（见 fast/decoder.py 的 resolve_attention）；计时可给多个"
                              "（逗号分隔），--check/--profile 用第一个")
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0：采样（计入每步的 top-p 与 Gumbel 开销）")
     parser.add_argument("--top-p", type=float, default=1.0)

@@ -110,10 +110,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("bfloat16", "float16", "float32"),
     "split": ("test", "dev", "validation", "train"),
     "compile": ("auto", "on", "off"),
-    "schedule": ("constant", "adaptive", "adaptive_inverse"),  # 与 steering_utils.SCHEDULES 相同（测试核对）
+    "schedule": ("constant", "adaptive", "adaptive_inverse"),  # steering_utils.SCHEDULES 即此元组
     "scoring": ("cot", "letter"),
 }
 VALID_MODES: tuple[str, ...] = ("baseline", "steered")
+LETTERS: tuple[str, ...] = ("A", "B", "C", "D")  # MedQA-USMLE 四选项的选项字母（全项目唯一的定义）
+ROLES: tuple[str, ...] = ("target", "expert", "base")  # 三个模型角色（全项目唯一的定义；引导时按此顺序融合）
 SEED_MAX: int = 2**32 - 1  # np.random.seed 接受的上限
 # 不属于“实验配置”的字段：同一次运行在续跑前后它们可以不同（比较配置时忽略）。
 RUN_LOCATION_FIELDS: tuple[str, ...] = ("output_dir", "resume")

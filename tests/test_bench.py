@@ -91,7 +91,7 @@ def test_tiny_benchmark_attention_modes_pair_rows_with_matching_target(capsys):
 
     import pytest
 
-    from stacked_llama import triton_available
+    from fast.attention import triton_available
 
     if os.environ.get("TRITON_INTERPRET") != "1" or not triton_available():
         pytest.skip("需要 triton 与 TRITON_INTERPRET=1（tests/conftest.py）")

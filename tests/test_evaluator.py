@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from evaluator import SteeringParams, generate_batch, left_pad
+from evaluator import generate_batch, left_pad
+from steering_utils import SteeringParams
 from steering_utils import calculate_adaptive_alpha, compute_steered_logits
 
 VOCAB = 96
@@ -206,7 +207,7 @@ def test_argument_validation(trio):
 # 快速路径（FastDecoder，CPU 上不编译）== 慢速参考循环，逐 token
 # ---------------------------------------------------------------------------
 
-from evaluator import FastDecoder, length_bucket  # noqa: E402
+from fast.decoder import FastDecoder, length_bucket  # noqa: E402
 
 
 def fast(models, prompts, steps=12, ends=(), steering=None, per_role=None, batch_size=4, decoder=None):
@@ -282,7 +283,7 @@ def test_schedules_and_plausibility_fast_equals_slow_equals_reference(trio, sche
             gen: list[int] = []
             for _ in range(10):
                 z = [m(torch.tensor([p + gen])).logits[:, -1].float() for m in trio]
-                a = schedule_alpha(z[0], z[1], schedule, 1.5, 10.0, 1.0)
+                a = schedule_alpha(z[0], z[1], s)
                 fused = compute_steered_logits(z[0], z[1], z[2], a)
                 gen.append(int((apply_plausibility(fused, z[0], beta) if beta else fused).argmax(-1)))
             ref.append(gen)
@@ -311,7 +312,7 @@ def test_compiled_fullgraph_step_matches_slow_loop_across_recompiles(trio):
 # overlap 模式（_GraphedStep：分开编译的前向 + 手动录制的整步图；CPU 上没有图，但走同一套静态缓冲）
 # ---------------------------------------------------------------------------
 
-from evaluator import _copy_tree, _GraphedStep  # noqa: E402
+from fast.decoder import _copy_tree, _GraphedStep  # noqa: E402
 
 
 @pytest.mark.parametrize("overlap", ["graph", "streams"])
@@ -409,7 +410,7 @@ def test_copy_tree_rejects_mismatched_inputs():
 def test_overlap_auto_resolution_and_oom_unwrapping(trio):
     """auto：只有 CUDA 上编译的引导解码才用 streams；CPU / 不编译 / 只有目标时都是 off（走原来的整步编译路径）。
     录图中途 OOM 时，capture_end 抛出的 RuntimeError 里找回原来的 OutOfMemoryError（run_arm 的减半只认它）。"""
-    from evaluator import _root_oom
+    from fast.decoder import _root_oom
 
     for models, steering in ((list(trio), STEER), ([trio[0]], None)):
         decoder = FastDecoder(models, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=2, steering=steering,
@@ -429,7 +430,7 @@ def test_overlap_auto_resolution_and_oom_unwrapping(trio):
 
 def test_resolve_overlap_auto_rules(trio):
     """auto → streams 只在：CUDA、编译、引导、没有量化模型；显式给出的模式原样返回。"""
-    from evaluator import resolve_overlap
+    from fast.decoder import resolve_overlap
 
     models = list(trio)
     assert resolve_overlap("auto", models, steering=STEER, compile=True, device_type="cuda") == "streams"

@@ -31,9 +31,10 @@ import evaluator
 import main
 import model_loader
 from config import Config
-from evaluator import FastDecoder, RunError, SteeringParams, batch_plan, generate_batch, run_arm
+from evaluator import RunError, batch_plan, generate_batch, run_arm
+from fast.decoder import FastDecoder
 from model_loader import ModelLoadError
-from steering_utils import calculate_adaptive_alpha, compute_steered_logits
+from steering_utils import SteeringParams, calculate_adaptive_alpha, compute_steered_logits
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT, BATCH, MAX_NEW = 6, 2, 6

@@ -24,7 +24,10 @@ import config
 import main
 import sweep
 from config import ConfigError, parse_config
-from evaluator import FastDecoder, Sampling, SteeringParams, generate_batch
+from evaluator import generate_batch
+from fast.decoder import FastDecoder
+from sampling import Sampling
+from steering_utils import SteeringParams
 from test_evaluator import PAD, PROMPTS, VOCAB, tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,8 +15,8 @@ import torch
 from scipy import stats
 from torch import Tensor
 
-import steering_utils
-from steering_utils import counter_uniform, sample_tokens, sampling_keys, top_p_filter
+import sampling
+from sampling import counter_uniform, sample_tokens, sampling_keys, top_p_filter
 
 M32: int = 0xFFFFFFFF
 
@@ -88,10 +88,10 @@ KNOWN_VECTORS: list[tuple[bytes, int, int]] = [
 def test_murmur3_known_vectors(data: bytes, seed: int, expected: int) -> None:
     words = [w for (w,) in struct.iter_unpack("<I", data)]
     assert _ref_murmur3(data, seed) == expected
-    assert steering_utils._murmur3_words(list(words), seed) == expected  # Python int 路径
+    assert sampling._murmur3_words(list(words), seed) == expected  # Python int 路径
     tensor_words = [torch.tensor([w], dtype=torch.int64) for w in words]
     if tensor_words:  # int64 张量路径
-        assert steering_utils._murmur3_words(tensor_words, seed).tolist() == [expected]  # type: ignore[union-attr]
+        assert sampling._murmur3_words(tensor_words, seed).tolist() == [expected]  # type: ignore[union-attr]
 
 
 def test_sampling_keys_match_python_reference_on_extreme_values() -> None:
@@ -240,7 +240,7 @@ def test_top_p_large_vocab_matches_reference() -> None:
 @pytest.mark.parametrize("vocab", [1, 7, 1024, 1025, 3 * 1024 + 5, 5000])
 def test_blocked_cumsum_matches_cumsum(vocab: int) -> None:
     x = torch.rand(3, vocab, generator=_gen(32)) / vocab
-    got = steering_utils._blocked_cumsum(x)
+    got = sampling._blocked_cumsum(x)
     assert got.shape == x.shape and got.dtype == torch.float32
     assert (got.double() - x.double().cumsum(-1)).abs().max() < 1e-6
     assert (got[:, 1:] >= got[:, :-1]).all()

@@ -1,4 +1,4 @@
-"""stacked_llama：M 个同形状 Llama 叠成一次前向。
+"""fast/stacked.py：M 个同形状 Llama 叠成一次前向。
 
 - 叠加前向的 logits（预填充 + 若干解码步，左填充、每个模型提示不同）== transformers 前向（float32，舍入误差内）；
 - 叠加只改变参数的存储位置，不改变 transformers 前向的结果，不多占参数内存；同一组只叠一次；
@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import stacked_llama
-from evaluator import FastDecoder, ModelAdapter, Sampling, _GraphedStep, left_pad, resolve_attention, resolve_stack
-from stacked_llama import StackedLlama, check_stackable, split_count, stack_weights, triton_decode_attention
+from evaluator import ModelAdapter, left_pad
+from fast.attention import load_triton_attention, split_count, triton_decode_attention
+from fast.decoder import FastDecoder, _GraphedStep, resolve_attention, resolve_stack
+from fast.stacked import StackedLlama, check_stackable, stack_weights
+from sampling import Sampling
 from test_evaluator import PAD, PROMPTS, STEER, VOCAB, run, tiny_llama
 
 # 每个角色自己的提示（长度各不相同）：叠加单元里两个模型的左填充宽度不同，必须不影响结果。
@@ -224,7 +226,7 @@ def interpreted_triton() -> None:
     """Triton kernel 在 CPU 上由解释器执行：conftest 在导入 triton 之前设了 TRITON_INTERPRET=1。"""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("TRITON_INTERPRET 不是 1：kernel 要编译给 GPU，CPU 测试跑不了")
-    stacked_llama.load_triton_attention()
+    load_triton_attention()
 
 
 def _sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, slot: int,
@@ -308,7 +310,7 @@ def test_split_count() -> None:
 
 def test_resolve_attention_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     """auto：CUDA 上有 triton 取 triton，CPU 或没有 triton 取 sdpa；没有叠加单元时总是 sdpa，显式要 triton 报错。"""
-    monkeypatch.setattr("stacked_llama.triton_available", lambda: True)
+    monkeypatch.setattr("fast.attention.triton_available", lambda: True)
     assert resolve_attention("auto", head_dims=[64], device_type="cuda") == "triton"
     assert resolve_attention("auto", head_dims=[64], device_type="cpu") == "sdpa"
     assert resolve_attention("auto", head_dims=[], device_type="cuda") == "sdpa"
@@ -322,7 +324,7 @@ def test_resolve_attention_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_attention("auto", device_type="cuda", head_dims=[128, 80]) == "sdpa"
     with pytest.raises(ValueError, match="不支持 head_dim"):
         resolve_attention("triton", device_type="cuda", head_dims=[80])
-    monkeypatch.setattr("stacked_llama.triton_available", lambda: False)
+    monkeypatch.setattr("fast.attention.triton_available", lambda: False)
     assert resolve_attention("auto", head_dims=[64], device_type="cuda") == "sdpa"
     with pytest.raises(ValueError, match="需要 triton"):
         resolve_attention("triton", head_dims=[64], device_type="cuda")
@@ -350,3 +352,29 @@ def test_fast_decoder_triton_attention_equals_reference(interpreted_triton: None
     long_prompts = [[3 + i % 90 for i in range(140)], [7] * 20, [5, 6]]
     assert split_count(3 * 2, 256 // 64, 4) == 2
     assert target.generate([long_prompts], 6).tokens == run(trio[:1], long_prompts, steps=6).tokens
+
+
+def test_fast_arm_leaves_shared_models_as_before() -> None:
+    """快速路径不改变共享模型：跑过叠加 + 编译的 FastDecoder 之后，同一组模型对象上的参考循环输出逐 token 不变，
+    注意力实现、dynamo 的重编译上限与每个权重的取值都与之前相同（叠加后参数是叠加存储的视图，值不变）。"""
+    from evaluator import generate_batch
+
+    models = [tiny_llama(s) for s in (20, 21, 22)]
+    impl = [m.config._attn_implementation for m in models]
+    limit = torch._dynamo.config.recompile_limit
+    weights = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+
+    def reference() -> tuple[list[list[int]], list[list[int]]]:
+        kw = dict(vocab_size=VOCAB, max_new_tokens=8, end_ids=[], pad_id=PAD)
+        return (generate_batch(models, [PROMPTS] * 3, steering=STEER, **kw).tokens,
+                generate_batch(models[:1], [PROMPTS], **kw).tokens)
+
+    before = reference()
+    decoder = FastDecoder(models, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4, steering=STEER,
+                          compile=True, overlap="off", stack="all")
+    assert decoder.generate([PROMPTS] * 3, 8).tokens == before[0]
+    assert [m.config._attn_implementation for m in models] == impl
+    assert torch._dynamo.config.recompile_limit == limit
+    for m, saved in zip(models, weights):
+        assert all(torch.equal(v, saved[k]) for k, v in m.state_dict().items())
+    assert reference() == before

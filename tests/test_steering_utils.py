@@ -20,13 +20,19 @@ from steering_utils import (
     calculate_adaptive_alpha,
     compute_steered_logits,
     distance,
+    SteeringParams,
     plausibility_mask,
-    schedule_alpha,
 )
+from steering_utils import schedule_alpha as _schedule_alpha
 
 LN2: float = math.log(2.0)
 SQRT2: float = math.sqrt(2.0)
 UPPER: dict[str, float] = {"js": LN2, "l2": SQRT2}
+
+
+def schedule_alpha(t: Tensor, e: Tensor, schedule: str = "adaptive", *args: object, **kw: object) -> Tensor:
+    """测试的简写：散开的超参数 → SteeringParams（构造时校验一次）→ steering_utils.schedule_alpha。"""
+    return _schedule_alpha(t, e, SteeringParams(*args, schedule=schedule, **kw))  # type: ignore[arg-type]
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -648,12 +654,23 @@ def test_plausibility_shape_errors() -> None:
 @pytest.mark.parametrize("metric", ["js", "l2"])
 def test_alpha_from_distance_matches_schedule_alpha(schedule, metric):
     """扫参用的 alpha_from_distance(distance(z_t, z_e)) 与 schedule_alpha 逐位相同。"""
-    from steering_utils import alpha_from_distance, distance, schedule_alpha
+    from steering_utils import alpha_from_distance
 
     torch.manual_seed(11)
     zt, ze = torch.randn(9, 40) * 3, torch.randn(9, 40) * 3
-    kw = dict(base_alpha=0.4, adaptive_scale=7.0, max_boost=1.3)
-    expected = schedule_alpha(zt, ze, schedule, metric=metric, **kw)
-    assert torch.equal(alpha_from_distance(distance(zt, ze, metric), schedule, **kw), expected)
+    params = SteeringParams(base_alpha=0.4, adaptive_scale=7.0, max_boost=1.3, metric=metric, schedule=schedule)
+    expected = _schedule_alpha(zt, ze, params)
+    assert torch.equal(alpha_from_distance(distance(zt, ze, metric), params), expected)
     with pytest.raises(ValueError):
-        alpha_from_distance(torch.zeros(3), "cosine")
+        SteeringParams(schedule="cosine")
+
+
+def test_steering_params_defaults_come_from_config() -> None:
+    """SteeringParams 的缺省就是 config.py 的常量（唯一来源），非法值在构造时报错。"""
+    import config
+
+    assert SteeringParams() == SteeringParams(config.BASE_ALPHA, config.ADAPTIVE_SCALE, config.MAX_BOOST,
+                                              config.DISTANCE_METRIC, config.SCHEDULE, config.PLAUSIBILITY_BETA)
+    for bad in ({"max_boost": -1.0}, {"plausibility_beta": 1.5}, {"metric": "kl"}, {"base_alpha": float("nan")}):
+        with pytest.raises(ValueError):
+            SteeringParams(**bad)  # type: ignore[arg-type]

@@ -17,17 +17,17 @@
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
-import math
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Final, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from fast.attention import (ATTENTION_MODES, head_dim_of, load_triton_attention, triton_attention_problem,
+                            triton_decode_attention)
 
 # 必须在所有模型之间相同的配置项：它们决定权重形状与数值规则。
 SHAPE_KEYS: tuple[str, ...] = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -155,202 +155,6 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """逐模型的 x @ wᵀ：x (M, N, in)，w (M, out, in) → (M, N, out)，一次 bmm（w 转置只是视图）。"""
     return torch.bmm(x, w.transpose(1, 2))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 解码注意力：SDPA（cuDNN）或 Triton kernel
-# ---------------------------------------------------------------------------------------------------------------
-# 为什么自己写一个（H100 剖析，BENCHMARKS.md）：批 64 时 1B 对的注意力每步 1.21 ms，cuDNN 在 head_dim 64 上只到
-# 1.63 TB/s；而且 SDPA 每步读满整个静态缓存 L（未写的槽位靠 mask 屏蔽，字节照读）。这个 kernel：
-# - 只读到本步槽位 slot 为止（循环上界来自设备上的 slot 张量，CUDA graph 不必按长度重录）；
-# - 打包 GQA：一个程序处理一个 (行, KV 头)，共享该 KV 头的 G 个查询头一起算（K/V 只读一次，不复制）；
-# - 行 × KV 头不够填满 GPU 时把序列切成 n_split 段并行，再用第二个小 kernel 合并（flash-decoding）。
-# H100 实测（benchmarks/micro_attn.py，每层一次调用，slot 383 / L 512）：1B 对批 64 81 → 39 µs，8B 批 64 71 → 39 µs，
-# 批 1 18–21 → 6 µs；整步批 64 目标 8.66 → 7.81 ms、引导 12.27 → 10.90 ms（同一次调用，BENCHMARKS.md）。
-ATTENTION_MODES: Final[tuple[str, ...]] = ("sdpa", "triton")
-
-# 每个 head_dim 的块配置 (BLOCK_N, num_warps, num_stages)：H100 上用 benchmarks/micro_attn.py 测出。
-TRITON_ATTENTION_CONFIG: Final[dict[int, tuple[int, int, int]]] = {64: (128, 4, 2), 128: (64, 4, 2)}
-
-
-def triton_available() -> bool:
-    """本环境能否用 Triton kernel（只查能否导入，不导入：CPU 环境通常没有 triton）。"""
-    return importlib.util.find_spec("triton") is not None
-
-
-def head_dim_of(config: Any) -> int:
-    """模型配置的每头维度：显式的 head_dim（Llama-3.2-1B 为 64），没有时 hidden_size / 头数（transformers 的规则）。"""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def triton_attention_supports(head_dim: int) -> bool:
-    """kernel 能否处理这个 head_dim：tl.arange 要 2 的幂，tl.dot 的内维至少 16（Llama 3 的 64 / 128 都可以）。"""
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
-
-
-def triton_attention_problem(head_dim: int) -> str | None:
-    """这个 head_dim 的模型能否用 Triton 解码注意力：能则 None，否则一句原因。
-    StackedLlama（显式 attention="triton"）与 evaluator.resolve_attention（auto 的选择、提前报错）共用这一处。"""
-    if not triton_available():
-        return "需要 triton 包（CUDA 版 torch 自带）"
-    if not triton_attention_supports(head_dim):
-        return f"不支持 head_dim={head_dim}（需要 ≥ 16 的 2 的幂）"
-    return None
-
-
-def split_count(programs: int, blocks: int, sms: int) -> int:
-    """序列切几段：让 程序数 × 段数 ≥ 2 × SM 数（每个 SM 至少两个程序，隐藏访存延迟），但不超过块数。
-
-    programs = 行数 × KV 头数；blocks = ⌈L / BLOCK_N⌉。批 64 时 1B 对有 1024 个程序，不切（省掉合并 kernel）；
-    批 1 时 8B 只有 8 个程序，切成最多 L / BLOCK_N 段。"""
-    return max(1, min(blocks, -(-2 * sms // programs)))
-
-
-@functools.cache
-def load_triton_attention() -> Callable[..., torch.Tensor]:
-    """导入 triton、定义 kernel、注册 torch.library 算子 steer::decode_attention 并返回它（只做一次）。
-
-    延迟到这里是因为 CPU 环境可以没有 triton（CI 为了测试装了它：tests/conftest.py 在导入 triton 之前设
-    TRITON_INTERPRET=1，kernel 由解释器在 CPU 张量上执行）。必须在编译区域之外调用（StackedLlama 构造时）：
-    dynamo 追踪不了 kernel 的定义。
-    注册成 triton_op：torch.compile 能看进去（kernel 进 Inductor 的图，不断图），CUDA graph 也能录制它。
-    """
-    import triton
-    import triton.language as tl
-    from torch.library import triton_op, wrap_triton
-
-    @triton.jit
-    def decode_attention_split(Q, K, V, MASK, SLOT, PART, STATS, OUT,
-                               q_r, q_h, q_g, k_r, k_h, k_s, v_r, v_h, v_s, m_r, o_r, o_h, o_g,
-                               H_KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
-                               BLOCK_N: tl.constexpr, N_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-                               QK_SCALE: tl.constexpr):
-        # 程序 (rh, split)：行 r = rh // H_KV 的第 h 个 KV 头，序列的第 split 段。查询块 (BLOCK_G, D)：G 个查询头
-        # 补零到 BLOCK_G ≥ 16 行（tl.dot 的最小尺寸；多出的行不写回）。分数在 log2 域（QK_SCALE 含 log2 e）。
-        # QK_SCALE 是编译期常量：作为普通浮点参数时 Inductor 按 float64 传入，分数会被提升成 float64。
-        rh = tl.program_id(0)
-        split = tl.program_id(1)
-        r = rh // H_KV
-        h = rh % H_KV
-        end = tl.load(SLOT).to(tl.int32) + 1  # 只看槽位 < end 的键：本步 token 写在 slot，之后的槽位还没写
-        chunk = tl.cdiv(tl.cdiv(end, N_SPLIT), BLOCK_N) * BLOCK_N  # 按已写长度均分，各段整块对齐
-        lo = split * chunk
-        hi = tl.minimum(lo + chunk, end)
-        g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, D)
-        n = tl.arange(0, BLOCK_N)
-        q = tl.load(Q + r * q_r + h * q_h + g[:, None] * q_g + d[None, :], mask=g[:, None] < G, other=0.0)
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, D], tl.float32)
-        for start in range(lo, hi, BLOCK_N):
-            pos = start + n
-            inside = pos < hi
-            keep = inside & (tl.load(MASK + r * m_r + pos, mask=inside, other=0) != 0)  # 左填充位置 mask = 0
-            k = tl.load(K + r * k_r + h * k_h + pos[:, None] * k_s + d[None, :], mask=inside[:, None], other=0.0)
-            v = tl.load(V + r * v_r + h * v_h + pos[:, None] * v_s + d[None, :], mask=inside[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * QK_SCALE  # (BLOCK_G, BLOCK_N)
-            s = tl.where(keep[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # 到目前为止全被屏蔽的行 m_new = −inf：用 0 代替做减数，exp2(−inf) = 0，避免 (−inf) − (−inf) = NaN
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            corr = tl.exp2(m_i - m_safe)
-            l_i = l_i * corr + tl.sum(p, 1)
-            acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
-        if N_SPLIT == 1:
-            out = acc / l_i[:, None]
-            tl.store(OUT + r * o_r + h * o_h + g[:, None] * o_g + d[None, :], out.to(OUT.dtype.element_ty),
-                     mask=g[:, None] < G)
-        else:
-            # 未归一化的部分和与 (m, l) 留给 decode_attention_combine：
-            # PART (RH, N_SPLIT, BLOCK_G, D)，STATS (RH, N_SPLIT, 2, BLOCK_G)
-            part = rh * N_SPLIT + split
-            tl.store(PART + part * BLOCK_G * D + g[:, None] * D + d[None, :], acc)
-            tl.store(STATS + part * 2 * BLOCK_G + g, m_i)
-            tl.store(STATS + part * 2 * BLOCK_G + BLOCK_G + g, l_i)
-
-    @triton.jit
-    def decode_attention_combine(PART, STATS, OUT, o_r, o_h, o_g, H_KV: tl.constexpr, G: tl.constexpr,
-                                 D: tl.constexpr, BLOCK_G: tl.constexpr, N_SPLIT: tl.constexpr):
-        # 合并各段：out = Σ_s 2^(m_s − M) · acc_s / Σ_s 2^(m_s − M) · l_s，M = max_s m_s（空段 m = −inf，权重 0）
-        rh = tl.program_id(0)
-        g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, D)
-        m_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        for s in tl.static_range(N_SPLIT):
-            m_max = tl.maximum(m_max, tl.load(STATS + (rh * N_SPLIT + s) * 2 * BLOCK_G + g))
-        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-        total = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, D], tl.float32)
-        for s in tl.static_range(N_SPLIT):
-            part = rh * N_SPLIT + s
-            w = tl.exp2(tl.load(STATS + part * 2 * BLOCK_G + g) - m_safe)
-            total += w * tl.load(STATS + part * 2 * BLOCK_G + BLOCK_G + g)
-            acc += w[:, None] * tl.load(PART + part * BLOCK_G * D + g[:, None] * D + d[None, :])
-        r = rh // H_KV
-        h = rh % H_KV
-        tl.store(OUT + r * o_r + h * o_h + g[:, None] * o_g + d[None, :], (acc / total[:, None]).to(
-            OUT.dtype.element_ty), mask=g[:, None] < G)
-
-    @triton_op("steer::decode_attention", mutates_args=())
-    def decode_attention_op(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                            slot: torch.Tensor, scale: float, n_split: int, block_n: int, num_warps: int,
-                            num_stages: int) -> torch.Tensor:
-        """算子本体（参数见 triton_decode_attention，它先核对形状）：分配输出 (R, H_kv, G, D)，
-        切段时另分配部分和 (R·H_kv, n_split, BLOCK_G, D) 与 (m, l) (R·H_kv, n_split, 2, BLOCK_G)，均为 float32。"""
-        rows, kv_heads, groups, dim = q.shape
-        block_g = max(16, triton.next_power_of_2(groups))
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        if n_split > 1:
-            part = torch.empty((rows * kv_heads, n_split, block_g, dim), dtype=torch.float32, device=q.device)
-            stats = torch.empty((rows * kv_heads, n_split, 2, block_g), dtype=torch.float32, device=q.device)
-        else:
-            part = stats = out  # 不切段时不用：kernel 直接写 out
-        precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 时精确相乘（不用 TF32），逐 token 测试要它
-        wrap_triton(decode_attention_split)[(rows * kv_heads, n_split)](
-            q, keys, values, mask, slot, part, stats, out,
-            q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
-            values.stride(0), values.stride(1), values.stride(2), mask.stride(0),
-            out.stride(0), out.stride(1), out.stride(2),
-            H_KV=kv_heads, G=groups, D=dim, BLOCK_G=block_g, BLOCK_N=block_n, N_SPLIT=n_split, PRECISION=precision,
-            QK_SCALE=scale * math.log2(math.e),
-            num_warps=num_warps, num_stages=num_stages)
-        if n_split > 1:
-            wrap_triton(decode_attention_combine)[(rows * kv_heads,)](
-                part, stats, out, out.stride(0), out.stride(1), out.stride(2),
-                H_KV=kv_heads, G=groups, D=dim, BLOCK_G=block_g, N_SPLIT=n_split, num_warps=4)
-        return out
-
-    return decode_attention_op
-
-
-def triton_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                            slot: torch.Tensor, scale: float, n_split: int | None = None) -> torch.Tensor:
-    """单 token 解码的打包 GQA 注意力（Triton，只读到 slot 为止）。q (R, H_kv, G, D)：第 h 个 KV 头下的 G 个查询头；
-    keys/values (R, H_kv, L, D) 静态缓存；mask (R, L) 1 = 非左填充；slot (1,) 本 token 的槽位（已写入缓存）。
-    可见 = mask ∧ 槽位 ≤ slot，与 StackedLlama 的 SDPA 路径相同。返回 (R, H_kv, G, D)，q 的精度。
-
-    n_split None = split_count 按 GPU 的 SM 数选；测试用它强制走“切段 + 合并”。先调用 load_triton_attention()。
-    kernel 按步长寻址，只要求每个张量的最后一维连续；形状不符时报错（在编译追踪时就会报出，不会算出错的数）。
-    """
-    rows, kv_heads, groups, dim = q.shape
-    if keys.shape != values.shape or keys.shape[:2] != (rows, kv_heads) or keys.shape[3] != dim:
-        raise ValueError(f"K/V 形状 {tuple(keys.shape)} / {tuple(values.shape)} 与 q {tuple(q.shape)} 不符："
-                         "应为 (R, H_kv, L, D)")
-    if mask.shape != (rows, keys.shape[2]) or slot.shape != (1,):
-        raise ValueError(f"mask 应为 (R, L) = ({rows}, {keys.shape[2]})、slot 应为 (1,)，"
-                         f"得到 {tuple(mask.shape)} 与 {tuple(slot.shape)}")
-    if not triton_attention_supports(dim) or any(t.stride(-1) != 1 for t in (q, keys, values)):
-        raise ValueError(f"Triton 解码注意力要求 head_dim 为 ≥ 16 的 2 的幂、最后一维连续（head_dim={dim}）；"
-                         "用 attention='sdpa'")
-    block_n, warps, stages = TRITON_ATTENTION_CONFIG.get(q.shape[-1], (64, 4, 2))
-    if n_split is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        n_split = split_count(q.shape[0] * q.shape[1], -(-keys.shape[2] // block_n), sms)
-    # 经 torch.ops 调用（而不是调用 load_triton_attention()）：编译区域里 dynamo 只看到一个已注册的算子
-    return torch.ops.steer.decode_attention(q, keys, values, mask, slot, scale, n_split, block_n, warps, stages)
 
 
 class StackedLlama:
