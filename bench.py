@@ -164,7 +164,7 @@ def read_bandwidth(device: str, nbytes: int, repeats: int = 10) -> dict[str, Any
     times = []
     for _ in range(repeats):
         if device.startswith("cuda"):
-            # CUDA 事件量设备上的时间：一次求和只有约 0.7 ms，主机侧的启动与同步开销会占到几个百分点
+            # CUDA 事件量设备上的时间：一次求和很短，主机侧的启动与同步开销会占到几个百分点
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
             x.sum(dtype=torch.float32)
@@ -339,7 +339,7 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
 
 
 # 剖析结果里不是 GPU kernel 的条目：主机侧的算子/运行时调用，以及 torch.compile 区域与 CUPTI 自身的记录
-# （H100 上实测：cudagraph trees 路径下 "Torch-Compiled Region" 等条目带着子 kernel 的累计时间，会把分类撑大上百倍）。
+# （cudagraph trees 路径下 "Torch-Compiled Region" 等条目带着子 kernel 的累计时间，会把分类撑大上百倍）。
 NOT_KERNELS: tuple[str, ...] = ("cudaGraph", "ProfilerStep", "aten::", "cuda", "Torch-Compiled Region",
                                 "## Call CompiledFxGraph", "Command Buffer Full", "Buffer Flush",
                                 "Activity Buffer Request")
@@ -460,7 +460,7 @@ def environment() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     # BENCH_COMMIT 优先：设备机上的副本带着一个 .git，但它的 HEAD 不是被复制的工作树的提交
-    # （H100 上实测：工作树是 1d60ef9 / e94718f 时 git rev-parse 报 aad8943），所以由命令行传入真实的提交号。
+    # （设备上的 .git 可能不是所复制工作树的提交），所以由环境变量 BENCH_COMMIT 传入真实的提交号。
     commit = os.environ.get("BENCH_COMMIT") or None
     if commit is None:
         try:
@@ -487,7 +487,7 @@ def ratio_summary(rows: list[dict[str, Any]], read_tbps: float) -> list[dict[str
 
     floor_ratio = 引导行的最少字节 / 目标行的最少字节：两行读字节的效率（占下限时间的比例）相同时的比值。
     实测比值低于它，说明引导步读字节比目标单独时更有效率——专家+基座的支路与 8B 并行，用的是 8B 没用满
-    显存带宽的时间（H100 上批 64：1.30 对 1.36，见 BENCHMARKS.md）。
+    显存带宽的时间（见 BENCHMARKS.md）。
     of_floor = 下限毫秒（最少字节 / 本次实测的只读带宽）/ 实测毫秒。
     """
     out = []

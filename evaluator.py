@@ -1,4 +1,8 @@
-"""手写的批量贪心解码循环（基线：只用目标模型；引导：三模型 logit 算术），答案抽取与统计。
+"""解码：唯一的 transformers 适配器（ModelAdapter）、参考解码循环（generate_batch）、一个臂的运行（run_arm）
+与字母打分的前向（score_letters）。
+
+快速路径从 run_arm 的 make_decoder 开始：只有 fast=True 时才在函数内导入 fast.decoder.FastDecoder。
+参考循环是手写的批量贪心解码（基线：只用目标模型；引导：三模型 logit 算术）。
 
 为什么不用 `generate()`：引导需要在每一步同时拿到三个模型的 logits，再按 α(t) 融合后取 argmax，
 且被选中的 token 必须喂回 *所有* 模型。结构仿照 gpt-fast 的 generate.py：
@@ -11,16 +15,16 @@ from __future__ import annotations
 import gc
 import inspect
 import math
-import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Collection, Final, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from sampling import Sampling, pick_tokens
-from steering_utils import SteeringParams, fuse_step
+from scoring import LetterScores, Record, make_record
+from steering_utils import SteeringParams, distance, fuse_step
 
 if TYPE_CHECKING:
     from fast.decoder import FastDecoder
@@ -231,7 +235,7 @@ class ArmResult:
     """
 
     mode: str
-    records: list[dict[str, Any]]
+    records: list[Record]
     seconds: float
     decoded_tokens: int
     oom_backoffs: int = 0
@@ -254,7 +258,7 @@ def _free_memory(compiled: bool) -> None:
     """显存不足之后：回收 Python 端的引用，再把 PyTorch 缓存分配器里空闲的块还给 CUDA，给减半后的批腾地方。
 
     compiled=True 时先 torch.compiler.reset()：OOM 若发生在 CUDA graph 录制途中，cudagraph trees 的全局状态会不一致
-    （H100、torch 2.11 上实测：减半后的新解码器第一次重放就在 dealloc_current_path_weakrefs 里 AssertionError）；
+    （torch 2.11 上：减半后的新解码器第一次重放就在 dealloc_current_path_weakrefs 里 AssertionError）；
     重置同时释放旧图占着的显存池。代价是减半后的解码器重新编译一次（它的批形状本来就变了）。
     """
     if compiled:
@@ -280,7 +284,7 @@ def run_arm(
     compile: bool = False,
     progress: bool = True,
     done: Collection[int] = (),
-    on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
+    on_batch: Callable[[list[Record]], None] | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     roles: Sequence[str] | None = None,
@@ -319,7 +323,7 @@ def run_arm(
     mine = [chunk for b, chunk in enumerate(batch_plan(role_prompts["target"], batch_size)) if b % world == rank]
     plan = [chunk for chunk in mine if any(questions[j].index not in done for j in chunk)]
     # 整个模式只用一个缓存长度（最长提示 + max_new_tokens，向上取整）：所有批形状相同，解码步只编译一次。
-    # 代价是短提示的批也要在完整长度上做注意力；每个长度桶各编译一次（每次约 1 分钟）在 H100 上更慢。
+    # 代价是短提示的批也要在完整长度上做注意力；每个长度桶各编译一次则更慢（编译很贵）。
     # 按*全部*题目计算（而不是续跑时剩下的题）：续跑的批与原来的形状完全相同。
     longest = max(len(role_prompts[r][j]) for r in roles for j in range(len(questions)))
     size = min(batch_size, len(questions))
@@ -348,7 +352,7 @@ def run_arm(
     decode_path: dict[str, Any] = {"fast": fast, "compiled": fast and compile}
     if decoder is not None:
         decode_path.update(overlap=decoder.overlap, stack=decoder.stack, attention=decoder.attention)
-    records: list[dict[str, Any]] = []
+    records: list[Record] = []
     decoded_tokens = backoffs = 0
     interrupted = False
     own = [questions[j].index for chunk in mine for j in chunk]  # 本进程负责的题（单进程时为全部）
@@ -384,7 +388,7 @@ def run_arm(
                 decoder = make_decoder(size)
                 pending.insert(0, sub)
                 continue
-            new: list[dict[str, Any]] = []
+            new: list[Record] = []
             for row, j in enumerate(sub):
                 if questions[j].index in done:
                     continue  # 上次已记录（部分记录的批整批重跑，只补缺的）
@@ -406,78 +410,6 @@ def run_arm(
                      interrupted=interrupted, decode_path=decode_path)
 
 
-ALPHA_DECIMALS: int = 4  # 逐 token α 的保存精度：α 量级为 1，万分之一足够作图，又让每题 512 步的记录保持小巧
-
-
-def make_record(mode: str, question: Any, tokens: list[int], tokenizer: Any,
-                alpha: list[float] | None, nonfinite: int | None = None) -> dict[str, Any]:
-    """predictions.jsonl 的一行：mode、index、gold、pred（字母或 None）、correct、output、num_tokens；
-    引导模式另有 alpha（该题被引导的每一步的 α，保留 ALPHA_DECIMALS 位小数：α 直方图与轨迹图的原料）、
-    alpha_mean / alpha_min / alpha_max（由未取整的 α 算出）与 nonfinite_steps（融合 logits 非有限、改用目标 logits 的步数）。
-
-    output 用 skip_special_tokens=True 解码；num_tokens 含结束记号（若生成了）。
-    记录里没有任何计时或会话信息：续跑与不中断的运行写出的记录逐字节相同。
-    """
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    pred = extract_answer(text)
-    rec: dict[str, Any] = {"mode": mode, "index": question.index, "gold": question.answer_idx, "pred": pred,
-                           "correct": pred == question.answer_idx, "output": text, "num_tokens": len(tokens)}
-    if alpha is not None:
-        rec.update(alpha_mean=sum(alpha) / len(alpha) if alpha else None,
-                   alpha_min=min(alpha) if alpha else None, alpha_max=max(alpha) if alpha else None,
-                   alpha=[round(a, ALPHA_DECIMALS) for a in alpha])
-    if nonfinite is not None:
-        rec["nonfinite_steps"] = int(nonfinite)
-    return rec
-
-
-# ---------------------------------------------------------------------------
-# 统计：准确率的 95% 置信区间、配对的精确 McNemar 检验
-# ---------------------------------------------------------------------------
-
-def wilson_ci95(correct: int, n: int) -> list[float] | None:
-    """准确率的 95% Wilson 区间 [low, high]（scipy.stats.binomtest）；n = 0 时为 None。
-    Wilson 而非正态近似：准确率靠近 0 或 1、n 只有几十时正态区间会越出 [0, 1]。"""
-    from scipy.stats import binomtest
-
-    if not n:
-        return None
-    ci = binomtest(int(correct), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
-    return [ci.low, ci.high]
-
-
-def mcnemar_exact_p(fixed: int, broken: int) -> float:
-    """精确 McNemar 双侧 p 值：只看不一致的题对（fixed = b，broken = c），H0 下 b ~ Binomial(b + c, 1/2)。
-    题量几百时不一致对往往只有几十个，卡方近似不可靠，所以用精确二项检验；没有不一致对时 p = 1。"""
-    from scipy.stats import binomtest
-
-    return binomtest(int(fixed), int(fixed + broken), 0.5).pvalue if fixed + broken else 1.0
-
-
-def arm_metrics(mode: str, records: Sequence[dict[str, Any]], *, oom_backoffs: int = 0,
-                timing: dict[str, Any] | None = None) -> dict[str, Any]:
-    """一个模式的指标，从逐题记录（predictions.jsonl，持久的唯一来源）算出：n、correct、accuracy、
-    95% Wilson 区间、unparsed（抽不出答案的题数，计为错）、generated_tokens（所有记录的 num_tokens 之和）、
-    oom_backoffs；引导模式另有 alpha_mean（按题平均的 alpha_mean 再平均）与 nonfinite_steps（守卫触发的总步数）。
-
-    墙钟相关的数字只放在 "timing" 子对象里：续跑与不中断的运行除 timing 之外完全相同（测试就是这样比较的）。
-    """
-    n = len(records)
-    correct = sum(r["correct"] for r in records)
-    out: dict[str, Any] = {
-        "n": n, "correct": correct, "accuracy": correct / n if n else None, "ci95": wilson_ci95(correct, n),
-        "unparsed": sum(r["pred"] is None for r in records),
-        "generated_tokens": sum(r["num_tokens"] for r in records),
-        "oom_backoffs": oom_backoffs,
-    }
-    if any("alpha_mean" in r for r in records):  # 融合臂（steered 与扫参的每个设置）
-        alpha = [r["alpha_mean"] for r in records if r.get("alpha_mean") is not None]
-        out["alpha_mean"] = sum(alpha) / len(alpha) if alpha else None
-        out["nonfinite_steps"] = sum(r.get("nonfinite_steps", 0) for r in records)
-    out["timing"] = timing or {}
-    return out
-
-
 def arm_timing(arm: ArmResult) -> dict[str, Any]:
     """本次会话的计时（metrics.json 里的 "timing"）：解码秒数、本次生成的 token 数、tokens/s。
 
@@ -488,178 +420,49 @@ def arm_timing(arm: ArmResult) -> dict[str, Any]:
             "decode_path": arm.decode_path}
 
 
-def compare_arms(baseline: Sequence[dict[str, Any]], steered: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """同一批题上的配对比较（参数为两个模式的逐题记录）：Δ 准确率、被引导“修好”/“弄坏”的题目 index、
-    精确 McNemar 双侧 p 值（mcnemar_exact_p）。
-    """
-    base = {r["index"]: r["correct"] for r in baseline}
-    steer = {r["index"]: r["correct"] for r in steered}
-    if base.keys() != steer.keys():
-        raise ValueError("两个模式的题目集合不同，无法做配对比较")
-    fixed = sorted(i for i in base if steer[i] and not base[i])
-    broken = sorted(i for i in base if base[i] and not steer[i])
-    p = mcnemar_exact_p(len(fixed), len(broken))
-    n = len(base)
-    return {"n": n, "delta": (sum(steer.values()) - sum(base.values())) / n if n else None,
-            "fixed": fixed, "broken": broken, "both_correct": sum(base[i] and steer[i] for i in base),
-            "both_wrong": sum(not base[i] and not steer[i] for i in base), "mcnemar_exact_p": p}
-
-
 # ---------------------------------------------------------------------------
-# 答案抽取
+# 字母打分的前向：每题每模型一次前向，只取答案位置
 # ---------------------------------------------------------------------------
-# 设计说明（三层优先级）：
-# 本模块只包含 :func:`extract_answer`，之后会由负责人整体粘贴进 ``evaluator.py``。
-#
-# 背景
-# ----
-# 模型收到的指令是：
-#
-#     Think step by step, then finish with a line of the form "The answer is X",
-#     where X is A, B, C or D.
-#
-# 但实际输出来自 Llama-3.1-8B-Instruct、一个 1B 医学模型和一个 135M 小模型，文本往往很“脏”：
-# markdown 加粗/标题、LaTeX ``\\boxed{}``、大小写混乱、因 token 上限而被截断，
-# 并且推理过程中会大量提到其它选项字母（"Option A is wrong because…"、"(C) is tempting"）。
-# 同时医学文本本身充满会“伪装成选项”的大写字母：病例开头的冠词 "A 45-year-old man"、
-# "vitamin B12"、"hepatitis B"、"type A"、"Group B strep"、"HbA1c" 等。
-#
-# 因此抽取采用 **三层优先级**，每层内部都“取最后一个”：
-#
-# 1. 显式答案陈述（"The answer is C" / "Answer: (B)" / "correct option is A" /
-#    "I would choose C" / ``\\boxed{B}`` / "D is the correct answer" 等）。
-#    这是指令要求的格式，可信度最高；若出现多次，以 **最后一次** 为准，
-#    因为模型常常先给出初步结论、再自我修正，最后一句才是最终决定。
-#    若最后一条显式陈述给出的是 A–D 以外的字母（如 "The answer is E"），直接返回 ``None``——
-#    模型的最终表态就是一个无效答案，退回到更早的陈述反而是在替模型“改答案”。
-# 2. 带括号字母的结论句（"The most likely diagnosis is pheochromocytoma (B)."）。
-#    语气是结论性的，但没有 "answer" 这类标记词，可靠性低于第 1 层，所以仅在第 1 层完全缺失时使用，
-#    并且要求括号字母位于行尾，避免把句中对选项的讨论当成结论。
-# 3. 最后一个非空行只是一个孤立字母（"B" / "(B)" / "B." / "**B**"）或
-#    “字母 + 简短选项文本”（"B. Hypertension"）。这是最弱的证据：只看文本的最末一行，
-#    且选项文本不能含有推理性词汇（is / not / because / ruled out …），
-#    否则它更可能是被截断的逐项分析（"B. Hypertension can be ruled out…"）。
-#
-# 三层都没有命中时返回 ``None``：宁可判为“无答案”，也不从普通单词或选项讨论中猜一个字母。
 
-# 合法的选项字母集合（MedQA-USMLE 四选项版本）。
-_VALID: Final[frozenset[str]] = frozenset("ABCD")
+@torch.inference_mode()
+def score_letters(models: dict[str, PreTrainedModel],
+                  prompt_ids: Sequence[Sequence[int]] | dict[str, Sequence[Sequence[int]]], letter_ids: list[int],
+                  *, vocab_size: int, batch_size: int, metric: str = "js") -> LetterScores:
+    """每个模型对每道题做一次前向（左填充成批，只算最后位置的 logits），收集字母 logits 与距离。
 
-# 聊天模板残留的特殊 token（如 "<|eot_id|>"、"</s>"），会干扰“最后一行”的判断，先删除。
-_SPECIAL_TOKEN: Final[re.Pattern[str]] = re.compile(r"<\|[^|>]*\|>|</?s>")
-
-# “宽松”字母：大写且独立成词。
-#   - 排除 I：它几乎总是代词（"The answer is I think B"）。
-#   - (?![\w'\-])：排除 "B12"、"A1c"、"B-cell"、"A's" 这类粘连写法。
-#   - (?![ \t]+\d)：排除冠词 "A 45-year-old …"（"Answer: A 45-year-old man …"）。
-#   捕获范围是 A–Z（而非 A–D），目的是识别出 "The answer is E" 这种无效最终答案。
-_LOOSE: Final[str] = r"[A-HJ-Z](?![\w'\-])(?![ \t]+\d)"
-# “严格”字母：允许小写，但字母后必须紧跟收尾标点或行尾（"ANSWER: c"、"answer is (b)."）。
-#   这样 "the answer is a deficiency of …" 里的冠词 a 永远不会被当成选项。
-_STRICT: Final[str] = r"[A-HJ-Za-hj-z](?=[ \t]*(?:[.):\]}*]|$))"
-
-# 第 1 层（正向）：标记词 + 连接词 + 可选修饰 + 字母。
-_EXPLICIT: Final[re.Pattern[str]] = re.compile(
-    rf"""
-    (?:
-        # (a) "answer" / "correct option" / "best choice" 等标记词，后面必须跟连接词：
-        #     要么是 ":" "=" "-"（可夹 markdown 星号，如 "**Answer**: B"），
-        #     要么是 is / would be / should be …。强制连接词是为了排除
-        #     "Answer choice A is incorrect" 这种在讨论选项的句子。
-        (?i:\b(?:answer|(?:correct|best|right|final)\s+(?:option|choice)))
-        (?:[ \t]*\**[ \t]*[:=\-—]|(?i:\s+(?:is|would\s+be|will\s+be|should\s+be|must\s+be)))
-        # 可选的语气副词："the answer is most likely C"、"the answer is therefore B"。
-        (?i:\s+(?:most\s+likely|likely|probably|clearly|definitely|therefore|thus))?
-      | # (b) 第一人称选择："I would choose C" / "I'd select B" / "I will go with option D"。
-        \bI(?i:(?:\s+would|\s+will|'d|'ll)?\s+(?:choose|select|pick|go\s+with))
-      | # (c) LaTeX 盒子本身就是显式答案标记："$\boxed{{B}}$"。
-        \\boxed\{{
-    )
-    (?:
-        # 同一行：跳过冒号、markdown 星号/下划线、括号、$、\boxed{{、\text{{ 以及
-        # "option"/"choice"/"letter" 前缀（"answer is option D"），再取宽松或严格字母。
-        [ \t:*_=(\[{{$\-]*(?:\\(?:boxed|text|textbf|mathrm)\{{)*[ \t*_(\[{{]*
-        (?i:(?:option|choice|letter)[ \t]*\(?)?
-        ({_LOOSE}|{_STRICT})
-      | # 换行：标记在行尾、字母在下一行（"The answer is:\n\nB. Hypertension"）。
-        # 跨行时只接受严格字母，防止 "Answer:\nA patient with …" 的冠词 A 被误抓。
-        [ \t:*_]*\n[\s*_#>(\[]*({_STRICT})
-    )
-    """,
-    re.VERBOSE | re.MULTILINE,
-)
-
-# 第 1 层（反向）："D is the correct answer" / "Option B is the best choice"。
-# 字母前必须是 option/choice、行首/标点，或 so/thus/therefore/hence 这类连接词；
-# 这样 "Hepatitis B is the most likely answer" 中的 B 不会被当成选项。
-_REVERSE: Final[re.Pattern[str]] = re.compile(
-    r"""
-    (?:(?i:\b(?:option|choice))\s+|^[ \t*_]*|[.:;,!?*][ \t]*|(?i:\b(?:so|thus|therefore|hence|then))\s+)
-    \(?([A-HJ-Z])\)?[ \t*_]*
-    (?i:\s+is\s+(?:the\s+)?(?:correct|right|best|most\s+likely|most\s+appropriate)\s+(?:answer|option|choice))
-    """,
-    re.VERBOSE | re.MULTILINE,
-)
-
-# 第 2 层：结论句（most likely / most appropriate / best）在行尾以 "(X)" 收束。
-# 只接受括号形式且必须在行尾，因为句中的 "(B)" 常常只是在引用某个选项进行比较。
-_HEDGED: Final[re.Pattern[str]] = re.compile(
-    r"(?i:\b(?:most\s+likely|most\s+appropriate|best)\b)[^\n]{0,200}?\(([A-D])\)[ \t*_]*[.!]?[ \t*_]*$",
-    re.MULTILINE,
-)
-
-# 第 3 层：最后一行是 "(B)" / "B" / "B." / "B)"，或 "B. 选项文本"。
-# 字母后若还有文本，必须先有 ")"、"."、":" 分隔——因此 "A 45-year-old …" 不会匹配。
-_FINAL_LINE: Final[re.Pattern[str]] = re.compile(
-    r"^(?:\(([A-D])\)|([A-D])(?:[.:)]|(?=$)))[.:]?(?:\s+(?P<rest>.+))?$"
-)
-# 选项文本中出现这些词，说明这一行是在“分析”选项而不是“给出”答案。
-_REASONING: Final[re.Pattern[str]] = re.compile(
-    r"(?i)\b(?:is|are|was|were|be|can|could|may|might|would|should|because|since|"
-    r"not|no|unlikely|incorrect|wrong|ruled?|excluded?|less|but|tempting)\b"
-)
-
-
-def extract_answer(text: str) -> str | None:
-    """从 CoT 输出中抽取最终选项字母。
-
-    参数:
-        text: 模型生成的完整文本（可能含 markdown、LaTeX、被截断）。
-
-    返回:
-        ``'A'``–``'D'`` 之一；若没有可信的结论（空文本、截断、只讨论选项、
-        最终显式答案不在 A–D 内）则返回 ``None``。
-
-    优先级（详见模块文档）：显式陈述（取最后一个）> 行尾括号结论句 > 最后一行孤立字母。
+    prompt_ids: 每题的 id 列表——三个角色共用一份，或 {角色: 各自的一份}（角色有自己的系统提示时，
+    见 scoring.letter_role_text）。返回的数组都在 CPU 上，按题目顺序排列。
     """
-    if not text or not text.strip():
-        return None
-    text = _SPECIAL_TOKEN.sub("", text)
+    per_role = prompt_ids if isinstance(prompt_ids, dict) else {role: prompt_ids for role in models}
+    n = len(next(iter(per_role.values())))
+    letters: dict[str, list[torch.Tensor]] = {role: [] for role in models}
+    dists: list[torch.Tensor] = []
+    index = torch.tensor(letter_ids)
+    for lo in range(0, n, batch_size):
+        z = {}
+        for role, model in models.items():
+            ids, mask = left_pad(per_role[role][lo:lo + batch_size], 0, model.device)
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
+            z[role] = out.logits[:, -1, :vocab_size].float()
+            letters[role].append(z[role][:, index.to(z[role].device)].cpu())
+        if "expert" in z:
+            dists.append(distance(z["target"], z["expert"], metric).cpu())
+    return LetterScores(letters={r: torch.cat(v) for r, v in letters.items()},
+                        distance=torch.cat(dists) if dists else None)
 
-    # 第 1 层：正向与反向的显式陈述统一按字母在文本中的位置排序，取最靠后者。
-    # 每个模式的捕获组互斥（要么宽松分支、要么跨行分支），lastindex 即命中的那一组。
-    explicit: list[tuple[int, str]] = [
-        (m.start(m.lastindex or 0), m.group(m.lastindex or 0))
-        for pattern in (_EXPLICIT, _REVERSE)
-        for m in pattern.finditer(text)
-    ]
-    if explicit:
-        letter = max(explicit)[1].upper()
-        # 最终表态是无效字母（如 E）时直接放弃，而不是回退到更早的陈述。
-        return letter if letter in _VALID else None
 
-    # 第 2 层：结论句的行尾括号字母，同样取最后一个。
-    hedged: list[str] = _HEDGED.findall(text)
-    if hedged:
-        return hedged[-1]
-
-    # 第 3 层：只看最后一个非空行，去掉 markdown 修饰（**、#、>、反引号、列表短横线）。
-    lines = [ln.strip(" \t*_#>`-") for ln in text.splitlines()]
-    last = next((ln for ln in reversed(lines) if ln), "")
-    m = _FINAL_LINE.match(last)
-    if m is None:
-        return None
-    rest = m.group("rest")
-    if rest and (len(rest) > 80 or _REASONING.search(rest)):
-        return None
-    return m.group(1) or m.group(2)
+def score_letters_shard(models: dict[str, PreTrainedModel], prompt_ids: dict[str, list[list[int]]],
+                        letter_ids: list[int], *, vocab_size: int, batch_size: int, metric: str,
+                        shard: tuple[int, int] = (0, 1)) -> list[tuple[list[int], LetterScores]]:
+    """字母打分按 batch_plan 的批分给各进程（与 CoT 相同的划分，批的组成与单进程一样，结果逐位相同）：
+    返回本进程 (rank, world) 的 [(该批的题目位置, 该批的 LetterScores)]；scoring.merge_letter_scores 按题目顺序拼回。
+    prompt_ids[角色][j]：第 j 题在该角色下的 id。"""
+    rank, world = shard
+    mine = []
+    for b, chunk in enumerate(batch_plan(prompt_ids["target"], batch_size)):
+        if b % world == rank:
+            part = score_letters(models, {r: [prompt_ids[r][j] for j in chunk] for r in models}, letter_ids,
+                                 vocab_size=vocab_size, batch_size=len(chunk), metric=metric)
+            mine.append((chunk, part))
+    return mine

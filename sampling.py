@@ -200,7 +200,7 @@ def _blocked_cumsum(x: Tensor, block: int = _SCAN_BLOCK) -> Tensor:
 
     为什么不直接 x.cumsum(-1)：torch.compile（inductor，GPU）在扫描维很长（V ≈ 6 万以上，例如 128k 的词表）
     时会把 cumsum 拆成 SplitScan，torch 2.11 的 Triton 代码生成在这里崩溃（InductorError:
-    "list indices must be integers or slices, not NoneType"，H100 上实测）。两级扫描的每一级都不超过
+    "list indices must be integers or slices, not NoneType"）。两级扫描的每一级都不超过
     block（V ≤ block² 时），不会触发拆分；eager 下多两次小的 pad/reshape，开销可以忽略。
     浮点上只是换了加法的结合顺序（块内、块间各自顺序累加），误差与直接 cumsum 同量级。
     """
@@ -238,7 +238,7 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
           （有限的极小概率词被保留，−inf 仍是 −inf），不会出错。
         - 边界由 float32 的 softmax 与累加和决定：累计概率与 top_p 相差在舍入误差（~1e-6）以内的词，
           eager 与 torch.compile（融合后的求和顺序不同）可能一边保留、一边截掉。这只影响概率极小的边界词
-          （H100 上 V = 6 万、近均匀的随机 logits 可见；抽到的 token 在实测中相同）。
+          （V 很大、近均匀的随机 logits 上可见；抽到的 token 相同）。
     """
     _check_matrix(logits, "logits")
     _check_top_p(top_p)

@@ -14,16 +14,15 @@ import torch
 # ---------------------------------------------------------------------------------------------------------------
 # 解码注意力：SDPA（cuDNN）或 Triton kernel
 # ---------------------------------------------------------------------------------------------------------------
-# 为什么自己写一个（H100 剖析，BENCHMARKS.md）：批 64 时 1B 对的注意力每步 1.21 ms，cuDNN 在 head_dim 64 上只到
-# 1.63 TB/s；而且 SDPA 每步读满整个静态缓存 L（未写的槽位靠 mask 屏蔽，字节照读）。这个 kernel：
+# 为什么自己写一个：cuDNN 的 SDPA 在 head_dim 64 上远未用满显存带宽，而且每步读满整个静态缓存 L
+# （未写的槽位靠 mask 屏蔽，字节照读）。这个 kernel：
 # - 只读到本步槽位 slot 为止（循环上界来自设备上的 slot 张量，CUDA graph 不必按长度重录）；
 # - 打包 GQA：一个程序处理一个 (行, KV 头)，共享该 KV 头的 G 个查询头一起算（K/V 只读一次，不复制）；
 # - 行 × KV 头不够填满 GPU 时把序列切成 n_split 段并行，再用第二个小 kernel 合并（flash-decoding）。
-# H100 实测（benchmarks/micro_attn.py，每层一次调用，slot 383 / L 512）：1B 对批 64 81 → 39 µs，8B 批 64 71 → 39 µs，
-# 批 1 18–21 → 6 µs；整步批 64 目标 8.66 → 7.81 ms、引导 12.27 → 10.90 ms（同一次调用，BENCHMARKS.md）。
+# 单独的 kernel 用 benchmarks/micro_attn.py 测，整步用 bench.py --attention sdpa,triton 比较（docs/HISTORY.md）。
 ATTENTION_MODES: Final[tuple[str, ...]] = ("sdpa", "triton")
 
-# 每个 head_dim 的块配置 (BLOCK_N, num_warps, num_stages)：H100 上用 benchmarks/micro_attn.py 测出。
+# 每个 head_dim 的块配置 (BLOCK_N, num_warps, num_stages)：在 GPU 上用 benchmarks/micro_attn.py 选出。
 TRITON_ATTENTION_CONFIG: Final[dict[int, tuple[int, int, int]]] = {64: (128, 4, 2), 128: (64, 4, 2)}
 
 

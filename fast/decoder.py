@@ -21,7 +21,7 @@ from steering_utils import SteeringParams, fuse_step
 
 PACKED_GQA: str = "steer_packed_gqa"  # 注册到 transformers 的注意力实现名
 # transformers 自带的 sdpa 注意力（预填充用）。在模块加载时取一次：在被编译的函数里 import 或构造
-# AttentionInterface 会在 torch 2.11 上造成 graph break，使整个解码步退回 eager（在 H100 上实测过）。
+# AttentionInterface 会在 torch 2.11 上造成 graph break，使整个解码步退回 eager。
 _STOCK_SDPA = AttentionInterface()["sdpa"]
 
 
@@ -86,8 +86,8 @@ def resolve_overlap(overlap: str, models: Sequence[PreTrainedModel], *, steering
                     compile: bool, device_type: str) -> str:
     """FastDecoder 的 overlap 参数 → 实际模式（"off" / "graph" / "streams"）。
 
-    "auto" 只在 CUDA 上编译的 bf16/fp16 引导解码时取 "streams"（H100 实测，同一次调用里对 "graph"：批 1 每步
-    8.60 → 7.83 ms，批 64 10.78 → 10.18 ms，fp32 下与慢速循环逐 token 相同，见 BENCHMARKS.md），其余情况取 "off"：
+    "auto" 只在 CUDA 上编译的 bf16/fp16 引导解码时取 "streams"（侧流上的专家与基座与 8B 并行，
+    比 "graph" 快，fp32 下与慢速循环逐 token 相同，见 BENCHMARKS.md），其余情况取 "off"：
     CPU 没有流与图；不编译时 eager 前向里可能有主机同步，录图期间不允许；只有目标模型时没有可重叠的前向；
     4-bit（bitsandbytes）模型在这条路径上还没有测过，留在原来的整步编译上。
     """
@@ -140,8 +140,8 @@ def resolve_attention(attention: str, *, head_dims: Sequence[int], device_type: 
 
     head_dims：各叠加单元模型的 head_dim；为空 = 没有叠加单元，此时为 "sdpa"（transformers 单元始终用
     packed_gqa_attention）。"auto"：CUDA 上且 stacked_llama.triton_attention_problem 对每个 head_dim 都没有异议时取
-    "triton"（triton_decode_attention：只读已写的槽位；H100 批 64 同一次调用里目标每步 8.66 → 7.81 ms、
-    引导 12.27 → 10.90 ms，fp32 下与慢速循环逐 token 相同，见 BENCHMARKS.md），否则 "sdpa"。
+    "triton"（triton_decode_attention：只读已写的槽位，
+    fp32 下与慢速循环逐 token 相同），否则 "sdpa"。
     显式给 "triton" 而做不到时报错（在叠加权重之前），而不是悄悄换成 sdpa。
     """
     if attention not in ("auto", *ATTENTION_MODES):
@@ -173,8 +173,7 @@ class FastDecoder:
       "streams" = 同上，但目标之外的每个前向单元（专家、基座，或叠加后的专家+基座）各在一条侧流上，与 8B 前向在图内并行；
       "auto"（默认）见 resolve_overlap。
     - stack（见 resolve_stack）：解码前向改用 StackedLlama——专家与基座叠成一次前向（每个投影一次 bmm、两个缓存
-      一次注意力），目标模型也可单独走它（M = 1，q/k/v、gate/up 拼接）。H100 上批 1 引导每步 9.62 → 9.03 ms（同一次调用）
-      （主要来自目标模型的拼接投影），见 BENCHMARKS.md。模型按“前向单元”分组：units[u] 是一起前向的模型下标，
+      一次注意力），目标模型也可单独走它（M = 1，q/k/v、gate/up 拼接）。模型按“前向单元”分组：units[u] 是一起前向的模型下标，
       如 [(0,), (1, 2)]；每个单元一次前向、（streams 时）一条流。
     - attention（见 resolve_attention）：叠加单元的解码注意力用 SDPA（cuDNN，每步读满整个静态缓存）还是
       stacked_llama 的 Triton kernel（只读到本步槽位，打包 GQA）；"auto" 在 CUDA 上取 Triton。
@@ -493,7 +492,7 @@ class _GraphedStep:
         """
         main = torch.cuda.current_stream(self.decoder.device) if self.cuda else None
         # fork：每条侧流先等主流，而且都在主流排入任何前向之前。wait_stream 等的是主流上“此刻之前”排入的全部工作；
-        # 若像 1d60ef9 … 2d9bffe 那样先排目标的前向、再 fork，侧流就要等整个 8B 前向做完，两个单元在图里首尾相接，
+        # 若先排目标的前向、再 fork，侧流就要等整个 8B 前向做完，两个单元在图里首尾相接，
         # 根本没有并行（那几轮 streams 与 graph 一样快，原因在此，而不是当时推断的“kernel 已占满 GPU”）。
         for stream in self.streams:
             if stream is not None:

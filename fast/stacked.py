@@ -1,8 +1,7 @@
 """把 M 个形状相同的 Llama（引导时的专家 + 基座）叠成一次解码前向：每个投影只发一次批量矩阵乘。
 
-为什么要它（H100 上的剖析，BENCHMARKS.md「Where the time goes」）：两个 1B 模型 hidden 只有 2048，
-它们的矩阵乘每个只读几 MB 权重，单独发出时只跑到约 2.0 TB/s（8B 的约 2.5 TB/s），批 64 时 1B 的注意力
-也要 1.33 ms。两个同形状模型叠起来：
+为什么要它：两个 1B 模型 hidden 只有 2048，它们的矩阵乘每个只读几 MB 权重，单独发出时喂不满显存带宽，
+小 kernel 的启动也占不少时间。两个同形状模型叠起来：
 - 每层的 q/k/v 拼成一个权重、gate/up 拼成一个权重，再在模型维 M 上 bmm：每层 4 次矩阵乘（原来 2 × 7 次），
   每次读的字节翻倍，kernel 数约减半；
 - 两个模型的 KV 缓存放在同一个张量里 (M·B, H_kv, L, D)，注意力一次 SDPA 算完 M·B 行；
@@ -137,7 +136,7 @@ def stack_weights(models: Sequence[PreTrainedModel]) -> StackedWeights:
     weights = StackedWeights(qkv=qkv, o=o, gate_up=gate_up, down=down, ln1=ln1, ln2=ln2, norm=norm, embed=embed,
                              lm_head=lm_head, anchors=[_anchor(m) for m in models])
     # 标成静态地址：这些张量不是 nn.Parameter，torch.compile(mode="reduce-overhead") 的 cudagraph 会把它们当作
-    # 普通输入、每次重放前整份拷进自己的静态缓冲（H100 实测：8B 单独解码 7.3 → 18.0 ms/步，峰值显存多 15 GB）。
+    # 普通输入、每次重放前整份拷进自己的静态缓冲（那样每步都要多拷一份全部权重，解码慢一倍以上、峰值显存多一份权重）。
     for t in [*qkv, *o, *gate_up, *down, *ln1, *ln2, norm, embed, lm_head]:
         torch._dynamo.mark_static_address(t)
     _STACKS[models[0]] = (ids, weights)

@@ -8,7 +8,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest
 
-from evaluator import extract_answer
+from scoring import extract_answer
 
 CASES: list[tuple[str, str | None]] = [
     # ---------- 各种显式形式 ----------

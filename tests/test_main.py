@@ -141,7 +141,7 @@ def test_demo_config_json(demo_run: SimpleNamespace, smol_path: str, smol_tokeni
 
 
 def test_demo_predictions(demo_run: SimpleNamespace) -> None:
-    from evaluator import extract_answer
+    from scoring import extract_answer
 
     preds = demo_run.predictions
     cfg = demo_run.config["config"]

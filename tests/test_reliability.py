@@ -30,6 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import evaluator
 import main
 import model_loader
+import run_folder
 from config import Config
 from evaluator import RunError, batch_plan, generate_batch, run_arm
 from fast.decoder import FastDecoder
@@ -288,7 +289,7 @@ def test_records_are_appended_and_fsynced_per_batch(tmp_path: Path, data: Path, 
     calls: list[tuple[str, int]] = []
     real_fsync = os.fsync
     preds = tmp_path / "run" / "predictions.jsonl"
-    monkeypatch.setattr(main.os, "fsync", lambda fd: (calls.append(("fsync", _lines(preds))), real_fsync(fd))[1])
+    monkeypatch.setattr(run_folder.os, "fsync", lambda fd: (calls.append(("fsync", _lines(preds))), real_fsync(fd))[1])
     monkeypatch.setattr(evaluator, "_FAULT_HOOK", lambda n: calls.append(("decode", _lines(preds))))
     code, text = _main(_argv(data, tmp_path / "run"), capsys)
     assert code == 0, text

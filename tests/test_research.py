@@ -22,7 +22,8 @@ import torch
 
 import config
 import main
-import sweep
+import scoring
+import stats
 from config import ConfigError, parse_config
 from evaluator import generate_batch
 from fast.decoder import FastDecoder
@@ -55,7 +56,7 @@ def test_plan_default_is_baseline_and_steered() -> None:
     assert [a.name for a in arms] == ["baseline", "steered"]
     assert arms[0].roles == ("target",) and arms[0].steering is None and arms[0].sampling is None
     s = arms[1].steering
-    assert arms[1].roles == main.TRIO and s is not None
+    assert arms[1].roles == config.ROLES and s is not None
     assert (s.base_alpha, s.schedule, s.metric) == (config.BASE_ALPHA, config.SCHEDULE, config.DISTANCE_METRIC)
 
 
@@ -94,7 +95,7 @@ def test_plan_sampling_adds_chains_after_greedy() -> None:
     (["B", None, "A", "A"], "A"),
 ])
 def test_majority_vote(preds: list[str | None], want: str | None) -> None:
-    assert main.majority_vote(preds) == want
+    assert stats.majority_vote(preds) == want
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -245,7 +246,7 @@ def test_letter_sweep_run_folder(tmp_path: Path, smol_path: str) -> None:
 
 def test_letter_prompt_matches_lm_eval_format() -> None:
     q = type("Q", (), {"question": "  Which vitamin?  ", "options": {"A": "B1", "B": "B12", "C": "C", "D": "D"}})()
-    assert sweep.letter_prompt(q) == "Question: Which vitamin?\nA. B1\nB. B12\nC. C\nD. D\nAnswer:"
+    assert scoring.letter_prompt(q) == "Question: Which vitamin?\nA. B1\nB. B12\nC. C\nD. D\nAnswer:"
 
 
 def test_cot_sweep_with_votes_run_folder(tmp_path: Path, smol_path: str) -> None:
@@ -268,7 +269,7 @@ def test_cot_sweep_with_votes_run_folder(tmp_path: Path, smol_path: str) -> None
     for g in greedy:
         maj = metrics["majority"][f"{g}/maj@2"]
         for i, pred in maj["predictions"].items():
-            assert pred == main.majority_vote([by[f"{g}/sample{v}"][int(i)]["pred"] for v in range(2)])
+            assert pred == stats.majority_vote([by[f"{g}/sample{v}"][int(i)]["pred"] for v in range(2)])
         assert f"{g}/maj@2" in {r["setting"] for r in metrics["sweep"]}
     assert metrics["plots"] == ["sweep_accuracy.png", "alpha_hist.png", "alpha_trace.png"]
     for name in metrics["plots"]:

@@ -1,4 +1,5 @@
-"""sweep.py：字母打分、一次前向上的扫参、配对统计、CSV/JSON/PNG 输出。CPU、小随机 Llama 与真实 SmolLM2 分词器。"""
+"""字母打分（scoring、evaluator.score_letters）、一次前向上的扫参、配对统计（stats）、CSV/JSON/PNG 输出（reporting）。
+CPU、小随机 Llama 与真实 SmolLM2 分词器。"""
 from __future__ import annotations
 
 import csv
@@ -11,12 +12,13 @@ import torch
 from test_evaluator import PROMPTS, VOCAB, tiny_llama
 
 import main
-from config import ConfigError, parse_config
+from config import LETTERS, ConfigError, parse_config
 from data_loader import Question
-from evaluator import arm_metrics
-from steering_utils import distance
-from sweep import (CHANCE, LETTERS, letter_predictions, letter_prompt, letter_token_ids, paired_stats,
-                   plot_sweep, score_letters, write_sweep)
+from evaluator import score_letters
+from reporting import arm_tables, plot_sweep, write_sweep
+from scoring import letter_predictions, letter_prompt, letter_records, letter_token_ids
+from stats import CHANCE, arm_metrics, paired_stats
+from steering_utils import SCHEDULES, SteeringParams, compute_steered_logits, distance, plausibility_mask, schedule_alpha
 
 LETTER_IDS = [40, 41, 42, 43]
 
@@ -72,39 +74,41 @@ def test_score_letters_equals_unbatched_forward(trio_models, scores):
     assert got.letters["target"].shape == (len(prompts), 4)
 
 
-def test_letter_predictions_formula(scores):
-    _, s = scores
-    zero, alpha, _ = letter_predictions(s, "constant", 0.0, 10.0, 0.0)
-    assert np.array_equal(zero, s.letters["target"].argmax(-1).numpy()) and np.all(alpha == 0)
-    pred, alpha, fused = letter_predictions(s, "constant", 1.5, 10.0, 1.0)
-    manual = s.letters["target"] + 1.5 * (s.letters["expert"] - s.letters["base"])
-    assert np.array_equal(pred, manual.argmax(-1).numpy()) and np.all(alpha == 1.5)
-    assert torch.equal(fused, manual)  # 返回的融合 logits 就是预测所依据的那一份
-    _, adaptive, _ = letter_predictions(s, "adaptive", 1.0, 10.0, 1.0)
-    assert np.all((adaptive >= 1.0) & (adaptive <= 2.0))
-
-
-def test_plausibility_among_letters(scores):
-    """β > 0：目标概率 < β × 目标最好字母的概率的字母被排除（融合 logits 里为 −inf），预测只在其余字母里取。"""
-    _, s = scores
-    beta = 0.5
-    pred, _, fused = letter_predictions(s, "constant", 4.0, 10.0, 0.0, plausibility_beta=beta)
-    p = torch.softmax(s.letters["target"], -1)
-    eligible = p >= beta * p.max(-1, keepdim=True).values
-    assert torch.equal(torch.isfinite(fused), eligible)
-    assert all(eligible[k, pred[k]] for k in range(len(pred)))
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("base_alpha,beta", [(0.0, 0.0), (1.5, 0.0), (-0.7, 0.0), (4.0, 0.5), (1.0, 0.2)])
+def test_letter_predictions_are_argmax_of_steering_utils_fusion(trio_models, scores, schedule, base_alpha, beta):
+    """性质：字母预测 == 在同一批前向上独立用 steering_utils 算出的整词表 α、融合与可信度掩码，
+    再限制到四个字母 id 上取 argmax（β 的掩码在四个字母之内算）。α = 0 的常数调度退化为目标单独。"""
+    prompts, s = scores
+    params = SteeringParams(base_alpha=base_alpha, adaptive_scale=10.0, max_boost=1.0, schedule=schedule,
+                            plausibility_beta=beta)
+    pred, alpha, fused = letter_predictions(s, params)
+    ids = torch.tensor(LETTER_IDS)
+    with torch.no_grad():
+        for k, p in enumerate(prompts):
+            z = [trio_models[r](torch.tensor([p])).logits[:, -1, :VOCAB].float() for r in ("target", "expert", "base")]
+            a = schedule_alpha(z[0], z[1], params)
+            assert float(alpha[k]) == pytest.approx(float(a[0]), abs=1e-5)
+            want = compute_steered_logits(z[0][:, ids], z[1][:, ids], z[2][:, ids], a)
+            if beta > 0:
+                want = want.masked_fill(~plausibility_mask(z[0][:, ids], beta), float("-inf"))
+            assert int(pred[k]) == int(want.argmax(-1))
+            assert torch.equal(torch.isfinite(fused[k]), torch.isfinite(want[0]))
+    assert np.array_equal(pred, fused.argmax(-1).numpy())  # 返回的融合 logits 就是预测所依据的那一份
+    if schedule == "constant" and base_alpha == 0.0:
+        assert np.array_equal(pred, s.letters["target"].argmax(-1).numpy())
 
 
 def _letter_rows(s, gold: np.ndarray, argv: list[str]) -> list[dict]:
-    """main.py 的字母打分路径（plan_arms → letter_records → arm_metrics → arm_tables）在缓存的打分上产出扫参表。"""
+    """字母打分路径（main.plan_arms → scoring.letter_records → stats.arm_metrics → reporting.arm_tables）在缓存的打分上产出扫参表。"""
     cfg = parse_config(["--sweep", *argv])
     arms = main.plan_arms(cfg)
     questions = [Question(index=i, question="q", options={k: k for k in LETTERS}, answer_idx=LETTERS[g],
                           answer=LETTERS[g]) for i, g in enumerate(gold)]
-    records = main.letter_records(arms, s, questions, cfg)
+    records = letter_records(arms, s, questions)
     by_arm = {a.name: [r for r in records if r["mode"] == a.name] for a in arms}
     metrics = {a.name: arm_metrics(a.name, by_arm[a.name]) for a in arms}
-    return main.arm_tables(arms, by_arm, questions, cfg, metrics)[1]
+    return arm_tables(arms, by_arm, questions, cfg, metrics)[1]
 
 
 def test_sweep_rows_and_zero_alpha_equals_baseline(scores):
@@ -162,8 +166,8 @@ def test_letter_records_store_the_logits_the_prediction_used(scores):
     arms = main.plan_arms(cfg)
     questions = [Question(index=i, question="q", options={k: k for k in LETTERS}, answer_idx="A", answer="A")
                  for i in range(len(s.distance))]
-    steered = [r for r in main.letter_records(arms, s, questions, cfg) if r["mode"] == "steered"]
-    _, _, fused = letter_predictions(s, "constant", 4.0, cfg.adaptive_scale, cfg.max_boost, 0.5)
+    steered = [r for r in letter_records(arms, s, questions) if r["mode"] == "steered"]
+    _, _, fused = letter_predictions(s, main.steering_params(cfg))
     assert any(None in r["letter_logits"] for r in steered)  # 这组打分里确实有被排除的字母
     for r, row in zip(steered, fused):
         assert [v is None for v in r["letter_logits"]] == (~torch.isfinite(row)).tolist()

