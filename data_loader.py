@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import config
 
-# 选项字母，顺序即渲染顺序；本工具只评测 4 选项版本（5 选项行会被明确拒绝）。
-OPTION_KEYS: tuple[str, ...] = ("A", "B", "C", "D")
+# 选项字母（config.LETTERS），顺序即渲染顺序；本工具只评测 4 选项版本（5 选项行会被明确拒绝）。
+OPTION_KEYS: tuple[str, ...] = config.LETTERS
 
 # 划分名 → 捆绑文件名。"validation" 是 HF 的惯用名，与原始发布的 dev 是同一份数据。
 # train（约 16 MB）未随仓库提供，见 data/medqa/SOURCE.md。

