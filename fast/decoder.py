@@ -167,7 +167,8 @@ class FastDecoder:
       几百次小 kernel 启动合成一次重放：只有目标模型时用 torch.compile(mode="reduce-overhead")；
       引导时默认（overlap="auto"）用 _GraphedStep 手动录图，专家与基座在侧流上与 8B 并行。
     - 不再每步同步主机：每 check_every 步才看一次“是否全部结束”；多走的几步只会给已结束的行写 pad。
-    - 解码用 packed_gqa_attention，避免编译路径里 GQA 的 K/V 复制。
+    - 解码用 packed_gqa_attention，避免编译路径里 GQA 的 K/V 复制；注意力实现只在 generate() 之内切换（packed_gqa），
+      dynamo 的重编译上限也只在其中放宽，返回前都恢复：共享的模型对象在快速路径之外行为不变。
     - overlap（见 _GraphedStep）："off" = 上面那个整步编译（reduce-overhead / cudagraph trees）；
       "graph" = 每个模型的前向与融合分别编译（不带 cudagraphs），整步手动录成一张 CUDA graph；
       "streams" = 同上，但目标之外的每个前向单元（专家、基座，或叠加后的专家+基座）各在一条侧流上，与 8B 前向在图内并行；
