@@ -190,7 +190,6 @@ def letter_records(arms: Sequence[ArmSpec], scores: LetterScores, questions: Seq
 # 答案抽取
 # ---------------------------------------------------------------------------
 # 设计说明（三层优先级）：
-# 本模块只包含 :func:`extract_answer`，之后会由负责人整体粘贴进 ``evaluator.py``。
 #
 # 背景
 # ----
