@@ -42,7 +42,7 @@ from run_folder import (CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, Dist, Inter
 from sampling import Sampling
 from scoring import (ArmSpec, Record, letter_records, letter_role_text, letter_token_ids, merge_letter_scores)
 from stats import arm_metrics, compare_arms
-from steering_utils import SteeringParams
+from steering_utils import SteeringParams, steering_params
 
 EXIT_ERROR, EXIT_OOM, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -55,11 +55,6 @@ def arm_name(schedule: str, base_alpha: float) -> str:
     """扫参中一个设置的名字（也是 predictions.jsonl 里的 mode）：例如 "adaptive@0.5"。"""
     return f"{schedule}@{base_alpha:g}"
 
-
-def steering_params(cfg: Config, schedule: str | None = None, base_alpha: float | None = None) -> SteeringParams:
-    """配置 → 融合参数；扫参时替换调度与 BASE_ALPHA，其余（ADAPTIVE_SCALE、MAX_BOOST、距离、β）沿用配置。"""
-    return SteeringParams(cfg.base_alpha if base_alpha is None else base_alpha, cfg.adaptive_scale, cfg.max_boost,
-                          cfg.distance, schedule=schedule or cfg.schedule, plausibility_beta=cfg.plausibility_beta)
 
 
 def plan_arms(cfg: Config) -> list[ArmSpec]:

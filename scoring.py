@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Final, Sequence, TypedDict
+from typing import Any, Final, Mapping, Sequence, TypedDict
 
 import numpy as np
 import torch
@@ -72,7 +72,7 @@ def make_record(mode: str, question: Any, tokens: list[int], tokenizer: Any,
     记录里没有任何计时或会话信息：续跑与不中断的运行写出的记录逐字节相同。
     """
     text = tokenizer.decode(tokens, skip_special_tokens=True)
-    pred = extract_answer(text)
+    pred = extract_answer(text, question.options)
     rec: Record = {"mode": mode, "index": question.index, "gold": question.answer_idx, "pred": pred,
                            "correct": pred == question.answer_idx, "output": text, "num_tokens": len(tokens)}
     if alpha is not None:
@@ -187,161 +187,412 @@ def letter_records(arms: Sequence[ArmSpec], scores: LetterScores, questions: Seq
 
 
 # ---------------------------------------------------------------------------
-# 答案抽取
+# 答案抽取，第一阶段：从文本读出模型的结论（优先级见 extract_answer 的文档字符串）
 # ---------------------------------------------------------------------------
-# 设计说明（三层优先级）：
-#
-# 背景
-# ----
-# 模型收到的指令是：
-#
-#     Think step by step, then finish with a line of the form "The answer is X",
-#     where X is A, B, C or D.
-#
-# 但实际输出来自 Llama-3.1-8B-Instruct、一个 1B 医学模型和一个 135M 小模型，文本往往很“脏”：
-# markdown 加粗/标题、LaTeX ``\\boxed{}``、大小写混乱、因 token 上限而被截断，
-# 并且推理过程中会大量提到其它选项字母（"Option A is wrong because…"、"(C) is tempting"）。
-# 同时医学文本本身充满会“伪装成选项”的大写字母：病例开头的冠词 "A 45-year-old man"、
-# "vitamin B12"、"hepatitis B"、"type A"、"Group B strep"、"HbA1c" 等。
-#
-# 因此抽取采用 **三层优先级**，每层内部都“取最后一个”：
-#
-# 1. 显式答案陈述（"The answer is C" / "Answer: (B)" / "correct option is A" /
-#    "I would choose C" / ``\\boxed{B}`` / "D is the correct answer" 等）。
-#    这是指令要求的格式，可信度最高；若出现多次，以 **最后一次** 为准，
-#    因为模型常常先给出初步结论、再自我修正，最后一句才是最终决定。
-#    若最后一条显式陈述给出的是 A–D 以外的字母（如 "The answer is E"），直接返回 ``None``——
-#    模型的最终表态就是一个无效答案，退回到更早的陈述反而是在替模型“改答案”。
-# 2. 带括号字母的结论句（"The most likely diagnosis is pheochromocytoma (B)."）。
-#    语气是结论性的，但没有 "answer" 这类标记词，可靠性低于第 1 层，所以仅在第 1 层完全缺失时使用，
-#    并且要求括号字母位于行尾，避免把句中对选项的讨论当成结论。
-# 3. 最后一个非空行只是一个孤立字母（"B" / "(B)" / "B." / "**B**"）或
-#    “字母 + 简短选项文本”（"B. Hypertension"）。这是最弱的证据：只看文本的最末一行，
-#    且选项文本不能含有推理性词汇（is / not / because / ruled out …），
-#    否则它更可能是被截断的逐项分析（"B. Hypertension can be ruled out…"）。
-#
-# 三层都没有命中时返回 ``None``：宁可判为“无答案”，也不从普通单词或选项讨论中猜一个字母。
+# 合法的选项字母集合（MedQA-USMLE 四选项版本；字母只在 config.LETTERS 定义一次）。
+_VALID: Final[frozenset[str]] = frozenset(LETTERS)
 
 
-# ---- 第一阶段：从文本抽取答案 ----
-# 合法的选项字母集合（MedQA-USMLE 四选项版本）。
-_VALID: Final[frozenset[str]] = frozenset("ABCD")
-
-# 聊天模板残留的特殊 token（如 "<|eot_id|>"、"</s>"），会干扰“最后一行”的判断，先删除。
-_SPECIAL_TOKEN: Final[re.Pattern[str]] = re.compile(r"<\|[^|>]*\|>|</?s>")
-
-# “宽松”字母：大写且独立成词。
-#   - 排除 I：它几乎总是代词（"The answer is I think B"）。
-#   - (?![\w'\-])：排除 "B12"、"A1c"、"B-cell"、"A's" 这类粘连写法。
-#   - (?![ \t]+\d)：排除冠词 "A 45-year-old …"（"Answer: A 45-year-old man …"）。
-#   捕获范围是 A–Z（而非 A–D），目的是识别出 "The answer is E" 这种无效最终答案。
-_LOOSE: Final[str] = r"[A-HJ-Z](?![\w'\-])(?![ \t]+\d)"
-# “严格”字母：允许小写，但字母后必须紧跟收尾标点或行尾（"ANSWER: c"、"answer is (b)."）。
-#   这样 "the answer is a deficiency of …" 里的冠词 a 永远不会被当成选项。
-_STRICT: Final[str] = r"[A-HJ-Za-hj-z](?=[ \t]*(?:[.):\]}*]|$))"
-
-# 第 1 层（正向）：标记词 + 连接词 + 可选修饰 + 字母。
-_EXPLICIT: Final[re.Pattern[str]] = re.compile(
-    rf"""
-    (?:
-        # (a) "answer" / "correct option" / "best choice" 等标记词，后面必须跟连接词：
-        #     要么是 ":" "=" "-"（可夹 markdown 星号，如 "**Answer**: B"），
-        #     要么是 is / would be / should be …。强制连接词是为了排除
-        #     "Answer choice A is incorrect" 这种在讨论选项的句子。
-        (?i:\b(?:answer|(?:correct|best|right|final)\s+(?:option|choice)))
-        (?:[ \t]*\**[ \t]*[:=\-—]|(?i:\s+(?:is|would\s+be|will\s+be|should\s+be|must\s+be)))
-        # 可选的语气副词："the answer is most likely C"、"the answer is therefore B"。
-        (?i:\s+(?:most\s+likely|likely|probably|clearly|definitely|therefore|thus))?
-      | # (b) 第一人称选择："I would choose C" / "I'd select B" / "I will go with option D"。
-        \bI(?i:(?:\s+would|\s+will|'d|'ll)?\s+(?:choose|select|pick|go\s+with))
-      | # (c) LaTeX 盒子本身就是显式答案标记："$\boxed{{B}}$"。
-        \\boxed\{{
-    )
-    (?:
-        # 同一行：跳过冒号、markdown 星号/下划线、括号、$、\boxed{{、\text{{ 以及
-        # "option"/"choice"/"letter" 前缀（"answer is option D"），再取宽松或严格字母。
-        [ \t:*_=(\[{{$\-]*(?:\\(?:boxed|text|textbf|mathrm)\{{)*[ \t*_(\[{{]*
-        (?i:(?:option|choice|letter)[ \t]*\(?)?
-        ({_LOOSE}|{_STRICT})
-      | # 换行：标记在行尾、字母在下一行（"The answer is:\n\nB. Hypertension"）。
-        # 跨行时只接受严格字母，防止 "Answer:\nA patient with …" 的冠词 A 被误抓。
-        [ \t:*_]*\n[\s*_#>(\[]*({_STRICT})
-    )
-    """,
-    re.VERBOSE | re.MULTILINE,
+# ---- 清洗 ----
+# Llama-3 的结束 token：它们之后的文字不属于本轮回答（正常解码会在此停止），整段截掉。
+_END_TOKEN: Final[re.Pattern[str]] = re.compile(r"<\|(?:eot_id|end_of_text|eom_id|im_end|endoftext)\|>|</s>")
+# 其余聊天模板残留直接删除（角色头 "<|start_header_id|>assistant<|end_header_id|>" 连同角色名），
+# 避免干扰“最后一行”的判断。
+_SPECIAL_TOKEN: Final[re.Pattern[str]] = re.compile(
+    r"<\|start_header_id\|>[^<\n]{0,20}<\|end_header_id\|>|<\|[^|>\s]*\|>|</?s>"
 )
+# LaTeX 文本包装：\text{(C)} → (C)，使 \boxed{\text{(C)}} 与 \boxed{(C)} 同样处理。
+_LATEX_WRAP: Final[re.Pattern[str]] = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mathit)\s*\{([^{}]*)\}")
+# 行首的 markdown 标题 / 引用 / 列表符号（"## Step 1"、"> "、"- "、"• "）。
+_LINE_MARK: Final[re.Pattern[str]] = re.compile(r"^[ \t]*(?:#{1,6}|>+|[-•·+])[ \t]+", re.MULTILINE)
+_QUOTES: Final[dict[int, str]] = str.maketrans({"“": '"', "”": '"', "‘": "'", "’": "'", "\u00a0": " "})
 
-# 第 1 层（反向）："D is the correct answer" / "Option B is the best choice"。
-# 字母前必须是 option/choice、行首/标点，或 so/thus/therefore/hence 这类连接词；
-# 这样 "Hepatitis B is the most likely answer" 中的 B 不会被当成选项。
+# ---- 第 1 层：显式结论标记（标记之后紧跟答案） ----
+# (a) 名词短语 + 连接词："The (final/correct/best) answer is"、"Answer:"、"Correct answer — "、
+#     "the correct option is"、"The answer to this question is most likely"。
+#     option/choice 单独出现时必须带 correct/best/final 等修饰，否则 "Option A is wrong" 会被当成结论；
+#     复数 "Answer choices:" 不算（那是回显的选项列表）；"Incorrect answer: A"、"wrong answer" 不算。
+_STRONG: Final[re.Pattern[str]] = re.compile(
+    r"""(?ix)
+    (?<!incorrect\s)(?<!wrong\s)(?<!not\sthe\s)
+    (?:
+        \b(?:(?:final|correct|best|right|true|most\s+(?:likely|appropriate|accurate)|my)\s+)?(?:answer|response)
+        (?:\s+(?:choice|option))?
+      | \b(?:final|correct|best|right|most\s+(?:likely|appropriate))\s+(?:option|choice)
+    )\b
+    (?:\s+(?:here|to\s+(?:this|the)\s+question))?
+    (?:\s*[:=\-—–]|\s+(?:is|would\s+be|will\s+be|should\s+be|must\s+be|seems\s+to\s+be|appears\s+to\s+be)\b)
+    (?:\s*[:\-—–])?
+    (?:\s+(?:most\s+likely|likely|probably|clearly|definitely|therefore|thus|indeed|actually|still))?
+    """
+)
+# (b) 第一人称选择："I would choose C"、"I'd go with option B"、"I'll select D"。
+_FIRST_PERSON: Final[re.Pattern[str]] = re.compile(
+    r"(?i:\b(?:I|we)(?:\s+would|\s+will|'d|'ll)?\s+(?:choose|select|pick|go\s+with|opt\s+for))\b"
+)
+# (c) LaTeX 盒子本身就是显式答案："$\boxed{C}$"。
+_BOXED: Final[re.Pattern[str]] = re.compile(r"\\boxed\s*\{")
+# (d) 反向："D is the correct answer"、"Option B is the best choice"、"Option C is the most likely diagnosis"、
+#     "(C) is correct."。泛指名词（cause / treatment …）的反向陈述在句中有转折、否定或条件时不算。
+#     字母前只能是行首、标点、so/thus/therefore 或 option/choice，"Hepatitis B is the answer" 因此不算。
 _REVERSE: Final[re.Pattern[str]] = re.compile(
-    r"""
-    (?:(?i:\b(?:option|choice))\s+|^[ \t*_]*|[.:;,!?*][ \t]*|(?i:\b(?:so|thus|therefore|hence|then))\s+)
-    \(?([A-HJ-Z])\)?[ \t*_]*
-    (?i:\s+is\s+(?:the\s+)?(?:correct|right|best|most\s+likely|most\s+appropriate)\s+(?:answer|option|choice))
-    """,
-    re.VERBOSE | re.MULTILINE,
+    r"""(?mx)
+    (?:^[ \t]*|[.:;,!?][ \t]*|(?i:\b(?:so|thus|therefore|hence|then|option|choice))\s+)
+    [(\[]?([A-D])[)\]]?
+    \s+(?i:is\s+(?:the\s+)?(?:
+        (?:correct|right|best|most\s+(?:likely|appropriate))\s+(?:answer|option|choice|response)\b
+      | (?:correct|right|answer)(?=[ \t]*(?:[.!,;]|$)|\s+(?:because|since|as)\b)
+      | (?P<generic>(?:correct|right|best|most\s+(?:likely|appropriate))\s+[a-z]+)
+    ))
+    """
+)
+# 条件句（"... would be (A) if the patient were stable"）不是结论；对 "A is the most likely cause …" 这类
+# 非 answer/option 名词的反向陈述，句中再有转折或否定（"…, not hypothyroidism"、"but"）也不算。
+# "If I had to choose, …" 是表态而不是条件，排除在外。
+_CONDITIONAL: Final[re.Pattern[str]] = re.compile(
+    r"(?i)\b(?:if(?!\s+(?:I|we)\s+(?:had|have|must|were)\s+to\b)|unless|(?<!I\s)(?<!we\s)were|had\s+been|would\s+have)\b"
+)
+# 句子的剩余部分：到 . ! ? （其后是空白或文本结尾）或行尾为止。
+_SENTENCE_REST: Final[re.Pattern[str]] = re.compile(r"[^\n]*?(?:[.!?](?=\s|$)|$)", re.MULTILINE)
+_CONTRAST: Final[re.Pattern[str]] = re.compile(
+    r"(?i)\b(?:if|unless|were|not|but|however|rather|instead|except|although|though)\b"
+)
+# (e) 结论连接词 + 孤立字母："Therefore, B."、"So, (C)."、"Thus, option D)"、"Hence answer B."。
+_SO_LETTER: Final[re.Pattern[str]] = re.compile(
+    r"(?m)(?:^|[.!?:][ \t]+)(?i:therefore|thus|hence|so|in\s+conclusion|in\s+summary|overall)[,:]?[ \t]+(?i:(?:the[ \t]+)?(?:answer|option|choice)[ \t]+)?"
+    r"\(?([A-D])(?!\.[ \t]*[a-z])(?=\)|[ \t]*(?:[.!:][ \t]|[.!:]?[ \t]*$))"
+)
+# (f) 弱标记："the most likely diagnosis is"、"the most appropriate next step in management is"、
+#     "the best initial treatment would be"。其后若紧跟字母（"(C) …"、"C."）算第 1 层；
+#     若只是文本，仅在与某个选项文本唯一匹配时算第 2 层。
+_WEAK: Final[re.Pattern[str]] = re.compile(
+    r"""(?ix)
+    \b(?:most\s+(?:likely|appropriate|probable|accurate|effective|common|important)|best|single\s+best|
+        preferred|next\s+best|correct)
+    \s+(?:[a-z'\-]+\s+){0,6}?(?:is|would\s+be|will\s+be|are)\b[ \t]*:?
+    """
 )
 
-# 第 2 层：结论句（most likely / most appropriate / best）在行尾以 "(X)" 收束。
-# 只接受括号形式且必须在行尾，因为句中的 "(B)" 常常只是在引用某个选项进行比较。
-_HEDGED: Final[re.Pattern[str]] = re.compile(
-    r"(?i:\b(?:most\s+likely|most\s+appropriate|best)\b)[^\n]{0,200}?\(([A-D])\)[ \t*_]*[.!]?[ \t*_]*$",
-    re.MULTILINE,
+# ---- 标记之后的答案解析 ----
+# 标记与字母之间可跳过的东西：空白（可跨行）、冒号、引号、括号、$、\boxed{、"option"/"choice"/"letter" 前缀。
+_SKIP: Final[re.Pattern[str]] = re.compile(
+    r"""[\s:=\"'(\[{<\-—–]*(?:\\boxed\s*\{)?[\s\"'(\[{]*(?:(?i:option|choice|letter)\b[ \t]*[:#]?[ \t]*[(\[]?)?"""
+)
+# 候选字母：单个字母，后面不能紧跟字母、数字、撇号、连字符（排除 "B12"、"HbA1c"、"C-peptide"、"A-a"、"A's"）。
+_LETTER: Final[re.Pattern[str]] = re.compile(r"([A-Za-z])(?![A-Za-z0-9\-]|'[A-Za-z])")
+# 对冲 / 模板：字母后紧跟 ", B"、"/B"、" or B"、" and B"，且第二个字母本身也像列表项（后接 , / or . ) 或行尾），
+# 即 "A or B"、"either B or C"、"A, B, C, or D"、"(A/B/C/D)"。"B, C is wrong" 不算（C 后面接的是句子）。
+_HEDGE: Final[re.Pattern[str]] = re.compile(
+    r"[)\]]?[ \t]*(?:,[ \t]*(?:or[ \t]+|and[ \t]+)?|/|[ \t]+or[ \t]+|[ \t]+and[ \t]+|&)[ \t]*(?:either[ \t]+)?"
+    r"\(?[A-Da-d]\)?(?=[ \t]*(?:[,/&.?!)\]\"'\n]|or\b|and\b|$))"
+)
+# 大写字母之后允许的内容：右括号（其后任意，"(B)Tuberculosis"）、收尾标点/引号/行尾、" - 文本"、" (文本"、" 大写开头的选项文本"，
+# 或 because/since 等连接词。" cells"、" patient"、" 45-year-old" 这类都不允许。
+_UPPER_FOLLOW: Final[re.Pattern[str]] = re.compile(
+    r"""[)\]}]|["']*(?:[ \t]*(?:$|[.,;:!?)\]}\n])|[ \t]+[-—–][ \t]|[ \t]+\(|[ \t]+[A-Z]
+       |[ \t]+(?:because|since|as|given|due|which|here|this|based|from|for)\b)""",
+    re.VERBOSE,
+)
+# 弱标记使用的严格版本：只接受右括号、收尾标点或行尾。
+_STRICT_FOLLOW: Final[re.Pattern[str]] = re.compile(r"[)\]}]|[\"']*[ \t]*(?:$|[.,;:!?\n]|[-—–][ \t])")
+# 小写字母只在其后是收尾标点/括号/行尾时才算（"answer is (b)."），冠词 "a deficiency" 不算。
+_LOWER_FOLLOW: Final[re.Pattern[str]] = re.compile(r"[)\]}]|[\"']*[ \t]*(?:$|[.,;:!?\n])")
+# 大写字母 + 句点 + 小写单词是菌名缩写（"C. difficile"、"E. coli"、"A. fumigatus"、"B. anthracis"），不是选项；
+# MedQA 的选项文本以大写开头，"B. Tuberculosis" 不受影响。
+_GENUS: Final[re.Pattern[str]] = re.compile(r"\.[ \t]*[a-z]")
+# 同一行内联回显的选项："Answer: A) Aspirin B) Heparin C) Warfarin D) Clopidogrel"。
+_INLINE_OPTION: Final[re.Pattern[str]] = re.compile(r"(?:^|\s)\(?([A-D])[).][ \t]+\S")
+# 截断的结论：文本以结论标记结束而后面什么都没有（"...so the most likely answer is"）。
+# 写成“单个字符或整词”的交替而不是几段相邻的 * 类，避免长空白串上的回溯爆炸。
+_DANGLING_REST: Final[re.Pattern[str]] = re.compile(r"""(?:[\s:=\"'(\[{<\-—–\\#]|(?i:boxed|option|choice|letter))*""")
+
+# ---- 第 2 层：结论句以括号字母收束 ----
+# "The most likely diagnosis is pheochromocytoma (B)." 或句中 "(option D)"；要求同一句（不跨句号、换行）先出现
+# 结论词，括号字母后即是句末或行尾，且两者之间没有否定词（"... is not (B)" 不算）。
+_TRAILING_PAREN: Final[re.Pattern[str]] = re.compile(
+    r"""(?mx)
+    (?i:\b(?:most\s+likely|most\s+appropriate|best|correct|answer|diagnosis|therefore|thus|hence)\b)
+    (?P<mid>[^\n.!?]{0,200}?)
+    (?:\((?i:option|choice|answer)[ \t]*([A-D])\)
+      |\(([A-D])\)(?=[ \t]*(?:[.!](?:\s|$)|$)))
+    """
+)
+# 括号字母前面是 "or"、"and"、","、"/" 时是在列举或对冲（"(A) or (B)"），不是结论。
+_LISTED: Final[re.Pattern[str]] = re.compile(r"(?i:\bor|\band|[,/&])[ \t]*$")
+_NEGATION: Final[re.Pattern[str]] = re.compile(
+    r"(?i)\b(?:not|no|unlikely|incorrect|wrong|rule[ds]?\s+out|ruled|excluded?|less|rather\s+than|instead)\b"
 )
 
-# 第 3 层：最后一行是 "(B)" / "B" / "B." / "B)"，或 "B. 选项文本"。
-# 字母后若还有文本，必须先有 ")"、"."、":" 分隔——因此 "A 45-year-old …" 不会匹配。
+# ---- 第 3 层：最后一行只有字母（或字母 + 选项文本） ----
+# "C"、"(C)"、"C."、"[C]"、"Option C: Metformin"、"Choice C"、"B) Metformin"。字母后若有文本必须先有分隔符，
+# 所以 "A 45-year-old …"、"B cells"、"C-peptide" 不匹配。
 _FINAL_LINE: Final[re.Pattern[str]] = re.compile(
-    r"^(?:\(([A-D])\)|([A-D])(?:[.:)]|(?=$)))[.:]?(?:\s+(?P<rest>.+))?$"
+    r"(?i:(?:option|choice|answer)[ \t]*)?[(\[]?([A-D])(?P<sep>[)\]][.:]?|[.:]|[ \t]*[-—–])?(?:[ \t]+(?P<rest>\S.*))?"
 )
-# 选项文本中出现这些词，说明这一行是在“分析”选项而不是“给出”答案。
+_FINAL_LOWER: Final[re.Pattern[str]] = re.compile(r"[(\[]?([a-d])[)\]]?\.?")
+# 选项文本中出现这些词，说明这一行是在“分析”选项（常是被截断的逐项分析），而不是“给出”答案；
+# 以 The/This/It/He 等开头的是句子（问答格式 "A: The patient most likely has …" 里的 A 是 Answer 的缩写）。
 _REASONING: Final[re.Pattern[str]] = re.compile(
     r"(?i)\b(?:is|are|was|were|be|can|could|may|might|would|should|because|since|"
-    r"not|no|unlikely|incorrect|wrong|ruled?|excluded?|less|but|tempting)\b"
+    r"not|no|unlikely|incorrect|wrong|ruled?|excluded?|less|but|tempting|has|have|had|likely|suggests?|indicates?)\b"
+    r"|^(?i:the|this|that|it|he|she|they|we|i|there|these|those)\b"
 )
+# 回显的选项列表中的一行："A. Aspirin"、"(B) Heparin"、"C) ..."、"Option D: ..."。
+_OPTION_LINE: Final[re.Pattern[str]] = re.compile(r"(?i:option[ \t]+)?\(?([A-D])[.):][ \t]*\S")
 
 
-def extract_answer(text: str) -> str | None:
-    """从 CoT 输出中抽取最终选项字母。
+def _clean(text: str) -> str:
+    """清洗模型输出：截掉结束 token 之后的内容、删除其余特殊 token、展开 LaTeX 文本包装、去掉 markdown 修饰。
+
+    之后所有位置都以清洗后的文本为准。
+    """
+    text = _END_TOKEN.split(text, maxsplit=1)[0]
+    text = _SPECIAL_TOKEN.sub("", text).translate(_QUOTES)
+    for _ in range(3):  # \text{\textbf{C}} 这类嵌套最多展开三层
+        text = _LATEX_WRAP.sub(r"\1", text)
+    text = re.sub(r"[$*`_]|\\[()\[\]]", "", text)
+    return _LINE_MARK.sub("", text)
+
+
+def _line_from(text: str, pos: int) -> str:
+    """text 从 pos 到该行行尾的部分（不复制整段余文）。"""
+    end = text.find("\n", pos)
+    return text[pos:end if end >= 0 else len(text)]
+
+
+def _sentence(text: str, pos: int) -> str:
+    """text 从 pos 到句末（. ! ? 后接空白，或换行）的部分，最多 200 个字符。"""
+    m = _SENTENCE_REST.match(text, pos, min(len(text), pos + 200))
+    return m.group(0) if m else ""
+
+
+def _sentence_before(text: str, pos: int) -> str:
+    """text 中 pos 所在句子从句首到 pos 的部分（句首 = 上一个 . ! ? 或换行之后）。"""
+    start = max(text.rfind(c, 0, pos) for c in ".!?\n") + 1
+    return text[start:pos]
+
+
+def _norm(s: str) -> str:
+    """选项文本比较用的规范化：小写、标点与空白统一为单个空格、去掉开头的冠词/"to"。"""
+    s = re.sub(r"[\W_]+", " ", s.lower()).strip()
+    return re.sub(r"^(?:(?:the|a|an|to)\s+)+", "", s)
+
+
+def _match_option(span: str, options: Mapping[str, str] | None, prefix: bool = True) -> str | None:
+    """把结论处的文本映射成选项字母：先找规范化后完全相等的选项，再（prefix=True 时）找“以某选项文本开头”的
+    （"Metformin, because …"）；每一步都要恰好一个选项命中才返回，多个命中视为有歧义，返回 None。
+
+    前缀匹配时，若一个命中选项的文本只是另一个命中选项文本的开头（"Insulin" 与 "Insulin plus metformin"，
+    结论写的是后者），较短者并没有被完整说出，不计入命中。
+    """
+    if not options:
+        return None
+    s = _norm(span)
+    if not s:
+        return None
+    opts = {k.strip().upper(): _norm(v) for k, v in options.items() if k.strip().upper() in _VALID and _norm(v)}
+    tests = [lambda o: s == o] + ([lambda o: s.startswith(o + " ")] if prefix else [])
+    for ok in tests:
+        hits = {k for k, o in opts.items() if ok(o)}
+        hits = {k for k in hits if not any(opts[j].startswith(opts[k] + " ") for j in hits)}
+        if hits:
+            return hits.pop() if len(hits) == 1 else None
+    return None
+
+
+def _letter_at(text: str, pos: int, strict: bool) -> tuple[int, str, str] | None:
+    """解析结论标记（结束于 pos）之后的字母。
+
+    返回 (字母位置, 种类, 字母)；种类：letter = A–D；invalid = 其它字母（如 "The answer is E"）；
+    skip = 对冲或模板（"A or B"、"(A/B/C/D)"、"X"），不算候选。没有可信字母时返回 None。
+    strict=True（弱标记）：只接受大写 A–D，且字母后只能是收尾标点/括号/行尾。
+    """
+    p = _SKIP.match(text, pos).end()
+    m = _LETTER.match(text, p)
+    if m is None:
+        return None
+    letter, q = m.group(1), m.end()
+    if letter in "Ii":  # 代词 I / 罗马数字 I
+        return None
+    if _HEDGE.match(text, q):
+        return p, "skip", letter.upper()
+    if letter in "Xx":  # "The answer is X" 是模板占位符
+        return p, "skip", "X"
+    if letter.isupper() and _GENUS.match(text, q):
+        return None
+    if strict:
+        if letter not in _VALID or not _STRICT_FOLLOW.match(text, q):
+            return None
+    elif letter.isupper():
+        if not _UPPER_FOLLOW.match(text, q):
+            return None
+    else:
+        # 小写：后面必须是标点/行尾；文本末尾孤零零的 "a" 更可能是被截断的冠词。
+        if not _LOWER_FOLLOW.match(text, q) or (letter == "a" and not text[q:].strip()):
+            return None
+    up = letter.upper()
+    # 字母之后同一行还有 ≥ 2 个其它 "X) 文本" 选项：这是内联回显的选项列表，不是结论。
+    rest_of_line = _line_from(text, q)
+    if len({x for x in _INLINE_OPTION.findall(rest_of_line) if x != up}) >= 2:
+        return p, "skip", up
+    return p, ("letter" if up in _VALID else "invalid"), up
+
+
+def _option_list_lines(lines: list[str]) -> set[int]:
+    """找出回显的选项列表所在的行号：连续（允许空行）以选项字母开头的行，含 ≥ 3 个不同字母；字母重复即开始新的一段。"""
+    found: set[int] = set()
+    run: list[tuple[int, str]] = []
+
+    def flush() -> None:
+        if len({c for _, c in run}) >= 3:
+            found.update(i for i, _ in run)
+
+    for i, line in enumerate(lines):
+        s = line.strip()
+        if not s:
+            continue
+        m = _OPTION_LINE.match(s)
+        if m is None:
+            flush()
+            run = []
+        elif m.group(1) in {c for _, c in run}:
+            flush()
+            run = [(i, m.group(1))]
+        else:
+            run.append((i, m.group(1)))
+    flush()
+    return found
+
+
+def extract_answer(text: str, options: Mapping[str, str] | None = None) -> str | None:
+    """从 CoT 输出中读出模型的“最终结论”，返回 ``'A'``–``'D'`` 或 ``None``。
 
     参数:
-        text: 模型生成的完整文本（可能含 markdown、LaTeX、被截断）。
+        text: 模型生成的完整文本（可能含 markdown、LaTeX、Llama-3 特殊 token、被截断）。
+        options: 可选的 {字母: 选项文本}；给出时，只写了选项文本而没写字母的结论（"The answer is Metformin."）
+            在规范化（大小写、空白、标点、开头冠词）后与 **恰好一个** 选项文本匹配时映射为该字母。
 
-    返回:
-        ``'A'``–``'D'`` 之一；若没有可信的结论（空文本、截断、只讨论选项、
-        最终显式答案不在 A–D 内）则返回 ``None``。
+    原则：读模型“得出的结论”，而不是文中出现的字母。推理中提到的其它字母（"A is wrong because…"）、
+    医学伪字母（vitamin A、hepatitis B、type A、Group B strep、Class I、HbA1c、C-peptide、B cells、
+    A-a gradient、C. difficile）都不会被当成答案。
 
-    优先级（详见模块文档）：显式陈述（取最后一个）> 行尾括号结论句 > 最后一行孤立字母。
+    预处理：截掉第一个结束 token（<|eot_id|> 等）之后的内容，删除其它特殊 token，展开 \\text{}，
+    去掉 **、`、$、行首的 #/>/- 标记。
+
+    优先级（从高到低；每层内部取位置 **最后** 的候选，因为模型常先给初步结论再自我修正）：
+
+    0. 文本以一个没有下文的结论标记结束（"...so the most likely answer is"，多为 token 上限截断）→ None：
+       最终结论没有说出来，更早的结论可能正被推翻。唯一例外是复读：之前 ≥ 2 个显式结论都是同一个字母
+       （"The answer is B. The answer is B. The answer is"），返回该字母。
+    1. 显式结论：
+       "The (final/correct/best) answer is X" / "Answer: X" / "Correct answer — X" / "the correct option is X"、
+       "I would choose X"、``\\boxed{X}``、"X is the correct answer"、"Therefore, X."、
+       "the most likely diagnosis is (X) …"。X 可为大小写字母、带括号/引号、"option X"、"X) 文本"、"X. 文本"。
+       显式标记后若是选项文本（无字母），与选项唯一匹配时也属于这一层。
+       对冲与模板（"A or B"、"either B or C"、"A, B, C, or D"、"(A/B/C/D)"、"The answer is X/[letter]"）
+       不是候选，直接跳过。最后一个候选若是 A–D 以外的字母（"The answer is E"）→ None，不回退到更早的结论。
+       字母位于回显的选项列表行首（"Answer:\\nA. Aspirin\\nB. …"）的候选无效；条件句里的结论
+       （"If she were pregnant, the answer would be A"）与带转折/否定的泛指反向陈述
+       （"A is the most likely cause of X, not Y"）不算候选（"If I had to choose, …" 不是条件）。
+    2. 较弱的结论：结论句以 "(X)" 收束或含 "(option X)"（"... is pheochromocytoma (B)."，
+       中间不能有否定词）；"the most likely diagnosis is <文本>" 中的文本与选项唯一匹配。
+    3. 最后一个非空行只是字母（"C"、"(C)"、"C."、"Option C"）或字母 + 简短选项文本
+       （"B) Metformin"，文本中不能有 is/not/because 等推理词）；该行属于回显的选项列表
+       （≥ 3 行以不同字母 A–D 加 "." 或 ")" 开头）时不算。
+    4. 最后一个非空行整行就是某个选项的文本（需 options，唯一匹配）。
+    5. 以上都没有 → None（拒答、回显题目、截断、只有对冲）。宁可判为“无答案”，也不猜字母。
     """
     if not text or not text.strip():
         return None
-    text = _SPECIAL_TOKEN.sub("", text)
-
-    # 第 1 层：正向与反向的显式陈述统一按字母在文本中的位置排序，取最靠后者。
-    # 每个模式的捕获组互斥（要么宽松分支、要么跨行分支），lastindex 即命中的那一组。
-    explicit: list[tuple[int, str]] = [
-        (m.start(m.lastindex or 0), m.group(m.lastindex or 0))
-        for pattern in (_EXPLICIT, _REVERSE)
-        for m in pattern.finditer(text)
-    ]
-    if explicit:
-        letter = max(explicit)[1].upper()
-        # 最终表态是无效字母（如 E）时直接放弃，而不是回退到更早的陈述。
-        return letter if letter in _VALID else None
-
-    # 第 2 层：结论句的行尾括号字母，同样取最后一个。
-    hedged: list[str] = _HEDGED.findall(text)
-    if hedged:
-        return hedged[-1]
-
-    # 第 3 层：只看最后一个非空行，去掉 markdown 修饰（**、#、>、反引号、列表短横线）。
-    lines = [ln.strip(" \t*_#>`-") for ln in text.splitlines()]
-    last = next((ln for ln in reversed(lines) if ln), "")
-    m = _FINAL_LINE.match(last)
-    if m is None:
+    text = _clean(text)
+    if not text.strip():
         return None
-    rest = m.group("rest")
-    if rest and (len(rest) > 80 or _REASONING.search(rest)):
+
+    # 第 0 条：文本是否以没有下文的结论标记收尾（在收集完第 1 层候选之后处理）。
+    dangling = False
+    for pat in (_STRONG, _WEAK, _FIRST_PERSON, _BOXED):
+        last = None
+        for last in pat.finditer(text):
+            pass
+        dangling = dangling or (last is not None and _DANGLING_REST.fullmatch(text, last.end()) is not None)
+
+    lines = text.split("\n")
+    echo = _option_list_lines(lines)
+
+    tier1: dict[int, tuple[str, str]] = {}
+    tier2: dict[int, tuple[str, str]] = {}
+
+    def add(tier: dict[int, tuple[str, str]], got: tuple[int, str, str] | None) -> None:
+        # 字母落在回显选项列表的某一行上（"Answer:\nA. Aspirin\nB. …"）时不算结论。
+        if got is not None and not (echo and text.count("\n", 0, got[0]) in echo):
+            tier.setdefault(got[0], (got[1], got[2]))
+
+    # 第 1 层：各类显式标记。标记之后解析不出字母时，尝试把后面的文本匹配成选项。
+    for pat in (_STRONG, _FIRST_PERSON, _BOXED):
+        for m in pat.finditer(text):
+            # 条件句中的结论（"If she were pregnant, the answer would be A"、"The best choice would be (A) if …"）不算。
+            if _CONDITIONAL.search(_sentence_before(text, m.start())) or (
+                    "would" in m.group(0).lower() and _CONDITIONAL.search(_sentence(text, m.end()))):
+                continue
+            got = _letter_at(text, m.end(), strict=False)
+            if got is None:
+                p = _SKIP.match(text, m.end()).end()
+                hit = _match_option(_line_from(text, p), options)
+                got = (p, "letter", hit) if hit else None
+            add(tier1, got)
+    for m in _REVERSE.finditer(text):
+        after = _sentence(text, m.end())
+        if not (_CONTRAST if m.group("generic") else _CONDITIONAL).search(after):
+            add(tier1, (m.start(1), "letter", m.group(1)))
+    for m in _SO_LETTER.finditer(text):
+        add(tier1, (m.start(1), "letter", m.group(1)))
+    for m in _WEAK.finditer(text):
+        got = _letter_at(text, m.end(), strict=True)
+        if got is not None:
+            # 条件句里的弱结论（"If she had exophthalmos, the most likely diagnosis would be (A)"）不算。
+            if not _CONDITIONAL.search(_sentence_before(text, m.start()) + " " + _sentence(text, got[0] + 1)):
+                add(tier1, got)
+            continue
+        p = _SKIP.match(text, m.end()).end()
+        hit = _match_option(_line_from(text, p), options)
+        if hit:
+            add(tier2, (p, "letter", hit))
+    # 第 2 层：括号字母收束的结论句。
+    for m in _TRAILING_PAREN.finditer(text):
+        mid = m.group("mid")
+        if not _NEGATION.search(mid) and not _LISTED.search(mid):
+            g = 2 if m.group(2) else 3
+            add(tier2, (m.start(g), "letter", m.group(g)))
+
+    if dangling:
+        # 只有“复读”才例外：之前 ≥ 2 个显式结论全是同一个 A–D 字母（小模型循环到 token 上限），取该字母。
+        said = [v for v in tier1.values() if v[0] != "skip"]
+        agreed = set(said)
+        if len(said) >= 2 and len(agreed) == 1 and said[0][0] == "letter":
+            return said[0][1]
         return None
-    return m.group(1) or m.group(2)
+    for tier in (tier1, tier2):
+        cands = sorted((p, kind, letter) for p, (kind, letter) in tier.items() if kind != "skip")
+        if cands:
+            _, kind, letter = cands[-1]
+            return letter if kind == "letter" else None
+
+    # 第 3、4 层：只看最后一个非空行。
+    idx = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].strip()), None)
+    if idx is None:
+        return None
+    last_line = lines[idx].strip(" \t.:")
+    last_line_raw = lines[idx].strip()
+    if idx not in echo:
+        m = _FINAL_LINE.fullmatch(last_line_raw) or _FINAL_LINE.fullmatch(last_line)
+        if m is not None:
+            rest = m.group("rest")
+            # 字母后有文本时必须先有分隔符（"B) …"、"B. …"），文本要短且不含推理词。
+            # "C. difficile" 这种大写字母 + 句点 + 小写单词是菌名缩写（同 _GENUS）。
+            genus = m.group("sep") == "." and rest is not None and rest[0].islower()
+            if not rest or (m.group("sep") and not genus and len(rest) <= 80 and not _REASONING.search(rest)):
+                return m.group(1)
+        m = _FINAL_LOWER.fullmatch(last_line_raw)
+        if m is not None:
+            return m.group(1).upper()
+    return _match_option(last_line, options, prefix=False)

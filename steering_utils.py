@@ -193,6 +193,13 @@ class SteeringParams:
         _check_beta(self.plausibility_beta)
 
 
+def steering_params(cfg: "config.Config", schedule: str | None = None,
+                    base_alpha: float | None = None) -> SteeringParams:
+    """配置 → 融合参数（唯一的映射，main.py、lm_eval_adapter.py 共用）；扫参时替换调度与 BASE_ALPHA，
+    其余（ADAPTIVE_SCALE、MAX_BOOST、距离、β）沿用配置。"""
+    return SteeringParams(cfg.base_alpha if base_alpha is None else base_alpha, cfg.adaptive_scale, cfg.max_boost,
+                          cfg.distance, schedule=schedule or cfg.schedule, plausibility_beta=cfg.plausibility_beta)
+
 def calculate_adaptive_alpha(
     logits_target: Tensor,
     logits_expert: Tensor,

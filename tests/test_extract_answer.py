@@ -1,240 +1,152 @@
-"""extract_answer 的参数化测试：覆盖显式答案、多次作答、markdown、截断、医学伪字母等真实输出形态。"""
+"""extract_answer 的测试：语料（tests/extraction_cases.py）逐条参数化，另加针对各条规则的聚焦测试。"""
 from __future__ import annotations
 
 import os
 import sys
+from typing import Mapping
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest
 
 from scoring import extract_answer
+from extraction_cases import CASES
 
-CASES: list[tuple[str, str | None]] = [
-    # ---------- 各种显式形式 ----------
-    (
-        "A 58-year-old man presents with crushing chest pain radiating to the left arm. "
-        "ECG shows ST elevation in leads II, III and aVF, consistent with an inferior MI. "
-        "The right coronary artery supplies the inferior wall in most patients.\n"
-        "The answer is C",
-        "C",
-    ),
-    (
-        "The patient has a positive Nikolsky sign and flaccid bullae involving the oral mucosa. "
-        "This is consistent with pemphigus vulgaris, caused by antibodies against desmoglein 3. "
-        "Therefore, the correct answer is (B).",
-        "B",
-    ),
-    (
-        "Step 1: Identify the acid-base disorder. pH 7.29, HCO3 14, so metabolic acidosis.\n"
-        "Step 2: Anion gap = 140 - (104 + 14) = 22, elevated.\n"
-        "Step 3: In a patient with polyuria and fruity breath this is diabetic ketoacidosis.\n\n"
-        "Answer: (B)",
-        "B",
-    ),
-    (
-        "## Reasoning\nThe infant has bilious vomiting on day 2 of life and a 'double bubble' sign. "
-        "Given the association with trisomy 21, duodenal atresia is most likely.\n\n"
-        "**Final answer: D**",
-        "D",
-    ),
-    (
-        "Hyperkalemia with peaked T waves requires immediate membrane stabilization. "
-        "Calcium gluconate does not lower potassium but protects the myocardium.\n\n"
-        "Final Answer: **A**",
-        "A",
-    ),
-    (
-        "The child's symptoms (honey-colored crusts around the nose) are typical of impetigo. "
-        "For localized disease topical mupirocin is first-line, so the correct option is A.",
-        "A",
-    ),
-    (
-        "A 23-year-old woman has episodic palpitations, headaches and diaphoresis with "
-        "blood pressure 190/110 mm Hg. Elevated plasma metanephrines confirm the diagnosis. "
-        "Alpha blockade must precede beta blockade. The best answer is B.",
-        "B",
-    ),
-    (
-        "Isoniazid causes peripheral neuropathy via pyridoxine depletion, so supplementation "
-        "is indicated. The answer is option D.",
-        "D",
-    ),
-    (
-        "Given the low serum ceruloplasmin and Kayser-Fleischer rings, this is Wilson disease. "
-        "Penicillamine chelates copper. I would choose C.",
-        "C",
-    ),
-    (
-        "The patient is hypertensive and has hypokalemia with a low renin level. This pattern "
-        "suggests primary hyperaldosteronism.\nTherefore, the answer is: B. Hypertension "
-        "secondary to an aldosterone-producing adenoma",
-        "B",
-    ),
-    ("Let's think step by step.\nThe findings point to hypothyroidism.\nANSWER: c", "C"),
-    (
-        "Fever, new murmur and splinter hemorrhages in an IV drug user suggest infective "
-        "endocarditis of the tricuspid valve, most often due to Staphylococcus aureus.\n"
-        "The answer is $\\boxed{B}$",
-        "B",
-    ),
-    (
-        "Clinical picture: ascending paralysis after a Campylobacter infection, areflexia, "
-        "albuminocytologic dissociation. This is Guillain-Barre syndrome.\n"
-        "The answer is B) Guillain-Barre syndrome",
-        "B",
-    ),
-    ("The answer is \\boxed{\\text{A}}.", "A"),
-    ("**Answer**: C. Hyperparathyroidism", "C"),
-    ("Thus D is the correct answer.", "D"),
-    # ---------- 多次作答：最后一次为准 ----------
-    (
-        "Initially the answer is A because of the elevated troponin. However, the ECG is normal "
-        "and the pain is pleuritic and relieved by leaning forward, which fits pericarditis. "
-        "Wait, let me reconsider. The answer is C.",
-        "C",
-    ),
-    (
-        "Answer: (B)\n\nOn re-evaluation, the low CD4 count and ring-enhancing lesions favor "
-        "toxoplasmosis over lymphoma.\nFinal answer: D",
-        "D",
-    ),
-    (
-        "The answer is B.\nExplanation: The patient has ...\nThe answer is B.\n"
-        "Actually, the correct answer is (A).",
-        "A",
-    ),
-    # ---------- 推理中大量提及其它字母，最后给出答案 ----------
-    (
-        "Let's evaluate each option.\n"
-        "Option A is wrong because methotrexate is teratogenic and contraindicated in pregnancy.\n"
-        "B. Hypertension can be ruled out since blood pressure is 118/76 mm Hg.\n"
-        "(C) is tempting, but the rash spares the nasolabial folds.\n"
-        "D matches the photosensitive malar rash and anti-dsDNA antibodies.\n"
-        "The answer is D.",
-        "D",
-    ),
-    (
-        "A: Acute tubular necrosis — muddy brown casts would be expected, not present.\n"
-        "B: Prerenal azotemia — BUN/Cr ratio of 28 and FeNa < 1% support this.\n"
-        "C: Postrenal obstruction — no hydronephrosis on ultrasound.\n"
-        "D: Interstitial nephritis — no eosinophiluria or rash.\n\n"
-        "Therefore, the answer is B.",
-        "B",
-    ),
-    (
-        "Group B strep is an important cause of neonatal sepsis, and vitamin B12 deficiency "
-        "causes subacute combined degeneration, but neither applies here. The HbA1c of 9.1% "
-        "indicates poor glycemic control. Type A aortic dissection is excluded by CT. "
-        "The answer is A.",
-        "A",
-    ),
-    # ---------- markdown / 大小写 / 空白 ----------
-    (
-        "### Step-by-step\n1. Painless jaundice and a palpable gallbladder (Courvoisier sign).\n"
-        "2. Weight loss in a smoker.\n\n### Conclusion\n**The answer is C**\n\n",
-        "C",
-    ),
-    (
-        "the patient most likely has iron deficiency anemia given the low ferritin.\n"
-        "the answer is (d).",
-        "D",
-    ),
-    ("Microcytic anemia with high RDW and low ferritin.\nThe answer is A.   \n\n\t\n", "A"),
-    ("Correct Answer: b\n<|eot_id|>", "B"),
-    (
-        "The presentation is classic for temporal arteritis; start high-dose steroids "
-        "before biopsy to prevent blindness.\n\nThe answer is:\n\n**C. Prednisone**",
-        "C",
-    ),
-    # ---------- 回退：最后一行孤立字母 ----------
-    (
-        "Symptoms: tremor at rest, bradykinesia, cogwheel rigidity. These are due to loss of "
-        "dopaminergic neurons in the substantia nigra pars compacta.\n\nB",
-        "B",
-    ),
-    ("Elevated TSH with low free T4 indicates primary hypothyroidism.\n(D)", "D"),
-    ("The most appropriate next step is a CT angiogram of the chest.\n\n**A**", "A"),
-    (
-        "The patient's murmur increases with Valsalva and decreases with squatting, "
-        "consistent with hypertrophic cardiomyopathy.\nC. Hypertrophic cardiomyopathy",
-        "C",
-    ),
-    ("Based on the above reasoning:\nB.", "B"),
-    # ---------- 第 2 层：结论句 + 行尾括号 ----------
-    (
-        "Episodic headaches, palpitations and sweating with paroxysmal hypertension. "
-        "The most likely diagnosis is pheochromocytoma (B).",
-        "B",
-    ),
-    # ---------- 应返回 None ----------
-    ("", None),
-    ("   \n\n  ", None),
-    (
-        "A 45-year-old woman presents with fatigue and weight gain for six months. She reports "
-        "cold intolerance and constipation. A physical examination shows dry skin and a "
-        "delayed relaxation phase of the ankle reflexes. A thyroid panel is ordered.",
-        None,
-    ),
-    (
-        "Let's think step by step. The patient is a 67-year-old man with progressive dyspnea "
-        "and bibasilar crackles. A chest radiograph shows reticular opacities. Considering "
-        "option B, amiodarone toxicity could explain the findings, but the patient has been "
-        "on the drug only for two weeks, which is",
-        None,
-    ),
-    (
-        "The neurological findings of loss of vibration sense and proprioception, along with a "
-        "macrocytic anemia, suggest vitamin B12 deficiency. Pernicious anemia is a common cause "
-        "in older adults, and hepatitis B is not relevant here.",
-        None,
-    ),
-    (
-        "Option A is wrong because the patient is not immunocompromised. "
-        "Option B is also unlikely since there is no travel history. (C) is tempting given the "
-        "eosinophilia, but",
-        None,
-    ),
-    (
-        "Option A: Lisinopril — contraindicated in pregnancy.\n"
-        "Option B: Labetalol — safe in pregnancy.\n"
-        "B. Hypertension can be ruled out as the primary cause because",
-        None,
-    ),
-    (
-        "The findings point toward none of the listed diagnoses; the correct choice would be "
-        "an option not offered.\nAnswer: E",
-        None,
-    ),
-    ("Answer: (B)\nWait, that's not right. Reconsidering, the answer is E.", None),
-    (
-        "Answer choice A is incorrect because ACE inhibitors cause hyperkalemia, not "
-        "hypokalemia. Answer choice C is incorrect because",
-        None,
-    ),
-    (
-        "The answer is a deficiency of the enzyme glucocerebrosidase, leading to accumulation "
-        "of glucocerebroside in macrophages.",
-        None,
-    ),
-    (
-        "Answer:\nA patient with these findings most likely has an acute exacerbation of "
-        "COPD and needs bronchodilators.",
-        None,
-    ),
-    (
-        "Think step by step, then finish with a line of the form \"The answer is X\", where X "
-        "is A, B, C or D.",
-        None,
-    ),
-    ("The HbA1c is 6.9% and fasting glucose is 132 mg/dL. Type A", None),
-]
+DM: dict[str, str] = {"A": "Metformin", "B": "Insulin glargine", "C": "Glipizide", "D": "Sitagliptin"}
 
 
-@pytest.mark.parametrize(("text", "expected"), CASES)
-def test_extract_answer(text: str, expected: str | None) -> None:
-    assert extract_answer(text) == expected
+def _id(i: int) -> str:
+    """参数化用例的编号：只用序号，文本太长不适合作 id。"""
+    return f"case{i:03d}"
 
 
-def test_case_count() -> None:
-    assert len(CASES) >= 40
+@pytest.mark.parametrize(("text", "options", "expected"), CASES, ids=[_id(i) for i in range(len(CASES))])
+def test_corpus(text: str, options: Mapping[str, str] | None, expected: str | None) -> None:
+    assert extract_answer(text, options) == expected
+
+
+@pytest.mark.parametrize(("text", "options", "expected"), CASES, ids=[_id(i) for i in range(len(CASES))])
+def test_corpus_invariant_to_chat_residue(text: str, options: Mapping[str, str] | None, expected: str | None) -> None:
+    """Llama-3 聊天模板残留（助手角色头、结束 token 及其后的下一轮）与结尾空白不改变结果。"""
+    wrapped = ("<|start_header_id|>assistant<|end_header_id|>\n\n" + text + "  \n\n<|eot_id|>"
+               "<|start_header_id|>user<|end_header_id|>\n\nThe answer is A.")
+    assert extract_answer(wrapped, options) == expected
+
+
+def test_corpus_size() -> None:
+    """语料不能悄悄缩水：≥ 100 条，其中 ≥ 25 条应返回 None、≥ 10 条带 options（选项文本映射）。"""
+    assert len(CASES) >= 100
+    assert sum(expected is None for _, _, expected in CASES) >= 25
+    assert sum(options is not None for _, options, _ in CASES) >= 10
+    assert len({(text, str(options)) for text, options, _ in CASES}) == len(CASES)  # 没有重复用例
+    assert {expected for _, _, expected in CASES} == {"A", "B", "C", "D", None}
+
+
+def test_options_is_optional() -> None:
+    """一个参数的旧调用方式仍然可用；options 可按位置或关键字传入。"""
+    assert extract_answer("The answer is C.") == "C"
+    assert extract_answer("The answer is Glipizide.", DM) == "C"
+    assert extract_answer("The answer is Glipizide.", options=DM) == "C"
+    assert extract_answer("The answer is Glipizide.") is None
+
+
+def test_last_conclusion_wins() -> None:
+    text = "I initially thought the answer is A. On reflection the murmur fits aortic stenosis.\nFinal answer: C"
+    assert extract_answer(text) == "C"
+    # 字母与选项文本两种结论混用时同样按位置取最后一个。
+    assert extract_answer("The answer is A.\nActually, the answer is Sitagliptin.", DM) == "D"
+    assert extract_answer("The answer is Sitagliptin.\nActually, the answer is A.", DM) == "A"
+
+
+def test_answer_first_then_explanation_mentions_other_letters() -> None:
+    text = ("The answer is B. A is wrong because it is teratogenic. C would worsen the hypokalemia, "
+            "and D is reserved for refractory cases.")
+    assert extract_answer(text) == "B"
+
+
+@pytest.mark.parametrize("text", [
+    "The answer is A or B.", "The answer is either B or C.", "Answer: A, B, C, or D", "Answer: (A/B/C/D)",
+    "The answer is [letter]", "The answer is X.", "The answer is (A) or (B).", "The answer: B and D",
+])
+def test_hedges_and_templates_give_none(text: str) -> None:
+    assert extract_answer(text) is None
+
+
+def test_conditional_or_contrasting_mentions_do_not_override() -> None:
+    """答案之后解释其它选项时的条件句 / 转折句不是新的结论。"""
+    assert extract_answer("The answer is B.\nThe best choice would be (A) if she were pregnant.") == "B"
+    assert extract_answer("The answer is B.\nOption A is the most likely cause of goiter, but not here.") == "B"
+    assert extract_answer("The answer is B.\nThe most likely diagnosis is (D) Panic disorder.") == "D"
+
+
+def test_hedge_does_not_override_an_earlier_conclusion() -> None:
+    """对冲不是候选：跳过它，更早的明确结论仍然有效。"""
+    assert extract_answer("The answer is C.\nSome would argue it is either B or C.") == "C"
+
+
+@pytest.mark.parametrize("text", [
+    "vitamin A", "hepatitis B", "type A", "group B strep", "Class I", "phase 2", "stage C", "HbA1c",
+    "C-peptide", "B cells", "A-a gradient", "C. difficile", "E. coli",
+])
+def test_medical_pseudo_letters_are_not_answers(text: str) -> None:
+    """伪字母无论出现在结论标记之后、反向陈述里还是最后一行，都不是答案。"""
+    for wrapped in (f"The answer is {text}.", f"The most likely diagnosis is {text}.", f"Answer: {text}",
+                    f"Findings suggest {text}.\n{text}", f"So {text} is the correct answer."):
+        assert extract_answer(wrapped) is None, wrapped
+
+
+def test_option_text_needs_exactly_one_match() -> None:
+    opts = {"A": "Insulin", "B": "Insulin plus metformin", "C": "Lifestyle modification", "D": "Lifestyle modification."}
+    assert extract_answer("The answer is insulin.", opts) == "A"
+    assert extract_answer("The answer is Insulin plus metformin, given the HbA1c.", opts) == "B"
+    assert extract_answer("The answer is lifestyle modification.", opts) is None  # C 与 D 规范化后相同
+    assert extract_answer("The answer is dapagliflozin.", DM) is None
+
+
+def test_option_text_normalisation() -> None:
+    """大小写、多余空白、标点、开头冠词都不影响选项文本的匹配。"""
+    for text in ("The answer is METFORMIN.", "The answer is  metformin !", "Answer: the Metformin",
+                 "The answer is 'Metformin'.", "**Answer:** *metformin*"):
+        assert extract_answer(text, DM) == "A", text
+
+
+def test_letter_beats_text_at_the_same_conclusion() -> None:
+    """同一处结论既有字母又有文本时以字母为准（即使文本对应另一个选项）。"""
+    assert extract_answer("The answer is B) Metformin", DM) == "B"
+
+
+def test_echoed_option_list() -> None:
+    echo = "A. Aspirin\nB. Heparin\nC. Warfarin\nD. Clopidogrel"
+    assert extract_answer(echo) is None
+    assert extract_answer(echo + "\n\nThe answer is C.") == "C"
+    assert extract_answer("Answer:\n" + echo) is None
+    # 只有两行不算回显列表：最后一行 "B. Heparin" 仍按字母 + 选项文本读取。
+    assert extract_answer("A. Aspirin\nB. Heparin") == "B"
+
+
+def test_truncated_conclusion() -> None:
+    """以没说完的结论收尾 → None；只有复读（≥ 2 个相同的显式结论）例外。"""
+    assert extract_answer("This is aortic dissection, so the most likely answer is") is None
+    assert extract_answer("The answer is B.\nWait, the troponin is normal, so the correct answer is") is None
+    assert extract_answer("The answer is B. The answer is B. The answer is") == "B"
+    assert extract_answer("The answer is B. The answer is C. The answer is") is None
+
+
+def test_invalid_final_letter_gives_none() -> None:
+    """最后一个显式结论是 A–D 以外的字母时返回 None，不回退到更早的结论。"""
+    assert extract_answer("Answer: (B)\nOn reflection the answer is E.") is None
+
+
+def test_special_tokens() -> None:
+    assert extract_answer("The answer is D.<|eot_id|>") == "D"
+    assert extract_answer("The answer is D.<|eot_id|>The answer is A.") == "D"
+    assert extract_answer("<|begin_of_text|>The answer is<|eom_id|> C") is None
+    assert extract_answer("<|eot_id|>The answer is A.") is None
+
+
+def test_long_whitespace_runs() -> None:
+    """长空白串（退化输出）上结果正确且不会因正则回溯卡住：旧写法在这种输入上是立方级回溯。"""
+    assert extract_answer("The answer is:" + " " * 3000 + "B") == "B"
+    assert extract_answer("The answer is:" + "\n" * 3000 + "Metformin", DM) == "A"
+    assert extract_answer("The answer is:" + " " * 3000) is None

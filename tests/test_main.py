@@ -148,6 +148,8 @@ def test_demo_predictions(demo_run: SimpleNamespace) -> None:
     lo, hi = cfg["base_alpha"], cfg["base_alpha"] + cfg["max_boost"]
     assert len(preds) == 2 * LIMIT
     gold = _gold(LIMIT)
+    with open(BUNDLED_TEST, encoding="utf-8") as f:
+        options = [json.loads(next(f))["options"] for _ in range(LIMIT)]
     for mode in ("baseline", "steered"):
         rows = [r for r in preds if r["mode"] == mode]
         assert [r["index"] for r in rows] == list(range(LIMIT))
@@ -158,7 +160,7 @@ def test_demo_predictions(demo_run: SimpleNamespace) -> None:
         assert r["pred"] is None or r["pred"] in LETTERS
         assert isinstance(r["correct"], bool) and r["correct"] == (r["pred"] == r["gold"])
         assert isinstance(r["output"], str)
-        assert r["pred"] == extract_answer(r["output"])  # pred 由 output 决定
+        assert r["pred"] == extract_answer(r["output"], options[r["index"]])  # pred 由 output 与该题选项决定
         assert isinstance(r["num_tokens"], int) and 1 <= r["num_tokens"] <= MAX_NEW
         if r["mode"] == "steered":
             for key in ("alpha_mean", "alpha_min", "alpha_max"):

@@ -12,6 +12,7 @@ import torch
 from test_evaluator import PROMPTS, VOCAB, tiny_llama
 
 import main
+import steering_utils
 from config import LETTERS, ConfigError, parse_config
 from data_loader import Question
 from evaluator import score_letters
@@ -167,7 +168,7 @@ def test_letter_records_store_the_logits_the_prediction_used(scores):
     questions = [Question(index=i, question="q", options={k: k for k in LETTERS}, answer_idx="A", answer="A")
                  for i in range(len(s.distance))]
     steered = [r for r in letter_records(arms, s, questions) if r["mode"] == "steered"]
-    _, _, fused = letter_predictions(s, main.steering_params(cfg))
+    _, _, fused = letter_predictions(s, steering_utils.steering_params(cfg))
     assert any(None in r["letter_logits"] for r in steered)  # 这组打分里确实有被排除的字母
     for r, row in zip(steered, fused):
         assert [v is None for v in r["letter_logits"]] == (~torch.isfinite(row)).tolist()

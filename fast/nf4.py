@@ -1,0 +1,554 @@
+"""bitsandbytes NF4 权重直接参与的矩阵乘（Triton）：激活 × 4 位权重，查表反量化只在寄存器里做，float32 累加。
+
+为什么要它（issue 16）：bitsandbytes 在 sm90 上把 M ≥ 8 的大部分投影路由到“反量化成 bf16 权重 + F.linear”，
+每步重建一份 bf16 权重，NF4 的一步比 bf16 还慢。这里的 kernel 每个权重字节只读一次。
+
+格式（bitsandbytes 0.50 的 quantize_4bit(quant_type="nf4")，权重 W (N, K) = (out_features, in_features)）：
+- 打包数据：W 按行展平，第 2i 个元素放在第 i 个字节的高 4 位、第 2i+1 个放在低 4 位 → 字节 (N·K/2, 1) uint8；
+- 每 blocksize（默认 64）个连续元素一个 absmax：w = code[nibble] · absmax（float32 相乘，再转成 dtype）；
+- 双重量化（compress_statistics=True）：absmax 本身存成 uint8，按 256 个一组用动态 8 位表 state2.code 与
+  state2.absmax 反量化，再加 offset：absmax = state2.code[q] · state2.absmax[i // 256] + offset（float32）。
+
+一次性重排（repack_nf4，加载时在模型的设备上做）得到 NF4Weight：
+- qweight：按 (64 个输出 × 一个 absmax 块) 分成瓦片，每个瓦片在内存里连续——形状
+  (N_pad/64, K/blocksize, blocksize/2, 64) uint8（N 补零到 64 的倍数）。瓦片 (t, b) 的第 j 行第 c 列的字节 =
+  W[64t + c, b·blocksize + 2j]（高 4 位）与 W[64t + c, b·blocksize + 2j + 1]（低 4 位）。
+  为什么：一个程序沿 K 读同一列瓦片，读到的是一整段连续内存（GEMV 一步读 NB × 2 KB）；一个线程读 16 个
+  相邻输出的字节（16 字节向量读），它们共用同一个 x[2j]、x[2j+1]（按行存时每个字节要配两个 x 的标量读）；
+  N 补零到 64 的倍数后 kernel 读权重不用掩码。（H200 上与 K 主序 (K/2, N) 布局一样快：现在的瓶颈是每个权重的
+  反量化指令——查表是一次 L1 读——而不是 DRAM 的访问模式，见 benchmarks/micro_nf4.py。）
+- absmax：同样分瓦片 (N_pad/64, K/blocksize, 64) float32。双重量化在重排时一次还原（与 bitsandbytes 的
+  dequantize_blockwise 同样的两次 float32 舍入），kernel 里不再查第二张表。要求 K 是 blocksize 的倍数（块不跨行）。
+- code (16,) float32：NF4 表。
+每个权重的字节数：0.5（半字节）+ 4 / blocksize（absmax）= 0.5625 B（blocksize 64），比 bitsandbytes 在显存里的
+0.5 + 1/64 + 4/(64·256) ≈ 0.516 B 多 9%（换来 kernel 里不做第二次查表）；bf16 是 2 B。
+
+dequantize_nf4 是纯 torch 的参考路径（与 bitsandbytes 的 dequantize_4bit 逐位相同）；quantize_nf4_reference 是
+纯 torch 的量化器（与 bitsandbytes 的 quantize_4bit 逐位相同），供没有 bitsandbytes 的机器（基准）生成同格式的权重。
+"""
+from __future__ import annotations
+
+import functools
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Final, Sequence
+
+import torch
+
+# bitsandbytes 的 NF4 表（functional.get_4bit_type("nf4")）：N(0, 1) 的等概率分位点，归一化到 [-1, 1]，已排序。
+NF4_CODE: Final[tuple[float, ...]] = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+
+DTYPES: Final[tuple[torch.dtype, ...]] = (torch.bfloat16, torch.float16, torch.float32)
+TILE_N: Final[int] = 64  # 瓦片宽度（输出数）：qweight/absmax 的最后一维
+NESTED_BLOCKSIZE: Final[int] = 256  # bitsandbytes 双重量化 absmax 时的块大小（quantize_4bit 里写死）
+
+# 按 M（激活行数）选 kernel 配置：(M 上界, 方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)。
+# 方式 "gemv"：M = 1，逐元素乘加、最后归约（不用 tensor core），每个程序一个列瓦片（BLOCK_N 固定为 TILE_N）
+# × 每步 NB 个 absmax 块；
+# 方式 "dot"：反量化出 (NB·blocksize, BLOCK_N) 的 bf16/fp16 块，tl.dot 在 tensor core 上累加（M 不满 BLOCK_M 时补零行）。
+# 两种方式都按 SM 数在 K 上切段（split-K，见 split_k_for），部分和由第二个 kernel 相加（确定性的，不用原子加）。
+# 表项在 H200 上用 benchmarks/micro_nf4.py --sweep 选出（8B gate/up 与 down，M = 1 / 16 / 64 的最快配置；
+# M = 32 与 M > 64 两行是插值/猜测，没有单独扫过）。num_stages = 1 一致最快：查表依赖刚读到的字节，
+# 多级流水只多占寄存器。
+NF4_CONFIGS: Final[tuple[tuple[int, str, int, int, int, int, int], ...]] = (
+    (1, "gemv", 1, 64, 1, 4, 1),
+    (16, "dot", 16, 256, 1, 8, 1),
+    (32, "dot", 32, 256, 1, 4, 1),
+    (64, "dot", 64, 256, 1, 4, 1),
+    (1 << 62, "dot", 64, 128, 1, 8, 1),
+)
+
+
+@dataclass(frozen=True)
+class NF4Weight:
+    """重排后的 NF4 权重（瓦片布局见模块说明）。单个：qweight (N_pad/64, K/bs, bs/2, 64) uint8、
+    absmax (N_pad/64, K/bs, 64) float32；叠加（stack_nf4）：两者多一个前导维 S。code (16,) float32；
+    dtype 是原权重的精度（dequantize_nf4 的输出精度）；out_features 是真实的 N（补零之前）。"""
+
+    qweight: torch.Tensor
+    absmax: torch.Tensor
+    code: torch.Tensor
+    blocksize: int
+    dtype: torch.dtype
+    out_features: int
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[-3] * self.qweight.shape[-2] * 2
+
+    @property
+    def stacked(self) -> bool:
+        return self.qweight.dim() == 5
+
+    @property
+    def nbytes(self) -> int:
+        """kernel 每次调用读的权重字节（半字节 + absmax；16 项的表忽略不计）。"""
+        return self.qweight.numel() * self.qweight.element_size() + self.absmax.numel() * self.absmax.element_size()
+
+
+@dataclass
+class NF4QuantState:
+    """与 bitsandbytes QuantState 同名字段的最小替身（quantize_nf4_reference 的输出，repack_nf4 按字段读取）。
+    嵌套时 absmax 是 uint8、state2 是第二层（absmax/code/blocksize），offset 是 float32 标量张量。"""
+
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    code: torch.Tensor
+    quant_type: str = "nf4"
+    offset: torch.Tensor | None = None
+    state2: "NF4QuantState | None" = None
+
+    @property
+    def nested(self) -> bool:
+        return self.state2 is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 纯 torch：量化器、重排、参考反量化
+# ---------------------------------------------------------------------------------------------------------------
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes 的动态 8 位表 create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)，(256,) float32。
+    逐步照搬它的构造（float32 的 linspace 与乘法），保证双重量化的 absmax 逐位相同。"""
+    data: list[float] = []
+    non_sign_bits, max_exponent_bits = 7, 7
+    for i in range(max_exponent_bits):
+        items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1)
+        bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        scale = 10 ** (-(max_exponent_bits - 1) + i)
+        data += (scale * means).tolist()
+        data += (-scale * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (256 - len(data))
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
+def _quantize_blocks(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """flat (n,) float32 按 blocksize 分块：absmax (块数,) 与最近的表项下标 (n,) int64（与 bitsandbytes 的默认后端
+    相同：乘以 1/absmax 再截到 [-1, 1]，按相邻表项的中点分桶；最后一块可以不满）。"""
+    n = flat.numel()
+    full = n - n % blocksize
+    absmax = flat[:full].reshape(-1, blocksize).abs().amax(dim=-1)
+    scaled = torch.clamp(flat[:full].reshape(-1, blocksize) * (1.0 / absmax.clamp(min=1e-38))[:, None], -1, 1)
+    scaled = scaled.reshape(-1)
+    if full < n:
+        last = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, last[None]])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / last, -1, 1)])
+    return torch.bucketize(scaled, (code[:-1] + code[1:]) / 2), absmax
+
+
+def quantize_nf4_reference(w: torch.Tensor, blocksize: int = 64,
+                           compress_statistics: bool = True) -> tuple[torch.Tensor, NF4QuantState]:
+    """纯 torch 的 NF4 量化器，输出与 bitsandbytes.functional.quantize_4bit(w, quant_type="nf4",
+    blocksize=blocksize, compress_statistics=...) 逐位相同：打包字节 (numel/2, 1) uint8 与 NF4QuantState。
+    用在没有 bitsandbytes 的机器上（基准）。w: (N, K) bf16/fp16/fp32，任意设备。"""
+    if w.dtype not in DTYPES:
+        raise ValueError(f"quantize_nf4_reference: weight dtype must be one of {DTYPES}, got {w.dtype}")
+    if w.numel() % 2:
+        raise ValueError(f"quantize_nf4_reference: the weight needs an even number of elements, got {w.numel()}")
+    with torch.no_grad():
+        code = torch.tensor(NF4_CODE, dtype=torch.float32, device=w.device)
+        q, absmax = _quantize_blocks(w.reshape(-1).float(), code, blocksize)
+        q8 = q.to(torch.uint8)
+        packed = ((q8[::2] << 4) | q8[1::2]).unsqueeze(1)
+        if not compress_statistics:
+            return packed, NF4QuantState(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize, code=code)
+        # 双重量化：absmax 减去均值后按 256 个一组用动态 8 位表量化（bitsandbytes quantize_blockwise 的规则）
+        offset = absmax.mean()
+        code2 = dynamic_map().to(w.device)
+        q2, absmax2 = _quantize_blocks(absmax - offset, code2, NESTED_BLOCKSIZE)
+        state2 = NF4QuantState(absmax=absmax2, shape=absmax.shape, dtype=torch.float32, blocksize=NESTED_BLOCKSIZE,
+                               code=code2, quant_type="dynamic")
+        return packed, NF4QuantState(absmax=q2.to(torch.uint8), shape=w.shape, dtype=w.dtype, blocksize=blocksize,
+                                     code=code, offset=offset, state2=state2)
+
+
+def _block_scales(quant_state: Any) -> torch.Tensor:
+    """每块的 absmax，float32 (块数,)：嵌套时还原双重量化（与 bitsandbytes dequantize_blockwise 相同的两次舍入：
+    先 code2[q] · absmax2，再 + offset）。"""
+    if getattr(quant_state, "state2", None) is None:
+        return quant_state.absmax.float()
+    s2 = quant_state.state2
+    q = quant_state.absmax.reshape(-1).long()
+    index = torch.arange(q.numel(), device=q.device) // s2.blocksize
+    scales = s2.code.to(q.device)[q] * s2.absmax.to(q.device).float()[index]
+    return scales + quant_state.offset.to(q.device).float()
+
+
+def repack_nf4(weight_packed: torch.Tensor, quant_state: Any) -> NF4Weight:
+    """一次性重排（加载时做一次，在权重所在设备上）：bitsandbytes 的打包字节 + QuantState → NF4Weight。
+
+    weight_packed: Params4bit 的数据 (N·K/2, 1)（或任意形状，按字节重解释）；quant_state: bitsandbytes 的
+    QuantState 或 NF4QuantState（读 absmax/state2/offset/shape/dtype/blocksize/quant_type）。
+    转置成 K 主序要拷贝一份（临时多占一份 4 位权重；调用方随后可以释放 bitsandbytes 的原数据）。
+    """
+    quant_type = getattr(quant_state, "quant_type", "nf4")
+    if quant_type != "nf4":
+        raise ValueError(f"repack_nf4: only quant_type='nf4' is supported, got {quant_type!r}")
+    shape = tuple(quant_state.shape)
+    if len(shape) != 2:
+        raise ValueError(f"repack_nf4: expected a 2-D (out_features, in_features) weight, got shape {shape}")
+    n, k = shape
+    blocksize = int(quant_state.blocksize)
+    if k % blocksize:
+        raise ValueError(f"repack_nf4: in_features={k} is not a multiple of blocksize={blocksize}, so quantization "
+                         "blocks straddle rows; the kernel needs whole blocks per row (quantize with a blocksize "
+                         "that divides in_features)")
+    if k % 2 or blocksize % 32:
+        raise ValueError(f"repack_nf4: need even in_features and blocksize a multiple of 32, got K={k}, "
+                         f"blocksize={blocksize}")
+    if not weight_packed.is_contiguous():
+        raise ValueError("repack_nf4: the packed weight must be contiguous (it is reinterpreted byte by byte)")
+    data = weight_packed if weight_packed.dtype == torch.uint8 else weight_packed.view(torch.uint8)
+    if data.numel() != n * k // 2:
+        raise ValueError(f"repack_nf4: {data.numel()} packed bytes do not match shape {shape} "
+                         f"(expected {n * k // 2}: two 4-bit values per byte)")
+    with torch.no_grad():
+        absmax = _block_scales(quant_state).to(data.device)
+        if absmax.numel() != n * k // blocksize:
+            raise ValueError(f"repack_nf4: {absmax.numel()} absmax values, expected {n * k // blocksize} "
+                             f"for shape {shape} and blocksize {blocksize}")
+        code = torch.tensor(NF4_CODE, dtype=torch.float32, device=data.device)
+    return _tiled(data.reshape(n, k // 2).t(), absmax.reshape(n, k // blocksize).t(), code, blocksize,
+                  quant_state.dtype)
+
+
+def _tiled(q_kmajor: torch.Tensor, absmax_kmajor: torch.Tensor, code: torch.Tensor, blocksize: int,
+           dtype: torch.dtype) -> NF4Weight:
+    """K 主序的 q (K/2, N) 与 absmax (K/bs, N) → 瓦片布局的 NF4Weight（N 补零到 TILE_N 的倍数）。"""
+    half, n = q_kmajor.shape
+    pad = -n % TILE_N
+    q = torch.nn.functional.pad(q_kmajor, (0, pad)).reshape(half * 2 // blocksize, blocksize // 2, -1, TILE_N)
+    a = torch.nn.functional.pad(absmax_kmajor, (0, pad)).reshape(absmax_kmajor.shape[0], -1, TILE_N)
+    return NF4Weight(qweight=q.permute(2, 0, 1, 3).contiguous(), absmax=a.permute(1, 0, 2).contiguous(), code=code,
+                     blocksize=blocksize, dtype=dtype, out_features=n)
+
+
+def _kmajor(w: NF4Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """瓦片布局 → K 主序 (..., K/2, N) 与 (..., K/bs, N)（去掉补零的列）。"""
+    q = w.qweight.movedim(-4, -2)  # (..., K/bs, bs/2, N_pad/64, 64)
+    q = q.reshape(*q.shape[:-4], w.in_features // 2, -1)[..., :w.out_features]
+    a = w.absmax.movedim(-3, -2)  # (..., K/bs, N_pad/64, 64)
+    a = a.reshape(*a.shape[:-3], w.in_features // w.blocksize, -1)[..., :w.out_features]
+    return q, a
+
+
+def dequantize_nf4(w: NF4Weight) -> torch.Tensor:
+    """参考反量化（纯 torch）：(N, K)（叠加时 (S, N, K)），w.dtype。与 bitsandbytes.functional.dequantize_4bit 逐位
+    相同：code[半字节] · absmax 在 float32 里相乘，最后一次转成 dtype。"""
+    q, a = _kmajor(w)
+    q = q.transpose(-1, -2)  # (..., N, K/2)
+    nibbles = torch.stack([q >> 4, q & 0xF], dim=-1).flatten(-2).long()  # (..., N, K)：高半字节在前
+    values = w.code[nibbles] * a.transpose(-1, -2).repeat_interleave(w.blocksize, dim=-1)
+    return values.to(w.dtype)
+
+
+def cat_nf4(weights: Sequence[NF4Weight]) -> NF4Weight:
+    """沿输出维拼接（q/k/v → qkv，gate/up → gate_up，与 StackedLlama 的融合相同）：各行独立，直接按行拼。"""
+    _check_same(weights, "cat_nf4", same_n=False)
+    parts = [_kmajor(w) for w in weights]  # 经 K 主序拼接：各段的补零列不能留在中间
+    return _tiled(torch.cat([q for q, _ in parts], dim=-1), torch.cat([a for _, a in parts], dim=-1),
+                  weights[0].code, weights[0].blocksize, weights[0].dtype)
+
+
+def stack_nf4(weights: Sequence[NF4Weight]) -> NF4Weight:
+    """S 个同形状权重在前面叠一维（S, ...），给 nf4_linear_stacked（一次发射算 S 个模型）。"""
+    _check_same(weights, "stack_nf4", same_n=True)
+    return NF4Weight(qweight=torch.stack([w.qweight for w in weights]),
+                     absmax=torch.stack([w.absmax for w in weights]),
+                     code=weights[0].code, blocksize=weights[0].blocksize, dtype=weights[0].dtype,
+                     out_features=weights[0].out_features)
+
+
+def _check_same(weights: Sequence[NF4Weight], who: str, same_n: bool) -> None:
+    """拼接/叠加前核对：非空、都是单个权重、K/blocksize/dtype/设备相同（叠加还要 N 相同）。"""
+    if not weights:
+        raise ValueError(f"{who}: got no weights")
+    first = weights[0]
+    for w in weights:
+        if w.stacked:
+            raise ValueError(f"{who}: expects single (unstacked) weights, got a stacked one")
+        if (w.in_features, w.blocksize, w.dtype, w.qweight.device) != (
+                first.in_features, first.blocksize, first.dtype, first.qweight.device):
+            raise ValueError(f"{who}: weights differ in in_features/blocksize/dtype/device: "
+                             f"{(w.in_features, w.blocksize, w.dtype, w.qweight.device)} vs "
+                             f"{(first.in_features, first.blocksize, first.dtype, first.qweight.device)}")
+        if same_n and w.out_features != first.out_features:
+            raise ValueError(f"{who}: out_features differ ({w.out_features} vs {first.out_features})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernel
+# ---------------------------------------------------------------------------------------------------------------
+def config_for(m: int) -> tuple[str, int, int, int, int, int]:
+    """按 M 查 NF4_CONFIGS：(方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)。"""
+    for bound, *cfg in NF4_CONFIGS:
+        if m <= bound:
+            return tuple(cfg)  # type: ignore[return-value]
+    raise AssertionError("NF4_CONFIGS must end with an unbounded row")
+
+
+def split_k_for(programs: int, k_steps: int, sms: int, per_sm: int = 4) -> int:
+    """K 切几段：输出块的程序数不到 SM 数的 per_sm 倍时按比例切（让每个 SM 都有几个程序在读权重），
+    每段至少 4 个 K 步（一个 K 步 = NB 个 absmax 块），最多 16 段。GEMV 用 per_sm = 8（H200 的 --sweep：
+    8B gate/up 在 8 段时最快，比 3 段快约一成），tl.dot 用 4（切多少段几乎不影响）。"""
+    if programs >= per_sm * sms:
+        return 1
+    return max(1, min(16, -(-per_sm * sms // programs), k_steps // 4))
+
+
+@functools.cache
+def load_nf4_kernels() -> Callable[..., torch.Tensor]:
+    """导入 triton、定义 kernel、注册 torch.library 算子 steer::nf4_linear 并返回它（只做一次）。
+
+    与 fast.attention.load_triton_attention 相同的做法：延迟导入（CPU 环境可以没有 triton；测试在导入 triton 之前设
+    TRITON_INTERPRET=1，由解释器在 CPU 张量上执行），注册成 triton_op（torch.compile 能看进去、CUDA graph 能录制）。
+    必须在编译区域之外调用。
+    """
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+    # RTNE_NOTE：FIX 只在解释器里且输出为 bf16 时为真。Triton 3.7 的解释器把 float32 → bf16 的 .to() 做成截断，
+    # GPU 上是就近舍入到偶数；在位模式上先加 0x7FFF + 保留位的最低位，之后的截断就等于就近舍入（GPU 上不走这段）。
+    INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+    @triton.jit
+    def nf4_gemv(X, Q, A, CODE, OUT, PART, N, K, x_s, q_s, a_s, o_s,
+                 BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr,
+                 FIX: tl.constexpr):
+        # M = 1。程序 (列瓦片 t, K 段, 模型 s)：BLOCK_N = TILE_N 个输出；每步读 NB 个瓦片 (NB, HALF, BLOCK_N)，
+        # 在内存里是连续的 NB·HALF·BLOCK_N 字节。高半字节乘 x 的偶数列、低半字节乘奇数列，逐元素累加到
+        # (NB, HALF, BLOCK_N) 的 float32 寄存器里，循环结束后才沿 K 归约一次。补零的列 q = 0、absmax = 0，贡献 0。
+        HALF: tl.constexpr = BLOCKSIZE // 2
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        s = tl.program_id(2)
+        c = tl.arange(0, BLOCK_N)
+        n = pid_n * BLOCK_N + c
+        b = tl.arange(0, NB)
+        j = tl.arange(0, HALF)
+        n_ok = n < N
+        blocks = K // BLOCKSIZE
+        steps = tl.cdiv(tl.cdiv(blocks, NB), SPLIT_K)  # 每段的 K 步数（一步 NB 块）
+        lo = pid_k * steps * NB
+        hi = tl.minimum(lo + steps * NB, blocks)
+        q_tile = Q + s * q_s + pid_n * (blocks * HALF * BLOCK_N)  # 本列瓦片的起点
+        a_tile = A + s * a_s + pid_n * (blocks * BLOCK_N)
+        acc = tl.zeros([NB, HALF, BLOCK_N], tl.float32)
+        for kb in range(lo, hi, NB):
+            blk = kb + b
+            b_ok = blk < hi
+            row = blk[:, None] * HALF + j[None, :]  # (NB, HALF)：字节行（也是 x 的偶数列 / 2）
+            q = tl.load(q_tile + row[:, :, None] * BLOCK_N + c[None, None, :], mask=b_ok[:, None, None], other=0)
+            scale = tl.load(a_tile + blk[:, None] * BLOCK_N + c[None, :], mask=b_ok[:, None], other=0.0)
+            xe = tl.load(X + s * x_s + 2 * row, mask=b_ok[:, None], other=0.0).to(tl.float32)
+            xo = tl.load(X + s * x_s + 2 * row + 1, mask=b_ok[:, None], other=0.0).to(tl.float32)
+            we = tl.load(CODE + (q >> 4).to(tl.int32))  # 查表：16 项的表常驻 L1
+            wo = tl.load(CODE + (q & 0xF).to(tl.int32))
+            acc += (we * xe[:, :, None] + wo * xo[:, :, None]) * scale[:, None, :]
+        total = tl.sum(tl.sum(acc, axis=1), axis=0)  # (BLOCK_N,)
+        if SPLIT_K == 1:
+            if FIX:  # 解释器里 .to(bf16) 是截断：先在位模式上加 0x7FFF + 保留位的最低位（见 RTNE_NOTE）
+                total = (total.to(tl.uint32, bitcast=True) + 0x7FFF + ((total.to(tl.uint32, bitcast=True) >> 16) & 1)
+                         ).to(tl.float32, bitcast=True)
+            tl.store(OUT + s * o_s + n, total.to(OUT.dtype.element_ty), mask=n_ok)
+        else:
+            tl.store(PART + (pid_k * tl.num_programs(2) + s) * N + n, total, mask=n_ok)
+
+    @triton.jit
+    def nf4_dot(X, Q, A, CODE, OUT, PART, M, N, K, x_s, x_m, q_s, a_s, o_s, o_m,
+                BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+                SPLIT_K: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr, TN: tl.constexpr):
+        # 程序 (m 块 × n 块, K 段, 模型 s)，BLOCK_N 是 TILE_N 的倍数（跨几个列瓦片）。每步 BK = NB·blocksize 个 K：
+        # 权重块 (BK, BLOCK_N) 的第 k 行读字节行 k // 2
+        # （每个字节读两次，第二次命中 L1），偶数行取高半字节、奇数行取低半字节——不用在寄存器里交错；
+        # 查表、乘 absmax、转成 x 的精度（与 bitsandbytes 反量化成 bf16 再 F.linear 的舍入相同），
+        # 一次 tl.dot (BLOCK_M, BK) × (BK, BLOCK_N) 累加到 float32。同一 n 块的 m 块相邻编号：共用的权重多半命中 L2。
+        # IEEE：float32 精确相乘（x 为 float32 时；以及解释器里：Triton 3.7 的解释器把 bf16 按 uint16 的位模式
+        # 相乘，tl.dot 的 bf16 结果是错的，所以先转成 float32——bf16 两数之积在 float32 里是精确的，结果不变）。
+        HALF: tl.constexpr = BLOCKSIZE // 2
+        BK: tl.constexpr = NB * BLOCKSIZE
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        s = tl.program_id(2)
+        m_tiles = tl.cdiv(M, BLOCK_M)
+        pid_m = pid % m_tiles
+        pid_n = pid // m_tiles
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        c = tl.arange(0, BLOCK_N)
+        n = pid_n * BLOCK_N + c
+        tile = n // TN  # 列所在的瓦片与瓦片内的列
+        col = n % TN
+        kk = tl.arange(0, BK)
+        shift = (1 - kk % 2) * 4  # 偶数 k 在高 4 位
+        m_ok = m < M
+        n_ok = n < N
+        blocks = K // BLOCKSIZE
+        steps = tl.cdiv(tl.cdiv(blocks, NB), SPLIT_K)
+        lo = pid_k * steps * NB
+        hi = tl.minimum(lo + steps * NB, blocks)
+        t_ok = tile < tl.cdiv(N, TN)
+        q_col = Q + s * q_s + tile * (blocks * HALF * TN) + col  # (BLOCK_N,)：各列在自己瓦片里的起点
+        a_col = A + s * a_s + tile * (blocks * TN) + col
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for kb in range(lo, hi, NB):
+            k_ok = kb + kk // BLOCKSIZE < hi
+            q = tl.load(q_col[None, :] + (kb * HALF + kk // 2)[:, None] * TN,
+                        mask=k_ok[:, None] & t_ok[None, :], other=0).to(tl.int32)  # (BK, BLOCK_N)
+            if NB == 1:
+                scale = tl.load(a_col + kb * TN, mask=t_ok, other=0.0)[None, :]
+            else:
+                scale = tl.load(a_col[None, :] + (kb + kk // BLOCKSIZE)[:, None] * TN,
+                                mask=k_ok[:, None] & t_ok[None, :], other=0.0)
+            w = tl.load(CODE + ((q >> shift[:, None]) & 0xF)) * scale
+            xt = tl.load(X + s * x_s + m[:, None] * x_m + kb * BLOCKSIZE + kk[None, :],
+                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BK)
+            if FIX:
+                w = (w.to(tl.uint32, bitcast=True) + 0x7FFF + ((w.to(tl.uint32, bitcast=True) >> 16) & 1)
+                     ).to(tl.float32, bitcast=True)
+            w = w.to(xt.dtype)
+            if IEEE:
+                acc = tl.dot(xt.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, w, acc)
+        mask = m_ok[:, None] & n_ok[None, :]
+        if SPLIT_K == 1:
+            if FIX:
+                acc = (acc.to(tl.uint32, bitcast=True) + 0x7FFF + ((acc.to(tl.uint32, bitcast=True) >> 16) & 1)
+                       ).to(tl.float32, bitcast=True)
+            tl.store(OUT + s * o_s + m[:, None] * o_m + n[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
+        else:
+            tl.store(PART + ((pid_k * tl.num_programs(2) + s) * M + m[:, None]) * N + n[None, :], acc, mask=mask)
+
+    @triton.jit
+    def nf4_split_sum(PART, OUT, total, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, FIX: tl.constexpr):
+        # 把 K 段的部分和 PART (SPLIT_K, S·M·N) float32 按固定顺序相加（确定性），转成输出精度写进 OUT (S·M·N)。
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < total
+        acc = tl.zeros([BLOCK], tl.float32)
+        for p in tl.static_range(SPLIT_K):
+            acc += tl.load(PART + p * total + i, mask=ok, other=0.0)
+        if FIX:  # 解释器里 .to(bf16) 是截断：先在位模式上加 0x7FFF + 保留位的最低位（见 RTNE_NOTE）
+            acc = (acc.to(tl.uint32, bitcast=True) + 0x7FFF + ((acc.to(tl.uint32, bitcast=True) >> 16) & 1)
+                  ).to(tl.float32, bitcast=True)
+        tl.store(OUT + i, acc.to(OUT.dtype.element_ty), mask=ok)
+
+    @triton_op("steer::nf4_linear", mutates_args=())
+    def nf4_linear_op(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                      n: int, blocksize: int, gemv: bool, block_m: int, block_n: int, nb: int, split_k: int,
+                      num_warps: int, num_stages: int) -> torch.Tensor:
+        """算子本体（参数已由 _launch 核对）：x (S, M, K)，瓦片布局的 qweight (S, N_pad/64, K/bs, bs/2, 64)、
+        absmax (S, N_pad/64, K/bs, 64)，n = 真实的 N → (S, M, N)，x 的精度。split_k > 1 时另分配 float32 部分和
+        (split_k, S, M, N)。"""
+        stacks, rows, k = x.shape
+        out = torch.empty((stacks, rows, n), dtype=x.dtype, device=x.device)
+        part = torch.empty((split_k, stacks, rows, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
+        fix = INTERPRETED and x.dtype == torch.bfloat16
+        if gemv:
+            wrap_triton(nf4_gemv)[(triton.cdiv(n, TILE_N), split_k, stacks)](
+                x, qweight, absmax, code, out, part, n, k, x.stride(0), qweight.stride(0), absmax.stride(0),
+                out.stride(0), BLOCKSIZE=blocksize, BLOCK_N=TILE_N, NB=nb, SPLIT_K=split_k, FIX=fix,
+                num_warps=num_warps, num_stages=num_stages)
+        else:
+            wrap_triton(nf4_dot)[(triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k, stacks)](
+                x, qweight, absmax, code, out, part, rows, n, k, x.stride(0), x.stride(1), qweight.stride(0),
+                absmax.stride(0), out.stride(0), out.stride(1), BLOCKSIZE=blocksize, BLOCK_M=block_m,
+                BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, IEEE=x.dtype == torch.float32 or INTERPRETED, FIX=fix,
+                TN=TILE_N,
+                num_warps=num_warps, num_stages=num_stages)
+        if split_k > 1:
+            total = stacks * rows * n
+            wrap_triton(nf4_split_sum)[(triton.cdiv(total, 1024),)](part, out, total, SPLIT_K=split_k, BLOCK=1024,
+                                                                     FIX=fix, num_warps=4)
+        return out
+
+    return nf4_linear_op
+
+
+def nf4_linear_stacked(x: torch.Tensor, w: NF4Weight, split_k: int | None = None,
+                       config: tuple[str, int, int, int, int, int] | None = None) -> torch.Tensor:
+    """S 个模型各自的 x @ Wᵀ 一次发射：x (S, M, K) bf16/fp16/fp32（最后一维连续），w 叠好的（stack_nf4，前导维 S）
+    → (S, M, N)，x 的精度，float32 累加。程序网格的第三维是 S（StackedLlama._linear 的 bmm 的 4 位版本）。
+
+    split_k None = split_k_for 按 SM 数选；config None = config_for(M)（测试用这两个参数强制走某条路径）。
+    """
+    if not w.stacked:
+        raise ValueError("nf4_linear_stacked: expects a stacked weight (leading dimension S) from stack_nf4; "
+                         "use nf4_linear for a single weight")
+    if x.dim() != 3 or x.shape[0] != w.qweight.shape[0]:
+        raise ValueError(f"nf4_linear_stacked: x must be (S, M, K) with S = {w.qweight.shape[0]} stacked weights, "
+                         f"got shape {tuple(x.shape)}")
+    return _launch(x, w, split_k, config)
+
+
+def nf4_linear(x: torch.Tensor, w: NF4Weight, split_k: int | None = None,
+               config: tuple[str, int, int, int, int, int] | None = None) -> torch.Tensor:
+    """x @ Wᵀ：x (M, K) bf16/fp16/fp32（最后一维连续），w 单个 NF4Weight（N 个输出）→ (M, N)，x 的精度。
+    参数同 nf4_linear_stacked。在 torch.compile 的区域里用之前，先在区域外调用一次 load_nf4_kernels()
+    （或先 eager 调用一次本函数）：算子在那时注册。"""
+    if w.stacked:
+        raise ValueError("nf4_linear: got a stacked weight; use nf4_linear_stacked with x of shape (S, M, K)")
+    if x.dim() != 2:
+        raise ValueError(f"nf4_linear: x must be 2-D (M, K), got shape {tuple(x.shape)}; flatten leading dimensions")
+    return _launch(x[None], dataclasses.replace(w, qweight=w.qweight[None], absmax=w.absmax[None]), split_k,
+                   config)[0]
+
+
+def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None,
+            config: tuple[str, int, int, int, int, int] | None) -> torch.Tensor:
+    """核对输入后经 torch.ops 调用算子。x (S, M, K)；w 叠好的（前导维 S）。"""
+    stacks, rows, k = x.shape
+    if x.dtype not in DTYPES:
+        raise ValueError(f"nf4 linear: x dtype must be bfloat16, float16 or float32, got {x.dtype}")
+    if k != w.in_features:
+        raise ValueError(f"nf4 linear: x has K = {k} columns but the weight has in_features = {w.in_features}")
+    tiles, blocks = -(-w.out_features // TILE_N), k // w.blocksize
+    if (k % w.blocksize or w.blocksize % 32 or w.qweight.shape[1:] != (tiles, blocks, w.blocksize // 2, TILE_N)
+            or w.absmax.shape[1:] != (tiles, blocks, TILE_N)):
+        raise ValueError(f"nf4 linear: K = {k} must be a multiple of blocksize = {w.blocksize} (a multiple of 32) and "
+                         f"the weight must be in the tiled layout of repack_nf4; got qweight {tuple(w.qweight.shape)}, "
+                         f"absmax {tuple(w.absmax.shape)}")
+    if w.qweight.dtype != torch.uint8 or w.absmax.dtype != torch.float32 or w.code.dtype != torch.float32:
+        raise ValueError("nf4 linear: weight must hold uint8 qweight, float32 absmax and a float32 code table "
+                         f"(got {w.qweight.dtype}, {w.absmax.dtype}, {w.code.dtype}); build it with repack_nf4")
+    if not (w.qweight.is_contiguous() and w.absmax.is_contiguous() and w.code.is_contiguous()):
+        raise ValueError("nf4 linear: weight tensors must be contiguous; build the weight with repack_nf4/stack_nf4 "
+                         "or call .contiguous() on its tensors")
+    if x.stride(-1) != 1:
+        raise ValueError(f"nf4 linear: x must be contiguous in its last dimension (strides {tuple(x.stride())}); "
+                         "call x.contiguous()")
+    if not (x.device == w.qweight.device == w.absmax.device == w.code.device):
+        raise ValueError(f"nf4 linear: x on {x.device} but weight on {w.qweight.device}; move them to one device")
+    method, block_m, block_n, nb, warps, stages = config or config_for(rows)
+    gemv = method == "gemv"
+    if gemv and rows != 1:
+        raise ValueError(f"nf4 linear: the 'gemv' kernel handles M = 1 only, got M = {rows}")
+    if block_n % TILE_N:
+        raise ValueError(f"nf4 linear: BLOCK_N = {block_n} must be a multiple of the tile width {TILE_N}")
+    block_n = TILE_N if gemv else block_n
+    nb = min(nb, triton_next_power_of_2(blocks))
+    if split_k is None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+        programs = stacks * -(-rows // block_m) * -(-w.out_features // block_n)
+        split_k = split_k_for(programs, -(-blocks // nb), sms, per_sm=8 if gemv else 4)
+    split_k = max(1, min(split_k, -(-blocks // nb)))
+    if not torch.compiler.is_compiling():
+        load_nf4_kernels()  # 编译区域里 dynamo 追踪不了 kernel 的定义：那里要求算子已经注册过
+    # 经 torch.ops 调用：编译区域里 dynamo 只看到一个已注册的算子
+    return torch.ops.steer.nf4_linear(x, w.qweight, w.absmax, w.code, w.out_features, w.blocksize, gemv, block_m,
+                                      block_n, nb, split_k, warps, stages)
+
+
+def triton_next_power_of_2(n: int) -> int:
+    """不小于 n 的 2 的幂（不导入 triton 的 next_power_of_2）。"""
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))

@@ -1,0 +1,208 @@
+"""fast/nf4.py 的测试：NF4 的重排 / 参考反量化 / 纯 torch 量化器与 bitsandbytes 逐位一致；Triton kernel
+（CPU 上由解释器执行，conftest 设了 TRITON_INTERPRET=1）与“反量化 + float32 矩阵乘”一致；叠加版本 == 逐模型调用；
+输入不合规时报错。GPU 上编译出的 kernel 由 benchmarks/micro_nf4.py 检查（每个形状都比较一次）。
+形状都很小：解释器逐程序执行，很慢。
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from fast.nf4 import (NF4Weight, cat_nf4, dequantize_nf4, dynamic_map, nf4_linear, nf4_linear_stacked,
+                      quantize_nf4_reference, repack_nf4, stack_nf4)
+
+needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="没有 bitsandbytes")
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="没有 triton 包（.ci/run 会安装它，用解释器在 CPU 上跑 kernel）")
+
+# 每种激活精度的相对误差上界（‖y − ref‖ / ‖ref‖，ref 为 float32 的“反量化 + 矩阵乘”，x 取同一个舍入后的值）：
+# float32 只差求和顺序；bf16/fp16 还有权重转成 x 精度的舍入与输出舍入（bf16 约 2⁻⁹）。
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture
+def interpreted_triton() -> None:
+    """Triton kernel 在 CPU 上由解释器执行：conftest 在导入 triton 之前设了 TRITON_INTERPRET=1。"""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET 不是 1：kernel 要编译给 GPU，CPU 测试跑不了")
+
+
+def _nf4(n: int, k: int, seed: int = 0, dtype: torch.dtype = torch.bfloat16, blocksize: int = 64) -> NF4Weight:
+    """随机 (n, k) 权重经纯 torch 量化器量化（双重量化）再重排。"""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    return repack_nf4(*quantize_nf4_reference(w, blocksize=blocksize))
+
+
+def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 纯 torch 部分 vs bitsandbytes
+# ---------------------------------------------------------------------------------------------------------------
+@needs_bnb
+@pytest.mark.parametrize("n, k, blocksize", [(96, 128, 64), (40, 320, 64), (8, 1024, 128), (72, 64, 32)])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_repack_dequantize_equals_bitsandbytes(n: int, k: int, blocksize: int, nested: bool,
+                                              dtype: torch.dtype) -> None:
+    """bitsandbytes 量化的权重：repack_nf4 + dequantize_nf4 与 bitsandbytes 的 dequantize_4bit 逐位相同。"""
+    import bitsandbytes.functional as bnbf
+
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)).to(dtype)
+    packed, state = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=blocksize, compress_statistics=nested)
+    nf4 = repack_nf4(packed, state)
+    tiles = -(-n // 64)  # 输出补零到 64 的倍数
+    assert nf4.qweight.shape == (tiles, k // blocksize, blocksize // 2, 64)
+    assert nf4.absmax.shape == (tiles, k // blocksize, 64)
+    assert (nf4.out_features, nf4.in_features) == (n, k)
+    assert nf4.nbytes == tiles * 64 * (k // 2 + k // blocksize * 4)
+    ref = bnbf.dequantize_4bit(packed, state)
+    out = dequantize_nf4(nf4)
+    assert out.dtype == ref.dtype == dtype
+    assert torch.equal(out, ref)
+
+
+@needs_bnb
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("nested", [True, False])
+def test_reference_quantizer_equals_bitsandbytes(dtype: torch.dtype, nested: bool) -> None:
+    """quantize_nf4_reference 与 bitsandbytes 的 quantize_4bit 相同：打包字节、(嵌套时) offset 与第二层 absmax
+    逐位相同。嵌套的 uint8 absmax 也逐位相同，只有落在两个表项中点附近（相差不到表项间距的 1%）的个别值可以差
+    一格：bitsandbytes 在 CPU 上用 C 库的近似二分查找，不总是取最近的表项（GPU 上的 CUDA kernel 又是另一种查找）。"""
+    import bitsandbytes.functional as bnbf
+
+    w = torch.randn(192, 320, generator=torch.Generator().manual_seed(1)).to(dtype)
+    packed, state = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=nested)
+    mine, my_state = quantize_nf4_reference(w, blocksize=64, compress_statistics=nested)
+    assert torch.equal(mine, packed) and mine.shape == packed.shape == (192 * 320 // 2, 1)
+    assert torch.equal(my_state.code, state.code)
+    assert my_state.shape == state.shape and my_state.dtype == state.dtype and my_state.nested == nested
+    if not nested:
+        assert torch.equal(my_state.absmax, state.absmax)
+        return
+    assert torch.equal(my_state.offset, state.offset)
+    assert torch.equal(my_state.state2.code, state.state2.code) and torch.equal(dynamic_map(), state.state2.code)
+    assert torch.equal(my_state.state2.absmax, state.state2.absmax)
+    diff = my_state.absmax.int() - state.absmax.int()
+    assert diff.abs().max() <= 1 and (diff != 0).float().mean() < 0.02
+    # 不同的那几个：缩放后的值离两个表项的中点不到间距的 1%
+    code = state.state2.code
+    raw = w.float().reshape(-1, 64).abs().amax(-1) - state.offset
+    scaled = raw / state.state2.absmax.repeat_interleave(256)[: raw.numel()]
+    for i in diff.nonzero().flatten().tolist():
+        a, b = code[my_state.absmax[i].long()], code[state.absmax[i].long()]
+        assert abs(scaled[i] - (a + b) / 2) < 0.01 * abs(a - b)
+
+
+def test_repack_refuses_bad_input() -> None:
+    """K 不是 blocksize 的倍数（块跨行）、字节数不符、非 NF4 时报错并说明原因。"""
+    packed, state = quantize_nf4_reference(torch.randn(4, 96), blocksize=64)  # 384 个元素 = 6 块，但每行 96
+    with pytest.raises(ValueError, match="not a multiple of blocksize"):
+        repack_nf4(packed, state)
+    packed, state = quantize_nf4_reference(torch.randn(8, 128))
+    with pytest.raises(ValueError, match="packed bytes"):
+        repack_nf4(packed[:-2], state)
+    with pytest.raises(ValueError, match="contiguous"):
+        repack_nf4(torch.stack([packed, packed], 1)[:, 0], state)
+    state.quant_type = "fp4"
+    with pytest.raises(ValueError, match="nf4"):
+        repack_nf4(packed, state)
+
+
+def test_cat_and_stack_layouts() -> None:
+    """cat_nf4 沿输出维拼接 == 反量化后拼接（b 的 N = 32 补了零列：拼接时不能留在中间）；
+    stack_nf4 多一个前导维，逐个反量化相同。"""
+    a, b = _nf4(64, 128, seed=1), _nf4(32, 128, seed=2)
+    ab, ba = cat_nf4([a, b]), cat_nf4([b, a])
+    assert torch.equal(dequantize_nf4(ab), torch.cat([dequantize_nf4(a), dequantize_nf4(b)]))
+    assert torch.equal(dequantize_nf4(ba), torch.cat([dequantize_nf4(b), dequantize_nf4(a)]))
+    assert ba.out_features == 96 and ba.qweight.shape[0] == 2
+    c = _nf4(64, 128, seed=3)
+    stacked = stack_nf4([a, c])
+    assert stacked.stacked and stacked.qweight.shape == (2, 1, 2, 32, 64)
+    assert torch.equal(dequantize_nf4(stacked), torch.stack([dequantize_nf4(a), dequantize_nf4(c)]))
+    with pytest.raises(ValueError, match="out_features differ"):
+        stack_nf4([a, b])
+    with pytest.raises(ValueError, match="in_features"):
+        cat_nf4([a, _nf4(64, 256)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernel（解释器）
+# ---------------------------------------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("m, n, k, split_k", [
+    (1, 80, 256, None),   # GEMV，N 不是 2 的幂、不满一块
+    (1, 64, 512, 3),      # GEMV + 切 K（最后一段不满）+ 合并
+    (3, 96, 128, None),   # tl.dot，M 不满一块
+    (16, 48, 192, 2),     # tl.dot + 切 K
+    (33, 72, 128, 1),     # 两个 M 块
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_linear_matches_dequantize_matmul(interpreted_triton: None, m: int, n: int, k: int,
+                                              split_k: int | None, dtype: torch.dtype) -> None:
+    """nf4_linear == x @ dequantize(W)ᵀ（float32，x 先舍入到 dtype）：误差在 TOLERANCE 内，输出为 x 的精度。"""
+    w = _nf4(n, k, seed=m + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+    ref = x.float() @ dequantize_nf4(dataclasses.replace(w, dtype=torch.float32)).T
+    y = nf4_linear(x, w, split_k=split_k)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert _relative_error(y, ref) < TOLERANCE[dtype]
+
+
+@needs_triton
+def test_nf4_linear_fp16_blocksize_128_and_config(interpreted_triton: None) -> None:
+    """fp16 激活、blocksize 128；显式 config 走 tl.dot 的多块步（NB = 2）与 GEMV 的多块步。"""
+    w = _nf4(40, 512, seed=5, blocksize=128)
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(0)).half()
+    ref = x.float() @ dequantize_nf4(dataclasses.replace(w, dtype=torch.float32)).T
+    assert _relative_error(nf4_linear(x, w), ref) < TOLERANCE[torch.float16]
+    y = nf4_linear(x, w, config=("dot", 16, 128, 2, 4, 1), split_k=1)
+    assert _relative_error(y, ref) < TOLERANCE[torch.float16]
+    y1 = nf4_linear(x[:1], w, config=("gemv", 1, 64, 2, 4, 1), split_k=2)
+    assert _relative_error(y1, ref[:1]) < TOLERANCE[torch.float16]
+
+
+@needs_triton
+@pytest.mark.parametrize("m", [1, 5])
+def test_nf4_linear_stacked_equals_per_model(interpreted_triton: None, m: int) -> None:
+    """叠加版本（程序网格第三维是模型）== 逐个模型调用 nf4_linear，逐位相同。"""
+    ws = [_nf4(48, 128, seed=s) for s in range(3)]
+    x = torch.randn(3, m, 128, generator=torch.Generator().manual_seed(m)).bfloat16()
+    y = nf4_linear_stacked(x, stack_nf4(ws))
+    assert y.shape == (3, m, 48)
+    for s in range(3):
+        assert torch.equal(y[s], nf4_linear(x[s], ws[s]))
+
+
+@needs_triton
+def test_nf4_linear_refuses_bad_input(interpreted_triton: None) -> None:
+    """不合规的输入在发射前报错，消息说明原因与做法。"""
+    w = _nf4(32, 128)
+    x = torch.randn(2, 128)
+    with pytest.raises(ValueError, match="dtype must be"):
+        nf4_linear(x.double(), w)
+    with pytest.raises(ValueError, match="in_features = 128"):
+        nf4_linear(torch.randn(2, 64), w)
+    with pytest.raises(ValueError, match="contiguous in its last dimension"):
+        nf4_linear(torch.randn(128, 2).T, w)
+    with pytest.raises(ValueError, match="2-D"):
+        nf4_linear(x[None], w)
+    with pytest.raises(ValueError, match="contiguous"):
+        nf4_linear(x, dataclasses.replace(w, qweight=w.qweight.transpose(-1, -2).contiguous().transpose(-1, -2)))
+    with pytest.raises(ValueError, match="multiple of blocksize"):
+        nf4_linear(torch.randn(2, 96), dataclasses.replace(w, qweight=torch.zeros(1, 1, 48, 64, dtype=torch.uint8)))
+    with pytest.raises(ValueError, match="stacked"):
+        nf4_linear(x, stack_nf4([w, w]))
+    with pytest.raises(ValueError, match="S = 2"):
+        nf4_linear_stacked(x[None], stack_nf4([w, w]))
+    with pytest.raises(ValueError, match="M = 1 only"):
+        nf4_linear(x, w, config=("gemv", 1, 64, 2, 4, 1))
+    with pytest.raises(ValueError, match="multiple of the tile width"):
+        nf4_linear(x, w, config=("dot", 16, 32, 1, 4, 1))
