@@ -50,9 +50,9 @@ def build_eval_parser() -> argparse.ArgumentParser:
                        help='JSON {"task": [doc ids]}: evaluate only these documents (lm-eval\'s --samples); '
                             "replaces --limit")
     group.add_argument("--bootstrap-iters", type=int, default=100000, help="lm-eval bootstrap iterations for stderr")
-    group.add_argument("--add-bos-token", action=argparse.BooleanOptionalAction, default=False,
-                       help="prepend the tokenizer's BOS (lm-eval's `hf` model does this for Llama-3 tokenizers; "
-                            "main.py --scoring letter does not)")
+    group.add_argument("--add-bos-token", action=argparse.BooleanOptionalAction, default=None,
+                       help="force (or with --no-add-bos-token forbid) the tokenizer's BOS; by default the tokenizer "
+                            "decides, as in lm-eval's `hf` model and main.py --scoring letter (Llama-3 adds it)")
     group.add_argument("--max-length", type=int, default=None,
                        help="longest sequence per forward (default: the target's max_position_embeddings); "
                             "sets the rolling-window size for perplexity tasks")

@@ -9,9 +9,8 @@
 基线就是同一个类、steering=None（只用目标模型）。
 
 提示规则与 `main.py --scoring letter` 相同（交叉核对见 tests/test_lm_eval.py）：
-- 默认不加 BOS（add_bos_token=False，与字母打分的 add_special_tokens=False 一致）。注意 lm-eval 自带的 `hf` 模型
-  默认按分词器的习惯加特殊记号：Llama-3 的分词器会加 <|begin_of_text|>，SmolLM2 的不加。要与 `--model hf` 一致，
-  在 Llama-3 上传 add_bos_token=True。
+- 特殊记号默认按分词器的习惯（add_bos_token=None），与 lm-eval 自带的 `hf` 模型、与字母打分都一致：
+  Llama-3 的分词器会加 <|begin_of_text|>，SmolLM2 的不加。add_bos_token=True/False 强制加或不加。
 - 目标模型只看 lm-eval 给的上下文；专家/基座若另设了系统提示（--expert-system-prompt / --base-system-prompt，
   例如 --demo 用同一个小模型扮演两者），把它作为纯文本前缀 "提示\\n\\n" 放在上下文之前（与 scoring.letter_role_text 相同）。
 
@@ -81,7 +80,7 @@ class SteeredLM(TemplateLM):
     def __init__(self, models: dict[str, Any], tokenizer: Any, *, vocab_size: int,
                  steering: SteeringParams | None, prefixes: dict[str, str] | None = None, batch_size: int = 8,
                  max_length: int | None = None, max_gen_toks: int = 256, fast: bool = True, compile: bool = False,
-                 add_bos_token: bool = False, seed: int = 0, end_ids: Sequence[int] | None = None) -> None:
+                 add_bos_token: bool | None = None, seed: int = 0, end_ids: Sequence[int] | None = None) -> None:
         super().__init__()
         self.roles = ROLES if steering is not None else ("target",)
         missing = [r for r in self.roles if r not in models]
@@ -136,7 +135,8 @@ class SteeredLM(TemplateLM):
         """字典形式的 model_args（见 create_from_arg_string），经 config.parse_args 校验，默认值与 main.py 相同。"""
         args = {k.replace("-", "_"): v for k, v in arg_dict.items()}
         arm = str(args.pop("arm", "steered"))
-        add_bos = str(args.pop("add_bos_token", "false")).lower() in ("1", "true", "yes")
+        raw_bos = args.pop("add_bos_token", None)
+        add_bos = None if raw_bos is None else str(raw_bos).lower() in ("1", "true", "yes")
         max_length = int(args.pop("max_length")) if args.get("max_length") is not None else None
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k == "batch_size"}
         for k, v in extra.items():
@@ -181,8 +181,9 @@ class SteeredLM(TemplateLM):
                                                   add_generation_prompt=add_generation_prompt)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        """文本 → id。add_special_tokens 未指定时用 self.add_bos_token（默认 False，与字母打分一致）。"""
+        """文本 → id。add_special_tokens 未指定时用 self.add_bos_token；它也是 None 时按分词器的默认（与字母打分一致）。"""
         special = self.add_bos_token if add_special_tokens is None else add_special_tokens
+        special = True if special is None else special
         return [int(t) for t in self.tokenizer.encode(string, add_special_tokens=special)]
 
     def tok_decode(self, tokens: Sequence[int]) -> str:

@@ -222,7 +222,7 @@ def score_by_letters(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data,
     """--scoring letter：每题每模型一次前向（lm-eval medqa_4options 的提示、不加 BOS，与 lm-eval 对因果模型的默认一致），
     按批分给各进程；rank 0 拼回、给每个臂写记录，其他 rank 返回 (None, {})。"""
     tok, questions = loaded.tokenizer, data.questions
-    prompt_ids = {role: [tok.encode(letter_role_text(q, cfg, role), add_special_tokens=False) for q in questions]
+    prompt_ids = {role: [tok.encode(letter_role_text(q, cfg, role)) for q in questions]
                   for role in loaded.models}
     start = time.perf_counter()
     mine = score_letters_shard(loaded.models, prompt_ids, loaded.letter_ids, vocab_size=loaded.vocab_size,

@@ -89,9 +89,10 @@ def make_record(mode: str, question: Any, tokens: list[int], tokenizer: Any,
 # ---------------------------------------------------------------------------
 
 def letter_prompt(question: Any) -> str:
-    """lm-eval medqa_4options 风格的提示（不经过聊天模板）：题干、四个选项、以 "Answer:" 结尾。"""
+    """lm-eval medqa_4options 的提示（不经过聊天模板），逐字相同：题干原样（不去首尾空白——lm-eval 也不去，
+    tests/test_lm_eval.py 在全部 1,273 道测试题上核对）、四个选项、以 "Answer:" 结尾。"""
     options = "\n".join(f"{k}. {question.options[k]}" for k in LETTERS)
-    return f"Question: {question.question.strip()}\n{options}\nAnswer:"
+    return f"Question: {question.question}\n{options}\nAnswer:"
 
 
 def letter_token_ids(tokenizers: dict[str, Any]) -> list[int]:

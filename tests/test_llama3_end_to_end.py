@@ -202,8 +202,9 @@ def test_letter_tokens_are_single_llama3_tokens(tok) -> None:
 def test_letter_scoring_runs_on_llama3_letter_tokens(tok, questions) -> None:
     models = make_models()
     ids = letter_token_ids({"target": tok})
-    # 与 main.py 相同的编码：lm-eval 风格的纯文本提示，add_special_tokens=False
-    prompt_ids = [tok.encode(letter_prompt(q), add_special_tokens=False) for q in questions]
+    # 与 main.py 相同的编码：lm-eval 风格的纯文本提示，特殊记号按分词器默认（Llama-3 加一个 BOS，与 lm-eval 的 hf 模型相同）
+    prompt_ids = [tok.encode(letter_prompt(q)) for q in questions]
+    assert all(p[0] == tok.bos_token_id and p.count(tok.bos_token_id) == 1 for p in prompt_ids)
     scores = score_letters(models, prompt_ids, ids, vocab_size=VOCAB_SIZE, batch_size=2, metric="js")
     full = {role: torch.stack([m(torch.tensor([p])).logits[0, -1] for p in prompt_ids]) for role, m in models.items()}
     for role in ROLES:

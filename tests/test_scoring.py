@@ -38,7 +38,8 @@ def scores(trio_models):
 def test_letter_prompt_matches_lm_eval_style():
     q = Question(index=0, question=" A 30-year-old man has a cough. ", answer_idx="C", answer="Asthma",
                  options={"A": "Flu", "B": "Cold", "C": "Asthma", "D": "TB"})
-    assert letter_prompt(q) == "Question: A 30-year-old man has a cough.\nA. Flu\nB. Cold\nC. Asthma\nD. TB\nAnswer:"
+    # 题干原样保留首尾空白：lm-eval 的 medqa_4options 也不去（全部测试题上的逐字核对见 tests/test_lm_eval.py）
+    assert letter_prompt(q) == "Question:  A 30-year-old man has a cough. \nA. Flu\nB. Cold\nC. Asthma\nD. TB\nAnswer:"
 
 
 def test_letter_token_ids_single_tokens(smol_tokenizer):
