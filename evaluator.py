@@ -23,7 +23,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from sampling import Sampling, pick_tokens
-from scoring import LetterScores, Record, make_record
+from scoring import (ForcedAnswer, LetterScores, Record, forced_predictions, forced_row_ids, make_record,
+                     with_forced)
 from steering_utils import SteeringParams, distance, fuse_step
 
 if TYPE_CHECKING:
@@ -290,6 +291,7 @@ def run_arm(
     roles: Sequence[str] | None = None,
     sampling: Sampling | None = None,
     shard: tuple[int, int] = (0, 1),
+    forced: ForcedAnswer | None = None,
 ) -> ArmResult:
     """一个“臂”（arm：baseline、steered、扫参的某个设置、专家/基座单独、某条采样链）跑完全部题目。
     mode 是臂的名字，写进每条记录。roles：参与的模型角色——("target",)、("expert",) 这类单模型臂不融合；
@@ -310,6 +312,10 @@ def run_arm(
       直到 1；本模式余下的批都用减半后的大小。每次减半调用 on_event({"event": "oom_backoff", ...})。
       批大小 1 仍不够 → RunError，写明题目 index（之前交出的记录不受影响）。
     - should_stop()：每写完一批检查一次；为真且还有没做的批时停下，返回 interrupted=True。
+
+    答案抽取第二阶段（forced 不为 None 时）：一批解码完、记录交出之前，第一阶段（make_record 里的 extract_answer）
+    没读出答案的行由 forced_letters 接上 cue 再各做一次前向，结果经 scoring.with_forced 写进记录；
+    这一前向与解码在同一个显存回退的 try 里（它也可能显存不足）。forced 为 None 时 pred_forced 恒为 None。
     """
     from tqdm.auto import tqdm
 
@@ -348,6 +354,22 @@ def run_arm(
                               max_new_tokens=max_new_tokens, end_ids=end_ids, pad_id=tokenizer.pad_token_id,
                               steering=steer, sampling=sampling, question_ids=qids)
 
+    def finish(chunk: list[int], result: BatchResult) -> list[Record]:
+        """一批的记录（跳过已记录的题）：第一阶段在 make_record 里；第一阶段没读出答案的行再走第二阶段。"""
+        rows = [row for row, j in enumerate(chunk) if questions[j].index not in done]
+        new = [make_record(mode, questions[chunk[row]], result.tokens[row], tokenizer,
+                           result.alpha[row] if result.alpha is not None else None,
+                           result.nonfinite[row] if result.nonfinite is not None else None) for row in rows]
+        need = [k for k, rec in enumerate(new) if rec["pred_text"] is None]
+        if forced is not None and need:
+            ids = [[forced_row_ids(role_prompts[r][chunk[rows[k]]], result.tokens[rows[k]], end_ids, forced)
+                    for k in need] for r in roles]
+            letters = forced_letters([models[r] for r in roles], ids, roles, forced, vocab_size=vocab_size,
+                                     steering=steer)
+            for k, letter in zip(need, letters):
+                new[k] = with_forced(new[k], letter)
+        return new
+
     decoder = make_decoder(size)
     decode_path: dict[str, Any] = {"fast": fast, "compiled": fast and compile}
     if decoder is not None:
@@ -367,6 +389,7 @@ def run_arm(
                 continue
             try:
                 result: BatchResult | None = decode(sub, decoder)
+                new = finish(sub, result) if result is not None else []
             except torch.OutOfMemoryError as exc:
                 result, oom = None, str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
             if result is None:
@@ -388,14 +411,8 @@ def run_arm(
                 decoder = make_decoder(size)
                 pending.insert(0, sub)
                 continue
-            new: list[Record] = []
-            for row, j in enumerate(sub):
-                if questions[j].index in done:
-                    continue  # 上次已记录（部分记录的批整批重跑，只补缺的）
-                new.append(make_record(mode, questions[j], result.tokens[row], tokenizer,
-                                       result.alpha[row] if result.alpha is not None else None,
-                                       result.nonfinite[row] if result.nonfinite is not None else None))
-                decoded_tokens += len(result.tokens[row])
+            decoded_tokens += sum(len(result.tokens[row]) for row, j in enumerate(sub)
+                                  if questions[j].index not in done)
             if new and on_batch is not None:
                 on_batch(new)
             done.update(r["index"] for r in new)
@@ -418,6 +435,30 @@ def arm_timing(arm: ArmResult) -> dict[str, Any]:
     return {"seconds": round(arm.seconds, 3), "decoded_tokens": arm.decoded_tokens,
             "tokens_per_second": arm.decoded_tokens / arm.seconds if arm.seconds > 0 else None,
             "decode_path": arm.decode_path}
+
+
+# ---------------------------------------------------------------------------
+# 答案抽取第二阶段的前向：提示 + 生成 + cue，每个模型一次，只取最后位置
+# ---------------------------------------------------------------------------
+
+@torch.inference_mode()
+def forced_letters(models: Sequence[PreTrainedModel], ids: Sequence[Sequence[Sequence[int]]], roles: Sequence[str],
+                   forced: ForcedAnswer, *, vocab_size: int, steering: SteeringParams | None) -> list[str]:
+    """第二阶段：ids[k][i] 是第 k 个模型（角色 roles[k]）第 i 行的 提示 + 生成 + cue（scoring.forced_row_ids）。
+    每个模型对左填充的整批做一次完整前向（不复用解码时的 KV 缓存：简单、与解码路径无关；代价约等于再做一次
+    prefill，只有第一阶段没读出答案的行付出），取最后位置的 logits (B, V)[:, :vocab_size]，交给
+    scoring.forced_predictions：单模型臂直接取四个字母上的 argmax，融合臂按该臂的 SteeringParams 融合后取 argmax
+    （与 --scoring letter 同一规则）。返回每行的字母。"""
+    if len(models) != len(ids) or len(models) != len(roles) or len(models) not in (1, 3):
+        raise ValueError("forced_letters needs one id list per model, and one model or (target, expert, base)")
+    device = models[0].device
+    z: dict[str, torch.Tensor] = {}
+    for model, rows, role in zip(models, ids, roles):
+        tokens, mask = left_pad(rows, 0, model.device)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = model(input_ids=tokens, attention_mask=mask, position_ids=pos, logits_to_keep=1)
+        z[role] = out.logits[:, -1, :vocab_size].float().to(device)
+    return forced_predictions(z, roles, steering if len(models) == 3 else None, forced.letter_ids)
 
 
 # ---------------------------------------------------------------------------

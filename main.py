@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from config import LETTERS, ROLES, Config, ConfigError, parse_args
+from config import FORCED_ANSWER_CUE, LETTERS, ROLES, Config, ConfigError, parse_args
 from data_loader import DataError, Question, encode_prompts, format_prompt, load_questions
 from evaluator import RunError, arm_timing, run_arm, score_letters_shard
 from model_loader import (ModelLoadError, end_token_ids, load_models, load_tokenizer, local_path, resolve_device,
@@ -40,7 +40,8 @@ from run_folder import (CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, Dist, Inter
                         consolidate, environment, init_dist, log_event, open_run_dir, questions_sha256, rank_file,
                         read_events, read_records, resume_command, rewrite_sorted, stop_on_sigint, write_json)
 from sampling import Sampling
-from scoring import (ArmSpec, Record, letter_records, letter_role_text, letter_token_ids, merge_letter_scores)
+from scoring import (ArmSpec, ForcedAnswer, Record, forced_answer_ids, letter_records, letter_role_text,
+                     letter_token_ids, merge_letter_scores)
 from stats import arm_metrics, compare_arms
 from steering_utils import SteeringParams, steering_params
 
@@ -115,7 +116,8 @@ class Data:
 @dataclass(frozen=True)
 class Loaded:
     """加载好的分词器与模型：models[角色]，vocab_size 为分词器词表（模型多出的填充行永远不选），
-    end_ids 为结束记号，letter_ids 为 " A".." D" 的 token id（只在 --scoring letter 时非空）。"""
+    end_ids 为结束记号，letter_ids 为 " A".." D" 的 token id（只在 --scoring letter 时非空）；
+    forced 为答案抽取第二阶段的 cue 与字母 id（只在 CoT 且 --forced-answer 时非 None）。"""
 
     device: torch.device
     tokenizer: Any
@@ -123,6 +125,7 @@ class Loaded:
     vocab_size: int
     end_ids: list[int]
     letter_ids: list[int]
+    forced: ForcedAnswer | None = None
 
 
 def load_data(cfg: Config, dist: Dist) -> Data:
@@ -151,6 +154,12 @@ def resume_records(cfg: Config, run_dir: str, stored: dict[str, Any] | None, dat
                         "数据变了请用新的 --output-dir 重新开始。")
     if cfg.scoring != "cot":
         return []
+    saved_cue = (stored.get("forced_answer") or {}).get("cue", FORCED_ANSWER_CUE)
+    if cfg.forced_answer and saved_cue != FORCED_ANSWER_CUE:
+        # 第二阶段的字母取决于 cue：换了 cue 的续跑会把两种规则的记录混在一起。
+        raise ConfigError(f"{os.path.join(run_dir, CONFIG_FILE)}: this run used the answer cue {saved_cue!r}, but "
+                          f"config.FORCED_ANSWER_CUE is now {FORCED_ANSWER_CUE!r}; resume with the same cue, or "
+                          "start a new run with a new --output-dir.")
     # rank 0 先把上次各进程的分片合并进 predictions.jsonl（截掉被杀时写了一半的行），其他进程再读同一份。
     existing = consolidate(run_dir, names, data.indices) if dist.main else []
     dist.barrier()
@@ -182,19 +191,30 @@ def load_roles(cfg: Config, dist: Dist) -> Loaded:
     device = pick_device(cfg, dist)
     tokenizer = load_tokenizer(cfg.target)
     letter_ids: list[int] = []
-    if cfg.scoring == "letter":
-        # " A".." D" 必须各是一个 token、且各角色分词器给出同一 id：在加载任何模型之前检查。
+    forced: ForcedAnswer | None = None
+    stage2 = cfg.scoring == "cot" and cfg.forced_answer
+    if cfg.scoring == "letter" or stage2:
         role_tokenizers = {"target": tokenizer}
         role_tokenizers.update({r: load_tokenizer(getattr(cfg, r)) for r in roles_needed if r != "target"})
+    if cfg.scoring == "letter":
+        # " A".." D" 必须各是一个 token、且各角色分词器给出同一 id：在加载任何模型之前检查。
         try:
             letter_ids = letter_token_ids(role_tokenizers)
         except ValueError as exc:
             raise ModelLoadError(f"--scoring letter 无法使用：{exc}") from None
+    if stage2:
+        # 第二阶段：cue 之后 "(" 后的 "A".."D" 必须各是一个 token、各角色 id 相同——同样在加载任何模型之前检查。
+        try:
+            forced = forced_answer_ids(role_tokenizers)
+        except ValueError as exc:
+            raise ModelLoadError(f"stage 2 of answer extraction cannot be used: {exc}. "
+                                 "Run with --no-forced-answer to read answers from the text only.") from None
     models, vocab_size = load_models(cfg, tokenizer, device)
     prompts = cfg.role_system_prompts
     if "steered" in cfg.modes and cfg.expert == cfg.base and prompts["expert"] == prompts["base"] and dist.main:
         print("[main] 警告：专家与基座是同一模型且系统提示相同，z_expert − z_base ≡ 0，引导等于基线。", file=sys.stderr)
-    return Loaded(device, tokenizer, models, vocab_size, end_token_ids(tokenizer, list(models.values())), letter_ids)
+    return Loaded(device, tokenizer, models, vocab_size, end_token_ids(tokenizer, list(models.values())), letter_ids,
+                  forced)
 
 
 def record_start(cfg: Config, run_dir: str, stored: dict[str, Any] | None, data: Data, loaded: Loaded,
@@ -213,7 +233,10 @@ def record_start(cfg: Config, run_dir: str, stored: dict[str, Any] | None, data:
                           "dtype": str(m.dtype)} for role, m in loaded.models.items()},
         "device": str(loaded.device), "vocab_size": loaded.vocab_size, "end_token_ids": loaded.end_ids,
         "pad_token_id": loaded.tokenizer.pad_token_id, "role_system_prompts": cfg.role_system_prompts,
-        "letter_token_ids": loaded.letter_ids or None, "environment": environment(),
+        "letter_token_ids": loaded.letter_ids or None,
+        "forced_answer": {"cue": FORCED_ANSWER_CUE, "cue_ids": list(loaded.forced.cue_ids),
+                          "letter_ids": list(loaded.forced.letter_ids)} if loaded.forced else None,
+        "environment": environment(),
         "processes": dist.world, "started": _dt.datetime.now().isoformat(timespec="seconds")})
 
 
@@ -278,7 +301,7 @@ def decode_arms(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, load
                              on_batch=lambda recs: append_jsonl(sink, recs),
                              on_event=lambda event: log_event(run_dir, {**event, "rank": dist.rank}),
                              should_stop=stop, roles=arm.roles, sampling=arm.sampling,
-                             shard=(dist.rank, dist.world), progress=dist.main)
+                             shard=(dist.rank, dist.world), progress=dist.main, forced=loaded.forced)
             timing[arm.name] = arm_timing(result)
             if result.interrupted:
                 raise Interrupted

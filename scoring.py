@@ -8,15 +8,15 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Final, Mapping, Sequence, TypedDict
+from typing import Any, Collection, Final, Mapping, Sequence, TypedDict
 
 import numpy as np
 import torch
 
-from config import LETTERS, Config
+from config import FORCED_ANSWER_CUE, LETTERS, ROLES, Config
 from data_loader import Question
 from sampling import Sampling
-from steering_utils import SteeringParams, alpha_from_distance, fuse_with_alpha
+from steering_utils import SteeringParams, alpha_from_distance, distance, fuse_with_alpha
 
 ALPHA_DECIMALS: int = 4  # 逐 token α 的保存精度：α 量级为 1，万分之一足够作图，又让每题 512 步的记录保持小巧
 
@@ -34,7 +34,13 @@ class RecordCore(TypedDict):
 
 
 class Record(RecordCore, total=False):
-    """predictions.jsonl 的一行。融合臂另有 α 统计与逐步 α；CoT 融合臂有 nonfinite_steps；字母打分有 letter_logits。"""
+    """predictions.jsonl 的一行。融合臂另有 α 统计与逐步 α；CoT 融合臂有 nonfinite_steps；字母打分有 letter_logits。
+
+    CoT 记录总有两阶段的字段（字母打分的记录没有：不生成文本、也没有第二阶段，pred 就是四个字母上的 argmax）：
+    pred_text 是第一阶段（extract_answer 从文本读出）的字母或 None；pred_forced 是第二阶段（接上
+    FORCED_ANSWER_CUE 后该臂模型在四个字母上的 argmax）的字母，只在 pred_text 为 None 且第二阶段开启时非 None；
+    pred = pred_text if pred_text is not None else pred_forced，correct 跟随 pred。
+    """
 
     alpha_mean: float | None
     alpha_min: float | None
@@ -42,9 +48,40 @@ class Record(RecordCore, total=False):
     alpha: list[float]  # 每个被引导的步（字母打分：答案位置）一个 α，保留 ALPHA_DECIMALS 位小数
     nonfinite_steps: int  # 融合 logits 非有限、改用目标 logits 的步数
     letter_logits: list[float | None]  # 四个字母上（融合后）的 logits；被可信度约束排除的为 None
+    pred_text: str | None  # CoT：第一阶段（从文本）读出的字母
+    pred_forced: str | None  # CoT：第二阶段（强制答案提示）的字母；不需要或关闭时为 None
 
 
 RECORD_KEYS: frozenset[str] = frozenset(RecordCore.__required_keys__)
+# CoT 记录（predictions.jsonl 里续跑读取的就是它们）另外必有的键：两阶段答案抽取的结果。
+COT_RECORD_KEYS: frozenset[str] = RECORD_KEYS | {"pred_text", "pred_forced"}
+
+
+def record_problem(rec: dict[str, Any]) -> str | None:
+    """检查一条 CoT 记录的取值类型与两阶段字段的一致性；没有问题返回 None，否则返回一句英文说明。
+
+    续跑读取 predictions.jsonl 时调用（run_folder.read_records）：旧版本写的、没有 pred_text/pred_forced 的记录，
+    或被改动过的记录（pred 与两阶段不一致、correct 与 pred 不一致）都被拒绝，而不是混进指标。
+    """
+    missing = sorted(COT_RECORD_KEYS - set(rec))
+    if missing:
+        return f"missing keys {', '.join(missing)} (a file written by an older version of this tool?)"
+    if not isinstance(rec["mode"], str) or isinstance(rec["index"], bool) or not isinstance(rec["index"], int):
+        return "'mode' must be a string and 'index' an integer"
+    for key in ("pred", "pred_text", "pred_forced"):
+        if rec[key] is not None and rec[key] not in LETTERS:
+            return f"'{key}' must be null or one of {', '.join(LETTERS)}, got {rec[key]!r}"
+    if rec["pred_text"] is not None and rec["pred_forced"] is not None:
+        return "'pred_forced' must be null when 'pred_text' holds a letter (stage 2 only runs when stage 1 found none)"
+    final = rec["pred_text"] if rec["pred_text"] is not None else rec["pred_forced"]
+    if rec["pred"] != final:
+        return f"'pred' must equal pred_text, or pred_forced when pred_text is null ({final!r}), got {rec['pred']!r}"
+    if not isinstance(rec["correct"], bool) or rec["correct"] != (rec["pred"] == rec["gold"]):
+        return "'correct' must be a boolean equal to (pred == gold)"
+    if not isinstance(rec["output"], str) or isinstance(rec["num_tokens"], bool) \
+            or not isinstance(rec["num_tokens"], int):
+        return "'output' must be a string and 'num_tokens' an integer"
+    return None
 
 
 @dataclass(frozen=True)
@@ -64,17 +101,20 @@ class ArmSpec:
 
 def make_record(mode: str, question: Any, tokens: list[int], tokenizer: Any,
                 alpha: list[float] | None, nonfinite: int | None = None) -> Record:
-    """predictions.jsonl 的一行：mode、index、gold、pred（字母或 None）、correct、output、num_tokens；
+    """predictions.jsonl 的一行：mode、index、gold、pred（字母或 None）、pred_text、pred_forced、correct、output、num_tokens；
     引导模式另有 alpha（该题被引导的每一步的 α，保留 ALPHA_DECIMALS 位小数：α 直方图与轨迹图的原料）、
     alpha_mean / alpha_min / alpha_max（由未取整的 α 算出）与 nonfinite_steps（融合 logits 非有限、改用目标 logits 的步数）。
 
     output 用 skip_special_tokens=True 解码；num_tokens 含结束记号（若生成了）。
+    这里只做第一阶段（pred_text = extract_answer，pred_forced = None）；第二阶段由调用者（evaluator.run_arm）
+    对 pred_text 为 None 的行算出字母后经 with_forced 填入。
     记录里没有任何计时或会话信息：续跑与不中断的运行写出的记录逐字节相同。
     """
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     pred = extract_answer(text, question.options)
     rec: Record = {"mode": mode, "index": question.index, "gold": question.answer_idx, "pred": pred,
-                           "correct": pred == question.answer_idx, "output": text, "num_tokens": len(tokens)}
+                   "pred_text": pred, "pred_forced": None,
+                   "correct": pred == question.answer_idx, "output": text, "num_tokens": len(tokens)}
     if alpha is not None:
         rec.update(alpha_mean=sum(alpha) / len(alpha) if alpha else None,
                    alpha_min=min(alpha) if alpha else None, alpha_max=max(alpha) if alpha else None,
@@ -82,6 +122,77 @@ def make_record(mode: str, question: Any, tokens: list[int], tokenizer: Any,
     if nonfinite is not None:
         rec["nonfinite_steps"] = int(nonfinite)
     return rec
+
+
+def with_forced(rec: Record, letter: str) -> Record:
+    """第二阶段的结果写进一条第一阶段没读出答案的记录（返回新字典，不修改 rec）：pred_forced = pred = letter，
+    correct 随之更新。只对 pred_text 为 None 的记录调用。"""
+    if rec["pred_text"] is not None:
+        raise ValueError(f"record {rec['mode']}/{rec['index']} already has an answer from the text; "
+                         "stage 2 only applies when stage 1 found none")
+    return {**rec, "pred": letter, "pred_forced": letter, "correct": letter == rec["gold"]}
+
+
+# ---------------------------------------------------------------------------
+# 答案抽取，第二阶段：接上固定提示，由该臂自己的模型在四个字母 token 上取 argmax
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ForcedAnswer:
+    """第二阶段的 token：cue_ids 是 FORCED_ANSWER_CUE 的 id（不加 BOS），letter_ids 是紧跟在 "(" 之后的
+    "A".."D" 各自的单个 token id（与 LETTERS 同序）。由 forced_answer_ids 在加载任何模型之前算出并校验。"""
+
+    cue_ids: tuple[int, ...]
+    letter_ids: tuple[int, ...]
+
+
+def forced_answer_ids(tokenizers: dict[str, Any], cue: str = FORCED_ANSWER_CUE) -> ForcedAnswer:
+    """每个角色的分词器上：cue 的 id，以及 cue + 字母 的编码恰好是 cue 的 id 再加一个 token（即 "(" 之后的字母是
+    单个 token，且不与 "(" 合并）；各角色给出的 cue id 与字母 id 必须完全相同（CoT 时三个模型都读目标分词器的 id）。
+    否则“在四个字母 token 上取 argmax”就不是在比较四个答案，必须在任何前向之前报错（ValueError，英文消息）。"""
+    found: dict[str, ForcedAnswer] = {}
+    for role, tok in tokenizers.items():
+        cue_ids = list(tok.encode(cue, add_special_tokens=False))
+        letters = []
+        for letter in LETTERS:
+            both = list(tok.encode(cue + letter, add_special_tokens=False))
+            if both[:len(cue_ids)] != cue_ids or len(both) != len(cue_ids) + 1:
+                raise ValueError(f"the {role} tokenizer does not encode the answer cue {cue!r} followed by "
+                                 f"{letter!r} as the cue's tokens plus one letter token ({both[len(cue_ids) - 1:]} "
+                                 f"after the cue's first {len(cue_ids) - 1} tokens); stage 2 needs each letter after "
+                                 "'(' to be a single token")
+            letters.append(both[-1])
+        if len(set(letters)) != len(LETTERS):
+            raise ValueError(f"the {role} tokenizer gives the letters after '(' the ids {letters}, which are not distinct")
+        found[role] = ForcedAnswer(tuple(cue_ids), tuple(letters))
+    if len(set(found.values())) != 1:
+        raise ValueError(f"the roles' tokenizers disagree on the answer cue / letter token ids: "
+                         f"{ {r: (list(f.cue_ids), list(f.letter_ids)) for r, f in found.items()} }; "
+                         "stage 2 needs one shared vocabulary")
+    return next(iter(found.values()))
+
+
+def forced_row_ids(prompt: Sequence[int], tokens: Sequence[int], end_ids: Collection[int],
+                   forced: ForcedAnswer) -> list[int]:
+    """第二阶段一行的输入：该角色的提示 id + 生成的 id（去掉末尾的结束记号：提示要接在同一个 assistant 回合里）
+    + cue 的 id。生成的 id 已在第一个结束记号处截断（evaluator._trim），所以结束记号只可能在最后。"""
+    body = list(tokens[:-1]) if tokens and tokens[-1] in end_ids else list(tokens)
+    return list(prompt) + body + list(forced.cue_ids)
+
+
+def forced_predictions(z: dict[str, torch.Tensor], roles: Sequence[str], steering: SteeringParams | None,
+                       letter_ids: Sequence[int]) -> list[str]:
+    """第二阶段的字母：z[角色] 是 cue 之后的下一词 logits (B, V)（已切到分词器词表）。单模型臂取该模型在四个字母上的
+    argmax；融合臂与字母打分同一规则（letter_predictions）：α 由该位置整词表的目标–专家距离按该臂的调度算出，
+    融合、可信度约束（β，相对四个字母里目标的最大概率）与非有限守卫都只在四个字母上做，再取 argmax。"""
+    index = torch.tensor(list(letter_ids), device=next(iter(z.values())).device)
+    if steering is None:
+        picked = z[roles[0]][:, index].float().argmax(-1)
+        return [LETTERS[int(k)] for k in picked.tolist()]
+    scores = LetterScores(letters={r: z[r][:, index].float().cpu() for r in ROLES},
+                          distance=distance(z["target"], z["expert"], steering.metric).cpu())
+    pred, _, _ = letter_predictions(scores, steering)
+    return [LETTERS[int(k)] for k in pred]
 
 
 # ---------------------------------------------------------------------------

@@ -76,6 +76,10 @@ def arm_metrics(mode: str, records: Sequence[Record], *, oom_backoffs: int = 0,
     95% Wilson 区间、unparsed（抽不出答案的题数，计为错）、generated_tokens（所有记录的 num_tokens 之和）、
     oom_backoffs；引导模式另有 alpha_mean（按题平均的 alpha_mean 再平均）与 nonfinite_steps（守卫触发的总步数）。
 
+    CoT 的记录（带 pred_text / pred_forced）另有两阶段答案抽取的计数与准确率：from_text（第一阶段从文本读出）、
+    from_forced（第二阶段由模型选出）、none（都没有，计为错；等于 unparsed），correct_text / accuracy_text
+    （只用第一阶段时的对题数与准确率）。accuracy 是两阶段合起来的（最终 pred），即主要的数字。
+
     墙钟相关的数字只放在 "timing" 子对象里：续跑与不中断的运行除 timing 之外完全相同（测试就是这样比较的）。
     """
     n = len(records)
@@ -86,6 +90,11 @@ def arm_metrics(mode: str, records: Sequence[Record], *, oom_backoffs: int = 0,
         "generated_tokens": sum(r["num_tokens"] for r in records),
         "oom_backoffs": oom_backoffs,
     }
+    if records and all("pred_text" in r for r in records):  # CoT：两阶段答案抽取
+        correct_text = sum(r["pred_text"] is not None and r["pred_text"] == r["gold"] for r in records)
+        out.update(from_text=sum(r["pred_text"] is not None for r in records),
+                   from_forced=sum(r["pred_text"] is None and r.get("pred_forced") is not None for r in records),
+                   none=out["unparsed"], correct_text=correct_text, accuracy_text=correct_text / n)
     if any("alpha_mean" in r for r in records):  # 融合臂（steered 与扫参的每个设置）
         alpha = [r["alpha_mean"] for r in records if r.get("alpha_mean") is not None]
         out["alpha_mean"] = sum(alpha) / len(alpha) if alpha else None
@@ -96,7 +105,8 @@ def arm_metrics(mode: str, records: Sequence[Record], *, oom_backoffs: int = 0,
 
 def compare_arms(baseline: Sequence[Record], steered: Sequence[Record]) -> dict[str, Any]:
     """同一批题上的配对比较（参数为两个模式的逐题记录）：Δ 准确率、被引导“修好”/“弄坏”的题目 index、
-    精确 McNemar 双侧 p 值（mcnemar_exact_p）。
+    精确 McNemar 双侧 p 值（mcnemar_exact_p）。全部按最终的 pred（correct 字段）算；CoT 记录另给 delta_text，
+    即只用第一阶段（pred_text）时的 Δ，便于看第二阶段是否改变了比较。
     """
     base = {r["index"]: r["correct"] for r in baseline}
     steer = {r["index"]: r["correct"] for r in steered}
@@ -106,6 +116,13 @@ def compare_arms(baseline: Sequence[Record], steered: Sequence[Record]) -> dict[
     broken = sorted(i for i in base if base[i] and not steer[i])
     p = mcnemar_exact_p(len(fixed), len(broken))
     n = len(base)
-    return {"n": n, "delta": (sum(steer.values()) - sum(base.values())) / n if n else None,
-            "fixed": fixed, "broken": broken, "both_correct": sum(base[i] and steer[i] for i in base),
-            "both_wrong": sum(not base[i] and not steer[i] for i in base), "mcnemar_exact_p": p}
+    out = {"n": n, "delta": (sum(steer.values()) - sum(base.values())) / n if n else None,
+           "fixed": fixed, "broken": broken, "both_correct": sum(base[i] and steer[i] for i in base),
+           "both_wrong": sum(not base[i] and not steer[i] for i in base), "mcnemar_exact_p": p}
+    both = list(baseline) + list(steered)
+    if n and all("pred_text" in r for r in both):
+        def text_correct(rs: Sequence[Record]) -> int:
+            return sum(r["pred_text"] is not None and r["pred_text"] == r["gold"] for r in rs)
+
+        out["delta_text"] = (text_correct(steered) - text_correct(baseline)) / n
+    return out

@@ -35,6 +35,7 @@ DEFAULT_CONSTANTS: dict[str, str] = {
     "all_questions": "ALL_QUESTIONS", "skip_invalid": "SKIP_INVALID",
     "scoring": "SCORING", "sweep": "SWEEP", "sweep_alphas": "SWEEP_ALPHAS", "sweep_schedules": "SWEEP_SCHEDULES",
     "temperature": "TEMPERATURE", "top_p": "TOP_P", "votes": "VOTES", "trace_index": "TRACE_INDEX",
+    "forced_answer": "FORCED_ANSWER",
 }
 
 # 单独给出时不合法、需要另一个参数才有意义的字段：测试时一并给出这些前提参数。

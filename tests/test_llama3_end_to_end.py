@@ -6,7 +6,9 @@ model_loader.end_token_ids（128001/128008/128009）。检查：
 - 两个臂（baseline：只有目标；steered：SteeringParams）的快速路径 FastDecoder 与参考循环 generate_batch 逐 token 相同（fp32）；
 - 生成 <|eot_id|> 的行就停在那里，其余行不受影响、跑满预算；生成 <|python_tag|>（非结束的特殊记号）的行继续；
 - run_arm 的快速与参考路径写出相同的记录；记录的文字里没有任何特殊记号，且等于 llama-models 对非特殊 id 的解码；
-- " A" … " D" 在 Llama-3 分词器里各是一个 token，字母打分（evaluator.score_letters）给出与直接前向相同的 logits。
+- " A" … " D" 在 Llama-3 分词器里各是一个 token，字母打分（evaluator.score_letters）给出与直接前向相同的 logits；
+- 答案抽取第二阶段（run_arm 的 forced）在 Llama-3 的字母 token 上与整段前向 + fuse_step 的慢速计算一致，
+  以 <|eot_id|> 收尾的行去掉结束记号后再接 cue。
 
 怎样让某一行在已知的一步生成 <|eot_id|>：先不带结束记号跑一遍参考循环，取只出现一次的某个 token s，
 把每个模型 lm_head 的 <|eot_id|> 行改写成 1.001 × s 行（llama3.alias_token）；logits 与融合对 lm_head 行都是线性的，
@@ -36,7 +38,8 @@ from llama3 import (BOS_ID, END_IDS, EOT_ID, FINETUNE_PAD_ID, PYTHON_TAG_ID, VOC
                     llama3_tokenizer_dir, reference_tokenizer, special_tokens, tiny_llama3)
 from model_loader import end_token_ids, load_tokenizer  # noqa: E402
 from steering_utils import SteeringParams, distance  # noqa: E402
-from scoring import letter_predictions, letter_prompt, letter_token_ids  # noqa: E402
+from scoring import forced_answer_ids, letter_predictions, letter_prompt, letter_token_ids  # noqa: E402
+from steering_utils import fuse_step  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEDQA_FILE = os.path.join(REPO, "data", "medqa", "test.jsonl")
@@ -215,3 +218,29 @@ def test_letter_scoring_runs_on_llama3_letter_tokens(tok, questions) -> None:
     expected = full["target"][:, ids] + torch.as_tensor(alpha)[:, None] * (full["expert"][:, ids] - full["base"][:, ids])
     torch.testing.assert_close(fused, expected, atol=1e-3, rtol=1e-5)
     assert preds.tolist() == expected.argmax(-1).tolist()
+
+
+@torch.inference_mode()
+def test_stage2_on_llama3_letter_tokens(tok, questions, prompts, arm) -> None:
+    """第二阶段：run_arm 给出的 pred_forced == 每行每模型对 [提示 + 生成（去掉 <|eot_id|>）+ cue] 整段前向、
+    fuse_step 融合（β = 0）后在 "(" 之后的字母 id 上取 argmax。"""
+    forced = forced_answer_ids({"target": tok, "expert": tok, "base": tok})
+    ends = end_token_ids(tok, list(arm["models"].values()))
+    result = run_arm(arm["name"], questions, {role: prompts for role in ROLES}, arm["models"], tok, fast=False,
+                     vocab_size=VOCAB_SIZE, batch_size=N_QUESTIONS, max_new_tokens=STEPS, end_ids=ends,
+                     steering=arm["steering"], progress=False, roles=arm["roles"], forced=forced)
+    tokens = reference(arm["group"], prompts, arm["steering"], list(END_IDS), tok.pad_token_id).tokens
+    assert tokens[arm["eot"][0]][-1] == EOT_ID
+    needed = 0
+    for j, record in enumerate(result.records):
+        if record["pred_text"] is not None:
+            assert record["pred_forced"] is None
+            continue
+        needed += 1
+        body = tokens[j][:-1] if tokens[j][-1] in END_IDS else tokens[j]
+        ids = torch.tensor([prompts[j] + body + list(forced.cue_ids)])
+        z = [m(ids).logits[:, -1, :VOCAB_SIZE].float() for m in arm["group"]]
+        fused = z[0] if arm["steering"] is None else fuse_step(z[0], z[1], z[2], arm["steering"])[0]
+        assert record["pred_forced"] == "ABCD"[int(fused[0, list(forced.letter_ids)].argmax())]
+        assert record["pred"] == record["pred_forced"]
+    assert needed >= 1

@@ -136,6 +136,11 @@ def test_demo_config_json(demo_run: SimpleNamespace, smol_path: str, smol_tokeni
     assert c["environment"]["python"] == ".".join(map(str, sys.version_info[:3]))
     assert c["vocab_size"] == len(smol_tokenizer)
     assert {0, 2} <= set(c["end_token_ids"])  # <|endoftext|> 与 <|im_end|>
+    # 第二阶段的 cue 与 token id 写进 config.json（SmolLM2：cue 之后 "(" 后的字母各是一个 token）
+    forced = c["forced_answer"]
+    assert forced["cue"] == config.FORCED_ANSWER_CUE and cfg["forced_answer"] is True
+    assert forced["cue_ids"] == smol_tokenizer.encode(config.FORCED_ANSWER_CUE, add_special_tokens=False)
+    assert [smol_tokenizer.decode([i]) for i in forced["letter_ids"]] == list(LETTERS)
     assert c["role_system_prompts"] == {"target": config.SYSTEM_PROMPT, "expert": config.DEMO_EXPERT_SYSTEM_PROMPT,
                                         "base": config.DEMO_BASE_SYSTEM_PROMPT}
 
@@ -156,11 +161,16 @@ def test_demo_predictions(demo_run: SimpleNamespace) -> None:
         assert [r["gold"] for r in rows] == gold
     assert [r["mode"] for r in preds] == ["baseline"] * LIMIT + ["steered"] * LIMIT
     for r in preds:
-        assert {"mode", "index", "gold", "pred", "correct", "output", "num_tokens"} <= set(r)
+        assert {"mode", "index", "gold", "pred", "pred_text", "pred_forced", "correct", "output",
+                "num_tokens"} <= set(r)
         assert r["pred"] is None or r["pred"] in LETTERS
         assert isinstance(r["correct"], bool) and r["correct"] == (r["pred"] == r["gold"])
         assert isinstance(r["output"], str)
-        assert r["pred"] == extract_answer(r["output"], options[r["index"]])  # pred 由 output 与该题选项决定
+        # 第一阶段由 output 与该题选项决定；第二阶段（默认开启）只在第一阶段读不出时给出字母，pred 取两者之一
+        assert r["pred_text"] == extract_answer(r["output"], options[r["index"]])
+        assert (r["pred_forced"] is None) == (r["pred_text"] is not None)
+        assert r["pred_forced"] is None or r["pred_forced"] in LETTERS
+        assert r["pred"] == (r["pred_text"] if r["pred_text"] is not None else r["pred_forced"])
         assert isinstance(r["num_tokens"], int) and 1 <= r["num_tokens"] <= MAX_NEW
         if r["mode"] == "steered":
             for key in ("alpha_mean", "alpha_min", "alpha_max"):
@@ -194,6 +204,14 @@ def test_demo_metrics_consistent_with_predictions(demo_run: SimpleNamespace) -> 
         assert mm["n"] == LIMIT and mm["correct"] == k
         assert mm["accuracy"] == pytest.approx(k / LIMIT)
         assert mm["unparsed"] == sum(r["pred"] is None for r in rows)
+        # 两阶段答案抽取的计数与第一阶段单独的准确率，从逐题记录独立重算
+        from_text = sum(r["pred_text"] is not None for r in rows)
+        from_forced = sum(r["pred_text"] is None and r["pred_forced"] is not None for r in rows)
+        assert (mm["from_text"], mm["from_forced"], mm["none"]) == (from_text, from_forced,
+                                                                    LIMIT - from_text - from_forced)
+        k_text = sum(r["pred_text"] == r["gold"] for r in rows)
+        assert mm["correct_text"] == k_text and mm["accuracy_text"] == pytest.approx(k_text / LIMIT)
+        assert k == sum((r["pred_text"] or r["pred_forced"]) == r["gold"] for r in rows)
         assert len(mm["ci95"]) == 2
         assert mm["ci95"] == pytest.approx(list(_wilson(k, LIMIT)), abs=1e-9)
         assert 0 <= mm["ci95"][0] <= mm["accuracy"] <= mm["ci95"][1] <= 1
@@ -217,6 +235,9 @@ def test_demo_metrics_consistent_with_predictions(demo_run: SimpleNamespace) -> 
     assert c["broken"] == sorted(i for i in b if b[i] and not s[i])
     assert c["mcnemar_exact_p"] == pytest.approx(_mcnemar_exact(len(c["fixed"]), len(c["broken"])))
     assert 0 <= c["mcnemar_exact_p"] <= 1
+    text_ok = {mode: sum(r["pred_text"] == r["gold"] for r in preds if r["mode"] == mode)
+               for mode in ("baseline", "steered")}
+    assert c["delta_text"] == pytest.approx((text_ok["steered"] - text_ok["baseline"]) / LIMIT)
 
 
 def test_demo_prints_comparison_table(demo_run: SimpleNamespace) -> None:
@@ -229,6 +250,9 @@ def test_demo_prints_comparison_table(demo_run: SimpleNamespace) -> None:
         row = next(line for line in lines if line.startswith(mode))
         fields = row.split()
         assert int(fields[1]) == m[mode]["n"] and float(fields[2]) == pytest.approx(m[mode]["accuracy"], abs=5e-4)
+        # 95% CI 占两个字段，其后是第一阶段单独的准确率与第二阶段给出的答案数
+        assert float(fields[5]) == pytest.approx(m[mode]["accuracy_text"], abs=5e-4)
+        assert int(fields[6]) == m[mode]["from_forced"] and int(fields[7]) == m[mode]["unparsed"]
     c = m["comparison"]
     assert "Δ accuracy (steered − baseline)" in out and "McNemar" in out
     assert f"{c['delta']:+.3f}" in out and f"fixed {len(c['fixed'])}, broken {len(c['broken'])}" in out

@@ -423,7 +423,8 @@ def small_trio() -> dict[str, LlamaForCausalLM]:
 
 
 def _arm(trio: dict[str, LlamaForCausalLM], mode: str, fast: bool, **kwargs: Any) -> Any:
-    questions = [SimpleNamespace(index=10 + j, answer_idx="A") for j in range(len(PROMPTS))]
+    questions = [SimpleNamespace(index=10 + j, answer_idx="A", options={"A": "a", "B": "b", "C": "c", "D": "d"})
+                 for j in range(len(PROMPTS))]
     role_prompts = {r: [list(p) for p in PROMPTS] for r in ("target", "expert", "base")}
     return run_arm(mode, questions, role_prompts, trio, FakeTokenizer(), vocab_size=VOCAB, batch_size=4,
                    max_new_tokens=8, end_ids=[], steering=STEER, fast=fast, progress=False, **kwargs)
