@@ -34,7 +34,8 @@ class RecordCore(TypedDict):
 
 
 class Record(RecordCore, total=False):
-    """predictions.jsonl 的一行。融合臂另有 α 统计与逐步 α；CoT 融合臂有 nonfinite_steps；字母打分有 letter_logits。"""
+    """predictions.jsonl 的一行。融合臂另有 α 统计与逐步 α；CoT 融合臂有 nonfinite_steps；字母打分有 letter_logits；
+    投机解码的臂有 drafted / accepted / verify_steps（可选键：续跑时只检查 RECORD_KEYS）。"""
 
     alpha_mean: float | None
     alpha_min: float | None
@@ -42,6 +43,9 @@ class Record(RecordCore, total=False):
     alpha: list[float]  # 每个被引导的步（字母打分：答案位置）一个 α，保留 ALPHA_DECIMALS 位小数
     nonfinite_steps: int  # 融合 logits 非有限、改用目标 logits 的步数
     letter_logits: list[float | None]  # 四个字母上（融合后）的 logits；被可信度约束排除的为 None
+    drafted: int  # 投机解码的臂（--speculate K）：这道题被提出的草稿 token 数
+    accepted: int  # 输出里来自草稿的 token 数
+    verify_steps: int  # 验证前向次数（含产出第一个 token 的 prefill）
 
 
 RECORD_KEYS: frozenset[str] = frozenset(RecordCore.__required_keys__)
