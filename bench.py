@@ -9,6 +9,7 @@
     python bench.py --check                           # 真实形状上 fp32：快速路径 == 慢速循环逐 token；bf16 的一致率
     python bench.py --batches 1,64 --overlap off,streams --with-profile   # 比较 overlap 模式，并附每步 kernel 剖析
     python bench.py --preset tiny --device cpu        # CI 冒烟测试，几秒钟
+    python bench.py --speculate 4 --paths eager       # 投机解码（只有参考循环）：接受统计 + 与不投机逐 token 比较
 
 最后一行是一个 JSON 对象，包含全部测量值。
 """
@@ -33,6 +34,7 @@ from evaluator import BatchResult, generate_batch
 from fast.attention import ATTENTION_MODES, head_dim_of
 from fast.decoder import STACK_MODES, FastDecoder, length_bucket
 from sampling import Sampling
+from speculative import acceptance_summary, generate_speculative
 from steering_utils import SteeringParams
 
 STEER = SteeringParams()  # config.py 的缺省引导设置
@@ -457,6 +459,48 @@ def profile(models: list[PreTrainedModel], batch: int, args: argparse.Namespace,
     return result
 
 
+def speculate_rows(args: argparse.Namespace, sizes: list[int]) -> list[dict[str, Any]]:
+    """--speculate K：在随机权重模型上跑 speculative.generate_speculative（参考循环；快速路径还没有投机解码），
+    与同一批的 generate_batch 比较，报告 drafted / accepted / acceptance / tokens_per_verify 与两者的墙钟秒数。
+
+    模型与 --check 相同（lm_head ×8，argmax 远离近似平局）；目标行的草稿是专家（独立草稿模型），引导行按 --draft。
+    随机权重的专家与目标几乎从不一致，所以这里的接受率接近 0：它检查的是无损与记账，不是草稿的好坏
+    （真实模型的接受率见 benchmarks/spec_cpu.py）。identical 只在贪心时有意义（采样用 residual 规则：同分布、不同样本）。
+    """
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    models = [random_model(k, args.preset, dtype, args.device, s, head_scale=8.0)
+              for k, s in (("8b", 0), ("1b", 1), ("1b", 2))]
+    vocab = models[0].config.vocab_size
+    rows = []
+    for batch in sizes:
+        for mode in args.modes.split(","):
+            steered = mode == "steered"
+            use = models if steered else models[:1]
+            if args.draft == "fusion" and not steered:
+                rows.append({"mode": mode, "batch": batch, "error": "--draft fusion needs the steered mode"})
+                continue
+            prompts = prompts_for(batch, args.prompt, vocab)
+            common = dict(vocab_size=vocab, max_new_tokens=args.eager_new, end_ids=[], pad_id=0,
+                          steering=STEER if steered else None, sampling=sampling_of(args),
+                          question_ids=list(range(batch)))
+            plain: list[BatchResult] = []
+            spec: list[Any] = []
+            t_plain = timed(lambda: plain.append(generate_batch(use, [prompts] * len(use), **common)), args.device)
+            t_spec = timed(lambda: spec.append(generate_speculative(
+                use, [prompts] * len(use), k=args.speculate, draft=args.draft,
+                draft_model=None if steered else models[1], draft_prompts=None if steered else prompts, **common)),
+                args.device)
+            summary = acceptance_summary(spec)
+            rows.append({"path": "eager", "mode": mode, "batch": batch, "prompt": args.prompt, "new": args.eager_new,
+                         "speculate": args.speculate, "draft": args.draft,
+                         "identical": spec[0].tokens == plain[0].tokens if args.temperature == 0 else None,
+                         **{k: summary[k] for k in ("drafted", "accepted", "verify_steps", "tokens", "rounds")},
+                         "acceptance": summary["acceptance"], "tokens_per_verify": summary["tokens_per_verify"],
+                         "plain_s": round(t_plain, 4), "speculative_s": round(t_spec, 4)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def environment() -> dict[str, Any]:
     """记录设备、版本与提交：BENCHMARKS.md 里的每个数字都要能追溯到这里。"""
     versions = {}
@@ -566,6 +610,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0：采样（计入每步的 top-p 与 Gumbel 开销）")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--out", default=None, help="把 JSON 结果也写到这个文件")
+    parser.add_argument("--speculate", type=int, default=0, metavar="K",
+                        help="speculative decoding with K draft tokens per verify step: runs generate_speculative and "
+                             "the plain loop on the random-weight models and prints drafted / accepted / tokens per "
+                             "verify step. Reference loop only (the fast path has no speculation yet): needs "
+                             "--paths eager; --batches must be numbers")
+    parser.add_argument("--draft", choices=("expert", "fusion"), default="expert",
+                        help="speculative draft: expert, or fusion (steered mode only)")
     args = parser.parse_args(argv)
     if args.preset == "tiny":
         args.prompt, args.new, args.eager_new, args.check_new = min(args.prompt, 32), min(args.new, 16), \
@@ -580,12 +631,37 @@ def main(argv: list[str] | None = None) -> int:
     attentions = [o for o in args.attention.split(",") if o]
     if not attentions or any(o not in ("auto", *ATTENTION_MODES) for o in attentions):
         parser.error(f"--attention {args.attention!r}：每一项应为 auto / {' / '.join(ATTENTION_MODES)}")
+    if args.speculate:
+        if not 1 <= args.speculate <= 16:
+            parser.error(f"--speculate {args.speculate}: K must be from 1 to 16")
+        if args.paths != "eager" or args.check or args.profile:
+            parser.error("--speculate runs in the reference loop only (the fast path has no speculative decoding "
+                         "yet): add --paths eager, without --check / --profile")
+        if any(not b.isdigit() for b in args.batches.split(",") if b):
+            parser.error("--speculate needs numeric --batches (no max)")
     compile_step = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda"))
     torch.set_grad_enabled(False)
     env = environment()
     print(json.dumps({"env": env, "args": vars(args)}), flush=True)
 
     report: dict[str, Any] = {"env": env, "args": vars(args)}
+    if args.speculate:
+        report["speculation"] = speculate_rows(args, [int(b) for b in args.batches.split(",") if b])
+        print(f"\n{'mode':<9}{'batch':>6}{'K':>3} {'draft':<7}{'drafted':>9}{'accepted':>9}{'accept':>8}"
+              f"{'tok/verify':>11}{'identical':>10}{'plain s':>9}{'spec s':>9}")
+        for r in report["speculation"]:
+            if "error" in r:
+                print(f"{r['mode']:<9}{r['batch']:>6}  {r['error']}")
+                continue
+            acc = f"{r['acceptance']:.3f}" if r["acceptance"] is not None else "-"
+            print(f"{r['mode']:<9}{r['batch']:>6}{r['speculate']:>3} {r['draft']:<7}{r['drafted']:>9}{r['accepted']:>9}"
+                  f"{acc:>8}{r['tokens_per_verify']:>11.2f}{str(r['identical']):>10}{r['plain_s']:>9.2f}"
+                  f"{r['speculative_s']:>9.2f}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+        print(json.dumps(report))
+        return 0
     if args.check:
         report["check"] = check(args, compile_step)
         print(json.dumps(report))

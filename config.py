@@ -58,6 +58,15 @@ SEED: int = 42
 FAST_DECODE: bool = True
 # 编译解码步：auto = 仅在 CUDA 上编译（CUDA graphs）；CPU 上编译耗时远超收益。
 COMPILE: str = "auto"  # "auto" | "on" | "off"
+# 投机解码（issue 17）：草稿每轮提出 SPECULATE 个 token，验证模型一次前向 K+1 个位置；贪心输出与不投机时逐 token 相同。
+# 0 = 关闭（默认，直到 GPU 上的测量说明别的默认值更好）。目前只在参考循环里实现（需要 --no-fast）。
+SPECULATE: int = 0
+SPECULATE_MAX: int = 16  # K 的上限：每轮缓存多 K+1 列，被拒的列只被掩掉不裁剪，过大的 K 只浪费
+DRAFT: str = "expert"  # "expert"（专家单独起草）| "fusion"（z_b + α(z_e − z_b)，只在引导臂里可用）
+# 采样时的接受规则：residual = Leviathan/Chen 接受/拒绝（与不投机采样同分布、但不是同一个样本）；
+# coupled = 与不投机采样逐 token 相同的样本（Gumbel 耦合，接受率较低）。
+SPECULATIVE_SAMPLING: str = "residual"
+MIN_ACCEPTANCE: float = 0.0  # 某行起草满 16 个 token 后接受率低于它时该行不再起草（0 = 从不关闭）
 
 # 提示词：目标模型的系统提示；专家/基座可各自覆盖（None 表示与目标相同）。
 # 三个模型各有自己的 KV 缓存，所以每个角色的提示可以不同。
@@ -118,6 +127,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compile": ("auto", "on", "off"),
     "schedule": ("constant", "adaptive", "adaptive_inverse"),  # steering_utils.SCHEDULES 即此元组
     "scoring": ("cot", "letter"),
+    "draft": ("expert", "fusion"),
+    "speculative_sampling": ("residual", "coupled"),
 }
 VALID_MODES: tuple[str, ...] = ("baseline", "steered")
 LETTERS: tuple[str, ...] = ("A", "B", "C", "D")  # MedQA-USMLE 四选项的选项字母（全项目唯一的定义）
@@ -163,6 +174,18 @@ class Config:
     seed: int = field(default=SEED, metadata={"help": "随机种子（random、numpy、torch）"})
     fast: bool = field(default=FAST_DECODE, metadata={"help": "快速解码路径（静态缓存）；--no-fast 用慢速参考循环"})
     compile: str = field(default=COMPILE, metadata={"help": "编译解码步：auto（仅 CUDA）| on | off"})
+    speculate: int = field(default=SPECULATE, metadata={
+        "help": f"speculative decoding: the draft proposes K tokens per verify step (0 = off, at most {SPECULATE_MAX}); "
+                "lossless (greedy output identical); reference loop only for now, so it needs --no-fast"})
+    draft: str = field(default=DRAFT, metadata={
+        "help": "speculative draft: expert (the expert alone) or fusion (z_b + α(z_e − z_b); steered arms only, "
+                "so it needs --modes steered)"})
+    speculative_sampling: str = field(default=SPECULATIVE_SAMPLING, metadata={
+        "help": "with --temperature > 0 and --speculate: residual (Leviathan/Chen accept/reject: the same "
+                "distribution as non-speculative sampling, not the same sample) or coupled (the identical sample)"})
+    min_acceptance: float = field(default=MIN_ACCEPTANCE, metadata={
+        "help": "switch drafting off for a question whose acceptance falls below this after 16 drafted tokens "
+                "(0 = never)"})
     system_prompt: str = field(default=SYSTEM_PROMPT, metadata={"help": "目标模型的系统提示"})
     expert_system_prompt: str | None = field(
         default=EXPERT_SYSTEM_PROMPT, metadata={"help": "专家的系统提示（缺省同目标）"})
@@ -239,9 +262,41 @@ class Config:
                               "（温度 0 是贪心，每题只有一条确定的链）")
         if self.scoring == "letter" and self.temperature > 0:
             raise ConfigError("--scoring letter 不生成文本、没有可采样的链：请去掉 --temperature/--votes，或用 --scoring cot")
+        self._check_speculation()
         if self.trace_index is not None and (isinstance(self.trace_index, bool) or not isinstance(self.trace_index, int)
                                              or self.trace_index < 0):
             raise ConfigError(f"--trace-index={self.trace_index!r} 必须是 ≥ 0 的题目 index")
+
+    def _check_speculation(self) -> None:
+        """投机解码（issue 17）的约束：K 的范围、只在参考循环里实现、fusion 草稿只属于引导臂、字母打分不生成。"""
+        k = self.speculate
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= SPECULATE_MAX:
+            raise ConfigError(f"--speculate={k!r} must be an integer from 0 (off) to {SPECULATE_MAX}")
+        m = self.min_acceptance
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 <= m <= 1.0:
+            raise ConfigError(f"--min-acceptance={m!r} must be in [0, 1] (0 never switches drafting off)")
+        if k == 0:
+            if self.draft != DRAFT or self.speculative_sampling != SPECULATIVE_SAMPLING or m != MIN_ACCEPTANCE:
+                raise ConfigError("--draft, --speculative-sampling and --min-acceptance only apply to speculative "
+                                  "decoding: add --speculate K (K >= 1), or drop them")
+            return
+        if self.scoring == "letter":
+            raise ConfigError("--speculate does not apply to --scoring letter (nothing is generated): "
+                              "drop --speculate, or use --scoring cot")
+        if self.fast:
+            raise ConfigError("--speculate is implemented in the reference loop only, not yet in the fast path: "
+                              "add --no-fast (speculation never falls back silently)")
+        if self.draft == "fusion" and "baseline" in self.modes:
+            raise ConfigError("--draft fusion drafts with the expert and the base of a steered arm; the baseline arm "
+                              "(the target alone) has no fused distribution to draft from. Use --modes steered "
+                              "(no sweep), or --draft expert")
+
+    @property
+    def model_roles(self) -> tuple[str, ...]:
+        """本次运行要加载的模型角色：有引导臂时三个；只跑基线时只有目标——投机解码时再加专家（基线臂的草稿）。"""
+        if "steered" in self.modes:
+            return ROLES
+        return ("target", "expert") if self.speculate > 0 else ("target",)
 
     @property
     def role_system_prompts(self) -> dict[str, str]:

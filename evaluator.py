@@ -29,6 +29,7 @@ from steering_utils import SteeringParams, distance, fuse_step
 
 if TYPE_CHECKING:
     from fast.decoder import FastDecoder
+    from speculative import Speculation
 
 # 故障注入（只给测试用）：不为 None 时，run_arm 在每次解码一批之前调用它，参数是这一批实际占用的批大小
 # （快速路径为补齐后的 FastDecoder.batch_size）。测试用 monkeypatch 设置它来模拟 CUDA 显存不足；
@@ -292,6 +293,7 @@ def run_arm(
     sampling: Sampling | None = None,
     shard: tuple[int, int] = (0, 1),
     forced: ForcedAnswer | None = None,
+    speculation: "Speculation | None" = None,
 ) -> ArmResult:
     """一个“臂”（arm：baseline、steered、扫参的某个设置、专家/基座单独、某条采样链）跑完全部题目。
     mode 是臂的名字，写进每条记录。roles：参与的模型角色——("target",)、("expert",) 这类单模型臂不融合；
@@ -316,6 +318,12 @@ def run_arm(
     答案抽取第二阶段（forced 不为 None 时）：一批解码完、记录交出之前，第一阶段（make_record 里的 extract_answer）
     没读出答案的行由 forced_letters 接上 cue 再各做一次前向，结果经 scoring.with_forced 写进记录；
     这一前向与解码在同一个显存回退的 try 里（它也可能显存不足）。forced 为 None 时 pred_forced 恒为 None。
+
+    投机解码（issue 17，speculation 给出时）：每批用 speculative.generate_speculative（参考循环）解码，贪心输出与
+    generate_batch 逐 token 相同；每条记录加上 drafted / accepted / verify_steps。基线臂的草稿是专家
+    （models["expert"] 作为独立草稿模型，看专家的提示）；引导臂按 speculation.draft。不含目标的单模型臂
+    （扫参的 expert_alone / base_alone）不投机：1B 给 1B 起草省不下任何前向。快速路径还没有投机解码：
+    fast=True 时直接报错，绝不悄悄退回。
     """
     from tqdm.auto import tqdm
 
@@ -324,6 +332,14 @@ def run_arm(
     if len(roles) not in (1, 3):
         raise ValueError(f"roles={roles!r}：单模型臂给一个角色，引导臂给 (target, expert, base)")
     steer = steering if len(roles) == 3 else None
+    spec = speculation if speculation is not None and speculation.k > 0 and "target" in roles else None
+    if spec is not None:
+        if fast:
+            raise ValueError("speculative decoding is implemented in the reference loop only: use fast=False "
+                             "(--no-fast)")
+        if steer is None and "expert" not in models:
+            raise ValueError(f"arm {mode!r}: the speculative draft of a target-only arm is the expert, "
+                             "but no expert model was loaded")
     rank, world = shard
     done = set(done)
     mine = [chunk for b, chunk in enumerate(batch_plan(role_prompts["target"], batch_size)) if b % world == rank]
@@ -350,6 +366,16 @@ def run_arm(
             _FAULT_HOOK(decoder.batch_size if decoder is not None else len(chunk))
         if decoder is not None:
             return decoder.generate(prompts, max_new_tokens, question_ids=qids)
+        if spec is not None:
+            from speculative import generate_speculative  # speculative 导入本模块：只在用到时导入
+
+            alone = steer is None  # 只有目标：专家作为独立的草稿模型
+            return generate_speculative(
+                [models[r] for r in roles], prompts, vocab_size=vocab_size, max_new_tokens=max_new_tokens,
+                end_ids=end_ids, pad_id=tokenizer.pad_token_id, steering=steer, sampling=sampling,
+                question_ids=qids, k=spec.k, draft=spec.draft, sampling_rule=spec.sampling_rule,
+                min_acceptance=spec.min_acceptance, draft_model=models["expert"] if alone else None,
+                draft_prompts=[role_prompts["expert"][j] for j in chunk] if alone else None)
         return generate_batch([models[r] for r in roles], prompts, vocab_size=vocab_size,
                               max_new_tokens=max_new_tokens, end_ids=end_ids, pad_id=tokenizer.pad_token_id,
                               steering=steer, sampling=sampling, question_ids=qids)
@@ -368,10 +394,17 @@ def run_arm(
                                      steering=steer)
             for k, letter in zip(need, letters):
                 new[k] = with_forced(new[k], letter)
+        if spec is not None:
+            from speculative import record_fields
+
+            for k, row in enumerate(rows):
+                new[k].update(record_fields(result, row))  # type: ignore[typeddict-item]
         return new
 
     decoder = make_decoder(size)
     decode_path: dict[str, Any] = {"fast": fast, "compiled": fast and compile}
+    if spec is not None:
+        decode_path.update(speculate=spec.k, draft=spec.draft)
     if decoder is not None:
         decode_path.update(overlap=decoder.overlap, stack=decoder.stack, attention=decoder.attention)
     records: list[Record] = []

@@ -42,6 +42,7 @@ from run_folder import (CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, Dist, Inter
 from sampling import Sampling
 from scoring import (ArmSpec, ForcedAnswer, Record, forced_answer_ids, letter_records, letter_role_text,
                      letter_token_ids, merge_letter_scores)
+from speculative import Speculation
 from stats import arm_metrics, compare_arms
 from steering_utils import SteeringParams, steering_params
 
@@ -185,7 +186,7 @@ def pick_device(cfg: Config, dist: Dist) -> torch.device:
 
 def load_roles(cfg: Config, dist: Dist) -> Loaded:
     """分词器与模型。便宜的检查（来源写法、字母 token）都排在加载任何模型之前。"""
-    roles_needed = ROLES if "steered" in cfg.modes else ("target",)
+    roles_needed = cfg.model_roles
     for role in roles_needed:
         resolve_source(getattr(cfg, role))
     device = pick_device(cfg, dist)
@@ -288,6 +289,8 @@ def decode_arms(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, load
     compile_step = cfg.fast and (cfg.compile == "on" or (cfg.compile == "auto" and loaded.device.type == "cuda"))
     sink_path = os.path.join(run_dir, PREDICTIONS_FILE if dist.world == 1 else rank_file(dist.rank))
     timing: dict[str, dict[str, Any]] = {}
+    speculation = Speculation(cfg.speculate, cfg.draft, cfg.speculative_sampling, cfg.min_acceptance) \
+        if cfg.speculate > 0 else None
     # 追加模式：每批的记录一次写入并 fsync（append_jsonl）；被杀死时最多丢掉正在解码的那一批。
     with open(sink_path, "a", encoding="utf-8") as sink, stop_on_sigint() as stop:
         _fsync_dir(run_dir)  # 记录文件的目录项也要落盘
@@ -301,7 +304,8 @@ def decode_arms(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, load
                              on_batch=lambda recs: append_jsonl(sink, recs),
                              on_event=lambda event: log_event(run_dir, {**event, "rank": dist.rank}),
                              should_stop=stop, roles=arm.roles, sampling=arm.sampling,
-                             shard=(dist.rank, dist.world), progress=dist.main, forced=loaded.forced)
+                             shard=(dist.rank, dist.world), progress=dist.main, forced=loaded.forced,
+                             speculation=speculation)
             timing[arm.name] = arm_timing(result)
             if result.interrupted:
                 raise Interrupted
@@ -326,7 +330,8 @@ def compute_metrics(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, 
     for name, rs in by_arm.items():
         metrics[name] = arm_metrics(name, rs, timing=timing[name],
                                     oom_backoffs=sum(e.get("event") == "oom_backoff" and e.get("mode") == name
-                                                     for e in events))
+                                                     for e in events),
+                                    speculation={"k": cfg.speculate, "draft": cfg.draft})
     if "baseline" in by_arm and "steered" in by_arm:
         metrics["comparison"] = compare_arms(by_arm["baseline"], by_arm["steered"])
     majority, rows = arm_tables(arms, by_arm, data.questions, cfg, metrics)

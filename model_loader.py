@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from config import ROLES, Config
+from config import Config
 
 # 各家聊天模型常见的“结束”记号：生成到其中任何一个即视为该行结束（Llama-3 的三个 + ChatML 的两个）。
 KNOWN_END_TOKENS: tuple[str, ...] = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>")
@@ -312,9 +312,9 @@ def load_models(cfg: Config, tokenizer: PreTrainedTokenizerBase,
                 device: torch.device) -> tuple[dict[str, PreTrainedModel], int]:
     """按角色加载三个模型（来源相同者复用同一对象），检查词表，返回 ({角色: 模型}, 融合词表大小 V)。
 
-    只在需要时加载：只跑 baseline 时不加载专家和基座。
+    只在需要时加载（Config.model_roles）：只跑 baseline 时不加载专家和基座（投机解码时加载专家作草稿）。
     """
-    roles = ROLES if "steered" in cfg.modes else ("target",)
+    roles = cfg.model_roles
     specs = {role: getattr(cfg, role) for role in roles}
     loaded: dict[str, PreTrainedModel] = {}
     models: dict[str, PreTrainedModel] = {}

@@ -20,8 +20,8 @@ SWEEP_PLOT, ALPHA_HIST_PLOT, ALPHA_TRACE_PLOT = "sweep_accuracy.png", "alpha_his
 
 
 def print_report(metrics: dict[str, Any], run_dir: str) -> None:
-    """终端对比表：每个臂的准确率与 95% CI、未解析数、α 均值、本次会话的吞吐；有多个设置时再打印与基线的
-    配对比较表（Δ、自助法区间、精确 McNemar、修好/弄坏数，以及 25% 随机线）。"""
+    """终端对比表：每个臂的准确率与 95% CI、未解析数、α 均值、本次会话的吞吐（投机解码的臂另起一行报告接受率）；
+    有多个设置时再打印与基线的配对比较表（Δ、自助法区间、精确 McNemar、修好/弄坏数，以及 25% 随机线）。"""
     arms = metrics["arm_order"]
     width = max(10, *(len(a) + 2 for a in arms))
     print(f"\n{'arm':<{width}}{'n':>6}{'acc':>8}{'95% CI':>18}{'acc text':>10}{'forced':>8}{'unparsed':>10}"
@@ -46,6 +46,13 @@ def print_report(metrics: dict[str, Any], run_dir: str) -> None:
         if m.get("nonfinite_steps") or m.get("oom_backoffs"):
             print(f"{arm}: {m.get('nonfinite_steps', 0)} 个非有限 logits 步改用了目标 logits；"
                   f"显存不足回退 {m.get('oom_backoffs', 0)} 次")
+    for arm in arms:
+        sp = metrics[arm].get("speculation")
+        if sp:  # 投机解码的臂：接受率与每次验证产出的 token 数
+            acc = f"{sp['acceptance']:.3f}" if sp.get("acceptance") is not None else "-"
+            tpv = f"{sp['tokens_per_verify']:.2f}" if sp.get("tokens_per_verify") is not None else "-"
+            print(f"{arm}: speculative K={sp.get('k')} ({sp.get('draft')} draft): acceptance {acc} "
+                  f"({sp['accepted']}/{sp['drafted']} drafted tokens accepted), {tpv} tokens per verify step")
     if metrics.get("skipped_invalid_rows"):
         print(f"跳过的无效数据行：{metrics['skipped_invalid_rows']}（逐行原因见 config.json）")
     c = metrics.get("comparison")

@@ -40,6 +40,7 @@ class Record(RecordCore, total=False):
     pred_text 是第一阶段（extract_answer 从文本读出）的字母或 None；pred_forced 是第二阶段（接上
     FORCED_ANSWER_CUE 后该臂模型在四个字母上的 argmax）的字母，只在 pred_text 为 None 且第二阶段开启时非 None；
     pred = pred_text if pred_text is not None else pred_forced，correct 跟随 pred。
+    投机解码的臂另有 drafted / accepted / verify_steps（可选键：续跑时只检查 RECORD_KEYS）。
     """
 
     alpha_mean: float | None
@@ -50,6 +51,9 @@ class Record(RecordCore, total=False):
     letter_logits: list[float | None]  # 四个字母上（融合后）的 logits；被可信度约束排除的为 None
     pred_text: str | None  # CoT：第一阶段（从文本）读出的字母
     pred_forced: str | None  # CoT：第二阶段（强制答案提示）的字母；不需要或关闭时为 None
+    drafted: int  # 投机解码的臂（--speculate K）：这道题被提出的草稿 token 数
+    accepted: int  # 输出里来自草稿的 token 数
+    verify_steps: int  # 验证前向次数（含产出第一个 token 的 prefill）
 
 
 RECORD_KEYS: frozenset[str] = frozenset(RecordCore.__required_keys__)

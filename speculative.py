@@ -213,6 +213,24 @@ def simulate_acceptance(matches: Sequence[bool], k: int, max_new_tokens: int) ->
     return {"drafted": drafted, "accepted": accepted, "verify_steps": steps, "tokens": length}
 
 
+@dataclass(frozen=True)
+class Speculation:
+    """一个臂的投机解码设置（evaluator.run_arm 的参数；来自 Config 的 speculate / draft / speculative_sampling /
+    min_acceptance）。k ≥ 1；draft ∈ ("expert", "fusion")；sampling_rule 只在采样的臂上起作用。"""
+
+    k: int
+    draft: str = "expert"
+    sampling_rule: str = "residual"
+    min_acceptance: float = 0.0
+
+
+def record_fields(result: SpecResult, row: int) -> dict[str, int]:
+    """predictions.jsonl 一行里的接受统计：drafted、accepted、verify_steps（acceptance_record 的计数部分；
+    比值由 stats.arm_metrics 按臂汇总，不逐题保存）。"""
+    rec = acceptance_record(result, row)
+    return {key: int(rec[key]) for key in ("drafted", "accepted", "verify_steps")}
+
+
 def truncated_copy(model: PreTrainedModel, layers: int) -> PreTrainedModel:
     """层截断的草稿模型：深拷贝后只保留前 `layers` 个解码层（共用同一 norm 与 lm_head 的拷贝），不训练。"""
     total = len(model.model.layers)

@@ -71,7 +71,7 @@ def majority_vote(preds: Sequence[str | None]) -> str | None:
 
 
 def arm_metrics(mode: str, records: Sequence[Record], *, oom_backoffs: int = 0,
-                timing: dict[str, Any] | None = None) -> dict[str, Any]:
+                timing: dict[str, Any] | None = None, speculation: dict[str, Any] | None = None) -> dict[str, Any]:
     """一个模式的指标，从逐题记录（predictions.jsonl，持久的唯一来源）算出：n、correct、accuracy、
     95% Wilson 区间、unparsed（抽不出答案的题数，计为错）、generated_tokens（所有记录的 num_tokens 之和）、
     oom_backoffs；引导模式另有 alpha_mean（按题平均的 alpha_mean 再平均）与 nonfinite_steps（守卫触发的总步数）。
@@ -79,6 +79,7 @@ def arm_metrics(mode: str, records: Sequence[Record], *, oom_backoffs: int = 0,
     CoT 的记录（带 pred_text / pred_forced）另有两阶段答案抽取的计数与准确率：from_text（第一阶段从文本读出）、
     from_forced（第二阶段由模型选出）、none（都没有，计为错；等于 unparsed），correct_text / accuracy_text
     （只用第一阶段时的对题数与准确率）。accuracy 是两阶段合起来的（最终 pred），即主要的数字。
+    投机解码的臂（记录里有 drafted）另有 "speculation"：speculation 参数给出的设置（k、draft）加上 speculation_summary。
 
     墙钟相关的数字只放在 "timing" 子对象里：续跑与不中断的运行除 timing 之外完全相同（测试就是这样比较的）。
     """
@@ -99,8 +100,23 @@ def arm_metrics(mode: str, records: Sequence[Record], *, oom_backoffs: int = 0,
         alpha = [r["alpha_mean"] for r in records if r.get("alpha_mean") is not None]
         out["alpha_mean"] = sum(alpha) / len(alpha) if alpha else None
         out["nonfinite_steps"] = sum(r.get("nonfinite_steps", 0) for r in records)
+    if any("drafted" in r for r in records):
+        out["speculation"] = {**(speculation or {}), **speculation_summary(records)}
     out["timing"] = timing or {}
     return out
+
+
+def speculation_summary(records: Sequence[Record]) -> dict[str, Any]:
+    """一个投机解码臂的接受统计（从逐题记录算，续跑与不中断的运行相同）：drafted、accepted、verify_steps 之和，
+    acceptance = accepted / drafted，tokens_per_verify = 生成 token 总数 / verify_steps 总数——
+    与 speculative.acceptance_summary 对同一批 SpecResult 的定义相同（测试核对）。"""
+    drafted = sum(r.get("drafted", 0) for r in records)
+    accepted = sum(r.get("accepted", 0) for r in records)
+    steps = sum(r.get("verify_steps", 0) for r in records)
+    tokens = sum(r["num_tokens"] for r in records if "verify_steps" in r)
+    return {"drafted": drafted, "accepted": accepted, "verify_steps": steps,
+            "acceptance": accepted / drafted if drafted else None,
+            "tokens_per_verify": tokens / steps if steps else None}
 
 
 def compare_arms(baseline: Sequence[Record], steered: Sequence[Record]) -> dict[str, Any]:

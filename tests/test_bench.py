@@ -235,3 +235,23 @@ def test_busy_us_is_the_length_of_the_union_of_intervals():
     assert bench.busy_us([(0, 10), (5, 15)]) == 15  # 重叠 5
     assert bench.busy_us([(0, 10), (2, 3), (10, 12)]) == 12  # 包含、相接
     assert bench.busy_us([(20, 30), (0, 5)]) == 15  # 乱序、有间隙
+
+
+def test_tiny_speculative_rows_reference_loop(capsys):
+    """--speculate K --paths eager：随机权重的 tiny 模型上跑投机参考循环，与不投机逐 token 相同，并报告接受统计。"""
+    assert bench.main(["--preset", "tiny", "--device", "cpu", "--batches", "2", "--paths", "eager",
+                       "--speculate", "3"]) == 0
+    rows = last_json(capsys)["speculation"]
+    assert [(r["mode"], r["batch"], r["speculate"], r["draft"]) for r in rows] == [
+        ("target", 2, 3, "expert"), ("steered", 2, 3, "expert")]
+    for r in rows:
+        assert r["identical"] is True
+        assert 0 <= r["accepted"] <= r["drafted"] <= 3 * (r["verify_steps"] - r["batch"])
+        assert r["tokens"] == 2 * r["new"] and r["tokens_per_verify"] == r["tokens"] / r["verify_steps"]
+
+
+def test_speculate_needs_the_reference_loop():
+    import pytest
+
+    with pytest.raises(SystemExit):  # 缺省 --paths fast：快速路径没有投机解码，直接拒绝而不是悄悄退回
+        bench.main(["--preset", "tiny", "--device", "cpu", "--speculate", "2"])

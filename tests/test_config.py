@@ -36,12 +36,19 @@ DEFAULT_CONSTANTS: dict[str, str] = {
     "scoring": "SCORING", "sweep": "SWEEP", "sweep_alphas": "SWEEP_ALPHAS", "sweep_schedules": "SWEEP_SCHEDULES",
     "temperature": "TEMPERATURE", "top_p": "TOP_P", "votes": "VOTES", "trace_index": "TRACE_INDEX",
     "forced_answer": "FORCED_ANSWER",
+    "speculate": "SPECULATE", "draft": "DRAFT", "speculative_sampling": "SPECULATIVE_SAMPLING",
+    "min_acceptance": "MIN_ACCEPTANCE",
 }
 
-# 单独给出时不合法、需要另一个参数才有意义的字段：测试时一并给出这些前提参数。
+# 单独给出时不合法、需要另一个参数才有意义的字段：测试时一并给出这些前提参数（文本为空的布尔前提写成 --no-<flag>）。
+_SPEC: dict[str, tuple[str, Any]] = {"speculate": ("2", 2), "fast": ("", False)}
 PREREQUISITES: dict[str, dict[str, tuple[str, Any]]] = {
     "top_p": {"temperature": ("0.5", 0.5)},
     "votes": {"temperature": ("0.5", 0.5)},
+    "speculate": {"fast": ("", False)},
+    "draft": {**_SPEC, "modes": ("steered", ("steered",))},
+    "speculative_sampling": _SPEC,
+    "min_acceptance": _SPEC,
 }
 
 # 每个非布尔字段：(命令行文本, 解析后的期望值)，且期望值与默认值不同。
@@ -78,6 +85,10 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "modes": ("steered", ("steered",)),
     "output_dir": ("runs/x", "runs/x"),
     "resume": ("runs/old", "runs/old"),
+    "speculate": ("4", 4),
+    "draft": ("fusion", "fusion"),
+    "speculative_sampling": ("coupled", "coupled"),
+    "min_acceptance": ("0.25", 0.25),
 }
 
 
@@ -127,7 +138,8 @@ def test_explicit_flag_overrides_default(name: str) -> None:
     text, want = SAMPLES[name]
     assert want != getattr(Config(), name)
     extra = PREREQUISITES.get(name, {})
-    cfg = parse_config([_flag(name), text] + [a for k, (t, _) in extra.items() for a in (_flag(k), t)])
+    cfg = parse_config([_flag(name), text] + [a for k, (t, _) in extra.items()
+                                              for a in ((_flag(k), t) if t else ("--no-" + _flag(k)[2:],))])
     assert getattr(cfg, name) == want
     assert all(getattr(cfg, k) == v for k, (_, v) in extra.items())
     # 其他字段保持默认值。
