@@ -334,6 +334,8 @@ def run_arm(
     steer = steering if len(roles) == 3 else None
     spec = speculation if speculation is not None and speculation.k > 0 and "target" in roles else None
     if spec is not None:
+        from speculative import generate_speculative, record_fields  # speculative 导入本模块：只在用到时导入
+
         if fast:
             raise ValueError("speculative decoding is implemented in the reference loop only: use fast=False "
                              "(--no-fast)")
@@ -367,8 +369,6 @@ def run_arm(
         if decoder is not None:
             return decoder.generate(prompts, max_new_tokens, question_ids=qids)
         if spec is not None:
-            from speculative import generate_speculative  # speculative 导入本模块：只在用到时导入
-
             alone = steer is None  # 只有目标：专家作为独立的草稿模型
             return generate_speculative(
                 [models[r] for r in roles], prompts, vocab_size=vocab_size, max_new_tokens=max_new_tokens,
@@ -395,8 +395,6 @@ def run_arm(
             for k, letter in zip(need, letters):
                 new[k] = with_forced(new[k], letter)
         if spec is not None:
-            from speculative import record_fields
-
             for k, row in enumerate(rows):
                 new[k].update(record_fields(result, row))  # type: ignore[typeddict-item]
         return new
