@@ -130,13 +130,13 @@ def load_data(cfg: Config, dist: Dist) -> Data:
     questions, source, skipped = load_questions(cfg.data_file, cfg.split, None if cfg.all_questions else cfg.limit,
                                                 cfg.dataset_id, skip_invalid=cfg.skip_invalid)
     if skipped and dist.main:
-        print(f"[main] --skip-invalid：跳过 {len(skipped)} 行无效数据（第一个：{skipped[0]['where']}: "
-              f"{skipped[0]['reason']}；全部见 config.json）", file=sys.stderr, flush=True)
+        print(f"[main] --skip-invalid: skipped {len(skipped)} invalid data rows (first: {skipped[0]['where']}: "
+              f"{skipped[0]['reason']}; all of them are listed in config.json)", file=sys.stderr, flush=True)
     indices = {q.index for q in questions}
     trace_index = cfg.trace_index if cfg.trace_index is not None else questions[0].index
     if trace_index not in indices:
-        raise ConfigError(f"--trace-index={trace_index} 不是本次评测的题目 index（本次共 {len(questions)} 题，index 从 "
-                          f"{min(indices)} 到 {max(indices)}）。请换一个 index，或用 --limit/--all-questions 包含它。")
+        raise ConfigError(f"--trace-index={trace_index} is not the index of a question in this run ({len(questions)} questions, indices "
+                          f"{min(indices)} to {max(indices)}). Pick another index, or include it with --limit/--all-questions.")
     return Data(questions, source, skipped, questions_sha256(questions), trace_index)
 
 
@@ -146,9 +146,9 @@ def resume_records(cfg: Config, run_dir: str, stored: dict[str, Any] | None, dat
     if stored is None:
         return []
     if stored.get("questions_sha256") != data.fingerprint:
-        raise DataError(f"{os.path.join(run_dir, CONFIG_FILE)}: 这次读到的题目与上次不同（上次来源 "
-                        f"{stored.get('data_source')}，这次 {data.source}）。续跑必须用同一份数据；"
-                        "数据变了请用新的 --output-dir 重新开始。")
+        raise DataError(f"{os.path.join(run_dir, CONFIG_FILE)}: the questions read now differ from the last session's (then from "
+                        f"{stored.get('data_source')}, now from {data.source}). A resume needs the same data; "
+                        "if the data changed, start again with a new --output-dir.")
     if cfg.scoring != "cot":
         return []
     # rank 0 先把上次各进程的分片合并进 predictions.jsonl（截掉被杀时写了一半的行），其他进程再读同一份。
@@ -157,7 +157,7 @@ def resume_records(cfg: Config, run_dir: str, stored: dict[str, Any] | None, dat
     if not dist.main:
         existing = read_records(os.path.join(run_dir, PREDICTIONS_FILE), names, data.indices)
     if dist.main:
-        print(f"[main] 续跑 {run_dir}：已记录 {len(existing)}/{len(data.questions) * len(names)} 条，跳过已完成的批",
+        print(f"[main] resuming {run_dir}: {len(existing)}/{len(data.questions) * len(names)} records already written, skipping finished batches",
               flush=True)
     return existing
 
@@ -167,8 +167,8 @@ def pick_device(cfg: Config, dist: Dist) -> torch.device:
     device = resolve_device(cfg)
     if dist.world > 1 and device.type == "cuda":
         if dist.local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"进程 local_rank={dist.local_rank}，但本机只有 {torch.cuda.device_count()} 块 GPU："
-                              "--num_processes 不能多于 GPU 数（每个进程持有全部三个模型）。")
+            raise ConfigError(f"process local_rank={dist.local_rank}, but this machine has only {torch.cuda.device_count()} GPU(s): "
+                              "--num_processes must not exceed the number of GPUs (each process holds all three models).")
         device = torch.device(f"cuda:{dist.local_rank}")
         torch.cuda.set_device(device)
     return device
@@ -189,11 +189,11 @@ def load_roles(cfg: Config, dist: Dist) -> Loaded:
         try:
             letter_ids = letter_token_ids(role_tokenizers)
         except ValueError as exc:
-            raise ModelLoadError(f"--scoring letter 无法使用：{exc}") from None
+            raise ModelLoadError(f"--scoring letter cannot be used: {exc}") from None
     models, vocab_size = load_models(cfg, tokenizer, device)
     prompts = cfg.role_system_prompts
     if "steered" in cfg.modes and cfg.expert == cfg.base and prompts["expert"] == prompts["base"] and dist.main:
-        print("[main] 警告：专家与基座是同一模型且系统提示相同，z_expert − z_base ≡ 0，引导等于基线。", file=sys.stderr)
+        print("[main] warning: the expert and the base are the same model with the same system prompt, so z_expert − z_base ≡ 0 and steering equals the baseline.", file=sys.stderr)
     return Loaded(device, tokenizer, models, vocab_size, end_token_ids(tokenizer, list(models.values())), letter_ids)
 
 
@@ -237,7 +237,7 @@ def score_by_letters(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data,
     rewrite_sorted(os.path.join(run_dir, PREDICTIONS_FILE), records, names)
     seconds = round(time.perf_counter() - start, 3)
     return records, {name: {"seconds": seconds, "decoded_tokens": 0, "tokens_per_second": None,
-                            "note": "一次打分供全部臂共用，秒数是整个打分的时间"} for name in names}
+                            "note": "one scoring pass serves every arm; seconds is the time of the whole pass"} for name in names}
 
 
 def merge_timing(per_rank: list[dict[str, dict[str, Any]]], names: list[str], world: int) -> dict[str, dict[str, Any]]:
@@ -297,7 +297,7 @@ def compute_metrics(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, 
     by_arm = {name: sorted((r for r in records if r["mode"] == name), key=lambda r: r["index"]) for name in names}
     missing = {name: len(data.questions) - len(rs) for name, rs in by_arm.items() if len(rs) != len(data.questions)}
     if missing:  # 按构造不可能发生：每批交出缺的记录、重复会被 read_records 拒绝
-        raise RuntimeError(f"内部错误：{os.path.join(run_dir, PREDICTIONS_FILE)} 缺少记录 {missing}")
+        raise RuntimeError(f"internal error: {os.path.join(run_dir, PREDICTIONS_FILE)} is missing records {missing}")
     events = read_events(run_dir)
     metrics: dict[str, Any] = {"scoring": cfg.scoring, "arm_order": names}
     for name, rs in by_arm.items():
@@ -372,28 +372,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                 problem = str(exc)
         opened, problem = dist.broadcast((opened, problem))
         if problem is not None or opened is None:
-            raise ConfigError(problem or "内部错误：没有收到 rank 0 的运行目录")
+            raise ConfigError(problem or "internal error: no run folder received from rank 0")
         cfg, run_dir, stored = opened
         run(cfg, run_dir, stored, dist)
     except (ConfigError, DataError, ModelLoadError) as exc:
-        say(f"错误：{exc}")
+        say(f"error: {exc}")
         # 本次新建、又在写入任何东西之前就失败的目录：删掉，免得留下一堆空的 runs/<时间戳>/。
         if dist.main and created and run_dir is not None and os.path.isdir(run_dir) and not os.listdir(run_dir):
             os.rmdir(run_dir)
         return EXIT_ERROR
     except RunError as exc:
-        print(f"错误：{exc}\n已完成的题目都已保存。继续：{resume_command(run_dir or '')}", file=sys.stderr)
+        print(f"error: {exc}\nEvery finished question is saved. To continue: {resume_command(run_dir or '')}", file=sys.stderr)
         return EXIT_OOM
     except torch.OutOfMemoryError:
-        hint = f"\n已完成的题目都已保存。继续：{resume_command(run_dir)}" if resumable() and run_dir else ""
-        print("错误：GPU 显存不足。请减小 --batch-size 或 --max-new-tokens，或使用 --load-in-4bit。" + hint,
+        hint = f"\nEvery finished question is saved. To continue: {resume_command(run_dir)}" if resumable() and run_dir else ""
+        print("error: out of GPU memory. Lower --batch-size or --max-new-tokens, or use --load-in-4bit." + hint,
               file=sys.stderr)
         return EXIT_OOM
     except (Interrupted, KeyboardInterrupt):
         if resumable() and run_dir:
-            say(f"已中断。继续：{resume_command(run_dir)}")
+            say(f"Interrupted. To continue: {resume_command(run_dir)}")
         else:
-            say("已中断（还没有开始解码，没有需要续跑的进度）。")
+            say("Interrupted (decoding had not started; there is nothing to resume).")
         return EXIT_INTERRUPTED
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():
