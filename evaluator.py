@@ -81,7 +81,7 @@ class ModelAdapter:
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """喂入每行一个新 token (B, 1)，返回它之后的 logits (B, V_model) float32；缓存与 mask 原地增长一列。"""
-        assert self.attention_mask is not None and self.next_position is not None, "先调用 prefill"
+        assert self.attention_mask is not None and self.next_position is not None, "call prefill first"
         self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(tokens.shape[0], 1)], -1)
         out = self.model(input_ids=tokens, attention_mask=self.attention_mask, position_ids=self.next_position,
                          use_cache=True, **{self.cache_kwarg: self.cache})
@@ -115,7 +115,7 @@ def left_pad(batch: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, ids in enumerate(batch):
         if not ids:
-            raise ValueError(f"第 {i} 个提示为空：至少需要一个 token")
+            raise ValueError(f"prompt {i} is empty: at least one token is needed")
         input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
         mask[i, width - len(ids):] = 1
     return input_ids.to(device), mask.to(device)
@@ -148,11 +148,11 @@ def generate_batch(
     某行生成任一结束记号即停止；全部停止或达到 max_new_tokens 时循环结束。
     """
     if steering is not None and len(models) != 3:
-        raise ValueError("引导模式需要三个模型：[目标, 专家, 基座]")
+        raise ValueError("steering needs three models: [target, expert, base]")
     if len(prompts) != len(models) or len({len(p) for p in prompts}) != 1:
-        raise ValueError("prompts 必须为每个模型各给一份、且批大小相同")
+        raise ValueError("prompts must give one batch per model, all of the same batch size")
     if sampling is not None and (question_ids is None or len(question_ids) != len(prompts[0])):
-        raise ValueError("采样需要每行的题目 index（question_ids）：随机数由它决定，与批的组成无关")
+        raise ValueError("sampling needs each row's question index (question_ids): the random numbers depend on it, not on the batch")
     adapters = [ModelAdapter(m) for m in models]
     device = adapters[0].device
     batch = len(prompts[0])
@@ -316,7 +316,7 @@ def run_arm(
     roles = tuple(roles) if roles is not None else (
         ("target",) if mode == "baseline" else ("target", "expert", "base"))
     if len(roles) not in (1, 3):
-        raise ValueError(f"roles={roles!r}：单模型臂给一个角色，引导臂给 (target, expert, base)")
+        raise ValueError(f"roles={roles!r}: a single-model arm takes one role, a steered arm takes (target, expert, base)")
     steer = steering if len(roles) == 3 else None
     rank, world = shard
     done = set(done)
@@ -376,15 +376,15 @@ def run_arm(
                 _free_memory(compiled=fast and compile)
                 if attempted == 1:
                     raise RunError(
-                        f"第 {questions[sub[0]].index} 题（{mode} 模式）在批大小 1 时仍然显存不足（{oom}）。"
-                        "请减小 --max-new-tokens、使用 --load-in-4bit，或换显存更大的 GPU；"
-                        "之前完成的题目都已写入 predictions.jsonl。")
+                        f"question {questions[sub[0]].index} ({mode} arm) is still out of memory at batch size 1 ({oom}). "
+                        "Lower --max-new-tokens, use --load-in-4bit, or use a GPU with more memory; "
+                        "every question finished before is in predictions.jsonl.")
                 size = max(1, attempted // 2)
                 backoffs += 1
                 if on_event is not None:
                     on_event({"event": "oom_backoff", "mode": mode, "batch_size_from": attempted,
                               "batch_size_to": size, "indices": sorted(questions[j].index for j in sub)})
-                print(f"[evaluator] {mode}：显存不足，批大小 {attempted} → {size}，重试同一批题目", flush=True)
+                print(f"[evaluator] {mode}: out of memory, batch size {attempted} → {size}, retrying the same questions", flush=True)
                 decoder = make_decoder(size)
                 pending.insert(0, sub)
                 continue

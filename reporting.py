@@ -36,10 +36,10 @@ def print_report(metrics: dict[str, Any], run_dir: str) -> None:
     for arm in arms:
         m = metrics[arm]
         if m.get("nonfinite_steps") or m.get("oom_backoffs"):
-            print(f"{arm}: {m.get('nonfinite_steps', 0)} 个非有限 logits 步改用了目标 logits；"
-                  f"显存不足回退 {m.get('oom_backoffs', 0)} 次")
+            print(f"{arm}: {m.get('nonfinite_steps', 0)} steps with non-finite logits used the target's logits; "
+                  f"{m.get('oom_backoffs', 0)} out-of-memory back-offs")
     if metrics.get("skipped_invalid_rows"):
-        print(f"跳过的无效数据行：{metrics['skipped_invalid_rows']}（逐行原因见 config.json）")
+        print(f"invalid data rows skipped: {metrics['skipped_invalid_rows']} (the reason for each is in config.json)")
     c = metrics.get("comparison")
     if c:
         print(f"\nΔ accuracy (steered − baseline) = {c['delta']:+.3f} on n = {c['n']} paired questions; "

@@ -92,7 +92,7 @@ def resolve_overlap(overlap: str, models: Sequence[PreTrainedModel], *, steering
     4-bit（bitsandbytes）模型在这条路径上还没有测过，留在原来的整步编译上。
     """
     if overlap not in ("auto", "off", "graph", "streams"):
-        raise ValueError(f"overlap={overlap!r}：应为 auto / off / graph / streams")
+        raise ValueError(f"overlap={overlap!r}: must be auto / off / graph / streams")
     if overlap != "auto":
         return overlap
     quantized = any(getattr(m, "hf_quantizer", None) is not None for m in models)
@@ -114,7 +114,7 @@ def resolve_stack(stack: str, models: Sequence[PreTrainedModel], *, steering: St
     CPU / 不编译时取 "off"（没有可省的 kernel 启动）；量化模型不能叠。显式给出而做不到时报错说明原因。
     """
     if stack not in STACK_MODES:
-        raise ValueError(f"stack={stack!r}：应为 {' / '.join(STACK_MODES)}")
+        raise ValueError(f"stack={stack!r}: must be {' / '.join(STACK_MODES)}")
     steered = steering is not None and len(models) == 3
     if stack == "auto":
         if not (compile and device_type == "cuda"):
@@ -125,13 +125,13 @@ def resolve_stack(stack: str, models: Sequence[PreTrainedModel], *, steering: St
     if stack == "off":
         return stack
     if stack == "pair" and not steered:
-        raise ValueError("stack='pair' 只用于引导解码（目标、专家、基座三个模型）")
+        raise ValueError("stack='pair' is only for steered decoding (target, expert and base models)")
     groups = ([models[:1]] if stack in ("target", "all") else []) + (
         [models[1:]] if stack in ("pair", "all") and steered else [])
     for group in groups:
         reason = check_stackable(group)
         if reason is not None:
-            raise ValueError(f"stack={stack!r} 做不到：{reason}。用 stack='off'")
+            raise ValueError(f"stack={stack!r} is not possible: {reason}. Use stack='off'")
     return stack
 
 
@@ -145,16 +145,16 @@ def resolve_attention(attention: str, *, head_dims: Sequence[int], device_type: 
     显式给 "triton" 而做不到时报错（在叠加权重之前），而不是悄悄换成 sdpa。
     """
     if attention not in ("auto", *ATTENTION_MODES):
-        raise ValueError(f"attention={attention!r}：应为 auto / {' / '.join(ATTENTION_MODES)}")
+        raise ValueError(f"attention={attention!r}: must be auto / {' / '.join(ATTENTION_MODES)}")
     if not head_dims:
         if attention == "triton":
-            raise ValueError("attention='triton' 只用于叠加前向（stack 不为 off）；transformers 单元用 packed GQA SDPA")
+            raise ValueError("attention='triton' is only for stacked forwards (stack not off); transformers units use packed GQA SDPA")
         return "sdpa"
     reasons = [r for h in sorted(set(head_dims)) if (r := triton_attention_problem(h)) is not None]
     if attention == "auto":
         return "triton" if device_type == "cuda" and not reasons else "sdpa"
     if attention == "triton" and reasons:
-        raise ValueError(f"attention='triton' 做不到：{reasons[0]}；用 attention='sdpa'")
+        raise ValueError(f"attention='triton' is not possible: {reasons[0]}; use attention='sdpa'")
     return attention
 
 
@@ -187,7 +187,7 @@ class FastDecoder:
                  cache_len: int | None = None, overlap: str = "auto", sampling: Sampling | None = None,
                  stack: str = "auto", attention: str = "auto") -> None:
         if steering is not None and len(models) != 3:
-            raise ValueError("引导模式需要三个模型：[目标, 专家, 基座]")
+            raise ValueError("steering needs three models: [target, expert, base]")
         self.models = list(models)
         self.compile = compile
         self.kwargs = [cache_kwarg(m) for m in self.models]
@@ -324,9 +324,9 @@ class FastDecoder:
         """generate 的主体（在 packed_gqa 与 dynamo 设置的作用域之内）。"""
         real = len(prompts[0])
         if real > self.batch_size or len(prompts) != len(self.models):
-            raise ValueError(f"批大小 {real} 超过 FastDecoder 的 batch_size={self.batch_size}，或角色数不符")
+            raise ValueError(f"batch size {real} exceeds the FastDecoder's batch_size={self.batch_size}, or the number of roles does not match")
         if self.sampling is not None and (question_ids is None or len(question_ids) != real):
-            raise ValueError("采样需要每行的题目 index（question_ids）：随机数由它决定，与批的组成无关")
+            raise ValueError("sampling needs each row's question index (question_ids): the random numbers depend on it, not on the batch")
         # 占位行的题目 index 记为 −1（它们从一开始就已结束，抽到什么都不会被记录）。
         qids = torch.tensor((list(question_ids) if question_ids is not None else [-1] * real)
                             + [-1] * (self.batch_size - real), dtype=torch.long, device=self.device)
@@ -338,7 +338,7 @@ class FastDecoder:
         pads = list(zip(ids_all.split(self.batch_size), mask_all.split(self.batch_size)))
         needed = ids_all.shape[1] + max_new_tokens
         if self.cache_len is not None and needed > self.cache_len:
-            raise ValueError(f"提示 + 新 token 共 {needed} 个，超过固定缓存长度 cache_len={self.cache_len}")
+            raise ValueError(f"prompt + new tokens = {needed}, more than the fixed cache length cache_len={self.cache_len}")
         length = self.cache_len or length_bucket(needed)
         caches = self._caches_for(length)
         masks, positions, z = [], [], [torch.empty(0)] * len(self.models)
@@ -410,15 +410,15 @@ def _copy_tree(dst: Any, src: Any) -> None:
     """
     if isinstance(dst, torch.Tensor):
         if not isinstance(src, torch.Tensor) or src.shape != dst.shape:
-            raise ValueError(f"静态输入形状 {tuple(dst.shape)} 与本步输入不符：{getattr(src, 'shape', src)!r}")
+            raise ValueError(f"static input shape {tuple(dst.shape)} does not match this step's input: {getattr(src, 'shape', src)!r}")
         dst.copy_(src)
     elif isinstance(dst, (list, tuple)):
         if not isinstance(src, (list, tuple)) or len(src) != len(dst):
-            raise ValueError("静态输入的结构与本步输入不符")
+            raise ValueError("the structure of the static inputs does not match this step's inputs")
         for d, s in zip(dst, src):
             _copy_tree(d, s)
     elif dst != src:
-        raise ValueError(f"非张量输入 {src!r} 与录图时的 {dst!r} 不同：它在图里是常量")
+        raise ValueError(f"non-tensor input {src!r} differs from {dst!r} at capture: it is a constant in the graph")
 
 
 def _root_oom(exc: BaseException) -> BaseException:
