@@ -54,6 +54,8 @@ SKIP_INVALID: bool = False
 MAX_NEW_TOKENS: int = 512
 BATCH_SIZE: int = 8
 SEED: int = 42
+# CPU 线程数（torch.set_num_threads）；None = torch 的默认值（通常是物理核数）。忙碌的小机器上 1 往往更快（避免超额订阅）。
+THREADS: int | None = None
 # 快速路径（evaluator.FastDecoder）：静态 KV 缓存 + 固定形状的解码步；与慢速参考循环逐 token 一致（fp32 测试）。
 FAST_DECODE: bool = True
 # 编译解码步：auto = 仅在 CUDA 上编译（CUDA graphs）；CPU 上编译耗时远超收益。
@@ -155,6 +157,9 @@ class Config:
     batch_size: int = field(default=BATCH_SIZE, metadata={"help": "questions per batch"})
     max_new_tokens: int = field(default=MAX_NEW_TOKENS, metadata={"help": "maximum new tokens per question"})
     seed: int = field(default=SEED, metadata={"help": "random seed (random, numpy, torch)"})
+    threads: int | None = field(default=THREADS, metadata={
+        "help": "CPU threads for torch (torch.set_num_threads; default: torch's own choice). On a small or busy CPU "
+                "box, 1 is often much faster than the default (no oversubscription)"})
     fast: bool = field(default=FAST_DECODE, metadata={"help": "fast decode path (static caches); --no-fast uses the slower reference loop"})
     compile: str = field(default=COMPILE, metadata={"help": "compile the decode step: auto (CUDA only) | on | off"})
     system_prompt: str = field(default=SYSTEM_PROMPT, metadata={"help": "the target's system prompt"})
@@ -194,6 +199,9 @@ class Config:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX:
             # numpy 的种子必须落在 [0, 2**32 − 1]：否则 np.random.seed 在运行中途抛异常（带 traceback）。
             raise ConfigError(f"--seed={self.seed!r} must be an integer from 0 to {SEED_MAX}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ConfigError(f"--threads={self.threads!r} must be an integer >= 1 (leave it out for torch's default)")
         for name in ("batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)}={getattr(self, name)} must be >= 1")

@@ -249,7 +249,7 @@ def _load_hub_or_bundled(dataset_id: str, split: str,
         raise DataError(f"hub:{dataset_id} split={split}: cannot be loaded from the hub ({reason}), and the repository bundles no "
                         f"{split} split ({bundled}); give a local MedQA 4-option JSONL with --data-file")
     print(f"[data_loader] WARNING: cannot load {dataset_id} split={split} from the hub ({reason}); "
-          f"using the bundled file {bundled} instead", file=sys.stderr, flush=True)
+          f"using the bundled file {bundled} instead (set HF_HUB_OFFLINE=1 to skip the hub at once)", file=sys.stderr, flush=True)
     questions, source, skipped = _load_file(bundled, skip_invalid)
     return questions, f"{source} (bundled fallback: hub {dataset_id} split={split} unavailable: {reason})", skipped
 

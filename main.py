@@ -125,6 +125,17 @@ class Loaded:
     letter_ids: list[int]
 
 
+def check_before_loading(cfg: Config, dist: Dist) -> None:
+    """不需要网络与权重的检查，排在任何 hub 访问（数据集、分词器、模型）之前：线程数、设备（4-bit 需要 CUDA）、
+    模型来源的写法（本地路径是否存在、pypi: 包是否已安装）。否则没有网络的 CPU 机器会先重试 hub 一两分钟才拒绝。"""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    roles_needed = ROLES if "steered" in cfg.modes else ("target",)
+    for role in roles_needed:
+        resolve_source(getattr(cfg, role))
+    pick_device(cfg, dist)
+
+
 def load_data(cfg: Config, dist: Dist) -> Data:
     """读题目（先校验，坏数据在加载模型之前失败），检查 --trace-index 属于本次的题目。"""
     questions, source, skipped = load_questions(cfg.data_file, cfg.split, None if cfg.all_questions else cfg.limit,
@@ -323,6 +334,7 @@ def run(cfg: Config, run_dir: str, stored: dict[str, Any] | None = None, dist: D
     stored 为 None 是新运行；否则是 --resume：stored 为保存的 config.json，先核对数据，再跳过已记录的题。
     """
     set_seed(cfg.seed)
+    check_before_loading(cfg, dist)
     data = load_data(cfg, dist)
     arms = plan_arms(cfg)
     names = [a.name for a in arms]

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence, TextIO
 
 import torch
 
-from config import Config, ConfigError, config_diff, config_from_dict
+from config import RUN_LOCATION_FIELDS, Config, ConfigError, config_diff, config_from_dict, demo_overrides
 from data_loader import DataError, Question
 from scoring import RECORD_KEYS, Record
 
@@ -287,8 +287,13 @@ def open_run_dir(cfg: Config, explicit: frozenset[str]) -> tuple[Config, str, di
                               "original folder, so drop --output-dir.")
         stored = read_stored_config(run_dir)
         saved = config_from_dict(stored["config"], os.path.join(run_dir, CONFIG_FILE))
-        if explicit - {"resume", "output_dir"}:
-            diff = config_diff(saved.to_dict(), cfg.to_dict())
+        given = {k: getattr(cfg, k) for k in explicit - set(RUN_LOCATION_FIELDS)}
+        if given:
+            # 把命令行显式给出的值叠加在保存的配置上（保存的配置已含当初的 --demo 预设），
+            # 这样只列出真正不同的项；命令行再给 --demo 时，预设只填它没有显式给出的字段。
+            if given.get("demo"):
+                given = {**{k: v for k, v in demo_overrides().items() if k not in explicit}, **given}
+            diff = config_diff(saved.to_dict(), dataclasses.replace(saved, **given).to_dict())
             if diff:
                 raise ConfigError(
                     f"--resume {run_dir}: the command line resolves to a config that differs from the run's saved {CONFIG_FILE} "

@@ -196,10 +196,10 @@ def test_vocab_slice_excludes_padded_rows():
 
 
 def test_argument_validation(trio):
-    with pytest.raises(ValueError, match="三个模型"):
+    with pytest.raises(ValueError, match="three models"):
         generate_batch([trio[0]], [PROMPTS], vocab_size=VOCAB, max_new_tokens=2, end_ids=[], pad_id=PAD,
                        steering=STEER)
-    with pytest.raises(ValueError, match="为空"):
+    with pytest.raises(ValueError, match="is empty"):
         left_pad([[1, 2], []], PAD, torch.device("cpu"))
 
 
@@ -396,11 +396,11 @@ def test_copy_tree_rejects_mismatched_inputs():
     dst = (torch.zeros(2, 1), [torch.zeros(2, 3)], 5)
     _copy_tree(dst, (torch.ones(2, 1), [torch.full((2, 3), 2.0)], 5))
     assert dst[0].sum() == 2 and dst[1][0].sum() == 12
-    with pytest.raises(ValueError, match="形状"):
+    with pytest.raises(ValueError, match="shape"):
         _copy_tree(dst, (torch.ones(1), [torch.zeros(2, 3)], 5))
-    with pytest.raises(ValueError, match="结构"):
+    with pytest.raises(ValueError, match="structure"):
         _copy_tree(dst, (torch.ones(2, 1), [], 5))
-    with pytest.raises(ValueError, match="常量"):
+    with pytest.raises(ValueError, match="constant"):
         _copy_tree(dst, (torch.ones(2, 1), [torch.zeros(2, 3)], 6))
     with pytest.raises(ValueError, match="overlap"):
         FastDecoder([tiny_llama(0)], vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=1, steering=None,

@@ -223,7 +223,7 @@ def test_sigkill_midway_then_resume_equals_uninterrupted(reference: Path, data: 
                              capture_output=True, text=True, encoding="utf-8", timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "Traceback" not in resumed.stderr
-    assert f"已记录 {written}/{2 * LIMIT} 条" in resumed.stdout
+    assert f"{written}/{2 * LIMIT} records already written" in resumed.stdout
     assert _outcome(run_dir) == _outcome(reference)
     # 续跑的计时只算续跑这一次：基线已全部完成，本次没有解码任何基线 token。
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
@@ -243,7 +243,7 @@ def test_sigint_stops_after_batch_prints_resume_command(reference: Path, data: P
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     command = f"python main.py --resume {shlex.quote(str(run_dir))}"
-    assert f"已中断。继续：{command}" in err
+    assert f"Interrupted. To continue: {command}" in err
     assert "Traceback" not in err
     raw = preds.read_bytes()
     assert raw.endswith(b"\n") and raw.count(b"\n") % BATCH == 0, "只应写整批"
@@ -269,7 +269,7 @@ def test_torn_last_line_is_dropped_and_redone(reference: Path, tmp_path: Path, c
     (run_dir / "predictions.jsonl").write_bytes(b"\n".join(lines[:kept]) + b"\n" + torn)
     code, text = _main(["--resume", str(run_dir)], capsys)
     assert code == 0, text
-    assert "丢弃末尾不完整的一行" in text
+    assert "dropped an incomplete last line" in text
     assert _outcome(run_dir) == _outcome(reference)
 
 
@@ -339,8 +339,8 @@ def test_resume_refusals(case: str, reference: Path, tmp_path: Path, monkeypatch
             extra = ["--output-dir", str(tmp_path / "elsewhere")]
     code, text = _main(["--resume", str(run_dir), *extra], capsys)
     assert code == 2 and str(run_dir) in text
-    needle = {"missing_dir": "目录不存在", "no_config": "config.json", "other_output_dir": "不同的目录",
-              "corrupt_config": "无法读取"}[case]
+    needle = {"missing_dir": "no such folder", "no_config": "config.json", "other_output_dir": "different folders",
+              "corrupt_config": "cannot be read"}[case]
     assert needle in text
 
 
@@ -369,13 +369,13 @@ def test_resume_refuses_changed_data(reference: Path, data: Path, tmp_path: Path
     stored["config"]["data_file"] = str(changed)
     (run_dir / "config.json").write_text(json.dumps(stored), encoding="utf-8")
     code, text = _main(["--resume", str(run_dir)], capsys)
-    assert code == 2 and "题目与上次不同" in text and "--output-dir" in text
+    assert code == 2 and "differ from the last session" in text and "--output-dir" in text
 
 
 @pytest.mark.parametrize("damage,needle", [
-    ("duplicate", "重复记录"),
-    ("corrupt_middle", "不是合法的 JSON 记录"),
-    ("foreign", "不是这次运行的记录"),
+    ("duplicate", "duplicates the record"),
+    ("corrupt_middle", "not a valid JSON record"),
+    ("foreign", "not a record of this run"),
 ])
 def test_damaged_predictions_refused_loudly(damage: str, needle: str, reference: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch,
@@ -502,7 +502,7 @@ def test_oom_at_batch_one_names_the_question(small_trio: dict[str, LlamaForCausa
     with pytest.raises(RunError) as info:
         _arm(small_trio, "steered", True, on_batch=batches.append)
     second = batch_plan(PROMPTS, 4)[1]
-    assert f"第 {10 + second[0]} 题" in str(info.value) and "批大小 1" in str(info.value)
+    assert f"question {10 + second[0]} " in str(info.value) and "batch size 1" in str(info.value)
     assert [len(b) for b in batches] == [4]
 
 
@@ -536,8 +536,8 @@ def test_oom_at_batch_one_exit_3_then_resume(tmp_path: Path, data: Path, tiny_mo
     run_dir = tmp_path / "run"
     code, text = _main(_argv(data, run_dir), capsys)
     assert code == 3
-    assert re.search(r"第 \d+ 题（baseline 模式）在批大小 1 时仍然显存不足", text)
-    assert f"继续：python main.py --resume {run_dir}" in text
+    assert re.search(r"question \d+ \(baseline arm\) is still out of memory at batch size 1", text)
+    assert f"To continue: python main.py --resume {run_dir}" in text
     assert _lines(run_dir / "predictions.jsonl") == BATCH
     monkeypatch.setattr(evaluator, "_FAULT_HOOK", None)
     code, text = _main(["--resume", str(run_dir)], capsys)
@@ -640,7 +640,7 @@ def test_nonfinite_counted_in_metrics_through_main(tmp_path: Path, data: Path, t
         assert r["output"] == baseline[r["index"]]["output"]
     assert all(r["nonfinite_steps"] == 0 for r in steered if r not in guarded)
     assert metrics["steered"]["nonfinite_steps"] == sum(r["nonfinite_steps"] for r in steered) > 0
-    assert "非有限 logits" in text
+    assert "non-finite logits" in text
 
 
 # ---------------------------------------------------------------------------
@@ -678,14 +678,14 @@ def test_empty_file_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
     code, text = _main(_argv(empty, tmp_path / "run"), capsys)
-    assert code == 2 and f"{empty}:1: 文件为空" in text
+    assert code == 2 and f"{empty}:1: the file is empty" in text
 
 
 @pytest.mark.parametrize("extra,needle", [
     (["--limit", "0"], "--all-questions"),
     (["--limit", "-2"], "--all-questions"),
     (["--limit", "7"], "--all-questions"),  # 超过 6 道题
-    (["--limit", "3", "--all-questions"], "不能同时给出"),
+    (["--limit", "3", "--all-questions"], "cannot both be given"),
     (["--seed", "-1"], "--seed"),
 ])
 def test_bad_limits_and_values_refused(extra: list[str], needle: str, data: Path, tmp_path: Path,
@@ -717,12 +717,12 @@ def test_unwritable_output_dir(data: Path, tmp_path: Path, monkeypatch: pytest.M
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     code, text = _main(_argv(data, blocker / "run"), capsys)  # 父路径是个文件
-    assert code == 2 and "无法写入" in text and "--output-dir" in text
+    assert code == 2 and "not writable" in text and "--output-dir" in text
     if os.geteuid() != 0:  # root 不受权限位限制
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         code, text = _main(_argv(data, locked / "run"), capsys)
-        assert code == 2 and "无法写入" in text
+        assert code == 2 and "not writable" in text
 
 
 def test_ctrl_c_before_decoding(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -733,7 +733,7 @@ def test_ctrl_c_before_decoding(data: Path, tmp_path: Path, monkeypatch: pytest.
 
     monkeypatch.setattr(main, "load_tokenizer", interrupted)
     code, text = _main(_argv(data, tmp_path / "run"), capsys)
-    assert code == 130 and "没有需要续跑的进度" in text
+    assert code == 130 and "nothing to resume" in text
 
 
 def test_skip_invalid_skips_and_counts(tmp_path: Path, tiny_models: Any, capsys: pytest.CaptureFixture[str]) -> None:
@@ -750,8 +750,8 @@ def test_skip_invalid_skips_and_counts(tmp_path: Path, tiny_models: Any, capsys:
     assert metrics["skipped_invalid_rows"] == 3 and metrics["baseline"]["n"] == 4
     skipped = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["skipped_invalid_rows"]
     assert [s["where"] for s in skipped] == [f"{bad}:2", f"{bad}:4", f"{bad}:6"]
-    assert "JSON" in skipped[0]["reason"] and "5 选项" in skipped[1]["reason"] and "UTF-8" in skipped[2]["reason"]
-    assert "跳过 3 行无效数据" in text
+    assert "JSON" in skipped[0]["reason"] and "5-option" in skipped[1]["reason"] and "UTF-8" in skipped[2]["reason"]
+    assert "skipped 3 invalid data rows" in text
 
 
 def test_skip_invalid_with_nothing_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -760,7 +760,7 @@ def test_skip_invalid_with_nothing_valid(tmp_path: Path, monkeypatch: pytest.Mon
     bad = _write_data(tmp_path / "bad.jsonl", [BAD_ROWS["invalid_json"], BAD_ROWS["missing_options"]])
     code, text = _main(["--demo", "--data-file", str(bad), "--all-questions", "--skip-invalid", "--output-dir",
                         str(tmp_path / "run")], capsys)
-    assert code == 2 and "没有任何有效的题目" in text and f"{bad}:1" in text
+    assert code == 2 and "no valid questions" in text and f"{bad}:1" in text
 
 
 # ---------------------------------------------------------------------------
@@ -774,7 +774,7 @@ def test_mistyped_local_dir_through_main(data: Path, tmp_path: Path, monkeypatch
     “Repo id must be in the form…”。"""
     _no_model_loading(monkeypatch)
     code, text = _main(_argv(data, tmp_path / "run", "--expert", "/models/bio-llama"), capsys)
-    assert code == 2 and "本地目录不存在：/models/bio-llama" in text and "Repo id" not in text
+    assert code == 2 and "no such local folder: /models/bio-llama" in text and "Repo id" not in text
 
 
 def test_typo_hub_id_through_main(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -785,7 +785,7 @@ def test_typo_hub_id_through_main(data: Path, tmp_path: Path, capsys: pytest.Cap
 
 @pytest.mark.parametrize("spec", ["./bio-llama", "~/no-such-model-dir-xyz", "models/bio/llama"])
 def test_path_like_specs_that_do_not_exist(spec: str) -> None:
-    with pytest.raises(ModelLoadError, match="本地目录不存在"):
+    with pytest.raises(ModelLoadError, match="no such local folder"):
         model_loader.resolve_source(spec)
 
 
@@ -793,7 +793,7 @@ def test_invalid_repo_id_is_explained() -> None:
     cfg = Config(load_in_4bit=False, device="cpu", dtype="float32")
     with pytest.raises(ModelLoadError) as info:
         model_loader.load_model("not a valid id!!", cfg, torch.device("cpu"), role="expert")
-    assert "不是合法的 hub id" in str(info.value) and "expert" in str(info.value)
+    assert "nor a valid hub id" in str(info.value) and "expert" in str(info.value)
 
 
 def test_dotted_missing_pypi_package() -> None:
@@ -818,7 +818,7 @@ def test_gguf_conversion_failure_is_a_model_load_error(loader: str, tmp_path: Pa
             model_loader.load_tokenizer(str(gguf))
         else:
             model_loader.load_model(str(gguf), Config(load_in_4bit=False, device="cpu"), torch.device("cpu"))
-    assert "磁盘空间不足" in str(info.value) and "DOMAIN_STEERING_CACHE" in str(info.value)
+    assert "no space left on disk" in str(info.value) and "DOMAIN_STEERING_CACHE" in str(info.value)
 
 
 def test_materialize_gguf_cleans_up_on_save_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

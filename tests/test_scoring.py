@@ -52,14 +52,14 @@ def test_letter_token_ids_refuse_mismatch(smol_tokenizer):
         def encode(self, text, add_special_tokens=False):
             return [smol_tokenizer.encode(text, add_special_tokens=False)[0] + 1]
 
-    with pytest.raises(ValueError, match="不一致"):
+    with pytest.raises(ValueError, match="differ between roles"):
         letter_token_ids({"target": smol_tokenizer, "expert": Shifted()})
 
     class Split:
         def encode(self, text, add_special_tokens=False):
             return [1, 2]
 
-    with pytest.raises(ValueError, match="单个 token"):
+    with pytest.raises(ValueError, match="single token"):
         letter_token_ids({"target": Split()})
 
 
