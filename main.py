@@ -37,8 +37,9 @@ from model_loader import (ModelLoadError, end_token_ids, load_models, load_token
                           resolve_source)
 from reporting import arm_tables, make_plots, print_report, write_sweep
 from run_folder import (CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, Dist, Interrupted, _fsync_dir, append_jsonl,
-                        consolidate, environment, init_dist, log_event, open_run_dir, questions_sha256, rank_file,
-                        read_events, read_records, resume_command, rewrite_sorted, stop_on_sigint, write_json)
+                        consolidate, environment, init_dist, log_event, log_timing, open_run_dir, questions_sha256,
+                        rank_file, read_events, read_records, read_timing, resume_command, rewrite_sorted, stop_on_sigint,
+                        write_json)
 from sampling import Sampling
 from scoring import (ArmSpec, Record, letter_records, letter_role_text, letter_token_ids, merge_letter_scores)
 from stats import arm_metrics, compare_arms
@@ -264,6 +265,21 @@ def merge_timing(per_rank: list[dict[str, dict[str, Any]]], names: list[str], wo
     return timing
 
 
+def total_timing(logged: list[dict[str, Any]], session: dict[str, dict[str, Any]],
+                 names: list[str]) -> dict[str, dict[str, Any]]:
+    """各臂在全部会话上的计时之和（timing.jsonl）：秒数取 rank 0 各会话之和，token 数取全部进程、全部会话之和，
+    sessions = 有解码的会话数。没有任何记录的臂（旧版本写的运行目录）秒数与吞吐为 None，而不是一个像测量值的 0。"""
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        lines = [t for t in logged if t["mode"] == name]
+        rank0 = [t for t in lines if t["rank"] == 0]
+        seconds = round(sum(t["seconds"] for t in rank0), 3) if rank0 else None
+        tokens = sum(t["decoded_tokens"] for t in lines)
+        out[name] = {**session[name], "seconds": seconds, "decoded_tokens": tokens,
+                     "tokens_per_second": tokens / seconds if seconds else None, "sessions": len(rank0)}
+    return out
+
+
 def decode_arms(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, loaded: Loaded, existing: list[Record],
                 dist: Dist) -> tuple[list[Record] | None, dict[str, dict[str, Any]]]:
     """CoT：每个臂生成全部题目（run_arm），每批的记录一次写入并 fsync；Ctrl-C 在当前批写完后停下（Interrupted）。
@@ -291,6 +307,9 @@ def decode_arms(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, load
                              should_stop=stop, roles=arm.roles, sampling=arm.sampling,
                              shard=(dist.rank, dist.world), progress=dist.main)
             timing[arm.name] = arm_timing(result)
+            if result.records:  # 本次会话确实解码了这个臂：记下计时（续跑后按会话求和）
+                log_timing(run_dir, {"mode": arm.name, "rank": dist.rank, "seconds": timing[arm.name]["seconds"],
+                                     "decoded_tokens": timing[arm.name]["decoded_tokens"]})
             if result.interrupted:
                 raise Interrupted
     per_rank = dist.gather(timing)
@@ -298,7 +317,8 @@ def decode_arms(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, load
         return None, {}
     names = [a.name for a in arms]
     # 指标只从持久的记录算（不从内存）：续跑与不中断的运行因此得到同一份 metrics。
-    return consolidate(run_dir, names, data.indices), merge_timing(per_rank, names, dist.world)
+    return consolidate(run_dir, names, data.indices), total_timing(read_timing(run_dir),
+                                                                   merge_timing(per_rank, names, dist.world), names)
 
 
 def compute_metrics(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, records: list[Record],

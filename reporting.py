@@ -38,6 +38,10 @@ def print_report(metrics: dict[str, Any], run_dir: str) -> None:
         if m.get("nonfinite_steps") or m.get("oom_backoffs"):
             print(f"{arm}: {m.get('nonfinite_steps', 0)} steps with non-finite logits used the target's logits; "
                   f"{m.get('oom_backoffs', 0)} out-of-memory back-offs")
+    sessions = {arm: (metrics[arm].get("timing") or {}).get("sessions") for arm in arms}
+    if any(n is not None and n != 1 for n in sessions.values()):
+        print("tok/s and wall s are summed over every session of this run (resumed): "
+              + ", ".join(f"{arm} {n} session{'s' if n != 1 else ''}" for arm, n in sessions.items() if n is not None))
     if metrics.get("skipped_invalid_rows"):
         print(f"invalid data rows skipped: {metrics['skipped_invalid_rows']} (the reason for each is in config.json)")
     c = metrics.get("comparison")

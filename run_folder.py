@@ -38,6 +38,8 @@ METRICS_FILE: str = "metrics.json"
 
 EVENTS_FILE: str = "events.jsonl"  # 显存回退、续跑等少见事件（只在发生时创建）
 
+TIMING_FILE: str = "timing.jsonl"  # 每次会话、每个臂、每个进程一行解码计时（续跑后按会话求和）
+
 
 # ---------------------------------------------------------------------------
 # 多进程（accelerate launch / torchrun）：按批分片，rank 0 汇总
@@ -162,6 +164,26 @@ def log_event(run_dir: str, event: dict[str, Any]) -> None:
     """events.jsonl：显存回退、续跑等少见事件的持久日志（只在发生时创建）；metrics.json 的 oom_backoffs 由它算出。"""
     with open(os.path.join(run_dir, EVENTS_FILE), "a", encoding="utf-8") as f:
         append_jsonl(f, [{"time": _dt.datetime.now().isoformat(timespec="seconds"), **event}])
+
+
+def log_timing(run_dir: str, entry: dict[str, Any]) -> None:
+    """timing.jsonl：本次会话一个臂解码完（或被 Ctrl-C 停下）时追加一行 {mode, rank, seconds, decoded_tokens}。
+    续跑后 metrics.json 的 timing 是各次会话之和；kill -9 的会话来不及写这一行，它的部分计时不计入。"""
+    with open(os.path.join(run_dir, TIMING_FILE), "a", encoding="utf-8") as f:
+        append_jsonl(f, [{"time": _dt.datetime.now().isoformat(timespec="seconds"), **entry}])
+
+
+def read_timing(run_dir: str) -> list[dict[str, Any]]:
+    """读 timing.jsonl（没有则为空）；写了一半的行忽略。"""
+    path = os.path.join(run_dir, TIMING_FILE)
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                rows.append(json.loads(line))
+    return [r for r in rows if isinstance(r, dict) and {"mode", "rank", "seconds", "decoded_tokens"} <= set(r)]
 
 
 def read_events(run_dir: str) -> list[dict[str, Any]]:

@@ -225,10 +225,14 @@ def test_sigkill_midway_then_resume_equals_uninterrupted(reference: Path, data: 
     assert "Traceback" not in resumed.stderr
     assert f"{written}/{2 * LIMIT} records already written" in resumed.stdout
     assert _outcome(run_dir) == _outcome(reference)
-    # 续跑的计时只算续跑这一次：基线已全部完成，本次没有解码任何基线 token。
+    # 计时是各会话之和：基线在被杀的那次会话里已全部完成（timing.jsonl 有它的一行），续跑没有再解码它；
+    # 引导臂被 kill -9 的那部分来不及写计时行，只计入续跑这一次。没有任何一个臂显示像测量值的 0。
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    assert metrics["baseline"]["timing"]["decoded_tokens"] == 0
-    assert metrics["steered"]["timing"]["decoded_tokens"] < metrics["steered"]["generated_tokens"]
+    base_t, steer_t = metrics["baseline"]["timing"], metrics["steered"]["timing"]
+    assert base_t["sessions"] == 1 and base_t["decoded_tokens"] == metrics["baseline"]["generated_tokens"]
+    assert base_t["seconds"] > 0 and base_t["tokens_per_second"] > 0
+    assert steer_t["sessions"] == 1 and 0 < steer_t["decoded_tokens"] < metrics["steered"]["generated_tokens"]
+    assert "wall s" in resumed.stdout and " 0.0\n" not in resumed.stdout
     events = _read_jsonl(run_dir / "events.jsonl")
     assert [e["event"] for e in events] == ["resumed"] and events[0]["already_recorded"] == written
 
@@ -849,3 +853,65 @@ def test_materialize_gguf_cleans_up_on_save_failure(tmp_path: Path, monkeypatch:
     with pytest.raises(OSError):
         model_loader.materialize_gguf(str(gguf.parent), gguf.name, cache_root=str(cache))
     assert os.listdir(cache / "gguf") == []
+
+
+# ---------------------------------------------------------------------------
+# 续跑后的计时与预设（issue 19）：纯函数，不加载模型
+# ---------------------------------------------------------------------------
+
+
+def test_total_timing_sums_sessions_and_never_reports_a_fake_zero() -> None:
+    session = {"baseline": {"seconds": 0.001, "decoded_tokens": 0, "tokens_per_second": None, "decode_path": {}},
+               "steered": {"seconds": 2.0, "decoded_tokens": 40, "tokens_per_second": 20.0, "decode_path": {}}}
+    logged = [{"mode": "baseline", "rank": 0, "seconds": 3.0, "decoded_tokens": 60},
+              {"mode": "steered", "rank": 0, "seconds": 1.0, "decoded_tokens": 10},
+              {"mode": "steered", "rank": 0, "seconds": 2.0, "decoded_tokens": 40},
+              {"mode": "steered", "rank": 1, "seconds": 1.5, "decoded_tokens": 30}]  # 第二个进程：token 计入，秒数不重复计
+    t = main.total_timing(logged, session, ["baseline", "steered"])
+    assert t["baseline"]["seconds"] == 3.0 and t["baseline"]["decoded_tokens"] == 60
+    assert t["baseline"]["tokens_per_second"] == 20.0 and t["baseline"]["sessions"] == 1
+    assert t["steered"]["seconds"] == 3.0 and t["steered"]["decoded_tokens"] == 80 and t["steered"]["sessions"] == 2
+    # 旧版本的运行目录（没有 timing.jsonl）：不是 0，而是 None（表里显示 "-"）。
+    old = main.total_timing([], session, ["baseline"])
+    assert old["baseline"]["seconds"] is None and old["baseline"]["tokens_per_second"] is None
+    assert old["baseline"]["sessions"] == 0
+
+
+def test_report_says_timing_is_summed_over_sessions(capsys: pytest.CaptureFixture[str]) -> None:
+    from reporting import print_report
+    arm = {"n": 2, "accuracy": 0.5, "ci95": [0.1, 0.9], "unparsed": 0, "alpha_mean": None,
+           "timing": {"seconds": 3.0, "decoded_tokens": 60, "tokens_per_second": 20.0, "sessions": 2}}
+    print_report({"arm_order": ["baseline"], "baseline": arm}, "runs/x")
+    out = capsys.readouterr().out
+    assert "summed over every session" in out and "baseline 2 sessions" in out
+
+
+def test_resume_reapplies_the_saved_preset(tmp_path: Path) -> None:
+    """`--resume DIR --limit 5` on a --demo run lists only limit, not the whole demo preset."""
+    from config import parse_args
+    from run_folder import open_run_dir
+
+    run_dir = tmp_path / "demo"
+    run_dir.mkdir()
+    saved, _ = parse_args(["--demo", "--output-dir", str(run_dir)])
+    (run_dir / "config.json").write_text(json.dumps({"config": saved.to_dict()}), encoding="utf-8")
+    cfg, explicit = parse_args(["--resume", str(run_dir), "--limit", "5"])
+    with pytest.raises(main.ConfigError) as info:
+        open_run_dir(cfg, explicit)
+    listed = [line.strip() for line in str(info.value).splitlines() if "→" in line and ":" in line
+              and not line.startswith("--resume")]
+    assert listed == [f"limit: {saved.limit} → 5"], str(info.value)
+    # 与保存的配置一致的显式参数（包括 --demo 本身）：接受，沿用保存的配置。
+    for argv in (["--limit", str(saved.limit)], ["--demo"], ["--demo", "--batch-size", str(saved.batch_size)]):
+        cfg, explicit = parse_args(["--resume", str(run_dir), *argv])
+        resumed, where, stored = open_run_dir(cfg, explicit)
+        assert where == str(run_dir) and resumed.limit == saved.limit and resumed.target == saved.target
+    # 在非演示的运行上给 --demo：列出预设带来的每个不同项（而不只是 demo 这一项）。
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    base, _ = parse_args(["--no-load-in-4bit", "--device", "cpu", "--output-dir", str(plain)])
+    (plain / "config.json").write_text(json.dumps({"config": base.to_dict()}), encoding="utf-8")
+    cfg, explicit = parse_args(["--resume", str(plain), "--demo"])
+    with pytest.raises(main.ConfigError) as info:
+        open_run_dir(cfg, explicit)
+    assert "demo: False → True" in str(info.value) and "limit:" in str(info.value) and "target:" in str(info.value)
