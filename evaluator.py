@@ -133,6 +133,7 @@ def generate_batch(
     steering: SteeringParams | None = None,
     sampling: Sampling | None = None,
     question_ids: Sequence[int] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> BatchResult:
     """对一批问题做贪心解码。基线：models = [目标]；引导：models = [目标, 专家, 基座]。
 
@@ -146,6 +147,8 @@ def generate_batch(
       已结束的行改喂 pad_id 且不再记录；
       同一个 next 喂给所有模型（专家和基座“跟随”目标的实际生成）。
     某行生成任一结束记号即停止；全部停止或达到 max_new_tokens 时循环结束。
+    on_step(已走的步数, 本步新生成的 token 数 = 本步之前仍活跃的行数)：每步调用一次的进度回调
+    （参考循环本来就每步同步主机）；各次之和等于输出的 token 总数（含结束记号）。
     """
     if steering is not None and len(models) != 3:
         raise ValueError("steering needs three models: [target, expert, base]")
@@ -182,6 +185,8 @@ def generate_batch(
         nxt = pick_tokens(fused, sampling, qids, step).masked_fill(finished, pad_id)  # (B,)
         out[:, step] = nxt
         steps = step + 1
+        if on_step is not None:
+            on_step(steps, int((~finished).sum()))
         finished = finished | torch.isin(nxt, ends)
         # 每步一次主机同步：参考路径优先简单可读；快速路径见 issue #3。
         if bool(finished.all()) or steps == max_new_tokens:
@@ -342,11 +347,22 @@ def run_arm(
         qids = [questions[j].index for j in chunk]
         if _FAULT_HOOK is not None:
             _FAULT_HOOK(decoder.batch_size if decoder is not None else len(chunk))
+        on_step = (lambda steps, new_tokens: step_progress(len(chunk), steps, new_tokens)) if progress else None
         if decoder is not None:
-            return decoder.generate(prompts, max_new_tokens, question_ids=qids)
+            return decoder.generate(prompts, max_new_tokens, question_ids=qids, on_step=on_step)
         return generate_batch([models[r] for r in roles], prompts, vocab_size=vocab_size,
                               max_new_tokens=max_new_tokens, end_ids=end_ids, pad_id=tokenizer.pad_token_id,
-                              steering=steer, sampling=sampling, question_ids=qids)
+                              steering=steer, sampling=sampling, question_ids=qids, on_step=on_step)
+
+    def step_progress(rows: int, steps: int, new_tokens: int) -> None:
+        # 批内进度：按已走步数 / max_new_tokens 推进这批题的一部分（批结束时再补齐到整数），
+        # 后缀显示本次会话的 tokens/s；tqdm 据此给出剩余时间的估计。
+        live["tokens"] += new_tokens
+        within = min(rows * steps / max_new_tokens, rows - 0.51)  # 显示取整后批结束前不会显示成整批完成
+        bar.update(max(0.0, live["base"] + within - bar.n))
+        elapsed = time.perf_counter() - start
+        if elapsed > 0:
+            bar.set_postfix_str(f"{live['tokens'] / elapsed:.1f} tok/s", refresh=False)
 
     decoder = make_decoder(size)
     decode_path: dict[str, Any] = {"fast": fast, "compiled": fast and compile}
@@ -356,7 +372,9 @@ def run_arm(
     decoded_tokens = backoffs = 0
     interrupted = False
     own = [questions[j].index for chunk in mine for j in chunk]  # 本进程负责的题（单进程时为全部）
-    bar = tqdm(total=len(own), initial=sum(i in done for i in own), desc=mode, unit="q", disable=not progress)
+    bar = tqdm(total=len(own), initial=sum(i in done for i in own), desc=mode, unit="q", disable=not progress,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} q [{elapsed}<{remaining}{postfix}]")
+    live = {"tokens": 0, "base": float(bar.n)}  # 本次会话已生成的 token 数；已完成的题数（批内进度的起点）
     start = time.perf_counter()
     for b, chunk in enumerate(plan):
         pending = [chunk]
@@ -400,7 +418,8 @@ def run_arm(
                 on_batch(new)
             done.update(r["index"] for r in new)
             records.extend(new)
-            bar.update(len(new))
+            live["base"] += len(new)
+            bar.update(live["base"] - bar.n)
         if should_stop is not None and b + 1 < len(plan) and should_stop():
             interrupted = True
             break
@@ -454,15 +473,20 @@ def score_letters(models: dict[str, PreTrainedModel],
 
 def score_letters_shard(models: dict[str, PreTrainedModel], prompt_ids: dict[str, list[list[int]]],
                         letter_ids: list[int], *, vocab_size: int, batch_size: int, metric: str,
-                        shard: tuple[int, int] = (0, 1)) -> list[tuple[list[int], LetterScores]]:
+                        shard: tuple[int, int] = (0, 1),
+                        progress: bool = False) -> list[tuple[list[int], LetterScores]]:
     """字母打分按 batch_plan 的批分给各进程（与 CoT 相同的划分，批的组成与单进程一样，结果逐位相同）：
     返回本进程 (rank, world) 的 [(该批的题目位置, 该批的 LetterScores)]；scoring.merge_letter_scores 按题目顺序拼回。
-    prompt_ids[角色][j]：第 j 题在该角色下的 id。"""
+    prompt_ids[角色][j]：第 j 题在该角色下的 id。progress：显示本进程的进度条（每批前向之后推进）。"""
+    from tqdm.auto import tqdm
+
     rank, world = shard
+    chunks = [chunk for b, chunk in enumerate(batch_plan(prompt_ids["target"], batch_size)) if b % world == rank]
     mine = []
-    for b, chunk in enumerate(batch_plan(prompt_ids["target"], batch_size)):
-        if b % world == rank:
+    with tqdm(total=sum(len(c) for c in chunks), desc="letter scoring", unit="q", disable=not progress) as bar:
+        for chunk in chunks:
             part = score_letters(models, {r: [prompt_ids[r][j] for j in chunk] for r in models}, letter_ids,
                                  vocab_size=vocab_size, batch_size=len(chunk), metric=metric)
             mine.append((chunk, part))
+            bar.update(len(chunk))
     return mine

@@ -238,7 +238,8 @@ def score_by_letters(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data,
                   for role in loaded.models}
     start = time.perf_counter()
     mine = score_letters_shard(loaded.models, prompt_ids, loaded.letter_ids, vocab_size=loaded.vocab_size,
-                               batch_size=cfg.batch_size, metric=cfg.distance, shard=(dist.rank, dist.world))
+                               batch_size=cfg.batch_size, metric=cfg.distance, shard=(dist.rank, dist.world),
+                               progress=dist.main)
     parts = dist.gather(mine)
     if parts is None:
         return None, {}

@@ -307,9 +307,12 @@ class FastDecoder:
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[Sequence[int]]], max_new_tokens: int,
-                 question_ids: Sequence[int] | None = None) -> BatchResult:
+                 question_ids: Sequence[int] | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> BatchResult:
         """与 generate_batch 相同的输入输出约定；prompts[k][i] 为第 k 个模型第 i 行的提示 id；
         question_ids[i] 为第 i 行的题目 index（采样时必需：随机数由它决定）。
+        on_step(已走的步数, 自上次调用以来真实行新生成的 token 数)：进度回调。为了不增加主机同步，只在每
+        check_every 步本来就要同步的地方与结束时调用；各次 token 数之和等于本批输出的 token 总数（含结束记号）。
 
         共享状态只在本调用内改变、返回前恢复：模型的注意力实现（packed_gqa）与 dynamo 的重编译上限
         （torch._dynamo.config.patch，编译与重放都发生在这里）。
@@ -317,10 +320,11 @@ class FastDecoder:
         limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT) if self.compile else \
             torch._dynamo.config.recompile_limit
         with packed_gqa(self.models), torch._dynamo.config.patch(recompile_limit=limit):
-            return self._generate(prompts, max_new_tokens, question_ids)
+            return self._generate(prompts, max_new_tokens, question_ids, on_step)
 
     def _generate(self, prompts: Sequence[Sequence[Sequence[int]]], max_new_tokens: int,
-                  question_ids: Sequence[int] | None) -> BatchResult:
+                  question_ids: Sequence[int] | None,
+                  on_step: Callable[[int, int], None] | None = None) -> BatchResult:
         """generate 的主体（在 packed_gqa 与 dynamo 设置的作用域之内）。"""
         real = len(prompts[0])
         if real > self.batch_size or len(prompts) != len(self.models):
@@ -368,10 +372,16 @@ class FastDecoder:
         alphas: list[torch.Tensor] = []
         nonfinite = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)  # 设备上累加，整批只同步一次
         nxt, alpha, new_finished, bad = self._choose(z, finished, qids, step_t)
+        # 进度：设备上累加每步仍活跃的真实行数（占位行一开始就已结束），只在本来就同步的检查点读出。
+        produced = torch.zeros((), dtype=torch.long, device=self.device) if on_step is not None else None
         for step in range(max_new_tokens):
             if step > 0:
-                if step % self.check_every == 0 and bool(finished.all()):
-                    break
+                if step % self.check_every == 0:
+                    if on_step is not None and produced is not None:
+                        on_step(step, int(produced))
+                        produced.zero_()
+                    if bool(finished.all()):
+                        break
                 step_t = step_t + 1
                 # CUDA graphs 的输出缓冲会被下一次重放覆盖：.clone() 保留本步结果。
                 nxt, alpha, new_finished, bad = (t.clone() for t in self.step(nxt[:, None], positions, masks, slot,
@@ -382,7 +392,11 @@ class FastDecoder:
             # nan = 该行在本步之前已结束，或本步退回了目标 logits（没有被引导）：都不计入 α 统计
             alphas.append(alpha.masked_fill(finished | bad, float("nan")))
             out_tokens.append(nxt)
+            if produced is not None:
+                produced += (~finished).sum()
             finished = new_finished
+        if on_step is not None and produced is not None:
+            on_step(len(out_tokens), int(produced))
         trimmed = _trim(torch.stack(out_tokens, 1)[:real].tolist(), set(self.end_ids))
         steered = self.steering is not None
         alpha_rows = _alpha_rows([a[:real] for a in alphas]) if steered else None

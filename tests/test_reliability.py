@@ -248,6 +248,9 @@ def test_sigint_stops_after_batch_prints_resume_command(reference: Path, data: P
     assert proc.returncode == 130, err
     command = f"python main.py --resume {shlex.quote(str(run_dir))}"
     assert f"Interrupted. To continue: {command}" in err
+    # 第一次 Ctrl-C 立即说明：正在写完当前批，再按一次立即停止。
+    assert "finishing the current batch" in err and "press Ctrl-C again to stop at once" in err
+    assert err.index("finishing the current batch") < err.index("Interrupted. To continue")
     assert "Traceback" not in err
     raw = preds.read_bytes()
     assert raw.endswith(b"\n") and raw.count(b"\n") % BATCH == 0, "只应写整批"
@@ -431,6 +434,31 @@ def _arm(trio: dict[str, LlamaForCausalLM], mode: str, fast: bool, **kwargs: Any
     role_prompts = {r: [list(p) for p in PROMPTS] for r in ("target", "expert", "base")}
     return run_arm(mode, questions, role_prompts, trio, FakeTokenizer(), vocab_size=VOCAB, batch_size=4,
                    max_new_tokens=8, end_ids=[], steering=STEER, fast=fast, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_progress_bar_moves_within_a_batch_and_shows_tokens_per_second(small_trio: dict[str, LlamaForCausalLM],
+                                                                        fast: bool, monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """进度条在一批之内就前进（on_step），后缀显示 tok/s，并有剩余时间的估计。"""
+    seen: list[float] = []
+    import tqdm.std
+    original = tqdm.std.tqdm.update
+
+    def spy(self: Any, n: float = 1) -> Any:
+        seen.append(float(self.n) + float(n))
+        return original(self, n)
+
+    monkeypatch.setattr(tqdm.std.tqdm, "update", spy)
+    options = {"A": "a", "B": "b", "C": "c", "D": "d"}
+    questions = [SimpleNamespace(index=10 + j, answer_idx="A", options=options) for j in range(len(PROMPTS))]
+    role_prompts = {r: [list(p) for p in PROMPTS] for r in ("target", "expert", "base")}
+    run_arm("steered", questions, role_prompts, small_trio, FakeTokenizer(), vocab_size=VOCAB,
+            batch_size=len(PROMPTS), max_new_tokens=8, end_ids=[], steering=STEER, fast=fast, progress=True)
+    err = capsys.readouterr().err
+    assert "tok/s" in err and "steered" in err
+    # 只有一批：批结束之前进度条就已经走过一部分（0 < n < 题数），最后停在题数上
+    assert any(0 < n < len(PROMPTS) for n in seen) and seen[-1] == len(PROMPTS)
 
 
 def test_fault_hook_is_off_by_default() -> None:
