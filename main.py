@@ -205,7 +205,8 @@ def load_roles(cfg: Config, dist: Dist) -> Loaded:
     models, vocab_size = load_models(cfg, tokenizer, device)
     prompts = cfg.role_system_prompts
     if "steered" in cfg.modes and cfg.expert == cfg.base and prompts["expert"] == prompts["base"] and dist.main:
-        print("[main] warning: the expert and the base are the same model with the same system prompt, so z_expert − z_base ≡ 0 and steering equals the baseline.", file=sys.stderr)
+        print("[main] warning: the expert and the base are the same model with the same system prompt, so "
+              "z_expert − z_base ≡ 0 and steering equals the baseline.", file=sys.stderr)
     return Loaded(device, tokenizer, models, vocab_size, end_token_ids(tokenizer, list(models.values())), letter_ids)
 
 

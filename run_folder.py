@@ -384,7 +384,8 @@ def stop_on_sigint() -> Iterator[Callable[[], bool]]:
         if requested[0]:
             raise KeyboardInterrupt
         requested[0] = True
-        print("\n[main] Ctrl-C: finishing the current batch, then stopping (press Ctrl-C again to stop at once; the current batch is then lost)", file=sys.stderr, flush=True)
+        print("\n[main] Ctrl-C: finishing the current batch, then stopping (press Ctrl-C again to stop at once; "
+              "the current batch is then lost)", file=sys.stderr, flush=True)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
