@@ -430,7 +430,8 @@ def small_trio() -> dict[str, LlamaForCausalLM]:
 
 
 def _arm(trio: dict[str, LlamaForCausalLM], mode: str, fast: bool, **kwargs: Any) -> Any:
-    questions = [SimpleNamespace(index=10 + j, answer_idx="A") for j in range(len(PROMPTS))]
+    options = {"A": "a", "B": "b", "C": "c", "D": "d"}  # make_record 按选项抽取答案
+    questions = [SimpleNamespace(index=10 + j, answer_idx="A", options=options) for j in range(len(PROMPTS))]
     role_prompts = {r: [list(p) for p in PROMPTS] for r in ("target", "expert", "base")}
     return run_arm(mode, questions, role_prompts, trio, FakeTokenizer(), vocab_size=VOCAB, batch_size=4,
                    max_new_tokens=8, end_ids=[], steering=STEER, fast=fast, progress=False, **kwargs)
