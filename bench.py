@@ -582,34 +582,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=("real", "tiny"), default="real")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quant", choices=("bf16", "nf4"), default="bf16")
-    parser.add_argument("--batches", default="1,16,64,max", help="逗号分隔；max = 从 128 起翻倍直到显存不够")
+    parser.add_argument("--batches", default="1,16,64,max", help="comma-separated; max = double from 128 until memory runs out")
     parser.add_argument("--modes", default="target,steered")
-    parser.add_argument("--paths", default="fast", help="fast（FastDecoder）与/或 eager（慢速参考循环）")
+    parser.add_argument("--paths", default="fast", help="fast (FastDecoder) and/or eager (the slow reference loop)")
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--new", type=int, default=256)
-    parser.add_argument("--eager-new", type=int, default=64, help="慢速循环测的步数（它慢，少测几步）")
+    parser.add_argument("--eager-new", type=int, default=64, help="steps timed on the slow loop (it is slow, so fewer)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
-    parser.add_argument("--check", action="store_true", help="只做正确性检查（fp32 逐 token、bf16 一致率）")
+    parser.add_argument("--check", action="store_true", help="correctness check only (fp32 token for token, bf16 agreement rate)")
     parser.add_argument("--check-new", type=int, default=48)
-    parser.add_argument("--check-dtypes", default="float32,bfloat16", help="--check 检查哪些精度（逗号分隔）")
-    parser.add_argument("--check-modes", default="target,steered", help="--check 检查哪些模式（逗号分隔）")
+    parser.add_argument("--check-dtypes", default="float32,bfloat16", help="dtypes that --check checks (comma-separated)")
+    parser.add_argument("--check-modes", default="target,steered", help="modes that --check checks (comma-separated)")
     parser.add_argument("--profile", type=int, default=0, metavar="BATCH",
-                        help="只在这个批大小上剖析引导解码一步的 kernel 时间分布")
+                        help="profile the kernel time of one steered decode step at this batch size only")
     parser.add_argument("--with-profile", action="store_true",
-                        help="计时之后用同一个（已编译的）解码器再剖析，结果附在每个快速路径的行上")
+                        help="after timing, profile the same (compiled) decoder; the result is attached to every fast-path row")
     parser.add_argument("--profile-steps", type=int, default=64)
     parser.add_argument("--overlap", default="auto",
-                        help="引导时 FastDecoder 的 overlap 模式 auto/off/graph/streams（见 fast/decoder.py 的 _GraphedStep）；"
-                             "计时可给多个（逗号分隔，每个引导行各测一次），--check/--profile 用第一个")
+                        help="FastDecoder overlap mode when steering, auto/off/graph/streams (see _GraphedStep in fast/decoder.py); "
+                             "timing takes several (comma-separated, each steered row timed once); --check/--profile use the first")
     parser.add_argument("--stack", default="auto",
-                        help="FastDecoder 的 stack 模式 auto/off/pair/target/all（见 fast/decoder.py 的 resolve_stack）；计时可给多个"
-                             "（逗号分隔：引导行逐个测，目标行只按目标走哪条前向测），--check/--profile 用第一个")
+                        help="FastDecoder stack mode auto/off/pair/target/all (see resolve_stack in fast/decoder.py); timing takes several"
+                             " (comma-separated: steered rows are timed for each, target rows by the forward the target takes); --check/--profile use the first")
     parser.add_argument("--attention", default="auto",
-                        help="叠加前向的解码注意力 auto/sdpa/triton（见 fast/decoder.py 的 resolve_attention）；计时可给多个"
-                             "（逗号分隔），--check/--profile 用第一个")
-    parser.add_argument("--temperature", type=float, default=0.0, help="> 0：采样（计入每步的 top-p 与 Gumbel 开销）")
+                        help="decode attention of the stacked forward, auto/sdpa/triton (see resolve_attention in fast/decoder.py); timing takes several"
+                             " (comma-separated); --check/--profile use the first")
+    parser.add_argument("--temperature", type=float, default=0.0, help="> 0: sample (includes the per-step top-p and Gumbel cost)")
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--out", default=None, help="把 JSON 结果也写到这个文件")
+    parser.add_argument("--out", default=None, help="also write the JSON results to this file")
     parser.add_argument("--speculate", type=int, default=0, metavar="K",
                         help="speculative decoding with K draft tokens per verify step: runs generate_speculative and "
                              "the plain loop on the random-weight models and prints drafted / accepted / tokens per "
@@ -624,13 +624,13 @@ def main(argv: list[str] | None = None) -> int:
         args.profile_steps = min(args.profile_steps, 4)
     overlaps = [o for o in args.overlap.split(",") if o]
     if not overlaps or any(o not in ("auto", "off", "graph", "streams") for o in overlaps):
-        parser.error(f"--overlap {args.overlap!r}：每一项应为 auto / off / graph / streams")
+        parser.error(f"--overlap {args.overlap!r}: each item must be auto / off / graph / streams")
     stacks = [o for o in args.stack.split(",") if o]
     if not stacks or any(o not in STACK_MODES for o in stacks):
-        parser.error(f"--stack {args.stack!r}：每一项应为 {' / '.join(STACK_MODES)}")
+        parser.error(f"--stack {args.stack!r}: each item must be {' / '.join(STACK_MODES)}")
     attentions = [o for o in args.attention.split(",") if o]
     if not attentions or any(o not in ("auto", *ATTENTION_MODES) for o in attentions):
-        parser.error(f"--attention {args.attention!r}：每一项应为 auto / {' / '.join(ATTENTION_MODES)}")
+        parser.error(f"--attention {args.attention!r}: each item must be auto / {' / '.join(ATTENTION_MODES)}")
     if args.speculate:
         if not 1 <= args.speculate <= 16:
             parser.error(f"--speculate {args.speculate}: K must be from 1 to 16")

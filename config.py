@@ -54,6 +54,8 @@ SKIP_INVALID: bool = False
 MAX_NEW_TOKENS: int = 512
 BATCH_SIZE: int = 8
 SEED: int = 42
+# CPU 线程数（torch.set_num_threads）；None = torch 的默认值（通常是物理核数）。忙碌的小机器上 1 往往更快（避免超额订阅）。
+THREADS: int | None = None
 # 快速路径（evaluator.FastDecoder）：静态 KV 缓存 + 固定形状的解码步；与慢速参考循环逐 token 一致（fp32 测试）。
 FAST_DECODE: bool = True
 # 编译解码步：auto = 仅在 CUDA 上编译（CUDA graphs）；CPU 上编译耗时远超收益。
@@ -149,31 +151,34 @@ class Config:
     字段的 `metadata["help"]` 就是命令行帮助文本；字段名 `foo_bar` 对应参数 `--foo-bar`。
     """
 
-    target: str = field(default=TARGET_MODEL_ID, metadata={"help": "目标模型：hub id、本地目录或 .gguf 文件"})
-    expert: str = field(default=EXPERT_MODEL_ID, metadata={"help": "领域专家模型：hub id、本地目录或 .gguf 文件"})
-    base: str = field(default=BASE_MODEL_ID, metadata={"help": "专家的通用基座模型：hub id、本地目录或 .gguf 文件"})
-    base_alpha: float = field(default=BASE_ALPHA, metadata={"help": "α 的基础值 BASE_ALPHA"})
-    adaptive_scale: float = field(default=ADAPTIVE_SCALE, metadata={"help": "tanh 内的灵敏度 ADAPTIVE_SCALE"})
-    max_boost: float = field(default=MAX_BOOST, metadata={"help": "α 的最大增量 MAX_BOOST"})
-    distance: str = field(default=DISTANCE_METRIC, metadata={"help": "目标与专家分布的距离：js 或 l2"})
-    schedule: str = field(default=SCHEDULE, metadata={"help": "α 调度：constant | adaptive | adaptive_inverse"})
+    target: str = field(default=TARGET_MODEL_ID, metadata={"help": "target model: hub id, local folder, .gguf file, or pypi:<package> holding a .gguf"})
+    expert: str = field(default=EXPERT_MODEL_ID, metadata={"help": "domain expert model: hub id, local folder, .gguf file, or pypi:<package>"})
+    base: str = field(default=BASE_MODEL_ID, metadata={"help": "the expert's general base model: hub id, local folder, .gguf file, or pypi:<package>"})
+    base_alpha: float = field(default=BASE_ALPHA, metadata={"help": "BASE_ALPHA: α at zero distance"})
+    adaptive_scale: float = field(default=ADAPTIVE_SCALE, metadata={"help": "ADAPTIVE_SCALE: sensitivity inside tanh"})
+    max_boost: float = field(default=MAX_BOOST, metadata={"help": "MAX_BOOST: α ranges over [BASE_ALPHA, BASE_ALPHA + MAX_BOOST]"})
+    distance: str = field(default=DISTANCE_METRIC, metadata={"help": "target-expert distance: js or l2"})
+    schedule: str = field(default=SCHEDULE, metadata={"help": "α schedule: constant | adaptive | adaptive_inverse"})
     plausibility_beta: float = field(default=PLAUSIBILITY_BETA,
-                                     metadata={"help": "可信度约束 β ∈ [0, 1]：只选目标概率 ≥ β·最大概率的 token（0 = 关闭）"})
-    load_in_4bit: bool = field(default=LOAD_IN_4BIT, metadata={"help": "4-bit NF4 加载（需要 CUDA 与 bitsandbytes）"})
-    dtype: str = field(default=DTYPE, metadata={"help": "非 4-bit 时的权重精度"})
+                                     metadata={"help": "plausibility constraint β in [0, 1]: only tokens with target probability >= β × the max are eligible (0 = off)"})
+    load_in_4bit: bool = field(default=LOAD_IN_4BIT, metadata={"help": "load weights in 4-bit NF4 (needs CUDA and bitsandbytes)"})
+    dtype: str = field(default=DTYPE, metadata={"help": "weight dtype when not 4-bit"})
     device: str = field(default=DEVICE, metadata={"help": "auto | cuda | cpu"})
-    dataset_id: str = field(default=DATASET_ID, metadata={"help": "HF 数据集 id（--data-file 未给出时使用）"})
-    data_file: str | None = field(default=DATA_FILE, metadata={"help": "本地 MedQA schema 的 JSONL 文件"})
-    split: str = field(default=SPLIT, metadata={"help": "数据划分：test | dev | validation | train"})
-    limit: int = field(default=NUM_SAMPLES, metadata={"help": "只评测前 N 道题（N ≥ 1；全部题目用 --all-questions）"})
-    all_questions: bool = field(default=ALL_QUESTIONS, metadata={"help": "评测全部题目（忽略 --limit）"})
+    dataset_id: str = field(default=DATASET_ID, metadata={"help": "HF dataset id (used when --data-file is not given)"})
+    data_file: str | None = field(default=DATA_FILE, metadata={"help": "local JSONL file in the MedQA schema"})
+    split: str = field(default=SPLIT, metadata={"help": "data split: test | dev | validation | train"})
+    limit: int = field(default=NUM_SAMPLES, metadata={"help": "evaluate the first N questions (N >= 1; use --all-questions for all)"})
+    all_questions: bool = field(default=ALL_QUESTIONS, metadata={"help": "evaluate every question of the split (instead of --limit)"})
     skip_invalid: bool = field(default=SKIP_INVALID,
-                               metadata={"help": "跳过无效的数据行（计数写进 metrics.json），而不是拒绝整个文件"})
-    batch_size: int = field(default=BATCH_SIZE, metadata={"help": "每批题目数"})
-    max_new_tokens: int = field(default=MAX_NEW_TOKENS, metadata={"help": "每题最多生成的 token 数"})
-    seed: int = field(default=SEED, metadata={"help": "随机种子（random、numpy、torch）"})
-    fast: bool = field(default=FAST_DECODE, metadata={"help": "快速解码路径（静态缓存）；--no-fast 用慢速参考循环"})
-    compile: str = field(default=COMPILE, metadata={"help": "编译解码步：auto（仅 CUDA）| on | off"})
+                               metadata={"help": "skip invalid data rows (counted in metrics.json) instead of refusing the file"})
+    batch_size: int = field(default=BATCH_SIZE, metadata={"help": "questions per batch"})
+    max_new_tokens: int = field(default=MAX_NEW_TOKENS, metadata={"help": "maximum new tokens per question"})
+    seed: int = field(default=SEED, metadata={"help": "random seed (random, numpy, torch)"})
+    threads: int | None = field(default=THREADS, metadata={
+        "help": "CPU threads for torch (torch.set_num_threads; default: torch's own choice). On a small or busy CPU "
+                "box, 1 is often much faster than the default (no oversubscription)"})
+    fast: bool = field(default=FAST_DECODE, metadata={"help": "fast decode path (static caches); --no-fast uses the slower reference loop"})
+    compile: str = field(default=COMPILE, metadata={"help": "compile the decode step: auto (CUDA only) | on | off"})
     speculate: int = field(default=SPECULATE, metadata={
         "help": f"speculative decoding: the draft proposes K tokens per verify step (0 = off, at most {SPECULATE_MAX}); "
                 "lossless (greedy output identical); reference loop only for now, so it needs --no-fast"})
@@ -186,23 +191,23 @@ class Config:
     min_acceptance: float = field(default=MIN_ACCEPTANCE, metadata={
         "help": "switch drafting off for a question whose acceptance falls below this after 16 drafted tokens "
                 "(0 = never)"})
-    system_prompt: str = field(default=SYSTEM_PROMPT, metadata={"help": "目标模型的系统提示"})
+    system_prompt: str = field(default=SYSTEM_PROMPT, metadata={"help": "the target's system prompt"})
     expert_system_prompt: str | None = field(
-        default=EXPERT_SYSTEM_PROMPT, metadata={"help": "专家的系统提示（缺省同目标）"})
+        default=EXPERT_SYSTEM_PROMPT, metadata={"help": "the expert's system prompt (default: same as the target)"})
     base_system_prompt: str | None = field(
-        default=BASE_SYSTEM_PROMPT, metadata={"help": "基座的系统提示（缺省同目标）"})
-    modes: tuple[str, ...] = field(default=MODES, metadata={"help": "逗号分隔：baseline,steered"})
-    scoring: str = field(default=SCORING, metadata={"help": "cot（生成 + 抽取答案）| letter（不生成，四个字母 token 上取 argmax）"})
-    sweep: bool = field(default=SWEEP, metadata={"help": "一次加载跑 调度 × α 网格，外加专家单独、基座单独两行参考"})
-    sweep_alphas: tuple[float, ...] = field(default=SWEEP_ALPHAS, metadata={"help": "扫参的 BASE_ALPHA 取值，逗号分隔"})
-    sweep_schedules: tuple[str, ...] = field(default=SWEEP_SCHEDULES, metadata={"help": "扫参的调度，逗号分隔"})
-    temperature: float = field(default=TEMPERATURE, metadata={"help": "采样温度；0 = 只做贪心"})
-    top_p: float = field(default=TOP_P, metadata={"help": "nucleus 采样的概率质量 (0, 1]（只在 --temperature > 0 时）"})
-    votes: int = field(default=VOTES, metadata={"help": "每题采样的链数，多数投票（平局取第一条链）；需要 --temperature > 0"})
-    trace_index: int | None = field(default=TRACE_INDEX, metadata={"help": "α 轨迹图画哪道题（题目 index；缺省第一道）"})
-    output_dir: str | None = field(default=OUTPUT_DIR, metadata={"help": "运行目录（缺省 runs/<时间戳>/）"})
-    resume: str | None = field(default=None, metadata={"help": "继续一次被中断的运行：给出它的运行目录（配置取自其 config.json）"})
-    demo: bool = field(default=False, metadata={"help": "离线 CPU 演示：三个角色都用 SmolLM2-135M-Instruct"})
+        default=BASE_SYSTEM_PROMPT, metadata={"help": "the base's system prompt (default: same as the target)"})
+    modes: tuple[str, ...] = field(default=MODES, metadata={"help": "arms to run, comma-separated: baseline,steered"})
+    scoring: str = field(default=SCORING, metadata={"help": "cot (generate, then extract the answer) | letter (no generation: argmax over the four letter tokens)"})
+    sweep: bool = field(default=SWEEP, metadata={"help": "one load: the schedule × α grid, plus expert-alone and base-alone reference rows"})
+    sweep_alphas: tuple[float, ...] = field(default=SWEEP_ALPHAS, metadata={"help": "BASE_ALPHA values of the sweep, comma-separated"})
+    sweep_schedules: tuple[str, ...] = field(default=SWEEP_SCHEDULES, metadata={"help": "schedules of the sweep, comma-separated"})
+    temperature: float = field(default=TEMPERATURE, metadata={"help": "sampling temperature; 0 = greedy only"})
+    top_p: float = field(default=TOP_P, metadata={"help": "nucleus sampling mass in (0, 1] (only with --temperature > 0)"})
+    votes: int = field(default=VOTES, metadata={"help": "sampled chains per question, majority vote (a tie goes to the first chain); needs --temperature > 0"})
+    trace_index: int | None = field(default=TRACE_INDEX, metadata={"help": "question index whose α trace is plotted (default: the first question)"})
+    output_dir: str | None = field(default=OUTPUT_DIR, metadata={"help": "run folder (default: runs/<timestamp>/); must be new or empty"})
+    resume: str | None = field(default=None, metadata={"help": "continue an interrupted run: its run folder (the config comes from its config.json)"})
+    demo: bool = field(default=False, metadata={"help": "offline CPU demo: SmolLM2-135M-Instruct in all three roles; flags given explicitly still win"})
     forced_answer: bool = field(
         default=FORCED_ANSWER,
         metadata={"help": "stage 2 of answer extraction (CoT only): when no answer can be read from the text, "
@@ -213,59 +218,62 @@ class Config:
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
-                raise ConfigError(f"{_flag(name)}={value!r} 非法；可选值：{', '.join(allowed)}")
+                raise ConfigError(f"{_flag(name)}={value!r} is not valid; choose one of: {', '.join(allowed)}")
         for name in ("base_alpha", "adaptive_scale", "max_boost"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"{_flag(name)}={value!r} 必须是有限实数")
+                raise ConfigError(f"{_flag(name)}={value!r} must be a finite number")
         if not isinstance(self.plausibility_beta, (int, float)) or not 0.0 <= self.plausibility_beta <= 1.0:
-            raise ConfigError(f"--plausibility-beta={self.plausibility_beta!r} 必须在 [0, 1] 内（0 = 关闭约束）")
+            raise ConfigError(f"--plausibility-beta={self.plausibility_beta!r} must be in [0, 1] (0 = off)")
         if self.adaptive_scale < 0 or self.max_boost < 0:
-            raise ConfigError("--adaptive-scale 与 --max-boost 必须 ≥ 0（α 应随距离单调不减）")
+            raise ConfigError("--adaptive-scale and --max-boost must be >= 0 (α must not decrease as the distance grows)")
         if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
-            raise ConfigError(f"--limit={self.limit!r} 必须是 ≥ 1 的整数；要评测全部题目请用 --all-questions")
+            raise ConfigError(f"--limit={self.limit!r} must be an integer >= 1; use --all-questions to evaluate every question")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX:
             # numpy 的种子必须落在 [0, 2**32 − 1]：否则 np.random.seed 在运行中途抛异常（带 traceback）。
-            raise ConfigError(f"--seed={self.seed!r} 必须是 0 到 {SEED_MAX} 之间的整数")
+            raise ConfigError(f"--seed={self.seed!r} must be an integer from 0 to {SEED_MAX}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ConfigError(f"--threads={self.threads!r} must be an integer >= 1 (leave it out for torch's default)")
         for name in ("batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{_flag(name)}={getattr(self, name)} 必须 ≥ 1")
+                raise ConfigError(f"{_flag(name)}={getattr(self, name)} must be >= 1")
         if not self.modes or any(m not in VALID_MODES for m in self.modes) or len(set(self.modes)) != len(self.modes):
-            raise ConfigError(f"--modes={','.join(self.modes)!r} 非法；取 baseline、steered 中的一个或两个，逗号分隔")
+            raise ConfigError(f"--modes={','.join(self.modes)!r} is not valid; give baseline, steered or both, comma-separated")
         for name in ("target", "expert", "base", "system_prompt"):
             if not str(getattr(self, name)).strip():
-                raise ConfigError(f"{_flag(name)} 不能为空")
+                raise ConfigError(f"{_flag(name)} must not be empty")
         self._check_research_options()
 
     def _check_research_options(self) -> None:
         """扫参、采样、打分方式之间的约束（issue #5）：互相矛盾的组合在加载模型之前报错，而不是被悄悄忽略。"""
         if not self.sweep_alphas or not all(isinstance(a, (int, float)) and not isinstance(a, bool)
                                             and math.isfinite(a) for a in self.sweep_alphas):
-            raise ConfigError(f"--sweep-alphas={self.sweep_alphas!r} 必须是至少一个有限实数，逗号分隔，例如 0,0.5,1,2")
+            raise ConfigError(f"--sweep-alphas={self.sweep_alphas!r} must be one or more finite numbers, comma-separated, e.g. 0,0.5,1,2")
         if len(set(self.sweep_alphas)) != len(self.sweep_alphas):
-            raise ConfigError(f"--sweep-alphas={self.sweep_alphas!r} 含重复值")
+            raise ConfigError(f"--sweep-alphas={self.sweep_alphas!r} contains a repeated value")
         bad = [s for s in self.sweep_schedules if s not in CHOICES["schedule"]]
         if not self.sweep_schedules or bad or len(set(self.sweep_schedules)) != len(self.sweep_schedules):
-            raise ConfigError(f"--sweep-schedules={','.join(self.sweep_schedules)!r} 非法；取 "
-                              f"{', '.join(CHOICES['schedule'])} 中的一个或多个，逗号分隔、不重复")
+            raise ConfigError(f"--sweep-schedules={','.join(self.sweep_schedules)!r} is not valid; give one or more of "
+                              f"{', '.join(CHOICES['schedule'])}, comma-separated, without repeats")
         if self.sweep and set(self.modes) != set(VALID_MODES):
-            raise ConfigError("--sweep 需要同时跑 baseline 与 steered（每个设置都与同一条基线配对比较）；请去掉 --modes")
+            raise ConfigError("--sweep needs both baseline and steered (every setting is compared with the same baseline); drop --modes")
         if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
                 or self.temperature < 0:
-            raise ConfigError(f"--temperature={self.temperature!r} 必须是 ≥ 0 的有限实数（0 = 贪心）")
+            raise ConfigError(f"--temperature={self.temperature!r} must be a finite number >= 0 (0 = greedy)")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"--top-p={self.top_p!r} 必须在 (0, 1] 内")
+            raise ConfigError(f"--top-p={self.top_p!r} must be in (0, 1]")
         if isinstance(self.votes, bool) or not isinstance(self.votes, int) or self.votes < 1:
-            raise ConfigError(f"--votes={self.votes!r} 必须是 ≥ 1 的整数")
+            raise ConfigError(f"--votes={self.votes!r} must be an integer >= 1")
         if self.temperature == 0 and (self.votes > 1 or self.top_p < 1.0):
-            raise ConfigError("--votes > 1 与 --top-p < 1 只对采样有意义：请同时给出 --temperature > 0"
-                              "（温度 0 是贪心，每题只有一条确定的链）")
+            raise ConfigError("--votes > 1 and --top-p < 1 only apply to sampling: also give --temperature > 0"
+                              " (temperature 0 is greedy: one deterministic chain per question)")
         if self.scoring == "letter" and self.temperature > 0:
-            raise ConfigError("--scoring letter 不生成文本、没有可采样的链：请去掉 --temperature/--votes，或用 --scoring cot")
+            raise ConfigError("--scoring letter generates no text, so there is no chain to sample: drop --temperature/--votes, or use --scoring cot")
         self._check_speculation()
         if self.trace_index is not None and (isinstance(self.trace_index, bool) or not isinstance(self.trace_index, int)
                                              or self.trace_index < 0):
-            raise ConfigError(f"--trace-index={self.trace_index!r} 必须是 ≥ 0 的题目 index")
+            raise ConfigError(f"--trace-index={self.trace_index!r} must be a question index >= 0")
 
     def _check_speculation(self) -> None:
         """投机解码（issue 17）的约束：K 的范围、只在参考循环里实现、fusion 草稿只属于引导臂、字母打分不生成。"""
@@ -348,9 +356,9 @@ def _finite_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} 不是数字") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} 不是有限实数")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
 
 
@@ -362,12 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(
         prog="main.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
-        description="MedQA 上的领域引导解码：z = z_target + α(t)·(z_expert − z_base)。默认值见 config.py。",
+        description="Domain-steered decoding on MedQA: z = z_target + α(t)·(z_expert − z_base). Defaults live in config.py. "
+                    "Models: a hub id, a local folder, a .gguf file, or pypi:<package> (a PyPI package holding a .gguf). "
+                    "Without network, set HF_HUB_OFFLINE=1.",
     )
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
         flag, typ = _flag(f.name), _base_type(hints[f.name])
-        help_text = f"{f.metadata.get('help', '')}（默认：{f.default!r}）"
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
         if typ is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif f.name in TUPLE_PARSERS:
@@ -398,7 +408,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, frozenset[str
     """
     explicit = vars(build_parser().parse_args(argv))
     if "limit" in explicit and explicit.get("all_questions"):
-        raise ConfigError("--limit 与 --all-questions 不能同时给出：要么前 N 道题，要么全部题目")
+        raise ConfigError("--limit and --all-questions cannot both be given: either the first N questions or all of them")
     values: dict[str, Any] = demo_overrides() if explicit.get("demo") else {}
     values.update(explicit)
     return Config(**values), frozenset(explicit)
@@ -418,8 +428,8 @@ def config_from_dict(stored: dict[str, Any], where: str) -> Config:
     names = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(stored) - names)
     if unknown:
-        raise ConfigError(f"{where}: 含有本版本不认识的配置项 {', '.join(unknown)}（来自另一个版本的 main.py？）；"
-                          "无法续跑，请用原版本续跑或换一个 --output-dir 重新开始")
+        raise ConfigError(f"{where}: holds config keys this version does not know: {', '.join(unknown)} (written by another version of main.py?); "
+                          "cannot resume: resume with that version, or start again with a new --output-dir")
     values = {k: (tuple(v) if k in TUPLE_PARSERS and isinstance(v, list) else v) for k, v in stored.items()}
     return Config(**values)
 

@@ -76,11 +76,11 @@ class Question:
 def _text(value: Any, what: str, where: str) -> str:
     """要求 `value` 是去掉首尾空白后非空的 str，否则抛出 DataError（where 为 `来源:行号` 前缀）。"""
     if value is None:
-        raise DataError(f"{where}: 缺少 {what}")
+        raise DataError(f"{where}: missing {what}")
     if not isinstance(value, str):
-        raise DataError(f"{where}: {what} 必须是字符串，实际是 {type(value).__name__}")
+        raise DataError(f"{where}: {what} must be a string, got {type(value).__name__}")
     if not value.strip():
-        raise DataError(f"{where}: {what} 为空")
+        raise DataError(f"{where}: {what} is empty")
     return value
 
 
@@ -91,17 +91,17 @@ def _options(value: Any, where: str) -> dict[str, str]:
     依赖固定顺序，而 JSON 对象的键序并非语义的一部分。
     """
     if value is None:
-        raise DataError(f"{where}: 缺少 options（应为键 A、B、C、D 的 JSON 对象）")
+        raise DataError(f"{where}: missing options (a JSON object with keys A, B, C, D)")
     if not isinstance(value, dict):
-        raise DataError(f"{where}: options 必须是 JSON 对象（键 A–D），实际是 {type(value).__name__}")
+        raise DataError(f"{where}: options must be a JSON object (keys A–D), got {type(value).__name__}")
     keys = sorted(map(str, value))
     if len(keys) == 5 and set(OPTION_KEYS) < set(keys):
         # 5 选项版本（A–E）的 schema 完全相同，最容易被误用，单独给出提示。
-        raise DataError(f"{where}: 这是 5 选项的行（键 {', '.join(keys)}）；本工具只评测 4 选项版本"
-                        f"（{config.DATASET_ID} / 原始发布的 4_options/phrases_no_exclude_*.jsonl）")
+        raise DataError(f"{where}: this is a 5-option row (keys {', '.join(keys)}); this tool evaluates the 4-option version only"
+                        f" ({config.DATASET_ID} / the original release's 4_options/phrases_no_exclude_*.jsonl)")
     if keys != list(OPTION_KEYS):
-        raise DataError(f"{where}: options 的键必须恰为 A、B、C、D，实际是 {', '.join(keys) or '（空）'}")
-    return {k: _text(value[k], f"选项 {k} 的文本", where) for k in OPTION_KEYS}
+        raise DataError(f"{where}: the keys of options must be exactly A, B, C, D, got {', '.join(keys) or '(none)'}")
+    return {k: _text(value[k], f"the text of option {k}", where) for k in OPTION_KEYS}
 
 
 def _question(row: Any, index: int, where: str) -> Question:
@@ -111,15 +111,15 @@ def _question(row: Any, index: int, where: str) -> Question:
     options[answer_idx] 一致——评分只看 answer_idx，answer 仅用于展示。
     """
     if not isinstance(row, dict):
-        raise DataError(f"{where}: 每行必须是一个 JSON 对象，实际是 {type(row).__name__}")
-    question = _text(row.get("question"), "question（题干）", where)
+        raise DataError(f"{where}: every line must be a JSON object, got {type(row).__name__}")
+    question = _text(row.get("question"), "question (the question text)", where)
     options = _options(row.get("options"), where)
     gold = row.get("answer_idx")
     if not isinstance(gold, str) or gold not in options:
-        raise DataError(f"{where}: answer_idx={gold!r} 不是选项字母之一（应为 A、B、C 或 D）")
+        raise DataError(f"{where}: answer_idx={gold!r} is not one of the option letters (A, B, C or D)")
     answer = row.get("answer")
     if answer is not None and not isinstance(answer, str):
-        raise DataError(f"{where}: answer 必须是字符串（正确选项的文本），实际是 {type(answer).__name__}")
+        raise DataError(f"{where}: answer must be a string (the text of the correct option), got {type(answer).__name__}")
     return Question(index=index, question=question, options=options, answer_idx=gold,
                     answer=options[gold] if answer is None else answer)
 
@@ -144,14 +144,14 @@ def _parse_line(raw: bytes, where: str) -> Any:
     try:
         text = raw.decode("utf-8")  # 严格模式：非法字节直接报错，而不是替换成 U+FFFD 混进题目
     except UnicodeDecodeError as e:
-        raise DataError(f"{where}: 不是合法的 UTF-8（该行第 {e.start + 1} 个字节 {raw[e.start:e.end]!r}）；"
-                        "请把文件转换为 UTF-8") from None
+        raise DataError(f"{where}: not valid UTF-8 (byte {e.start + 1} of the line, {raw[e.start:e.end]!r}); "
+                        "convert the file to UTF-8") from None
     if not text.strip():
-        raise DataError(f"{where}: 空行；JSONL 每行必须是一个 JSON 对象（只允许文件末尾一个换行符）")
+        raise DataError(f"{where}: empty line; every JSONL line must be a JSON object (only one newline is allowed at the end of the file)")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}: 不是合法的 JSON（第 {e.colno} 列：{e.msg}）") from None
+        raise DataError(f"{where}: not valid JSON (column {e.colno}: {e.msg})") from None
 
 
 def _file_row(raw: bytes, lineno: int, path: str) -> Question:
@@ -172,7 +172,7 @@ def _keep_valid(candidates: Iterable[tuple[str, Callable[[], Question]]],
         except DataError as e:
             msg = str(e)
             if not skip_invalid:
-                raise DataError(f"{msg}。请修正这一行，或加 --skip-invalid 跳过无效的行（跳过的行数写进 metrics.json）") \
+                raise DataError(f"{msg}. Fix this line, or add --skip-invalid to skip invalid rows (the count goes into metrics.json)") \
                     from None
             skipped.append({"where": where, "reason": msg[len(where) + 2:] if msg.startswith(f"{where}: ") else msg})
     return questions, skipped
@@ -186,17 +186,17 @@ def _load_file(path: str, skip_invalid: bool = False) -> tuple[list[Question], s
     """
     path = os.path.abspath(path)
     if not os.path.isfile(path):
-        raise DataError(f"{path}: 数据文件不存在（检查 --data-file 路径）")
+        raise DataError(f"{path}: no such data file (check the --data-file path)")
     with open(path, "rb") as f:
         data = f.read()
     if not data.strip():
-        raise DataError(f"{path}:1: 文件为空，没有任何题目；请检查 --data-file 是否指向正确的文件")
+        raise DataError(f"{path}:1: the file is empty, no questions; check that --data-file names the right file")
     candidates = ((f"{path}:{n}", functools.partial(_file_row, raw, n, path))
                   for n, raw in enumerate(_jsonl_lines(data), start=1))
     questions, skipped = _keep_valid(candidates, skip_invalid)
     if not questions:
-        raise DataError(f"{path}: 没有任何有效的题目（{len(skipped)} 行全部无效；第一个：{skipped[0]['where']}: "
-                        f"{skipped[0]['reason']}）")
+        raise DataError(f"{path}: no valid questions (all {len(skipped)} rows are invalid; first: {skipped[0]['where']}: "
+                        f"{skipped[0]['reason']})")
     return questions, f"file:{path} sha256={hashlib.sha256(data).hexdigest()}", skipped
 
 
@@ -222,7 +222,7 @@ def _load_hub(dataset_id: str, split: str,
                   for i, row in enumerate(rows))
     questions, skipped = _keep_valid(candidates, skip_invalid)
     if not questions:
-        raise DataError(f"{source}: 该划分没有任何{'有效的' if skipped else ''}题目")
+        raise DataError(f"{source}: this split has no{' valid' if skipped else ''} questions")
     return questions, source, skipped
 
 
@@ -246,10 +246,10 @@ def _load_hub_or_bundled(dataset_id: str, split: str,
         reason = _one_line(exc)
     bundled = os.path.join(config.BUNDLED_DATA_DIR, BUNDLED_FILES.get(split, f"{split}.jsonl"))
     if not os.path.isfile(bundled):
-        raise DataError(f"hub:{dataset_id} split={split}: 无法从 hub 加载（{reason}），且仓库没有捆绑的 "
-                        f"{split} 划分文件（{bundled}）；请用 --data-file 指定本地 MedQA 4 选项 JSONL")
-    print(f"[data_loader] WARNING: 无法从 hub 加载 {dataset_id} split={split}（{reason}）；"
-          f"改用仓库捆绑的文件 {bundled}", file=sys.stderr, flush=True)
+        raise DataError(f"hub:{dataset_id} split={split}: cannot be loaded from the hub ({reason}), and the repository bundles no "
+                        f"{split} split ({bundled}); give a local MedQA 4-option JSONL with --data-file")
+    print(f"[data_loader] WARNING: cannot load {dataset_id} split={split} from the hub ({reason}); "
+          f"using the bundled file {bundled} instead (set HF_HUB_OFFLINE=1 to skip the hub at once)", file=sys.stderr, flush=True)
     questions, source, skipped = _load_file(bundled, skip_invalid)
     return questions, f"{source} (bundled fallback: hub {dataset_id} split={split} unavailable: {reason})", skipped
 
@@ -297,15 +297,15 @@ def load_questions(data_file: str | None = None, split: str = "test", limit: int
     """
     where = os.path.abspath(data_file) if data_file else f"hub:{dataset_id} split={split}"
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise DataError(f"{where}: limit={limit!r} 非法；应为 ≥ 0 的整数（0 或 None 表示全部题目）")
+        raise DataError(f"{where}: limit={limit!r} is not valid; it must be an integer >= 0 (0 or None = every question)")
     if data_file is None and split not in config.CHOICES["split"]:
-        raise DataError(f"{where}: 未知划分 {split!r}；可选：{', '.join(config.CHOICES['split'])}")
+        raise DataError(f"{where}: unknown split {split!r}; choose one of: {', '.join(config.CHOICES['split'])}")
     questions, source, skipped = (_load_file(data_file, skip_invalid) if data_file
                                   else _load_hub_or_bundled(dataset_id, split, skip_invalid))
     if limit and limit > len(questions):
-        valid = "有效题" if skipped else "题目"
-        raise DataError(f"{where if data_file else source}: limit={limit} 超过了{valid}总数 {len(questions)}；"
-                        f"请把 --limit 设为 ≤ {len(questions)}，或用 --all-questions 评测全部")
+        valid = "valid questions" if skipped else "questions"
+        raise DataError(f"{where if data_file else source}: limit={limit} exceeds the number of {valid}, {len(questions)}; "
+                        f"set --limit to <= {len(questions)}, or use --all-questions to evaluate all of them")
     return (questions[:limit] if limit else questions), source, skipped
 
 
@@ -332,8 +332,8 @@ def format_prompt(question: Question, tokenizer: Any, system_prompt: str = confi
         DataError（ValueError 子类）：tokenizer 没有聊天模板——本工具只支持指令/对话模型。
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} 没有聊天模板"
-                        "（chat_template）；本工具需要带聊天模板的指令模型")
+        raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} has no chat template"
+                        " (chat_template); this tool needs an instruction model with a chat template")
     messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": format_user_turn(question)}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 

@@ -83,7 +83,7 @@ class ModelAdapter:
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """喂入每行一个新 token (B, 1)，返回它之后的 logits (B, V_model) float32；缓存与 mask 原地增长一列。"""
-        assert self.attention_mask is not None and self.next_position is not None, "先调用 prefill"
+        assert self.attention_mask is not None and self.next_position is not None, "call prefill first"
         self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(tokens.shape[0], 1)], -1)
         out = self.model(input_ids=tokens, attention_mask=self.attention_mask, position_ids=self.next_position,
                          use_cache=True, **{self.cache_kwarg: self.cache})
@@ -117,7 +117,7 @@ def left_pad(batch: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, ids in enumerate(batch):
         if not ids:
-            raise ValueError(f"第 {i} 个提示为空：至少需要一个 token")
+            raise ValueError(f"prompt {i} is empty: at least one token is needed")
         input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
         mask[i, width - len(ids):] = 1
     return input_ids.to(device), mask.to(device)
@@ -135,6 +135,7 @@ def generate_batch(
     steering: SteeringParams | None = None,
     sampling: Sampling | None = None,
     question_ids: Sequence[int] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> BatchResult:
     """对一批问题做贪心解码。基线：models = [目标]；引导：models = [目标, 专家, 基座]。
 
@@ -148,13 +149,15 @@ def generate_batch(
       已结束的行改喂 pad_id 且不再记录；
       同一个 next 喂给所有模型（专家和基座“跟随”目标的实际生成）。
     某行生成任一结束记号即停止；全部停止或达到 max_new_tokens 时循环结束。
+    on_step(已走的步数, 本步新生成的 token 数 = 本步之前仍活跃的行数)：每步调用一次的进度回调
+    （参考循环本来就每步同步主机）；各次之和等于输出的 token 总数（含结束记号）。
     """
     if steering is not None and len(models) != 3:
-        raise ValueError("引导模式需要三个模型：[目标, 专家, 基座]")
+        raise ValueError("steering needs three models: [target, expert, base]")
     if len(prompts) != len(models) or len({len(p) for p in prompts}) != 1:
-        raise ValueError("prompts 必须为每个模型各给一份、且批大小相同")
+        raise ValueError("prompts must give one batch per model, all of the same batch size")
     if sampling is not None and (question_ids is None or len(question_ids) != len(prompts[0])):
-        raise ValueError("采样需要每行的题目 index（question_ids）：随机数由它决定，与批的组成无关")
+        raise ValueError("sampling needs each row's question index (question_ids): the random numbers depend on it, not on the batch")
     adapters = [ModelAdapter(m) for m in models]
     device = adapters[0].device
     batch = len(prompts[0])
@@ -184,6 +187,8 @@ def generate_batch(
         nxt = pick_tokens(fused, sampling, qids, step).masked_fill(finished, pad_id)  # (B,)
         out[:, step] = nxt
         steps = step + 1
+        if on_step is not None:
+            on_step(steps, int((~finished).sum()))
         finished = finished | torch.isin(nxt, ends)
         # 每步一次主机同步：参考路径优先简单可读；快速路径见 issue #3。
         if bool(finished.all()) or steps == max_new_tokens:
@@ -330,7 +335,7 @@ def run_arm(
     roles = tuple(roles) if roles is not None else (
         ("target",) if mode == "baseline" else ("target", "expert", "base"))
     if len(roles) not in (1, 3):
-        raise ValueError(f"roles={roles!r}：单模型臂给一个角色，引导臂给 (target, expert, base)")
+        raise ValueError(f"roles={roles!r}: a single-model arm takes one role, a steered arm takes (target, expert, base)")
     steer = steering if len(roles) == 3 else None
     spec = speculation if speculation is not None and speculation.k > 0 and "target" in roles else None
     if spec is not None:
@@ -366,8 +371,9 @@ def run_arm(
         qids = [questions[j].index for j in chunk]
         if _FAULT_HOOK is not None:
             _FAULT_HOOK(decoder.batch_size if decoder is not None else len(chunk))
+        on_step = (lambda steps, new_tokens: step_progress(len(chunk), steps, new_tokens)) if progress else None
         if decoder is not None:
-            return decoder.generate(prompts, max_new_tokens, question_ids=qids)
+            return decoder.generate(prompts, max_new_tokens, question_ids=qids, on_step=on_step)
         if spec is not None:
             alone = steer is None  # 只有目标：专家作为独立的草稿模型
             return generate_speculative(
@@ -378,7 +384,17 @@ def run_arm(
                 draft_prompts=[role_prompts["expert"][j] for j in chunk] if alone else None)
         return generate_batch([models[r] for r in roles], prompts, vocab_size=vocab_size,
                               max_new_tokens=max_new_tokens, end_ids=end_ids, pad_id=tokenizer.pad_token_id,
-                              steering=steer, sampling=sampling, question_ids=qids)
+                              steering=steer, sampling=sampling, question_ids=qids, on_step=on_step)
+
+    def step_progress(rows: int, steps: int, new_tokens: int) -> None:
+        # 批内进度：按已走步数 / max_new_tokens 推进这批题的一部分（批结束时再补齐到整数），
+        # 后缀显示本次会话的 tokens/s；tqdm 据此给出剩余时间的估计。
+        live["tokens"] += new_tokens
+        within = min(rows * steps / max_new_tokens, rows - 0.51)  # 显示取整后批结束前不会显示成整批完成
+        bar.update(max(0.0, live["base"] + within - bar.n))
+        elapsed = time.perf_counter() - start
+        if elapsed > 0:
+            bar.set_postfix_str(f"{live['tokens'] / elapsed:.1f} tok/s", refresh=False)
 
     def finish(chunk: list[int], result: BatchResult) -> list[Record]:
         """一批的记录（跳过已记录的题）：第一阶段在 make_record 里；第一阶段没读出答案的行再走第二阶段。"""
@@ -409,7 +425,9 @@ def run_arm(
     decoded_tokens = backoffs = 0
     interrupted = False
     own = [questions[j].index for chunk in mine for j in chunk]  # 本进程负责的题（单进程时为全部）
-    bar = tqdm(total=len(own), initial=sum(i in done for i in own), desc=mode, unit="q", disable=not progress)
+    bar = tqdm(total=len(own), initial=sum(i in done for i in own), desc=mode, unit="q", disable=not progress,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} q [{elapsed}<{remaining}{postfix}]")
+    live = {"tokens": 0, "base": float(bar.n)}  # 本次会话已生成的 token 数；已完成的题数（批内进度的起点）
     start = time.perf_counter()
     for b, chunk in enumerate(plan):
         pending = [chunk]
@@ -430,15 +448,15 @@ def run_arm(
                 _free_memory(compiled=fast and compile)
                 if attempted == 1:
                     raise RunError(
-                        f"第 {questions[sub[0]].index} 题（{mode} 模式）在批大小 1 时仍然显存不足（{oom}）。"
-                        "请减小 --max-new-tokens、使用 --load-in-4bit，或换显存更大的 GPU；"
-                        "之前完成的题目都已写入 predictions.jsonl。")
+                        f"question {questions[sub[0]].index} ({mode} arm) is still out of memory at batch size 1 ({oom}). "
+                        "Lower --max-new-tokens, use --load-in-4bit, or use a GPU with more memory; "
+                        "every question finished before is in predictions.jsonl.")
                 size = max(1, attempted // 2)
                 backoffs += 1
                 if on_event is not None:
                     on_event({"event": "oom_backoff", "mode": mode, "batch_size_from": attempted,
                               "batch_size_to": size, "indices": sorted(questions[j].index for j in sub)})
-                print(f"[evaluator] {mode}：显存不足，批大小 {attempted} → {size}，重试同一批题目", flush=True)
+                print(f"[evaluator] {mode}: out of memory, batch size {attempted} → {size}, retrying the same questions", flush=True)
                 decoder = make_decoder(size)
                 pending.insert(0, sub)
                 continue
@@ -448,7 +466,8 @@ def run_arm(
                 on_batch(new)
             done.update(r["index"] for r in new)
             records.extend(new)
-            bar.update(len(new))
+            live["base"] += len(new)
+            bar.update(live["base"] - bar.n)
         if should_stop is not None and b + 1 < len(plan) and should_stop():
             interrupted = True
             break
@@ -526,15 +545,20 @@ def score_letters(models: dict[str, PreTrainedModel],
 
 def score_letters_shard(models: dict[str, PreTrainedModel], prompt_ids: dict[str, list[list[int]]],
                         letter_ids: list[int], *, vocab_size: int, batch_size: int, metric: str,
-                        shard: tuple[int, int] = (0, 1)) -> list[tuple[list[int], LetterScores]]:
+                        shard: tuple[int, int] = (0, 1),
+                        progress: bool = False) -> list[tuple[list[int], LetterScores]]:
     """字母打分按 batch_plan 的批分给各进程（与 CoT 相同的划分，批的组成与单进程一样，结果逐位相同）：
     返回本进程 (rank, world) 的 [(该批的题目位置, 该批的 LetterScores)]；scoring.merge_letter_scores 按题目顺序拼回。
-    prompt_ids[角色][j]：第 j 题在该角色下的 id。"""
+    prompt_ids[角色][j]：第 j 题在该角色下的 id。progress：显示本进程的进度条（每批前向之后推进）。"""
+    from tqdm.auto import tqdm
+
     rank, world = shard
+    chunks = [chunk for b, chunk in enumerate(batch_plan(prompt_ids["target"], batch_size)) if b % world == rank]
     mine = []
-    for b, chunk in enumerate(batch_plan(prompt_ids["target"], batch_size)):
-        if b % world == rank:
+    with tqdm(total=sum(len(c) for c in chunks), desc="letter scoring", unit="q", disable=not progress) as bar:
+        for chunk in chunks:
             part = score_letters(models, {r: [prompt_ids[r][j] for j in chunk] for r in models}, letter_ids,
                                  vocab_size=vocab_size, batch_size=len(chunk), metric=metric)
             mine.append((chunk, part))
+            bar.update(len(chunk))
     return mine

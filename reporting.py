@@ -17,6 +17,8 @@ from scoring import ArmSpec, Record
 from stats import CHANCE, majority_vote, paired_stats
 
 SWEEP_PLOT, ALPHA_HIST_PLOT, ALPHA_TRACE_PLOT = "sweep_accuracy.png", "alpha_hist.png", "alpha_trace.png"
+# 图标题里的打分方式（用户读的文字：英文）。
+SCORING_LABELS: dict[str, str] = {"cot": "greedy chain of thought", "letter": "letter scoring"}
 
 
 def print_report(metrics: dict[str, Any], run_dir: str) -> None:
@@ -44,8 +46,12 @@ def print_report(metrics: dict[str, Any], run_dir: str) -> None:
     for arm in arms:
         m = metrics[arm]
         if m.get("nonfinite_steps") or m.get("oom_backoffs"):
-            print(f"{arm}: {m.get('nonfinite_steps', 0)} 个非有限 logits 步改用了目标 logits；"
-                  f"显存不足回退 {m.get('oom_backoffs', 0)} 次")
+            print(f"{arm}: {m.get('nonfinite_steps', 0)} steps with non-finite logits used the target's logits; "
+                  f"{m.get('oom_backoffs', 0)} out-of-memory back-offs")
+    sessions = {arm: (metrics[arm].get("timing") or {}).get("sessions") for arm in arms}
+    if any(n is not None and n != 1 for n in sessions.values()):
+        print("tok/s and wall s are summed over every session of this run (resumed): "
+              + ", ".join(f"{arm} {n} session{'s' if n != 1 else ''}" for arm, n in sessions.items() if n is not None))
     for arm in arms:
         sp = metrics[arm].get("speculation")
         if sp:  # 投机解码的臂：接受率与每次验证产出的 token 数
@@ -54,7 +60,7 @@ def print_report(metrics: dict[str, Any], run_dir: str) -> None:
             print(f"{arm}: speculative K={sp.get('k')} ({sp.get('draft')} draft): acceptance {acc} "
                   f"({sp['accepted']}/{sp['drafted']} drafted tokens accepted), {tpv} tokens per verify step")
     if metrics.get("skipped_invalid_rows"):
-        print(f"跳过的无效数据行：{metrics['skipped_invalid_rows']}（逐行原因见 config.json）")
+        print(f"invalid data rows skipped: {metrics['skipped_invalid_rows']} (the reason for each is in config.json)")
     c = metrics.get("comparison")
     if c:
         print(f"\nΔ accuracy (steered − baseline) = {c['delta']:+.3f} on n = {c['n']} paired questions; "
@@ -152,7 +158,8 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_alpha_histogram(alphas: dict[str, dict[str, np.ndarray]], path: str, unit: str) -> None:
+def plot_alpha_histogram(alphas: dict[str, dict[str, np.ndarray]], path: str, unit: str,
+                         scoring: str = "cot") -> Any:
     """α 的直方图。alphas[调度][设置名] = 该设置下全部 α 值（CoT：每个被引导的 token 一个；字母打分：每题一个）。
 
     每个调度一个子图、同一调度的各设置叠加为阶梯直方图：不同 base_alpha 的分布只是平移，放在同一张子图里
@@ -174,28 +181,36 @@ def plot_alpha_histogram(alphas: dict[str, dict[str, np.ndarray]], path: str, un
         ax.set_xlabel(f"α {unit}")
         ax.set_ylabel("count")
         ax.legend(fontsize=7)
-    fig.suptitle("Distribution of the steering weight α")
+    fig.suptitle(f"MedQA, {SCORING_LABELS.get(scoring, scoring)}: distribution of the steering weight α {unit}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
 
 
-def plot_alpha_trace(traces: dict[str, Sequence[float]], path: str, question_index: int) -> None:
-    """一道题的 α 轨迹：横轴为生成的第几个 token，每个融合设置一条线（各设置的生成文本可能不同，长度也不同）。"""
+def plot_alpha_trace(traces: dict[str, Sequence[float]], path: str, question_index: int) -> Any:
+    """一道题的 α 轨迹：横轴为生成的第几个 token，每个融合臂一条线（各臂的生成文本可能不同，长度也不同）。
+    采样链（名字里带 "/sample"）用细虚线，贪心臂用实线。返回 Figure（已关闭，供测试检查标题与图例）。"""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     for name, trace in traces.items():
-        ax.plot(range(len(trace)), trace, linewidth=1.1, label=name)
+        sampled = "/sample" in name
+        ax.plot(range(len(trace)), trace, linewidth=0.8 if sampled else 1.3, linestyle="--" if sampled else "-",
+                label=f"{name} (sampled)" if sampled else name)
     ax.set_xlabel("generated token")
     ax.set_ylabel("α(t)")
-    ax.set_title(f"α over generated tokens, question index {question_index}")
+    ax.set_title(f"MedQA, greedy chain of thought: α over the generated tokens of question index {question_index}"
+                 if not any("/sample" in n for n in traces) else
+                 f"MedQA, chain of thought (greedy and sampled): α over the generated tokens of question index "
+                 f"{question_index}", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
 
 
-def plot_sweep(rows: list[dict[str, Any]], path: str) -> None:
+def plot_sweep(rows: list[dict[str, Any]], path: str, scoring: str = "cot") -> Any:
     """准确率 vs base_alpha，每个调度一条线，带 95% CI 误差棒；基线（目标单独）与 25% 随机线为水平线。"""
     plt = _pyplot()
 
@@ -208,18 +223,20 @@ def plot_sweep(rows: list[dict[str, Any]], path: str) -> None:
         x = [p[0] + (i - (len(schedules) - 1) / 2) * dodge for p in pts]
         y = [p[1] for p in pts]
         err = [[p[1] - p[2][0] for p in pts], [p[2][1] - p[1] for p in pts]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=schedule)
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"steered, {schedule} (95% Wilson CI)")
     base = rows[0]
-    ax.axhline(base["accuracy"], color="black", linestyle="--", label=f"target alone ({base['accuracy']:.3f})")
-    ax.axhspan(base["ci95"][0], base["ci95"][1], color="grey", alpha=0.15)
+    ax.axhline(base["accuracy"], color="black", linestyle="--", label=f"baseline: target alone ({base['accuracy']:.3f})")
+    ax.axhspan(base["ci95"][0], base["ci95"][1], color="grey", alpha=0.15, label="baseline 95% Wilson CI")
     ax.axhline(CHANCE, color="red", linestyle=":", label="chance (0.25)")
     ax.set_xlabel("BASE_ALPHA")
     ax.set_ylabel(f"accuracy (n = {base['n']}, 95% CI)")
-    ax.set_title("MedQA letter scoring: steered accuracy vs α")
+    ax.set_title(f"MedQA, {SCORING_LABELS.get(scoring, scoring)}: accuracy vs BASE_ALPHA "
+                 f"({', '.join(schedules)} vs baseline)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
 
 
 def make_plots(cfg: Config, arms: Sequence[ArmSpec], by_arm: dict[str, list[Record]],
@@ -230,7 +247,7 @@ def make_plots(cfg: Config, arms: Sequence[ArmSpec], by_arm: dict[str, list[Reco
     fused = [a for a in arms if a.steering is not None and a.sampling is None]
     if cfg.sweep and rows:
         # 只画贪心的网格：采样链与多数投票（名字里带 "/"）不是 α 轴上的点
-        plot_sweep([r for r in rows if "/" not in r["setting"]], os.path.join(run_dir, SWEEP_PLOT))
+        plot_sweep([r for r in rows if "/" not in r["setting"]], os.path.join(run_dir, SWEEP_PLOT), cfg.scoring)
         written.append(SWEEP_PLOT)
     if fused:
         groups: dict[str, dict[str, np.ndarray]] = {}
@@ -238,11 +255,12 @@ def make_plots(cfg: Config, arms: Sequence[ArmSpec], by_arm: dict[str, list[Reco
             values = [v for r in by_arm[a.name] for v in r.get("alpha", [])]
             groups.setdefault(a.schedule or "steered", {})[a.name] = np.array(values, float)
         unit = "per question (answer position)" if cfg.scoring == "letter" else "per generated token"
-        plot_alpha_histogram(groups, os.path.join(run_dir, ALPHA_HIST_PLOT), unit)
+        plot_alpha_histogram(groups, os.path.join(run_dir, ALPHA_HIST_PLOT), unit, cfg.scoring)
         written.append(ALPHA_HIST_PLOT)
         if cfg.scoring == "cot":
+            # 每个融合臂一条线，包括采样链（README：one line per fused arm）
             traces = {a.name: next(r.get("alpha", []) for r in by_arm[a.name] if r["index"] == trace_index)
-                      for a in fused}
+                      for a in arms if a.steering is not None}
             plot_alpha_trace(traces, os.path.join(run_dir, ALPHA_TRACE_PLOT), trace_index)
             written.append(ALPHA_TRACE_PLOT)
     return written

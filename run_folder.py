@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence, TextIO
 
 import torch
 
-from config import Config, ConfigError, config_diff, config_from_dict
+from config import RUN_LOCATION_FIELDS, Config, ConfigError, config_diff, config_from_dict, demo_overrides
 from data_loader import DataError, Question
 from scoring import RECORD_KEYS, Record, record_problem
 
@@ -37,6 +37,8 @@ PREDICTIONS_FILE: str = "predictions.jsonl"  # 逐题记录：每批追加并 fs
 METRICS_FILE: str = "metrics.json"
 
 EVENTS_FILE: str = "events.jsonl"  # 显存回退、续跑等少见事件（只在发生时创建）
+
+TIMING_FILE: str = "timing.jsonl"  # 每次会话、每个臂、每个进程一行解码计时（续跑后按会话求和）
 
 
 # ---------------------------------------------------------------------------
@@ -164,6 +166,26 @@ def log_event(run_dir: str, event: dict[str, Any]) -> None:
         append_jsonl(f, [{"time": _dt.datetime.now().isoformat(timespec="seconds"), **event}])
 
 
+def log_timing(run_dir: str, entry: dict[str, Any]) -> None:
+    """timing.jsonl：本次会话一个臂解码完（或被 Ctrl-C 停下）时追加一行 {mode, rank, seconds, decoded_tokens}。
+    续跑后 metrics.json 的 timing 是各次会话之和；kill -9 的会话来不及写这一行，它的部分计时不计入。"""
+    with open(os.path.join(run_dir, TIMING_FILE), "a", encoding="utf-8") as f:
+        append_jsonl(f, [{"time": _dt.datetime.now().isoformat(timespec="seconds"), **entry}])
+
+
+def read_timing(run_dir: str) -> list[dict[str, Any]]:
+    """读 timing.jsonl（没有则为空）；写了一半的行忽略。"""
+    path = os.path.join(run_dir, TIMING_FILE)
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                rows.append(json.loads(line))
+    return [r for r in rows if isinstance(r, dict) and {"mode", "rank", "seconds", "decoded_tokens"} <= set(r)]
+
+
 def read_events(run_dir: str) -> list[dict[str, Any]]:
     """读 events.jsonl；被杀时写了一半的行（解析不了）直接忽略——事件只用于计数与排查，不影响结果。"""
     path = os.path.join(run_dir, EVENTS_FILE)
@@ -197,8 +219,8 @@ def read_records(path: str, modes: Sequence[str], indices: set[int],
             f.truncate(complete)
             f.flush()
             os.fsync(f.fileno())
-            print(f"[main] {path}: 丢弃末尾不完整的一行（{len(data) - complete} 字节，上次运行在写入时被杀死）；"
-                  "该批会重跑", file=sys.stderr, flush=True)
+            print(f"[main] {path}: dropped an incomplete last line ({len(data) - complete} bytes; the last session was killed while "
+                  "writing); that batch will be decoded again", file=sys.stderr, flush=True)
     records: list[Record] = []
     seen = {} if seen is None else seen
     for lineno, raw in enumerate(data[:complete].split(b"\n")[:-1], start=1):
@@ -206,12 +228,12 @@ def read_records(path: str, modes: Sequence[str], indices: set[int],
         try:
             rec = json.loads(raw.decode("utf-8"))
         except ValueError:  # JSONDecodeError 与 UnicodeDecodeError 都是 ValueError
-            raise DataError(f"{where}: 不是合法的 JSON 记录——文件中间被改动或损坏（不是被杀时写了一半的最后一行）。"
-                            "请修复或删除这一行后再 --resume，或换一个 --output-dir 重新开始") from None
+            raise DataError(f"{where}: not a valid JSON record: the file was edited or damaged in the middle (this is not a half-written "
+                            "last line from a kill). Fix or delete this line, then --resume, or start again with a new --output-dir") from None
         if not isinstance(rec, dict) or not RECORD_KEYS <= set(rec) or rec["mode"] not in modes \
                 or rec["index"] not in indices:
-            raise DataError(f"{where}: 不是这次运行的记录（应含 {', '.join(sorted(RECORD_KEYS))}，mode 属于 "
-                            f"{', '.join(modes)}，index 属于本次的题目）。请检查该文件，或换一个 --output-dir 重新开始")
+            raise DataError(f"{where}: not a record of this run (it must hold {', '.join(sorted(RECORD_KEYS))}, a mode among "
+                            f"{', '.join(modes)}, and the index of a question of this run). Check the file, or start again with a new --output-dir")
         # 这里读的都是 CoT 记录（字母打分不续跑）：两阶段答案字段必须齐全且一致（scoring.record_problem）。
         problem = record_problem(rec)
         if problem is not None:
@@ -219,8 +241,8 @@ def read_records(path: str, modes: Sequence[str], indices: set[int],
                             "new run with a new --output-dir")
         key = (rec["mode"], rec["index"])
         if key in seen:
-            raise DataError(f"{where}: 与 {seen[key]} 是同一题的重复记录（mode={key[0]}, index={key[1]}）。"
-                            "本工具不会写出重复记录，文件被改动过；请删掉其中一行后再 --resume")
+            raise DataError(f"{where}: duplicates the record at {seen[key]} (mode={key[0]}, index={key[1]}). "
+                            "This tool never writes duplicates, so the file was edited; delete one of the two lines, then --resume")
         seen[key] = where
         records.append(rec)
     return records
@@ -256,24 +278,24 @@ def _check_writable(path: str) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as exc:
-        raise ConfigError(f"输出目录 {path} 无法写入（{exc.strerror or exc}）。请用 --output-dir 指定可写的位置。") from None
+        raise ConfigError(f"output folder {path} is not writable ({exc.strerror or exc}). Give a writable place with --output-dir.") from None
 
 
 def read_stored_config(run_dir: str) -> dict[str, Any]:
     """读运行目录里的 config.json（--resume 与“目录里已有一次运行”的检查用）；缺失或损坏 → ConfigError。"""
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isdir(run_dir):
-        raise ConfigError(f"--resume {run_dir}：目录不存在。请给出一次运行的目录（里面有 {CONFIG_FILE}）。")
+        raise ConfigError(f"--resume {run_dir}: no such folder. Give the folder of a run (it holds {CONFIG_FILE}).")
     if not os.path.isfile(path):
-        raise ConfigError(f"--resume {run_dir}：目录里没有 {CONFIG_FILE}——要么不是本工具的运行目录，要么那次运行在"
-                          "开始解码之前就停了（没有可续的进度）。请去掉 --resume 重新运行。")
+        raise ConfigError(f"--resume {run_dir}: the folder has no {CONFIG_FILE}: either it is not a run folder of this tool, or that run "
+                          "stopped before decoding started (nothing to resume). Run again without --resume.")
     try:
         with open(path, encoding="utf-8") as f:
             stored = json.load(f)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: 无法读取（{exc}）。无法续跑；请换一个 --output-dir 重新开始。") from None
+        raise ConfigError(f"{path}: cannot be read ({exc}). Cannot resume; start again with a new --output-dir.") from None
     if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
-        raise ConfigError(f"{path}: 没有 \"config\" 对象，不是本工具写的 {CONFIG_FILE}。请换一个 --output-dir。")
+        raise ConfigError(f"{path}: has no \"config\" object, so it is not a {CONFIG_FILE} written by this tool. Use a new --output-dir.")
     return stored
 
 
@@ -288,17 +310,23 @@ def open_run_dir(cfg: Config, explicit: frozenset[str]) -> tuple[Config, str, di
     if cfg.resume is not None:
         run_dir = cfg.resume
         if cfg.output_dir is not None and os.path.abspath(cfg.output_dir) != os.path.abspath(run_dir):
-            raise ConfigError(f"--output-dir {cfg.output_dir} 与 --resume {run_dir} 指向不同的目录；续跑只写回原目录，"
-                              "请去掉 --output-dir。")
+            raise ConfigError(f"--output-dir {cfg.output_dir} and --resume {run_dir} name different folders; a resume writes only to the "
+                              "original folder, so drop --output-dir.")
         stored = read_stored_config(run_dir)
         saved = config_from_dict(stored["config"], os.path.join(run_dir, CONFIG_FILE))
-        if explicit - {"resume", "output_dir"}:
-            diff = config_diff(saved.to_dict(), cfg.to_dict())
+        given = {k: getattr(cfg, k) for k in explicit - set(RUN_LOCATION_FIELDS)}
+        if given:
+            # 把命令行显式给出的值叠加在保存的配置上（保存的配置已含当初的 --demo 预设），
+            # 这样只列出真正不同的项；命令行再给 --demo 时，预设只填它没有显式给出的字段。
+            if given.get("demo"):
+                given = {**{k: v for k, v in demo_overrides().items() if k not in explicit}, **given}
+            diff = config_diff(saved.to_dict(), dataclasses.replace(saved, **given).to_dict())
             if diff:
                 raise ConfigError(
-                    f"--resume {run_dir}：命令行解析出的配置与该运行保存的 {CONFIG_FILE} 不同（保存的 → 命令行的）：\n  "
-                    + "\n  ".join(diff) + f"\n续跑必须用同一配置：只写 `{resume_command(run_dir)}` 即沿用保存的配置；"
-                    "要换配置请用新的 --output-dir 重新开始。")
+                    f"--resume {run_dir}: the command line resolves to a config that differs from the run's saved {CONFIG_FILE} "
+                    f"(saved → command line):\n  "
+                    + "\n  ".join(diff) + f"\nA resume needs the same config: `{resume_command(run_dir)}` alone uses the saved "
+                    "config; for another config, start again with a new --output-dir.")
         _check_writable(run_dir)
         return dataclasses.replace(saved, output_dir=run_dir, resume=run_dir), run_dir, stored
     run_dir = cfg.output_dir or os.path.join("runs", _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -308,13 +336,13 @@ def open_run_dir(cfg: Config, explicit: frozenset[str]) -> tuple[Config, str, di
                 old = read_stored_config(run_dir)["config"]
             except ConfigError:
                 old = None
-            diff = config_diff(old, cfg.to_dict()) if old is not None else ["（无法读取它的配置）"]
+            diff = config_diff(old, cfg.to_dict()) if old is not None else ["(its config cannot be read)"]
             if not diff:
-                raise ConfigError(f"输出目录 {run_dir} 里已有一次配置相同的运行（可能被中断过）。继续它：\n    "
-                                  f"{resume_command(run_dir)}\n或换一个 --output-dir 重新开始。")
-            raise ConfigError(f"输出目录 {run_dir} 里已有另一次运行，配置不同（它的 → 这次的）：\n  " + "\n  ".join(diff)
-                              + "\n请换一个 --output-dir（不要覆盖别的运行）。")
-        raise ConfigError(f"输出目录 {run_dir} 已存在且非空（可能是另一次运行的结果）。请换一个 --output-dir 或先移走它。")
+                raise ConfigError(f"output folder {run_dir} already holds a run with the same config (perhaps interrupted). To continue it:\n    "
+                                  f"{resume_command(run_dir)}\nor start again with a new --output-dir.")
+            raise ConfigError(f"output folder {run_dir} already holds another run with a different config (its → this one's):\n  " + "\n  ".join(diff)
+                              + "\nUse a new --output-dir (a run is never overwritten).")
+        raise ConfigError(f"output folder {run_dir} exists and is not empty (perhaps another run's results). Use a new --output-dir or move it away first.")
     _check_writable(run_dir)
     return cfg, run_dir, None
 
@@ -361,7 +389,8 @@ def stop_on_sigint() -> Iterator[Callable[[], bool]]:
         if requested[0]:
             raise KeyboardInterrupt
         requested[0] = True
-        print("\n[main] 收到 Ctrl-C：当前批写完后停止（再按一次立即停止，当前批会丢失）", file=sys.stderr, flush=True)
+        print("\n[main] Ctrl-C: finishing the current batch, then stopping (press Ctrl-C again to stop at once; "
+              "the current batch is then lost)", file=sys.stderr, flush=True)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:

@@ -96,7 +96,7 @@ def _check_index(name: str, value: int) -> None:
     if torch.compiler.is_compiling():
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**63:
-        raise ValueError(f"{name}={value!r} 必须是 [0, 2^63) 内的整数")
+        raise ValueError(f"{name}={value!r} must be an integer in [0, 2^63)")
 
 
 def sampling_keys(seed: int, question_ids: Tensor, chain: int, step: Tensor | int) -> Tensor:
@@ -124,11 +124,11 @@ def sampling_keys(seed: int, question_ids: Tensor, chain: int, step: Tensor | in
     if question_ids.dim() != 1 or question_ids.dtype.is_floating_point or question_ids.dtype.is_complex \
             or question_ids.dtype == torch.bool:
         raise ValueError(
-            f"question_ids 必须是 1-D 整数张量 (B,)；实际得到形状 {tuple(question_ids.shape)}、dtype {question_ids.dtype}"
+            f"question_ids must be a 1-D integer tensor (B,); got shape {tuple(question_ids.shape)}, dtype {question_ids.dtype}"
         )
     if isinstance(step, Tensor):
         if step.dim() != 0 or step.dtype.is_floating_point or step.dtype.is_complex or step.dtype == torch.bool:
-            raise ValueError(f"step 张量必须是 0-d 整数张量；实际得到形状 {tuple(step.shape)}、dtype {step.dtype}")
+            raise ValueError(f"the step tensor must be a 0-d integer tensor; got shape {tuple(step.shape)}, dtype {step.dtype}")
         step = step.to(device=question_ids.device, dtype=torch.int64)
     else:
         _check_index("step", step)
@@ -159,10 +159,10 @@ def counter_uniform(keys: Tensor, vocab: int) -> Tensor:
     (B, V) 上只剩合并与收尾的十几次逐元素整数运算。
     """
     if keys.dim() != 1 or keys.dtype.is_floating_point or keys.dtype.is_complex or keys.dtype == torch.bool:
-        raise ValueError(f"keys 必须是 1-D 整数张量 (B,)；实际得到形状 {tuple(keys.shape)}、dtype {keys.dtype}")
+        raise ValueError(f"keys must be a 1-D integer tensor (B,); got shape {tuple(keys.shape)}, dtype {keys.dtype}")
     if not torch.compiler.is_compiling():
         if isinstance(vocab, bool) or not isinstance(vocab, numbers.Integral) or vocab < 1:
-            raise ValueError(f"vocab={vocab!r} 必须是 ≥ 1 的整数")
+            raise ValueError(f"vocab={vocab!r} must be an integer >= 1")
     h = _murmur3_mix(0, keys.to(torch.int64) & _M32)  # (B,)：第一个字（key）并入种子 0 的状态
     tok = torch.arange(vocab, dtype=torch.int64, device=keys.device)  # (V,)
     k = _mul32(_rotl32(_mul32(tok, _MURMUR_C1), 15), _MURMUR_C2)  # (V,)：第二个字（token id）的打散
@@ -177,7 +177,7 @@ def _check_top_p(top_p: float) -> None:
     """校验 top_p：有限实数且在 (0, 1] 内（拒绝 bool / NaN / ±inf），否则抛出 ValueError。"""
     _check_finite_number("top_p", top_p)
     if not torch.compiler.is_compiling() and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p!r} 必须在 (0, 1] 内（1 表示不做 nucleus 截断）")
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1] (1 = no nucleus truncation)")
 
 
 def _check_temperature(temperature: float) -> None:
@@ -187,8 +187,8 @@ def _check_temperature(temperature: float) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
             or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(
-            f"temperature={temperature!r} 必须是 > 0 的有限实数；贪心解码（temperature = 0）"
-            "不经过 sample_tokens，由调用方直接对 logits 取 argmax"
+            f"temperature={temperature!r} must be a finite number > 0; greedy decoding (temperature = 0) "
+            "does not go through sample_tokens: the caller takes the argmax of the logits"
         )
 
 
@@ -281,7 +281,7 @@ def sample_tokens(logits: Tensor, keys: Tensor, temperature: float, top_p: float
     """
     _check_matrix(logits, "logits")
     if keys.shape != (logits.shape[0],):
-        raise ValueError(f"keys 的形状必须是 ({logits.shape[0]},)（与 logits 的行数相同）；实际得到 {tuple(keys.shape)}")
+        raise ValueError(f"keys must have shape ({logits.shape[0]},) (the number of rows of logits); got {tuple(keys.shape)}")
     _check_temperature(temperature)
     _check_top_p(top_p)
     z = logits.float()

@@ -219,11 +219,11 @@ def letter_token_ids(tokenizers: dict[str, Any]) -> list[int]:
         for letter in LETTERS:
             pieces = tok.encode(" " + letter, add_special_tokens=False)
             if len(pieces) != 1:
-                raise ValueError(f"{role} 的分词器把 ' {letter}' 切成了 {len(pieces)} 个 token {pieces}；字母打分要求单个 token")
+                raise ValueError(f"the {role} tokenizer splits ' {letter}' into {len(pieces)} tokens {pieces}; letter scoring needs a single token")
             row.append(pieces[0])
         ids[role] = row
     if len({tuple(v) for v in ids.values()}) != 1:
-        raise ValueError(f"各角色的字母 token id 不一致：{ids}；字母打分要求共享分词器")
+        raise ValueError(f"the letter token ids differ between roles: {ids}; letter scoring needs a shared tokenizer")
     return next(iter(ids.values()))
 
 
@@ -245,7 +245,7 @@ def letter_predictions(scores: LetterScores, params: SteeringParams) -> tuple[np
     预测就是融合 logits 的 argmax；调用者把同一份 logits 写进记录，记录与预测因此不会不一致。
     """
     if scores.distance is None:
-        raise ValueError("融合臂的字母打分需要目标与专家的距离（score_letters 时要有专家模型）")
+        raise ValueError("letter scoring of a fused arm needs the target-expert distance (score_letters needs the expert model)")
     alpha = alpha_from_distance(scores.distance, params)  # (N,)
     z = scores.letters
     fused, _ = fuse_with_alpha(z["target"], z["expert"], z["base"], alpha, params.plausibility_beta)

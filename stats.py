@@ -127,7 +127,7 @@ def compare_arms(baseline: Sequence[Record], steered: Sequence[Record]) -> dict[
     base = {r["index"]: r["correct"] for r in baseline}
     steer = {r["index"]: r["correct"] for r in steered}
     if base.keys() != steer.keys():
-        raise ValueError("两个模式的题目集合不同，无法做配对比较")
+        raise ValueError("the two arms cover different questions, so they cannot be compared pairwise")
     fixed = sorted(i for i in base if steer[i] and not base[i])
     broken = sorted(i for i in base if base[i] and not steer[i])
     p = mcnemar_exact_p(len(fixed), len(broken))

@@ -76,20 +76,20 @@ def _check_pair(a: Tensor, b: Tensor, names: str = "logits") -> None:
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape != b.shape:
         raise ValueError(
-            f"{names} 必须是形状相同的 2-D 张量 (B, V)；实际得到 {tuple(a.shape)} 与 {tuple(b.shape)}"
+            f"{names} must be 2-D tensors (B, V) of the same shape; got {tuple(a.shape)} and {tuple(b.shape)}"
         )
 
 
 def _check_matrix(x: Tensor, name: str) -> None:
     """校验单个 logits 张量是 2-D (B, V)；否则抛出 ValueError 并写明实际形状（理由同 _check_pair）。"""
     if x.dim() != 2:
-        raise ValueError(f"{name} 必须是 2-D 张量 (B, V)；实际得到 {tuple(x.shape)}")
+        raise ValueError(f"{name} must be a 2-D tensor (B, V); got {tuple(x.shape)}")
 
 
 def _check_metric(metric: str) -> None:
     """校验距离度量名称；非法时在消息中列出全部可选值。"""
     if metric not in METRICS:
-        raise ValueError(f"metric={metric!r} 非法；可选值：{', '.join(METRICS)}")
+        raise ValueError(f"metric={metric!r} is not valid; choose one of: {', '.join(METRICS)}")
 
 
 def _kl_to_mixture(la: Tensor, lb: Tensor, lm: Tensor) -> Tensor:
@@ -156,7 +156,7 @@ def _check_finite_number(name: str, value: float) -> None:
     if torch.compiler.is_compiling():
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} 必须是有限实数")
+        raise ValueError(f"{name}={value!r} must be a finite number")
 
 
 def _check_alpha_hyperparameters(base_alpha: float, adaptive_scale: float, max_boost: float, why: str) -> None:
@@ -164,7 +164,7 @@ def _check_alpha_hyperparameters(base_alpha: float, adaptive_scale: float, max_b
     for name, value in (("base_alpha", base_alpha), ("adaptive_scale", adaptive_scale), ("max_boost", max_boost)):
         _check_finite_number(name, value)
     if adaptive_scale < 0 or max_boost < 0:
-        raise ValueError(f"adaptive_scale={adaptive_scale!r} 与 max_boost={max_boost!r} 必须 ≥ 0（{why}）")
+        raise ValueError(f"adaptive_scale={adaptive_scale!r} and max_boost={max_boost!r} must be >= 0 ({why})")
 
 
 @dataclass(frozen=True)
@@ -186,9 +186,9 @@ class SteeringParams:
     def __post_init__(self) -> None:
         """非法的调度、度量、超参数或 β 在构造时报错（ValueError），消息写明字段与取值。"""
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r} 非法；可选值：{', '.join(SCHEDULES)}")
+            raise ValueError(f"schedule={self.schedule!r} is not valid; choose one of: {', '.join(SCHEDULES)}")
         _check_metric(self.metric)
-        why = "保证 α 随距离单调" + ("不增" if self.schedule == "adaptive_inverse" else "不减")
+        why = "so that α " + ("does not increase" if self.schedule == "adaptive_inverse" else "does not decrease") + " as the distance grows"
         _check_alpha_hyperparameters(self.base_alpha, self.adaptive_scale, self.max_boost, why=why)
         _check_beta(self.plausibility_beta)
 
@@ -285,7 +285,7 @@ def compute_steered_logits(
     if isinstance(alpha, Tensor):
         if alpha.shape not in ((batch,), (batch, 1)):
             raise ValueError(
-                f"alpha 张量的形状必须是 ({batch},) 或 ({batch}, 1)；实际得到 {tuple(alpha.shape)}"
+                f"the alpha tensor must have shape ({batch},) or ({batch}, 1); got {tuple(alpha.shape)}"
             )
         a = alpha.to(device=zt.device, dtype=torch.float32).reshape(batch, 1)
     else:
@@ -322,7 +322,7 @@ def _check_beta(beta: float) -> None:
     """校验可行性阈值 beta：有限实数且在 [0, 1] 内（拒绝 bool / NaN / ±inf），否则抛出 ValueError。"""
     _check_finite_number("beta", beta)
     if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta={beta!r} 必须在 [0, 1] 内（0 表示关闭可行性约束，1 表示只保留目标模型的最大概率词）")
+        raise ValueError(f"beta={beta!r} must be in [0, 1] (0 turns the plausibility constraint off, 1 keeps only the target's most probable token)")
 
 
 def plausibility_mask(logits_target: Tensor, beta: float) -> Tensor:

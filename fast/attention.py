@@ -45,9 +45,9 @@ def triton_attention_problem(head_dim: int) -> str | None:
     """这个 head_dim 的模型能否用 Triton 解码注意力：能则 None，否则一句原因。
     StackedLlama（显式 attention="triton"）与 evaluator.resolve_attention（auto 的选择、提前报错）共用这一处。"""
     if not triton_available():
-        return "需要 triton 包（CUDA 版 torch 自带）"
+        return "needs the triton package (bundled with the CUDA build of torch)"
     if not triton_attention_supports(head_dim):
-        return f"不支持 head_dim={head_dim}（需要 ≥ 16 的 2 的幂）"
+        return f"head_dim={head_dim} is not supported (it must be a power of 2, >= 16)"
     return None
 
 
@@ -190,14 +190,14 @@ def triton_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     """
     rows, kv_heads, groups, dim = q.shape
     if keys.shape != values.shape or keys.shape[:2] != (rows, kv_heads) or keys.shape[3] != dim:
-        raise ValueError(f"K/V 形状 {tuple(keys.shape)} / {tuple(values.shape)} 与 q {tuple(q.shape)} 不符："
-                         "应为 (R, H_kv, L, D)")
+        raise ValueError(f"K/V shapes {tuple(keys.shape)} / {tuple(values.shape)} do not match q {tuple(q.shape)}: "
+                         "they must be (R, H_kv, L, D)")
     if mask.shape != (rows, keys.shape[2]) or slot.shape != (1,):
-        raise ValueError(f"mask 应为 (R, L) = ({rows}, {keys.shape[2]})、slot 应为 (1,)，"
-                         f"得到 {tuple(mask.shape)} 与 {tuple(slot.shape)}")
+        raise ValueError(f"mask must be (R, L) = ({rows}, {keys.shape[2]}) and slot (1,); "
+                         f"got {tuple(mask.shape)} and {tuple(slot.shape)}")
     if not triton_attention_supports(dim) or any(t.stride(-1) != 1 for t in (q, keys, values)):
-        raise ValueError(f"Triton 解码注意力要求 head_dim 为 ≥ 16 的 2 的幂、最后一维连续（head_dim={dim}）；"
-                         "用 attention='sdpa'")
+        raise ValueError(f"Triton decode attention needs head_dim a power of 2 >= 16 and a contiguous last dimension (head_dim={dim}); "
+                         "use attention='sdpa'")
     block_n, warps, stages = TRITON_ATTENTION_CONFIG.get(q.shape[-1], (64, 4, 2))
     if n_split is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4

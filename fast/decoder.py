@@ -92,7 +92,7 @@ def resolve_overlap(overlap: str, models: Sequence[PreTrainedModel], *, steering
     4-bit（bitsandbytes）模型在这条路径上还没有测过，留在原来的整步编译上。
     """
     if overlap not in ("auto", "off", "graph", "streams"):
-        raise ValueError(f"overlap={overlap!r}：应为 auto / off / graph / streams")
+        raise ValueError(f"overlap={overlap!r}: must be auto / off / graph / streams")
     if overlap != "auto":
         return overlap
     quantized = any(getattr(m, "hf_quantizer", None) is not None for m in models)
@@ -114,7 +114,7 @@ def resolve_stack(stack: str, models: Sequence[PreTrainedModel], *, steering: St
     CPU / 不编译时取 "off"（没有可省的 kernel 启动）；量化模型不能叠。显式给出而做不到时报错说明原因。
     """
     if stack not in STACK_MODES:
-        raise ValueError(f"stack={stack!r}：应为 {' / '.join(STACK_MODES)}")
+        raise ValueError(f"stack={stack!r}: must be {' / '.join(STACK_MODES)}")
     steered = steering is not None and len(models) == 3
     if stack == "auto":
         if not (compile and device_type == "cuda"):
@@ -125,13 +125,13 @@ def resolve_stack(stack: str, models: Sequence[PreTrainedModel], *, steering: St
     if stack == "off":
         return stack
     if stack == "pair" and not steered:
-        raise ValueError("stack='pair' 只用于引导解码（目标、专家、基座三个模型）")
+        raise ValueError("stack='pair' is only for steered decoding (target, expert and base models)")
     groups = ([models[:1]] if stack in ("target", "all") else []) + (
         [models[1:]] if stack in ("pair", "all") and steered else [])
     for group in groups:
         reason = check_stackable(group)
         if reason is not None:
-            raise ValueError(f"stack={stack!r} 做不到：{reason}。用 stack='off'")
+            raise ValueError(f"stack={stack!r} is not possible: {reason}. Use stack='off'")
     return stack
 
 
@@ -145,16 +145,16 @@ def resolve_attention(attention: str, *, head_dims: Sequence[int], device_type: 
     显式给 "triton" 而做不到时报错（在叠加权重之前），而不是悄悄换成 sdpa。
     """
     if attention not in ("auto", *ATTENTION_MODES):
-        raise ValueError(f"attention={attention!r}：应为 auto / {' / '.join(ATTENTION_MODES)}")
+        raise ValueError(f"attention={attention!r}: must be auto / {' / '.join(ATTENTION_MODES)}")
     if not head_dims:
         if attention == "triton":
-            raise ValueError("attention='triton' 只用于叠加前向（stack 不为 off）；transformers 单元用 packed GQA SDPA")
+            raise ValueError("attention='triton' is only for stacked forwards (stack not off); transformers units use packed GQA SDPA")
         return "sdpa"
     reasons = [r for h in sorted(set(head_dims)) if (r := triton_attention_problem(h)) is not None]
     if attention == "auto":
         return "triton" if device_type == "cuda" and not reasons else "sdpa"
     if attention == "triton" and reasons:
-        raise ValueError(f"attention='triton' 做不到：{reasons[0]}；用 attention='sdpa'")
+        raise ValueError(f"attention='triton' is not possible: {reasons[0]}; use attention='sdpa'")
     return attention
 
 
@@ -187,7 +187,7 @@ class FastDecoder:
                  cache_len: int | None = None, overlap: str = "auto", sampling: Sampling | None = None,
                  stack: str = "auto", attention: str = "auto") -> None:
         if steering is not None and len(models) != 3:
-            raise ValueError("引导模式需要三个模型：[目标, 专家, 基座]")
+            raise ValueError("steering needs three models: [target, expert, base]")
         self.models = list(models)
         self.compile = compile
         self.kwargs = [cache_kwarg(m) for m in self.models]
@@ -307,9 +307,12 @@ class FastDecoder:
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[Sequence[int]]], max_new_tokens: int,
-                 question_ids: Sequence[int] | None = None) -> BatchResult:
+                 question_ids: Sequence[int] | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> BatchResult:
         """与 generate_batch 相同的输入输出约定；prompts[k][i] 为第 k 个模型第 i 行的提示 id；
         question_ids[i] 为第 i 行的题目 index（采样时必需：随机数由它决定）。
+        on_step(已走的步数, 自上次调用以来真实行新生成的 token 数)：进度回调。为了不增加主机同步，只在每
+        check_every 步本来就要同步的地方与结束时调用；各次 token 数之和等于本批输出的 token 总数（含结束记号）。
 
         共享状态只在本调用内改变、返回前恢复：模型的注意力实现（packed_gqa）与 dynamo 的重编译上限
         （torch._dynamo.config.patch，编译与重放都发生在这里）。
@@ -317,16 +320,17 @@ class FastDecoder:
         limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT) if self.compile else \
             torch._dynamo.config.recompile_limit
         with packed_gqa(self.models), torch._dynamo.config.patch(recompile_limit=limit):
-            return self._generate(prompts, max_new_tokens, question_ids)
+            return self._generate(prompts, max_new_tokens, question_ids, on_step)
 
     def _generate(self, prompts: Sequence[Sequence[Sequence[int]]], max_new_tokens: int,
-                  question_ids: Sequence[int] | None) -> BatchResult:
+                  question_ids: Sequence[int] | None,
+                  on_step: Callable[[int, int], None] | None = None) -> BatchResult:
         """generate 的主体（在 packed_gqa 与 dynamo 设置的作用域之内）。"""
         real = len(prompts[0])
         if real > self.batch_size or len(prompts) != len(self.models):
-            raise ValueError(f"批大小 {real} 超过 FastDecoder 的 batch_size={self.batch_size}，或角色数不符")
+            raise ValueError(f"batch size {real} exceeds the FastDecoder's batch_size={self.batch_size}, or the number of roles does not match")
         if self.sampling is not None and (question_ids is None or len(question_ids) != real):
-            raise ValueError("采样需要每行的题目 index（question_ids）：随机数由它决定，与批的组成无关")
+            raise ValueError("sampling needs each row's question index (question_ids): the random numbers depend on it, not on the batch")
         # 占位行的题目 index 记为 −1（它们从一开始就已结束，抽到什么都不会被记录）。
         qids = torch.tensor((list(question_ids) if question_ids is not None else [-1] * real)
                             + [-1] * (self.batch_size - real), dtype=torch.long, device=self.device)
@@ -338,7 +342,7 @@ class FastDecoder:
         pads = list(zip(ids_all.split(self.batch_size), mask_all.split(self.batch_size)))
         needed = ids_all.shape[1] + max_new_tokens
         if self.cache_len is not None and needed > self.cache_len:
-            raise ValueError(f"提示 + 新 token 共 {needed} 个，超过固定缓存长度 cache_len={self.cache_len}")
+            raise ValueError(f"prompt + new tokens = {needed}, more than the fixed cache length cache_len={self.cache_len}")
         length = self.cache_len or length_bucket(needed)
         caches = self._caches_for(length)
         masks, positions, z = [], [], [torch.empty(0)] * len(self.models)
@@ -368,10 +372,16 @@ class FastDecoder:
         alphas: list[torch.Tensor] = []
         nonfinite = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)  # 设备上累加，整批只同步一次
         nxt, alpha, new_finished, bad = self._choose(z, finished, qids, step_t)
+        # 进度：设备上累加每步仍活跃的真实行数（占位行一开始就已结束），只在本来就同步的检查点读出。
+        produced = torch.zeros((), dtype=torch.long, device=self.device) if on_step is not None else None
         for step in range(max_new_tokens):
             if step > 0:
-                if step % self.check_every == 0 and bool(finished.all()):
-                    break
+                if step % self.check_every == 0:
+                    if on_step is not None and produced is not None:
+                        on_step(step, int(produced))
+                        produced.zero_()
+                    if bool(finished.all()):
+                        break
                 step_t = step_t + 1
                 # CUDA graphs 的输出缓冲会被下一次重放覆盖：.clone() 保留本步结果。
                 nxt, alpha, new_finished, bad = (t.clone() for t in self.step(nxt[:, None], positions, masks, slot,
@@ -382,7 +392,11 @@ class FastDecoder:
             # nan = 该行在本步之前已结束，或本步退回了目标 logits（没有被引导）：都不计入 α 统计
             alphas.append(alpha.masked_fill(finished | bad, float("nan")))
             out_tokens.append(nxt)
+            if produced is not None:
+                produced += (~finished).sum()
             finished = new_finished
+        if on_step is not None and produced is not None:
+            on_step(len(out_tokens), int(produced))
         trimmed = _trim(torch.stack(out_tokens, 1)[:real].tolist(), set(self.end_ids))
         steered = self.steering is not None
         alpha_rows = _alpha_rows([a[:real] for a in alphas]) if steered else None
@@ -410,15 +424,15 @@ def _copy_tree(dst: Any, src: Any) -> None:
     """
     if isinstance(dst, torch.Tensor):
         if not isinstance(src, torch.Tensor) or src.shape != dst.shape:
-            raise ValueError(f"静态输入形状 {tuple(dst.shape)} 与本步输入不符：{getattr(src, 'shape', src)!r}")
+            raise ValueError(f"static input shape {tuple(dst.shape)} does not match this step's input: {getattr(src, 'shape', src)!r}")
         dst.copy_(src)
     elif isinstance(dst, (list, tuple)):
         if not isinstance(src, (list, tuple)) or len(src) != len(dst):
-            raise ValueError("静态输入的结构与本步输入不符")
+            raise ValueError("the structure of the static inputs does not match this step's inputs")
         for d, s in zip(dst, src):
             _copy_tree(d, s)
     elif dst != src:
-        raise ValueError(f"非张量输入 {src!r} 与录图时的 {dst!r} 不同：它在图里是常量")
+        raise ValueError(f"non-tensor input {src!r} differs from {dst!r} at capture: it is a constant in the graph")
 
 
 def _root_oom(exc: BaseException) -> BaseException:

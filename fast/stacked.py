@@ -37,30 +37,30 @@ SHAPE_KEYS: tuple[str, ...] = ("hidden_size", "num_hidden_layers", "num_attentio
 def check_stackable(models: Sequence[PreTrainedModel]) -> str | None:
     """能否叠成一次前向；能则返回 None，否则返回一句说明原因的话（调用方决定报错还是不叠）。"""
     if not models:
-        return "没有模型"
+        return "no models"
     if len({id(m) for m in models}) != len(models):
-        return "同一个模型对象出现了两次（叠加需要各自的权重）"
+        return "the same model object appears twice (stacking needs separate weights)"
     first = models[0]
     for m in models:
         cfg = m.config
         if cfg.model_type != "llama":
-            return f"只支持 Llama 结构，得到 model_type={cfg.model_type!r}"
+            return f"only the Llama architecture is supported, got model_type={cfg.model_type!r}"
         if getattr(m, "hf_quantizer", None) is not None:
-            return "量化（4-bit/8-bit）模型的权重不是普通张量，不能叠加"
+            return "quantized (4-bit/8-bit) weights are not plain tensors and cannot be stacked"
         if len(set((getattr(m, "hf_device_map", None) or {"": 0}).values())) > 1:
-            return "模型被 device_map 分散在多个设备上"
+            return "the model is spread over several devices by device_map"
         if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-            return "带偏置的 Llama 变体不支持"
+            return "Llama variants with biases are not supported"
         if cfg.hidden_act != "silu":
-            return f"只支持 hidden_act='silu'，得到 {cfg.hidden_act!r}"
+            return f"only hidden_act='silu' is supported, got {cfg.hidden_act!r}"
         if m.dtype != first.dtype or m.device != first.device:
-            return f"模型的精度/设备不同：{m.dtype}@{m.device} 与 {first.dtype}@{first.device}"
+            return f"the models differ in dtype/device: {m.dtype}@{m.device} and {first.dtype}@{first.device}"
         for key in SHAPE_KEYS:
             if getattr(cfg, key, None) != getattr(first.config, key, None):
-                return f"配置项 {key} 不同：{getattr(cfg, key, None)!r} 与 {getattr(first.config, key, None)!r}"
+                return f"config key {key} differs: {getattr(cfg, key, None)!r} and {getattr(first.config, key, None)!r}"
         if m.model.rotary_emb.attention_scaling != first.model.rotary_emb.attention_scaling or not torch.equal(
                 m.model.rotary_emb.inv_freq, first.model.rotary_emb.inv_freq):
-            return "RoPE 频率不同"
+            return "the RoPE frequencies differ"
     return None
 
 
@@ -114,7 +114,7 @@ def stack_weights(models: Sequence[PreTrainedModel]) -> StackedWeights:
     """把模型组的权重叠起来（同一组只叠一次，之后复用）。见模块说明；不能叠时抛 ValueError 说明原因。"""
     reason = check_stackable(models)
     if reason is not None:
-        raise ValueError(f"不能把这些模型叠成一次前向：{reason}")
+        raise ValueError(f"these models cannot be stacked into one forward: {reason}")
     ids = tuple(id(m) for m in models)
     cached = _STACKS.get(models[0])
     if cached is not None and cached[0] == ids and cached[1].anchors == [_anchor(m) for m in models]:
@@ -166,11 +166,11 @@ class StackedLlama:
 
     def __init__(self, models: Sequence[PreTrainedModel], attention: str = "sdpa") -> None:
         if attention not in ATTENTION_MODES:
-            raise ValueError(f"attention={attention!r}：应为 {' / '.join(ATTENTION_MODES)}")
+            raise ValueError(f"attention={attention!r}: must be {' / '.join(ATTENTION_MODES)}")
         cfg = models[0].config
         reason = triton_attention_problem(head_dim_of(cfg)) if attention == "triton" else None
         if reason is not None:
-            raise ValueError(f"attention='triton' 做不到：{reason}；用 attention='sdpa'")
+            raise ValueError(f"attention='triton' is not possible: {reason}; use attention='sdpa'")
         self.attention = attention  # 解码注意力："sdpa"（cuDNN，读满缓存）或 "triton"（只读到 slot）
         if attention == "triton":
             load_triton_attention()  # 在编译区域之外注册算子
@@ -245,7 +245,7 @@ class StackedLlama:
         transformers 完全相同。GQA 在这里显式复制 K/V（与 transformers 的 sdpa 预填充相同），
         让带掩码的 SDPA 走省显存的 kernel——预填充每批只做一次。
         """
-        assert self.shape is not None, "先调用 allocate()"
+        assert self.shape is not None, "call allocate() first"
         rows, t = ids.shape
         n_rep = self.heads // self.kv_heads
         idx = torch.arange(t, device=ids.device)

@@ -28,7 +28,7 @@ DEFAULT_CONSTANTS: dict[str, str] = {
     "distance": "DISTANCE_METRIC", "schedule": "SCHEDULE", "plausibility_beta": "PLAUSIBILITY_BETA",
     "load_in_4bit": "LOAD_IN_4BIT", "dtype": "DTYPE", "device": "DEVICE",
     "dataset_id": "DATASET_ID", "data_file": "DATA_FILE", "split": "SPLIT", "limit": "NUM_SAMPLES",
-    "batch_size": "BATCH_SIZE", "max_new_tokens": "MAX_NEW_TOKENS", "seed": "SEED",
+    "batch_size": "BATCH_SIZE", "max_new_tokens": "MAX_NEW_TOKENS", "seed": "SEED", "threads": "THREADS",
     "fast": "FAST_DECODE", "compile": "COMPILE",
     "system_prompt": "SYSTEM_PROMPT", "expert_system_prompt": "EXPERT_SYSTEM_PROMPT",
     "base_system_prompt": "BASE_SYSTEM_PROMPT", "modes": "MODES", "output_dir": "OUTPUT_DIR",
@@ -65,6 +65,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "sweep_alphas": ("0,1.5,-1", (0.0, 1.5, -1.0)),
     "sweep_schedules": ("adaptive_inverse,constant", ("adaptive_inverse", "constant")),
     "temperature": ("0.7", 0.7),
+    "threads": ("1", 1),
     "top_p": ("0.9", 0.9),
     "votes": ("5", 5),
     "trace_index": ("12", 12),
@@ -300,6 +301,8 @@ def test_bad_values_rejected(argv: list[str], capsys: pytest.CaptureFixture[str]
     ({"modes": ("baseline", "foo")}, "--modes"),
     ({"modes": ()}, "--modes"),
     ({"expert": ""}, "--expert"),
+    ({"threads": 0}, "--threads"),
+    ({"threads": 1.5}, "--threads"),
 ])
 def test_config_error_names_the_flag(changes: dict[str, Any], flag: str) -> None:
     with pytest.raises(ConfigError) as info:

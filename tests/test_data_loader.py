@@ -209,7 +209,7 @@ def test_format_prompt_requires_chat_template() -> None:
     tok = FakeTokenizer()
     tok.chat_template = None  # type: ignore[assignment]
     q = load_medqa(str(BUNDLED / "test.jsonl"), limit=1)[0][0]
-    with pytest.raises(ValueError, match="聊天模板"):
+    with pytest.raises(ValueError, match="chat template"):
         format_prompt(q, tok)
 
 
@@ -251,20 +251,20 @@ def test_encode_no_double_bos(smol_tokenizer: Any) -> None:
 
 @pytest.mark.parametrize("bad,needle", [
     ('{"question": "x", ', "JSON"),
-    ("[1, 2, 3]", "JSON 对象"),
-    (_row(question=...), "缺少 question"),
-    (_row(question="   "), "question（题干） 为空"),
-    (_row(question=7), "必须是字符串"),
-    (_row(options=...), "缺少 options"),
-    (_row(options=["a", "b", "c", "d"]), "options 必须是 JSON 对象"),
-    (_row(options={"A": "a", "B": "b", "C": "c"}), "恰为 A、B、C、D"),
-    (_row(options={"A": "a", "B": "b", "C": "c", "D": "d", "E": "e"}), "4 选项"),
-    (_row(options={"A": "a", "B": "", "C": "c", "D": "d"}), "选项 B 的文本 为空"),
+    ("[1, 2, 3]", "JSON object"),
+    (_row(question=...), "missing question"),
+    (_row(question="   "), "question (the question text) is empty"),
+    (_row(question=7), "must be a string"),
+    (_row(options=...), "missing options"),
+    (_row(options=["a", "b", "c", "d"]), "options must be a JSON object"),
+    (_row(options={"A": "a", "B": "b", "C": "c"}), "exactly A, B, C, D"),
+    (_row(options={"A": "a", "B": "b", "C": "c", "D": "d", "E": "e"}), "4-option"),
+    (_row(options={"A": "a", "B": "", "C": "c", "D": "d"}), "the text of option B is empty"),
     (_row(answer_idx="E"), "answer_idx='E'"),
     (_row(answer_idx=...), "answer_idx=None"),
-    (_row(answer=3), "answer 必须是字符串"),
+    (_row(answer=3), "answer must be a string"),
     (b'{"question": "caf\xe9"}', "UTF-8"),
-    ("", "空行"),
+    ("", "empty line"),
 ])
 def test_bad_row_names_file_and_line(tmp_path: Path, bad: str | bytes, needle: str) -> None:
     path = _bad_file(tmp_path, bad)
@@ -281,7 +281,7 @@ def test_bad_row_fails_even_with_limit(tmp_path: Path) -> None:
 
 def test_blank_line_in_middle(tmp_path: Path) -> None:
     path = _write(tmp_path, [_row(), "", _row()])
-    with pytest.raises(DataError, match=re.escape(f"{path}:2: 空行")):
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: empty line")):
         load_medqa(path)
 
 
@@ -290,7 +290,7 @@ def test_trailing_newline_rules(tmp_path: Path) -> None:
     assert len(load_medqa(_write(tmp_path, [_row(), _row()], "b.jsonl", trailing_newline=False))[0]) == 2
     path = str(tmp_path / "c.jsonl")
     Path(path).write_text(_row() + "\n\n", encoding="utf-8")  # 末尾两个换行 = 一个空行
-    with pytest.raises(DataError, match=re.escape(f"{path}:2: 空行")):
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: empty line")):
         load_medqa(path)
 
 
@@ -308,28 +308,28 @@ def test_option_key_order_normalised(tmp_path: Path) -> None:
 def test_empty_file(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "empty.jsonl"
     path.write_bytes(content)
-    with pytest.raises(DataError, match=re.escape(f"{path}:1: 文件为空")):
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: the file is empty")):
         load_medqa(str(path))
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="不存在"):
+    with pytest.raises(DataError, match="no such data file"):
         load_medqa(str(tmp_path / "nope.jsonl"))
 
 
 def test_limit_beyond_rows(tmp_path: Path) -> None:
     path = _write(tmp_path, [_row(), _row()])
-    with pytest.raises(DataError, match=re.escape(f"{path}: limit=3 超过了题目总数 2")):
+    with pytest.raises(DataError, match=re.escape(f"{path}: limit=3 exceeds the number of questions, 2")):
         load_medqa(path, limit=3)
 
 
 @pytest.mark.parametrize("limit", [-1, 1.5, True])
 def test_limit_invalid(tmp_path: Path, limit: Any) -> None:
     path = _write(tmp_path, [_row()])
-    with pytest.raises(DataError, match=re.escape(f"{path}: limit={limit!r} 非法")):
+    with pytest.raises(DataError, match=re.escape(f"{path}: limit={limit!r} is not valid")):
         load_medqa(path, limit=limit)
 
 
 def test_unknown_split() -> None:
-    with pytest.raises(DataError, match="未知划分"):
+    with pytest.raises(DataError, match="unknown split"):
         load_medqa(None, split="training")

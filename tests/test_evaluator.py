@@ -196,10 +196,10 @@ def test_vocab_slice_excludes_padded_rows():
 
 
 def test_argument_validation(trio):
-    with pytest.raises(ValueError, match="三个模型"):
+    with pytest.raises(ValueError, match="three models"):
         generate_batch([trio[0]], [PROMPTS], vocab_size=VOCAB, max_new_tokens=2, end_ids=[], pad_id=PAD,
                        steering=STEER)
-    with pytest.raises(ValueError, match="为空"):
+    with pytest.raises(ValueError, match="is empty"):
         left_pad([[1, 2], []], PAD, torch.device("cpu"))
 
 
@@ -396,11 +396,11 @@ def test_copy_tree_rejects_mismatched_inputs():
     dst = (torch.zeros(2, 1), [torch.zeros(2, 3)], 5)
     _copy_tree(dst, (torch.ones(2, 1), [torch.full((2, 3), 2.0)], 5))
     assert dst[0].sum() == 2 and dst[1][0].sum() == 12
-    with pytest.raises(ValueError, match="形状"):
+    with pytest.raises(ValueError, match="shape"):
         _copy_tree(dst, (torch.ones(1), [torch.zeros(2, 3)], 5))
-    with pytest.raises(ValueError, match="结构"):
+    with pytest.raises(ValueError, match="structure"):
         _copy_tree(dst, (torch.ones(2, 1), [], 5))
-    with pytest.raises(ValueError, match="常量"):
+    with pytest.raises(ValueError, match="constant"):
         _copy_tree(dst, (torch.ones(2, 1), [torch.zeros(2, 3)], 6))
     with pytest.raises(ValueError, match="overlap"):
         FastDecoder([tiny_llama(0)], vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=1, steering=None,
@@ -442,3 +442,42 @@ def test_resolve_overlap_auto_rules(trio):
     quantized.hf_quantizer = object()  # 只看这个属性是否存在（transformers 给 4-bit 模型设置它）
     assert resolve_overlap("auto", [quantized, *models[1:]], steering=STEER, compile=True,
                            device_type="cuda") == "off"
+
+
+# ---------------------------------------------------------------------------
+# 进度回调 on_step（issue 19）：批内推进；各次 token 数之和 = 输出的 token 总数
+# ---------------------------------------------------------------------------
+
+
+def test_on_step_reference_loop_counts_every_token(trio):
+    """参考循环每步调用一次：步数 1, 2, …；本步 token 数 = 本步之前仍活跃的行数；总和 = 输出 token 总数。"""
+    free = run(list(trio), PROMPTS, steps=12, steering=STEER).tokens
+    end = next(t for t in free[1][1:] if all(t not in r for r in (free[0], free[2])))
+    calls: list[tuple[int, int]] = []
+    result = generate_batch(list(trio), [PROMPTS] * 3, vocab_size=VOCAB, max_new_tokens=12, end_ids=[end],
+                            pad_id=PAD, steering=STEER, on_step=lambda s, n: calls.append((s, n)))
+    assert [s for s, _ in calls] == list(range(1, result.steps + 1))
+    assert sum(n for _, n in calls) == sum(len(t) for t in result.tokens)
+    # 第 1 行在 len(tokens[1]) 步之后不再计数：之后每步恰好少 1
+    cut = len(result.tokens[1])
+    assert cut < 12 and all(n == 3 for _, n in calls[:cut]) and all(n == 2 for _, n in calls[cut:])
+    # 回调不改变输出
+    assert result.tokens == run(list(trio), PROMPTS, steps=12, steering=STEER, ends=[end]).tokens
+
+
+def test_on_step_fast_path_reports_at_checkpoints(trio):
+    """快速路径只在每 check_every 步（本来就同步的地方）与结束时调用；占位行不计；总和 = 输出 token 总数。"""
+    free = run(list(trio), PROMPTS, steps=14, steering=STEER).tokens
+    end = next(t for t in free[0][2:] if all(t not in r for r in free[1:]))
+    decoder = FastDecoder(list(trio), vocab_size=VOCAB, end_ids=[end], pad_id=PAD, batch_size=5, steering=STEER,
+                          compile=False, check_every=4)
+    calls: list[tuple[int, int]] = []
+    out = decoder.generate([PROMPTS] * 3, 14, on_step=lambda s, n: calls.append((s, n)))
+    assert [s for s, _ in calls] == [4, 8, 12, 14]
+    assert sum(n for _, n in calls) == sum(len(t) for t in out.tokens)
+    # 每个检查点的 token 数 = 各真实行在这一段步数里生成的 token 数（2 个占位行不计）
+    bounds = [0] + [s for s, _ in calls]
+    for (lo, hi), (_, n) in zip(zip(bounds, bounds[1:]), calls):
+        assert n == sum(max(0, min(len(t), hi) - lo) for t in out.tokens)
+    assert min(len(t) for t in out.tokens) < 14
+    assert out.tokens == decoder.generate([PROMPTS] * 3, 14).tokens

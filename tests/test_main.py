@@ -100,7 +100,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, smol_path: str) -> Simple
 def test_demo_exit_code_and_files(demo_run: SimpleNamespace) -> None:
     assert demo_run.proc.returncode == 0
     assert sorted(os.listdir(demo_run.run_dir)) == ["alpha_hist.png", "alpha_trace.png", "config.json", "metrics.json",
-                                                    "predictions.jsonl", "sweep.csv", "sweep.json"]
+                                                    "predictions.jsonl", "sweep.csv", "sweep.json", "timing.jsonl"]
     assert "Traceback" not in demo_run.proc.stderr
     # 演示的专家与基座是同一模型但系统提示不同：不应出现“z_e − z_b ≡ 0”的警告。
     assert "≡ 0" not in demo_run.proc.stderr
@@ -218,7 +218,8 @@ def test_demo_metrics_consistent_with_predictions(demo_run: SimpleNamespace) -> 
         assert mm["generated_tokens"] == sum(r["num_tokens"] for r in rows)
         assert mm["oom_backoffs"] == 0
         # 墙钟数字只在 timing 里（续跑与不中断的运行比较时除去它）；新运行本次解码的 token 即全部 token。
-        assert set(mm["timing"]) == {"seconds", "decoded_tokens", "tokens_per_second", "decode_path"}
+        assert set(mm["timing"]) == {"seconds", "decoded_tokens", "tokens_per_second", "decode_path", "sessions"}
+        assert mm["timing"]["sessions"] == 1
         # 实际走的解码路径写明（CPU 上 auto 解析为不编译、不叠加、不用流）
         assert mm["timing"]["decode_path"] == {"fast": True, "compiled": False, "overlap": "off", "stack": "off",
                                                "attention": "sdpa"}

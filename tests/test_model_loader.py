@@ -245,7 +245,7 @@ def test_explain_gated_repo() -> None:
     msg = str(err)
     assert isinstance(err, ModelLoadError)
     assert "huggingface-cli login" in msg and "HF_TOKEN" in msg
-    assert f"https://huggingface.co/{SPEC}" in msg and "许可" in msg  # 去模型页接受许可协议
+    assert f"https://huggingface.co/{SPEC}" in msg and "license" in msg  # 去模型页接受许可协议
     assert "target" in msg and SPEC in msg
 
 
@@ -259,7 +259,7 @@ def test_explain_gated_by_type_or_text_alone() -> None:
 
 def test_explain_not_found_is_a_typo_message() -> None:
     msg = str(explain_load_error(_not_found_chain(), "expert", "meta-lama/x"))
-    assert "拼写" in msg and "meta-lama/x" in msg and "expert" in msg
+    assert "spelling" in msg and "meta-lama/x" in msg and "expert" in msg
     assert "gated" not in msg
     plain = explain_load_error(OSError("x is not a local folder and is not a valid model identifier"), "expert",
                                "meta-lama/x")
@@ -282,7 +282,7 @@ def test_explain_disk_full() -> None:
                                  "target", SPEC)
     by_errno_only = explain_load_error(raised(RuntimeError("download failed"), OSError(errno.ENOSPC, "")),
                                        "target", SPEC)
-    assert "HF_HOME" in str(direct) and "磁盘" in str(direct)
+    assert "HF_HOME" in str(direct) and "disk" in str(direct)
     assert str(direct) == str(wrapped) == str(by_errno_only)
 
 
@@ -290,7 +290,7 @@ def test_explain_out_of_memory_suggests_4bit() -> None:
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.96 GiB. GPU 0 has a total capacity "
                                  "of 23.64 GiB of which 1.02 GiB is free.")
     msg = str(explain_load_error(raised(RuntimeError("loading failed"), oom), "target", SPEC))
-    assert "--load-in-4bit" in msg and "4-bit" in msg and "显存" in msg
+    assert "--load-in-4bit" in msg and "4-bit" in msg and "GPU memory" in msg
 
 
 def test_explain_unknown_error_keeps_type_and_text() -> None:
@@ -335,7 +335,7 @@ def test_missing_local_dir_is_a_model_load_error(tmp_path: Path) -> None:
     spec = str(tmp_path / "no" / "such" / "model")
     with pytest.raises(ModelLoadError) as info:
         model_loader.load_model(spec, cpu_config(), CPU, role="base")
-    assert spec in str(info.value) and "本地目录不存在" in str(info.value) and "--base" in str(info.value)
+    assert spec in str(info.value) and "no such local folder" in str(info.value) and "--base" in str(info.value)
 
 
 # ---------------------------------------------------------------------------

@@ -223,12 +223,16 @@ def test_sigkill_midway_then_resume_equals_uninterrupted(reference: Path, data: 
                              capture_output=True, text=True, encoding="utf-8", timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "Traceback" not in resumed.stderr
-    assert f"已记录 {written}/{2 * LIMIT} 条" in resumed.stdout
+    assert f"{written}/{2 * LIMIT} records already written" in resumed.stdout
     assert _outcome(run_dir) == _outcome(reference)
-    # 续跑的计时只算续跑这一次：基线已全部完成，本次没有解码任何基线 token。
+    # 计时是各会话之和：基线在被杀的那次会话里已全部完成（timing.jsonl 有它的一行），续跑没有再解码它；
+    # 引导臂被 kill -9 的那部分来不及写计时行，只计入续跑这一次。没有任何一个臂显示像测量值的 0。
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    assert metrics["baseline"]["timing"]["decoded_tokens"] == 0
-    assert metrics["steered"]["timing"]["decoded_tokens"] < metrics["steered"]["generated_tokens"]
+    base_t, steer_t = metrics["baseline"]["timing"], metrics["steered"]["timing"]
+    assert base_t["sessions"] == 1 and base_t["decoded_tokens"] == metrics["baseline"]["generated_tokens"]
+    assert base_t["seconds"] > 0 and base_t["tokens_per_second"] > 0
+    assert steer_t["sessions"] == 1 and 0 < steer_t["decoded_tokens"] < metrics["steered"]["generated_tokens"]
+    assert "wall s" in resumed.stdout and " 0.0\n" not in resumed.stdout
     events = _read_jsonl(run_dir / "events.jsonl")
     assert [e["event"] for e in events] == ["resumed"] and events[0]["already_recorded"] == written
 
@@ -243,7 +247,10 @@ def test_sigint_stops_after_batch_prints_resume_command(reference: Path, data: P
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     command = f"python main.py --resume {shlex.quote(str(run_dir))}"
-    assert f"已中断。继续：{command}" in err
+    assert f"Interrupted. To continue: {command}" in err
+    # 第一次 Ctrl-C 立即说明：正在写完当前批，再按一次立即停止。
+    assert "finishing the current batch" in err and "press Ctrl-C again to stop at once" in err
+    assert err.index("finishing the current batch") < err.index("Interrupted. To continue")
     assert "Traceback" not in err
     raw = preds.read_bytes()
     assert raw.endswith(b"\n") and raw.count(b"\n") % BATCH == 0, "只应写整批"
@@ -269,7 +276,7 @@ def test_torn_last_line_is_dropped_and_redone(reference: Path, tmp_path: Path, c
     (run_dir / "predictions.jsonl").write_bytes(b"\n".join(lines[:kept]) + b"\n" + torn)
     code, text = _main(["--resume", str(run_dir)], capsys)
     assert code == 0, text
-    assert "丢弃末尾不完整的一行" in text
+    assert "dropped an incomplete last line" in text
     assert _outcome(run_dir) == _outcome(reference)
 
 
@@ -339,8 +346,8 @@ def test_resume_refusals(case: str, reference: Path, tmp_path: Path, monkeypatch
             extra = ["--output-dir", str(tmp_path / "elsewhere")]
     code, text = _main(["--resume", str(run_dir), *extra], capsys)
     assert code == 2 and str(run_dir) in text
-    needle = {"missing_dir": "目录不存在", "no_config": "config.json", "other_output_dir": "不同的目录",
-              "corrupt_config": "无法读取"}[case]
+    needle = {"missing_dir": "no such folder", "no_config": "config.json", "other_output_dir": "different folders",
+              "corrupt_config": "cannot be read"}[case]
     assert needle in text
 
 
@@ -369,13 +376,13 @@ def test_resume_refuses_changed_data(reference: Path, data: Path, tmp_path: Path
     stored["config"]["data_file"] = str(changed)
     (run_dir / "config.json").write_text(json.dumps(stored), encoding="utf-8")
     code, text = _main(["--resume", str(run_dir)], capsys)
-    assert code == 2 and "题目与上次不同" in text and "--output-dir" in text
+    assert code == 2 and "differ from the last session" in text and "--output-dir" in text
 
 
 @pytest.mark.parametrize("damage,needle", [
-    ("duplicate", "重复记录"),
-    ("corrupt_middle", "不是合法的 JSON 记录"),
-    ("foreign", "不是这次运行的记录"),
+    ("duplicate", "duplicates the record"),
+    ("corrupt_middle", "not a valid JSON record"),
+    ("foreign", "not a record of this run"),
 ])
 def test_damaged_predictions_refused_loudly(damage: str, needle: str, reference: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch,
@@ -423,11 +430,36 @@ def small_trio() -> dict[str, LlamaForCausalLM]:
 
 
 def _arm(trio: dict[str, LlamaForCausalLM], mode: str, fast: bool, **kwargs: Any) -> Any:
-    questions = [SimpleNamespace(index=10 + j, answer_idx="A", options={"A": "a", "B": "b", "C": "c", "D": "d"})
-                 for j in range(len(PROMPTS))]
+    options = {"A": "a", "B": "b", "C": "c", "D": "d"}  # make_record 按选项抽取答案
+    questions = [SimpleNamespace(index=10 + j, answer_idx="A", options=options) for j in range(len(PROMPTS))]
     role_prompts = {r: [list(p) for p in PROMPTS] for r in ("target", "expert", "base")}
     return run_arm(mode, questions, role_prompts, trio, FakeTokenizer(), vocab_size=VOCAB, batch_size=4,
                    max_new_tokens=8, end_ids=[], steering=STEER, fast=fast, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_progress_bar_moves_within_a_batch_and_shows_tokens_per_second(small_trio: dict[str, LlamaForCausalLM],
+                                                                        fast: bool, monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """进度条在一批之内就前进（on_step），后缀显示 tok/s，并有剩余时间的估计。"""
+    seen: list[float] = []
+    import tqdm.std
+    original = tqdm.std.tqdm.update
+
+    def spy(self: Any, n: float = 1) -> Any:
+        seen.append(float(self.n) + float(n))
+        return original(self, n)
+
+    monkeypatch.setattr(tqdm.std.tqdm, "update", spy)
+    options = {"A": "a", "B": "b", "C": "c", "D": "d"}
+    questions = [SimpleNamespace(index=10 + j, answer_idx="A", options=options) for j in range(len(PROMPTS))]
+    role_prompts = {r: [list(p) for p in PROMPTS] for r in ("target", "expert", "base")}
+    run_arm("steered", questions, role_prompts, small_trio, FakeTokenizer(), vocab_size=VOCAB,
+            batch_size=len(PROMPTS), max_new_tokens=8, end_ids=[], steering=STEER, fast=fast, progress=True)
+    err = capsys.readouterr().err
+    assert "tok/s" in err and "steered" in err
+    # 只有一批：批结束之前进度条就已经走过一部分（0 < n < 题数），最后停在题数上
+    assert any(0 < n < len(PROMPTS) for n in seen) and seen[-1] == len(PROMPTS)
 
 
 def test_fault_hook_is_off_by_default() -> None:
@@ -503,7 +535,7 @@ def test_oom_at_batch_one_names_the_question(small_trio: dict[str, LlamaForCausa
     with pytest.raises(RunError) as info:
         _arm(small_trio, "steered", True, on_batch=batches.append)
     second = batch_plan(PROMPTS, 4)[1]
-    assert f"第 {10 + second[0]} 题" in str(info.value) and "批大小 1" in str(info.value)
+    assert f"question {10 + second[0]} " in str(info.value) and "batch size 1" in str(info.value)
     assert [len(b) for b in batches] == [4]
 
 
@@ -537,8 +569,8 @@ def test_oom_at_batch_one_exit_3_then_resume(tmp_path: Path, data: Path, tiny_mo
     run_dir = tmp_path / "run"
     code, text = _main(_argv(data, run_dir), capsys)
     assert code == 3
-    assert re.search(r"第 \d+ 题（baseline 模式）在批大小 1 时仍然显存不足", text)
-    assert f"继续：python main.py --resume {run_dir}" in text
+    assert re.search(r"question \d+ \(baseline arm\) is still out of memory at batch size 1", text)
+    assert f"To continue: python main.py --resume {run_dir}" in text
     assert _lines(run_dir / "predictions.jsonl") == BATCH
     monkeypatch.setattr(evaluator, "_FAULT_HOOK", None)
     code, text = _main(["--resume", str(run_dir)], capsys)
@@ -641,7 +673,7 @@ def test_nonfinite_counted_in_metrics_through_main(tmp_path: Path, data: Path, t
         assert r["output"] == baseline[r["index"]]["output"]
     assert all(r["nonfinite_steps"] == 0 for r in steered if r not in guarded)
     assert metrics["steered"]["nonfinite_steps"] == sum(r["nonfinite_steps"] for r in steered) > 0
-    assert "非有限 logits" in text
+    assert "non-finite logits" in text
 
 
 # ---------------------------------------------------------------------------
@@ -679,14 +711,14 @@ def test_empty_file_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
     code, text = _main(_argv(empty, tmp_path / "run"), capsys)
-    assert code == 2 and f"{empty}:1: 文件为空" in text
+    assert code == 2 and f"{empty}:1: the file is empty" in text
 
 
 @pytest.mark.parametrize("extra,needle", [
     (["--limit", "0"], "--all-questions"),
     (["--limit", "-2"], "--all-questions"),
     (["--limit", "7"], "--all-questions"),  # 超过 6 道题
-    (["--limit", "3", "--all-questions"], "不能同时给出"),
+    (["--limit", "3", "--all-questions"], "cannot both be given"),
     (["--seed", "-1"], "--seed"),
 ])
 def test_bad_limits_and_values_refused(extra: list[str], needle: str, data: Path, tmp_path: Path,
@@ -718,12 +750,12 @@ def test_unwritable_output_dir(data: Path, tmp_path: Path, monkeypatch: pytest.M
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     code, text = _main(_argv(data, blocker / "run"), capsys)  # 父路径是个文件
-    assert code == 2 and "无法写入" in text and "--output-dir" in text
+    assert code == 2 and "not writable" in text and "--output-dir" in text
     if os.geteuid() != 0:  # root 不受权限位限制
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         code, text = _main(_argv(data, locked / "run"), capsys)
-        assert code == 2 and "无法写入" in text
+        assert code == 2 and "not writable" in text
 
 
 def test_ctrl_c_before_decoding(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -734,7 +766,7 @@ def test_ctrl_c_before_decoding(data: Path, tmp_path: Path, monkeypatch: pytest.
 
     monkeypatch.setattr(main, "load_tokenizer", interrupted)
     code, text = _main(_argv(data, tmp_path / "run"), capsys)
-    assert code == 130 and "没有需要续跑的进度" in text
+    assert code == 130 and "nothing to resume" in text
 
 
 def test_skip_invalid_skips_and_counts(tmp_path: Path, tiny_models: Any, capsys: pytest.CaptureFixture[str]) -> None:
@@ -751,8 +783,8 @@ def test_skip_invalid_skips_and_counts(tmp_path: Path, tiny_models: Any, capsys:
     assert metrics["skipped_invalid_rows"] == 3 and metrics["baseline"]["n"] == 4
     skipped = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["skipped_invalid_rows"]
     assert [s["where"] for s in skipped] == [f"{bad}:2", f"{bad}:4", f"{bad}:6"]
-    assert "JSON" in skipped[0]["reason"] and "5 选项" in skipped[1]["reason"] and "UTF-8" in skipped[2]["reason"]
-    assert "跳过 3 行无效数据" in text
+    assert "JSON" in skipped[0]["reason"] and "5-option" in skipped[1]["reason"] and "UTF-8" in skipped[2]["reason"]
+    assert "skipped 3 invalid data rows" in text
 
 
 def test_skip_invalid_with_nothing_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -761,7 +793,7 @@ def test_skip_invalid_with_nothing_valid(tmp_path: Path, monkeypatch: pytest.Mon
     bad = _write_data(tmp_path / "bad.jsonl", [BAD_ROWS["invalid_json"], BAD_ROWS["missing_options"]])
     code, text = _main(["--demo", "--data-file", str(bad), "--all-questions", "--skip-invalid", "--output-dir",
                         str(tmp_path / "run")], capsys)
-    assert code == 2 and "没有任何有效的题目" in text and f"{bad}:1" in text
+    assert code == 2 and "no valid questions" in text and f"{bad}:1" in text
 
 
 # ---------------------------------------------------------------------------
@@ -775,7 +807,7 @@ def test_mistyped_local_dir_through_main(data: Path, tmp_path: Path, monkeypatch
     “Repo id must be in the form…”。"""
     _no_model_loading(monkeypatch)
     code, text = _main(_argv(data, tmp_path / "run", "--expert", "/models/bio-llama"), capsys)
-    assert code == 2 and "本地目录不存在：/models/bio-llama" in text and "Repo id" not in text
+    assert code == 2 and "no such local folder: /models/bio-llama" in text and "Repo id" not in text
 
 
 def test_typo_hub_id_through_main(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -786,7 +818,7 @@ def test_typo_hub_id_through_main(data: Path, tmp_path: Path, capsys: pytest.Cap
 
 @pytest.mark.parametrize("spec", ["./bio-llama", "~/no-such-model-dir-xyz", "models/bio/llama"])
 def test_path_like_specs_that_do_not_exist(spec: str) -> None:
-    with pytest.raises(ModelLoadError, match="本地目录不存在"):
+    with pytest.raises(ModelLoadError, match="no such local folder"):
         model_loader.resolve_source(spec)
 
 
@@ -794,7 +826,7 @@ def test_invalid_repo_id_is_explained() -> None:
     cfg = Config(load_in_4bit=False, device="cpu", dtype="float32")
     with pytest.raises(ModelLoadError) as info:
         model_loader.load_model("not a valid id!!", cfg, torch.device("cpu"), role="expert")
-    assert "不是合法的 hub id" in str(info.value) and "expert" in str(info.value)
+    assert "nor a valid hub id" in str(info.value) and "expert" in str(info.value)
 
 
 def test_dotted_missing_pypi_package() -> None:
@@ -819,7 +851,7 @@ def test_gguf_conversion_failure_is_a_model_load_error(loader: str, tmp_path: Pa
             model_loader.load_tokenizer(str(gguf))
         else:
             model_loader.load_model(str(gguf), Config(load_in_4bit=False, device="cpu"), torch.device("cpu"))
-    assert "磁盘空间不足" in str(info.value) and "DOMAIN_STEERING_CACHE" in str(info.value)
+    assert "no space left on disk" in str(info.value) and "DOMAIN_STEERING_CACHE" in str(info.value)
 
 
 def test_materialize_gguf_cleans_up_on_save_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -850,3 +882,65 @@ def test_materialize_gguf_cleans_up_on_save_failure(tmp_path: Path, monkeypatch:
     with pytest.raises(OSError):
         model_loader.materialize_gguf(str(gguf.parent), gguf.name, cache_root=str(cache))
     assert os.listdir(cache / "gguf") == []
+
+
+# ---------------------------------------------------------------------------
+# 续跑后的计时与预设（issue 19）：纯函数，不加载模型
+# ---------------------------------------------------------------------------
+
+
+def test_total_timing_sums_sessions_and_never_reports_a_fake_zero() -> None:
+    session = {"baseline": {"seconds": 0.001, "decoded_tokens": 0, "tokens_per_second": None, "decode_path": {}},
+               "steered": {"seconds": 2.0, "decoded_tokens": 40, "tokens_per_second": 20.0, "decode_path": {}}}
+    logged = [{"mode": "baseline", "rank": 0, "seconds": 3.0, "decoded_tokens": 60},
+              {"mode": "steered", "rank": 0, "seconds": 1.0, "decoded_tokens": 10},
+              {"mode": "steered", "rank": 0, "seconds": 2.0, "decoded_tokens": 40},
+              {"mode": "steered", "rank": 1, "seconds": 1.5, "decoded_tokens": 30}]  # 第二个进程：token 计入，秒数不重复计
+    t = main.total_timing(logged, session, ["baseline", "steered"])
+    assert t["baseline"]["seconds"] == 3.0 and t["baseline"]["decoded_tokens"] == 60
+    assert t["baseline"]["tokens_per_second"] == 20.0 and t["baseline"]["sessions"] == 1
+    assert t["steered"]["seconds"] == 3.0 and t["steered"]["decoded_tokens"] == 80 and t["steered"]["sessions"] == 2
+    # 旧版本的运行目录（没有 timing.jsonl）：不是 0，而是 None（表里显示 "-"）。
+    old = main.total_timing([], session, ["baseline"])
+    assert old["baseline"]["seconds"] is None and old["baseline"]["tokens_per_second"] is None
+    assert old["baseline"]["sessions"] == 0
+
+
+def test_report_says_timing_is_summed_over_sessions(capsys: pytest.CaptureFixture[str]) -> None:
+    from reporting import print_report
+    arm = {"n": 2, "accuracy": 0.5, "ci95": [0.1, 0.9], "unparsed": 0, "alpha_mean": None,
+           "timing": {"seconds": 3.0, "decoded_tokens": 60, "tokens_per_second": 20.0, "sessions": 2}}
+    print_report({"arm_order": ["baseline"], "baseline": arm}, "runs/x")
+    out = capsys.readouterr().out
+    assert "summed over every session" in out and "baseline 2 sessions" in out
+
+
+def test_resume_reapplies_the_saved_preset(tmp_path: Path) -> None:
+    """`--resume DIR --limit 5` on a --demo run lists only limit, not the whole demo preset."""
+    from config import parse_args
+    from run_folder import open_run_dir
+
+    run_dir = tmp_path / "demo"
+    run_dir.mkdir()
+    saved, _ = parse_args(["--demo", "--output-dir", str(run_dir)])
+    (run_dir / "config.json").write_text(json.dumps({"config": saved.to_dict()}), encoding="utf-8")
+    cfg, explicit = parse_args(["--resume", str(run_dir), "--limit", "5"])
+    with pytest.raises(main.ConfigError) as info:
+        open_run_dir(cfg, explicit)
+    listed = [line.strip() for line in str(info.value).splitlines() if "→" in line and ":" in line
+              and not line.startswith("--resume")]
+    assert listed == [f"limit: {saved.limit} → 5"], str(info.value)
+    # 与保存的配置一致的显式参数（包括 --demo 本身）：接受，沿用保存的配置。
+    for argv in (["--limit", str(saved.limit)], ["--demo"], ["--demo", "--batch-size", str(saved.batch_size)]):
+        cfg, explicit = parse_args(["--resume", str(run_dir), *argv])
+        resumed, where, stored = open_run_dir(cfg, explicit)
+        assert where == str(run_dir) and resumed.limit == saved.limit and resumed.target == saved.target
+    # 在非演示的运行上给 --demo：列出预设带来的每个不同项（而不只是 demo 这一项）。
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    base, _ = parse_args(["--no-load-in-4bit", "--device", "cpu", "--output-dir", str(plain)])
+    (plain / "config.json").write_text(json.dumps({"config": base.to_dict()}), encoding="utf-8")
+    cfg, explicit = parse_args(["--resume", str(plain), "--demo"])
+    with pytest.raises(main.ConfigError) as info:
+        open_run_dir(cfg, explicit)
+    assert "demo: False → True" in str(info.value) and "limit:" in str(info.value) and "target:" in str(info.value)

@@ -104,7 +104,7 @@ def test_majority_vote(preds: list[str | None], want: str | None) -> None:
     (["--scoring", "letter", "--temperature", "0.5"], "letter"),
     (["--sweep", "--modes", "steered"], "--sweep"),
     (["--sweep-schedules", "adaptive,linear"], "--sweep-schedules"),
-    (["--sweep-alphas", "1,1"], "重复"),
+    (["--sweep-alphas", "1,1"], "repeated"),
     (["--temperature", "-1"], "--temperature"),
     (["--top-p", "1.5", "--temperature", "1"], "--top-p"),
     (["--votes", "0", "--temperature", "1"], "--votes"),
@@ -359,4 +359,4 @@ def test_resume_merges_shards_left_by_a_multiprocess_run(tmp_path: Path, capsys:
     (dup / "predictions.rank1.jsonl").write_text(records[0])
     assert main.main(["--resume", str(dup)]) == main.EXIT_ERROR
     err = capsys.readouterr().err
-    assert "predictions.rank1.jsonl" in err and "重复" in err
+    assert "predictions.rank1.jsonl" in err and "duplicates" in err

@@ -16,7 +16,7 @@ import steering_utils
 from config import LETTERS, ConfigError, parse_config
 from data_loader import Question
 from evaluator import score_letters
-from reporting import arm_tables, plot_sweep, write_sweep
+from reporting import arm_tables, plot_alpha_histogram, plot_alpha_trace, plot_sweep, write_sweep
 from scoring import letter_predictions, letter_prompt, letter_records, letter_token_ids
 from stats import CHANCE, arm_metrics, paired_stats
 from steering_utils import SCHEDULES, SteeringParams, compute_steered_logits, distance, plausibility_mask, schedule_alpha
@@ -53,14 +53,14 @@ def test_letter_token_ids_refuse_mismatch(smol_tokenizer):
         def encode(self, text, add_special_tokens=False):
             return [smol_tokenizer.encode(text, add_special_tokens=False)[0] + 1]
 
-    with pytest.raises(ValueError, match="不一致"):
+    with pytest.raises(ValueError, match="differ between roles"):
         letter_token_ids({"target": smol_tokenizer, "expert": Shifted()})
 
     class Split:
         def encode(self, text, add_special_tokens=False):
             return [1, 2]
 
-    with pytest.raises(ValueError, match="单个 token"):
+    with pytest.raises(ValueError, match="single token"):
         letter_token_ids({"target": Split()})
 
 
@@ -157,8 +157,32 @@ def test_write_and_plot(scores, tmp_path):
         table = list(csv.DictReader(f))
     assert len(table) == len(rows) and float(table[0]["accuracy"]) == rows[0]["accuracy"]
     png = tmp_path / "sweep.png"
-    plot_sweep(rows, str(png))
+    fig = plot_sweep(rows, str(png), "letter")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
+    # 标题与图例说明跑了什么：打分方式、哪些调度，基线的 CI 带有图例项
+    ax = fig.axes[0]
+    assert "letter scoring" in ax.get_title() and "constant" in ax.get_title() and "adaptive" in ax.get_title()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "baseline 95% Wilson CI" in legend and any(t.startswith("baseline: target alone") for t in legend)
+    assert any("steered, constant" in t for t in legend) and "chance (0.25)" in legend
+    cot = plot_sweep(rows, str(tmp_path / "cot.png"), "cot").axes[0].get_title()
+    assert "chain of thought" in cot and "letter" not in cot
+
+
+def test_alpha_plots_say_what_was_run(tmp_path):
+    """α 轨迹：每个融合臂一条线，包括采样链（虚线、图例标明 sampled）；直方图的总标题写明打分方式。"""
+    traces = {"steered": [1.0, 1.5, 1.2], "steered/sample0": [1.1, 1.4], "steered/sample1": [1.3]}
+    fig = plot_alpha_trace(traces, str(tmp_path / "trace.png"), 7)
+    ax = fig.axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["steered", "steered/sample0 (sampled)", "steered/sample1 (sampled)"]
+    assert [line.get_linestyle() for line in ax.get_lines()] == ["-", "--", "--"]
+    assert "question index 7" in ax.get_title() and "sampled" in ax.get_title()
+    greedy = plot_alpha_trace({"steered": [1.0, 1.5]}, str(tmp_path / "t2.png"), 3).axes[0].get_title()
+    assert "greedy chain of thought" in greedy
+    hist = plot_alpha_histogram({"adaptive": {"steered": np.array([1.0, 1.2, 1.9])}}, str(tmp_path / "h.png"),
+                                "per question (answer position)", "letter")
+    assert "letter scoring" in hist.get_suptitle() and "per question" in hist.get_suptitle()
 
 
 def test_letter_records_store_the_logits_the_prediction_used(scores):

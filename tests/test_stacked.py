@@ -117,19 +117,19 @@ def test_stacking_shares_storage_and_is_done_once() -> None:
 def test_check_stackable_reasons() -> None:
     a, b = tiny_llama(40), tiny_llama(41)
     assert check_stackable([a, b]) is None
-    assert "两次" in check_stackable([a, a])
+    assert "twice" in check_stackable([a, a])
     assert "num_key_value_heads" in check_stackable([a, tied_llama(42)])
-    assert "精度" in check_stackable([a, tiny_llama(43).to(torch.float64)])
+    assert "dtype" in check_stackable([a, tiny_llama(43).to(torch.float64)])
     q = tiny_llama(44)
     q.hf_quantizer = object()  # transformers 给量化模型设置的属性
-    assert "量化" in check_stackable([a, q])
+    assert "quantized" in check_stackable([a, q])
     biased = tiny_llama(45)
     biased.config.attention_bias = True
-    assert "偏置" in check_stackable([a, biased])
+    assert "biases" in check_stackable([a, biased])
     spread = tiny_llama(46)
     spread.hf_device_map = {"model.layers.0": 0, "model.layers.1": "cpu"}  # accelerate 分散加载时设置的属性
-    assert "多个设备" in check_stackable([a, spread])
-    with pytest.raises(ValueError, match="不能把这些模型叠成一次前向"):
+    assert "several devices" in check_stackable([a, spread])
+    with pytest.raises(ValueError, match="cannot be stacked into one forward"):
         StackedLlama([a, a])
 
 
@@ -148,11 +148,11 @@ def test_resolve_stack_rules(trio: list[LlamaForCausalLM]) -> None:
                          device_type="cuda") == "pair"
     assert resolve_stack("auto", [quantized], steering=None, compile=True, device_type="cuda") == "off"
     assert resolve_stack("all", trio[:1], steering=None, compile=False, device_type="cpu") == "all"
-    with pytest.raises(ValueError, match="只用于引导"):
+    with pytest.raises(ValueError, match="only for steered"):
         resolve_stack("pair", trio[:1], steering=None, compile=False, device_type="cpu")
-    with pytest.raises(ValueError, match="做不到"):
+    with pytest.raises(ValueError, match="is not possible"):
         resolve_stack("pair", [trio[0], trio[1], trio[1]], steering=STEER, compile=False, device_type="cpu")
-    with pytest.raises(ValueError, match="做不到"):
+    with pytest.raises(ValueError, match="is not possible"):
         resolve_stack("target", [quantized], steering=None, compile=False, device_type="cpu")
     with pytest.raises(ValueError, match="auto / off / pair / target / all"):
         resolve_stack("yes", trio, steering=STEER, compile=False, device_type="cpu")
@@ -278,16 +278,16 @@ def test_triton_attention_refuses_bad_shapes(interpreted_triton: None) -> None:
     """形状不符、head_dim 不是 ≥ 16 的 2 的幂、最后一维不连续：在算之前报错并说明怎么办。"""
     q, k = torch.randn(2, 2, 4, 16), torch.randn(2, 2, 32, 16)
     mask, slot = torch.ones(2, 32, dtype=torch.long), torch.tensor([5])
-    with pytest.raises(ValueError, match="K/V 形状"):
+    with pytest.raises(ValueError, match="K/V shapes"):
         triton_decode_attention(q, k, torch.randn(2, 2, 31, 16), mask, slot, 0.25)
-    with pytest.raises(ValueError, match="mask 应为"):
+    with pytest.raises(ValueError, match="mask must be"):
         triton_decode_attention(q, k, k, mask[:, :30], slot, 0.25)
     odd_q, odd_k = torch.randn(2, 2, 4, 24), torch.randn(2, 2, 32, 24)
-    with pytest.raises(ValueError, match="head_dim 为 ≥ 16 的 2 的幂"):
+    with pytest.raises(ValueError, match="head_dim a power of 2 >= 16"):
         triton_decode_attention(odd_q, odd_k, odd_k, mask, slot, 0.25)
-    with pytest.raises(ValueError, match="最后一维连续"):
+    with pytest.raises(ValueError, match="contiguous last dimension"):
         triton_decode_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), k, mask, slot, 0.25)
-    with pytest.raises(ValueError, match="不支持 head_dim=24"):
+    with pytest.raises(ValueError, match="head_dim=24 is not supported"):
         StackedLlama([odd_llama()], attention="triton")
 
 
@@ -316,17 +316,17 @@ def test_resolve_attention_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_attention("auto", head_dims=[], device_type="cuda") == "sdpa"
     assert resolve_attention("sdpa", head_dims=[64], device_type="cuda") == "sdpa"
     assert resolve_attention("triton", head_dims=[64], device_type="cpu") == "triton"
-    with pytest.raises(ValueError, match="只用于叠加前向"):
+    with pytest.raises(ValueError, match="only for stacked forwards"):
         resolve_attention("triton", head_dims=[], device_type="cuda")
     with pytest.raises(ValueError, match="auto / sdpa / triton"):
         resolve_attention("flash", head_dims=[64], device_type="cuda")
     assert resolve_attention("auto", device_type="cuda", head_dims=[64, 128]) == "triton"
     assert resolve_attention("auto", device_type="cuda", head_dims=[128, 80]) == "sdpa"
-    with pytest.raises(ValueError, match="不支持 head_dim"):
+    with pytest.raises(ValueError, match="is not supported"):
         resolve_attention("triton", device_type="cuda", head_dims=[80])
     monkeypatch.setattr("fast.attention.triton_available", lambda: False)
     assert resolve_attention("auto", head_dims=[64], device_type="cuda") == "sdpa"
-    with pytest.raises(ValueError, match="需要 triton"):
+    with pytest.raises(ValueError, match="needs the triton package"):
         resolve_attention("triton", head_dims=[64], device_type="cuda")
 
 
