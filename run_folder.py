@@ -174,8 +174,14 @@ def log_timing(run_dir: str, entry: dict[str, Any]) -> None:
 
 
 def read_timing(run_dir: str) -> list[dict[str, Any]]:
-    """读 timing.jsonl（没有则为空）；写了一半的行忽略。"""
-    path = os.path.join(run_dir, TIMING_FILE)
+    """读 timing.jsonl（没有则为空）；写了一半的行忽略，缺字段的行也忽略。"""
+    rows = _read_jsonl_lenient(os.path.join(run_dir, TIMING_FILE))
+    return [r for r in rows if isinstance(r, dict) and {"mode", "rank", "seconds", "decoded_tokens"} <= set(r)]
+
+
+def _read_jsonl_lenient(path: str) -> list[Any]:
+    """宽松地读一个 JSONL（events / timing）：文件不存在为空；被杀时写了一半的行（解析不了）直接忽略——
+    这两个文件只用于计数、计时与排查，不影响结果。"""
     if not os.path.isfile(path):
         return []
     rows = []
@@ -183,20 +189,12 @@ def read_timing(run_dir: str) -> list[dict[str, Any]]:
         for line in f:
             with contextlib.suppress(ValueError):
                 rows.append(json.loads(line))
-    return [r for r in rows if isinstance(r, dict) and {"mode", "rank", "seconds", "decoded_tokens"} <= set(r)]
+    return rows
 
 
 def read_events(run_dir: str) -> list[dict[str, Any]]:
-    """读 events.jsonl；被杀时写了一半的行（解析不了）直接忽略——事件只用于计数与排查，不影响结果。"""
-    path = os.path.join(run_dir, EVENTS_FILE)
-    if not os.path.isfile(path):
-        return []
-    events = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
-                events.append(json.loads(line))
-    return events
+    """读 events.jsonl（写了一半的行忽略，见 _read_jsonl_lenient）。"""
+    return _read_jsonl_lenient(os.path.join(run_dir, EVENTS_FILE))
 
 
 def read_records(path: str, modes: Sequence[str], indices: set[int],

@@ -19,11 +19,11 @@ PAD = 0
 PROMPTS = [[5, 17, 23, 9, 41, 7, 3], [11, 2, 60], [33, 34, 35, 36, 37]]
 
 
-def tiny_llama(seed: int, vocab: int = VOCAB) -> LlamaForCausalLM:
+def tiny_llama(seed: int, vocab: int = VOCAB, max_positions: int = 256) -> LlamaForCausalLM:
     """2 层、hidden 64 的随机 Llama（GQA：4 个头、2 个 KV 头）；lm_head ×40 使 argmax 无近似平局。"""
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                       tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():

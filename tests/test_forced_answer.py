@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import main
 import scoring
@@ -29,6 +29,7 @@ from run_folder import read_records
 from sampling import Sampling
 from scoring import ForcedAnswer, forced_answer_ids, record_problem
 from steering_utils import SteeringParams, compute_steered_logits, schedule_alpha
+from test_evaluator import tiny_llama
 
 VOCAB = 96
 PAD = 0
@@ -38,16 +39,6 @@ ROLES = ("target", "expert", "base")
 STEPS = 6
 
 
-def tiny_llama(seed: int) -> LlamaForCausalLM:
-    """2 层、hidden 64 的随机 Llama；lm_head ×40 使 argmax 没有近似平局（与 test_evaluator 相同）。"""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40.0)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import main
 from config import Config, ConfigError, parse_args
@@ -22,24 +22,20 @@ from sampling import Sampling
 from speculative import SpecResult, Speculation, acceptance_summary, generate_speculative
 from stats import arm_metrics, speculation_summary
 from steering_utils import SteeringParams
+from test_evaluator import tiny_llama as _tiny_llama
 
 VOCAB = 96
+
+
+def tiny_llama(seed: int, vocab: int = VOCAB) -> LlamaForCausalLM:
+    """test_evaluator 的小 Llama，位置上限放宽到 1024：投机解码每轮都追加 K+1 个缓存位置。"""
+    return _tiny_llama(seed, vocab, max_positions=1024)
 PAD = 0
 PROMPTS = [[5, 17, 23, 9, 41, 7, 3], [11, 2, 60], [33, 34, 35, 36, 37], [8, 9], [12, 13, 14]]
 STEER = SteeringParams(base_alpha=1.0, adaptive_scale=10.0, max_boost=1.0, metric="js")
 SPEC_KEYS = ("drafted", "accepted", "verify_steps")
 
 
-def tiny_llama(seed: int, vocab: int = VOCAB) -> LlamaForCausalLM:
-    """2 层、hidden 64 的随机 Llama；lm_head ×40 让 argmax 没有近似平局。"""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40.0)
-    return model
 
 
 class FakeTokenizer:
