@@ -33,8 +33,8 @@ import torch
 from config import FORCED_ANSWER_CUE, LETTERS, ROLES, Config, ConfigError, parse_args
 from data_loader import DataError, Question, encode_prompts, format_prompt, load_questions
 from evaluator import RunError, arm_timing, run_arm, score_letters_shard
-from model_loader import (ModelLoadError, end_token_ids, load_models, load_tokenizer, local_path, resolve_device,
-                          resolve_source)
+from model_loader import (ModelLoadError, context_limit, end_token_ids, load_models, load_tokenizer, local_path,
+                          resolve_device, resolve_source)
 from reporting import arm_tables, make_plots, print_report, write_sweep
 from run_folder import (CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, Dist, Interrupted, _fsync_dir, append_jsonl,
                         consolidate, environment, init_dist, log_event, log_timing, open_run_dir, questions_sha256,
@@ -196,8 +196,33 @@ def pick_device(cfg: Config, dist: Dist) -> torch.device:
     return device
 
 
-def load_roles(cfg: Config, dist: Dist) -> Loaded:
-    """分词器与模型。便宜的检查（来源写法、字母 token）都排在加载任何模型之前。"""
+def check_context(cfg: Config, data: Data, tokenizer: Any, forced: ForcedAnswer | None) -> None:
+    """上下文上界，在加载任何权重之前：每个角色最长的提示 + --max-new-tokens（CoT；第二阶段再加 cue 的长度）
+    不能超过该角色模型配置里的 max_position_embeddings——否则解码到一半才会出错（或悄悄退化），
+    --max-new-tokens 1000000000 这类值则会在分配缓存时耗尽内存。只读模型配置，不读权重。"""
+    prompts = cfg.role_system_prompts
+    extra = cfg.max_new_tokens + (len(forced.cue_ids) if forced is not None else 0) if cfg.scoring == "cot" else 1
+    for role in cfg.model_roles:
+        limit = context_limit(getattr(cfg, role))
+        if limit is None:
+            continue
+        if cfg.scoring == "cot":
+            texts = [format_prompt(q, tokenizer, prompts[role]) for q in data.questions]
+            lengths = [len(ids) for ids in encode_prompts(texts, tokenizer)]
+        else:
+            lengths = [len(tokenizer.encode(letter_role_text(q, cfg, role))) for q in data.questions]
+        j = max(range(len(lengths)), key=lengths.__getitem__)
+        if lengths[j] + extra > limit:
+            raise ConfigError(
+                f"question {data.questions[j].index}: its {role} prompt has {lengths[j]} tokens, and with "
+                f"{extra} more (--max-new-tokens{' plus the stage-2 cue' if forced is not None and cfg.scoring == 'cot' else ''})"
+                f" it exceeds the {role} model's context of {limit} tokens ({getattr(cfg, role)}). "
+                f"Lower --max-new-tokens to at most {max(0, limit - lengths[j] - (extra - cfg.max_new_tokens))}"
+                " or leave out the longest questions.")
+
+
+def load_roles(cfg: Config, dist: Dist, data: Data) -> Loaded:
+    """分词器与模型。便宜的检查（来源写法、字母 token、上下文上界）都排在加载任何模型之前。"""
     roles_needed = cfg.model_roles
     for role in roles_needed:
         resolve_source(getattr(cfg, role))
@@ -222,6 +247,7 @@ def load_roles(cfg: Config, dist: Dist) -> Loaded:
         except ValueError as exc:
             raise ModelLoadError(f"stage 2 of answer extraction cannot be used: {exc}. "
                                  "Run with --no-forced-answer to read answers from the text only.") from None
+    check_context(cfg, data, tokenizer, forced)
     models, vocab_size = load_models(cfg, tokenizer, device)
     prompts = cfg.role_system_prompts
     if "steered" in cfg.modes and cfg.expert == cfg.base and prompts["expert"] == prompts["base"] and dist.main:
@@ -389,7 +415,7 @@ def run(cfg: Config, run_dir: str, stored: dict[str, Any] | None = None, dist: D
     arms = plan_arms(cfg)
     names = [a.name for a in arms]
     existing = resume_records(cfg, run_dir, stored, data, names, dist)
-    loaded = load_roles(cfg, dist)
+    loaded = load_roles(cfg, dist, data)
     record_start(cfg, run_dir, stored, data, loaded, names, existing, dist)
     if cfg.scoring == "letter":
         records, timing = score_by_letters(cfg, run_dir, arms, data, loaded, dist)

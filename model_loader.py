@@ -348,3 +348,13 @@ def model_config_summary(spec: str) -> dict[str, Any]:
     keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "_name_or_path")
     return {"spec": spec, "resolved": path, **{k: getattr(c, k, None) for k in keys}}
+
+
+def context_limit(spec: str) -> int | None:
+    """模型的上下文上界（配置里的 max_position_embeddings）；只读配置、不加载权重。没有这个字段时为 None（不检查）。"""
+    try:
+        c = AutoConfig.from_pretrained(local_path(spec))
+    except Exception as exc:  # noqa: BLE001 —— 与 load_model 同一套解释：缺许可、拼错的 id、没有网络……
+        raise explain_load_error(exc, "model", spec) from None
+    limit = getattr(c, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None

@@ -363,3 +363,24 @@ def test_baseline_only_run(tmp_path: Path, smol_path: str, capsys: pytest.Captur
     assert set(cfg["models"]) == {"target"} and cfg["config"]["modes"] == ["baseline"]
     assert "Δ accuracy" not in captured.out and "McNemar" not in captured.out
     assert "baseline" in captured.out and "steered" not in captured.out.replace("steered − baseline", "")
+
+
+@pytest.mark.parametrize("scoring_args", [(), ("--no-forced-answer",)])
+def test_context_bound_is_refused_before_any_weights_load(monkeypatch: pytest.MonkeyPatch, smol_path: str,
+                                                          tmp_path: Any, capsys: pytest.CaptureFixture[str],
+                                                          scoring_args: tuple[str, ...]) -> None:
+    """提示 + --max-new-tokens 超过模型配置的上下文（SmolLM2：8192）：在加载任何权重之前以退出码 2 拒绝，
+    消息写明题号、角色、长度与可用的 --max-new-tokens 上限；10 亿这类值也在这里被挡住，不会去分配缓存。"""
+    def must_not_load(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("weights must not load when the context bound is exceeded")
+
+    monkeypatch.setattr(main, "load_models", must_not_load)
+    for new in ("9000", "1000000000"):
+        code = main.main(["--demo", "--limit", "2", "--max-new-tokens", new,
+                          "--output-dir", str(tmp_path / f"run{new}"), *scoring_args])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert "exceeds the target model's context of 8192 tokens" in err
+        assert "Lower --max-new-tokens to at most" in err
+        bound = int(err.split("Lower --max-new-tokens to at most ")[1].split()[0])
+        assert 7000 < bound < 8192
