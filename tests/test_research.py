@@ -22,7 +22,6 @@ import torch
 
 import config
 import main
-import scoring
 import stats
 from config import ConfigError, parse_config
 from evaluator import generate_batch
@@ -245,9 +244,6 @@ def test_letter_sweep_run_folder(tmp_path: Path, smol_path: str) -> None:
         _check_png(out / name)
 
 
-def test_letter_prompt_matches_lm_eval_format() -> None:
-    q = type("Q", (), {"question": "  Which vitamin?  ", "options": {"A": "B1", "B": "B12", "C": "C", "D": "D"}})()
-    assert scoring.letter_prompt(q) == "Question: Which vitamin?\nA. B1\nB. B12\nC. C\nD. D\nAnswer:"
 
 
 def test_cot_sweep_with_votes_run_folder(tmp_path: Path, smol_path: str) -> None:
