@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Collection, Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from config import ROLES
 from sampling import Sampling, pick_tokens
 from scoring import (ForcedAnswer, LetterScores, Record, forced_predictions, forced_row_ids, make_record,
                      with_forced)
@@ -333,7 +334,7 @@ def run_arm(
     from tqdm.auto import tqdm
 
     roles = tuple(roles) if roles is not None else (
-        ("target",) if mode == "baseline" else ("target", "expert", "base"))
+        ("target",) if mode == "baseline" else ROLES)
     if len(roles) not in (1, 3):
         raise ValueError(f"roles={roles!r}: a single-model arm takes one role, a steered arm takes (target, expert, base)")
     steer = steering if len(roles) == 3 else None

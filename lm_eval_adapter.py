@@ -35,23 +35,21 @@ except ImportError as exc:  # 只有用到 lm-eval 的入口才会走到这里
                       "(pinned in requirements.txt); the rest of the tool works without it.") from exc
 
 # --- 项目内的名字：集中在这一处，代码重组时只改这里 ---------------------------------------------
-from config import Config, parse_args
+from config import ROLES, Config, parse_args
 from evaluator import generate_batch, left_pad
 from sampling import Sampling
 from steering_utils import SteeringParams, fuse_step, steering_params
+from scoring import role_prefix
 from model_loader import end_token_ids, load_models, load_tokenizer, resolve_device
 
 MODEL_NAME: str = "domain-steered"  # lm-eval 注册名（别名 "steered-llama"）
-ROLES: tuple[str, ...] = ("target", "expert", "base")
 DEFAULT_MAX_LENGTH: int = 2048  # 模型配置里没有 max_position_embeddings 时的上下文上限（与 lm-eval 的 HFLM 相同）
 FUSE_CHUNK: int = 512  # 一次融合多少个位置：滚动窗口可达上千个位置 × 12.8 万词表，分块避免一次占满内存
 
 
 def role_prefixes(cfg: Config) -> dict[str, str]:
-    """每个角色放在上下文前的纯文本前缀（与 scoring.letter_role_text 相同的规则）：目标为空；专家/基座只在
-    另设了系统提示时为 "提示.strip()\\n\\n"——回落到目标的系统提示（CoT 指令）时不加，它不适用于直接打分。"""
-    custom = {"expert": cfg.expert_system_prompt, "base": cfg.base_system_prompt}
-    return {role: (custom[role].strip() + "\n\n" if custom.get(role) else "") for role in ROLES}
+    """每个角色放在上下文前的纯文本前缀：与字母打分同一条规则（scoring.role_prefix）。"""
+    return {role: role_prefix(cfg, role) for role in ROLES}
 
 
 def fused_log_probs(z: Sequence[torch.Tensor], steering: SteeringParams | None) -> torch.Tensor:

@@ -15,7 +15,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -106,10 +106,22 @@ def materialize_gguf(folder: str, gguf_file: str, cache_root: str = GGUF_CACHE_D
     clean.load_state_dict(gguf_model.state_dict(), assign=True)
     clean.tie_weights()
     clean.generation_config = gguf_model.generation_config
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(target))
-    try:
+
+    def save(tmp: str) -> None:
         clean.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+    return publish_dir(target, save)
+
+
+def publish_dir(target: str, build: Callable[[str], None]) -> str:
+    """原子地发布一个缓存目录：build 写进同一父目录下的临时目录，写完再 os.replace 成 target。
+    被中途杀死或写失败（例如磁盘满）都不会留下半个缓存；另一进程已先发布同一目录时保留它的结果。
+    异常原样抛给调用者。返回 target。"""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(target))
+    try:
+        build(tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # 另一进程已先完成同一转换：保留它的结果

@@ -266,13 +266,20 @@ def merge_letter_scores(parts: Sequence[tuple[list[int], LetterScores]], n: int,
     return LetterScores(letters=letters, distance=dist_all)
 
 
+def role_prefix(cfg: Config, role: str) -> str:
+    """直接打分（字母打分、lm-eval 的 loglikelihood）时某个角色放在提示前的纯文本前缀——这条规则只在这里写一次。
+    目标为空；专家/基座只在另设了系统提示（EXPERT_SYSTEM_PROMPT / BASE_SYSTEM_PROMPT，例如 --demo）时为
+    "提示.strip()\n\n"。回落到目标的系统提示（CoT 指令）时不加：它要求写出 "The answer is X"，不适用于直接打分。"""
+    custom = {"expert": cfg.expert_system_prompt, "base": cfg.base_system_prompt}.get(role)
+    return custom.strip() + "\n\n" if custom else ""
+
+
 def letter_role_text(question: Question, cfg: Config, role: str) -> str:
     """字母打分时某个角色看到的文本：lm-eval medqa_4options 的提示；专家/基座若另设了系统提示
     （EXPERT_SYSTEM_PROMPT / BASE_SYSTEM_PROMPT，例如 --demo 用同一个小模型扮演两者时），把它作为纯文本前缀。
     目标的系统提示是 CoT 指令（“最后写 The answer is X”），不适用于直接打分，所以目标只看 lm-eval 的提示，
     其准确率因此能与 lm-eval 的结果直接对照。"""
-    custom = {"expert": cfg.expert_system_prompt, "base": cfg.base_system_prompt}.get(role)
-    return (custom.strip() + "\n\n" if custom else "") + letter_prompt(question)
+    return role_prefix(cfg, role) + letter_prompt(question)
 
 
 def letter_records(arms: Sequence[ArmSpec], scores: LetterScores, questions: Sequence[Any]) -> list[Record]:

@@ -25,17 +25,17 @@ import importlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from model_loader import GGUF_CACHE_DIR, publish_dir
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 TEMPLATE_PATH = ASSETS / "llama31_chat_template.jinja"
-CACHE_ROOT = os.environ.get("DOMAIN_STEERING_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "domain-steering"))
+CACHE_ROOT = GGUF_CACHE_DIR  # 项目的缓存根目录（$DOMAIN_STEERING_CACHE 或 ~/.cache/domain-steering），只在 model_loader 定义
 CACHE_FORMAT = "1"  # 改变构造方式时递增：旧缓存自动作废
 
 VOCAB_SIZE = 128256
@@ -147,17 +147,7 @@ def llama3_tokenizer_dir() -> str:
     target = _cache_dir()
     if os.path.isfile(os.path.join(target, "tokenizer.json")):
         return target
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(target))
-    try:
-        _build(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # 另一进程已先完成同一转换：保留它的结果
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # 成功改名后 tmp 已不存在；失败时不留下半个缓存
-    return target
+    return publish_dir(target, _build)  # 与 GGUF 转换缓存同一个原子发布（model_loader.publish_dir）
 
 
 @functools.lru_cache(maxsize=None)
