@@ -657,15 +657,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['mode']:<9}{r['batch']:>6}{r['speculate']:>3} {r['draft']:<7}{r['drafted']:>9}{r['accepted']:>9}"
                   f"{acc:>8}{r['tokens_per_verify']:>11.2f}{str(r['identical']):>10}{r['plain_s']:>9.2f}"
                   f"{r['speculative_s']:>9.2f}")
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=1)
-        print(json.dumps(report))
-        return 0
+        return finish(report, args.out)
     if args.check:
         report["check"] = check(args, compile_step)
-        print(json.dumps(report))
-        return 0
+        return finish(report, args.out)
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     if not args.check and not args.profile:
@@ -679,8 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         models = [random_model(k, args.preset, dtype, args.device, s) for k, s in (("8b", 0), ("1b", 1), ("1b", 2))]
     if args.profile:
         report["profile"] = profile(models, args.profile, args, compile_step)
-        print(json.dumps(report))
-        return 0
+        return finish(report, args.out)
     rows: list[dict[str, Any]] = []
     requested = [b for b in args.batches.split(",") if b]
     sizes = [int(b) for b in requested if b != "max"]
@@ -747,8 +741,14 @@ def main(argv: list[str] | None = None) -> int:
               f"at {q['target_of_floor']:.0%} / {q['steered_of_floor']:.0%} of the floor time")
     for line in report["full_run_estimate"]:
         print("full MedQA, both arms, 512 new tokens:", line)
-    if args.out:
-        with open(args.out, "w") as f:
+    return finish(report, args.out)
+
+
+def finish(report: dict[str, Any], out: str | None) -> int:
+    """打印整份 JSON 报告；给了 --out 就也写进文件。每种模式（测速、--check、--profile、--speculate）都经这里收尾，
+    以免某种模式悄悄忽略 --out（--check 曾经如此）。"""
+    if out:
+        with open(out, "w") as f:
             json.dump(report, f, indent=1)
     print(json.dumps(report))
     return 0

@@ -22,10 +22,13 @@ def test_tiny_benchmark_runs_both_paths_and_modes(capsys):
     assert report["env"]["torch"] and report["full_run_estimate"]
 
 
-def test_tiny_check_fast_equals_eager_in_float32(capsys):
-    """--check：fp32 下快速路径与慢速循环逐 token 相同（真实形状的同一检查在 GPU 上运行，见 BENCHMARKS.md）。"""
-    assert bench.main(["--preset", "tiny", "--device", "cpu", "--check"]) == 0
+def test_tiny_check_fast_equals_eager_in_float32(capsys, tmp_path):
+    """--check：fp32 下快速路径与慢速循环逐 token 相同（真实形状的同一检查在 GPU 上运行，见 BENCHMARKS.md）；
+    --out 写出的文件与打印的报告相同（--check 曾经忽略 --out）。"""
+    out = tmp_path / "check.json"
+    assert bench.main(["--preset", "tiny", "--device", "cpu", "--check", "--out", str(out)]) == 0
     check = last_json(capsys)["check"]
+    assert json.loads(out.read_text())["check"] == check
     for key in ("float32:target", "float32:steered"):
         assert check[key]["identical_rows"] == "4/4" and check[key]["agreement"] == 1.0
     assert 0.0 <= check["bfloat16:steered"]["agreement"] <= 1.0
