@@ -275,6 +275,34 @@ def batch_plan(target_prompts: Sequence[Sequence[int]], batch_size: int) -> list
     return [order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)]
 
 
+def kv_cache_bytes(config: Any, batch: int, length: int, dtype: torch.dtype) -> int:
+    """一个模型的 KV 缓存字节数（纯函数，只读模型配置）：层数 × 2（K 与 V）× batch × KV 头数 × length × head_dim × 元素字节。
+
+    与真实的缓存对象逐字节相同（tests/test_memory_bounds.py 核对）：参考循环的 DynamicCache 每层 K、V 各是
+    (B, H_kv, 已处理长度, D)；FastDecoder 的 StaticCache 每层各是 (B, H_kv, cache_len, D)，StackedLlama 把 M 个模型的
+    缓存叠成 (M·B, H_kv, cache_len, D)——字节数相同。缓存的精度就是模型的计算精度（4-bit 时为 bf16）。
+    """
+    heads = getattr(config, "num_attention_heads")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return int(config.num_hidden_layers) * 2 * batch * int(kv_heads) * length * int(head_dim) * \
+        torch.empty((), dtype=dtype).element_size()
+
+
+def cache_length(longest: int, max_new_tokens: int, *, fast: bool, speculate: int = 0) -> int:
+    """一个臂的每行 KV 缓存槽位数（run_arm 分配的，以及内存估计用的同一规则）。longest = 该臂各角色最长的提示。
+
+    快速路径：FastDecoder 按 length_bucket(longest + max_new_tokens) 一次分配静态缓存（所有批同一形状）；
+    参考循环：DynamicCache 逐步增长，最多 longest + max_new_tokens 个槽位（最后一个 token 不再喂入，实际少 1）；
+    投机循环（speculate = K > 0）：每轮追加 K+1 列、至少产出 1 个 token，最坏 longest + (K+1)·max_new_tokens。
+    """
+    if fast:
+        from fast.decoder import length_bucket  # 快速引擎只在需要时导入
+
+        return length_bucket(longest + max_new_tokens)
+    return longest + (speculate + 1) * max_new_tokens
+
+
 def _free_memory(compiled: bool) -> None:
     """显存不足之后：回收 Python 端的引用，再把 PyTorch 缓存分配器里空闲的块还给 CUDA，给减半后的批腾地方。
 
@@ -374,11 +402,11 @@ def run_arm(
     def make_decoder(n: int) -> "FastDecoder | None":
         if not fast:
             return None
-        from fast.decoder import FastDecoder, length_bucket  # 快速引擎只在快速路径上导入
+        from fast.decoder import FastDecoder  # 快速引擎只在快速路径上导入
 
         return FastDecoder([models[r] for r in roles], vocab_size=vocab_size, end_ids=end_ids,
                            pad_id=tokenizer.pad_token_id, batch_size=n, steering=steer, compile=compile,
-                           cache_len=length_bucket(longest + max_new_tokens), sampling=sampling)
+                           cache_len=cache_length(longest, max_new_tokens, fast=True), sampling=sampling)
 
     def decode(chunk: list[int], decoder: "FastDecoder | None") -> BatchResult:
         prompts = [[role_prompts[r][j] for j in chunk] for r in roles]
