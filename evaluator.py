@@ -26,7 +26,7 @@ from config import ROLES
 from sampling import Sampling, pick_tokens
 from scoring import (ForcedAnswer, LetterScores, Record, forced_predictions, forced_row_ids, make_record,
                      with_forced)
-from steering_utils import SteeringParams, distance, fuse_step
+from steering_utils import SteeringParams, distance, fuse_step, stop_nonfinite_target
 
 if TYPE_CHECKING:
     from fast.decoder import FastDecoder
@@ -102,13 +102,15 @@ class BatchResult:
 
     alpha[i]：第 i 行在其被引导的每一步上的 α 值（只在引导模式下有；守卫触发、退回目标 logits 的步不计入）；
     steps：实际执行的解码步数；nonfinite[i]：第 i 行有多少个活跃步的融合 logits 非有限（NaN/+inf/整行 −inf），
-    这些步改用目标模型的 logits（只在引导模式下有）。
+    这些步改用目标模型的 logits（只在引导模式下有）；target_stops[i]：第 i 行是否因 *目标* logits 非有限而在某步
+    干净地停止（1 = 是，0 = 否；所有臂都有，见 steering_utils.stop_nonfinite_target）——停止的那一步不输出 token。
     """
 
     tokens: list[list[int]]
     alpha: list[list[float]] | None
     steps: int
     nonfinite: list[int] | None = None
+    target_stops: list[int] | None = None
 
 
 def left_pad(batch: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +148,7 @@ def generate_batch(
             （模型多出的填充行永远不会被选中）；
       引导时经 fuse_step：α 按调度（默认 adaptive），z = z_t + α·(z_e − z_b)，可选可信度约束；否则 z = z_t；
       引导时再经 guard_nonfinite：z 的某行出现 NaN/+inf（或整行 −inf）时该行本步改用 z_t，并计数；
+      所有臂再经 stop_nonfinite_target：z_t 本身的某行非有限时该行在本步停止（不输出这一步的 token，记入 target_stops）；
       next = argmax(z) (B,)（sampling 给出时按温度/top-p 抽样，随机数由 question_ids[i] 与步数决定），
       已结束的行改喂 pad_id 且不再记录；
       同一个 next 喂给所有模型（专家和基座“跟随”目标的实际生成）。
@@ -176,35 +179,45 @@ def generate_batch(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     alphas: list[torch.Tensor] = []  # 每步 (B,)
     nonfinite = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)：每行守卫触发的活跃步数
+    stopped = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)：因目标 logits 非有限而停止的行
+    emitted = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)：每行真正输出的 token 数
     steps = 0
     for step in range(max_new_tokens):
-        if steering is None:
-            fused = logits[0]
-        else:
+        fused = logits[0]
+        if steering is not None:
             fused, alpha, bad = fuse_step(logits[0], logits[1], logits[2], steering)
-            nonfinite += bad & ~finished
-            # nan = 该行已结束或本步退回了目标 logits（没有被引导），都不计入 α 统计
-            alphas.append(alpha.masked_fill(finished | bad, float("nan")))
-        nxt = pick_tokens(fused, sampling, qids, step).masked_fill(finished, pad_id)  # (B,)
+        fused, stop = stop_nonfinite_target(logits[0], fused)
+        stop = stop & ~finished
+        if steering is not None:
+            nonfinite += bad & ~finished & ~stop
+            # nan = 该行已结束、本步停止，或本步退回了目标 logits（没有被引导），都不计入 α 统计
+            alphas.append(alpha.masked_fill(finished | bad | stop, float("nan")))
+        nxt = pick_tokens(fused, sampling, qids, step).masked_fill(finished | stop, pad_id)  # (B,)
         out[:, step] = nxt
         steps = step + 1
+        live = ~(finished | stop)
+        emitted += live
+        stopped |= stop
         if on_step is not None:
-            on_step(steps, int((~finished).sum()))
-        finished = finished | torch.isin(nxt, ends)
+            on_step(steps, int(live.sum()))
+        finished = finished | stop | torch.isin(nxt, ends)
         # 每步一次主机同步：参考路径优先简单可读；快速路径见 issue #3。
         if bool(finished.all()) or steps == max_new_tokens:
             break
         logits = [a.decode(nxt[:, None].to(a.device))[:, :vocab_size].to(device) for a in adapters]
 
-    return BatchResult(tokens=_trim(out[:, :steps].tolist(), set(end_ids)),
+    return BatchResult(tokens=_trim(out[:, :steps].tolist(), set(end_ids), emitted.tolist()),
                        alpha=_alpha_rows(alphas) if steering is not None else None, steps=steps,
-                       nonfinite=nonfinite.tolist() if steering is not None else None)
+                       nonfinite=nonfinite.tolist() if steering is not None else None,
+                       target_stops=stopped.long().tolist())
 
 
-def _trim(rows: list[list[int]], end_ids: set[int]) -> list[list[int]]:
-    """每行截到第一个结束记号（含）为止：结束之后的填充不属于输出。"""
+def _trim(rows: list[list[int]], end_ids: set[int], lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """每行截到第一个结束记号（含）为止：结束之后的填充不属于输出。lengths[i] 给出时先截到前 lengths[i] 个
+    （每行真正输出的 token 数：因目标 logits 非有限而停止的行，停止那一步及之后写的是 pad，不属于输出）。"""
     trimmed = []
-    for row in rows:
+    for i, row in enumerate(rows):
+        row = row[:lengths[i]] if lengths is not None else row
         cut = next((j + 1 for j, t in enumerate(row) if t in end_ids), len(row))
         trimmed.append(row[:cut])
     return trimmed
@@ -260,6 +273,34 @@ def batch_plan(target_prompts: Sequence[Sequence[int]], batch_size: int) -> list
     """
     order = sorted(range(len(target_prompts)), key=lambda j: (-len(target_prompts[j]), j))
     return [order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)]
+
+
+def kv_cache_bytes(config: Any, batch: int, length: int, dtype: torch.dtype) -> int:
+    """一个模型的 KV 缓存字节数（纯函数，只读模型配置）：层数 × 2（K 与 V）× batch × KV 头数 × length × head_dim × 元素字节。
+
+    与真实的缓存对象逐字节相同（tests/test_memory_bounds.py 核对）：参考循环的 DynamicCache 每层 K、V 各是
+    (B, H_kv, 已处理长度, D)；FastDecoder 的 StaticCache 每层各是 (B, H_kv, cache_len, D)，StackedLlama 把 M 个模型的
+    缓存叠成 (M·B, H_kv, cache_len, D)——字节数相同。缓存的精度就是模型的计算精度（4-bit 时为 bf16）。
+    """
+    heads = getattr(config, "num_attention_heads")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return int(config.num_hidden_layers) * 2 * batch * int(kv_heads) * length * int(head_dim) * \
+        torch.empty((), dtype=dtype).element_size()
+
+
+def cache_length(longest: int, max_new_tokens: int, *, fast: bool, speculate: int = 0) -> int:
+    """一个臂的每行 KV 缓存槽位数（run_arm 分配的，以及内存估计用的同一规则）。longest = 该臂各角色最长的提示。
+
+    快速路径：FastDecoder 按 length_bucket(longest + max_new_tokens) 一次分配静态缓存（所有批同一形状）；
+    参考循环：DynamicCache 逐步增长，最多 longest + max_new_tokens 个槽位（最后一个 token 不再喂入，实际少 1）；
+    投机循环（speculate = K > 0）：每轮追加 K+1 列、至少产出 1 个 token，最坏 longest + (K+1)·max_new_tokens。
+    """
+    if fast:
+        from fast.decoder import length_bucket  # 快速引擎只在需要时导入
+
+        return length_bucket(longest + max_new_tokens)
+    return longest + (speculate + 1) * max_new_tokens
 
 
 def _free_memory(compiled: bool) -> None:
@@ -361,11 +402,11 @@ def run_arm(
     def make_decoder(n: int) -> "FastDecoder | None":
         if not fast:
             return None
-        from fast.decoder import FastDecoder, length_bucket  # 快速引擎只在快速路径上导入
+        from fast.decoder import FastDecoder  # 快速引擎只在快速路径上导入
 
         return FastDecoder([models[r] for r in roles], vocab_size=vocab_size, end_ids=end_ids,
                            pad_id=tokenizer.pad_token_id, batch_size=n, steering=steer, compile=compile,
-                           cache_len=length_bucket(longest + max_new_tokens), sampling=sampling)
+                           cache_len=cache_length(longest, max_new_tokens, fast=True), sampling=sampling)
 
     def decode(chunk: list[int], decoder: "FastDecoder | None") -> BatchResult:
         prompts = [[role_prompts[r][j] for j in chunk] for r in roles]
@@ -402,8 +443,11 @@ def run_arm(
         rows = [row for row, j in enumerate(chunk) if questions[j].index not in done]
         new = [make_record(mode, questions[chunk[row]], result.tokens[row], tokenizer,
                            result.alpha[row] if result.alpha is not None else None,
-                           result.nonfinite[row] if result.nonfinite is not None else None) for row in rows]
-        need = [k for k, rec in enumerate(new) if rec["pred_text"] is None]
+                           result.nonfinite[row] if result.nonfinite is not None else None,
+                           result.target_stops[row] if result.target_stops is not None else None) for row in rows]
+        # 因目标 logits 非有限而停止的题不走第二阶段：同一个目标模型在同一上下文上的字母 logits 不可信，
+        # 对 NaN 取 argmax 会悄悄给出一个字母。它的 pred 只来自第一阶段（多半为 None，计为错）。
+        need = [k for k, rec in enumerate(new) if rec["pred_text"] is None and not rec.get("nonfinite_target_stops")]
         if forced is not None and need:
             ids = [[forced_row_ids(role_prompts[r][chunk[rows[k]]], result.tokens[rows[k]], end_ids, forced)
                     for k in need] for r in roles]

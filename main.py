@@ -32,9 +32,9 @@ import torch
 
 from config import FORCED_ANSWER_CUE, LETTERS, ROLES, Config, ConfigError, parse_args
 from data_loader import DataError, Question, encode_prompts, format_prompt, load_questions
-from evaluator import RunError, arm_timing, run_arm, score_letters_shard
-from model_loader import (ModelLoadError, context_limit, end_token_ids, load_models, load_tokenizer, local_path,
-                          resolve_device, resolve_source)
+from evaluator import RunError, arm_timing, cache_length, kv_cache_bytes, run_arm, score_letters_shard
+from model_loader import (ModelLoadError, available_memory, context_limit, end_token_ids, load_models, load_tokenizer,
+                          local_path, model_config, resolve_device, resolve_source, torch_dtype, weight_bytes)
 from reporting import arm_tables, make_plots, print_report, write_sweep
 from run_folder import (CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, Dist, Interrupted, _fsync_dir, append_jsonl,
                         consolidate, environment, init_dist, log_event, log_timing, open_run_dir, questions_sha256,
@@ -196,33 +196,107 @@ def pick_device(cfg: Config, dist: Dist) -> torch.device:
     return device
 
 
-def check_context(cfg: Config, data: Data, tokenizer: Any, forced: ForcedAnswer | None) -> None:
-    """上下文上界，在加载任何权重之前：每个角色最长的提示 + --max-new-tokens（CoT；第二阶段再加 cue 的长度）
-    不能超过该角色模型配置里的 max_position_embeddings——否则解码到一半才会出错（或悄悄退化），
-    --max-new-tokens 1000000000 这类值则会在分配缓存时耗尽内存。只读模型配置，不读权重。"""
+def prompt_lengths(cfg: Config, questions: Sequence[Question], tokenizer: Any) -> dict[str, list[int]]:
+    """每个要加载的角色下每道题的提示 token 数（CoT：该角色的聊天提示；字母打分：字母提示），与解码时的编码相同。"""
     prompts = cfg.role_system_prompts
-    extra = cfg.max_new_tokens + (len(forced.cue_ids) if forced is not None else 0) if cfg.scoring == "cot" else 1
-    for role in cfg.model_roles:
-        limit = context_limit(getattr(cfg, role))
+    if cfg.scoring == "cot":
+        return {role: [len(ids) for ids in encode_prompts([format_prompt(q, tokenizer, prompts[role])
+                                                             for q in questions], tokenizer)]
+                for role in cfg.model_roles}
+    return {role: [len(tokenizer.encode(letter_role_text(q, cfg, role))) for q in questions] for role in cfg.model_roles}
+
+
+def check_context(cfg: Config, data: Data, tokenizer: Any, forced: ForcedAnswer | None) -> Data:
+    """上下文上界，在加载任何权重之前：每个角色的提示 + --max-new-tokens（CoT；第二阶段再加 cue 的长度）
+    不能超过该角色模型配置里的 max_position_embeddings——否则解码到一半才会出错（或悄悄退化）。只读模型配置，不读权重。
+
+    - --max-new-tokens（加 cue）本身就不小于上下文：整个运行拒绝（与 --skip-invalid 无关：没有一道题放得下）；
+    - 某些题的提示 + 新 token 超出：默认拒绝（写明最长那道题与可用的 --max-new-tokens 上限）；--skip-invalid 时
+      跳过这些题，原因与坏数据行一样记进 skipped（config.json 的 skipped_invalid_rows、metrics.json 的计数）。
+    返回（可能去掉了超长题的）Data；题目指纹不变（它核对的是读入的数据，续跑时同样的过滤得到同样的题）。
+    """
+    cue = len(forced.cue_ids) if forced is not None and cfg.scoring == "cot" else 0
+    extra = cfg.max_new_tokens + cue if cfg.scoring == "cot" else 1
+    what = f"--max-new-tokens{' plus the stage-2 cue' if cue else ''}"
+    limits = {role: context_limit(getattr(cfg, role)) for role in cfg.model_roles}
+    if all(limit is None for limit in limits.values()):
+        return data
+    lengths = prompt_lengths(cfg, data.questions, tokenizer)
+    over: dict[int, str] = {}  # 题目位置 j → 原因（每题只记第一个超出的角色）
+    for role, limit in limits.items():
         if limit is None:
             continue
-        if cfg.scoring == "cot":
-            texts = [format_prompt(q, tokenizer, prompts[role]) for q in data.questions]
-            lengths = [len(ids) for ids in encode_prompts(texts, tokenizer)]
-        else:
-            lengths = [len(tokenizer.encode(letter_role_text(q, cfg, role))) for q in data.questions]
-        j = max(range(len(lengths)), key=lengths.__getitem__)
-        if lengths[j] + extra > limit:
+        j = max(range(len(lengths[role])), key=lengths[role].__getitem__)
+        if extra >= limit:
             raise ConfigError(
-                f"question {data.questions[j].index}: its {role} prompt has {lengths[j]} tokens, and with "
-                f"{extra} more (--max-new-tokens{' plus the stage-2 cue' if forced is not None and cfg.scoring == 'cot' else ''})"
-                f" it exceeds the {role} model's context of {limit} tokens ({getattr(cfg, role)}). "
-                f"Lower --max-new-tokens to at most {max(0, limit - lengths[j] - (extra - cfg.max_new_tokens))}"
-                " or leave out the longest questions.")
+                f"--max-new-tokens={cfg.max_new_tokens} exceeds the {role} model's context of {limit} tokens "
+                f"({getattr(cfg, role)}): no prompt fits beside it. Lower --max-new-tokens to at most "
+                f"{max(0, limit - lengths[role][j] - cue)} (the longest {role} prompt has {lengths[role][j]} tokens).")
+        if lengths[role][j] + extra > limit and not cfg.skip_invalid:
+            raise ConfigError(
+                f"question {data.questions[j].index}: its {role} prompt has {lengths[role][j]} tokens, and with "
+                f"{extra} more ({what}) it exceeds the {role} model's context of {limit} tokens ({getattr(cfg, role)}). "
+                f"Lower --max-new-tokens to at most {max(0, limit - lengths[role][j] - cue)}"
+                " or leave out the longest questions (--skip-invalid skips them and lists them in config.json).")
+        for k, n in enumerate(lengths[role]):
+            if n + extra > limit and k not in over:
+                over[k] = (f"its {role} prompt has {n} tokens, and with {extra} more ({what}) it exceeds the "
+                           f"{role} model's context of {limit} tokens")
+    if not over:
+        return data
+    kept = [q for k, q in enumerate(data.questions) if k not in over]
+    if not kept:
+        raise DataError(f"every question ({len(data.questions)}) exceeds a model's context with {what} = {extra} "
+                        f"(first: question {data.questions[0].index}: {over[0]}). Lower --max-new-tokens.")
+    skipped = [{"where": f"question {data.questions[k].index}", "reason": reason} for k, reason in sorted(over.items())]
+    print(f"[main] --skip-invalid: skipped {len(skipped)} questions whose prompt plus {what} exceeds the context "
+          f"(first: {skipped[0]['where']}: {skipped[0]['reason']}; all of them are listed in config.json)",
+          file=sys.stderr, flush=True)
+    trace_index = data.trace_index
+    if trace_index not in {q.index for q in kept}:
+        if cfg.trace_index is not None:
+            raise ConfigError(f"--trace-index={trace_index}: that question was skipped because it exceeds the "
+                              "context (see above). Pick another index.")
+        trace_index = kept[0].index
+    return dataclasses.replace(data, questions=kept, skipped=data.skipped + skipped, trace_index=trace_index)
 
 
-def load_roles(cfg: Config, dist: Dist, data: Data) -> Loaded:
-    """分词器与模型。便宜的检查（来源写法、字母 token、上下文上界）都排在加载任何模型之前。"""
+def check_memory(cfg: Config, data: Data, tokenizer: Any, device: torch.device) -> None:
+    """内存估计，在加载任何权重之前（只读模型配置）：权重（各不同模型各一份）+ 最大的那个臂的 KV 缓存
+    （批大小 × 每行槽位数，evaluator.cache_length：快速路径按长度桶一次分配、参考循环最多 最长提示 + 新 token、
+    投机循环最坏 (K+1) 倍；引导臂三个角色各一份，基线只有目标——投机时再加专家草稿）。
+    超过此刻可用的内存（CUDA：mem_get_info 的空闲显存；CPU：MemAvailable）就以退出码 2 拒绝，
+    而不是在分配缓存时被内存耗尽杀死、没有任何消息。估计只含权重与缓存（激活与 logits 另需一些），是下界。"""
+    available = available_memory(device)
+    if available is None:
+        return
+    roles = cfg.model_roles
+    specs = {role: getattr(cfg, role) for role in roles}
+    configs = {spec: model_config(spec) for spec in set(specs.values())}
+    dtype = torch.bfloat16 if cfg.load_in_4bit else torch_dtype(cfg.dtype)
+    weights = sum(weight_bytes(c, dtype, cfg.load_in_4bit) for c in configs.values())
+    lengths = prompt_lengths(cfg, data.questions, tokenizer)
+    longest = max(max(v) for v in lengths.values())
+    batch = min(cfg.batch_size, len(data.questions))
+    cot = cfg.scoring == "cot"
+    new = cfg.max_new_tokens if cot else 1
+    length = cache_length(longest, new, fast=cot and cfg.fast, speculate=cfg.speculate if cot else 0)
+    caches = sum(kv_cache_bytes(configs[specs[r]], batch, length, dtype) for r in roles)
+    need = weights + caches
+    if need > available:
+        gib = 2 ** 30
+        raise ConfigError(
+            f"not enough memory on {device}: this run needs at least {need / gib:.2f} GiB (weights of "
+            f"{len(configs)} model(s) ≈ {weights / gib:.2f} GiB in {str(dtype).replace('torch.', '')}"
+            f"{' NF4' if cfg.load_in_4bit else ''}, KV caches ≈ {caches / gib:.2f} GiB for {len(roles)} role(s) × "
+            f"batch {batch} × {length} tokens), but only {available / gib:.2f} GiB is available. "
+            "Lower --batch-size or --max-new-tokens"
+            f"{'' if cfg.load_in_4bit or device.type != 'cuda' else ', or use --load-in-4bit'}.")
+
+
+def load_roles(cfg: Config, dist: Dist, data: Data) -> tuple[Data, Loaded]:
+    """分词器与模型。便宜的检查（来源写法、字母 token、上下文上界、内存估计）都排在加载任何模型之前。
+    返回的 Data 去掉了 --skip-invalid 跳过的超长题（见 check_context）。"""
     roles_needed = cfg.model_roles
     for role in roles_needed:
         resolve_source(getattr(cfg, role))
@@ -247,14 +321,15 @@ def load_roles(cfg: Config, dist: Dist, data: Data) -> Loaded:
         except ValueError as exc:
             raise ModelLoadError(f"stage 2 of answer extraction cannot be used: {exc}. "
                                  "Run with --no-forced-answer to read answers from the text only.") from None
-    check_context(cfg, data, tokenizer, forced)
+    data = check_context(cfg, data, tokenizer, forced)
+    check_memory(cfg, data, tokenizer, device)
     models, vocab_size = load_models(cfg, tokenizer, device)
     prompts = cfg.role_system_prompts
     if "steered" in cfg.modes and cfg.expert == cfg.base and prompts["expert"] == prompts["base"] and dist.main:
         print("[main] warning: the expert and the base are the same model with the same system prompt, so "
               "z_expert − z_base ≡ 0 and steering equals the baseline.", file=sys.stderr)
-    return Loaded(device, tokenizer, models, vocab_size, end_token_ids(tokenizer, list(models.values())), letter_ids,
-                  forced)
+    return data, Loaded(device, tokenizer, models, vocab_size, end_token_ids(tokenizer, list(models.values())),
+                        letter_ids, forced)
 
 
 def record_start(cfg: Config, run_dir: str, stored: dict[str, Any] | None, data: Data, loaded: Loaded,
@@ -415,7 +490,7 @@ def run(cfg: Config, run_dir: str, stored: dict[str, Any] | None = None, dist: D
     arms = plan_arms(cfg)
     names = [a.name for a in arms]
     existing = resume_records(cfg, run_dir, stored, data, names, dist)
-    loaded = load_roles(cfg, dist, data)
+    data, loaded = load_roles(cfg, dist, data)
     record_start(cfg, run_dir, stored, data, loaded, names, existing, dist)
     if cfg.scoring == "letter":
         records, timing = score_by_letters(cfg, run_dir, arms, data, loaded, dist)

@@ -370,3 +370,51 @@ def context_limit(spec: str) -> int | None:
         raise explain_load_error(exc, "model", spec) from None
     limit = getattr(c, "max_position_embeddings", None)
     return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+# ---------------------------------------------------------------------------
+# 内存估计的原料（加载任何权重之前）：模型配置、权重字节数、可用内存
+# ---------------------------------------------------------------------------
+
+def model_config(spec: str) -> Any:
+    """只读模型配置（不读权重）；失败时与 load_model 同一套可操作的解释。"""
+    try:
+        return AutoConfig.from_pretrained(local_path(spec))
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise explain_load_error(exc, "model", spec) from None
+
+
+def weight_bytes(config: Any, dtype: torch.dtype, four_bit: bool = False) -> int:
+    """按配置估计一个模型权重的字节数：在 meta 设备上构造模型（不分配内存），数参数（共享的只数一次）。
+
+    dtype：权重精度。four_bit（NF4）：解码层里的 Linear 每个参数约 0.5 字节再加分块 absmax（每 64 个一字节，双重量化
+    之后更少），嵌入与 lm_head 保持 dtype——与 bitsandbytes 的布局大致相同，是估计，不是逐字节。
+    """
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    quantized = {id(m.weight) for m in model.modules()
+                 if four_bit and isinstance(m, torch.nn.Linear) and m is not head}
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() // 2 + p.numel() // 64 if id(p) in quantized else p.numel() * size
+               for p in model.parameters())
+
+
+def available_memory(device: torch.device) -> int | None:
+    """此刻可用的字节数：CUDA 为 torch.cuda.mem_get_info 的空闲显存；CPU 为 /proc/meminfo 的 MemAvailable
+    （没有时用 os.sysconf 的 SC_AVPHYS_PAGES × 页大小）。都读不到时为 None（不检查）。"""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None

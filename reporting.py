@@ -48,6 +48,9 @@ def print_report(metrics: dict[str, Any], run_dir: str) -> None:
         if m.get("nonfinite_steps") or m.get("oom_backoffs"):
             print(f"{arm}: {m.get('nonfinite_steps', 0)} steps with non-finite logits used the target's logits; "
                   f"{m.get('oom_backoffs', 0)} out-of-memory back-offs")
+        if m.get("nonfinite_target_stops"):
+            print(f"{arm}: {m['nonfinite_target_stops']} questions stopped early because the target's own logits "
+                  "were non-finite (NaN/inf; the output ends before that step, flagged in predictions.jsonl)")
     sessions = {arm: (metrics[arm].get("timing") or {}).get("sessions") for arm in arms}
     if any(n is not None and n != 1 for n in sessions.values()):
         print("tok/s and wall s are summed over every session of this run (resumed): "

@@ -48,6 +48,7 @@ class Record(RecordCore, total=False):
     alpha_max: float | None
     alpha: list[float]  # 每个被引导的步（字母打分：答案位置）一个 α，保留 ALPHA_DECIMALS 位小数
     nonfinite_steps: int  # 融合 logits 非有限、改用目标 logits 的步数
+    nonfinite_target_stops: int  # CoT（所有臂）：1 = 目标 logits 非有限，该题在那一步停止（不再生成、不走第二阶段）
     letter_logits: list[float | None]  # 四个字母上（融合后）的 logits；被可信度约束排除的为 None
     pred_text: str | None  # CoT：第一阶段（从文本）读出的字母
     pred_forced: str | None  # CoT：第二阶段（强制答案提示）的字母；不需要或关闭时为 None
@@ -104,10 +105,11 @@ class ArmSpec:
 
 
 def make_record(mode: str, question: Any, tokens: list[int], tokenizer: Any,
-                alpha: list[float] | None, nonfinite: int | None = None) -> Record:
+                alpha: list[float] | None, nonfinite: int | None = None, target_stops: int | None = None) -> Record:
     """predictions.jsonl 的一行：mode、index、gold、pred（字母或 None）、pred_text、pred_forced、correct、output、num_tokens；
     引导模式另有 alpha（该题被引导的每一步的 α，保留 ALPHA_DECIMALS 位小数：α 直方图与轨迹图的原料）、
-    alpha_mean / alpha_min / alpha_max（由未取整的 α 算出）与 nonfinite_steps（融合 logits 非有限、改用目标 logits 的步数）。
+    alpha_mean / alpha_min / alpha_max（由未取整的 α 算出）与 nonfinite_steps（融合 logits 非有限、改用目标 logits 的步数）；
+    target_stops 给出时（解码循环总给出）另有 nonfinite_target_stops：1 = 目标 logits 非有限、该题在那一步干净地停止。
 
     output 用 skip_special_tokens=True 解码；num_tokens 含结束记号（若生成了）。
     这里只做第一阶段（pred_text = extract_answer，pred_forced = None）；第二阶段由调用者（evaluator.run_arm）
@@ -125,6 +127,8 @@ def make_record(mode: str, question: Any, tokens: list[int], tokenizer: Any,
                    alpha=[round(a, ALPHA_DECIMALS) for a in alpha])
     if nonfinite is not None:
         rec["nonfinite_steps"] = int(nonfinite)
+    if target_stops is not None:
+        rec["nonfinite_target_stops"] = int(target_stops)
     return rec
 
 

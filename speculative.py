@@ -42,7 +42,7 @@ from transformers import DynamicCache, PreTrainedModel
 # ---- 集中导入：SteeringParams 将移到 steering_utils，Sampling/pick_tokens 等将移到 sampling.py，只改这里 ----
 from evaluator import BatchResult, cache_kwarg, left_pad
 from sampling import Sampling, counter_uniform, pick_tokens, sample_tokens, sampling_keys, top_p_filter
-from steering_utils import SteeringParams, fuse_step
+from steering_utils import SteeringParams, fuse_step, stop_nonfinite_target
 
 DRAFTS: Final[tuple[str, ...]] = ("expert", "fusion", "model")
 SAMPLING_RULES: Final[tuple[str, ...]] = ("residual", "coupled")
@@ -307,7 +307,8 @@ def generate_speculative(
     device = models[0].device
     if max_new_tokens < 1:  # 与 generate_batch 相同：不生成任何 token
         return SpecResult(tokens=[[] for _ in range(batch)], alpha=[[] for _ in range(batch)] if steering else None,
-                          steps=0, nonfinite=[0] * batch if steering else None, drafted=[0] * batch,
+                          steps=0, nonfinite=[0] * batch if steering else None, target_stops=[0] * batch,
+                          drafted=[0] * batch,
                           accepted=[0] * batch, verify_steps=[0] * batch, rounds=0, switched_off=[False] * batch)
     qids = list(question_ids) if question_ids is not None else [-1] * batch
     ends = set(end_ids)
@@ -331,20 +332,26 @@ def generate_speculative(
     tokens: list[list[int]] = [[] for _ in range(batch)]
     alphas: list[list[float]] = [[] for _ in range(batch)]
     nonfinite = [0] * batch
+    target_stops = [0] * batch  # 第 b 行是否因目标 logits 非有限而停止（与 generate_batch 同一规则）
     drafted, accepted_n, verify_steps = [0] * batch, [0] * batch, [0] * batch
     off = [False] * batch
     finished = [False] * batch
 
-    def fuse(z: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(N, V) × 模型数 → 融合 logits (N, V)、α (N,)、坏行 (N,)；基线时就是目标 logits。"""
-        if steering is None:
-            return z[0], None, None
-        fused, alpha, bad = fuse_step(z[0], z[1], z[2], steering)
-        return fused, alpha, bad
+    def fuse(z: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """(N, V) × 模型数 → 融合 logits (N, V)、α (N,)、坏行 (N,)、停止 (N,)；基线时就是目标 logits。
+        停止 = 该位置目标 logits 非有限（stop_nonfinite_target，与 generate_batch 同一规则；该位置的 logits 换成 0）。"""
+        fused, alpha, bad = (z[0], None, None) if steering is None else fuse_step(z[0], z[1], z[2], steering)
+        fused, stop = stop_nonfinite_target(z[0], fused)
+        return fused, alpha, bad, stop
 
-    def emit(b: int, new: list[int], alpha: list[float], bad: list[bool]) -> None:
-        """把一轮产出的 token 追加到第 b 行：遇到结束记号即截断并结束（之后的 token 不输出），α/守卫按位置记录。"""
+    def emit(b: int, new: list[int], alpha: list[float], bad: list[bool], stop: list[bool]) -> None:
+        """把一轮产出的 token 追加到第 b 行：遇到结束记号即截断并结束（之后的 token 不输出），α/守卫按位置记录。
+        某位置 stop（目标 logits 非有限）时该行在这个位置之前结束：这个位置及之后的 token 都不输出，记一次停止。"""
         for j, t in enumerate(new):
+            if stop[j]:
+                target_stops[b] = 1
+                finished[b] = True
+                return
             tokens[b].append(t)
             if steering is not None:
                 nonfinite[b] += int(bad[j])
@@ -357,12 +364,12 @@ def generate_speculative(
             finished[b] = True
 
     # ---- 第 0 步：prefill 的 logits 直接给出第一个 token（与 generate_batch 的第 0 步相同，算一次验证） ----
-    fused0, alpha0, bad0 = fuse([s.first_logits.to(device) for s in verifiers])
+    fused0, alpha0, bad0, stop0 = fuse([s.first_logits.to(device) for s in verifiers])
     for b in range(batch):
         t0 = _pick_row(fused0[b:b + 1], sampling, qids[b], [0])  # 普通链：与 generate_batch 第 0 步的抽取相同
         verify_steps[b] += 1
         emit(b, t0, [float(alpha0[b])] if alpha0 is not None else [],
-             [bool(bad0[b])] if bad0 is not None else [])
+             [bool(bad0[b])] if bad0 is not None else [], [bool(stop0[b])])
     rounds = 1
     fed = torch.zeros(batch, dtype=torch.long)  # 每行已有效喂入缓存的生成 token 数（= 已输出数 − 1）
 
@@ -420,10 +427,11 @@ def generate_speculative(
         if separate and not stale:
             drafters[0].forward(cols[:, K:K + 1], valid[:, K:K + 1], fed + K)  # 保持草稿缓存与其他流列对齐
         flat = [z.reshape(batch * (K + 1), -1) for z in z_verify]
-        fused, alpha, bad = fuse(flat)  # 每个位置用它自己的 α（逐行距离）
+        fused, alpha, bad, stop = fuse(flat)  # 每个位置用它自己的 α（逐行距离）
         fused = fused.reshape(batch, K + 1, -1)
         alpha_t = alpha.reshape(batch, K + 1) if alpha is not None else None
         bad_t = bad.reshape(batch, K + 1) if bad is not None else None
+        stop_t = stop.reshape(batch, K + 1)
 
         # ---- 逐行接受：最长一致前缀 + 验证者自己的下一个 token ----
         keep = torch.zeros((batch, K + 1), dtype=torch.bool)
@@ -458,7 +466,7 @@ def generate_speculative(
             new = proposal[:m] + [final]
             before = len(tokens[b])
             emit(b, new, alpha_t[b, :m + 1].tolist() if alpha_t is not None else [],
-                 bad_t[b, :m + 1].tolist() if bad_t is not None else [])
+                 bad_t[b, :m + 1].tolist() if bad_t is not None else [], stop_t[b, :m + 1].tolist())
             emitted = len(tokens[b]) - before
             drafted[b] += kr
             accepted_n[b] += min(m, emitted)  # 结束记号在草稿里时，只数输出了的草稿 token
@@ -471,5 +479,6 @@ def generate_speculative(
 
     return SpecResult(tokens=tokens, alpha=alphas if steering is not None else None,
                       steps=max(len(t) for t in tokens), nonfinite=nonfinite if steering is not None else None,
+                      target_stops=target_stops,
                       drafted=drafted, accepted=accepted_n, verify_steps=verify_steps, rounds=rounds,
                       switched_off=off)

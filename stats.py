@@ -74,7 +74,8 @@ def arm_metrics(mode: str, records: Sequence[Record], *, oom_backoffs: int = 0,
                 timing: dict[str, Any] | None = None, speculation: dict[str, Any] | None = None) -> dict[str, Any]:
     """一个模式的指标，从逐题记录（predictions.jsonl，持久的唯一来源）算出：n、correct、accuracy、
     95% Wilson 区间、unparsed（抽不出答案的题数，计为错）、generated_tokens（所有记录的 num_tokens 之和）、
-    oom_backoffs；引导模式另有 alpha_mean（按题平均的 alpha_mean 再平均）与 nonfinite_steps（守卫触发的总步数）。
+    oom_backoffs；引导模式另有 alpha_mean（按题平均的 alpha_mean 再平均）与 nonfinite_steps（守卫触发的总步数）；
+    记录里有 nonfinite_target_stops 的臂（CoT 解码的所有臂）另有它的和：因目标 logits 非有限而停止的题数。
 
     CoT 的记录（带 pred_text / pred_forced）另有两阶段答案抽取的计数与准确率：from_text（第一阶段从文本读出）、
     from_forced（第二阶段由模型选出）、none（都没有，计为错；等于 unparsed），correct_text / accuracy_text
@@ -100,6 +101,8 @@ def arm_metrics(mode: str, records: Sequence[Record], *, oom_backoffs: int = 0,
         alpha = [r["alpha_mean"] for r in records if r.get("alpha_mean") is not None]
         out["alpha_mean"] = sum(alpha) / len(alpha) if alpha else None
         out["nonfinite_steps"] = sum(r.get("nonfinite_steps", 0) for r in records)
+    if any("nonfinite_target_stops" in r for r in records):
+        out["nonfinite_target_stops"] = sum(r.get("nonfinite_target_stops", 0) for r in records)
     if any("drafted" in r for r in records):
         out["speculation"] = {**(speculation or {}), **speculation_summary(records)}
     out["timing"] = timing or {}

@@ -48,6 +48,8 @@ __all__ = [
     "plausibility_mask",
     "apply_plausibility",
     "guard_nonfinite",
+    "nonfinite_rows",
+    "stop_nonfinite_target",
     "SteeringParams",
     "fuse_with_alpha",
     "fuse_step",
@@ -314,8 +316,41 @@ def guard_nonfinite(fused: Tensor, fallback: Tensor) -> tuple[Tensor, Tensor]:
     """
     _check_pair(fused, fallback, names="fused/fallback")
     f = fused.float()
-    bad = torch.isnan(f).any(-1) | torch.isposinf(f).any(-1) | ~torch.isfinite(f).any(-1)  # (B,)
+    bad = nonfinite_rows(f)  # (B,)
     return torch.where(bad[:, None], fallback.float(), f), bad
+
+
+def nonfinite_rows(logits: Tensor) -> Tensor:
+    """(B, V) logits → (B,) bool：该行含 NaN 或 +inf，或一个有限值都没有（全是 −inf）。
+
+    单独的 −inf 是正常的（被屏蔽的词），不算。guard_nonfinite（融合结果）与 stop_nonfinite_target（目标 logits）
+    共用这一个定义。在 float32 下判断（bf16/fp16 的 NaN/inf 转换后不变），不修改输入。
+    """
+    _check_matrix(logits, "logits")
+    f = logits.float()
+    return torch.isnan(f).any(-1) | torch.isposinf(f).any(-1) | ~torch.isfinite(f).any(-1)
+
+
+def stop_nonfinite_target(logits_target: Tensor, fused: Tensor) -> tuple[Tensor, Tensor]:
+    """目标模型 logits 的非有限守卫（所有解码路径共用：参考循环、FastDecoder 的编译步、投机循环；基线与引导都用）。
+
+    参数：
+        logits_target: 目标模型本步的 logits z_t，(B, V)，任意浮点精度。
+        fused: 本步要从中选词的 logits，(B, V)（基线就是 z_t；引导是 fuse_step 的输出）。
+
+    返回：
+        (B, V) float32 新张量：stop 行整行为 0（有限值），其余行等于 fused.float()；以及 stop (B,) bool。
+
+    规则：z_t 的某行非有限（nonfinite_rows 的定义）时，该行在这一步 *干净地停止*：调用方不输出这一步的 token
+    （就像在这一步之前生成了结束记号，但输出里没有任何伪造的记号），并给该题计数、写进记录与 metrics。
+    为什么不退回别的 logits：融合的守卫（guard_nonfinite）退回的正是 z_t；z_t 自己坏了就没有可信的分布可用——
+    NaN 的 argmax 会悄悄选出 token 0（或某个任意 id），之后的文本全是垃圾。停止是唯一诚实的做法。
+    stop 行换成 0 只是为了让下游的 argmax / 采样只见有限值（选出的 token 被调用方丢弃），编译图里也没有数据相关的分支。
+    """
+    _check_pair(logits_target, fused, names="logits_target/fused")
+    stop = nonfinite_rows(logits_target)  # (B,)
+    f = fused.float()
+    return torch.where(stop[:, None], torch.zeros_like(f), f), stop
 
 
 def _check_beta(beta: float) -> None:

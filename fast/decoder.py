@@ -17,7 +17,7 @@ from evaluator import BatchResult, _alpha_rows, _trim, cache_kwarg, left_pad
 from fast.attention import ATTENTION_MODES, head_dim_of, triton_attention_problem
 from fast.stacked import StackedLlama, check_stackable
 from sampling import Sampling, pick_tokens
-from steering_utils import SteeringParams, fuse_step
+from steering_utils import SteeringParams, fuse_step, stop_nonfinite_target
 
 PACKED_GQA: str = "steer_packed_gqa"  # 注册到 transformers 的注意力实现名
 # transformers 自带的 sdpa 注意力（预填充用）。在模块加载时取一次：在被编译的函数里 import 或构造
@@ -279,22 +279,24 @@ class FastDecoder:
 
     def _step(self, tokens: torch.Tensor, positions: list[torch.Tensor], masks: list[torch.Tensor],
               slot: torch.Tensor, finished: torch.Tensor, qids: torch.Tensor, step: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """一个解码步（被编译的部分）。tokens: (B, 1)；positions[k]: (B, 1)；masks[k]: (B, L)；slot: (1,) 缓存槽位；
         finished: (B,) bool；qids: (B,) 题目 index（只在采样时用）；step: 0 维 int64 张量（设备上的步数，不随主机同步）。
 
-        返回 (next (B,), alpha (B,) float32, finished (B,), bad (B,) bool)。形状全部固定，缓存原地更新。
+        返回 (next (B,), alpha (B,) float32, finished (B,), bad (B,) bool, stop (B,) bool)。形状全部固定，缓存原地更新。
         """
         z = [logits for u in range(len(self.units))
              for logits in self._forward_unit(u, tokens, positions, masks, slot)]
         return self._choose(z, finished, qids, step)
 
     def _choose(self, z: list[torch.Tensor], finished: torch.Tensor, qids: torch.Tensor, step: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """融合并选 token：与 generate_batch 的规则完全相同（已结束的行写 pad，不再改变）。
 
-        第 4 个输出 bad (B,) bool：本步融合 logits 非有限、已改用目标 logits 的行（基线恒为 False）。
-        它留在设备上由 generate() 累加，不在每步同步主机。z[k] 可以是模型精度：这里先精确转成 float32。
+        第 4 个输出 bad (B,) bool：本步融合 logits 非有限、已改用目标 logits 的行（基线恒为 False）；
+        第 5 个输出 stop (B,) bool：本步目标 logits 非有限、干净停止的活跃行（steering_utils.stop_nonfinite_target；
+        这一步写 pad，不属于输出）。都留在设备上由 generate() 累加，不在每步同步主机。
+        z[k] 可以是模型精度：这里先精确转成 float32。
         """
         z = [t.float() for t in z]
         if self.steering is None:
@@ -302,8 +304,10 @@ class FastDecoder:
             bad = torch.zeros(z[0].shape[0], dtype=torch.bool, device=z[0].device)
         else:
             fused, alpha, bad = fuse_step(z[0], z[1], z[2], self.steering)
-        nxt = pick_tokens(fused, self.sampling, qids, step).masked_fill(finished, self.pad_id)
-        return nxt, alpha, finished | torch.isin(nxt, self.ends), bad
+        fused, stop = stop_nonfinite_target(z[0], fused)
+        stop = stop & ~finished
+        nxt = pick_tokens(fused, self.sampling, qids, step).masked_fill(finished | stop, self.pad_id)
+        return nxt, alpha, finished | stop | torch.isin(nxt, self.ends), bad & ~stop, stop
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[Sequence[int]]], max_new_tokens: int,
@@ -371,7 +375,9 @@ class FastDecoder:
         out_tokens: list[torch.Tensor] = []
         alphas: list[torch.Tensor] = []
         nonfinite = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)  # 设备上累加，整批只同步一次
-        nxt, alpha, new_finished, bad = self._choose(z, finished, qids, step_t)
+        stopped = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)  # 目标 logits 非有限而停止的行
+        emitted = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)  # 每行真正输出的 token 数
+        nxt, alpha, new_finished, bad, stop = self._choose(z, finished, qids, step_t)
         # 进度：设备上累加每步仍活跃的真实行数（占位行一开始就已结束），只在本来就同步的检查点读出。
         produced = torch.zeros((), dtype=torch.long, device=self.device) if on_step is not None else None
         for step in range(max_new_tokens):
@@ -384,25 +390,29 @@ class FastDecoder:
                         break
                 step_t = step_t + 1
                 # CUDA graphs 的输出缓冲会被下一次重放覆盖：.clone() 保留本步结果。
-                nxt, alpha, new_finished, bad = (t.clone() for t in self.step(nxt[:, None], positions, masks, slot,
-                                                                              finished, qids, step_t))
+                nxt, alpha, new_finished, bad, stop = (t.clone() for t in self.step(
+                    nxt[:, None], positions, masks, slot, finished, qids, step_t))
                 positions = [p + 1 for p in positions]
                 slot = slot + 1
             nonfinite += bad & ~finished
-            # nan = 该行在本步之前已结束，或本步退回了目标 logits（没有被引导）：都不计入 α 统计
-            alphas.append(alpha.masked_fill(finished | bad, float("nan")))
+            # nan = 该行在本步之前已结束、本步停止，或本步退回了目标 logits（没有被引导）：都不计入 α 统计
+            alphas.append(alpha.masked_fill(finished | bad | stop, float("nan")))
             out_tokens.append(nxt)
+            live = ~(finished | stop)
+            emitted += live
+            stopped |= stop
             if produced is not None:
-                produced += (~finished).sum()
+                produced += live.sum()
             finished = new_finished
         if on_step is not None and produced is not None:
             on_step(len(out_tokens), int(produced))
-        trimmed = _trim(torch.stack(out_tokens, 1)[:real].tolist(), set(self.end_ids))
+        trimmed = _trim(torch.stack(out_tokens, 1)[:real].tolist(), set(self.end_ids), emitted[:real].tolist())
         steered = self.steering is not None
         alpha_rows = _alpha_rows([a[:real] for a in alphas]) if steered else None
         steps = len(out_tokens)
         return BatchResult(tokens=trimmed, alpha=alpha_rows, steps=steps,
-                           nonfinite=nonfinite[:real].tolist() if steered else None)
+                           nonfinite=nonfinite[:real].tolist() if steered else None,
+                           target_stops=stopped[:real].long().tolist())
 
 
 def _clone_tree(x: Any) -> Any:
@@ -461,7 +471,7 @@ class _GraphedStep:
     所以流的分叉/汇合与图的录制都放在编译区之外，由这里管理。
 
     调用约定与 FastDecoder._step 相同：(tokens (B, 1), positions [(B, 1)] × 模型数, masks [(B, L)] × 模型数, slot (1,), *rest)
-    → _choose(z, *rest) 的输出元组（next (B,), alpha (B,), finished (B,), bad (B,)）。状态机（每组新缓存重新开始）：
+    → _choose(z, *rest) 的输出元组（next (B,), alpha (B,), finished (B,), bad (B,), stop (B,)）。状态机（每组新缓存重新开始）：
       第 1、2 次调用：直接执行（触发编译与 cuBLAS 等的惰性初始化），它们就是真实的解码步，不需要事后撤销；
       第 3 次：把输入复制成静态缓冲并录图（录制不执行 kernel），然后重放——同样是真实的一步；
       之后：输入原地写进静态缓冲，再重放。返回的是图的输出缓冲，下一次重放会覆盖它（调用方 .clone()）。
