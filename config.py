@@ -98,6 +98,9 @@ VOTES: int = 1
 # α 轨迹图画哪道题（题目 index）；None = 本次评测的第一道题。
 TRACE_INDEX: int | None = None
 OUTPUT_DIR: str | None = None  # None → runs/<时间戳>/
+# 续跑时 torch / transformers 的版本与运行开始时不同：默认拒绝（数值可能变了）；True 时只对“仅版本不同”放行，
+# 大声警告并记进 events.jsonl。模型、分词器、数据、配置的变化永远拒绝。
+ALLOW_VERSION_CHANGE: bool = False
 
 # 答案抽取第二阶段（CoT，见 README "How answers are read"）：第一阶段从文本读不出答案时（含被 --max-new-tokens 截断），
 # 在同一个 assistant 回合里接上固定的提示 FORCED_ANSWER_CUE，由该臂自己的模型（融合臂用该臂的 α 规则融合）
@@ -137,7 +140,7 @@ LETTERS: tuple[str, ...] = ("A", "B", "C", "D")  # MedQA-USMLE 四选项的选�
 ROLES: tuple[str, ...] = ("target", "expert", "base")  # 三个模型角色（全项目唯一的定义；引导时按此顺序融合）
 SEED_MAX: int = 2**32 - 1  # np.random.seed 接受的上限
 # 不属于“实验配置”的字段：同一次运行在续跑前后它们可以不同（比较配置时忽略）。
-RUN_LOCATION_FIELDS: tuple[str, ...] = ("output_dir", "resume")
+RUN_LOCATION_FIELDS: tuple[str, ...] = ("output_dir", "resume", "allow_version_change")
 
 
 class ConfigError(ValueError):
@@ -208,6 +211,10 @@ class Config:
     output_dir: str | None = field(default=OUTPUT_DIR, metadata={"help": "run folder (default: runs/<timestamp>/); must be new or empty"})
     resume: str | None = field(default=None, metadata={"help": "continue an interrupted run: its run folder (the config comes from its config.json)"})
     demo: bool = field(default=False, metadata={"help": "offline CPU demo: SmolLM2-135M-Instruct in all three roles; flags given explicitly still win"})
+    allow_version_change: bool = field(
+        default=ALLOW_VERSION_CHANGE,
+        metadata={"help": "with --resume: accept a run whose torch/transformers versions differ from its start (only "
+                          "the versions; a loud warning is printed and logged to events.jsonl)"})
     forced_answer: bool = field(
         default=FORCED_ANSWER,
         metadata={"help": "stage 2 of answer extraction (CoT only): when no answer can be read from the text, "
@@ -430,8 +437,36 @@ def config_from_dict(stored: dict[str, Any], where: str) -> Config:
     if unknown:
         raise ConfigError(f"{where}: holds config keys this version does not know: {', '.join(unknown)} (written by another version of main.py?); "
                           "cannot resume: resume with that version, or start again with a new --output-dir")
+    hints = typing.get_type_hints(Config)
+    for key, value in stored.items():
+        expected = _json_type_problem(hints[key], value)
+        if expected is not None:
+            # 类型不对的值（"batch_size": "8"）会在校验里变成 TypeError 的 traceback：这里先给出清楚的消息。
+            raise ConfigError(f"{where}: config key {key!r} holds {value!r:.80}, but it must be {expected}. The file was "
+                              "edited; restore it, or start again with a new --output-dir")
     values = {k: (tuple(v) if k in TUPLE_PARSERS and isinstance(v, list) else v) for k, v in stored.items()}
     return Config(**values)
+
+
+def _json_type_problem(annotation: Any, value: Any) -> str | None:
+    """config.json 里一个值是否符合字段的类型注解（JSON 的形状：元组存成列表，float 字段也接受整数）；
+    符合返回 None，否则返回期望类型的英文描述。"""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        problem = _json_type_problem(inner[0], value) if len(inner) == 1 else "a supported value"
+        return None if problem is None else f"{problem} or null"
+    if typing.get_origin(annotation) is tuple:
+        if not isinstance(value, list):
+            return "a list"
+        bad = [v for v in value if _json_type_problem(args[0], v) is not None]
+        return None if not bad else f"a list whose every item is {_json_type_problem(args[0], bad[0])}"
+    ok = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}[annotation](value)
+    return None if ok else {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[annotation]
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

