@@ -60,7 +60,7 @@ class Record(RecordCore, total=False):
 
 RECORD_KEYS: frozenset[str] = frozenset(RecordCore.__required_keys__)
 # CoT 记录（predictions.jsonl 里续跑读取的就是它们）另外必有的键：两阶段答案抽取的结果。
-COT_RECORD_KEYS: frozenset[str] = RECORD_KEYS | {"pred_text", "pred_forced"}
+COT_RECORD_KEYS: frozenset[str] = RECORD_KEYS | {"pred_text", "pred_forced", "nonfinite_target_stops"}
 
 
 def record_problem(rec: dict[str, Any]) -> str | None:
@@ -231,13 +231,16 @@ def verify_record(rec: Any, rules: RecordRules) -> str | None:
             return f"'{key}' must be null or one of {', '.join(LETTERS)}, got {rec[key]!r:.80}"
     if not isinstance(rec["correct"], bool):
         return f"'correct' must be true or false, got {rec['correct']!r:.80}"
+    stopped = rec["nonfinite_target_stops"]
+    if not _count(stopped, 0, 1):
+        return f"'nonfinite_target_stops' must be 0 or 1, got {stopped!r:.80}"
     again = dict(text_record(mode, rules.questions[index], rec["output"], rec["num_tokens"]))
     sources = {"gold": "the data's answer_idx", "pred_text": "the answer read from 'output'",
                "pred_forced": "stage 2's rule", "pred": "pred_text, or pred_forced when pred_text is null",
                "correct": "(pred == gold)"}
     for key, source in sources.items():
-        if key == "pred_forced" and rules.forced and again["pred_text"] is None:
-            # 第二阶段开启、文本里读不出答案：必须有第二阶段的字母。字母本身取保存的值（重算要模型前向，而记录只存了
+        if key == "pred_forced" and rules.forced and again["pred_text"] is None and not stopped:
+            # 第二阶段开启、文本里读不出答案、该题没有因目标 logits 非有限而停止（停止的题不走第二阶段）：必须有第二阶段的字母。字母本身取保存的值（重算要模型前向，而记录只存了
             # 文本、没有 token id），pred 与 correct 再按规则重算。
             if rec["pred_forced"] is None:
                 return ("'pred_forced' is null, but stage 2 is on and no answer can be read from 'output' "

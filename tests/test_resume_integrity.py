@@ -205,7 +205,7 @@ RULES = RecordRules(modes=("baseline", "steered"), fused=frozenset({"steered"}),
 
 
 def _rec(text: str = "The answer is B.", **changes: Any) -> dict[str, Any]:
-    rec = {**text_record("baseline", QUESTION, text, 5), **changes}
+    rec = {**text_record("baseline", QUESTION, text, 5), "nonfinite_target_stops": 0, **changes}
     return rec
 
 
@@ -213,6 +213,9 @@ def test_verify_record_direct() -> None:
     """scoring.verify_record 直接调用：写记录的同一个函数（text_record）重算，第二阶段规则，类型。"""
     assert verify_record(_rec(), RULES) is None
     assert verify_record(_rec("no idea", pred_forced="C", pred="C", correct=True), RULES) is None
+    # 因目标 logits 非有限而停止的题不走第二阶段：没有字母也合法；计数只能是 0 或 1
+    assert verify_record(_rec("no idea", nonfinite_target_stops=1), RULES) is None
+    assert "'nonfinite_target_stops' must be 0 or 1" in verify_record(_rec(nonfinite_target_stops=2), RULES)
     # 第二阶段开启、文本里没有答案：pred_forced 不能为 null；关闭时必须为 null。
     assert "'pred_forced' is null, but stage 2 is on" in verify_record(_rec("no idea"), RULES)
     off = RecordRules(**{**RULES.__dict__, "forced": False})
