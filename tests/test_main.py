@@ -99,8 +99,9 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, smol_path: str) -> Simple
 
 def test_demo_exit_code_and_files(demo_run: SimpleNamespace) -> None:
     assert demo_run.proc.returncode == 0
-    assert sorted(os.listdir(demo_run.run_dir)) == ["alpha_hist.png", "alpha_trace.png", "config.json", "metrics.json",
-                                                    "predictions.jsonl", "sweep.csv", "sweep.json", "timing.jsonl"]
+    assert sorted(os.listdir(demo_run.run_dir)) == [".lock", "alpha_hist.png", "alpha_trace.png", "config.json",
+                                                    "metrics.json", "predictions.jsonl", "sweep.csv", "sweep.json",
+                                                    "timing.jsonl"]
     assert "Traceback" not in demo_run.proc.stderr
     # 演示的专家与基座是同一模型但系统提示不同：不应出现“z_e − z_b ≡ 0”的警告。
     assert "≡ 0" not in demo_run.proc.stderr
