@@ -14,15 +14,19 @@ rank 0 汇总，运行目录与单进程逐字节相同（timing 除外）。
 
 长时间运行不丢进度（issue #4，见 RELIABILITY.md）：被杀死、Ctrl-C、批大小 1 仍显存不足之后，
 `python main.py --resume <运行目录>` 跳过已记录的题，最终的 metrics.json（除 "timing" 外）与不中断的运行相同。
-退出码：0 完成；2 配置/数据/模型/运行目录的已知错误；3 显存不足；130 被 Ctrl-C 中断。
+退出码：0 完成；2 配置/数据/模型/运行目录的已知错误（含：目录正被另一个活着的进程使用）；3 显存不足；
+4 写运行目录失败（磁盘满等）；130 / 143 / 129 被 SIGINT（Ctrl-C）/ SIGTERM / SIGHUP 停下（128 + 信号编号）。
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import errno
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -37,10 +41,10 @@ from fingerprint import pin_inputs, read_pins, run_fingerprints, write_fingerpri
 from model_loader import (ModelLoadError, available_memory, context_limit, end_token_ids, load_models, load_tokenizer,
                           local_path, model_config, resolve_device, resolve_source, torch_dtype, weight_bytes)
 from reporting import arm_tables, make_plots, print_report, write_sweep
-from run_folder import (CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, Dist, Interrupted, _fsync_dir, append_jsonl,
-                        consolidate, environment, init_dist, log_event, log_timing, open_run_dir, questions_sha256,
-                        rank_file, read_events, read_records, read_timing, resume_command, rewrite_sorted, stop_on_sigint,
-                        write_json)
+from run_folder import (CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, Dist, Interrupted, RunFolderError, RunLock, _fsync_dir,
+                        append_jsonl, consolidate, environment, init_dist, lock_run_dir, log_event, log_timing, open_append,
+                        open_run_dir, questions_sha256, raise_stop_now, rank_file, read_events, read_records, read_timing,
+                        release_lock, resume_command, rewrite_sorted, stop_on_signals, write_json)
 from sampling import Sampling
 from scoring import (ArmSpec, ForcedAnswer, Record, RecordRules, forced_answer_ids, letter_records, letter_role_text,
                      letter_token_ids, merge_letter_scores)
@@ -48,7 +52,7 @@ from speculative import Speculation
 from stats import arm_metrics, compare_arms
 from steering_utils import SteeringParams, steering_params
 
-EXIT_ERROR, EXIT_OOM, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_ERROR, EXIT_OOM, EXIT_WRITE = 2, 3, 4  # 被信号停下时退出码为 128 + 信号编号：SIGINT 130、SIGTERM 143、SIGHUP 129
 
 
 # ---------------------------------------------------------------------------
@@ -446,12 +450,12 @@ def decode_arms(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, load
     speculation = Speculation(cfg.speculate, cfg.draft, cfg.speculative_sampling, cfg.min_acceptance) \
         if cfg.speculate > 0 else None
     # 追加模式：每批的记录一次写入并 fsync（append_jsonl）；被杀死时最多丢掉正在解码的那一批。
-    with open(sink_path, "a", encoding="utf-8") as sink, stop_on_sigint() as stop:
+    with open_append(sink_path) as sink, stop_on_signals() as stop:
         _fsync_dir(run_dir)  # 记录文件的目录项也要落盘
         for arm in arms:
             done = {r["index"] for r in existing if r["mode"] == arm.name}
-            if stop() and len(done) < len(questions):
-                raise Interrupted
+            if stop.signum is not None and len(done) < len(questions):
+                raise Interrupted(stop.signum)
             result = run_arm(arm.name, questions, role_prompts, loaded.models, tok, vocab_size=loaded.vocab_size,
                              batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, end_ids=loaded.end_ids,
                              steering=arm.steering, fast=cfg.fast, compile=compile_step, done=done,
@@ -465,7 +469,7 @@ def decode_arms(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, load
                 log_timing(run_dir, {"mode": arm.name, "rank": dist.rank, "seconds": timing[arm.name]["seconds"],
                                      "decoded_tokens": timing[arm.name]["decoded_tokens"]})
             if result.interrupted:
-                raise Interrupted
+                raise Interrupted(stop.signum or signal.SIGINT)
     per_rank = dist.gather(timing)
     if per_rank is None:
         return None, {}
@@ -530,13 +534,15 @@ def run(cfg: Config, run_dir: str, stored: dict[str, Any] | None = None, dist: D
 
 def main(argv: Sequence[str] | None = None) -> int:
     """命令行入口。已知的错误打印一条可操作的消息、不打印 traceback，返回：
-    2 = 配置、数据、模型、运行目录的错误（都在加载模型或解码之前）；3 = 显存不足（批大小 1 仍不够）；
-    130 = Ctrl-C。解码开始之后停下的（3 与 130）都打印可直接复制的 --resume 命令：已写入的记录不会丢。
+    2 = 配置、数据、模型、运行目录的错误（都在加载模型或解码之前；含目录正被另一个活着的进程使用）；
+    3 = 显存不足（批大小 1 仍不够）；4 = 写运行目录失败（磁盘满、I/O 错误）；128 + signum = 被 SIGINT（Ctrl-C，130）、
+    SIGTERM（143）或 SIGHUP（129）停下。解码开始之后停下的都打印可直接复制的 --resume 命令：已写入的记录不会丢。
 
-    多进程（accelerate launch）：运行目录由 rank 0 决定并广播给其他进程；错误消息只由 rank 0 打印。
+    多进程（accelerate launch）：rank 0 先取运行目录的锁（run_folder.lock_run_dir）、再校验目录，然后广播给其他进程——
+    其他 rank 不取锁，只在 rank 0 持有锁之后才得知目录；错误消息只由 rank 0 打印。
     """
     run_dir: str | None = None
-    created = False
+    lock: RunLock | None = None
     dist = init_dist()
 
     def resumable() -> bool:
@@ -546,15 +552,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if dist.main:
             print(text, file=sys.stderr, flush=True)
 
+    # 解码之外，SIGTERM / SIGHUP 与默认的 Ctrl-C 一样立即停下（解码期间由 stop_on_signals 接管：写完当前批再停）。
+    previous = {s: signal.signal(s, raise_stop_now) for s in (signal.SIGTERM, signal.SIGHUP)} \
+        if threading.current_thread() is threading.main_thread() else {}
     try:
         cfg, explicit = parse_args(argv)
         opened: tuple[Config, str, dict[str, Any] | None] | None = None
         problem: str | None = None
         if dist.main:
-            target_dir = cfg.resume or cfg.output_dir
-            created = target_dir is None or not os.path.exists(target_dir)
             try:
-                opened = open_run_dir(cfg, explicit)
+                cfg, lock = lock_run_dir(cfg)  # 在加载任何东西之前；目录正被使用则在这里拒绝
+                opened = open_run_dir(cfg, explicit)  # 在锁下校验
             except ConfigError as exc:
                 problem = str(exc)
         opened, problem = dist.broadcast((opened, problem))
@@ -564,10 +572,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(cfg, run_dir, stored, dist)
     except (ConfigError, DataError, ModelLoadError) as exc:
         say(f"error: {exc}")
-        # 本次新建、又在写入任何东西之前就失败的目录：删掉，免得留下一堆空的 runs/<时间戳>/。
-        if dist.main and created and run_dir is not None and os.path.isdir(run_dir) and not os.listdir(run_dir):
-            os.rmdir(run_dir)
+        # 运行在写入任何东西之前就被拒绝：删掉本次新建的锁文件与空目录，免得留下一堆空的 runs/<时间戳>/。
+        if lock is not None:
+            release_lock(lock, undo=True)
         return EXIT_ERROR
+    except (RunFolderError, OSError) as exc:
+        # 写运行目录失败（RunFolderError 已是一行消息），或别处的磁盘满（ENOSPC / EDQUOT）；其他 OSError 不是已知错误，照常抛出。
+        if not isinstance(exc, RunFolderError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        what = str(exc) if isinstance(exc, RunFolderError) else f"{exc.strerror} ({exc.filename or 'no file name given'})"
+        hint = (f"Every finished question is saved. Free some space (or fix the cause above), then continue: {resume_command(run_dir)}"
+                if resumable() and run_dir else "Nothing had been recorded yet; free some space, then start again.")
+        # 前导换行：错误可能发生在进度条画到一半时（进度条还没关闭），消息要独占一行。
+        print(f"\nerror: {what}. {hint}", file=sys.stderr, flush=True)
+        return EXIT_WRITE
     except RunError as exc:
         print(f"error: {exc}\nEvery finished question is saved. To continue: {resume_command(run_dir or '')}", file=sys.stderr)
         return EXIT_OOM
@@ -576,13 +594,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: out of GPU memory. Lower --batch-size or --max-new-tokens, or use --load-in-4bit." + hint,
               file=sys.stderr)
         return EXIT_OOM
-    except (Interrupted, KeyboardInterrupt):
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        how = "Interrupted" if signum == signal.SIGINT else f"Interrupted by {signal.Signals(signum).name}"
         if resumable() and run_dir:
-            say(f"Interrupted. To continue: {resume_command(run_dir)}")
+            say(f"{how}. To continue: {resume_command(run_dir)}")
         else:
-            say("Interrupted (decoding had not started; there is nothing to resume).")
-        return EXIT_INTERRUPTED
+            say(f"{how} (decoding had not started; there is nothing to resume).")
+            if lock is not None:
+                release_lock(lock, undo=True)  # 还没写任何东西：删掉本次新建的锁文件与空目录
+        return 128 + signum
     finally:
+        if lock is not None:
+            release_lock(lock)
+        for s, old in previous.items():
+            signal.signal(s, old)
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0

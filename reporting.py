@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import csv
-import json
+import io
 import os
 from typing import Any, Sequence
 
@@ -13,6 +13,7 @@ import numpy as np
 
 from config import Config
 from data_loader import Question
+from run_folder import atomic_write, write_json
 from scoring import ArmSpec, Record
 from stats import CHANCE, majority_vote, paired_stats
 
@@ -125,17 +126,17 @@ def setting_rows(correct: dict[str, np.ndarray], meta: dict[str, dict[str, Any]]
 
 def write_sweep(rows: list[dict[str, Any]], run_dir: str) -> None:
     """sweep.json（完整，含修好/弄坏的题目下标）与 sweep.csv（每设置一行，便于表格软件打开）。"""
-    with open(os.path.join(run_dir, "sweep.json"), "w", encoding="utf-8") as f:
-        json.dump({"chance": CHANCE, "rows": rows}, f, indent=2, ensure_ascii=False)
+    write_json(os.path.join(run_dir, "sweep.json"), {"chance": CHANCE, "rows": rows})
     cols = ["setting", "schedule", "base_alpha", "alpha_mean", "n", "accuracy", "ci95_low", "ci95_high", "delta",
             "delta_ci95_low", "delta_ci95_high", "mcnemar_exact_p", "n_fixed", "n_broken"]
-    with open(os.path.join(run_dir, "sweep.csv"), "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for r in rows:
-            w.writerow([r["setting"], r["schedule"], r["base_alpha"], r["alpha_mean"], r["n"], r["accuracy"],
-                        r["ci95"][0], r["ci95"][1], r["delta"], *r["delta_ci95_bootstrap"], r["mcnemar_exact_p"],
-                        len(r["fixed"]), len(r["broken"])])
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(cols)
+    for r in rows:
+        w.writerow([r["setting"], r["schedule"], r["base_alpha"], r["alpha_mean"], r["n"], r["accuracy"],
+                    r["ci95"][0], r["ci95"][1], r["delta"], *r["delta_ci95_bootstrap"], r["mcnemar_exact_p"],
+                    len(r["fixed"]), len(r["broken"])])
+    atomic_write(os.path.join(run_dir, "sweep.csv"), text.getvalue().encode("utf-8"))
 
 
 def format_sweep(rows: list[dict[str, Any]]) -> str:
@@ -149,6 +150,13 @@ def format_sweep(rows: list[dict[str, Any]]) -> str:
                      f"{r['mcnemar_exact_p']:>11.3g}{len(r['fixed']):>7}{len(r['broken']):>8}")
     lines.append(f"chance (4 options): {CHANCE:.3f}")
     return "\n".join(lines)
+
+
+def save_png(fig: Any, path: str) -> None:
+    """把图存成 PNG：先在内存里渲染，再经 run_folder.atomic_write 原子替换（磁盘满时旧图不变、不留临时文件）。"""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write(path, buf.getvalue())
 
 
 def _pyplot() -> Any:
@@ -186,7 +194,7 @@ def plot_alpha_histogram(alphas: dict[str, dict[str, np.ndarray]], path: str, un
         ax.legend(fontsize=7)
     fig.suptitle(f"MedQA, {SCORING_LABELS.get(scoring, scoring)}: distribution of the steering weight α {unit}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
     plt.close(fig)
     return fig
 
@@ -208,7 +216,7 @@ def plot_alpha_trace(traces: dict[str, Sequence[float]], path: str, question_ind
                  f"{question_index}", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
     plt.close(fig)
     return fig
 
@@ -237,7 +245,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: str, scoring: str = "cot") -> A
                  f"({', '.join(schedules)} vs baseline)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
     plt.close(fig)
     return fig
 

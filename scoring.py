@@ -63,33 +63,6 @@ RECORD_KEYS: frozenset[str] = frozenset(RecordCore.__required_keys__)
 COT_RECORD_KEYS: frozenset[str] = RECORD_KEYS | {"pred_text", "pred_forced", "nonfinite_target_stops"}
 
 
-def record_problem(rec: dict[str, Any]) -> str | None:
-    """检查一条 CoT 记录的取值类型与两阶段字段的一致性；没有问题返回 None，否则返回一句英文说明。
-
-    续跑读取 predictions.jsonl 时调用（run_folder.read_records）：旧版本写的、没有 pred_text/pred_forced 的记录，
-    或被改动过的记录（pred 与两阶段不一致、correct 与 pred 不一致）都被拒绝，而不是混进指标。
-    """
-    missing = sorted(COT_RECORD_KEYS - set(rec))
-    if missing:
-        return f"missing keys {', '.join(missing)} (a file written by an older version of this tool?)"
-    if not isinstance(rec["mode"], str) or isinstance(rec["index"], bool) or not isinstance(rec["index"], int):
-        return "'mode' must be a string and 'index' an integer"
-    for key in ("pred", "pred_text", "pred_forced"):
-        if rec[key] is not None and rec[key] not in LETTERS:
-            return f"'{key}' must be null or one of {', '.join(LETTERS)}, got {rec[key]!r}"
-    if rec["pred_text"] is not None and rec["pred_forced"] is not None:
-        return "'pred_forced' must be null when 'pred_text' holds a letter (stage 2 only runs when stage 1 found none)"
-    final = rec["pred_text"] if rec["pred_text"] is not None else rec["pred_forced"]
-    if rec["pred"] != final:
-        return f"'pred' must equal pred_text, or pred_forced when pred_text is null ({final!r}), got {rec['pred']!r}"
-    if not isinstance(rec["correct"], bool) or rec["correct"] != (rec["pred"] == rec["gold"]):
-        return "'correct' must be a boolean equal to (pred == gold)"
-    if not isinstance(rec["output"], str) or isinstance(rec["num_tokens"], bool) \
-            or not isinstance(rec["num_tokens"], int):
-        return "'output' must be a string and 'num_tokens' an integer"
-    return None
-
-
 @dataclass(frozen=True)
 class ArmSpec:
     """一个臂。name 写进每条记录的 "mode"；roles 是参与的模型角色（单模型臂不融合）；

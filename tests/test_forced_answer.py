@@ -6,7 +6,7 @@
 - run_arm 的第二阶段字母 == 独立的慢速计算（每行每模型对 提示 + 生成（去掉结束记号）+ cue 整段前向，
   用 steering_utils 融合，在字母 id 上取 argmax），覆盖基线、adaptive、adaptive_inverse + β、采样臂、单模型臂；
 - 第一阶段读出答案的行没有 pred_forced；forced=None（--no-forced-answer）时 pred_forced 全为 null；
-- 续跑读取记录时的检查（scoring.record_problem）接受新字段、拒绝旧格式与不一致的记录。
+- 续跑读取记录时的检查（scoring.verify_record）接受新字段、拒绝旧格式与不一致的记录。
 
 全部是 CPU 上的微型随机 Llama（词表 96），与 tests/test_evaluator.py 同样的构造。
 """
@@ -27,7 +27,7 @@ from config import FORCED_ANSWER_CUE, LETTERS
 from evaluator import run_arm
 from run_folder import read_records
 from sampling import Sampling
-from scoring import ForcedAnswer, forced_answer_ids, record_problem
+from scoring import ForcedAnswer, RecordRules, forced_answer_ids, verify_record
 from steering_utils import SteeringParams, compute_steered_logits, schedule_alpha
 from test_evaluator import tiny_llama
 
@@ -115,6 +115,8 @@ def test_stage2_letter_equals_slow_computation(trio, name: str, monkeypatch: pyt
     end = int(_run(trio, name, [], None).records[0]["output"].split()[2])
     result = _run(trio, name, [end], FORCED)
     assert [r["index"] for r in result.records] == list(range(len(PROMPTS)))
+    rules = RecordRules(modes=(name,), fused=frozenset({name} if steering is not None else ()),
+                        questions={q.index: q for q in questions()}, forced=True, max_new_tokens=STEPS)
     ended = 0
     for r, q in zip(result.records, questions()):
         generated = [int(t) for t in r["output"].split()]
@@ -126,7 +128,7 @@ def test_stage2_letter_equals_slow_computation(trio, name: str, monkeypatch: pyt
             assert r["pred_forced"] == slow_letter(trio, roles, steering, PROMPTS[q.index], generated, {end})
             assert r["pred"] == r["pred_forced"]
         assert r["correct"] == (r["pred"] == q.answer_idx)
-        assert record_problem(r) is None
+        assert verify_record(r, rules) is None  # 续跑的核对接受 run_arm 写出的记录
     assert ended >= 1  # 至少一行以结束记号收尾（去掉结束记号的那条路被走到）
 
 
@@ -248,6 +250,10 @@ def test_main_refuses_before_any_weights_load(tmp_path: Path, monkeypatch: pytes
 # ---------------------------------------------------------------------------
 
 
+RULES = RecordRules(modes=("baseline",), fused=frozenset(), forced=True, max_new_tokens=3,
+                    questions={0: SimpleNamespace(index=0, answer_idx="B", options={k: f"option {k}" for k in LETTERS})})
+
+
 def _record(**changes: Any) -> dict[str, Any]:
     rec = {"mode": "baseline", "index": 0, "gold": "B", "pred": "B", "pred_text": None, "pred_forced": "B",
            "correct": True, "output": "...", "num_tokens": 3, "nonfinite_target_stops": 0}
@@ -257,22 +263,24 @@ def _record(**changes: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize("changes, problem", [
     ({}, None),
-    ({"pred_text": "B", "pred_forced": None}, None),
-    ({"pred": None, "pred_forced": None, "correct": False}, None),
+    ({"pred_text": "B", "pred_forced": None, "output": "The answer is B."}, None),
+    ({"pred": "A", "correct": False, "gold": "A"}, "'gold' differs"),
     ({"pred_text": ..., "pred_forced": ...}, "missing keys"),  # 旧版本写的记录
-    ({"pred": "A", "correct": False}, "'pred' must equal"),
-    ({"pred_text": "B"}, "must be null when"),
+    ({"pred": "A", "correct": False}, "'pred' differs"),
+    ({"pred_text": "B"}, "'pred_text' differs"),
+    ({"pred_forced": None, "pred": None, "correct": False}, "'pred_forced' is null"),
     ({"pred_forced": "E", "pred": "E", "correct": False}, "one of A, B, C, D"),
-    ({"correct": False}, "'correct'"),
+    ({"correct": False}, "'correct' differs"),
 ])
 def test_record_validation(tmp_path: Path, changes: dict[str, Any], problem: str | None) -> None:
+    """续跑读记录的唯一规则 scoring.verify_record（经 run_folder.read_records）：两阶段字段齐全且与重算一致。"""
     rec = _record(**changes)
-    got = record_problem(rec)
-    assert (got is None) if problem is None else (problem in got)
+    got = verify_record(rec, RULES)
+    assert (got is None) if problem is None else (problem in got), got
     path = tmp_path / "predictions.jsonl"
     path.write_text(json.dumps(rec) + "\n", encoding="utf-8")
     if problem is None:
-        assert read_records(str(path), ["baseline"], {0}) == [rec]
+        assert read_records(str(path), ["baseline"], {0}, rules=RULES) == [rec]
     else:
-        with pytest.raises(main.DataError, match=":1: not a valid record"):
-            read_records(str(path), ["baseline"], {0})
+        with pytest.raises(main.DataError, match=":1: "):
+            read_records(str(path), ["baseline"], {0}, rules=RULES)

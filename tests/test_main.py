@@ -99,7 +99,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, smol_path: str) -> Simple
 
 def test_demo_exit_code_and_files(demo_run: SimpleNamespace) -> None:
     assert demo_run.proc.returncode == 0
-    assert sorted(os.listdir(demo_run.run_dir)) == ["alpha_hist.png", "alpha_trace.png", "config.json", "fingerprints.json",
+    assert sorted(os.listdir(demo_run.run_dir)) == [".lock", "alpha_hist.png", "alpha_trace.png", "config.json",
+                                                    "fingerprints.json",
                                                     "metrics.json", "predictions.jsonl", "sweep.csv", "sweep.json",
                                                     "timing.jsonl"]
     assert "Traceback" not in demo_run.proc.stderr

