@@ -146,11 +146,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, data: Path, smol_path: str) -> Path:
-    """不中断的参照运行（真实子进程、SmolLM2 演示）。"""
+    """不中断的参照运行（SmolLM2 演示，进程内：真实子进程的运行见中断链与 test_main 的演示）。"""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    proc = subprocess.run([sys.executable, "main.py", *_argv(data, run_dir)], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, encoding="utf-8", timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    assert main.main(_argv(data, run_dir)) == 0
     assert len(_read_jsonl(run_dir / "predictions.jsonl")) == 2 * LIMIT
     return run_dir
 
@@ -206,39 +204,14 @@ def _oom_after_first_batch() -> Callable[[int], None]:
 # ---------------------------------------------------------------------------
 
 
-def test_sigkill_midway_then_resume_equals_uninterrupted(reference: Path, data: Path, tmp_path: Path) -> None:
-    """SIGKILL 在引导模式第一批写入之后杀死进程；`python main.py --resume DIR` 补完，结果与不中断的运行相同。"""
-    run_dir = tmp_path / "run"
-    preds = run_dir / "predictions.jsonl"
-    proc = _spawn(_argv(data, run_dir))
-    _wait_for_lines(proc, preds, LIMIT + BATCH)  # 基线全部 + 引导的第一批
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    written = _lines(preds)
-    assert LIMIT + BATCH <= written < 2 * LIMIT and not (run_dir / "metrics.json").exists(), "应在中途被杀死"
-    _assert_no_duplicates(_read_jsonl(preds)[:written])
-
-    resumed = subprocess.run([sys.executable, "main.py", "--resume", str(run_dir)], cwd=REPO, env=ENV,
-                             capture_output=True, text=True, encoding="utf-8", timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "Traceback" not in resumed.stderr
-    assert f"{written}/{2 * LIMIT} records already written" in resumed.stdout
-    assert _outcome(run_dir) == _outcome(reference)
-    # 计时是各会话之和：基线在被杀的那次会话里已全部完成（timing.jsonl 有它的一行），续跑没有再解码它；
-    # 引导臂被 kill -9 的那部分来不及写计时行，只计入续跑这一次。没有任何一个臂显示像测量值的 0。
-    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    base_t, steer_t = metrics["baseline"]["timing"], metrics["steered"]["timing"]
-    assert base_t["sessions"] == 1 and base_t["decoded_tokens"] == metrics["baseline"]["generated_tokens"]
-    assert base_t["seconds"] > 0 and base_t["tokens_per_second"] > 0
-    assert steer_t["sessions"] == 1 and 0 < steer_t["decoded_tokens"] < metrics["steered"]["generated_tokens"]
-    assert "wall s" in resumed.stdout and " 0.0\n" not in resumed.stdout
-    events = _read_jsonl(run_dir / "events.jsonl")
-    assert [e["event"] for e in events] == ["resumed"] and events[0]["already_recorded"] == written
-
-
-def test_sigint_stops_after_batch_prints_resume_command(reference: Path, data: Path, tmp_path: Path) -> None:
-    """SIGINT（Ctrl-C）在第一批写入之后：写完当前批、退出码 130、打印精确的续跑命令；执行该命令后与参照相同。"""
+def test_sigint_then_sigkill_then_resume_equals_uninterrupted(reference: Path, data: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """一条链上的两种中断（真实子进程），最后续跑的结果与不中断的运行相同：
+    1. SIGINT（Ctrl-C）在基线第一批写入之后：写完当前批、退出码 130、打印精确的续跑命令；
+    2. 执行打印出的那条命令（真实子进程），在引导臂第一批写入之后 SIGKILL：最多丢掉在解码的那一批，没有重复；
+    3. 再续跑一次（进程内）：补完，predictions 与 metrics（除计时外）与参照相同，计时是各会话之和。
+    （SIGTERM / SIGHUP 与 Ctrl-C 同一机制，见 tests/test_stop_and_disk_full.py。一条链代替两个各自从头运行的测试：
+    同样的性质，少一次完整的解码与两次进程启动。）"""
     run_dir = tmp_path / "run"
     preds = run_dir / "predictions.jsonl"
     proc = _spawn(_argv(data, run_dir))
@@ -254,14 +227,33 @@ def test_sigint_stops_after_batch_prints_resume_command(reference: Path, data: P
     assert "Traceback" not in err
     raw = preds.read_bytes()
     assert raw.endswith(b"\n") and raw.count(b"\n") % BATCH == 0, "只应写整批"
-    assert BATCH <= raw.count(b"\n") < 2 * LIMIT and not (run_dir / "metrics.json").exists()
+    assert BATCH <= raw.count(b"\n") < LIMIT and not (run_dir / "metrics.json").exists(), "应停在基线中途"
 
     argv = shlex.split(command)
     assert argv[:2] == ["python", "main.py"]
-    resumed = subprocess.run([sys.executable, *argv[1:]], cwd=REPO, env=ENV, capture_output=True, text=True,
-                             encoding="utf-8", timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
+    proc = _spawn(argv[2:])
+    _wait_for_lines(proc, preds, LIMIT + BATCH)  # 基线全部 + 引导的第一批
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    written = _lines(preds)
+    assert LIMIT + BATCH <= written < 2 * LIMIT and not (run_dir / "metrics.json").exists(), "应在引导臂中途被杀死"
+    _assert_no_duplicates(_read_jsonl(preds)[:written])
+
+    code, text = _main(["--resume", str(run_dir)], capsys)
+    assert code == 0, text
+    assert f"{written}/{2 * LIMIT} records already written" in text
     assert _outcome(run_dir) == _outcome(reference)
+    # 计时是各会话之和：基线在第 1 次（Ctrl-C 前的那批）与第 2 次会话里解码，两行计时；引导臂被 kill -9 的那部分
+    # 来不及写计时行，只计入最后一次。没有任何一个臂显示像测量值的 0。
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    base_t, steer_t = metrics["baseline"]["timing"], metrics["steered"]["timing"]
+    assert base_t["sessions"] == 2 and base_t["decoded_tokens"] == metrics["baseline"]["generated_tokens"]
+    assert base_t["seconds"] > 0 and base_t["tokens_per_second"] > 0
+    assert steer_t["sessions"] == 1 and 0 < steer_t["decoded_tokens"] < metrics["steered"]["generated_tokens"]
+    assert "wall s" in text and " 0.0\n" not in text
+    events = _read_jsonl(run_dir / "events.jsonl")
+    assert [e["event"] for e in events] == ["resumed", "resumed"] and events[1]["already_recorded"] == written
 
 
 def test_torn_last_line_is_dropped_and_redone(reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
