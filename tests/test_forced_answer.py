@@ -250,7 +250,7 @@ def test_main_refuses_before_any_weights_load(tmp_path: Path, monkeypatch: pytes
 
 def _record(**changes: Any) -> dict[str, Any]:
     rec = {"mode": "baseline", "index": 0, "gold": "B", "pred": "B", "pred_text": None, "pred_forced": "B",
-           "correct": True, "output": "...", "num_tokens": 3, "nonfinite_target_stops": 0}
+           "correct": True, "output": "...", "num_tokens": 3, "nonfinite_target_stops": 0, "output_ids": [13, 13, 13]}
     rec.update(changes)
     return {k: v for k, v in rec.items() if v is not ...}
 
