@@ -26,7 +26,7 @@ from config import ROLES
 from sampling import Sampling, pick_tokens
 from scoring import (ForcedAnswer, LetterScores, Record, forced_predictions, forced_row_ids, make_record,
                      with_forced)
-from steering_utils import SteeringParams, distance, fuse_step, stop_nonfinite_target
+from steering_utils import SteeringParams, distance, fuse_step, nonfinite_rows, stop_nonfinite_target
 
 if TYPE_CHECKING:
     from fast.decoder import FastDecoder
@@ -449,12 +449,12 @@ def run_arm(
         # 对 NaN 取 argmax 会悄悄给出一个字母。它的 pred 只来自第一阶段（多半为 None，计为错）。
         need = [k for k, rec in enumerate(new) if rec["pred_text"] is None and not rec.get("nonfinite_target_stops")]
         if forced is not None and need:
-            ids = [[forced_row_ids(role_prompts[r][chunk[rows[k]]], result.tokens[rows[k]], end_ids, forced)
-                    for k in need] for r in roles]
-            letters = forced_letters([models[r] for r in roles], ids, roles, forced, vocab_size=vocab_size,
-                                     steering=steer)
+            letters = stage2_letters(models, role_prompts, roles, [chunk[rows[k]] for k in need],
+                                     [result.tokens[rows[k]] for k in need], end_ids, forced,
+                                     vocab_size=vocab_size, steering=steer)
             for k, letter in zip(need, letters):
-                new[k] = with_forced(new[k], letter)
+                # None：第二阶段的前向里目标 logits 非有限——与解码时一样记为停止，没有字母（计为错）
+                new[k] = with_forced(new[k], letter) if letter is not None else {**new[k], "nonfinite_target_stops": 1}
         if spec is not None:
             for k, row in enumerate(rows):
                 new[k].update(record_fields(result, row))  # type: ignore[typeddict-item]
@@ -538,12 +538,12 @@ def arm_timing(arm: ArmResult) -> dict[str, Any]:
 
 @torch.inference_mode()
 def forced_letters(models: Sequence[PreTrainedModel], ids: Sequence[Sequence[Sequence[int]]], roles: Sequence[str],
-                   forced: ForcedAnswer, *, vocab_size: int, steering: SteeringParams | None) -> list[str]:
+                   forced: ForcedAnswer, *, vocab_size: int, steering: SteeringParams | None) -> list[str | None]:
     """第二阶段：ids[k][i] 是第 k 个模型（角色 roles[k]）第 i 行的 提示 + 生成 + cue（scoring.forced_row_ids）。
     每个模型对左填充的整批做一次完整前向（不复用解码时的 KV 缓存：简单、与解码路径无关；代价约等于再做一次
     prefill，只有第一阶段没读出答案的行付出），取最后位置的 logits (B, V)[:, :vocab_size]，交给
     scoring.forced_predictions：单模型臂直接取四个字母上的 argmax，融合臂按该臂的 SteeringParams 融合后取 argmax
-    （与 --scoring letter 同一规则）。返回每行的字母。"""
+    （与 --scoring letter 同一规则）。返回每行的字母；臂的第一个模型在该行的 logits 非有限时为 None。"""
     if len(models) != len(ids) or len(models) != len(roles) or len(models) not in (1, 3):
         raise ValueError("forced_letters needs one id list per model, and one model or (target, expert, base)")
     device = models[0].device
@@ -554,6 +554,37 @@ def forced_letters(models: Sequence[PreTrainedModel], ids: Sequence[Sequence[Seq
         out = model(input_ids=tokens, attention_mask=mask, position_ids=pos, logits_to_keep=1)
         z[role] = out.logits[:, -1, :vocab_size].float().to(device)
     return forced_predictions(z, roles, steering if len(models) == 3 else None, forced.letter_ids)
+
+
+def stage2_letters(models: dict[str, PreTrainedModel], role_prompts: dict[str, list[list[int]]], roles: Sequence[str],
+                   positions: Sequence[int], tokens: Sequence[Sequence[int]], end_ids: Collection[int],
+                   forced: ForcedAnswer, *, vocab_size: int, steering: SteeringParams | None) -> list[str | None]:
+    """一组行的第二阶段字母（run_arm 写记录与 main.check_stage2 续跑时重算共用这一条路径）：positions[i] 是题目位置 j，
+    tokens[i] 是它生成的 id；每个角色的输入 = 该角色的提示 + 生成（去掉末尾的结束记号）+ cue，一起做一批 forced_letters。"""
+    ids = [[forced_row_ids(role_prompts[r][j], t, end_ids, forced) for j, t in zip(positions, tokens)] for r in roles]
+    return forced_letters([models[r] for r in roles], ids, roles, forced, vocab_size=vocab_size, steering=steering)
+
+
+def recheck_stage2(mode: str, questions: Sequence[Any], role_prompts: dict[str, list[list[int]]],
+                   models: dict[str, PreTrainedModel], records: Sequence[Record], *, roles: Sequence[str],
+                   steering: SteeringParams | None, vocab_size: int, batch_size: int, end_ids: Sequence[int],
+                   forced: ForcedAnswer) -> list[tuple[Record, str | None]]:
+    """续跑：用模型重算一个臂已保存的第二阶段字母（records 里 pred_forced 非 null 的记录，由 output_ids 重算），
+    返回 [(记录, 重算的字母)] 中不一致的那些。批的组成与 run_arm 相同：batch_plan 的每一批里需要第二阶段的行一起做
+    一次 stage2_letters——不中断、没有显存回退的运行因此得到相同的填充与批形状，fp32 下逐位相同。
+    （显存回退或被杀在写入中途的批，当初的组成不同，近似平局时理论上可能翻转；见 RELIABILITY.md。）"""
+    steer = steering if len(roles) == 3 else None
+    mine = {r["index"]: r for r in records if r["mode"] == mode and r.get("pred_forced") is not None}
+    bad: list[tuple[Record, str | None]] = []
+    for chunk in batch_plan(role_prompts["target"], batch_size):
+        rows = [j for j in chunk if questions[j].index in mine]
+        if not rows:
+            continue
+        recs = [mine[questions[j].index] for j in rows]
+        letters = stage2_letters(models, role_prompts, roles, rows, [r["output_ids"] for r in recs], end_ids, forced,
+                                 vocab_size=vocab_size, steering=steer)
+        bad += [(rec, letter) for rec, letter in zip(recs, letters) if letter != rec["pred_forced"]]
+    return bad
 
 
 # ---------------------------------------------------------------------------
@@ -567,11 +598,13 @@ def score_letters(models: dict[str, PreTrainedModel],
     """每个模型对每道题做一次前向（左填充成批，只算最后位置的 logits），收集字母 logits 与距离。
 
     prompt_ids: 每题的 id 列表——三个角色共用一份，或 {角色: 各自的一份}（角色有自己的系统提示时，
-    见 scoring.letter_role_text）。返回的数组都在 CPU 上，按题目顺序排列。
+    见 scoring.letter_role_text）。返回的数组都在 CPU 上，按题目顺序排列；nonfinite[角色] 标出该角色整行 logits
+    非有限的题（scoring.letter_records 把臂的第一个模型非有限的题记为无答案、计数）。
     """
     per_role = prompt_ids if isinstance(prompt_ids, dict) else {role: prompt_ids for role in models}
     n = len(next(iter(per_role.values())))
     letters: dict[str, list[torch.Tensor]] = {role: [] for role in models}
+    bad: dict[str, list[torch.Tensor]] = {role: [] for role in models}  # 每批 (B,) bool：整行 logits 非有限
     dists: list[torch.Tensor] = []
     index = torch.tensor(letter_ids)
     for lo in range(0, n, batch_size):
@@ -582,10 +615,11 @@ def score_letters(models: dict[str, PreTrainedModel],
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
             z[role] = out.logits[:, -1, :vocab_size].float()
             letters[role].append(z[role][:, index.to(z[role].device)].cpu())
+            bad[role].append(nonfinite_rows(z[role]).cpu())
         if "expert" in z:
             dists.append(distance(z["target"], z["expert"], metric).cpu())
     return LetterScores(letters={r: torch.cat(v) for r, v in letters.items()},
-                        distance=torch.cat(dists) if dists else None)
+                        distance=torch.cat(dists) if dists else None, nonfinite={r: torch.cat(v) for r, v in bad.items()})
 
 
 def score_letters_shard(models: dict[str, PreTrainedModel], prompt_ids: dict[str, list[list[int]]],

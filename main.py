@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import errno
+import json
 import os
 import random
 import signal
@@ -36,21 +37,21 @@ import torch
 
 from config import FORCED_ANSWER_CUE, LETTERS, ROLES, Config, ConfigError, parse_args
 from data_loader import DataError, Question, encode_prompts, format_prompt, load_questions
-from evaluator import RunError, arm_timing, cache_length, kv_cache_bytes, run_arm, score_letters_shard
+from evaluator import RunError, arm_timing, cache_length, kv_cache_bytes, recheck_stage2, run_arm, score_letters_shard
 from fingerprint import pin_inputs, read_pins, run_fingerprints, write_fingerprints
 from model_loader import (ModelLoadError, available_memory, context_limit, end_token_ids, load_models, load_tokenizer,
                           local_path, model_config, resolve_device, resolve_source, torch_dtype, weight_bytes)
 from reporting import arm_tables, make_plots, print_report, write_sweep
 from run_folder import (CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, Dist, Interrupted, RunFolderError, RunLock, _fsync_dir,
-                        append_jsonl, consolidate, environment, init_dist, lock_run_dir, log_event, log_timing, open_append,
-                        open_run_dir, questions_sha256, raise_stop_now, rank_file, read_events, read_records, read_timing,
-                        release_lock, resume_command, rewrite_sorted, stop_on_signals, write_json)
+                        append_jsonl, collect_records, consolidate, environment, init_dist, lock_run_dir, log_event,
+                        log_timing, open_append, open_run_dir, questions_sha256, raise_stop_now, rank_file, read_events,
+                        read_records, read_timing, release_lock, resume_command, rewrite_sorted, stop_on_signals, write_json)
 from sampling import Sampling
-from scoring import (ArmSpec, ForcedAnswer, Record, RecordRules, forced_answer_ids, letter_records, letter_role_text,
-                     letter_token_ids, merge_letter_scores)
+from scoring import (ArmSpec, ForcedAnswer, Record, RecordRules, decode_output, forced_answer_ids, letter_records,
+                     letter_role_text, letter_token_ids, merge_letter_scores)
 from speculative import Speculation
 from stats import arm_metrics, compare_arms
-from steering_utils import SteeringParams, steering_params
+from steering_utils import steering_params
 
 EXIT_ERROR, EXIT_OOM, EXIT_WRITE = 2, 3, 4  # 被信号停下时退出码为 128 + 信号编号：SIGINT 130、SIGTERM 143、SIGHUP 129
 
@@ -162,13 +163,56 @@ def load_data(cfg: Config, dist: Dist) -> Data:
     return Data(questions, source, skipped, questions_sha256(questions), trace_index)
 
 
-def record_rules(cfg: Config, arms: list[ArmSpec], data: Data) -> RecordRules:
+def record_rules(cfg: Config, arms: list[ArmSpec], data: Data, tokenizer: Any = None) -> RecordRules:
     """核对 predictions.jsonl 每条记录的规则（scoring.verify_record）：本次的臂、融合臂、题目、第二阶段、token 上界、
-    投机解码的臂（与 evaluator.run_arm 相同：--speculate > 0 且臂里有目标）。"""
+    投机解码的臂（与 evaluator.run_arm 相同：--speculate > 0 且臂里有目标）。tokenizer 给出时（它加载之后）另核对
+    output_ids 在词表内、output 就是它们的解码（scoring.decode_output，与写记录同一个调用）。"""
     return RecordRules(modes=tuple(a.name for a in arms), fused=frozenset(a.name for a in arms if a.steering is not None),
                        questions={q.index: q for q in data.questions}, forced=cfg.forced_answer,
                        max_new_tokens=cfg.max_new_tokens,
-                       speculative=frozenset(a.name for a in arms if cfg.speculate > 0 and "target" in a.roles))
+                       speculative=frozenset(a.name for a in arms if cfg.speculate > 0 and "target" in a.roles),
+                       decode=(lambda ids: decode_output(tokenizer, ids)) if tokenizer is not None else None,
+                       vocab_size=len(tokenizer) if tokenizer is not None else None)
+
+
+def cot_prompts(cfg: Config, questions: Sequence[Question], loaded: "Loaded") -> dict[str, list[list[int]]]:
+    """CoT 每个角色每道题的提示 id。三个角色都用目标分词器渲染与编码（Llama-3.1 与 3.2 的模板会插入不同日期，必须统一）。"""
+    tok, prompts = loaded.tokenizer, cfg.role_system_prompts
+    return {role: encode_prompts([format_prompt(q, tok, prompts[role]) for q in questions], tok)
+            for role in loaded.models}
+
+
+def check_stage2(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, loaded: "Loaded",
+                 existing: list[Record], dist: Dist) -> None:
+    """续跑、模型加载之后、任何新的解码之前：用模型由 output_ids 重算每条已保存记录的第二阶段字母（pred_forced 非 null 的），
+    与 run_arm 同一条代码路径（evaluator.recheck_stage2 → stage2_letters）、同样的批。不一致 → DataError（文件:行号，
+    退出码 2），什么都不改：伪造的第二阶段字母不进入指标。rank 0 重算，结果广播给其他进程。
+    行号：resume_records 的 consolidate 已把 predictions.jsonl 写成 (臂的顺序, index) 升序，所以记录在这个顺序里的位置 + 1。"""
+    if loaded.forced is None or not any(r["pred_forced"] is not None for r in existing):
+        return
+    problem: str | None = None
+    if dist.main:
+        names = [a.name for a in arms]
+        order = sorted(existing, key=lambda r: (names.index(r["mode"]), r["index"]))
+        line = {(r["mode"], r["index"]): k + 1 for k, r in enumerate(order)}
+        print(f"[main] checking {sum(r['pred_forced'] is not None for r in existing)} stage-2 letters of resumed "
+              "records ...", flush=True)
+        role_prompts = cot_prompts(cfg, data.questions, loaded)
+        path = os.path.abspath(os.path.join(run_dir, PREDICTIONS_FILE))
+        for arm in arms:
+            bad = recheck_stage2(arm.name, data.questions, role_prompts, loaded.models, existing, roles=arm.roles,
+                                 steering=arm.steering, vocab_size=loaded.vocab_size, batch_size=cfg.batch_size,
+                                 end_ids=loaded.end_ids, forced=loaded.forced)
+            if bad:
+                rec, again = min(bad, key=lambda b: line[(b[0]["mode"], b[0]["index"])])
+                problem = (f"{path}:{line[(rec['mode'], rec['index'])]}: 'pred_forced' differs from stage 2 recomputed "
+                           f"with the models (stored {json.dumps(rec['pred_forced'])}, recomputed {json.dumps(again)}). "
+                           "The file was edited or damaged; this record is not counted. Restore the line, or delete it "
+                           "to decode that question again, then --resume")
+                break
+    problem = dist.broadcast(problem)
+    if problem is not None:
+        raise DataError(problem)
 
 
 def resume_records(cfg: Config, run_dir: str, stored: dict[str, Any] | None, data: Data, arms: list[ArmSpec],
@@ -440,10 +484,7 @@ def decode_arms(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, load
     """CoT：每个臂生成全部题目（run_arm），每批的记录一次写入并 fsync；Ctrl-C 在当前批写完后停下（Interrupted）。
     rank 0 合并各进程的记录并返回全部记录（只从持久文件读）与计时，其他 rank 返回 (None, {})。"""
     tok, questions = loaded.tokenizer, data.questions
-    # 三个角色都用目标分词器渲染与编码（Llama-3.1 与 3.2 的模板会插入不同日期，必须统一）。
-    prompts = cfg.role_system_prompts
-    role_prompts = {role: encode_prompts([format_prompt(q, tok, prompts[role]) for q in questions], tok)
-                    for role in loaded.models}
+    role_prompts = cot_prompts(cfg, questions, loaded)
     compile_step = cfg.fast and (cfg.compile == "on" or (cfg.compile == "auto" and loaded.device.type == "cuda"))
     sink_path = os.path.join(run_dir, PREDICTIONS_FILE if dist.world == 1 else rank_file(dist.rank))
     timing: dict[str, dict[str, Any]] = {}
@@ -475,7 +516,7 @@ def decode_arms(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, load
         return None, {}
     names = [a.name for a in arms]
     # 指标只从持久的记录算（不从内存）：续跑与不中断的运行因此得到同一份 metrics。
-    return consolidate(run_dir, names, data.indices, record_rules(cfg, arms, data)), total_timing(read_timing(run_dir),
+    return consolidate(run_dir, names, data.indices, record_rules(cfg, arms, data, tok)), total_timing(read_timing(run_dir),
                                                                    merge_timing(per_rank, names, dist.world), names)
 
 
@@ -518,7 +559,17 @@ def run(cfg: Config, run_dir: str, stored: dict[str, Any] | None = None, dist: D
     arms = plan_arms(cfg)
     names = [a.name for a in arms]
     existing, pins = resume_records(cfg, run_dir, stored, data, arms, dist)
-    data, loaded = load_roles(cfg, dist, data, lambda tok: pin_inputs(cfg, run_dir, pins, tok, dist.main))
+
+    def pin(tok: Any) -> dict[str, Any]:
+        # 分词器加载之后、权重之前：先核对输入的指纹（分词器变了就指名它），再把已保存的记录按 output 与 output_ids
+        # 核对一遍（文本就是 id 的解码、id 在词表内；文件:行号）。
+        fingerprints = pin_inputs(cfg, run_dir, pins, tok, dist.main)
+        if existing:
+            collect_records(run_dir, names, data.indices, record_rules(cfg, arms, data, tok))
+        return fingerprints
+
+    data, loaded = load_roles(cfg, dist, data, pin)
+    check_stage2(cfg, run_dir, arms, data, loaded, existing, dist)
     record_start(cfg, run_dir, stored, data, loaded, names, existing, dist)
     if cfg.scoring == "letter":
         records, timing = score_by_letters(cfg, run_dir, arms, data, loaded, dist)

@@ -9,7 +9,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Collection, Final, Mapping, Sequence, TypedDict
+from typing import Any, Callable, Collection, Final, Mapping, Sequence, TypedDict
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ import torch
 from config import FORCED_ANSWER_CUE, LETTERS, ROLES, Config
 from data_loader import Question
 from sampling import Sampling
-from steering_utils import SteeringParams, alpha_from_distance, distance, fuse_with_alpha
+from steering_utils import SteeringParams, alpha_from_distance, distance, fuse_with_alpha, nonfinite_rows
 
 ALPHA_DECIMALS: int = 4  # 逐 token α 的保存精度：α 量级为 1，万分之一足够作图，又让每题 512 步的记录保持小巧
 
@@ -53,6 +53,7 @@ class Record(RecordCore, total=False):
     letter_logits: list[float | None]  # 四个字母上（融合后）的 logits；被可信度约束排除的为 None
     pred_text: str | None  # CoT：第一阶段（从文本）读出的字母
     pred_forced: str | None  # CoT：第二阶段（强制答案提示）的字母；不需要或关闭时为 None
+    output_ids: list[int]  # CoT：生成的 token id（正是解码成 output 的那些，含结束记号）；续跑据此重算第二阶段的字母
     drafted: int  # 投机解码的臂（--speculate K）：这道题被提出的草稿 token 数
     accepted: int  # 输出里来自草稿的 token 数
     verify_steps: int  # 验证前向次数（含产出第一个 token 的 prefill）
@@ -60,7 +61,8 @@ class Record(RecordCore, total=False):
 
 RECORD_KEYS: frozenset[str] = frozenset(RecordCore.__required_keys__)
 # CoT 记录（predictions.jsonl 里续跑读取的就是它们）另外必有的键：两阶段答案抽取的结果。
-COT_RECORD_KEYS: frozenset[str] = RECORD_KEYS | {"pred_text", "pred_forced", "nonfinite_target_stops"}
+# output_ids 是生成的 token id：output 是它的解码（续跑核对两者一致），第二阶段的字母由它重算（main.check_stage2）。
+COT_RECORD_KEYS: frozenset[str] = RECORD_KEYS | {"pred_text", "pred_forced", "nonfinite_target_stops", "output_ids"}
 
 
 @dataclass(frozen=True)
@@ -85,13 +87,14 @@ def make_record(mode: str, question: Any, tokens: list[int], tokenizer: Any,
     alpha_mean / alpha_min / alpha_max（由未取整的 α 算出）与 nonfinite_steps（融合 logits 非有限、改用目标 logits 的步数）；
     target_stops 给出时（解码循环总给出）另有 nonfinite_target_stops：1 = 目标 logits 非有限、该题在那一步干净地停止。
 
-    output 用 skip_special_tokens=True 解码；num_tokens 含结束记号（若生成了）。
+    output 用 decode_output（skip_special_tokens=True）解码，output_ids 是被解码的 id 本身；num_tokens 含结束记号（若生成了）。
     这里只做第一阶段（pred_text = extract_answer，pred_forced = None）；第二阶段由调用者（evaluator.run_arm）
     对 pred_text 为 None 的行算出字母后经 with_forced 填入。
     记录里没有任何计时或会话信息：续跑与不中断的运行写出的记录逐字节相同。
     """
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    text = decode_output(tokenizer, tokens)
     rec: Record = text_record(mode, question, text, len(tokens))
+    rec["output_ids"] = [int(t) for t in tokens]
     if alpha is not None:
         rec.update(alpha_mean=sum(alpha) / len(alpha) if alpha else None,
                    alpha_min=min(alpha) if alpha else None, alpha_max=max(alpha) if alpha else None,
@@ -101,6 +104,12 @@ def make_record(mode: str, question: Any, tokens: list[int], tokenizer: Any,
     if target_stops is not None:
         rec["nonfinite_target_stops"] = int(target_stops)
     return rec
+
+
+def decode_output(tokenizer: Any, tokens: Sequence[int]) -> str:
+    """记录里的 output：生成的 id 用 skip_special_tokens=True 解码。make_record 写记录与 verify_record 核对记录
+    （RecordRules.decode）共用这一个调用，所以同一组 id 总得到同一段文本。"""
+    return tokenizer.decode(list(tokens), skip_special_tokens=True)
 
 
 def text_record(mode: str, question: Any, text: str, num_tokens: int) -> Record:
@@ -116,7 +125,9 @@ def text_record(mode: str, question: Any, text: str, num_tokens: int) -> Record:
 class RecordRules:
     """续跑（以及每次算指标之前）核对 predictions.jsonl 的一条 CoT 记录所需的一切：本次的臂（modes）、其中的融合臂
     （fused：有 α 字段与 nonfinite_steps）、题目（index → Question：gold 与选项从数据重算）、第二阶段是否开启
-    （forced）、--max-new-tokens（num_tokens 的上界）、投机解码的臂（speculative：有 drafted/accepted/verify_steps）。"""
+    （forced）、--max-new-tokens（num_tokens 的上界）、投机解码的臂（speculative：有 drafted/accepted/verify_steps）。
+    decode（分词器加载之后才有：main 在加载权重之前再核对一遍）：id 列表 → 文本，与 make_record 同一个解码
+    （decode_output）；给出时 output 必须等于 decode(output_ids)。vocab_size（同样来自分词器）：output_ids 的上界。"""
 
     modes: tuple[str, ...]
     fused: frozenset[str]
@@ -124,6 +135,8 @@ class RecordRules:
     forced: bool
     max_new_tokens: int
     speculative: frozenset[str] = frozenset()
+    decode: Callable[[list[int]], str] | None = None
+    vocab_size: int | None = None
 
 
 ALPHA_KEYS: tuple[str, ...] = ("alpha", "alpha_mean", "alpha_min", "alpha_max", "nonfinite_steps")
@@ -173,10 +186,27 @@ def _spec_problem(rec: dict[str, Any]) -> str | None:
     return None
 
 
+def _ids_problem(rec: dict[str, Any], rules: RecordRules) -> str | None:
+    """output_ids：num_tokens 个整数、都在词表内（rules.vocab_size 已知时）；rules.decode 给出时 output 必须就是它们的
+    解码——文本与 id 因此不能分开改，第二阶段的字母（由 id 重算）与第一阶段的字母（由文本重算）看的是同一段输出。"""
+    ids, n = rec["output_ids"], rec["num_tokens"]
+    high = rules.vocab_size - 1 if rules.vocab_size is not None else None
+    if not isinstance(ids, list) or len(ids) != n or not all(_count(t, 0, high) for t in ids):
+        bound = f" from 0 to {high}" if high is not None else " >= 0"
+        return f"'output_ids' must be a list of num_tokens ({n}) integers{bound}, got {json.dumps(ids)[:80]}"
+    if rules.decode is not None:
+        again = rules.decode(ids)
+        if rec["output"] != again:
+            return (f"'output' differs from the decoded 'output_ids' (stored {json.dumps(rec['output'])[:80]}, "
+                    f"recomputed {json.dumps(again)[:80]})")
+    return None
+
+
 def verify_record(rec: Any, rules: RecordRules) -> str | None:
     """核对 predictions.jsonl 的一条 CoT 记录：先查每个字段的类型与范围，再从数据与保存的文本重算能重算的一切——
-    gold（题目的 answer_idx）、pred_text（text_record，即写记录时的同一条代码路径）、第二阶段该不该有字母
-    （pred_forced 的字母本身需要模型前向，这里只核对它的有无与取值）、pred 与 correct，以及 α 统计。
+    gold（题目的 answer_idx）、pred_text（text_record，即写记录时的同一条代码路径）、output 与 output_ids 一致
+    （rules.decode 给出时）、第二阶段该不该有字母（pred_forced 的字母本身需要模型前向：这里只核对它的有无与取值，
+    字母由 main.check_stage2 在加载模型之后重算）、pred 与 correct，以及 α 统计。
     没有问题返回 None；否则返回一句英文，形如 "'pred' differs from … (stored X, recomputed Y)"。"""
     if not isinstance(rec, dict):
         return f"a record must be a JSON object, got {type(rec).__name__}"
@@ -199,6 +229,9 @@ def verify_record(rec: Any, rules: RecordRules) -> str | None:
         return f"'output' must be a string, got {type(rec['output']).__name__}"
     if not _count(rec["num_tokens"], 0, rules.max_new_tokens):
         return f"'num_tokens' must be an integer from 0 to --max-new-tokens ({rules.max_new_tokens}), got {rec['num_tokens']!r:.80}"
+    problem = _ids_problem(rec, rules)
+    if problem is not None:
+        return problem
     for key in ("gold", "pred", "pred_text", "pred_forced"):
         if rec[key] is not None and rec[key] not in LETTERS:
             return f"'{key}' must be null or one of {', '.join(LETTERS)}, got {rec[key]!r:.80}"
@@ -213,8 +246,8 @@ def verify_record(rec: Any, rules: RecordRules) -> str | None:
                "correct": "(pred == gold)"}
     for key, source in sources.items():
         if key == "pred_forced" and rules.forced and again["pred_text"] is None and not stopped:
-            # 第二阶段开启、文本里读不出答案、该题没有因目标 logits 非有限而停止（停止的题不走第二阶段）：必须有第二阶段的字母。字母本身取保存的值（重算要模型前向，而记录只存了
-            # 文本、没有 token id），pred 与 correct 再按规则重算。
+            # 第二阶段开启、文本里读不出答案、该题没有因目标 logits 非有限而停止（停止的题不走第二阶段）：必须有第二阶段的字母。
+            # 字母本身这里取保存的值（重算要模型前向：main.check_stage2 在加载模型之后由 output_ids 重算），pred 与 correct 再按规则重算。
             if rec["pred_forced"] is None:
                 return ("'pred_forced' is null, but stage 2 is on and no answer can be read from 'output' "
                         "(stored null, recomputed: a letter from stage 2)")
@@ -285,18 +318,22 @@ def forced_row_ids(prompt: Sequence[int], tokens: Sequence[int], end_ids: Collec
 
 
 def forced_predictions(z: dict[str, torch.Tensor], roles: Sequence[str], steering: SteeringParams | None,
-                       letter_ids: Sequence[int]) -> list[str]:
+                       letter_ids: Sequence[int]) -> list[str | None]:
     """第二阶段的字母：z[角色] 是 cue 之后的下一词 logits (B, V)（已切到分词器词表）。单模型臂取该模型在四个字母上的
     argmax；融合臂与字母打分同一规则（letter_predictions）：α 由该位置整词表的目标–专家距离按该臂的调度算出，
-    融合、可信度约束（β，相对四个字母里目标的最大概率）与非有限守卫都只在四个字母上做，再取 argmax。"""
+    融合、可信度约束（β，相对四个字母里目标的最大概率）与非有限守卫都只在四个字母上做，再取 argmax。
+
+    臂的第一个模型（融合臂与基线是目标；单模型臂是它自己，与解码循环的 stop_nonfinite_target 同一个角色）
+    在该行的整行 logits 非有限（steering_utils.nonfinite_rows）时该行给 None：对 NaN 取 argmax 会悄悄选出一个字母。"""
     index = torch.tensor(list(letter_ids), device=next(iter(z.values())).device)
+    stop = nonfinite_rows(z[roles[0]]).tolist()  # (B,)
     if steering is None:
-        picked = z[roles[0]][:, index].float().argmax(-1)
-        return [LETTERS[int(k)] for k in picked.tolist()]
-    scores = LetterScores(letters={r: z[r][:, index].float().cpu() for r in ROLES},
-                          distance=distance(z["target"], z["expert"], steering.metric).cpu())
-    pred, _, _ = letter_predictions(scores, steering)
-    return [LETTERS[int(k)] for k in pred]
+        picked = z[roles[0]][:, index].float().argmax(-1).tolist()
+    else:
+        scores = LetterScores(letters={r: z[r][:, index].float().cpu() for r in ROLES},
+                              distance=distance(z["target"], z["expert"], steering.metric).cpu())
+        picked = letter_predictions(scores, steering)[0].tolist()
+    return [None if bad else LETTERS[int(k)] for k, bad in zip(picked, stop)]
 
 
 # ---------------------------------------------------------------------------
@@ -330,10 +367,13 @@ def letter_token_ids(tokenizers: dict[str, Any]) -> list[int]:
 @dataclass
 class LetterScores:
     """每题的打分原料。letters[角色]: (N, 4) float32，四个字母 token 的 logits；
-    distance: (N,) float32，答案位置上目标与专家整词表分布的距离（无专家时为 None）。"""
+    distance: (N,) float32，答案位置上目标与专家整词表分布的距离（无专家时为 None）；
+    nonfinite[角色]: (N,) bool，该角色在答案位置的整行 logits 非有限（steering_utils.nonfinite_rows，与解码循环的
+    stop_nonfinite_target 同一定义）；None 表示没有检查（旧的调用者），按全为 False 处理。"""
 
     letters: dict[str, torch.Tensor]
     distance: torch.Tensor | None
+    nonfinite: dict[str, torch.Tensor] | None = None
 
 
 def letter_predictions(scores: LetterScores, params: SteeringParams) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
@@ -356,14 +396,17 @@ def merge_letter_scores(parts: Sequence[tuple[list[int], LetterScores]], n: int,
                         n_letters: int) -> LetterScores:
     """把各批（各进程）的 (题目位置列表, 该批的 LetterScores) 按题目顺序拼回 (n, 4) 的字母 logits 与 (n,) 的距离。"""
     letters = {role: torch.zeros(n, n_letters) for role in roles}
+    bad = {role: torch.zeros(n, dtype=torch.bool) for role in roles}
     dist_all = torch.zeros(n) if "expert" in roles else None
     for chunk, part in parts:
         pos = torch.tensor(chunk)
         for role in roles:
             letters[role][pos] = part.letters[role]
+            if part.nonfinite is not None:
+                bad[role][pos] = part.nonfinite[role]
         if dist_all is not None and part.distance is not None:
             dist_all[pos] = part.distance
-    return LetterScores(letters=letters, distance=dist_all)
+    return LetterScores(letters=letters, distance=dist_all, nonfinite=bad)
 
 
 def role_prefix(cfg: Config, role: str) -> str:
@@ -386,8 +429,11 @@ def letter_records(arms: Sequence[ArmSpec], scores: LetterScores, questions: Seq
     """字母打分：每个臂、每道题一条记录（与 CoT 的记录同一 schema，output 为预测的字母续写、num_tokens = 0）。
 
     letter_logits 是该臂在 " A".." D" 上的（融合后）logits，保留 4 位小数，pred 就是它的 argmax；被可信度约束
-    排除的字母记为 null（JSON 没有 −inf）。融合臂另有 alpha
+    排除的字母（以及非有限的值）记为 null（JSON 没有 −inf / NaN）。融合臂另有 alpha
     （答案位置上的 α，一题一个值，也存成长度 1 的列表，与 CoT 的逐 token α 同一格式）与 alpha_mean。
+    每条记录有 nonfinite_target_stops：1 = 该臂的第一个模型（目标；单模型臂是它自己）在答案位置的 logits 非有限
+    （scores.nonfinite），这时 pred 为 None（计为错）、output 为空、融合臂的 α 为空列表与 None——对 NaN 取 argmax
+    会悄悄给出一个字母。
     """
     records: list[Record] = []
     for arm in arms:
@@ -396,15 +442,18 @@ def letter_records(arms: Sequence[ArmSpec], scores: LetterScores, questions: Seq
             pred, alpha = fused.argmax(-1).numpy(), None
         else:
             pred, alpha, fused = letter_predictions(scores, arm.steering)
+        stops = scores.nonfinite[arm.roles[0]].tolist() if scores.nonfinite is not None else [False] * len(questions)
         for k, q in enumerate(questions):
-            letter = LETTERS[int(pred[k])]
+            letter = None if stops[k] else LETTERS[int(pred[k])]
             rec: Record = {"mode": arm.name, "index": q.index, "gold": q.answer_idx, "pred": letter,
-                           "correct": letter == q.answer_idx, "output": " " + letter, "num_tokens": 0,
+                           "correct": letter == q.answer_idx, "output": " " + letter if letter else "", "num_tokens": 0,
                            "letter_logits": [round(float(v), 4) if math.isfinite(v) else None
-                                             for v in fused[k].tolist()]}
+                                             for v in fused[k].tolist()],
+                           "nonfinite_target_stops": int(stops[k])}
             if alpha is not None:
-                rec.update(alpha_mean=float(alpha[k]), alpha_min=float(alpha[k]), alpha_max=float(alpha[k]),
-                           alpha=[round(float(alpha[k]), ALPHA_DECIMALS)])
+                a = None if stops[k] else float(alpha[k])
+                rec.update(alpha_mean=a, alpha_min=a, alpha_max=a,
+                           alpha=[round(a, ALPHA_DECIMALS)] if a is not None else [])
             records.append(rec)
     return records
 

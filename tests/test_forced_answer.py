@@ -256,7 +256,7 @@ RULES = RecordRules(modes=("baseline",), fused=frozenset(), forced=True, max_new
 
 def _record(**changes: Any) -> dict[str, Any]:
     rec = {"mode": "baseline", "index": 0, "gold": "B", "pred": "B", "pred_text": None, "pred_forced": "B",
-           "correct": True, "output": "...", "num_tokens": 3, "nonfinite_target_stops": 0}
+           "correct": True, "output": "...", "num_tokens": 3, "nonfinite_target_stops": 0, "output_ids": [13, 13, 13]}
     rec.update(changes)
     return {k: v for k, v in rec.items() if v is not ...}
 

@@ -339,8 +339,9 @@ def test_resume_merges_shards_left_by_a_multiprocess_run(tmp_path: Path, capsys:
     records = (full / "predictions.jsonl").read_text().splitlines(keepends=True)  # 8 条：baseline ×4、steered ×4
     cut = tmp_path / "cut"
     cut.mkdir()
-    stored = (full / "config.json").read_bytes()
-    (cut / "config.json").write_bytes(stored)
+    stored = {name: (full / name).read_bytes() for name in ("config.json", "fingerprints.json")}
+    for name, raw in stored.items():
+        (cut / name).write_bytes(raw)
     # rank 0 写了 baseline 的两条和 steered 的一条加半行；rank 1 写了 baseline 的一条
     (cut / "predictions.rank0.jsonl").write_text(records[0] + records[2] + records[4] + records[6][:15])
     (cut / "predictions.rank1.jsonl").write_text(records[1])
@@ -350,7 +351,8 @@ def test_resume_merges_shards_left_by_a_multiprocess_run(tmp_path: Path, capsys:
 
     dup = tmp_path / "dup"
     dup.mkdir()
-    (dup / "config.json").write_bytes(stored)
+    for name, raw in stored.items():
+        (dup / name).write_bytes(raw)
     (dup / "predictions.rank0.jsonl").write_text(records[0])
     (dup / "predictions.rank1.jsonl").write_text(records[0])
     assert main.main(["--resume", str(dup)]) == main.EXIT_ERROR

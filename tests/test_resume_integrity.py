@@ -124,6 +124,9 @@ def test_untouched_finished_run_resumes(run_dir: Path, trio: dict[str, LlamaForC
     assert code == 0, text
     assert _records(run_dir) == before
     assert any(r["pred_forced"] is not None for r in before) and any("alpha" in r for r in before)
+    # 第二阶段的字母由模型重算（fp32、CPU、与写记录时同样的批）：逐个相同，未被误拒
+    assert f"[main] checking {sum(r['pred_forced'] is not None for r in before)} stage-2 letters of resumed records" in text
+    assert all(len(r["output_ids"]) == r["num_tokens"] for r in before)
 
 
 def _forge_gold(recs: list[dict[str, Any]]) -> int:
@@ -158,6 +161,50 @@ def test_forged_record_refused_before_weights(forge: Any, needle: str, run_dir: 
     assert code == 2
     assert f"{run_dir / 'predictions.jsonl'}:{k + 1}: {needle}" in text and "recomputed" in text
     assert {f: (run_dir / f).read_bytes() for f in before} == before
+
+
+def test_forged_stage2_letter_refused_with_the_models(run_dir: Path, trio: dict[str, LlamaForCausalLM],
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """伪造的第二阶段字母：文本里没有答案的一条记录，pred_forced、pred、correct 一起改成“答对”（各字段自洽，
+    文本与 output_ids 不动）。以前：退出码 0、伪造的准确率进入 metrics.json。现在：加载模型之后、任何新的解码之前
+    由 output_ids 重算第二阶段的字母，不一致 → 退出码 2、文件:行号，predictions.jsonl 与 metrics.json 不变。"""
+    _use_tiny(monkeypatch, trio)
+    recs = _records(run_dir)
+    k = next(i for i, r in enumerate(recs) if r["pred_forced"] is not None and not r["correct"])
+    stored = recs[k]["pred_forced"]
+    recs[k].update(pred_forced=recs[k]["gold"], pred=recs[k]["gold"], correct=True)
+    # 按工具自己的格式写（ensure_ascii=False）：续跑在重算之前把文件合并、排序成这个格式（consolidate），字节因此不变
+    (run_dir / "predictions.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs),
+                                               encoding="utf-8")
+    before = {f: (run_dir / f).read_bytes() for f in ("predictions.jsonl", "metrics.json")}
+    code, text = _resume(run_dir, capsys)
+    assert code == 2, text
+    assert (f"{run_dir / 'predictions.jsonl'}:{k + 1}: 'pred_forced' differs from stage 2 recomputed with the models "
+            f"(stored \"{recs[k]['gold']}\", recomputed \"{stored}\")") in text
+    assert "[main] checking" in text and "stage-2 letters of resumed records" in text
+    assert {f: (run_dir / f).read_bytes() for f in before} == before
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda r: r["output_ids"].__setitem__(0, r["output_ids"][0] + 1), "'output' differs from the decoded 'output_ids'"),
+    (lambda r: r["output_ids"].append(5), "'output_ids' must be a list of num_tokens"),
+    (lambda r: r["output_ids"].__setitem__(0, 10 ** 9), "'output_ids' must be a list of num_tokens"),
+    (lambda r: r.update(output_ids="1 2"), "'output_ids' must be a list of num_tokens"),
+    (lambda r: r.pop("output_ids"), "missing keys output_ids"),
+], ids=["id_edited", "longer", "beyond_vocab", "string", "missing"])
+def test_output_ids_edited_apart_from_output_refused_before_weights(change: Any, needle: str, run_dir: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """output_ids 与 output 必须一起：改一个 id（文本不动）、多一个 id、超出词表、类型不对、缺失——退出码 2、文件:行号，
+    在加载任何权重之前（分词器加载之后：解码要它）。"""
+    _no_weights(monkeypatch)
+    recs = _records(run_dir)
+    k = next(i for i, r in enumerate(recs) if r["num_tokens"] > 0)
+    change(recs[k])
+    _write_records(run_dir, recs)
+    code, text = _resume(run_dir, capsys)
+    assert code == 2 and f"{run_dir / 'predictions.jsonl'}:{k + 1}: {needle}" in text, text[-800:]
 
 
 @pytest.mark.parametrize("field,value,needle", [
@@ -205,7 +252,8 @@ RULES = RecordRules(modes=("baseline", "steered"), fused=frozenset({"steered"}),
 
 
 def _rec(text: str = "The answer is B.", **changes: Any) -> dict[str, Any]:
-    rec = {**text_record("baseline", QUESTION, text, 5), "nonfinite_target_stops": 0, **changes}
+    rec = {**text_record("baseline", QUESTION, text, 5), "nonfinite_target_stops": 0, "output_ids": [7, 8, 9, 10, 11],
+           **changes}
     return rec
 
 
@@ -236,6 +284,14 @@ def test_verify_record_direct() -> None:
     assert verify_record({**_rec(), **counts}, spec) is None
     assert "accepted <= drafted" in verify_record({**_rec(), **counts, "accepted": 5}, spec)
     assert "never has: accepted, drafted, verify_steps" in verify_record({**_rec(), **counts}, RULES)
+    # output_ids：num_tokens 个词表内的整数；decode 给出时 output 必须是它们的解码（与 make_record 同一个调用）
+    decoded = RecordRules(**{**RULES.__dict__, "decode": lambda ids: "The answer is B.", "vocab_size": 12})
+    assert verify_record(_rec(), decoded) is None
+    assert "'output' differs from the decoded 'output_ids' (stored \"The answer is C.\", recomputed \"The answer is B.\")" \
+        in verify_record(_rec("The answer is C.", pred="C", pred_text="C", correct=True), decoded)
+    assert "integers from 0 to 11" in verify_record(_rec(output_ids=[7, 8, 9, 10, 12]), decoded)
+    assert "'output_ids' must be a list of num_tokens (5) integers >= 0" in verify_record(_rec(output_ids=[1, 2]), RULES)
+    assert "'output_ids' must be a list" in verify_record(_rec(output_ids=[1, 2, 3, 4, True]), RULES)
 
 
 # ---------------------------------------------------------------------------

@@ -30,7 +30,8 @@ RULES = RecordRules(modes=("baseline",), fused=frozenset(), forced=True, max_new
 
 def _record(index: int, mode: str = "baseline") -> dict[str, Any]:
     return {"mode": mode, "index": index, "gold": "B", "pred": "B", "pred_text": "B", "pred_forced": None,
-            "correct": True, "output": "The answer is B", "num_tokens": 3, "nonfinite_target_stops": 0}
+            "correct": True, "output": "The answer is B", "num_tokens": 3, "output_ids": [5, 6, 7],
+            "nonfinite_target_stops": 0}
 
 
 def _lines(*recs: dict[str, Any]) -> bytes:
