@@ -32,7 +32,7 @@ from scoring import letter_prompt  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_JSONL = os.path.join(ROOT, "data", "medqa", "test.jsonl")
 N_QUESTIONS = 10
-SMOL_QUESTIONS = 8
+SMOL_QUESTIONS = 5
 PREFIXES = {"target": "", "expert": "You are a physician.\n\n", "base": "You are an assistant.\n\n"}
 ADAPTIVE = SteeringParams(base_alpha=1.0, adaptive_scale=10.0, max_boost=1.0)
 INVERSE_L2_BETA = SteeringParams(base_alpha=0.5, adaptive_scale=4.0, max_boost=1.5, metric="l2",

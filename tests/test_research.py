@@ -248,9 +248,11 @@ def test_letter_sweep_run_folder(tmp_path: Path, smol_path: str) -> None:
 
 def test_cot_sweep_with_votes_run_folder(tmp_path: Path, smol_path: str) -> None:
     out = tmp_path / "cot"
-    data = _short_data(tmp_path / "short.jsonl", 2)  # 短题：15 个臂各 prefill 一次，检查的性质与题目内容无关
-    argv = ["--demo", "--data-file", str(data), "--limit", "2", "--max-new-tokens", "6", "--batch-size", "2", "--sweep", "--sweep-alphas",
-            "0,2", "--sweep-schedules", "constant", "--temperature", "0.8", "--votes", "2", "--trace-index", "1",
+    # 一道短题、4 个新 token：15 个臂各 prefill 一次，检查的性质（α = 0 与基线逐 token 相同、α 轨迹、多数投票按链重算、
+    # 扫参表与图）与题目数量和内容无关
+    data = _short_data(tmp_path / "short.jsonl", 1)
+    argv = ["--demo", "--data-file", str(data), "--limit", "1", "--max-new-tokens", "4", "--batch-size", "1", "--sweep", "--sweep-alphas",
+            "0,2", "--sweep-schedules", "constant", "--temperature", "0.8", "--votes", "2", "--trace-index", "0",
             "--output-dir", str(out)]
     assert main.main(argv) == 0
     greedy = ["baseline", "expert_alone", "base_alone", "constant@0", "constant@2"]
@@ -285,9 +287,9 @@ def test_two_processes_write_the_same_run_folder(tmp_path: Path, smol_path: str,
     """`accelerate launch --multi_gpu --num_processes 2`（CPU 上它用 torchrun 起两个进程，main.py 用 gloo）
     与单进程：predictions.jsonl 逐字节相同，metrics.json 除 timing 外相同，分片文件已合并删除。
     cot：贪心与一条采样链（采样的随机数与进程、批无关）；letter：字母打分的扫参（分片的打分结果汇总到 rank 0）。"""
-    # 三道短题（2 核 CPU 上一道 MedQA 长题的三模型 prefill 就要数秒）、批 1：三个批，rank 0 做第 0、2 批，rank 1 做第 1 批。
-    data = _short_data(tmp_path / "short.jsonl", 3)
-    args = ["--demo", "--data-file", str(data), "--limit", "3", "--max-new-tokens", "5", "--batch-size", "1"]
+    # 两道短题（2 核 CPU 上一道 MedQA 长题的三模型 prefill 就要数秒）、批 1：两个批，rank 0 做第 0 批，rank 1 做第 1 批。
+    data = _short_data(tmp_path / "short.jsonl", 2)
+    args = ["--demo", "--data-file", str(data), "--limit", "2", "--max-new-tokens", "4", "--batch-size", "1"]
     args += ["--temperature", "0.7"] if scoring == "cot" else ["--scoring", "letter", "--sweep", "--sweep-alphas", "0,2"]
     one, two = tmp_path / "one", tmp_path / "two"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

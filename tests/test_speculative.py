@@ -399,8 +399,8 @@ def test_stream_keys_are_distinct():
 # ---------------------------------------------------------------------------
 
 def test_smollm2_truncated_draft_identical(smol_path: str, smol_tokenizer: Any) -> None:
-    """SmolLM2-135M（fp32）做目标，草稿是只留前 10 层（共 30 层）的拷贝：2 道 MedQA dev 题、24 个新 token 与参考相同；
-    再用 --demo 的三角色（同一模型、三种系统提示）跑引导臂 + 专家草稿（1 道题、16 个 token）。
+    """SmolLM2-135M（fp32）做目标，草稿是只留前 10 层（共 30 层）的拷贝：2 道 MedQA dev 题、16 个新 token 与参考相同；
+    再用 --demo 的三角色（同一模型、三种系统提示）跑引导臂 + 专家草稿（1 道题、12 个 token）。
     用 dev 集里提示最短的两道题（779、298，约 130 token）：CPU 上的时间几乎全花在 prefill 上。"""
     import config
     import data_loader
@@ -416,15 +416,15 @@ def test_smollm2_truncated_draft_identical(smol_path: str, smol_tokenizer: Any) 
                                           smol_tokenizer) for sp in systems]
     common: dict[str, Any] = dict(vocab_size=len(smol_tokenizer), end_ids=end_token_ids(smol_tokenizer, [model]),
                                   pad_id=smol_tokenizer.pad_token_id)
-    ref = generate_batch([model], prompts[:1], max_new_tokens=24, **common)
-    got = generate_speculative([model], prompts[:1], max_new_tokens=24, k=4, draft="model", draft_model=draft,
+    ref = generate_batch([model], prompts[:1], max_new_tokens=16, **common)
+    got = generate_speculative([model], prompts[:1], max_new_tokens=16, k=4, draft="model", draft_model=draft,
                                **common)
     assert got.tokens == ref.tokens
     check_accounting(got)
     steering = SteeringParams(base_alpha=1.0, adaptive_scale=10.0, max_boost=1.0)
     one = [p[:1] for p in prompts]
-    ref_s = generate_batch([model] * 3, one, steering=steering, max_new_tokens=16, **common)
-    got_s = generate_speculative([model] * 3, one, steering=steering, max_new_tokens=16, k=3, draft="expert",
+    ref_s = generate_batch([model] * 3, one, steering=steering, max_new_tokens=12, **common)
+    got_s = generate_speculative([model] * 3, one, steering=steering, max_new_tokens=12, k=3, draft="expert",
                                  **common)
     assert got_s.tokens == ref_s.tokens
     check_accounting(got_s)
