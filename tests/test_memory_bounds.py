@@ -25,13 +25,7 @@ VOCAB = 96
 PROMPTS = [[5, 17, 23, 9, 41, 7, 3], [11, 2, 60], [33, 34, 35, 36, 37]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """单线程：微型模型在多线程下只会争抢共享的 CPU，结果不变。"""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # 原因见 tests/conftest.py
 
 
 def _tiny(seed: int, vocab: int = VOCAB, *, tie: bool = False, dtype: torch.dtype = torch.float32,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Iterator
 
 import pytest
 import torch
@@ -15,15 +14,7 @@ from benchmarks import micro_verify as mv
 from speculative import simulate_acceptance
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """共用的 2 核机器上，torch 的多线程在争用时每次 tiny 前向会从 2 ms 变成 0.5 s：本文件只用 1 个线程，结束时恢复。"""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # 原因见 tests/conftest.py
 
 
 def last_json(capsys: pytest.CaptureFixture[str]) -> dict:

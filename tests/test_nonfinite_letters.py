@@ -39,13 +39,7 @@ def _tiny_llama(seed: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """单线程：微型模型在 2 核的共享机器上多线程只会更慢，结果不变。"""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # 原因见 tests/conftest.py
 
 
 @pytest.fixture(scope="module")

