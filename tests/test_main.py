@@ -1,7 +1,7 @@
 """main.py 的端到端测试：CPU、无网络。
 
-`python main.py --demo --limit 3 --max-new-tokens 12` 作为真实子进程每个模块只跑一次（模块级夹具，约 40 秒：
-2 核 CPU 上 SmolLM2-135M 对 3 道长题各做 1 次（基线）+ 3 次（引导）prefill），然后逐项检查运行目录：
+`python main.py --demo --limit 2 --max-new-tokens 8` 作为真实子进程每个模块只跑一次（模块级夹具，约 15 秒：
+2 核 CPU 上 SmolLM2-135M 对 2 道长题各做 1 次（基线）+ 3 次（引导）prefill），然后逐项检查运行目录：
 config.json（解析后的配置、数据来源、模型、环境、词表、结束记号）、predictions.jsonl（逐题记录的类型、
 取值范围与相互一致性）、metrics.json（与逐题记录独立重算的准确率、Wilson 区间、配对比较与精确 McNemar p 值）
 以及终端对比表。
@@ -30,7 +30,7 @@ from config import parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED_TEST = Path(config.BUNDLED_DATA_DIR) / "test.jsonl"
-LIMIT, MAX_NEW = 3, 12
+LIMIT, MAX_NEW = 2, 8  # 两道真实的 MedQA 长题：检查的是演示命令与运行目录的每一项，不是准确率
 LETTERS = ("A", "B", "C", "D")
 
 
@@ -79,7 +79,7 @@ def _no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory, smol_path: str) -> SimpleNamespace:
-    """运行一次 `python main.py --demo --limit 3 --max-new-tokens 12 --output-dir <tmp>/run`，返回结果与产物。"""
+    """运行一次 `python main.py --demo --limit 2 --max-new-tokens 8 --output-dir <tmp>/run`，返回结果与产物。"""
     run_dir = tmp_path_factory.mktemp("demo") / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
     argv = _demo_argv(str(run_dir))
@@ -337,9 +337,9 @@ def test_unknown_flag_through_main(capsys: pytest.CaptureFixture[str]) -> None:
 def test_limit_larger_than_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     _no_model_loading(monkeypatch)
-    data = tmp_path / "two.jsonl"
-    data.write_text(_good_line(0) + "\n" + _good_line(1) + "\n", encoding="utf-8")
-    assert main.main(_demo_argv(str(tmp_path / "run")) + ["--data-file", str(data)]) == 2  # --limit 3 > 2 题
+    data = tmp_path / "one.jsonl"
+    data.write_text(_good_line(0) + "\n", encoding="utf-8")
+    assert main.main(_demo_argv(str(tmp_path / "run")) + ["--data-file", str(data)]) == 2  # --limit 2 > 1 题
     assert "Traceback" not in capsys.readouterr().err
 
 
