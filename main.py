@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -175,11 +175,13 @@ def record_rules(cfg: Config, arms: list[ArmSpec], data: Data, tokenizer: Any = 
                        vocab_size=len(tokenizer) if tokenizer is not None else None)
 
 
-def cot_prompts(cfg: Config, questions: Sequence[Question], loaded: "Loaded") -> dict[str, list[list[int]]]:
-    """CoT 每个角色每道题的提示 id。三个角色都用目标分词器渲染与编码（Llama-3.1 与 3.2 的模板会插入不同日期，必须统一）。"""
-    tok, prompts = loaded.tokenizer, cfg.role_system_prompts
-    return {role: encode_prompts([format_prompt(q, tok, prompts[role]) for q in questions], tok)
-            for role in loaded.models}
+def cot_prompts(cfg: Config, questions: Sequence[Question], tokenizer: Any,
+                roles: Iterable[str]) -> dict[str, list[list[int]]]:
+    """CoT 每个角色每道题的提示 id（解码、第二阶段重算与上下文/内存检查共用这一条规则）。
+    三个角色都用目标分词器渲染与编码（Llama-3.1 与 3.2 的模板会插入不同日期，必须统一）。"""
+    prompts = cfg.role_system_prompts
+    return {role: encode_prompts([format_prompt(q, tokenizer, prompts[role]) for q in questions], tokenizer)
+            for role in roles}
 
 
 def check_stage2(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, loaded: "Loaded",
@@ -197,7 +199,7 @@ def check_stage2(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, loa
         line = {(r["mode"], r["index"]): k + 1 for k, r in enumerate(order)}
         print(f"[main] checking {sum(r['pred_forced'] is not None for r in existing)} stage-2 letters of resumed "
               "records ...", flush=True)
-        role_prompts = cot_prompts(cfg, data.questions, loaded)
+        role_prompts = cot_prompts(cfg, data.questions, loaded.tokenizer, loaded.models)
         path = os.path.abspath(os.path.join(run_dir, PREDICTIONS_FILE))
         for arm in arms:
             bad = recheck_stage2(arm.name, data.questions, role_prompts, loaded.models, existing, roles=arm.roles,
@@ -264,16 +266,16 @@ def pick_device(cfg: Config, dist: Dist) -> torch.device:
 
 
 def prompt_lengths(cfg: Config, questions: Sequence[Question], tokenizer: Any) -> dict[str, list[int]]:
-    """每个要加载的角色下每道题的提示 token 数（CoT：该角色的聊天提示；字母打分：字母提示），与解码时的编码相同。"""
-    prompts = cfg.role_system_prompts
+    """每个要加载的角色下每道题的提示 token 数（CoT：该角色的聊天提示，经 cot_prompts；字母打分：字母提示），
+    与解码时的编码相同。"""
     if cfg.scoring == "cot":
-        return {role: [len(ids) for ids in encode_prompts([format_prompt(q, tokenizer, prompts[role])
-                                                             for q in questions], tokenizer)]
-                for role in cfg.model_roles}
+        return {role: [len(ids) for ids in encoded]
+                for role, encoded in cot_prompts(cfg, questions, tokenizer, cfg.model_roles).items()}
     return {role: [len(tokenizer.encode(letter_role_text(q, cfg, role))) for q in questions] for role in cfg.model_roles}
 
 
-def check_context(cfg: Config, data: Data, tokenizer: Any, forced: ForcedAnswer | None) -> Data:
+def check_context(cfg: Config, data: Data, tokenizer: Any, forced: ForcedAnswer | None,
+                  lengths: dict[str, list[int]] | None = None) -> Data:
     """上下文上界，在加载任何权重之前：每个角色的提示 + --max-new-tokens（CoT；第二阶段再加 cue 的长度）
     不能超过该角色模型配置里的 max_position_embeddings——否则解码到一半才会出错（或悄悄退化）。只读模型配置，不读权重。
 
@@ -281,6 +283,7 @@ def check_context(cfg: Config, data: Data, tokenizer: Any, forced: ForcedAnswer 
     - 某些题的提示 + 新 token 超出：默认拒绝（写明最长那道题与可用的 --max-new-tokens 上限）；--skip-invalid 时
       跳过这些题，原因与坏数据行一样记进 skipped（config.json 的 skipped_invalid_rows、metrics.json 的计数）。
     返回（可能去掉了超长题的）Data；题目指纹不变（它核对的是读入的数据，续跑时同样的过滤得到同样的题）。
+    lengths：prompt_lengths 对 data.questions 的结果（check_bounds 算一次、与 check_memory 共用；缺省时在这里算）。
     """
     cue = len(forced.cue_ids) if forced is not None and cfg.scoring == "cot" else 0
     extra = cfg.max_new_tokens + cue if cfg.scoring == "cot" else 1
@@ -288,7 +291,7 @@ def check_context(cfg: Config, data: Data, tokenizer: Any, forced: ForcedAnswer 
     limits = {role: context_limit(getattr(cfg, role)) for role in cfg.model_roles}
     if all(limit is None for limit in limits.values()):
         return data
-    lengths = prompt_lengths(cfg, data.questions, tokenizer)
+    lengths = lengths if lengths is not None else prompt_lengths(cfg, data.questions, tokenizer)
     over: dict[int, str] = {}  # 题目位置 j → 原因（每题只记第一个超出的角色）
     for role, limit in limits.items():
         if limit is None:
@@ -328,12 +331,13 @@ def check_context(cfg: Config, data: Data, tokenizer: Any, forced: ForcedAnswer 
     return dataclasses.replace(data, questions=kept, skipped=data.skipped + skipped, trace_index=trace_index)
 
 
-def check_memory(cfg: Config, data: Data, tokenizer: Any, device: torch.device) -> None:
+def check_memory(cfg: Config, data: Data, longest: int, device: torch.device) -> None:
     """内存估计，在加载任何权重之前（只读模型配置）：权重（各不同模型各一份）+ 最大的那个臂的 KV 缓存
     （批大小 × 每行槽位数，evaluator.cache_length：快速路径按长度桶一次分配、参考循环最多 最长提示 + 新 token、
     投机循环最坏 (K+1) 倍；引导臂三个角色各一份，基线只有目标——投机时再加专家草稿）。
     超过此刻可用的内存（CUDA：mem_get_info 的空闲显存；CPU：MemAvailable）就以退出码 2 拒绝，
-    而不是在分配缓存时被内存耗尽杀死、没有任何消息。估计只含权重与缓存（激活与 logits 另需一些），是下界。"""
+    而不是在分配缓存时被内存耗尽杀死、没有任何消息。估计只含权重与缓存（激活与 logits 另需一些），是下界。
+    longest：要解码的题里各角色最长的提示 token 数（check_bounds 由 prompt_lengths 算出，与 check_context 共用）。"""
     available = available_memory(device)
     if available is None:
         return
@@ -342,8 +346,6 @@ def check_memory(cfg: Config, data: Data, tokenizer: Any, device: torch.device) 
     configs = {spec: model_config(spec) for spec in set(specs.values())}
     dtype = torch.bfloat16 if cfg.load_in_4bit else torch_dtype(cfg.dtype)
     weights = sum(weight_bytes(c, dtype, cfg.load_in_4bit) for c in configs.values())
-    lengths = prompt_lengths(cfg, data.questions, tokenizer)
-    longest = max(max(v) for v in lengths.values())
     batch = min(cfg.batch_size, len(data.questions))
     cot = cfg.scoring == "cot"
     new = cfg.max_new_tokens if cot else 1
@@ -359,6 +361,17 @@ def check_memory(cfg: Config, data: Data, tokenizer: Any, device: torch.device) 
             f"batch {batch} × {length} tokens), but only {available / gib:.2f} GiB is available. "
             "Lower --batch-size or --max-new-tokens"
             f"{'' if cfg.load_in_4bit or device.type != 'cuda' else ', or use --load-in-4bit'}.")
+
+
+def check_bounds(cfg: Config, data: Data, tokenizer: Any, forced: ForcedAnswer | None, device: torch.device) -> Data:
+    """加载权重之前的两个上界：上下文（check_context，可能按 --skip-invalid 去掉超长题）与内存（check_memory）。
+    提示长度只算一次（全部题目 × 每个角色的模板渲染与编码，1,273 题时要几秒），两者共用；内存按留下的题里
+    最长的提示估计（去掉的超长题不解码）。返回 check_context 的 Data。"""
+    lengths = prompt_lengths(cfg, data.questions, tokenizer)
+    position = {q.index: k for k, q in enumerate(data.questions)}
+    data = check_context(cfg, data, tokenizer, forced, lengths)
+    check_memory(cfg, data, max(v[position[q.index]] for v in lengths.values() for q in data.questions), device)
+    return data
 
 
 def load_roles(cfg: Config, dist: Dist, data: Data,
@@ -390,8 +403,7 @@ def load_roles(cfg: Config, dist: Dist, data: Data,
         except ValueError as exc:
             raise ModelLoadError(f"stage 2 of answer extraction cannot be used: {exc}. "
                                  "Run with --no-forced-answer to read answers from the text only.") from None
-    data = check_context(cfg, data, tokenizer, forced)
-    check_memory(cfg, data, tokenizer, device)
+    data = check_bounds(cfg, data, tokenizer, forced, device)
     fingerprints = pin(tokenizer) if pin is not None else None
     models, vocab_size = load_models(cfg, tokenizer, device)
     prompts = cfg.role_system_prompts
@@ -484,7 +496,7 @@ def decode_arms(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, load
     """CoT：每个臂生成全部题目（run_arm），每批的记录一次写入并 fsync；Ctrl-C 在当前批写完后停下（Interrupted）。
     rank 0 合并各进程的记录并返回全部记录（只从持久文件读）与计时，其他 rank 返回 (None, {})。"""
     tok, questions = loaded.tokenizer, data.questions
-    role_prompts = cot_prompts(cfg, questions, loaded)
+    role_prompts = cot_prompts(cfg, questions, tok, loaded.models)
     compile_step = cfg.fast and (cfg.compile == "on" or (cfg.compile == "auto" and loaded.device.type == "cuda"))
     sink_path = os.path.join(run_dir, PREDICTIONS_FILE if dist.world == 1 else rank_file(dist.rank))
     timing: dict[str, dict[str, Any]] = {}

@@ -233,8 +233,7 @@ def test_main_refuses_before_any_weights_load(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(main, "load_tokenizer", lambda spec: CharTokenizer(("(B",)))
     monkeypatch.setattr(main, "load_models", load_models)
     # 上下文上界与内存估计排在第二阶段检查之后、加载权重之前；这里的字符分词器渲染不了聊天模板，跳过它们（另有测试）
-    monkeypatch.setattr(main, "check_context", lambda cfg, data, *args, **kwargs: data)
-    monkeypatch.setattr(main, "check_memory", lambda *args, **kwargs: None)
+    monkeypatch.setattr(main, "check_bounds", lambda cfg, data, *args, **kwargs: data)
     argv = ["--demo", "--limit", "1", "--data-file", str(data)]
     assert main.main(argv + ["--output-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
