@@ -9,7 +9,9 @@
     python bench.py --check                           # 真实形状上 fp32：快速路径 == 慢速循环逐 token；bf16 的一致率
     python bench.py --batches 1,64 --overlap off,streams --with-profile   # 比较 overlap 模式，并附每步 kernel 剖析
     python bench.py --preset tiny --device cpu        # CI 冒烟测试，几秒钟
-    python bench.py --speculate 4 --paths eager       # 投机解码（只有参考循环）：接受统计 + 与不投机逐 token 比较
+    python bench.py --speculate 2,4,6 --batches 1      # 快速路径的投机解码：oracle 草稿接受率 0/0.5/0.7/0.9 时的速度
+    python bench.py --speculate 3 --check             # 另核对快速路径的投机解码与慢速循环逐 token 相同（fp32）
+    python bench.py --speculate 4 --paths eager       # 参考循环的投机解码：接受统计 + 与不投机逐 token 比较
 
 最后一行是一个 JSON 对象，包含全部测量值。
 """
@@ -339,6 +341,9 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
                             "temperature": args.temperature,
                             "top_p": args.top_p}
             print(json.dumps({"check": key, **results[key]}), flush=True)
+            if args.speculate and args.temperature == 0:
+                results[key + ":speculative"] = check_speculative(models, prompts, slow, steered, args, compile_step)
+                print(json.dumps({"check": key + ":speculative", **results[key + ":speculative"]}), flush=True)
         del models
         gc.collect()
         if args.device.startswith("cuda"):
@@ -460,7 +465,7 @@ def profile(models: list[PreTrainedModel], batch: int, args: argparse.Namespace,
 
 
 def speculate_rows(args: argparse.Namespace, sizes: list[int]) -> list[dict[str, Any]]:
-    """--speculate K：在随机权重模型上跑 speculative.generate_speculative（参考循环；快速路径还没有投机解码），
+    """--speculate K --paths eager：在随机权重模型上跑 speculative.generate_speculative（参考循环），
     与同一批的 generate_batch 比较，报告 drafted / accepted / acceptance / tokens_per_verify 与两者的墙钟秒数。
 
     模型与 --check 相同（lm_head ×8，argmax 远离近似平局）；目标行的草稿是专家（独立草稿模型），引导行按 --draft。
@@ -487,18 +492,120 @@ def speculate_rows(args: argparse.Namespace, sizes: list[int]) -> list[dict[str,
             spec: list[Any] = []
             t_plain = timed(lambda: plain.append(generate_batch(use, [prompts] * len(use), **common)), args.device)
             t_spec = timed(lambda: spec.append(generate_speculative(
-                use, [prompts] * len(use), k=args.speculate, draft=args.draft,
+                use, [prompts] * len(use), k=int(args.speculate), draft=args.draft, min_acceptance=args.min_acceptance,
                 draft_model=None if steered else models[1], draft_prompts=None if steered else prompts, **common)),
                 args.device)
             summary = acceptance_summary(spec)
             rows.append({"path": "eager", "mode": mode, "batch": batch, "prompt": args.prompt, "new": args.eager_new,
-                         "speculate": args.speculate, "draft": args.draft,
+                         "speculate": int(args.speculate), "draft": args.draft,
                          "identical": spec[0].tokens == plain[0].tokens if args.temperature == 0 else None,
                          **{k: summary[k] for k in ("drafted", "accepted", "verify_steps", "tokens", "rounds")},
                          "acceptance": summary["acceptance"], "tokens_per_verify": summary["tokens_per_verify"],
                          "plain_s": round(t_plain, 4), "speculative_s": round(t_spec, 4)})
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def spec_decoder(models: list[PreTrainedModel], steered: bool, batch: int, k: int, args: argparse.Namespace,
+                 compile_step: bool, cache_len: int | None) -> Any:
+    """快速路径的投机解码器（fast.speculative.SpeculativeDecoder）：引导 [目标, 专家, 基座]，目标行 [目标, 专家（只作草稿）]。
+    stack / attention 取 --stack / --attention 的第一项（与 --check 相同）；编译前 torch.compiler.reset()（同 bench_decoder）。"""
+    from fast.speculative import SpeculativeDecoder
+
+    _, stack, attention = first_choices(args)
+    if compile_step:
+        torch.compiler.reset()
+    stack = stack_for(stack, True)
+    return SpeculativeDecoder(models if steered else models[:2], k=k, draft=args.draft,
+                              min_acceptance=args.min_acceptance, steering=STEER if steered else None,
+                              vocab_size=models[0].config.vocab_size, end_ids=[], pad_id=0, batch_size=batch,
+                              compile=compile_step, cache_len=cache_len, stack=stack,
+                              attention=attention_for(attention, stack))
+
+
+def speculate_fast_rows(args: argparse.Namespace, sizes: list[int], compile_step: bool) -> list[dict[str, Any]]:
+    """--speculate K[,K...]（快速路径）：接受率为 a 时投机解码的端到端速度，与同一次调用里不投机的快速路径比较。
+
+    草稿是 oracle（fast.speculative 的 set_oracle）：第 j 个输出位置以预先抽定的概率 a 与验证者的输出相同——
+    这是对接受率的*模拟*（随机权重的专家与目标从不一致），速度却是真实的：验证前向、接受、缓存掩列都照常执行。
+    --draft-cost：free = 不跑任何草稿前向（草稿免费，所有模型都验证 K+1 个位置）；expert = 草稿单元照常逐个位置前向
+    K 次（专家起草的真实代价；叠加时专家与基座一起，它们起草时的 logits 就是验证 logits）。
+    参考输出先由 a = 0 的一次运行给出（投机路径自己的贪心输出），之后各 a 的 oracle 都以它为准。
+    每行：ms_per_token = (T(new) − T(1)) / (new − 1)（与 measure 相同的差分），speedup = 不投机的 ms_per_step / 它。
+    """
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    models = [random_model(k, args.preset, dtype, args.device, s, head_scale=8.0)
+              for k, s in (("8b", 0), ("1b", 1), ("1b", 2))]
+    vocab = models[0].config.vocab_size
+    ks = [int(k) for k in args.speculate.split(",")]
+    agreements = [float(a) for a in args.agreement.split(",")]
+    overlap, stack, attention = first_choices(args)
+    rows: list[dict[str, Any]] = []
+    for batch in sizes:
+        for mode in args.modes.split(","):
+            steered = mode == "steered"
+            prompts = prompts_for(batch, args.prompt, vocab)
+            plain = measure("fast", models, steered, batch, args, compile_step, overlap, stack, attention)
+            plain["path"] = "fast"
+            rows.append(plain)
+            print(json.dumps(plain), flush=True)
+            n_models = 3 if steered else 2
+            gen_prompts = [prompts] * n_models
+            for cost in args.draft_cost.split(","):
+                dec = spec_decoder(models, steered, batch, max(ks), args, compile_step,
+                                   cache_len=length_bucket(args.prompt + (max(ks) + 1) * args.new))
+                dec.set_oracle([[0] * args.new] * batch, 0.0, free=cost == "free")
+                own = dec.generate(gen_prompts, args.new).tokens  # 投机路径自己的贪心输出（a = 0：每轮只取验证者的第一个）
+                for k in ks:
+                    dec.k = k
+                    for a in agreements:
+                        dec.set_oracle(own, a, free=cost == "free", seed=1)
+                        gen = lambda n: dec.generate(gen_prompts, n)  # noqa: E731
+                        if args.device.startswith("cuda"):
+                            torch.cuda.reset_peak_memory_stats()
+                        gen(min(args.new, 24))  # 预热：编译、录图
+                        gen(min(args.new, 24))
+                        t_one = min(timed(lambda: gen(1), args.device) for _ in range(2))
+                        result: list[Any] = []
+                        t_full = timed(lambda: result.append(gen(args.new)), args.device)
+                        ms = 1000 * (t_full - t_one) / (args.new - 1)
+                        summary = acceptance_summary(result)
+                        row = {"path": "fast-speculative", "mode": mode, "batch": batch, "prompt": args.prompt,
+                               "new": args.new, "k": k, "draft": args.draft, "draft_cost": cost, "agreement": a,
+                               "min_acceptance": args.min_acceptance, "compiled": compile_step, "stack": dec.stack,
+                               "attention": dec.attention,
+                               "ms_per_token": round(ms, 3), "tok_per_s": round(batch * 1000 / ms, 1),
+                               "plain_ms_per_step": plain["ms_per_step"],
+                               "speedup": round(plain["ms_per_step"] / ms, 3),
+                               "identical_rows": sum(x == y for x, y in zip(result[0].tokens, own)),
+                               **{key: summary[key] for key in ("drafted", "accepted", "verify_steps", "tokens",
+                                                                "rounds", "switched_off")},
+                               "acceptance": summary["acceptance"], "tokens_per_verify": summary["tokens_per_verify"]}
+                        if args.device.startswith("cuda"):
+                            row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+                del dec
+                gc.collect()
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def check_speculative(models: list[PreTrainedModel], prompts: list[list[int]], slow: list[list[int]], steered: bool,
+                      args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
+    """--check 加 --speculate K：快速路径的投机解码（oracle 草稿，接受率 0.7，付费的专家起草）与慢速循环逐 token 比较。"""
+    k = int(args.speculate.split(",")[0])
+    dec = spec_decoder(models, steered, len(prompts), k, args, compile_step, cache_len=None)
+    dec.set_oracle(slow, 0.7, free=False, seed=1)
+    got = dec.generate([prompts] * (3 if steered else 2), args.check_new)
+    same = sum(a == b for a, b in zip(slow, got.tokens))
+    prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(slow, got.tokens))
+    summary = acceptance_summary([got])
+    return {"identical_rows": f"{same}/{len(slow)}", "tokens_before_first_divergence":
+            f"{prefix}/{sum(len(a) for a in slow)}", "k": k, "agreement": 0.7, "acceptance": summary["acceptance"],
+            "tokens_per_verify": summary["tokens_per_verify"], "stack": dec.stack, "attention": dec.attention,
+            "compiled": compile_step}
 
 
 def environment() -> dict[str, Any]:
@@ -610,13 +717,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0: sample (includes the per-step top-p and Gumbel cost)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--out", default=None, help="also write the JSON results to this file")
-    parser.add_argument("--speculate", type=int, default=0, metavar="K",
-                        help="speculative decoding with K draft tokens per verify step: runs generate_speculative and "
-                             "the plain loop on the random-weight models and prints drafted / accepted / tokens per "
-                             "verify step. Reference loop only (the fast path has no speculation yet): needs "
-                             "--paths eager; --batches must be numbers")
+    parser.add_argument("--speculate", default="", metavar="K[,K...]",
+                        help="speculative decoding with K draft tokens per verify step. With --paths fast (default): "
+                             "times the fast path's speculative decoder with a simulated (oracle) draft at each "
+                             "--agreement, against the plain fast path in the same call; with --check: also checks it "
+                             "token for token. With --paths eager: one K, runs the reference loop generate_speculative "
+                             "and prints drafted / accepted / tokens per verify step. --batches must be numbers")
     parser.add_argument("--draft", choices=("expert", "fusion"), default="expert",
                         help="speculative draft: expert, or fusion (steered mode only)")
+    parser.add_argument("--agreement", default="0,0.5,0.7,0.9",
+                        help="fast-path --speculate: the oracle draft's probability of agreeing with each output token "
+                             "(a simulation of acceptance; comma-separated)")
+    parser.add_argument("--draft-cost", default="free,expert",
+                        help="fast-path --speculate: free (no draft forwards) and/or expert (the draft unit runs its K "
+                             "forwards, the real cost of drafting with the expert)")
+    parser.add_argument("--min-acceptance", type=float, default=0.0,
+                        help="--speculate: a row stops drafting once its acceptance is below this after 16 drafted "
+                             "tokens (0 = never), as main.py's --min-acceptance")
     args = parser.parse_args(argv)
     if args.preset == "tiny":
         args.prompt, args.new, args.eager_new, args.check_new = min(args.prompt, 32), min(args.new, 16), \
@@ -632,12 +749,29 @@ def main(argv: list[str] | None = None) -> int:
     if not attentions or any(o not in ("auto", *ATTENTION_MODES) for o in attentions):
         parser.error(f"--attention {args.attention!r}: each item must be auto / {' / '.join(ATTENTION_MODES)}")
     if args.speculate:
-        if not 1 <= args.speculate <= 16:
-            parser.error(f"--speculate {args.speculate}: K must be from 1 to 16")
-        if args.paths != "eager" or args.check or args.profile:
-            parser.error("--speculate runs in the reference loop only (the fast path has no speculative decoding "
-                         "yet): add --paths eager, without --check / --profile")
-        if any(not b.isdigit() for b in args.batches.split(",") if b):
+        try:
+            ks = [int(k) for k in args.speculate.split(",")]
+            agreements = [float(a) for a in args.agreement.split(",")]
+        except ValueError:
+            parser.error(f"--speculate {args.speculate!r} / --agreement {args.agreement!r}: comma-separated numbers")
+        if any(not 1 <= k <= 16 for k in ks):
+            parser.error(f"--speculate {args.speculate}: each K must be from 1 to 16")
+        if any(not 0.0 <= a <= 1.0 for a in agreements):
+            parser.error(f"--agreement {args.agreement}: each value must be in [0, 1]")
+        if any(c not in ("free", "expert") for c in args.draft_cost.split(",")):
+            parser.error(f"--draft-cost {args.draft_cost!r}: each item must be free / expert")
+        if not 0.0 <= args.min_acceptance <= 1.0:
+            parser.error(f"--min-acceptance {args.min_acceptance}: must be in [0, 1]")
+        if args.paths not in ("eager", "fast") or args.profile:
+            parser.error("--speculate takes --paths fast (the fast path, timed with an oracle draft) or --paths eager "
+                         "(the reference loop), without --profile")
+        if args.paths == "eager" and (len(ks) > 1 or args.check):
+            parser.error("--speculate with --paths eager takes one K and no --check")
+        if args.paths == "fast" and args.temperature > 0:
+            parser.error("the fast path's speculative decoding is greedy: drop --temperature, or use --paths eager")
+        if args.draft == "fusion" and "target" in args.modes.split(",") and args.paths == "fast":
+            parser.error("--draft fusion needs the steered mode: add --modes steered")
+        if not args.check and any(not b.isdigit() for b in args.batches.split(",") if b):
             parser.error("--speculate needs numeric --batches (no max)")
     compile_step = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda"))
     torch.set_grad_enabled(False)
@@ -645,7 +779,21 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"env": env, "args": vars(args)}), flush=True)
 
     report: dict[str, Any] = {"env": env, "args": vars(args)}
-    if args.speculate:
+    if args.speculate and args.paths == "fast" and not args.check:
+        report["speculation"] = speculate_fast_rows(args, [int(b) for b in args.batches.split(",") if b], compile_step)
+        print(f"\n{'mode':<9}{'batch':>6}{'K':>3} {'draft':<7}{'agree':>6}{'accept':>8}{'tok/verify':>11}"
+              f"{'ms/token':>10}{'tok/s':>9}{'speedup':>8}{'same':>6}")
+        for r in report["speculation"]:
+            if r["path"] == "fast":
+                print(f"{r['mode']:<9}{r['batch']:>6}{'-':>3} {'none':<7}{'':>6}{'':>8}{'1.00':>11}"
+                      f"{r['ms_per_step']:>10.2f}{r['tok_per_s']:>9.1f}{'1.00':>8}")
+                continue
+            acc = f"{r['acceptance']:.3f}" if r["acceptance"] is not None else "-"
+            print(f"{r['mode']:<9}{r['batch']:>6}{r['k']:>3} {r['draft_cost']:<7}{r['agreement']:>6.2f}{acc:>8}"
+                  f"{r['tokens_per_verify']:>11.2f}{r['ms_per_token']:>10.2f}{r['tok_per_s']:>9.1f}"
+                  f"{r['speedup']:>8.2f}{r['identical_rows']:>6}")
+        return finish(report, args.out)
+    if args.speculate and args.paths == "eager":
         report["speculation"] = speculate_rows(args, [int(b) for b in args.batches.split(",") if b])
         print(f"\n{'mode':<9}{'batch':>6}{'K':>3} {'draft':<7}{'drafted':>9}{'accepted':>9}{'accept':>8}"
               f"{'tok/verify':>11}{'identical':>10}{'plain s':>9}{'spec s':>9}")

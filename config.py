@@ -283,7 +283,7 @@ class Config:
             raise ConfigError(f"--trace-index={self.trace_index!r} must be a question index >= 0")
 
     def _check_speculation(self) -> None:
-        """投机解码（issue 17）的约束：K 的范围、只在参考循环里实现、fusion 草稿只属于引导臂、字母打分不生成。"""
+        """投机解码（issue 17）的约束：K 的范围、快速路径只做贪心（投机采样在参考循环里）、fusion 草稿只属于引导臂、字母打分不生成。"""
         k = self.speculate
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= SPECULATE_MAX:
             raise ConfigError(f"--speculate={k!r} must be an integer from 0 (off) to {SPECULATE_MAX}")
@@ -298,9 +298,9 @@ class Config:
         if self.scoring == "letter":
             raise ConfigError("--speculate does not apply to --scoring letter (nothing is generated): "
                               "drop --speculate, or use --scoring cot")
-        if self.fast:
-            raise ConfigError("--speculate is implemented in the reference loop only, not yet in the fast path: "
-                              "add --no-fast (speculation never falls back silently)")
+        if self.fast and self.temperature > 0:
+            raise ConfigError("speculative sampling (--speculate with --temperature > 0) runs in the reference loop "
+                              "only: add --no-fast, or use greedy decoding (--temperature 0)")
         if self.draft == "fusion" and "baseline" in self.modes:
             raise ConfigError("--draft fusion drafts with the expert and the base of a steered arm; the baseline arm "
                               "(the target alone) has no fused distribution to draft from. Use --modes steered "

@@ -292,14 +292,15 @@ def kv_cache_bytes(config: Any, batch: int, length: int, dtype: torch.dtype) -> 
 def cache_length(longest: int, max_new_tokens: int, *, fast: bool, speculate: int = 0) -> int:
     """一个臂的每行 KV 缓存槽位数（run_arm 分配的，以及内存估计用的同一规则）。longest = 该臂各角色最长的提示。
 
-    快速路径：FastDecoder 按 length_bucket(longest + max_new_tokens) 一次分配静态缓存（所有批同一形状）；
+    快速路径：FastDecoder 按 length_bucket(longest + max_new_tokens) 一次分配静态缓存（所有批同一形状），
+    投机时（fast.speculative.SpeculativeDecoder）按 length_bucket(longest + (K+1)·max_new_tokens)；
     参考循环：DynamicCache 逐步增长，最多 longest + max_new_tokens 个槽位（最后一个 token 不再喂入，实际少 1）；
     投机循环（speculate = K > 0）：每轮追加 K+1 列、至少产出 1 个 token，最坏 longest + (K+1)·max_new_tokens。
     """
     if fast:
         from fast.decoder import length_bucket  # 快速引擎只在需要时导入
 
-        return length_bucket(longest + max_new_tokens)
+        return length_bucket(longest + (speculate + 1) * max_new_tokens)
     return longest + (speculate + 1) * max_new_tokens
 
 
@@ -366,11 +367,11 @@ def run_arm(
     没读出答案的行由 forced_letters 接上 cue 再各做一次前向，结果经 scoring.with_forced 写进记录；
     这一前向与解码在同一个显存回退的 try 里（它也可能显存不足）。forced 为 None 时 pred_forced 恒为 None。
 
-    投机解码（issue 17，speculation 给出时）：每批用 speculative.generate_speculative（参考循环）解码，贪心输出与
-    generate_batch 逐 token 相同；每条记录加上 drafted / accepted / verify_steps。基线臂的草稿是专家
-    （models["expert"] 作为独立草稿模型，看专家的提示）；引导臂按 speculation.draft。不含目标的单模型臂
-    （扫参的 expert_alone / base_alone）不投机：1B 给 1B 起草省不下任何前向。快速路径还没有投机解码：
-    fast=True 时直接报错，绝不悄悄退回。
+    投机解码（issue 17，speculation 给出时）：参考循环用 speculative.generate_speculative，快速路径用
+    fast.speculative.SpeculativeDecoder（只做贪心；采样的投机解码 fast=True 时报错，绝不悄悄退回），两者的贪心输出都与
+    不投机时逐 token 相同；每条记录加上 drafted / accepted / verify_steps。基线臂的草稿是专家（models["expert"] 作为
+    独立草稿模型，看专家的提示）；引导臂按 speculation.draft。不含目标的单模型臂（扫参的 expert_alone / base_alone）
+    不投机：1B 给 1B 起草省不下任何前向。
     """
     from tqdm.auto import tqdm
 
@@ -383,9 +384,8 @@ def run_arm(
     if spec is not None:
         from speculative import generate_speculative, record_fields  # speculative 导入本模块：只在用到时导入
 
-        if fast:
-            raise ValueError("speculative decoding is implemented in the reference loop only: use fast=False "
-                             "(--no-fast)")
+        if fast and sampling is not None:
+            raise ValueError("speculative sampling runs in the reference loop only: use fast=False (--no-fast)")
         if steer is None and "expert" not in models:
             raise ValueError(f"arm {mode!r}: the speculative draft of a target-only arm is the expert, "
                              "but no expert model was loaded")
@@ -396,7 +396,8 @@ def run_arm(
     # 整个模式只用一个缓存长度（最长提示 + max_new_tokens，向上取整）：所有批形状相同，解码步只编译一次。
     # 代价是短提示的批也要在完整长度上做注意力；每个长度桶各编译一次则更慢（编译很贵）。
     # 按*全部*题目计算（而不是续跑时剩下的题）：续跑的批与原来的形状完全相同。
-    longest = max(len(role_prompts[r][j]) for r in roles for j in range(len(questions)))
+    drafting = ("expert",) if spec is not None and steer is None else ()  # 基线臂的草稿（专家）与其他角色一起左填充
+    longest = max(len(role_prompts[r][j]) for r in roles + drafting for j in range(len(questions)))
     size = min(batch_size, len(questions))
 
     def make_decoder(n: int) -> "FastDecoder | None":
@@ -404,9 +405,18 @@ def run_arm(
             return None
         from fast.decoder import FastDecoder  # 快速引擎只在快速路径上导入
 
-        return FastDecoder([models[r] for r in roles], vocab_size=vocab_size, end_ids=end_ids,
-                           pad_id=tokenizer.pad_token_id, batch_size=n, steering=steer, compile=compile,
-                           cache_len=cache_length(longest, max_new_tokens, fast=True), sampling=sampling)
+        common = dict(vocab_size=vocab_size, end_ids=end_ids, pad_id=tokenizer.pad_token_id, batch_size=n,
+                      steering=steer, compile=compile)
+        if spec is not None:
+            from fast.speculative import SpeculativeDecoder
+
+            # 基线臂：专家只作草稿（第 2 个模型），选词只看目标
+            return SpeculativeDecoder([models[r] for r in roles] + ([models["expert"]] if steer is None else []),
+                                      k=spec.k, draft=spec.draft, min_acceptance=spec.min_acceptance,
+                                      cache_len=cache_length(longest, max_new_tokens, fast=True, speculate=spec.k),
+                                      **common)
+        return FastDecoder([models[r] for r in roles], cache_len=cache_length(longest, max_new_tokens, fast=True),
+                           sampling=sampling, **common)
 
     def decode(chunk: list[int], decoder: "FastDecoder | None") -> BatchResult:
         prompts = [[role_prompts[r][j] for j in chunk] for r in roles]
@@ -415,6 +425,8 @@ def run_arm(
             _FAULT_HOOK(decoder.batch_size if decoder is not None else len(chunk))
         on_step = (lambda steps, new_tokens: step_progress(len(chunk), steps, new_tokens)) if progress else None
         if decoder is not None:
+            if spec is not None and steer is None:
+                prompts = prompts + [[role_prompts["expert"][j] for j in chunk]]  # 草稿（专家）看专家的提示
             return decoder.generate(prompts, max_new_tokens, question_ids=qids, on_step=on_step)
         if spec is not None:
             alone = steer is None  # 只有目标：专家作为独立的草稿模型

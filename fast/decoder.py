@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Callable, Final, Iterator, Sequence
 
 import torch
@@ -158,6 +159,19 @@ def resolve_attention(attention: str, *, head_dims: Sequence[int], device_type: 
     return attention
 
 
+@dataclass
+class _Start:
+    """FastDecoder._prefill 的结果（一批预填充之后的设备状态），字段见 _prefill 的说明。"""
+
+    real: int
+    qids: torch.Tensor
+    masks: list[torch.Tensor]
+    positions: list[torch.Tensor]
+    z: list[torch.Tensor]
+    slot: torch.Tensor
+    finished: torch.Tensor
+
+
 class FastDecoder:
     """快速解码器：与 generate_batch 逐 token 等价（fp32 测试保证），但每步的开销小得多。
 
@@ -277,6 +291,24 @@ class FastDecoder:
                              slot)  # (M, B, V_model)
         return [out[i, :, : self.vocab_size] for i in range(len(unit))]
 
+    def _verify_unit(self, u: int, tokens: torch.Tensor, positions: Sequence[torch.Tensor],
+                     masks: Sequence[torch.Tensor], slot: torch.Tensor) -> list[torch.Tensor]:
+        """第 u 个前向单元一次喂 T 个位置（投机解码的验证）：返回单元内每个模型的 (B, T, V) logits（模型精度）。
+
+        tokens (B, T)；positions[k] (B, T)；masks[k] (B, L)（被拒的槽位为 0）；slot (1,) 第一个位置的槽位。
+        transformers 单元：StaticCache 按它自己累计的长度写入（每个单元每轮都写同样多的列，所以等于 slot），
+        2D 掩码 + 缓存位置给出块内因果；叠加单元走 StackedLlama.verify。
+        """
+        unit, stacked = self.units[u], self.stacked[u]
+        if stacked is None:
+            k = unit[0]
+            out = self.models[k](input_ids=tokens, position_ids=positions[k], attention_mask=masks[k],
+                                 use_cache=True, **{self.kwargs[k]: self.caches[k]})
+            return [out.logits[..., : self.vocab_size]]
+        out = stacked.verify(tokens, torch.cat([positions[k] for k in unit]), torch.cat([masks[k] for k in unit]),
+                             slot)  # (M, B, T, V_model)
+        return [out[i, ..., : self.vocab_size] for i in range(len(unit))]
+
     def _step(self, tokens: torch.Tensor, positions: list[torch.Tensor], masks: list[torch.Tensor],
               slot: torch.Tensor, finished: torch.Tensor, qids: torch.Tensor, step: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -326,10 +358,14 @@ class FastDecoder:
         with packed_gqa(self.models), torch._dynamo.config.patch(recompile_limit=limit):
             return self._generate(prompts, max_new_tokens, question_ids, on_step)
 
-    def _generate(self, prompts: Sequence[Sequence[Sequence[int]]], max_new_tokens: int,
-                  question_ids: Sequence[int] | None,
-                  on_step: Callable[[int, int], None] | None = None) -> BatchResult:
-        """generate 的主体（在 packed_gqa 与 dynamo 设置的作用域之内）。"""
+    def _prefill(self, prompts: Sequence[Sequence[Sequence[int]]], columns: int,
+                 question_ids: Sequence[int] | None) -> "_Start":
+        """一批的开始（普通解码与投机解码共用）：检查输入、补齐占位行、左填充、取缓存、各单元预填充。
+
+        columns：提示之后缓存还要容纳的列数（普通解码 = max_new_tokens；投机解码每轮追加 K+1 列，见 fast/speculative.py）。
+        返回 _Start：masks[k] (B, L) 左填充位为 0、其余为 1；positions[k] (B, 1) 第一个生成 token 的位置号；
+        z[k] (B, V) 预填充最后位置的 logits（模型精度）；slot (1,) 第一个生成 token 的槽位；finished (B,) 占位行为 True。
+        """
         real = len(prompts[0])
         if real > self.batch_size or len(prompts) != len(self.models):
             raise ValueError(f"batch size {real} exceeds the FastDecoder's batch_size={self.batch_size}, or the number of roles does not match")
@@ -338,15 +374,14 @@ class FastDecoder:
         # 占位行的题目 index 记为 −1（它们从一开始就已结束，抽到什么都不会被记录）。
         qids = torch.tensor((list(question_ids) if question_ids is not None else [-1] * real)
                             + [-1] * (self.batch_size - real), dtype=torch.long, device=self.device)
-        step_t = torch.zeros((), dtype=torch.long, device=self.device)  # 设备上的步数：每步 +1，不经主机
         # 补齐占位行（复制第 0 行的提示）：它们从一开始就标记为已结束，不影响真实行。
         padded = [list(p) + [p[0]] * (self.batch_size - real) for p in prompts]
         # 所有角色一起左填充到同一宽度 T（见类说明：缓存槽位因此对所有模型相同），再按角色切开。
         ids_all, mask_all = left_pad([row for p in padded for row in p], self.pad_id, self.device)
         pads = list(zip(ids_all.split(self.batch_size), mask_all.split(self.batch_size)))
-        needed = ids_all.shape[1] + max_new_tokens
+        needed = ids_all.shape[1] + columns
         if self.cache_len is not None and needed > self.cache_len:
-            raise ValueError(f"prompt + new tokens = {needed}, more than the fixed cache length cache_len={self.cache_len}")
+            raise ValueError(f"prompt + new cache columns = {needed}, more than the fixed cache length cache_len={self.cache_len}")
         length = self.cache_len or length_bucket(needed)
         caches = self._caches_for(length)
         masks, positions, z = [], [], [torch.empty(0)] * len(self.models)
@@ -372,6 +407,16 @@ class FastDecoder:
         slot = torch.full((1,), ids_all.shape[1], dtype=torch.long, device=self.device)  # 第一个解码 token 的槽位
         finished = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
         finished[real:] = True
+        return _Start(real, qids, masks, positions, z, slot, finished)
+
+    def _generate(self, prompts: Sequence[Sequence[Sequence[int]]], max_new_tokens: int,
+                  question_ids: Sequence[int] | None,
+                  on_step: Callable[[int, int], None] | None = None) -> BatchResult:
+        """generate 的主体（在 packed_gqa 与 dynamo 设置的作用域之内）。"""
+        start = self._prefill(prompts, max_new_tokens, question_ids)
+        real, qids, masks, positions, z, slot, finished = (start.real, start.qids, start.masks, start.positions,
+                                                           start.z, start.slot, start.finished)
+        step_t = torch.zeros((), dtype=torch.long, device=self.device)  # 设备上的步数：每步 +1，不经主机
         out_tokens: list[torch.Tensor] = []
         alphas: list[torch.Tensor] = []
         nonfinite = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)  # 设备上累加，整批只同步一次

@@ -253,8 +253,41 @@ def test_tiny_speculative_rows_reference_loop(capsys):
         assert r["tokens"] == 2 * r["new"] and r["tokens_per_verify"] == r["tokens"] / r["verify_steps"]
 
 
-def test_speculate_needs_the_reference_loop():
+def test_tiny_speculative_rows_fast_path(capsys):
+    """--speculate K（快速路径）：oracle 草稿的接受率 0 与 1、免费与付费的草稿；每行都与投机路径自己的输出相同，
+    接受率 1 时每个草稿都被接受、每次验证 K+1 个 token（除了预算的尾巴），接受率 0 时一个都不；同一次调用里有不投机的行。"""
+    assert bench.main(["--preset", "tiny", "--device", "cpu", "--batches", "2", "--modes", "steered",
+                       "--speculate", "2", "--agreement", "0,1", "--compile", "off"]) == 0
+    rows = last_json(capsys)["speculation"]
+    plain = [r for r in rows if r["path"] == "fast"]
+    spec = [r for r in rows if r["path"] == "fast-speculative"]
+    assert len(plain) == 1 and plain[0]["mode"] == "steered"
+    assert [(r["draft_cost"], r["k"], r["agreement"]) for r in spec] == [
+        (c, 2, a) for c in ("free", "expert") for a in (0.0, 1.0)]
+    for r in spec:
+        assert r["identical_rows"] == 2 and r["tokens"] == 2 * r["new"]
+        assert r["speedup"] == round(r["plain_ms_per_step"] / r["ms_per_token"], 3)
+        if r["agreement"] == 1.0:
+            assert r["accepted"] == r["drafted"] > 0 and r["tokens_per_verify"] > 1
+        else:
+            assert r["accepted"] == 0 and r["tokens_per_verify"] == 1
+
+
+def test_tiny_speculative_check(capsys):
+    """--check --speculate K：快速路径的投机解码（oracle 草稿）与慢速循环逐 token 相同（CPU、fp32）。"""
+    assert bench.main(["--preset", "tiny", "--device", "cpu", "--check", "--check-dtypes", "float32",
+                       "--speculate", "2", "--compile", "off"]) == 0
+    check = last_json(capsys)["check"]
+    for mode in ("target", "steered"):
+        got = check[f"float32:{mode}:speculative"]
+        assert got["identical_rows"] == "4/4" and got["acceptance"] > 0
+
+
+def test_speculate_refusals():
     import pytest
 
-    with pytest.raises(SystemExit):  # 缺省 --paths fast：快速路径没有投机解码，直接拒绝而不是悄悄退回
-        bench.main(["--preset", "tiny", "--device", "cpu", "--speculate", "2"])
+    for argv in (["--speculate", "2", "--temperature", "0.5"], ["--speculate", "2,3", "--paths", "eager"],
+                 ["--speculate", "2", "--agreement", "1.5"], ["--speculate", "2", "--draft-cost", "cheap"],
+                 ["--speculate", "2", "--draft", "fusion"], ["--speculate", "0"], ["--speculate", "2", "--profile", "2"]):
+        with pytest.raises(SystemExit):
+            bench.main(["--preset", "tiny", "--device", "cpu", *argv])

@@ -113,7 +113,7 @@ def draft() -> LlamaForCausalLM:
 
 def _decode(path: str, models: list[LlamaForCausalLM], steering: SteeringParams | None,
             draft: LlamaForCausalLM) -> BatchResult:
-    """同一批提示走三条路径之一：参考循环、FastDecoder（CPU、不编译）、投机循环（K = 3）。"""
+    """同一批提示走四条路径之一：参考循环、FastDecoder（CPU、不编译）、投机循环（K = 3）、快速路径的投机解码（K = 3）。"""
     prompts = [PROMPTS] * len(models)
     if path == "reference":
         return generate_batch(models, prompts, vocab_size=VOCAB, max_new_tokens=STEPS, end_ids=[], pad_id=0,
@@ -122,6 +122,12 @@ def _decode(path: str, models: list[LlamaForCausalLM], steering: SteeringParams 
         decoder = FastDecoder(models, vocab_size=VOCAB, end_ids=[], pad_id=0, batch_size=4, steering=steering,
                               compile=False)
         return decoder.generate(prompts, STEPS)
+    if path == "fast_speculative":  # 快速路径的投机解码（CPU、不编译），K = 3；基线臂的草稿是独立模型
+        from fast.speculative import SpeculativeDecoder
+
+        spec = SpeculativeDecoder(models if steering is not None else models + [draft], k=3, steering=steering,
+                                  vocab_size=VOCAB, end_ids=[], pad_id=0, batch_size=4, compile=False)
+        return spec.generate(prompts if steering is not None else prompts + [PROMPTS], STEPS)
     extra: dict[str, Any] = {} if steering is not None else {"draft_model": draft, "draft_prompts": PROMPTS}
     return generate_speculative(models, prompts, vocab_size=VOCAB, max_new_tokens=STEPS, end_ids=[], pad_id=0,
                                 steering=steering, k=3, **extra)
@@ -137,7 +143,8 @@ def _trigger(clean: list[list[int]]) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize(("path", "steered", "value"),
-                         [(p, s, float("nan")) for p in ("reference", "fast", "speculative") for s in (False, True)]
+                         [(p, s, float("nan")) for p in ("reference", "fast", "speculative", "fast_speculative")
+                          for s in (False, True)]
                          + [("fast", True, float("inf")), ("reference", False, float("-inf"))])
 def test_nonfinite_target_row_stops_cleanly(trio: list[LlamaForCausalLM], draft: LlamaForCausalLM, path: str,
                                             steered: bool, value: float) -> None:
@@ -167,7 +174,7 @@ def test_prefill_nan_stops_before_the_first_token(trio: list[LlamaForCausalLM], 
     """提示的最后一个 token 就触发：该行一个 token 都不输出（而不是输出 token 0）。"""
     handle = _poison_after(trio[0], PROMPTS[1][-1], float("nan"))
     try:
-        for path in ("reference", "fast", "speculative"):
+        for path in ("reference", "fast", "speculative", "fast_speculative"):
             result = _decode(path, [trio[0]], None, draft)
             assert result.tokens[1] == [] and result.target_stops == [0, 1, 0]
     finally:

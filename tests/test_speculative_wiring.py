@@ -61,7 +61,8 @@ def arm(models: dict[str, Any], mode: str, speculation: Speculation | None, same
                     "base": [p[1:] or p for p in PROMPTS]}
     kwargs.setdefault("end_ids", [])
     return run_arm(mode, questions, role_prompts, models, FakeTokenizer(), vocab_size=VOCAB, batch_size=2,
-                   max_new_tokens=11, steering=STEER, fast=False, progress=False, speculation=speculation, **kwargs)
+                   max_new_tokens=11, steering=STEER, fast=kwargs.pop("fast", False), progress=False,
+                   speculation=speculation, **kwargs)
 
 
 ALPHA_KEYS = ("alpha_mean", "alpha_min", "alpha_max", "alpha")
@@ -99,6 +100,17 @@ def test_run_arm_speculative_records_equal_plain(trio, mode, draft, ends):
     check_invariants(spec.records, 2)
     assert spec.decode_path == {"fast": False, "compiled": False, "speculate": 2, "draft": draft}
     assert "speculate" not in plain.decode_path
+
+
+@pytest.mark.parametrize("mode,draft", [("baseline", "expert"), ("steered", "fusion")])
+def test_run_arm_fast_path_speculation_equals_reference_loop(trio, mode, draft):
+    """fast=True 的投机解码（SpeculativeDecoder，CPU 不编译）：记录与参考循环的投机解码逐字段相同，接受统计也相同；
+    结束记号落在草稿里；最后一批只有一行（补占位行）。"""
+    ref = arm(trio, mode, Speculation(2, draft), end_ids=[7, 40])
+    fast = arm(trio, mode, Speculation(2, draft), end_ids=[7, 40], fast=True)
+    assert strip(fast.records) == [{k: v for k, v in r.items() if k not in SPEC_KEYS} for r in ref.records]
+    assert [{k: r[k] for k in SPEC_KEYS} for r in fast.records] == [{k: r[k] for k in SPEC_KEYS} for r in ref.records]
+    assert fast.decode_path["speculate"] == 2 and fast.decode_path["fast"] is True
 
 
 def test_oracle_expert_draft_accepts_everything(trio):
@@ -156,7 +168,8 @@ def test_run_arm_refusals(trio):
     with pytest.raises(ValueError, match="reference loop only"):
         run_arm("baseline", [SimpleNamespace(index=0, answer_idx="A", options=None)], {"target": [[5, 6]]},
                 {"target": trio["target"]}, FakeTokenizer(), vocab_size=VOCAB, batch_size=1, max_new_tokens=4,
-                end_ids=[], steering=None, fast=True, progress=False, speculation=Speculation(2))
+                end_ids=[], steering=None, fast=True, progress=False, speculation=Speculation(2),
+                sampling=Sampling(1.0, 1.0, seed=0, chain=0))
     with pytest.raises(ValueError, match="no expert model was loaded"):
         run_arm("baseline", [SimpleNamespace(index=0, answer_idx="A", options=None)], {"target": [[5, 6]]},
                 {"target": trio["target"]}, FakeTokenizer(), vocab_size=VOCAB, batch_size=1, max_new_tokens=4,
@@ -168,7 +181,7 @@ def test_run_arm_refusals(trio):
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--speculate", "2"], "add --no-fast"),
+    (["--speculate", "2", "--temperature", "0.7"], "add --no-fast"),
     (["--speculate", "17", "--no-fast"], "from 0 (off) to 16"),
     (["--speculate", "-1", "--no-fast"], "from 0 (off) to 16"),
     (["--speculate", "2", "--no-fast", "--draft", "fusion"], "--modes steered"),
