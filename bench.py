@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -560,7 +561,7 @@ def speculate_fast_rows(args: argparse.Namespace, sizes: list[int], compile_step
                     dec.k = k
                     for a in agreements:
                         dec.set_oracle(own, a, free=cost == "free", seed=1)
-                        gen = lambda n: dec.generate(gen_prompts, n)  # noqa: E731
+                        gen = functools.partial(dec.generate, gen_prompts)
                         if args.device.startswith("cuda"):
                             torch.cuda.reset_peak_memory_stats()
                         gen(min(args.new, 24))  # 预热：编译、录图

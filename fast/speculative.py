@@ -26,7 +26,7 @@ from typing import Any, Callable, Final, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from fast.decoder import FastDecoder, _clone_tree, _root_oom
+from fast.decoder import FastDecoder, _root_oom
 from speculative import DRAFTS, SpecResult
 from steering_utils import SteeringParams, fuse_step, stop_nonfinite_target
 
