@@ -455,11 +455,19 @@ def profile(models: list[PreTrainedModel], batch: int, args: argparse.Namespace,
     prompts = prompts_for(batch, args.prompt, vocab)
     overlap, stack, attention = first_choices(args)
     # 剖析一直是贪心解码（不随 --temperature），保持原样
-    decoder = bench_decoder(models, True, batch, compile_step, overlap, stack, attention,
-                            cache_len=length_bucket(args.prompt + args.new), sampling=None)
+    if args.speculate:  # 投机解码的一轮：第一个 K、第一个 --agreement、第一个 --draft-cost 的 oracle 草稿
+        k = int(args.speculate.split(",")[0])
+        decoder = spec_decoder(models, True, batch, k, args, compile_step,
+                               cache_len=length_bucket(args.prompt + (k + 1) * args.new))
+        decoder.set_oracle([[0] * args.new] * batch, float(args.agreement.split(",")[0]),
+                           free=args.draft_cost.split(",")[0] == "free")
+    else:
+        decoder = bench_decoder(models, True, batch, compile_step, overlap, stack, attention,
+                                cache_len=length_bucket(args.prompt + args.new), sampling=None)
     decoder.generate([prompts] * 3, 24)
     decoder.generate([prompts] * 3, 24)
     result = {"batch": batch, "overlap": decoder.overlap, "stack": decoder.stack, "attention": decoder.attention,
+              "speculate": args.speculate or None,
               **profile_decoder(decoder, prompts, 3, args.profile_steps, args.device)}
     print(json.dumps({"profile": result}), flush=True)
     return result
@@ -763,16 +771,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--draft-cost {args.draft_cost!r}: each item must be free / expert")
         if not 0.0 <= args.min_acceptance <= 1.0:
             parser.error(f"--min-acceptance {args.min_acceptance}: must be in [0, 1]")
-        if args.paths not in ("eager", "fast") or args.profile:
+        if args.paths not in ("eager", "fast") or (args.profile and args.paths == "eager"):
             parser.error("--speculate takes --paths fast (the fast path, timed with an oracle draft) or --paths eager "
-                         "(the reference loop), without --profile")
+                         "(the reference loop, without --profile)")
         if args.paths == "eager" and (len(ks) > 1 or args.check):
             parser.error("--speculate with --paths eager takes one K and no --check")
         if args.paths == "fast" and args.temperature > 0:
             parser.error("the fast path's speculative decoding is greedy: drop --temperature, or use --paths eager")
         if args.draft == "fusion" and "target" in args.modes.split(",") and args.paths == "fast":
             parser.error("--draft fusion needs the steered mode: add --modes steered")
-        if not args.check and any(not b.isdigit() for b in args.batches.split(",") if b):
+        if not (args.check or args.profile) and any(not b.isdigit() for b in args.batches.split(",") if b):
             parser.error("--speculate needs numeric --batches (no max)")
     compile_step = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda"))
     torch.set_grad_enabled(False)
@@ -780,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"env": env, "args": vars(args)}), flush=True)
 
     report: dict[str, Any] = {"env": env, "args": vars(args)}
-    if args.speculate and args.paths == "fast" and not args.check:
+    if args.speculate and args.paths == "fast" and not args.check and not args.profile:
         report["speculation"] = speculate_fast_rows(args, [int(b) for b in args.batches.split(",") if b], compile_step)
         print(f"\n{'mode':<9}{'batch':>6}{'K':>3} {'draft':<7}{'agree':>6}{'accept':>8}{'tok/verify':>11}"
               f"{'ms/token':>10}{'tok/s':>9}{'speedup':>8}{'same':>6}")
