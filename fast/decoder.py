@@ -189,7 +189,8 @@ class FastDecoder:
       "auto"（默认）见 resolve_overlap。
     - stack（见 resolve_stack）：解码前向改用 StackedLlama——专家与基座叠成一次前向（每个投影一次 bmm、两个缓存
       一次注意力），目标模型也可单独走它（M = 1，q/k/v、gate/up 拼接）。模型按“前向单元”分组：units[u] 是一起前向的模型下标，
-      如 [(0,), (1, 2)]；每个单元一次前向、（streams 时）一条流。
+      如 [(0,), (1, 2)]；每个单元一次前向、（streams 时）一条流。together=False（投机解码的专家草稿用）时专家与基座
+      不叠在一起、各自单独叠加：[(0,), (1,), (2,)]。
     - attention（见 resolve_attention）：叠加单元的解码注意力用 SDPA（cuDNN，每步读满整个静态缓存）还是
       stacked_llama 的 Triton kernel（只读到本步槽位，打包 GQA）；"auto" 在 CUDA 上取 Triton。
     - 三个角色的提示左填充到同一宽度 T：所有模型的缓存槽位因此相同（第 n 个解码 token 写在槽位 T+n−1），
@@ -199,7 +200,7 @@ class FastDecoder:
     def __init__(self, models: Sequence[PreTrainedModel], *, vocab_size: int, end_ids: Sequence[int], pad_id: int,
                  batch_size: int, steering: SteeringParams | None, compile: bool, check_every: int = 16,
                  cache_len: int | None = None, overlap: str = "auto", sampling: Sampling | None = None,
-                 stack: str = "auto", attention: str = "auto") -> None:
+                 stack: str = "auto", attention: str = "auto", together: bool = True) -> None:
         if steering is not None and len(models) != 3:
             raise ValueError("steering needs three models: [target, expert, base]")
         self.models = list(models)
@@ -223,14 +224,15 @@ class FastDecoder:
                                    device_type=self.device.type)
         n = len(self.models)
         pair, target = self.stack in ("pair", "all") and n == 3, self.stack in ("target", "all")
-        self.units: list[tuple[int, ...]] = [(0,), (1, 2)] if pair else [(k,) for k in range(n)]
+        # together=False（投机解码的专家草稿）：专家与基座各自单独叠加（M = 1），起草时只前向专家
+        self.units: list[tuple[int, ...]] = [(0,), (1, 2)] if pair and together else [(k,) for k in range(n)]
         stacked_models = ([self.models[0]] if target else []) + (self.models[1:] if pair else [])
         self.attention = resolve_attention(attention, head_dims=[head_dim_of(m.config) for m in stacked_models],
                                            device_type=self.device.type)
         # stacked[u]：第 u 个单元的叠加前向（None = 该单元是一个 transformers 模型）
         self.stacked: list[StackedLlama | None] = [
             StackedLlama([self.models[k] for k in unit], attention=self.attention)
-            if len(unit) > 1 or (unit == (0,) and target) else None for unit in self.units]
+            if len(unit) > 1 or (unit == (0,) and target) or (unit != (0,) and pair) else None for unit in self.units]
         # fullgraph=True：任何 graph break 都直接报错，而不是悄悄退回 eager、让“快速路径”名不副实。
         self.step: Callable[..., tuple[torch.Tensor, ...]] = (
             _GraphedStep(self, compile=compile, side_streams=self.overlap == "streams") if self.overlap != "off"

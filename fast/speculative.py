@@ -136,7 +136,9 @@ class SpeculativeDecoder(FastDecoder):
             raise ValueError("a speculative baseline arm takes two models: [target, draft (the expert)]")
         if not 0.0 <= min_acceptance <= 1.0:
             raise ValueError(f"min_acceptance={min_acceptance!r} must be in [0, 1]")
-        super().__init__(models, steering=steering, **kwargs)
+        # 专家单独起草时，专家与基座不叠成一次前向（叠加会让每个起草步也读一遍基座的权重）：各自单独叠加，
+        # 基座与目标一起验证 K+1 个位置（侧流上并行）。fusion 草稿要两者的 logits，仍叠在一起。
+        super().__init__(models, steering=steering, together=draft == "fusion", **kwargs)
         self.k, self.draft, self.min_acceptance, self.warmup = k, draft, min_acceptance, warmup
         # 草稿模型：引导臂的专家（fusion 时加基座）；基线臂的第 2 个模型
         self.draft_models = (1, 2) if draft == "fusion" else (1,)

@@ -83,8 +83,11 @@ def test_identical_to_the_reference_loops(trio, arm, draft, k, stack):
     """每个 token 与不投机的循环相同；drafted / accepted / verify_steps 逐行与投机参考循环相同。"""
     steering = STEERINGS[arm] if arm else None
     dec = decoder(trio, steering, k, draft, stack)
-    assert dec.units == ([(0,), (1, 2)] if stack == "all" and steering else
+    # 叠加时：fusion 草稿要专家与基座的 logits，两者叠成一次前向；专家草稿时各自单独叠加（起草只读专家的权重）
+    assert dec.units == ([(0,), (1, 2)] if stack == "all" and steering and draft == "fusion" else
                          [(k_,) for k_ in range(3 if steering else 2)])
+    if stack == "all":  # 基线臂只叠加目标（草稿专家走 transformers 的前向）
+        assert [s is not None for s in dec.stacked] == ([True] * len(dec.units) if steering else [True, False])
     got = dec.generate(prompts_for(steering), NEW)
     same_as_references(got, plain(trio, steering), spec_reference(trio, steering, k, draft), steering)
     if arm == "adaptive_js":
