@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from config import MIN_ACCEPTANCE
 from evaluator import BatchResult, generate_batch
 from fast.attention import ATTENTION_MODES, head_dim_of
 from fast.decoder import STACK_MODES, FastDecoder, length_bucket
@@ -740,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft-cost", default="free,expert",
                         help="fast-path --speculate: free (no draft forwards) and/or expert (the draft unit runs its K "
                              "forwards, the real cost of drafting with the expert)")
-    parser.add_argument("--min-acceptance", type=float, default=0.0,
+    parser.add_argument("--min-acceptance", type=float, default=MIN_ACCEPTANCE,
                         help="--speculate: a row stops drafting once its acceptance is below this after 16 drafted "
                              "tokens (0 = never), as main.py's --min-acceptance")
     args = parser.parse_args(argv)
