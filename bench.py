@@ -6,6 +6,7 @@
 
     python bench.py                                   # GPU：bf16，批 1/16/64/最大，目标 vs 引导，快速路径
     python bench.py --quant nf4 --batches 16,64       # 4-bit NF4（需要 bitsandbytes）
+    python bench.py --quant int4 --batches 16,64      # 4-bit int4（torchao tile-packed，需要 torchao==0.18.0）
     python bench.py --check                           # 真实形状上 fp32：快速路径 == 慢速循环逐 token；bf16 的一致率
     python bench.py --batches 1,64 --overlap off,streams --with-profile   # 比较 overlap 模式，并附每步 kernel 剖析
     python bench.py --preset tiny --device cpu        # CI 冒烟测试，几秒钟
@@ -33,7 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from config import MIN_ACCEPTANCE
+from config import INT4_GROUP_SIZE, INT4_GROUP_SIZES, MIN_ACCEPTANCE
 from evaluator import BatchResult, generate_batch
 from fast.attention import ATTENTION_MODES, head_dim_of
 from fast.decoder import STACK_MODES, FastDecoder, length_bucket
@@ -81,12 +82,14 @@ def random_model(kind: str, preset: str, dtype: torch.dtype, device: str, seed: 
     return model.eval()
 
 
-def nf4_models(preset: str, device: str) -> list[PreTrainedModel]:
-    """NF4：随机 bf16 模型先存盘，再经 model_loader.load_model（与 main.py 相同的 4-bit 加载路径）读回。"""
+def quantized_models(quant: str, preset: str, device: str, int4_group_size: int) -> list[PreTrainedModel]:
+    """4-bit（nf4 / int4）：随机 bf16 模型先存盘，再经 model_loader.load_model（与 main.py 相同的 4-bit 加载路径、
+    同一个 quantization_config）读回。"""
     from config import Config
-    from model_loader import load_model
+    from model_loader import load_model, resolve_device
 
-    cfg = Config(load_in_4bit=True, device="cuda")
+    cfg = Config(load_in_4bit=True, quant=quant, int4_group_size=int4_group_size, device="cuda")
+    resolve_device(cfg)  # 与 main.py 相同的前置检查：CUDA、所选格式的库、int4 的计算能力
     models = []
     for kind, seed in (("8b", 0), ("1b", 1), ("1b", 2)):
         folder = tempfile.mkdtemp(prefix=f"bench-{kind}-")  # 不放在 $OUT 下：8B 有 16 GB
@@ -127,8 +130,17 @@ def weight_bytes(model: PreTrainedModel) -> int:
     """
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     seen: set[int] = set()
-    return sum(p.numel() * p.element_size() + _quant_state_bytes(getattr(p, "quant_state", None), seen)
+    return sum(_param_bytes(p) + _quant_state_bytes(getattr(p, "quant_state", None), seen)
                for p in model.parameters() if p is not embed or embed is head)
+
+
+def _param_bytes(p: torch.Tensor) -> int:
+    """一个参数的存储字节。torchao 的量化张量（tensor_data_names，例如 int4 的 qdata 与 scale_and_zero）是张量子类：
+    numel × element_size 是逻辑形状 × bf16，不是存储，所以按它的内部张量数。"""
+    names = getattr(p, "tensor_data_names", None)
+    if names is None:
+        return p.numel() * p.element_size()
+    return sum(t.numel() * t.element_size() for t in (getattr(p, n, None) for n in names) if t is not None)
 
 
 def kv_bytes_per_token(model: PreTrainedModel) -> int:
@@ -698,7 +710,10 @@ def main(argv: list[str] | None = None) -> int:
                                      allow_abbrev=False)
     parser.add_argument("--preset", choices=("real", "tiny"), default="real")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quant", choices=("bf16", "nf4"), default="bf16")
+    parser.add_argument("--quant", choices=("bf16", "nf4", "int4"), default="bf16",
+                        help="weights: bf16, or 4-bit through model_loader (nf4: bitsandbytes; int4: torchao tile-packed)")
+    parser.add_argument("--int4-group-size", type=int, default=INT4_GROUP_SIZE, choices=INT4_GROUP_SIZES,
+                        help="group size of --quant int4")
     parser.add_argument("--batches", default="1,16,64,max", help="comma-separated; max = double from 128 until memory runs out")
     parser.add_argument("--modes", default="target,steered")
     parser.add_argument("--paths", default="fast", help="fast (FastDecoder) and/or eager (the slow reference loop)")
@@ -826,8 +841,8 @@ def main(argv: list[str] | None = None) -> int:
         bandwidth = read_bandwidth(args.device, 2 * 2**30 if args.device.startswith("cuda") else 64 * 2**20)
         report["read_bandwidth"] = bandwidth
         print(json.dumps({"read_bandwidth": bandwidth}), flush=True)
-    if args.quant == "nf4":
-        models = nf4_models(args.preset, args.device)
+    if args.quant != "bf16":
+        models = quantized_models(args.quant, args.preset, args.device, args.int4_group_size)
     else:
         models = [random_model(k, args.preset, dtype, args.device, s) for k, s in (("8b", 0), ("1b", 1), ("1b", 2))]
     if args.profile:

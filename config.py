@@ -36,8 +36,16 @@ SCHEDULE: str = "adaptive"
 # 可信度约束（对比解码的做法）：只有目标概率 ≥ β × 目标最大概率的 token 可被选中；0 = 关闭。
 PLAUSIBILITY_BETA: float = 0.0
 
-# 加载：默认 4-bit NF4（bitsandbytes，需要 CUDA），计算精度 bf16。
+# 加载：默认 4-bit（需要 CUDA），计算精度 bf16。
 LOAD_IN_4BIT: bool = True
+# 4-bit 的格式（只在 LOAD_IN_4BIT 时有意义）：nf4 = bitsandbytes NF4（分块 64、双重量化）；
+# int4 = torchao 的仿射 int4 只量化权重（Int4WeightOnlyConfig，tile-packed 布局即 tinygemm kernel），加载时由 bf16 权重
+# 直接量化、不需要校准数据。两者的质量对比见 BENCHMARKS.md（CPU 上 SmolLM2 的 KL / 贪心一致率）。
+QUANT: str = "nf4"  # "nf4" | "int4"
+# int4 每组共享一对 (scale, zero) 的输入维元素数：组越小越准、每个权重多占 32/组 比特。in_features 不是它的倍数的
+# Linear 保持 bf16（torchao 的规则；Llama-3 8B/1B 的所有投影都是 128 的倍数）。
+INT4_GROUP_SIZE: int = 128
+INT4_GROUP_SIZES: tuple[int, ...] = (64, 128)
 DTYPE: str = "bfloat16"  # 非 4-bit 时的权重精度："bfloat16" | "float16" | "float32"
 DEVICE: str = "auto"  # "auto" | "cuda" | "cpu"
 
@@ -134,6 +142,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scoring": ("cot", "letter"),
     "draft": ("expert", "fusion"),
     "speculative_sampling": ("residual", "coupled"),
+    "quant": ("nf4", "int4"),
 }
 VALID_MODES: tuple[str, ...] = ("baseline", "steered")
 LETTERS: tuple[str, ...] = ("A", "B", "C", "D")  # MedQA-USMLE 四选项的选项字母（全项目唯一的定义）
@@ -164,7 +173,13 @@ class Config:
     schedule: str = field(default=SCHEDULE, metadata={"help": "α schedule: constant | adaptive | adaptive_inverse"})
     plausibility_beta: float = field(default=PLAUSIBILITY_BETA,
                                      metadata={"help": "plausibility constraint β in [0, 1]: only tokens with target probability >= β × the max are eligible (0 = off)"})
-    load_in_4bit: bool = field(default=LOAD_IN_4BIT, metadata={"help": "load weights in 4-bit NF4 (needs CUDA and bitsandbytes)"})
+    load_in_4bit: bool = field(default=LOAD_IN_4BIT, metadata={"help": "load weights in 4-bit, in the --quant format (needs CUDA)"})
+    quant: str = field(default=QUANT, metadata={
+        "help": "4-bit format with --load-in-4bit: nf4 (bitsandbytes NF4, double quant) or int4 (torchao affine int4 "
+                "weight-only, tile-packed; needs torchao==0.18.0 and a GPU of compute capability >= 8.0); "
+                "quality compared in BENCHMARKS.md"})
+    int4_group_size: int = field(default=INT4_GROUP_SIZE, metadata={
+        "help": f"weights per (scale, zero) group of --quant int4: one of {', '.join(map(str, INT4_GROUP_SIZES))}"})
     dtype: str = field(default=DTYPE, metadata={"help": "weight dtype when not 4-bit"})
     device: str = field(default=DEVICE, metadata={"help": "auto | cuda | cpu"})
     dataset_id: str = field(default=DATASET_ID, metadata={"help": "HF dataset id (used when --data-file is not given)"})
@@ -250,7 +265,21 @@ class Config:
         for name in ("target", "expert", "base", "system_prompt"):
             if not str(getattr(self, name)).strip():
                 raise ConfigError(f"{_flag(name)} must not be empty")
+        self._check_quant()
         self._check_research_options()
+
+    def _check_quant(self) -> None:
+        """4-bit 格式的约束：--quant 与 --int4-group-size 只在 4-bit 加载时有意义，组大小只在 int4 时有意义——
+        无意义的组合报错，而不是被悄悄忽略（运行的 config.json 里不会记下一个没有生效的格式）。"""
+        g = self.int4_group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g not in INT4_GROUP_SIZES:
+            raise ConfigError(f"--int4-group-size={g!r} is not valid; choose one of: {', '.join(map(str, INT4_GROUP_SIZES))}")
+        if not self.load_in_4bit and (self.quant != QUANT or g != INT4_GROUP_SIZE):
+            raise ConfigError("--quant and --int4-group-size choose the 4-bit format, but 4-bit loading is off "
+                              "(--no-load-in-4bit): drop them, or drop --no-load-in-4bit")
+        if self.quant != "int4" and g != INT4_GROUP_SIZE:
+            raise ConfigError(f"--int4-group-size only applies to --quant int4 (the format is {self.quant}): "
+                              "add --quant int4, or drop --int4-group-size")
 
     def _check_research_options(self) -> None:
         """扫参、采样、打分方式之间的约束（issue #5）：互相矛盾的组合在加载模型之前报错，而不是被悄悄忽略。"""

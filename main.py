@@ -345,7 +345,7 @@ def check_memory(cfg: Config, data: Data, longest: int, device: torch.device) ->
     specs = {role: getattr(cfg, role) for role in roles}
     configs = {spec: model_config(spec) for spec in set(specs.values())}
     dtype = torch.bfloat16 if cfg.load_in_4bit else torch_dtype(cfg.dtype)
-    weights = sum(weight_bytes(c, dtype, cfg.load_in_4bit) for c in configs.values())
+    weights = sum(weight_bytes(c, dtype, cfg.load_in_4bit, cfg.quant, cfg.int4_group_size) for c in configs.values())
     batch = min(cfg.batch_size, len(data.questions))
     cot = cfg.scoring == "cot"
     new = cfg.max_new_tokens if cot else 1
@@ -357,7 +357,7 @@ def check_memory(cfg: Config, data: Data, longest: int, device: torch.device) ->
         raise ConfigError(
             f"not enough memory on {device}: this run needs at least {need / gib:.2f} GiB (weights of "
             f"{len(configs)} model(s) ≈ {weights / gib:.2f} GiB in {str(dtype).replace('torch.', '')}"
-            f"{' NF4' if cfg.load_in_4bit else ''}, KV caches ≈ {caches / gib:.2f} GiB for {len(roles)} role(s) × "
+            f"{' ' + cfg.quant.upper() if cfg.load_in_4bit else ''}, KV caches ≈ {caches / gib:.2f} GiB for {len(roles)} role(s) × "
             f"batch {batch} × {length} tokens), but only {available / gib:.2f} GiB is available. "
             "Lower --batch-size or --max-new-tokens"
             f"{'' if cfg.load_in_4bit or device.type != 'cuda' else ', or use --load-in-4bit'}.")

@@ -4,7 +4,7 @@
   GGUF 首次加载需要反量化转换（SmolLM2-135M 约 20 秒），转换结果缓存为普通的 safetensors 目录。
 - 角色的来源相同时复用同一个模型对象（不占两份显存）；每个角色仍有自己的 KV 缓存（在 evaluator 里）。
 - 失败时给出“发生了什么、该怎么做”的消息（ModelLoadError），而不是一长串 traceback：
-  gated 模型、id 拼错、无网络、磁盘满、要求 4-bit 却没有 CUDA、加载时显存不足、词表不一致。
+  gated 模型、id 拼错、无网络、磁盘满、要求 4-bit 却没有 CUDA（或没有所选格式的库）、加载时显存不足、词表不一致。
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ from config import Config
 KNOWN_END_TOKENS: tuple[str, ...] = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>")
 # 优先用作填充的记号：它们不是结束记号，因此填充位永远不会被误认为“已结束”。
 PREFERRED_PAD_TOKENS: tuple[str, ...] = ("<|finetune_right_pad_id|>", "<pad>", "[PAD]")
+# torchao tile-packed int4（tinygemm）kernel 的最低计算能力（Int4TilePackedTo4dTensor.from_hp 的检查：Ampere 起）。
+INT4_MIN_CAPABILITY: tuple[int, int] = (8, 0)
 GGUF_CACHE_DIR: str = os.environ.get(
     "DOMAIN_STEERING_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "domain-steering"))
 
@@ -204,9 +206,19 @@ def resolve_device(cfg: Config) -> torch.device:
         raise ModelLoadError("--device cuda was asked for, but this machine has no usable CUDA GPU. Use --device cpu (with --no-load-in-4bit).")
     device = torch.device("cuda:0" if (cfg.device == "cuda" or (cfg.device == "auto" and has_cuda)) else "cpu")
     if cfg.load_in_4bit and device.type != "cuda":
+        kernel = "bitsandbytes' NF4" if cfg.quant == "nf4" else "torchao's int4 (the tile-packed tinygemm kernel)"
         raise ModelLoadError(
-            "4-bit NF4 loading is on (LOAD_IN_4BIT / --load-in-4bit), but bitsandbytes' 4-bit needs a CUDA GPU, "
-            "and the device is the CPU. Run on a GPU, or add --no-load-in-4bit (on CPU also --dtype float32), or try --demo.")
+            f"4-bit {cfg.quant.upper()} loading is on (LOAD_IN_4BIT / --load-in-4bit, --quant {cfg.quant}), but {kernel} "
+            "needs a CUDA GPU, and the device is the CPU. Run on a GPU, or add --no-load-in-4bit (on CPU also "
+            "--dtype float32), or try --demo.")
+    if cfg.load_in_4bit:
+        require_quant_library(cfg)  # 缺少量化库时现在就失败（任何 hub 访问与权重加载之前）
+        if cfg.quant == "int4" and torch.cuda.get_device_capability(device) < INT4_MIN_CAPABILITY:
+            major, minor = torch.cuda.get_device_capability(device)
+            raise ModelLoadError(
+                f"--quant int4 uses torchao's tile-packed int4 kernel (tinygemm), which needs a GPU of compute "
+                f"capability {INT4_MIN_CAPABILITY[0]}.{INT4_MIN_CAPABILITY[1]} or newer; {torch.cuda.get_device_name(device)} "
+                f"is {major}.{minor}. Use --quant nf4 (bitsandbytes) on this GPU.")
     return device
 
 
@@ -293,12 +305,35 @@ def check_vocab(tokenizer: PreTrainedTokenizerBase, models: dict[str, PreTrained
     return vocab_size
 
 
-def _quantization_config() -> Any:
-    """4-bit NF4：bf16 计算、双重量化（与常见 QLoRA 推理设置一致）。延迟导入：CPU 环境可以没有 bitsandbytes。"""
+def require_quant_library(cfg: Config) -> None:
+    """--quant 所选格式的库没装 → ModelLoadError（带安装命令）。只看包在不在、不导入它（导入 torchao 要几秒）。"""
+    package, pin, other = {"nf4": ("bitsandbytes", "bitsandbytes==0.50.2", "--quant int4"),
+                           "int4": ("torchao", "torchao==0.18.0", "--quant nf4")}[cfg.quant]
+    if importlib.util.find_spec(package) is None:
+        raise ModelLoadError(f"4-bit {cfg.quant.upper()} loading (--quant {cfg.quant}) needs {package}, which is not "
+                             f"installed: pip install {pin} (or use {other}, or add --no-load-in-4bit)")
+
+
+def quantization_config(cfg: Config) -> Any:
+    """from_pretrained 的 quantization_config（只在 --load-in-4bit 时调用），按 --quant 选格式。延迟导入：CPU 环境
+    可以没有 bitsandbytes / torchao；缺少时给出安装命令（resolve_device 在加载任何权重之前先调用一次）。
+
+    - nf4：bitsandbytes NF4，分块 64、absmax 双重量化、bf16 计算（与常见 QLoRA 推理设置一致）。
+    - int4：torchao 的 Int4WeightOnlyConfig——非对称仿射 int4、每 int4_group_size 个输入维一组 bf16 的 (scale, zero)，
+      tile-packed 布局（torch 自带的 tinygemm kernel `_weight_int4pack_mm`，不需要 torchao 的 C++ 扩展），加载时由
+      bf16 权重直接量化、不需要校准数据。set_inductor_config=False：不让 torchao 改全局的 inductor 设置，快速路径
+      对两种格式按同样的设置编译（计时可比）。两种格式都只量化解码层里的 Linear；嵌入与 lm_head 保持 bf16
+      （transformers 对两者的默认规则相同）。
+    """
+    require_quant_library(cfg)
+    if cfg.quant == "int4":
+        from torchao.quantization import Int4WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(quant_type=Int4WeightOnlyConfig(
+            group_size=cfg.int4_group_size, int4_packing_format="tile_packed_to_4d", set_inductor_config=False))
     from transformers import BitsAndBytesConfig
 
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelLoadError("4-bit loading needs bitsandbytes: pip install bitsandbytes==0.50.2 (or add --no-load-in-4bit)")
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
 
@@ -310,7 +345,7 @@ def load_model(spec: str, cfg: Config, device: torch.device, role: str = "target
     """
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cfg.load_in_4bit else torch_dtype(cfg.dtype)}
     if cfg.load_in_4bit:
-        kwargs.update(quantization_config=_quantization_config(), device_map={"": device.index or 0})
+        kwargs.update(quantization_config=quantization_config(cfg), device_map={"": device.index or 0})
     try:
         model = AutoModelForCausalLM.from_pretrained(local_path(spec), **kwargs)
         if not cfg.load_in_4bit:
@@ -386,19 +421,23 @@ def model_config(spec: str) -> Any:
         raise explain_load_error(exc, "model", spec) from None
 
 
-def weight_bytes(config: Any, dtype: torch.dtype, four_bit: bool = False) -> int:
+def weight_bytes(config: Any, dtype: torch.dtype, four_bit: bool = False, quant: str = "nf4",
+                 int4_group_size: int = 128) -> int:
     """按配置估计一个模型权重的字节数：在 meta 设备上构造模型（不分配内存），数参数（共享的只数一次）。
 
-    dtype：权重精度。four_bit（NF4）：解码层里的 Linear 每个参数约 0.5 字节再加分块 absmax（每 64 个一字节，双重量化
-    之后更少），嵌入与 lm_head 保持 dtype——与 bitsandbytes 的布局大致相同，是估计，不是逐字节。
+    dtype：权重精度。four_bit：解码层里的 Linear 每个参数 0.5 字节，再加每组的量化参数——nf4：每 64 个一字节 absmax
+    （双重量化之后更少）；int4：每 int4_group_size 个一对 bf16 (scale, zero) 共 4 字节，in_features 不是组大小倍数的
+    Linear 保持 dtype（torchao 不量化它）。嵌入与 lm_head 保持 dtype。与两个库的布局大致相同，是估计，不是逐字节。
     """
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     head = model.get_output_embeddings()
     quantized = {id(m.weight) for m in model.modules()
-                 if four_bit and isinstance(m, torch.nn.Linear) and m is not head}
+                 if four_bit and isinstance(m, torch.nn.Linear) and m is not head
+                 and (quant == "nf4" or m.in_features % int4_group_size == 0)}
     size = torch.empty((), dtype=dtype).element_size()
-    return sum(p.numel() // 2 + p.numel() // 64 if id(p) in quantized else p.numel() * size
+    per_group = (64, 1) if quant == "nf4" else (int4_group_size, 4)  # (每组权重数, 每组字节)
+    return sum(p.numel() // 2 + p.numel() // per_group[0] * per_group[1] if id(p) in quantized else p.numel() * size
                for p in model.parameters())
 
 
