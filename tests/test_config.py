@@ -37,7 +37,7 @@ DEFAULT_CONSTANTS: dict[str, str] = {
     "temperature": "TEMPERATURE", "top_p": "TOP_P", "votes": "VOTES", "trace_index": "TRACE_INDEX",
     "forced_answer": "FORCED_ANSWER", "allow_version_change": "ALLOW_VERSION_CHANGE",
     "speculate": "SPECULATE", "draft": "DRAFT", "speculative_sampling": "SPECULATIVE_SAMPLING",
-    "min_acceptance": "MIN_ACCEPTANCE",
+    "min_acceptance": "MIN_ACCEPTANCE", "quant": "QUANT", "int4_group_size": "INT4_GROUP_SIZE",
 }
 
 # 单独给出时不合法、需要另一个参数才有意义的字段：测试时一并给出这些前提参数（文本为空的布尔前提写成 --no-<flag>）。
@@ -49,6 +49,7 @@ PREREQUISITES: dict[str, dict[str, tuple[str, Any]]] = {
     "draft": {**_SPEC, "modes": ("steered", ("steered",))},
     "speculative_sampling": _SPEC,
     "min_acceptance": _SPEC,
+    "int4_group_size": {"quant": ("int4", "int4")},
 }
 
 # 每个非布尔字段：(命令行文本, 解析后的期望值)，且期望值与默认值不同。
@@ -90,6 +91,8 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "draft": ("fusion", "fusion"),
     "speculative_sampling": ("coupled", "coupled"),
     "min_acceptance": ("0.25", 0.25),
+    "quant": ("int4", "int4"),
+    "int4_group_size": ("64", 64),
 }
 
 
