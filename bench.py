@@ -140,6 +140,7 @@ def _param_bytes(p: torch.Tensor) -> int:
     names = getattr(p, "tensor_data_names", None)
     if names is None:
         return p.numel() * p.element_size()
+    names = [*names, *getattr(p, "optional_tensor_data_names", [])]
     return sum(t.numel() * t.element_size() for t in (getattr(p, n, None) for n in names) if t is not None)
 
 

@@ -30,12 +30,12 @@ needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="本测试检查没有 CUDA 时的行为")
 
 
-def tiny_llama(hidden: int = 192, intermediate: int = 256, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(hidden: int = 192, intermediate: int = 256, seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
     """微型随机 Llama（默认 hidden 192 = 1.5 × 128：与 SmolLM2 的 576 一样，q/k/v/o/gate/up 不是 128 的倍数）。"""
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
                       num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=64,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=tie)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -265,3 +265,43 @@ def test_kl_and_prefix_arithmetic() -> None:
     assert torch.allclose(kl_per_position(a, b), want) and (want > 0).all()
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2 and common_prefix([1, 2], [1, 2, 3]) == 2
     assert common_prefix([5], [6]) == 0 and common_prefix([1, 2], [1, 2]) == 2
+
+
+@needs_torchao
+def test_bench_counts_the_storage_of_torchao_weights() -> None:
+    """bench.py 的每步字节数：torchao 的量化权重是张量子类，numel × element_size 是逻辑形状 × 原精度，不是存储；
+    按它的内部张量（qdata、scale……）数。CPU 上用 int8 只量化权重的同类子类检查（int4 tile-packed 只能在 CUDA 上构造）。"""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    import bench
+
+    lin = torch.nn.Linear(256, 64, bias=False)
+    quantize_(lin, Int8WeightOnlyConfig(set_inductor_config=False))
+    w = lin.weight
+    parts = [getattr(w, n) for n in ("qdata", "scale", "zero_point") if getattr(w, n, None) is not None]
+    assert bench._param_bytes(w) == sum(t.numel() * t.element_size() for t in parts)
+    assert 64 * 256 < bench._param_bytes(w) < 64 * 256 * 2  # int8 加每行的量化参数，远小于 float32 的 64 KiB
+    plain = torch.nn.Parameter(torch.zeros(64, 256, dtype=torch.bfloat16))
+    assert bench._param_bytes(plain) == 64 * 256 * 2
+
+
+@needs_torchao
+def test_torchao_quantize_on_load_touches_only_decoder_linears(tmp_path: Any) -> None:
+    """transformers 的 torchao 加载时量化（与 --quant int4 同一个 TorchAoConfig 外壳）只量化解码层的 Linear：嵌入与
+    lm_head（共享与不共享两种）保持普通参数。int4 tile-packed 只能在 CUDA 上构造，所以 CPU 上把里面的 torchao 配置
+    换成同一族、能在 CPU 上量化的 Int8WeightOnlyConfig——选哪些参数只由外壳与 transformers 决定。"""
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForCausalLM
+
+    outer = quantization_config(parse_config(["--quant", "int4"]))
+    outer.quant_type = Int8WeightOnlyConfig(set_inductor_config=False)
+    for tie in (True, False):
+        folder = tmp_path / f"tie{tie}"
+        tiny_llama(hidden=192, seed=1, tie=tie).save_pretrained(folder)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=outer,
+                                                      device_map={"": "cpu"})
+        kinds = {n: type(p).__name__ for n, p in loaded.named_parameters() if "norm" not in n}
+        quantized = {n for n, k in kinds.items() if k != "Parameter"}
+        assert quantized == {n for n in kinds if n.startswith("model.layers.")}, tie
+        assert len(quantized) == 2 * 7 and kinds["model.embed_tokens.weight"] == "Parameter"
+        assert kinds.get("lm_head.weight", "Parameter") == "Parameter"
