@@ -29,6 +29,7 @@ Linear 权重为“量化再反量化”的值（各库自己的反量化函数�
 
 用法（CPU，无网络，约 20–40 分钟，视机器负载）：
     python benchmarks/quant_quality.py --n 50 --new 48 --out benchmarks/results/quant_quality.json
+    python benchmarks/quant_quality.py --report benchmarks/results/quant_quality.json   # 只由 JSON 重印表与成对比较
 """
 from __future__ import annotations
 
@@ -224,6 +225,37 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return head + body
 
 
+# 成对比较（同一批题）：(a, b) 两行，b 是对照。
+COMPARISONS: tuple[tuple[str, str], ...] = (("int4 g64", "nf4"), ("int4 g128", "nf4, down_proj only"),
+                                            ("int4 g64, down_proj only", "nf4, down_proj only"),
+                                            ("int4 g128", "int4 g64, down_proj only"))
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], n_boot: int = 10_000, seed: int = 0) -> dict[str, float]:
+    """每道题的成对差 a − b：均值与按题重抽样的 95% 自助区间（百分位法，固定种子）。"""
+    import numpy as np
+
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
+    boots = d[idx].mean(axis=1)
+    return {"mean": float(d.mean()), "ci95_low": float(np.quantile(boots, 0.025)),
+            "ci95_high": float(np.quantile(boots, 0.975))}
+
+
+def report(payload: dict[str, Any]) -> str:
+    """JSON → 表与成对比较（英文）；--report 只读一个已有的 JSON，不重算任何前向。"""
+    rows = {r["name"]: r for r in payload["rows"]}
+    lines = [markdown(payload["rows"]), "Paired over questions (per-question mean KL; per-question free-greedy prefix), "
+             "a − b with a 95% bootstrap interval:\n"]
+    for a, b in COMPARISONS:
+        if a in rows and b in rows:
+            kl = paired_difference(rows[a]["per_question_kl_mean"], rows[b]["per_question_kl_mean"])
+            pre = paired_difference(rows[a]["per_question_prefix"], rows[b]["per_question_prefix"])
+            lines.append(f"- {a} − {b}: mean KL {kl['mean']:+.4f} [{kl['ci95_low']:+.4f}, {kl['ci95_high']:+.4f}]; "
+                         f"tokens before divergence {pre['mean']:+.1f} [{pre['ci95_low']:+.1f}, {pre['ci95_high']:+.1f}]")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """加载 SmolLM2 与题目，参照生成一次，再逐行（变体）量化、教师强制、自由生成；每行之后写一次 JSON。"""
     ap = argparse.ArgumentParser(description="Quality of the 4-bit formats on SmolLM2-135M-Instruct (CPU).")
@@ -234,7 +266,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--model", default=config.DEMO_MODEL, help="model source (default: the demo's SmolLM2 GGUF)")
     ap.add_argument("--variants", default=None, help="comma-separated names of the rows to run (default: all)")
     ap.add_argument("--out", default="benchmarks/results/quant_quality.json")
+    ap.add_argument("--report", metavar="JSON", default=None,
+                    help="only print the table and the paired comparisons of an existing result file (no model runs)")
     args = ap.parse_args(argv)
+    if args.report:
+        with open(args.report, encoding="utf-8") as fh:
+            print(report(json.load(fh)))
+        return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     chosen = [v for v in variants() if args.variants is None or v.name in args.variants.split(",")]
@@ -303,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as fh:
             json.dump(payload, fh, indent=1)
-    print(markdown(payload["rows"]))
+    print(report(payload))
     return 0
 
 

@@ -305,3 +305,21 @@ def test_torchao_quantize_on_load_touches_only_decoder_linears(tmp_path: Any) ->
         assert quantized == {n for n in kinds if n.startswith("model.layers.")}, tie
         assert len(quantized) == 2 * 7 and kinds["model.embed_tokens.weight"] == "Parameter"
         assert kinds.get("lm_head.weight", "Parameter") == "Parameter"
+
+
+def test_report_prints_the_table_and_paired_differences() -> None:
+    """--report：由 JSON 重印表与成对差（均值与自助区间；差恒定时区间就是那个值）。"""
+    from benchmarks.quant_quality import paired_difference, report
+
+    assert paired_difference([1.0, 2.0, 3.0], [0.5, 1.5, 2.5]) == {"mean": 0.5, "ci95_low": 0.5, "ci95_high": 0.5}
+    d = paired_difference([0.0, 1.0, 0.0, 1.0], [0.0] * 4)
+    assert d["mean"] == 0.5 and 0.0 <= d["ci95_low"] < 0.5 < d["ci95_high"] <= 1.0
+
+    def row(name: str, kl: list[float], prefix: list[int]) -> dict[str, Any]:
+        return {"name": name, "bits_per_quantized_weight": 4.5, "linears": 2, "weights": 10**6, "kl_mean": 0.1,
+                "kl_p95": 0.2, "top1_agreement": 0.9, "free_prefix_mean": 3.0, "free_identical": 1, "questions": 2,
+                "per_question_kl_mean": kl, "per_question_prefix": prefix}
+
+    text = report({"rows": [row("nf4", [0.2, 0.4], [1, 3]), row("int4 g64", [0.1, 0.3], [2, 4])]})
+    assert "| nf4 | 4.500 | 2 (1.0 M) | 0.1000 |" in text
+    assert "- int4 g64 − nf4: mean KL -0.1000 [-0.1000, -0.1000]; tokens before divergence +1.0 [+1.0, +1.0]" in text
