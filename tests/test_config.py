@@ -92,7 +92,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "speculative_sampling": ("coupled", "coupled"),
     "min_acceptance": ("0.25", 0.25),
     "quant": ("int4", "int4"),
-    "int4_group_size": ("64", 64),
+    "int4_group_size": ("128", 128),
 }
 
 

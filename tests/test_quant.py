@@ -46,9 +46,9 @@ def tiny_llama(hidden: int = 192, intermediate: int = 256, seed: int = 0, tie: b
 
 @pytest.mark.parametrize("argv, needle", [
     (["--no-load-in-4bit", "--quant", "int4"], "4-bit loading is off"),
-    (["--no-load-in-4bit", "--quant", "int4", "--int4-group-size", "64"], "4-bit loading is off"),
+    (["--no-load-in-4bit", "--quant", "int4", "--int4-group-size", "128"], "4-bit loading is off"),
     (["--demo", "--quant", "int4"], "4-bit loading is off"),
-    (["--int4-group-size", "64"], "only applies to --quant int4"),
+    (["--int4-group-size", "128"], "only applies to --quant int4"),
     (["--quant", "int4", "--int4-group-size", "32"], "choose one of: 64, 128"),
 ])
 def test_meaningless_combinations_are_refused(argv: list[str], needle: str) -> None:
@@ -65,8 +65,8 @@ def test_bad_quant_value_is_an_argparse_error() -> None:
 def test_defaults_and_explicit_formats() -> None:
     assert Config().quant == config.QUANT == "nf4" and Config().int4_group_size == config.INT4_GROUP_SIZE
     assert parse_config(["--demo"]).quant == "nf4"  # 4-bit 关掉时默认格式不算“无意义的组合”
-    cfg = parse_config(["--quant", "int4", "--int4-group-size", "64"])
-    assert (cfg.load_in_4bit, cfg.quant, cfg.int4_group_size) == (True, "int4", 64)
+    cfg = parse_config(["--quant", "int4", "--int4-group-size", "128"])
+    assert (cfg.load_in_4bit, cfg.quant, cfg.int4_group_size) == (True, "int4", 128)
 
 
 def test_format_is_recorded_and_compared_on_resume() -> None:
