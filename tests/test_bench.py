@@ -89,7 +89,7 @@ def test_attention_for_leaves_resolution_to_fast_decoder():
 
 def test_tiny_benchmark_attention_modes_pair_rows_with_matching_target(capsys):
     """--attention 给多个（CPU 上 Triton kernel 由解释器执行）：目标行与引导行各按注意力实现测一次，
-    每个引导行配对的目标行用同一种注意力。"""
+    每个引导行配对的目标行用同一种注意力。批 1：解释器里的 kernel 按程序逐个执行，批越小越快，检查的与批大小无关。"""
     import os
 
     import pytest
@@ -98,7 +98,7 @@ def test_tiny_benchmark_attention_modes_pair_rows_with_matching_target(capsys):
 
     if os.environ.get("TRITON_INTERPRET") != "1" or not triton_available():
         pytest.skip("需要 triton 与 TRITON_INTERPRET=1（tests/conftest.py）")
-    assert bench.main(["--preset", "tiny", "--device", "cpu", "--batches", "2", "--overlap", "streams",
+    assert bench.main(["--preset", "tiny", "--device", "cpu", "--batches", "1", "--overlap", "streams",
                        "--stack", "all", "--attention", "sdpa,triton", "--new", "6"]) == 0
     rows = last_json(capsys)["rows"]
     assert [(r["mode"], r["attention"]) for r in rows] == [("target", "sdpa"), ("target", "triton"),

@@ -54,6 +54,15 @@ def tiny_llama(seed: int, vocab: int) -> LlamaForCausalLM:
     return model
 
 
+@pytest.fixture(autouse=True)
+def no_env_report(monkeypatch):
+    """lm-eval 的 simple_evaluate 每次都收集一份环境报告写进结果（torch.utils.collect_env 会起 pip 等子进程，每次约
+    0.7 秒，本文件调用五次）；这里没有测试读它，换成空操作。逐题的预测与 acc 不受影响。"""
+    import lm_eval.evaluator
+
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda storage: None)
+
+
 @pytest.fixture(scope="module")
 def trio(smol_tokenizer):
     return {role: tiny_llama(seed, len(smol_tokenizer)) for seed, role in enumerate(("target", "expert", "base"))}

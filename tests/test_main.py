@@ -1,10 +1,11 @@
 """main.py 的端到端测试：CPU、无网络。
 
-`python main.py --demo --limit 2 --max-new-tokens 8` 作为真实子进程每个模块只跑一次（模块级夹具，约 15 秒：
-2 核 CPU 上 SmolLM2-135M 对 2 道长题各做 1 次（基线）+ 3 次（引导）prefill），然后逐项检查运行目录：
+演示命令 `python main.py --demo`（4 道短题、批 2、每题 4 个新 token，真实子进程）的运行目录是会话级的共享夹具
+（conftest 的 `smol_run`，test_reliability 与 test_research 复制同一个目录再续跑、篡改），这里逐项检查它：
 config.json（解析后的配置、数据来源、模型、环境、词表、结束记号）、predictions.jsonl（逐题记录的类型、
 取值范围与相互一致性）、metrics.json（与逐题记录独立重算的准确率、Wilson 区间、配对比较与精确 McNemar p 值）
-以及终端对比表。
+以及终端对比表。不给 --data-file 时 --demo 读随包的 MedQA 测试集：数据来源的字符串单独在进程内核对（长题的
+三模型 prefill 在 2 核 CPU 上要数秒，运行目录的每一项检查都与题目内容无关）。
 
 其余测试在进程内调用 main.main（快）：输出目录已存在且非空、坏数据文件（在加载任何模型之前、10 秒内、
 退出码 2、消息含 文件:行号、无 traceback），以及只跑 baseline 时不写引导记录与对比块。
@@ -15,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,24 +27,26 @@ import pytest
 import config
 import main
 from config import parse_config
+from run_folder import Dist
+from shared_runs import LIMIT, MAX_NEW
 
-REPO = Path(__file__).resolve().parent.parent
 BUNDLED_TEST = Path(config.BUNDLED_DATA_DIR) / "test.jsonl"
-LIMIT, MAX_NEW = 2, 8  # 两道真实的 MedQA 长题：检查的是演示命令与运行目录的每一项，不是准确率
 LETTERS = ("A", "B", "C", "D")
 
 
 def _demo_argv(output_dir: str) -> list[str]:
-    return ["--demo", "--limit", str(LIMIT), "--max-new-tokens", str(MAX_NEW), "--output-dir", output_dir]
+    """快速失败的测试用的演示命令行（不给 --data-file：随包的 MedQA 测试集）。"""
+    return ["--demo", "--limit", "2", "--max-new-tokens", "8", "--output-dir", output_dir]
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def _gold(n: int) -> list[str]:
-    with open(BUNDLED_TEST, encoding="utf-8") as f:
-        return [json.loads(next(f))["answer_idx"] for _ in range(n)]
+def _rows(path: Path, n: int) -> list[dict[str, Any]]:
+    """数据文件的前 n 行。"""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(next(f)) for _ in range(n)]
 
 
 def _wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -73,28 +75,25 @@ def _no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ---------------------------------------------------------------------------
-# 演示：真实子进程，每个模块一次
+# 演示：真实子进程，整个会话一次（conftest 的 smol_run）
 # ---------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory, smol_path: str) -> SimpleNamespace:
-    """运行一次 `python main.py --demo --limit 2 --max-new-tokens 8 --output-dir <tmp>/run`，返回结果与产物。"""
-    run_dir = tmp_path_factory.mktemp("demo") / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
-    argv = _demo_argv(str(run_dir))
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "main.py", *argv], cwd=REPO, env=env, capture_output=True,
-                          text=True, encoding="utf-8", timeout=600)
-    seconds = time.perf_counter() - start
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+def demo_run(smol_run: SimpleNamespace) -> SimpleNamespace:
+    """`python main.py --demo --data-file <4 道短题> --limit 4 --batch-size 2 --max-new-tokens 4 --output-dir <tmp>/run`
+    的结果与产物（共享、只读）。"""
+    return smol_run
 
-    def load(name: str) -> Any:
-        path = run_dir / name
-        return _read_jsonl(path) if name.endswith(".jsonl") else json.loads(path.read_text(encoding="utf-8"))
 
-    return SimpleNamespace(proc=proc, run_dir=run_dir, argv=argv, seconds=seconds, config=load("config.json"),
-                           predictions=load("predictions.jsonl"), metrics=load("metrics.json"))
+def test_demo_reads_the_bundled_test_split_by_default() -> None:
+    """--demo 不给 --data-file：题目来自随包的 MedQA 测试集，数据来源写明文件与 sha256（config.json 的 data_source
+    就是这个字符串，见 test_demo_config_json）。"""
+    data = main.load_data(parse_config(["--demo", "--limit", "2"]), Dist())
+    sha = hashlib.sha256(BUNDLED_TEST.read_bytes()).hexdigest()
+    assert data.source == f"file:{BUNDLED_TEST} sha256={sha}"
+    assert [(q.index, q.answer_idx) for q in data.questions] == [(i, r["answer_idx"])
+                                                                 for i, r in enumerate(_rows(BUNDLED_TEST, 2))]
 
 
 def test_demo_exit_code_and_files(demo_run: SimpleNamespace) -> None:
@@ -125,8 +124,8 @@ def test_demo_config_json(demo_run: SimpleNamespace, smol_path: str, smol_tokeni
     assert cfg["limit"] == LIMIT and cfg["max_new_tokens"] == MAX_NEW and cfg["modes"] == ["baseline", "steered"]
     assert cfg["load_in_4bit"] is False and cfg["device"] == "cpu" and cfg["dtype"] == "float32"
 
-    sha = hashlib.sha256(BUNDLED_TEST.read_bytes()).hexdigest()
-    assert c["data_source"] == f"file:{BUNDLED_TEST} sha256={sha}"
+    sha = hashlib.sha256(demo_run.data.read_bytes()).hexdigest()
+    assert c["data_source"] == f"file:{demo_run.data} sha256={sha}" and cfg["data_file"] == str(demo_run.data)
     assert c["num_questions"] == LIMIT
     assert set(c["models"]) == {"target", "expert", "base"}
     for info in c["models"].values():
@@ -154,9 +153,9 @@ def test_demo_predictions(demo_run: SimpleNamespace) -> None:
     cfg = demo_run.config["config"]
     lo, hi = cfg["base_alpha"], cfg["base_alpha"] + cfg["max_boost"]
     assert len(preds) == 2 * LIMIT
-    gold = _gold(LIMIT)
-    with open(BUNDLED_TEST, encoding="utf-8") as f:
-        options = [json.loads(next(f))["options"] for _ in range(LIMIT)]
+    data_rows = _rows(demo_run.data, LIMIT)
+    gold = [r["answer_idx"] for r in data_rows]
+    options = [r["options"] for r in data_rows]
     for mode in ("baseline", "steered"):
         rows = [r for r in preds if r["mode"] == mode]
         assert [r["index"] for r in rows] == list(range(LIMIT))

@@ -427,8 +427,9 @@ def test_local_path_is_cached(smol_path: str) -> None:
     assert not [p for p in os.listdir(os.path.dirname(smol_path)) if p.startswith(".tmp-")]
 
 
-def test_materialized_gguf_matches_direct_gguf_load(smol_path: str) -> None:
-    """转换缓存的模型与直接从 GGUF 加载的模型在随机输入上 logits 逐位相同（约 20 秒：直接加载 GGUF 很慢）。"""
+def test_materialized_gguf_matches_direct_gguf_load(smol_path: str, gguf_reads_cached: None) -> None:
+    """转换缓存的模型与直接从 GGUF 加载的模型在随机输入上 logits 逐位相同（直接加载 GGUF 很慢：
+    gguf_reads_cached 让它只解析文件一次，见 tests/conftest.py）。"""
     folder, gguf_file = resolve_source(config.DEMO_MODEL)
     direct = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32).eval()
     cached = AutoModelForCausalLM.from_pretrained(smol_path, dtype=torch.float32).eval()

@@ -1,9 +1,10 @@
 """issue #4“长时间运行不丢进度”的测试：CPU、无网络。RELIABILITY.md 的表格逐行对应这里的测试。
 
 三类手段：
-- 真实子进程（SmolLM2 演示，6 道短题、批 2、每题 6 个新 token，每次约 15 秒）：不中断的参照运行一次（模块级夹具），
-  SIGKILL 在引导模式中途杀死后 `--resume`、SIGINT 在第一批写入后中断后执行它打印的命令，两者的结果都与参照相同
-  （predictions.jsonl 逐条相同，metrics.json 除 "timing" 外相同）；被杀时写坏的最后一行也单独测。
+- 真实子进程：不中断的 SmolLM2 参照运行是会话级的共享运行目录（conftest 的 `smol_run`：4 道短题、批 2、每题 4 个
+  新 token，test_main 检查同一个目录），被杀时写坏的最后一行、已完成运行的续跑与各种拒绝都在它的副本上测。
+  中断链（SIGINT 之后执行它打印的命令、再 SIGKILL、再续跑，结果与不中断的运行相同）用微型模型的真实子进程
+  （tests/shared_runs.py）：子进程在确定的批之前停住等信号，不依赖机器快慢。
 - 进程内的 main.main + 微型随机 Llama（词表与 SmolLM2 分词器相同，monkeypatch main.load_models，每次约 1 秒）：
   显存不足注入（evaluator._FAULT_HOOK）、NaN 注入（lm_head 的 forward hook）、--skip-invalid。
 - 进程内、在加载任何模型之前就失败的路径：坏数据、非法参数、输出目录问题、--resume 的各种拒绝、模型来源错误。
@@ -18,14 +19,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import evaluator
 import main
@@ -37,36 +37,15 @@ from fast.decoder import FastDecoder
 from model_loader import ModelLoadError
 from steering_utils import SteeringParams, calculate_adaptive_alpha, compute_steered_logits
 
+from shared_runs import BATCH, ENV, LIMIT, MAX_NEW, release, spawn_tiny, wait_blocked
+from shared_runs import demo_argv as _argv, short_row as _row, tiny_llama as _tiny_llama, write_data as _write_data
+
 REPO = Path(__file__).resolve().parent.parent
-LIMIT, BATCH, MAX_NEW = 4, 2, 4  # 每臂两批：足以在批之间中断，又让 SmolLM2 的参照运行与中断链尽量短
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", "TOKENIZERS_PARALLELISM": "false"}
 
 
 # ---------------------------------------------------------------------------
 # 工具
 # ---------------------------------------------------------------------------
-
-
-def _row(i: int, **changes: Any) -> dict[str, Any]:
-    """一道很短的 4 选项题（SmolLM2 在 2 核 CPU 上 prefill 只要零点几秒）。值为 ... 的键被删除。"""
-    row = {"question": f"A {20 + i}-year-old has a fever of {38 + i % 3} C. Which drug is first line ({i})?",
-           "answer": "paracetamol", "options": {"A": "aspirin", "B": "ibuprofen", "C": "paracetamol", "D": "none"},
-           "answer_idx": "ABCD"[i % 4]}
-    row.update(changes)
-    return {k: v for k, v in row.items() if v is not ...}
-
-
-def _write_data(path: Path, rows: list[dict[str, Any] | str | bytes]) -> Path:
-    """JSONL：dict 序列化为一行，str 原样作为一行文本，bytes 原样写入（用于非 UTF-8 行）。"""
-    raw = b"".join((r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)).encode()) + b"\n"
-                   for r in rows)
-    path.write_bytes(raw)
-    return path
-
-
-def _argv(data: Path, run_dir: Path | str, *extra: str) -> list[str]:
-    return ["--demo", "--data-file", str(data), "--limit", str(LIMIT), "--batch-size", str(BATCH),
-            "--max-new-tokens", str(MAX_NEW), "--output-dir", str(run_dir), *extra]
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -116,53 +95,22 @@ def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str
     return code, text
 
 
-def _spawn(argv: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "main.py", *argv], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, encoding="utf-8")
-
-
-def _wait_for_lines(proc: subprocess.Popen[str], path: Path, n: int, timeout: float = 300) -> None:
-    """每 10 毫秒看一次 predictions.jsonl，直到至少 n 个完整的行；进程提前退出或超时则失败。"""
-    deadline = time.monotonic() + timeout
-    while _lines(path) < n:
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"进程在写出 {n} 行之前就退出了（{proc.returncode}）\n{out}\n{err}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"{timeout} 秒内没有写出 {n} 行")
-        time.sleep(0.01)
-
-
 # ---------------------------------------------------------------------------
 # 夹具：短数据、子进程参照运行、微型模型
 # ---------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _write_data(tmp_path_factory.mktemp("data") / "short.jsonl", [_row(i) for i in range(LIMIT)])
+def data(smol_run: SimpleNamespace) -> Path:
+    """LIMIT 道短题（共享运行目录所用的同一个文件：续跑按 config.json 里的路径读题）。"""
+    return smol_run.data
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, data: Path, smol_path: str) -> Path:
-    """不中断的参照运行（SmolLM2 演示，进程内：真实子进程的运行见中断链与 test_main 的演示）。"""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    assert main.main(_argv(data, run_dir)) == 0
-    assert len(_read_jsonl(run_dir / "predictions.jsonl")) == 2 * LIMIT
-    return run_dir
-
-
-def _tiny_llama(vocab: int, seed: int) -> LlamaForCausalLM:
-    """2 层、hidden 64 的随机 Llama；lm_head ×40 让 argmax 没有近似平局（批大小变化不会翻转 token）。"""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40.0)
-    return model
+def reference(smol_run: SimpleNamespace) -> Path:
+    """不中断的 SmolLM2 参照运行（会话级的共享运行目录，只读：测试都先复制它）。"""
+    assert len(_read_jsonl(smol_run.run_dir / "predictions.jsonl")) == 2 * LIMIT
+    return smol_run.run_dir
 
 
 @pytest.fixture(scope="module")
@@ -204,19 +152,34 @@ def _oom_after_first_batch() -> Callable[[int], None]:
 # ---------------------------------------------------------------------------
 
 
-def test_sigint_then_sigkill_then_resume_equals_uninterrupted(reference: Path, data: Path, tmp_path: Path,
+@pytest.fixture(scope="module")
+def tiny_reference(tmp_path_factory: pytest.TempPathFactory, data: Path,
+                   tiny_trio: dict[str, LlamaForCausalLM]) -> Path:
+    """不中断的参照运行（进程内、微型模型）：中断链的子进程用同样的微型模型（同样的种子）。"""
+    run_dir = tmp_path_factory.mktemp("tiny_reference") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(main, "load_models", lambda cfg, tok, device: ({r: tiny_trio[r] for r in cfg.model_roles}, len(tok)))
+        assert main.main(_argv(data, run_dir)) == 0
+    return run_dir
+
+
+def test_sigint_then_sigkill_then_resume_equals_uninterrupted(tiny_reference: Path, data: Path, tmp_path: Path,
+                                                               tiny_models: Any,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    """一条链上的两种中断（真实子进程），最后续跑的结果与不中断的运行相同：
-    1. SIGINT（Ctrl-C）在基线第一批写入之后：写完当前批、退出码 130、打印精确的续跑命令；
-    2. 执行打印出的那条命令（真实子进程），在引导臂第一批写入之后 SIGKILL：最多丢掉在解码的那一批，没有重复；
-    3. 再续跑一次（进程内）：补完，predictions 与 metrics（除计时外）与参照相同，计时是各会话之和。
+    """一条链上的两种中断（真实子进程，微型模型），最后续跑的结果与不中断的运行相同：
+    1. SIGINT（Ctrl-C）在基线第一批解码时：写完这一批、退出码 130、打印精确的续跑命令；
+    2. 执行打印出的那条命令（真实子进程）：补完基线、写完引导臂第一批，在第二批解码时 SIGKILL：已写的批都在，没有重复；
+    3. 再续跑一次（进程内）：补完，predictions 与 metrics（除计时外）与参照相同，计时是各会话之和（基线跨两个会话）。
+    子进程在第 n 次解码一批之前停住（tests/shared_runs.py 的握手），信号总在确定的位置到达，与机器快慢无关。
     （SIGTERM / SIGHUP 与 Ctrl-C 同一机制，见 tests/test_stop_and_disk_full.py。一条链代替两个各自从头运行的测试：
     同样的性质，少一次完整的解码与两次进程启动。）"""
     run_dir = tmp_path / "run"
     preds = run_dir / "predictions.jsonl"
-    proc = _spawn(_argv(data, run_dir))
-    _wait_for_lines(proc, preds, BATCH)
+    proc = spawn_tiny(_argv(data, run_dir), tmp_path / "sync1", block_at=1)
+    wait_blocked(proc, tmp_path / "sync1")
+    assert _lines(preds) == 0
     proc.send_signal(signal.SIGINT)
+    release(tmp_path / "sync1")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     command = f"python main.py --resume {shlex.quote(str(run_dir))}"
@@ -226,31 +189,30 @@ def test_sigint_then_sigkill_then_resume_equals_uninterrupted(reference: Path, d
     assert err.index("finishing the current batch") < err.index("Interrupted. To continue")
     assert "Traceback" not in err
     raw = preds.read_bytes()
-    assert raw.endswith(b"\n") and raw.count(b"\n") % BATCH == 0, "只应写整批"
-    after_sigint = raw.count(b"\n")
-    # 第一批写完后发的 Ctrl-C：在解码的那一批写完就停（基线每臂只有两批，所以也可能正好写完基线）
-    assert BATCH <= after_sigint <= LIMIT and not (run_dir / "metrics.json").exists(), "应停在基线之内"
+    assert raw.endswith(b"\n") and raw.count(b"\n") == BATCH, "应写完正在解码的那一批，然后停下"
+    assert not (run_dir / "metrics.json").exists()
 
     argv = shlex.split(command)
     assert argv[:2] == ["python", "main.py"]
-    proc = _spawn(argv[2:])
-    _wait_for_lines(proc, preds, LIMIT + BATCH)  # 基线全部 + 引导的第一批
+    # 第 3 次解码：基线第二批、引导第一批之后，引导第二批之前
+    proc = spawn_tiny(argv[2:], tmp_path / "sync2", block_at=3)
+    wait_blocked(proc, tmp_path / "sync2")
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     written = _lines(preds)
-    assert LIMIT + BATCH <= written < 2 * LIMIT and not (run_dir / "metrics.json").exists(), "应在引导臂中途被杀死"
-    _assert_no_duplicates(_read_jsonl(preds)[:written])
+    assert written == LIMIT + BATCH and not (run_dir / "metrics.json").exists(), "应在引导臂中途被杀死"
+    _assert_no_duplicates(_read_jsonl(preds))
 
     code, text = _main(["--resume", str(run_dir)], capsys)
     assert code == 0, text
     assert f"{written}/{2 * LIMIT} records already written" in text
-    assert _outcome(run_dir) == _outcome(reference)
-    # 计时是各会话之和：基线在第 1 次（Ctrl-C 前）会话里解码，没做完的部分在第 2 次；引导臂被 kill -9 的那部分
+    assert _outcome(run_dir) == _outcome(tiny_reference)
+    # 计时是各会话之和：基线的第一批在第 1 次（Ctrl-C）会话里解码，第二批在第 2 次；引导臂被 kill -9 的那次会话
     # 来不及写计时行，只计入最后一次。没有任何一个臂显示像测量值的 0。
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     base_t, steer_t = metrics["baseline"]["timing"], metrics["steered"]["timing"]
-    assert base_t["sessions"] == (1 if after_sigint == LIMIT else 2)
+    assert base_t["sessions"] == 2
     assert base_t["decoded_tokens"] == metrics["baseline"]["generated_tokens"]
     assert base_t["seconds"] > 0 and base_t["tokens_per_second"] > 0
     assert steer_t["sessions"] == 1 and 0 < steer_t["decoded_tokens"] < metrics["steered"]["generated_tokens"]

@@ -2,8 +2,10 @@
 字母打分与 CoT 扫参的端到端运行目录（统计与逐题记录一致、α = 0 等于基线、图是真实的 PNG），
 以及 `accelerate launch` 两进程与单进程写出同一个运行目录。
 
-解码路径的测试用 LlamaConfig 构造的小随机模型（fp32、CPU）；端到端测试在进程内调用 main.main，
-用 --demo 的 SmolLM2-135M（三个角色同一模型、专家/基座各有系统提示），题量与 token 数压到最小。
+解码路径的测试用 LlamaConfig 构造的小随机模型（fp32、CPU）。端到端测试在进程内调用 main.main，题量与 token 数
+压到最小：字母打分扫参用 --demo 的 SmolLM2-135M（三个角色同一模型、专家/基座各有系统提示）；CoT 扫参与两进程运行
+用词表与 SmolLM2 分词器相同的微型随机 Llama（检查的是运行目录、分片与随机数，与模型无关）；分片合并的续跑复制
+会话级的 SmolLM2 运行目录（conftest 的 smol_run）。
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from evaluator import generate_batch
 from fast.decoder import FastDecoder
 from sampling import Sampling
 from steering_utils import SteeringParams
+from shared_runs import runs_command, save_tiny_trio, tiny_llama as tiny_llama_for
 from test_evaluator import PAD, PROMPTS, VOCAB, tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -246,10 +249,15 @@ def test_letter_sweep_run_folder(tmp_path: Path, smol_path: str) -> None:
 
 
 
-def test_cot_sweep_with_votes_run_folder(tmp_path: Path, smol_path: str) -> None:
+def test_cot_sweep_with_votes_run_folder(tmp_path: Path, smol_tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CoT 扫参 + 采样链 + 多数投票的运行目录。三个角色是微型随机 Llama（SmolLM2 分词器，lm_head 不放大：采样真的随机；
+    monkeypatch main.load_models）：检查的性质（α = 0 与基线逐 token 相同、α 轨迹、多数投票按链重算、扫参表与图）
+    与模型无关，15 个臂在 SmolLM2 上要十几秒。"""
+    trio = {role: tiny_llama_for(len(smol_tokenizer), seed, head_scale=1.0)
+            for seed, role in enumerate(("target", "expert", "base"))}
+    monkeypatch.setattr(main, "load_models", lambda cfg, tok, device: ({r: trio[r] for r in cfg.model_roles}, len(tok)))
     out = tmp_path / "cot"
-    # 一道短题、4 个新 token：15 个臂各 prefill 一次，检查的性质（α = 0 与基线逐 token 相同、α 轨迹、多数投票按链重算、
-    # 扫参表与图）与题目数量和内容无关
+    # 一道短题、4 个新 token：15 个臂各 prefill 一次，检查的性质与题目数量和内容无关
     data = _short_data(tmp_path / "short.jsonl", 1)
     argv = ["--demo", "--data-file", str(data), "--limit", "1", "--max-new-tokens", "4", "--batch-size", "1", "--sweep", "--sweep-alphas",
             "0,2", "--sweep-schedules", "constant", "--temperature", "0.8", "--votes", "2", "--trace-index", "0",
@@ -265,7 +273,8 @@ def test_cot_sweep_with_votes_run_folder(tmp_path: Path, smol_path: str) -> None
     # 逐 token 的 α 记录：常数调度下每一步都是 BASE_ALPHA，步数等于生成的 token 数
     for r in by["constant@2"].values():
         assert r["alpha"] == [2.0] * r["num_tokens"]
-    # 多数投票：按两条链重算
+    # 多数投票：按两条链重算（两条链确实不同：否则“按链重算”检验不了取哪条链）
+    assert any(by[f"{g}/sample0"][0]["output"] != by[f"{g}/sample1"][0]["output"] for g in greedy)
     for g in greedy:
         maj = metrics["majority"][f"{g}/maj@2"]
         for i, pred in maj["predictions"].items():
@@ -282,45 +291,65 @@ def test_trace_index_must_be_in_the_run(tmp_path: Path, capsys: pytest.CaptureFi
     assert "--trace-index=999" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("scoring", ["cot", "letter"])
-def test_two_processes_write_the_same_run_folder(tmp_path: Path, smol_path: str, scoring: str) -> None:
+def test_two_processes_write_the_same_run_folder(tmp_path: Path, smol_tokenizer: Any) -> None:
     """`accelerate launch --multi_gpu --num_processes 2`（CPU 上它用 torchrun 起两个进程，main.py 用 gloo）
-    与单进程：predictions.jsonl 逐字节相同，metrics.json 除 timing 外相同，分片文件已合并删除。
-    cot：贪心与一条采样链（采样的随机数与进程、批无关）；letter：字母打分的扫参（分片的打分结果汇总到 rank 0）。"""
-    # 两道短题（2 核 CPU 上一道 MedQA 长题的三模型 prefill 就要数秒）、批 1：两个批，rank 0 做第 0 批，rank 1 做第 1 批。
+    与单进程：predictions.jsonl 逐字节相同，metrics.json 除 timing 外相同，分片文件已合并删除。两种打分各一次：
+    cot（贪心与一条采样链：采样的随机数与进程、批无关）与 letter（字母打分的扫参：分片的打分结果汇总到 rank 0）。
+    一次 launch 里每个进程先后以 __main__ 运行 main.py 两次（tests/shared_runs.py 的 runs）：进程启动与 import
+    只付一次。三个角色是存成本地目录的微型随机 Llama（SmolLM2 分词器；lm_head 不放大，采样真的随机）：
+    检查的是分片、汇总与随机数，不是模型。"""
+    # 两道短题、批 1：两个批，rank 0 做第 0 批，rank 1 做第 1 批。
     data = _short_data(tmp_path / "short.jsonl", 2)
-    args = ["--demo", "--data-file", str(data), "--limit", "2", "--max-new-tokens", "4", "--batch-size", "1"]
-    args += ["--temperature", "0.7"] if scoring == "cot" else ["--scoring", "letter", "--sweep", "--sweep-alphas", "0,2"]
-    one, two = tmp_path / "one", tmp_path / "two"
+    common = [*save_tiny_trio(tmp_path / "models", smol_tokenizer, head_scale=1.0), "--data-file", str(data),
+              "--limit", "2", "--max-new-tokens", "4", "--batch-size", "1"]
+    variants = {"cot": [*common, "--temperature", "0.7"],
+                "letter": [*common, "--scoring", "letter", "--sweep", "--sweep-alphas", "0,2"]}
+    two = {name: tmp_path / f"{name}-two" for name in variants}
+    one = {name: tmp_path / f"{name}-one" for name in variants}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     # 与 `accelerate launch` 相同的入口，经当前解释器调用：不依赖 PATH 上有没有 accelerate 命令（缺了就失败，而不是跳过）。
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
-    proc = subprocess.run(launch + [str(REPO / "main.py"), *args, "--output-dir", str(two)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    runs = runs_command([[*args, "--output-dir", str(two[name])] for name, args in variants.items()])
+    proc = subprocess.run(launch + runs, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # torchrun 给每个进程 OMP_NUM_THREADS=1；单进程也用 1 个线程，CPU 矩阵乘的归约顺序才相同（α 逐位相同）。
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main.main([*args, "--output-dir", str(one)]) == 0
+        for name, args in variants.items():
+            assert main.main([*args, "--output-dir", str(one[name])]) == 0
     finally:
         torch.set_num_threads(threads)
-    assert (one / "predictions.jsonl").read_bytes() == (two / "predictions.jsonl").read_bytes()
-    assert not list(two.glob("predictions.rank*"))
 
     def strip(m: dict[str, Any]) -> dict[str, Any]:
         return {k: ({kk: vv for kk, vv in v.items() if kk != "timing"} if isinstance(v, dict) and "timing" in v
                     else v) for k, v in m.items()}
 
-    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
-    assert strip(m1) == strip(m2)
-    assert m2["arm_order"] == m1["arm_order"] and len(m1["arm_order"]) == (4 if scoring == "cot" else 9)
-    if scoring == "cot":
-        assert m2["baseline"]["timing"]["processes"] == 2
-    assert json.loads((two / "config.json").read_text())["processes"] == 2
-    assert (one / "sweep.csv").read_bytes() == (two / "sweep.csv").read_bytes()
-    assert proc.stdout.count("run folder:") == 1  # 只有 rank 0 打印报告
+    for name in variants:
+        assert (one[name] / "predictions.jsonl").read_bytes() == (two[name] / "predictions.jsonl").read_bytes(), name
+        assert not list(two[name].glob("predictions.rank*"))
+        m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one[name], two[name]))
+        assert strip(m1) == strip(m2)
+        assert m2["arm_order"] == m1["arm_order"] and len(m1["arm_order"]) == (4 if name == "cot" else 9)
+        if name == "cot":
+            assert m2["baseline"]["timing"]["processes"] == 2
+            outputs = [r["output"] for r in _jsonl(one[name] / "predictions.jsonl") if r["mode"] == "baseline"]
+            samples = [r["output"] for r in _jsonl(one[name] / "predictions.jsonl") if r["mode"] == "baseline/sample0"]
+            assert outputs != samples  # 采样真的改变了输出（否则逐字节相同检验不了随机数流）
+        assert json.loads((two[name] / "config.json").read_text())["processes"] == 2
+        assert (one[name] / "sweep.csv").read_bytes() == (two[name] / "sweep.csv").read_bytes()
+        assert proc.stdout.count(f"run folder: {two[name]}") == 1  # 只有 rank 0 打印报告
+    assert proc.stdout.count("run folder:") == 2
+
+
+def _free_port() -> int:
+    """一个此刻空闲的本机端口（固定端口会与同一台机器上同时运行的另一份测试撞上）。"""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _short_data(path: Path, n: int) -> Path:
@@ -331,14 +360,14 @@ def _short_data(path: Path, n: int) -> Path:
     return path
 
 
-def test_resume_merges_shards_left_by_a_multiprocess_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_merges_shards_left_by_a_multiprocess_run(tmp_path: Path, smol_run: Any,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """多进程运行被杀后留下 predictions.rank*.jsonl：单进程 --resume 先把它们合并（末尾残行被截掉、该批重跑），
-    补完缺的记录，结果与不中断的运行逐字节相同；两个分片里有同一条记录 → 拒绝并指出文件。"""
-    data = _short_data(tmp_path / "short.jsonl", 4)
-    args = ["--demo", "--data-file", str(data), "--limit", "4", "--max-new-tokens", "4", "--batch-size", "1"]
-    full = tmp_path / "full"
-    assert main.main([*args, "--output-dir", str(full)]) == 0
+    补完缺的记录，结果与不中断的运行逐字节相同；两个分片里有同一条记录 → 拒绝并指出文件。
+    不中断的运行是会话级的共享运行目录（conftest 的 smol_run：4 道短题、批 2、每题 4 个新 token）。"""
+    full = smol_run.run_dir
     records = (full / "predictions.jsonl").read_text().splitlines(keepends=True)  # 8 条：baseline ×4、steered ×4
+    assert [json.loads(r)["mode"] for r in records] == ["baseline"] * 4 + ["steered"] * 4
     cut = tmp_path / "cut"
     cut.mkdir()
     stored = {name: (full / name).read_bytes() for name in ("config.json", "fingerprints.json")}

