@@ -3,9 +3,8 @@
 以及 `accelerate launch` 两进程与单进程写出同一个运行目录。
 
 解码路径的测试用 LlamaConfig 构造的小随机模型（fp32、CPU）。端到端测试在进程内调用 main.main，题量与 token 数
-压到最小：字母打分扫参用 --demo 的 SmolLM2-135M（三个角色同一模型、专家/基座各有系统提示）；CoT 扫参与两进程运行
-用词表与 SmolLM2 分词器相同的微型随机 Llama（检查的是运行目录、分片与随机数，与模型无关）；分片合并的续跑复制
-会话级的 SmolLM2 运行目录（conftest 的 smol_run）。
+压到最小：字母打分扫参用 --demo 的 SmolLM2-135M（三个角色同一模型、专家/基座各有系统提示）；CoT 扫参、两进程运行
+与分片合并的续跑用词表与 SmolLM2 分词器相同的微型随机 Llama（检查的是运行目录、分片与随机数，与模型无关）。
 """
 from __future__ import annotations
 
@@ -360,12 +359,19 @@ def _short_data(path: Path, n: int) -> Path:
     return path
 
 
-def test_resume_merges_shards_left_by_a_multiprocess_run(tmp_path: Path, smol_run: Any,
+def test_resume_merges_shards_left_by_a_multiprocess_run(tmp_path: Path, smol_tokenizer: Any,
+                                                         monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """多进程运行被杀后留下 predictions.rank*.jsonl：单进程 --resume 先把它们合并（末尾残行被截掉、该批重跑），
     补完缺的记录，结果与不中断的运行逐字节相同；两个分片里有同一条记录 → 拒绝并指出文件。
-    不中断的运行是会话级的共享运行目录（conftest 的 smol_run：4 道短题、批 2、每题 4 个新 token）。"""
-    full = smol_run.run_dir
+    三个角色是微型随机 Llama（SmolLM2 分词器，monkeypatch main.load_models）：合并与续跑与模型无关
+    （SmolLM2 上整批重跑的续跑见 test_reliability 的 test_torn_last_line_is_dropped_and_redone）。"""
+    trio = {role: tiny_llama_for(len(smol_tokenizer), seed) for seed, role in enumerate(("target", "expert", "base"))}
+    monkeypatch.setattr(main, "load_models", lambda cfg, tok, device: ({r: trio[r] for r in cfg.model_roles}, len(tok)))
+    data = _short_data(tmp_path / "short.jsonl", 4)
+    args = ["--demo", "--data-file", str(data), "--limit", "4", "--max-new-tokens", "4", "--batch-size", "1"]
+    full = tmp_path / "full"
+    assert main.main([*args, "--output-dir", str(full)]) == 0
     records = (full / "predictions.jsonl").read_text().splitlines(keepends=True)  # 8 条：baseline ×4、steered ×4
     assert [json.loads(r)["mode"] for r in records] == ["baseline"] * 4 + ["steered"] * 4
     cut = tmp_path / "cut"
