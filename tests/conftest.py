@@ -16,7 +16,7 @@
   transformers 却对模型的每个子模块各算一遍）。只省重复的计算，读到的配置、词表与反量化的张量不变：SmolLM2 的一次
   直接 GGUF 加载从约 15 秒降到约 6 秒（首次转换缓存的 smol_path 与 test_model_loader 的直接加载对照都用它）。
 - 会话级夹具 `smol_run`：一次真实的 `python main.py --demo` 子进程运行（4 道短题，见 tests/shared_runs.py）。
-  test_main 检查这个运行目录，test_reliability 与 test_research 复制它再续跑、篡改；它只读，谁也不能改它。
+  test_main 检查这个运行目录，test_reliability 复制它再续跑、篡改；它只读，谁也不能改它。
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """main.py 的端到端测试：CPU、无网络。
 
 演示命令 `python main.py --demo`（4 道短题、批 2、每题 4 个新 token，真实子进程）的运行目录是会话级的共享夹具
-（conftest 的 `smol_run`，test_reliability 与 test_research 复制同一个目录再续跑、篡改），这里逐项检查它：
+（conftest 的 `smol_run`，test_reliability 复制同一个目录再续跑、篡改），这里逐项检查它：
 config.json（解析后的配置、数据来源、模型、环境、词表、结束记号）、predictions.jsonl（逐题记录的类型、
 取值范围与相互一致性）、metrics.json（与逐题记录独立重算的准确率、Wilson 区间、配对比较与精确 McNemar p 值）
 以及终端对比表。不给 --data-file 时 --demo 读随包的 MedQA 测试集：数据来源的字符串单独在进程内核对（长题的
