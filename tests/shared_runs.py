@@ -2,8 +2,8 @@
 
 - 短题数据（short_row / write_data）与演示命令行（demo_argv）：conftest 的会话级夹具 `smol_run` 用它们跑一次真实的
   `python main.py --demo`（SmolLM2，LIMIT 道短题、批 BATCH、每题 MAX_NEW 个新 token）。test_main 逐项检查这个运行目录，
-  test_reliability 把它复制到自己的 tmp_path 再续跑、篡改：整个会话只做这一次 SmolLM2 解码，
-  而不是三个文件各做一次。
+  test_reliability 把它复制到自己的 tmp_path 再续跑、篡改：这次 SmolLM2 运行整个会话只做一次，
+  而不是两个文件各做一次。
 - 带握手的子进程（`python tests/shared_runs.py tiny SYNC BLOCK_AT <main.py 的参数>`）：真实进程里的 main.main，
   模型换成微型随机 Llama（分词器仍是真实的 SmolLM2），第 BLOCK_AT 次解码一批之前写出 SYNC/blocked 并停住，
   直到测试创建 SYNC/go（发信号的测试）或杀死它。测试在确定的位置发信号，不依赖机器快慢（以前靠“解码一批要零点几秒”）。
