@@ -267,19 +267,33 @@ class SpeculativeDecoder(FastDecoder):
         cols_idx = st.slot + steps
         for mask in st.masks:
             mask.index_copy_(1, cols_idx, keep.long())
-        adv = torch.where(live, m + 1, torch.zeros_like(m))
-        for p in st.positions:
-            p.add_(adv[:, None])
-        st.slot.add_(t)
-        st.last.copy_(verdict.gather(1, m[:, None])[:, 0])
-        st.n_out.add_(n_emit)
         st.drafted.add_(torch.where(live, k_row, torch.zeros_like(k_row)))
         st.accepted.add_(torch.minimum(m, n_emit))
+        self._advance(live, torch.where(live, m + 1, torch.zeros_like(m)), t, verdict.gather(1, m[:, None])[:, 0],
+                      n_emit, bad_emitted, stopped, ended | stopped)
+        return verdict, n_emit, alpha
+
+    def _advance(self, live: torch.Tensor, adv: torch.Tensor, width: int, last: torch.Tensor, n_emit: torch.Tensor,
+                 bad_emitted: torch.Tensor, stopped: torch.Tensor, done: torch.Tensor) -> None:
+        """_round 与 _plain_round 共用的状态推进（原地写进 self.state 的缓冲；放在一处，两条路径不会各改各的）。
+
+        live (B,) bool 本轮前未结束的行；adv (B,) int64 各行位置号前进的个数（本轮写入缓存的有效 token 数）；
+        width 本轮追加的缓存列数（k+1：所有行都追加，槽位号与行无关）；last (B,) 下一轮要喂的 token；
+        n_emit (B,) 本轮输出的 token 数；bad_emitted (B,) 其中融合非有限、退回目标的个数；stopped (B,) bool
+        本轮因目标 logits 非有限而停止；done (B,) bool 本轮因结束记号或停止而结束（预算用完在这里另算：
+        要用加上 n_emit 之后的 n_out）。全是设备上的原地运算：不同步、形状固定，可录进 CUDA graph。
+        """
+        st = self.state
+        assert st is not None
+        for p in st.positions:
+            p.add_(adv[:, None])
+        st.slot.add_(width)
+        st.last.copy_(last)
+        st.n_out.add_(n_emit)
         st.verify_steps.add_(live.long())
         st.nonfinite.add_(bad_emitted)
         st.stopped.logical_or_(stopped)
-        st.finished.logical_or_(ended | stopped | (st.n_out >= st.max_new))
-        return verdict, n_emit, alpha
+        st.finished.logical_or_(done | (st.n_out >= st.max_new))
 
     def _plain_round(self, qids: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """引导臂关闭起草后的一步：直接用 FastDecoder 的解码步（CUDA 上是带侧流并行的 CUDA graph，与不投机的
@@ -291,15 +305,8 @@ class SpeculativeDecoder(FastDecoder):
             st.last[:, None], st.positions, st.masks, st.slot, st.finished, qids, step))
         emit = live & ~stop
         n_emit = emit.long()
-        for p in st.positions:
-            p.add_(live.long()[:, None])
-        st.slot.add_(1)
-        st.last.copy_(nxt)
-        st.n_out.add_(n_emit)
-        st.verify_steps.add_(live.long())
-        st.nonfinite.add_((bad & emit).long())
-        st.stopped.logical_or_(stop)
-        st.finished.logical_or_(finished | (st.n_out >= st.max_new))
+        # 没有草稿：drafted / accepted 不变；finished 是解码步算出的“结束记号或停止”
+        self._advance(live, live.long(), 1, nxt, n_emit, (bad & emit).long(), stop, finished)
         return nxt[:, None], n_emit, alpha.float().masked_fill(~emit | bad, float("nan"))[:, None]
 
     def _forced(self, n_out: torch.Tensor, k: int) -> torch.Tensor:
