@@ -165,12 +165,15 @@ def test_oracle_draft_sets_the_acceptance(trio, free):
     full = dec.generate(PER_ROLE, NEW)
     assert full.tokens == ref.tokens and full.accepted == full.drafted and sum(full.drafted) > 0
     assert max(full.verify_steps) <= 1 + -(-(NEW - 1) // 4)  # 每轮 4 个 token
+    # 没有空转的轮：同步间隔按最慢一行至少还要的轮数定，最后一段不会在全部结束后继续跑（轮数含预填充那一次）
+    assert full.rounds == 1 + -(-(NEW - 1) // 4)
     dec.set_oracle(ref.tokens, 0.0, free=free)
     none = dec.generate(PER_ROLE, NEW)
     assert none.tokens == ref.tokens and none.accepted == [0, 0, 0, 0]
     dec.set_oracle(ref.tokens, 0.5, free=free, seed=1)
     half = dec.generate(PER_ROLE, NEW)
     assert half.tokens == ref.tokens and 0 < sum(half.accepted) < sum(half.drafted)
+    assert half.rounds == max(half.verify_steps)  # 每轮每个活跃行验证一次：轮数 = 最慢一行的验证次数
     check_accounting(half)
 
 
