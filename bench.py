@@ -306,6 +306,9 @@ def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int,
     row["floor_bytes"] = round(floor_bytes(use, batch, row["mean_context"]))
     row["floor_gb"] = round(row["floor_bytes"] / 1e9, 3)
     row["achieved_tbps"] = round(row["floor_bytes"] / 1e9 / ms, 4)  # GB / ms = TB/s
+    tuned = {k: v for s in (decoder.stacked if decoder is not None else []) if s is not None for k, v in s.tuned.items()}
+    if tuned:  # NF4 叠加前向：tune_nf4 为每种权重形状选出的 kernel 配置（方式, BLOCK_M, BLOCK_N, NB, warps, stages）、split-K、µs
+        row["nf4_kernels"] = tuned
     if args.with_profile and decoder is not None:
         row["profile"] = profile_decoder(decoder, prompts, len(use), args.profile_steps, args.device)
     return row

@@ -84,19 +84,21 @@ def length_bucket(n: int, granularity: int = 128) -> int:
 
 
 def resolve_overlap(overlap: str, models: Sequence[PreTrainedModel], *, steering: SteeringParams | None,
-                    compile: bool, device_type: str) -> str:
+                    compile: bool, device_type: str, stacked: Sequence[PreTrainedModel] = ()) -> str:
     """FastDecoder 的 overlap 参数 → 实际模式（"off" / "graph" / "streams"）。
 
     "auto" 只在 CUDA 上编译的 bf16/fp16 引导解码时取 "streams"（侧流上的专家与基座与 8B 并行，
     比 "graph" 快，fp32 下与慢速循环逐 token 相同，见 BENCHMARKS.md），其余情况取 "off"：
     CPU 没有流与图；不编译时 eager 前向里可能有主机同步，录图期间不允许；只有目标模型时没有可重叠的前向；
-    4-bit（bitsandbytes）模型在这条路径上还没有测过，留在原来的整步编译上。
+    不走叠加前向的 4 位模型（bitsandbytes 自己的前向、torchao int4）在这条路径上没有测过，留在原来的整步编译上；
+    叠加的 NF4 模型（stacked 里的，走 fast.nf4 的 kernel）与 bf16 一样可以放到侧流上。
     """
     if overlap not in ("auto", "off", "graph", "streams"):
         raise ValueError(f"overlap={overlap!r}: must be auto / off / graph / streams")
     if overlap != "auto":
         return overlap
-    quantized = any(getattr(m, "hf_quantizer", None) is not None for m in models)
+    own = {id(m) for m in stacked}
+    quantized = any(getattr(m, "hf_quantizer", None) is not None and id(m) not in own for m in models)
     return "streams" if compile and device_type == "cuda" and steering is not None and not quantized else "off"
 
 
@@ -218,8 +220,6 @@ class FastDecoder:
         self.caches: list[Any] = []
         self.cache_key: tuple[int, int] | None = None
         mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        self.overlap = resolve_overlap(overlap, self.models, steering=steering, compile=compile,
-                                       device_type=self.device.type)
         self.stack = resolve_stack(stack, self.models, steering=steering, compile=compile,
                                    device_type=self.device.type)
         n = len(self.models)
@@ -227,6 +227,8 @@ class FastDecoder:
         # together=False（投机解码的专家草稿）：专家与基座各自单独叠加（M = 1），起草时只前向专家
         self.units: list[tuple[int, ...]] = [(0,), (1, 2)] if pair and together else [(k,) for k in range(n)]
         stacked_models = ([self.models[0]] if target else []) + (self.models[1:] if pair else [])
+        self.overlap = resolve_overlap(overlap, self.models, steering=steering, compile=compile,
+                                       device_type=self.device.type, stacked=stacked_models)
         self.attention = resolve_attention(attention, head_dims=[head_dim_of(m.config) for m in stacked_models],
                                            device_type=self.device.type)
         # stacked[u]：第 u 个单元的叠加前向（None = 该单元是一个 transformers 模型）

@@ -9,19 +9,19 @@
 - 双重量化（compress_statistics=True）：absmax 本身存成 uint8，按 256 个一组用动态 8 位表 state2.code 与
   state2.absmax 反量化，再加 offset：absmax = state2.code[q] · state2.absmax[i // 256] + offset（float32）。
 
-一次性重排（repack_nf4，加载时在模型的设备上做）得到 NF4Weight：
-- qweight：按 (64 个输出 × 一个 absmax 块) 分成瓦片，每个瓦片在内存里连续——形状
-  (N_pad/64, K/blocksize, blocksize/2, 64) uint8（N 补零到 64 的倍数）。瓦片 (t, b) 的第 j 行第 c 列的字节 =
-  W[64t + c, b·blocksize + 2j]（高 4 位）与 W[64t + c, b·blocksize + 2j + 1]（低 4 位）。
-  为什么：一个程序沿 K 读同一列瓦片，读到的是一整段连续内存（GEMV 一步读 NB × 2 KB）；一个线程读 16 个
-  相邻输出的字节（16 字节向量读），它们共用同一个 x[2j]、x[2j+1]（按行存时每个字节要配两个 x 的标量读）；
-  N 补零到 64 的倍数后 kernel 读权重不用掩码。（H200 上与 K 主序 (K/2, N) 布局一样快：现在的瓶颈是每个权重的
-  反量化指令——查表是一次 L1 读——而不是 DRAM 的访问模式，见 benchmarks/micro_nf4.py。）
-- absmax：同样分瓦片 (N_pad/64, K/blocksize, 64) float32。双重量化在重排时一次还原（与 bitsandbytes 的
-  dequantize_blockwise 同样的两次 float32 舍入），kernel 里不再查第二张表。要求 K 是 blocksize 的倍数（块不跨行）。
+权重的表示 NF4Weight（repack_nf4，加载时一次，在模型的设备上）：
+- qweight：bitsandbytes 自己的打包字节，按行看成 (N, K/2) uint8——第 n 行是第 n 个输出的 K 个 4 位值
+  （高 4 位在前），**是 bitsandbytes 参数的视图，不拷贝**。叠加（stack_nf4 / StackedLlama）时分配 (S, ΣN, K/2)，
+  把各模型 bitsandbytes 参数的数据拷进去，再让参数指向自己的切片（与 bf16 的叠加一样）：transformers 的前向
+  （慢速参考、字母打分）读的是同一份字节，4 位权重在显存里只有一份。
+  为什么按行：bitsandbytes 的原始布局就是它（不用第二份权重）；一个线程沿 K 读 16 个连续字节（向量读），
+  每行每步至少读一个 32 字节的段，DRAM 的访问是整段的。
+- absmax：每块一个 float32，按 (K/blocksize, N) 存（K 主序：一个程序的 BLOCK_N 个输出的同一块的尺度是连续的）。
+  双重量化在这里一次还原（与 bitsandbytes 的 dequantize_blockwise 同样的两次 float32 舍入），kernel 里不再查第二张表。
+  这是唯一新分配的部分：每个权重 4 / blocksize 字节（blocksize 64 时 0.0625 B），bitsandbytes 的 uint8 absmax
+  与第二层照旧留给它自己的前向。要求 K 是 blocksize 的倍数（块不跨行）。
 - code (16,) float32：NF4 表。
-每个权重的字节数：0.5（半字节）+ 4 / blocksize（absmax）= 0.5625 B（blocksize 64），比 bitsandbytes 在显存里的
-0.5 + 1/64 + 4/(64·256) ≈ 0.516 B 多 9%（换来 kernel 里不做第二次查表）；bf16 是 2 B。
+kernel 每个权重读 0.5（半字节）+ 4 / blocksize（absmax）= 0.5625 B（blocksize 64）；bf16 是 2 B。
 
 dequantize_nf4 是纯 torch 的参考路径（与 bitsandbytes 的 dequantize_4bit 逐位相同）；quantize_nf4_reference 是
 纯 torch 的量化器（与 bitsandbytes 的 quantize_4bit 逐位相同），供没有 bitsandbytes 的机器（基准）生成同格式的权重。
@@ -44,31 +44,39 @@ NF4_CODE: Final[tuple[float, ...]] = (
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
 
 DTYPES: Final[tuple[torch.dtype, ...]] = (torch.bfloat16, torch.float16, torch.float32)
-TILE_N: Final[int] = 64  # 瓦片宽度（输出数）：qweight/absmax 的最后一维
 NESTED_BLOCKSIZE: Final[int] = 256  # bitsandbytes 双重量化 absmax 时的块大小（quantize_4bit 里写死）
 
-# 按 M（激活行数）选 kernel 配置：(M 上界, 方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)。
-# 方式 "gemv"：M = 1，逐元素乘加、最后归约（不用 tensor core），每个程序一个列瓦片（BLOCK_N 固定为 TILE_N）
-# × 每步 NB 个 absmax 块；
+# 按 M（激活行数）选 kernel 配置的默认表：(M 上界, 方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)。
+# 方式 "gemv"：M = 1，逐元素乘加、最后归约（不用 tensor core），每个程序 BLOCK_N 个输出 × 每步 NB 个 absmax 块；
 # 方式 "dot"：反量化出 (NB·blocksize, BLOCK_N) 的 bf16/fp16 块，tl.dot 在 tensor core 上累加（M 不满 BLOCK_M 时补零行）。
 # 两种方式都按 SM 数在 K 上切段（split-K，见 split_k_for），部分和由第二个 kernel 相加（确定性的，不用原子加）。
-# 表项在 H200 上用 benchmarks/micro_nf4.py --sweep 选出（8B gate/up 与 down，M = 1 / 16 / 64 的最快配置；
-# M = 32 与 M > 64 两行是插值/猜测，没有单独扫过）。num_stages = 1 一致最快：查表依赖刚读到的字节，
-# 多级流水只多占寄存器。
+# 这张表只是没有调优时的起点：CUDA 上 tune_nf4 按实际形状与 M 在候选里实测选最快的（StackedLlama.allocate 调用），
+# 结果记在 _TUNED 里，config_for 先查它。num_stages = 1：查表依赖刚读到的字节，多级流水只多占寄存器
+# （旧的瓦片布局在 H200 上扫出来的结论，见 BENCHMARKS.md）。
 NF4_CONFIGS: Final[tuple[tuple[int, str, int, int, int, int, int], ...]] = (
-    (1, "gemv", 1, 64, 1, 4, 1),
+    (1, "gemv", 1, 32, 2, 4, 1),
     (16, "dot", 16, 256, 1, 8, 1),
     (32, "dot", 32, 256, 1, 4, 1),
     (64, "dot", 64, 256, 1, 4, 1),
     (1 << 62, "dot", 64, 128, 1, 8, 1),
 )
+# tune_nf4 的候选：gemv (BLOCK_N, NB, num_warps)，dot (BLOCK_N, NB, num_warps)（BLOCK_M 由 M 定）；
+# 每个候选再配两种 split-K 强度（split_k_for 的 per_sm）。
+TUNE_GEMV: Final[tuple[tuple[int, int, int], ...]] = (
+    (32, 2, 4), (64, 1, 4), (16, 4, 4), (64, 2, 8), (32, 4, 8), (128, 1, 8), (16, 2, 2), (8, 4, 2))
+TUNE_DOT: Final[tuple[tuple[int, int, int], ...]] = (
+    (64, 1, 4), (128, 1, 4), (128, 1, 8), (256, 1, 8), (256, 1, 4), (64, 2, 4), (128, 2, 8))
+TUNE_PER_SM: Final[tuple[int, ...]] = (4, 8)
+Config = tuple[str, int, int, int, int, int]  # (方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)
+# 调优结果：(S, N, K, M, dtype) → (配置, split_k)。进程内有效（不同 GPU、不同形状各调一次）。
+_TUNED: dict[tuple[int, int, int, int, torch.dtype], tuple[Config, int]] = {}
 
 
 @dataclass(frozen=True)
 class NF4Weight:
-    """重排后的 NF4 权重（瓦片布局见模块说明）。单个：qweight (N_pad/64, K/bs, bs/2, 64) uint8、
-    absmax (N_pad/64, K/bs, 64) float32；叠加（stack_nf4）：两者多一个前导维 S。code (16,) float32；
-    dtype 是原权重的精度（dequantize_nf4 的输出精度）；out_features 是真实的 N（补零之前）。"""
+    """NF4 权重（布局见模块说明）。单个：qweight (N, K/2) uint8（按行打包，高 4 位在前）、absmax (K/bs, N) float32；
+    叠加（stack_nf4）：两者多一个前导维 S。code (16,) float32；dtype 是原权重的精度（dequantize_nf4 的输出精度）；
+    out_features = N。"""
 
     qweight: torch.Tensor
     absmax: torch.Tensor
@@ -79,11 +87,11 @@ class NF4Weight:
 
     @property
     def in_features(self) -> int:
-        return self.qweight.shape[-3] * self.qweight.shape[-2] * 2
+        return self.qweight.shape[-1] * 2
 
     @property
     def stacked(self) -> bool:
-        return self.qweight.dim() == 5
+        return self.qweight.dim() == 3
 
     @property
     def nbytes(self) -> int:
@@ -185,11 +193,11 @@ def _block_scales(quant_state: Any) -> torch.Tensor:
 
 
 def repack_nf4(weight_packed: torch.Tensor, quant_state: Any) -> NF4Weight:
-    """一次性重排（加载时做一次，在权重所在设备上）：bitsandbytes 的打包字节 + QuantState → NF4Weight。
+    """bitsandbytes 的打包字节 + QuantState → NF4Weight（加载时一次，在权重所在设备上）。
 
     weight_packed: Params4bit 的数据 (N·K/2, 1)（或任意形状，按字节重解释）；quant_state: bitsandbytes 的
     QuantState 或 NF4QuantState（读 absmax/state2/offset/shape/dtype/blocksize/quant_type）。
-    转置成 K 主序要拷贝一份（临时多占一份 4 位权重；调用方随后可以释放 bitsandbytes 的原数据）。
+    qweight 是 weight_packed 的视图（不拷贝，见模块说明）；只有还原后的 float32 absmax 是新分配的。
     """
     quant_type = getattr(quant_state, "quant_type", "nf4")
     if quant_type != "nf4":
@@ -218,46 +226,26 @@ def repack_nf4(weight_packed: torch.Tensor, quant_state: Any) -> NF4Weight:
             raise ValueError(f"repack_nf4: {absmax.numel()} absmax values, expected {n * k // blocksize} "
                              f"for shape {shape} and blocksize {blocksize}")
         code = torch.tensor(NF4_CODE, dtype=torch.float32, device=data.device)
-    return _tiled(data.reshape(n, k // 2).t(), absmax.reshape(n, k // blocksize).t(), code, blocksize,
-                  quant_state.dtype)
-
-
-def _tiled(q_kmajor: torch.Tensor, absmax_kmajor: torch.Tensor, code: torch.Tensor, blocksize: int,
-           dtype: torch.dtype) -> NF4Weight:
-    """K 主序的 q (K/2, N) 与 absmax (K/bs, N) → 瓦片布局的 NF4Weight（N 补零到 TILE_N 的倍数）。"""
-    half, n = q_kmajor.shape
-    pad = -n % TILE_N
-    q = torch.nn.functional.pad(q_kmajor, (0, pad)).reshape(half * 2 // blocksize, blocksize // 2, -1, TILE_N)
-    a = torch.nn.functional.pad(absmax_kmajor, (0, pad)).reshape(absmax_kmajor.shape[0], -1, TILE_N)
-    return NF4Weight(qweight=q.permute(2, 0, 1, 3).contiguous(), absmax=a.permute(1, 0, 2).contiguous(), code=code,
-                     blocksize=blocksize, dtype=dtype, out_features=n)
-
-
-def _kmajor(w: NF4Weight) -> tuple[torch.Tensor, torch.Tensor]:
-    """瓦片布局 → K 主序 (..., K/2, N) 与 (..., K/bs, N)（去掉补零的列）。"""
-    q = w.qweight.movedim(-4, -2)  # (..., K/bs, bs/2, N_pad/64, 64)
-    q = q.reshape(*q.shape[:-4], w.in_features // 2, -1)[..., :w.out_features]
-    a = w.absmax.movedim(-3, -2)  # (..., K/bs, N_pad/64, 64)
-    a = a.reshape(*a.shape[:-3], w.in_features // w.blocksize, -1)[..., :w.out_features]
-    return q, a
+        scales = absmax.reshape(n, k // blocksize).t().contiguous()  # (K/bs, N)
+    return NF4Weight(qweight=data.reshape(n, k // 2), absmax=scales, code=code, blocksize=blocksize,
+                     dtype=quant_state.dtype, out_features=n)
 
 
 def dequantize_nf4(w: NF4Weight) -> torch.Tensor:
     """参考反量化（纯 torch）：(N, K)（叠加时 (S, N, K)），w.dtype。与 bitsandbytes.functional.dequantize_4bit 逐位
     相同：code[半字节] · absmax 在 float32 里相乘，最后一次转成 dtype。"""
-    q, a = _kmajor(w)
-    q = q.transpose(-1, -2)  # (..., N, K/2)
+    q = w.qweight  # (..., N, K/2)
     nibbles = torch.stack([q >> 4, q & 0xF], dim=-1).flatten(-2).long()  # (..., N, K)：高半字节在前
-    values = w.code[nibbles] * a.transpose(-1, -2).repeat_interleave(w.blocksize, dim=-1)
+    values = w.code[nibbles] * w.absmax.transpose(-1, -2).repeat_interleave(w.blocksize, dim=-1)
     return values.to(w.dtype)
 
 
 def cat_nf4(weights: Sequence[NF4Weight]) -> NF4Weight:
-    """沿输出维拼接（q/k/v → qkv，gate/up → gate_up，与 StackedLlama 的融合相同）：各行独立，直接按行拼。"""
+    """沿输出维拼接（q/k/v → qkv，gate/up → gate_up，与 StackedLlama 的融合相同）：各行独立，直接按行拼（拷贝）。"""
     _check_same(weights, "cat_nf4", same_n=False)
-    parts = [_kmajor(w) for w in weights]  # 经 K 主序拼接：各段的补零列不能留在中间
-    return _tiled(torch.cat([q for q, _ in parts], dim=-1), torch.cat([a for _, a in parts], dim=-1),
-                  weights[0].code, weights[0].blocksize, weights[0].dtype)
+    return NF4Weight(qweight=torch.cat([w.qweight for w in weights]), absmax=torch.cat([w.absmax for w in weights], 1),
+                     code=weights[0].code, blocksize=weights[0].blocksize, dtype=weights[0].dtype,
+                     out_features=sum(w.out_features for w in weights))
 
 
 def stack_nf4(weights: Sequence[NF4Weight]) -> NF4Weight:
@@ -289,8 +277,8 @@ def _check_same(weights: Sequence[NF4Weight], who: str, same_n: bool) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Triton kernel
 # ---------------------------------------------------------------------------------------------------------------
-def config_for(m: int) -> tuple[str, int, int, int, int, int]:
-    """按 M 查 NF4_CONFIGS：(方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)。"""
+def config_for(m: int) -> Config:
+    """按 M 查默认表 NF4_CONFIGS：(方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)。"""
     for bound, *cfg in NF4_CONFIGS:
         if m <= bound:
             return tuple(cfg)  # type: ignore[return-value]
@@ -326,15 +314,14 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     def nf4_gemv(X, Q, A, CODE, OUT, PART, N, K, x_s, q_s, a_s, o_s,
                  BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr,
                  FIX: tl.constexpr):
-        # M = 1。程序 (列瓦片 t, K 段, 模型 s)：BLOCK_N = TILE_N 个输出；每步读 NB 个瓦片 (NB, HALF, BLOCK_N)，
-        # 在内存里是连续的 NB·HALF·BLOCK_N 字节。高半字节乘 x 的偶数列、低半字节乘奇数列，逐元素累加到
-        # (NB, HALF, BLOCK_N) 的 float32 寄存器里，循环结束后才沿 K 归约一次。补零的列 q = 0、absmax = 0，贡献 0。
+        # M = 1。程序 (n 块, K 段, 模型 s)：BLOCK_N 个输出（Q 的 BLOCK_N 行）；每步读每行 NB 个块的字节
+        # (BLOCK_N, NB, HALF)——每行是一段连续的 NB·HALF 字节。高半字节乘 x 的偶数列、低半字节乘奇数列，
+        # 逐元素累加到 (BLOCK_N, NB, HALF) 的 float32 寄存器里，循环结束后才沿 K 归约一次。
         HALF: tl.constexpr = BLOCKSIZE // 2
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         s = tl.program_id(2)
-        c = tl.arange(0, BLOCK_N)
-        n = pid_n * BLOCK_N + c
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         b = tl.arange(0, NB)
         j = tl.arange(0, HALF)
         n_ok = n < N
@@ -342,21 +329,21 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         steps = tl.cdiv(tl.cdiv(blocks, NB), SPLIT_K)  # 每段的 K 步数（一步 NB 块）
         lo = pid_k * steps * NB
         hi = tl.minimum(lo + steps * NB, blocks)
-        q_tile = Q + s * q_s + pid_n * (blocks * HALF * BLOCK_N)  # 本列瓦片的起点
-        a_tile = A + s * a_s + pid_n * (blocks * BLOCK_N)
-        acc = tl.zeros([NB, HALF, BLOCK_N], tl.float32)
+        q_rows = Q + s * q_s + n.to(tl.int64)[:, None, None] * (K // 2)  # (BLOCK_N, 1, 1)：各行的起点
+        acc = tl.zeros([BLOCK_N, NB, HALF], tl.float32)
         for kb in range(lo, hi, NB):
             blk = kb + b
             b_ok = blk < hi
-            row = blk[:, None] * HALF + j[None, :]  # (NB, HALF)：字节行（也是 x 的偶数列 / 2）
-            q = tl.load(q_tile + row[:, :, None] * BLOCK_N + c[None, None, :], mask=b_ok[:, None, None], other=0)
-            scale = tl.load(a_tile + blk[:, None] * BLOCK_N + c[None, :], mask=b_ok[:, None], other=0.0)
-            xe = tl.load(X + s * x_s + 2 * row, mask=b_ok[:, None], other=0.0).to(tl.float32)
-            xo = tl.load(X + s * x_s + 2 * row + 1, mask=b_ok[:, None], other=0.0).to(tl.float32)
+            byte = blk[:, None] * HALF + j[None, :]  # (NB, HALF)：行内字节号（也是 x 的偶数列 / 2）
+            q = tl.load(q_rows + byte[None, :, :], mask=n_ok[:, None, None] & b_ok[None, :, None], other=0)
+            scale = tl.load(A + s * a_s + blk[None, :] * N + n[:, None], mask=n_ok[:, None] & b_ok[None, :],
+                            other=0.0)  # (BLOCK_N, NB)
+            xe = tl.load(X + s * x_s + 2 * byte, mask=b_ok[:, None], other=0.0).to(tl.float32)
+            xo = tl.load(X + s * x_s + 2 * byte + 1, mask=b_ok[:, None], other=0.0).to(tl.float32)
             we = tl.load(CODE + (q >> 4).to(tl.int32))  # 查表：16 项的表常驻 L1
             wo = tl.load(CODE + (q & 0xF).to(tl.int32))
-            acc += (we * xe[:, :, None] + wo * xo[:, :, None]) * scale[:, None, :]
-        total = tl.sum(tl.sum(acc, axis=1), axis=0)  # (BLOCK_N,)
+            acc += (we * xe[None, :, :] + wo * xo[None, :, :]) * scale[:, :, None]
+        total = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BLOCK_N,)
         if SPLIT_K == 1:
             if FIX:  # 解释器里 .to(bf16) 是截断：先在位模式上加 0x7FFF + 保留位的最低位（见 RTNE_NOTE）
                 total = (total.to(tl.uint32, bitcast=True) + 0x7FFF + ((total.to(tl.uint32, bitcast=True) >> 16) & 1)
@@ -368,10 +355,9 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     @triton.jit
     def nf4_dot(X, Q, A, CODE, OUT, PART, M, N, K, x_s, x_m, q_s, a_s, o_s, o_m,
                 BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
-                SPLIT_K: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr, TN: tl.constexpr):
-        # 程序 (m 块 × n 块, K 段, 模型 s)，BLOCK_N 是 TILE_N 的倍数（跨几个列瓦片）。每步 BK = NB·blocksize 个 K：
-        # 权重块 (BK, BLOCK_N) 的第 k 行读字节行 k // 2
-        # （每个字节读两次，第二次命中 L1），偶数行取高半字节、奇数行取低半字节——不用在寄存器里交错；
+                SPLIT_K: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr):
+        # 程序 (m 块 × n 块, K 段, 模型 s)。每步 BK = NB·blocksize 个 K：权重块 (BK, BLOCK_N) 的第 k 行读第 n 行的
+        # 字节 k // 2（每个字节读两次，第二次命中 L1），偶数 k 取高半字节、奇数 k 取低半字节——不用在寄存器里交错；
         # 查表、乘 absmax、转成 x 的精度（与 bitsandbytes 反量化成 bf16 再 F.linear 的舍入相同），
         # 一次 tl.dot (BLOCK_M, BK) × (BK, BLOCK_N) 累加到 float32。同一 n 块的 m 块相邻编号：共用的权重多半命中 L2。
         # IEEE：float32 精确相乘（x 为 float32 时；以及解释器里：Triton 3.7 的解释器把 bf16 按 uint16 的位模式
@@ -385,10 +371,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         pid_m = pid % m_tiles
         pid_n = pid // m_tiles
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        c = tl.arange(0, BLOCK_N)
-        n = pid_n * BLOCK_N + c
-        tile = n // TN  # 列所在的瓦片与瓦片内的列
-        col = n % TN
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         kk = tl.arange(0, BK)
         shift = (1 - kk % 2) * 4  # 偶数 k 在高 4 位
         m_ok = m < M
@@ -397,19 +380,17 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         steps = tl.cdiv(tl.cdiv(blocks, NB), SPLIT_K)
         lo = pid_k * steps * NB
         hi = tl.minimum(lo + steps * NB, blocks)
-        t_ok = tile < tl.cdiv(N, TN)
-        q_col = Q + s * q_s + tile * (blocks * HALF * TN) + col  # (BLOCK_N,)：各列在自己瓦片里的起点
-        a_col = A + s * a_s + tile * (blocks * TN) + col
+        q_rows = Q + s * q_s + n.to(tl.int64)[None, :] * (K // 2)  # (1, BLOCK_N)：各输出行的起点
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for kb in range(lo, hi, NB):
             k_ok = kb + kk // BLOCKSIZE < hi
-            q = tl.load(q_col[None, :] + (kb * HALF + kk // 2)[:, None] * TN,
-                        mask=k_ok[:, None] & t_ok[None, :], other=0).to(tl.int32)  # (BK, BLOCK_N)
+            q = tl.load(q_rows + (kb * HALF + kk // 2)[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                        other=0).to(tl.int32)  # (BK, BLOCK_N)
             if NB == 1:
-                scale = tl.load(a_col + kb * TN, mask=t_ok, other=0.0)[None, :]
+                scale = tl.load(A + s * a_s + kb * N + n, mask=n_ok, other=0.0)[None, :]
             else:
-                scale = tl.load(a_col[None, :] + (kb + kk // BLOCKSIZE)[:, None] * TN,
-                                mask=k_ok[:, None] & t_ok[None, :], other=0.0)
+                scale = tl.load(A + s * a_s + (kb + kk // BLOCKSIZE)[:, None] * N + n[None, :],
+                                mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             w = tl.load(CODE + ((q >> shift[:, None]) & 0xF)) * scale
             xt = tl.load(X + s * x_s + m[:, None] * x_m + kb * BLOCKSIZE + kk[None, :],
                          mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BK)
@@ -447,24 +428,23 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     def nf4_linear_op(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                       n: int, blocksize: int, gemv: bool, block_m: int, block_n: int, nb: int, split_k: int,
                       num_warps: int, num_stages: int) -> torch.Tensor:
-        """算子本体（参数已由 _launch 核对）：x (S, M, K)，瓦片布局的 qweight (S, N_pad/64, K/bs, bs/2, 64)、
-        absmax (S, N_pad/64, K/bs, 64)，n = 真实的 N → (S, M, N)，x 的精度。split_k > 1 时另分配 float32 部分和
+        """算子本体（参数已由 _launch 核对）：x (S, M, K)，按行打包的 qweight (S, N, K/2)、absmax (S, K/bs, N)，
+        n = N → (S, M, N)，x 的精度。split_k > 1 时另分配 float32 部分和
         (split_k, S, M, N)。"""
         stacks, rows, k = x.shape
         out = torch.empty((stacks, rows, n), dtype=x.dtype, device=x.device)
         part = torch.empty((split_k, stacks, rows, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
         fix = INTERPRETED and x.dtype == torch.bfloat16
         if gemv:
-            wrap_triton(nf4_gemv)[(triton.cdiv(n, TILE_N), split_k, stacks)](
+            wrap_triton(nf4_gemv)[(triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, n, k, x.stride(0), qweight.stride(0), absmax.stride(0),
-                out.stride(0), BLOCKSIZE=blocksize, BLOCK_N=TILE_N, NB=nb, SPLIT_K=split_k, FIX=fix,
+                out.stride(0), BLOCKSIZE=blocksize, BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, FIX=fix,
                 num_warps=num_warps, num_stages=num_stages)
         else:
             wrap_triton(nf4_dot)[(triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, rows, n, k, x.stride(0), x.stride(1), qweight.stride(0),
                 absmax.stride(0), out.stride(0), out.stride(1), BLOCKSIZE=blocksize, BLOCK_M=block_m,
                 BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, IEEE=x.dtype == torch.float32 or INTERPRETED, FIX=fix,
-                TN=TILE_N,
                 num_warps=num_warps, num_stages=num_stages)
         if split_k > 1:
             total = stacks * rows * n
@@ -504,20 +484,19 @@ def nf4_linear(x: torch.Tensor, w: NF4Weight, split_k: int | None = None,
                    config)[0]
 
 
-def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None,
-            config: tuple[str, int, int, int, int, int] | None) -> torch.Tensor:
+def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None, config: Config | None) -> torch.Tensor:
     """核对输入后经 torch.ops 调用算子。x (S, M, K)；w 叠好的（前导维 S）。"""
     stacks, rows, k = x.shape
     if x.dtype not in DTYPES:
         raise ValueError(f"nf4 linear: x dtype must be bfloat16, float16 or float32, got {x.dtype}")
     if k != w.in_features:
         raise ValueError(f"nf4 linear: x has K = {k} columns but the weight has in_features = {w.in_features}")
-    tiles, blocks = -(-w.out_features // TILE_N), k // w.blocksize
-    if (k % w.blocksize or w.blocksize % 32 or w.qweight.shape[1:] != (tiles, blocks, w.blocksize // 2, TILE_N)
-            or w.absmax.shape[1:] != (tiles, blocks, TILE_N)):
+    n, blocks = w.out_features, k // w.blocksize
+    if (k % w.blocksize or w.blocksize % 32 or w.qweight.shape[1:] != (n, k // 2)
+            or w.absmax.shape[1:] != (blocks, n)):
         raise ValueError(f"nf4 linear: K = {k} must be a multiple of blocksize = {w.blocksize} (a multiple of 32) and "
-                         f"the weight must be in the tiled layout of repack_nf4; got qweight {tuple(w.qweight.shape)}, "
-                         f"absmax {tuple(w.absmax.shape)}")
+                         f"the weight must be in the layout of repack_nf4 (qweight (N, K/2), absmax (K/blocksize, N)); "
+                         f"got qweight {tuple(w.qweight.shape)}, absmax {tuple(w.absmax.shape)}, N = {n}")
     if w.qweight.dtype != torch.uint8 or w.absmax.dtype != torch.float32 or w.code.dtype != torch.float32:
         raise ValueError("nf4 linear: weight must hold uint8 qweight, float32 absmax and a float32 code table "
                          f"(got {w.qweight.dtype}, {w.absmax.dtype}, {w.code.dtype}); build it with repack_nf4")
@@ -529,24 +508,96 @@ def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None,
                          "call x.contiguous()")
     if not (x.device == w.qweight.device == w.absmax.device == w.code.device):
         raise ValueError(f"nf4 linear: x on {x.device} but weight on {w.qweight.device}; move them to one device")
+    tuned = _TUNED.get((stacks, n, k, rows, x.dtype)) if config is None and split_k is None else None
+    if tuned is not None:
+        config, split_k = tuned
     method, block_m, block_n, nb, warps, stages = config or config_for(rows)
     gemv = method == "gemv"
     if gemv and rows != 1:
         raise ValueError(f"nf4 linear: the 'gemv' kernel handles M = 1 only, got M = {rows}")
-    if block_n % TILE_N:
-        raise ValueError(f"nf4 linear: BLOCK_N = {block_n} must be a multiple of the tile width {TILE_N}")
-    block_n = TILE_N if gemv else block_n
     nb = min(nb, triton_next_power_of_2(blocks))
     if split_k is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-        programs = stacks * -(-rows // block_m) * -(-w.out_features // block_n)
-        split_k = split_k_for(programs, -(-blocks // nb), sms, per_sm=8 if gemv else 4)
+        split_k = _split_k(x, w, rows, block_m, block_n, nb, gemv)
     split_k = max(1, min(split_k, -(-blocks // nb)))
     if not torch.compiler.is_compiling():
         load_nf4_kernels()  # 编译区域里 dynamo 追踪不了 kernel 的定义：那里要求算子已经注册过
     # 经 torch.ops 调用：编译区域里 dynamo 只看到一个已注册的算子
-    return torch.ops.steer.nf4_linear(x, w.qweight, w.absmax, w.code, w.out_features, w.blocksize, gemv, block_m,
+    return torch.ops.steer.nf4_linear(x, w.qweight, w.absmax, w.code, n, w.blocksize, gemv, block_m,
                                       block_n, nb, split_k, warps, stages)
+
+
+def _split_k(x: torch.Tensor, w: NF4Weight, rows: int, block_m: int, block_n: int, nb: int, gemv: bool,
+             per_sm: int | None = None) -> int:
+    """split_k_for 的调用：程序数 = S × m 块 × n 块；GEMV 默认 per_sm = 8，tl.dot 默认 4。"""
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    programs = x.shape[0] * (1 if gemv else -(-rows // block_m)) * -(-w.out_features // block_n)
+    return split_k_for(programs, -(-(w.in_features // w.blocksize) // nb), sms,
+                       per_sm=per_sm or (8 if gemv else 4))
+
+
+def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: int = 20) -> dict[str, Any]:
+    """CUDA 上为每个权重形状 (S, N, K) 与激活行数 rows 实测候选配置，把最快的记进 _TUNED（之后 _launch 自动用）。
+
+    为什么：最快的 (BLOCK_N, NB, num_warps, split-K) 随形状、M 与 GPU 变化，一张手写的表不可能处处最好
+    （triton.autotune 的做法，但在编译区域之外、显式地做：torch.compile 追踪时配置已经是常量）。
+    每个形状轮流用几份拷贝（合计 ≥ 128 MiB，大于 H200 的 50 MB L2，不让小权重一直命中 L2——解码时每层的权重只读一次），
+    CUDA event 计时 reps 次取中位数。同一 (形状, M, dtype) 只调一次。返回 {形状: (配置, split_k, 微秒)}（给基准记录）。
+    CPU 上什么也不做（解释器的速度没有意义）。
+    """
+    report: dict[str, Any] = {}
+    for w in weights:
+        stacked = w if w.stacked else dataclasses.replace(w, qweight=w.qweight[None], absmax=w.absmax[None])
+        s, n, k = stacked.qweight.shape[0], w.out_features, w.in_features
+        key = (s, n, k, rows, dtype)
+        if not stacked.qweight.is_cuda or key in _TUNED:
+            continue
+        copies = max(1, min(16, -(-128 * 2**20 // max(1, stacked.nbytes))))
+        sets = [stacked] + [dataclasses.replace(stacked, qweight=stacked.qweight.clone(),
+                                                absmax=stacked.absmax.clone()) for _ in range(copies - 1)]
+        x = torch.randn(s, rows, k, dtype=dtype, device=stacked.qweight.device)
+        if rows == 1:
+            candidates = [("gemv", 1, bn, nb, nw, 1) for bn, nb, nw in TUNE_GEMV]
+        else:
+            bm = max(16, min(64, triton_next_power_of_2(rows)))
+            candidates = [("dot", bm, bn, nb, nw, 1) for bn, nb, nw in TUNE_DOT]
+        results = []
+        for cfg in candidates:
+            nb = min(cfg[3], triton_next_power_of_2(k // w.blocksize))
+            for split in sorted({_split_k(x, stacked, rows, cfg[1], cfg[2], nb, rows == 1, p) for p in TUNE_PER_SM}):
+                try:
+                    us = _time_us([lambda ws=ws: _launch(x, ws, split, cfg) for ws in sets], reps)
+                except Exception:  # noqa: BLE001 —— 个别配置编译不了（寄存器/共享内存超限）：跳过它
+                    continue
+                results.append((us, cfg, split))
+        if not results:
+            raise RuntimeError(f"tune_nf4: no candidate configuration ran for S={s}, N={n}, K={k}, M={rows}")
+        best = min(results, key=lambda r: r[0])
+        _TUNED[key] = (best[1], best[2])
+        report[f"S{s}_N{n}_K{k}_M{rows}"] = (list(best[1]), best[2], round(best[0], 2))
+    return report
+
+
+def _time_us(calls: Sequence[Callable[[], torch.Tensor]], reps: int) -> float:
+    """轮流调用 calls（不同地址的同形状权重）：全部录进一个 CUDA graph，重放 reps 次，CUDA event 计时，
+    返回每次调用的中位微秒数。为什么录图：单次调用只有十几微秒，Python 里的核对与发射比 GPU 上的 kernel 还慢，
+    逐次计时量到的是主机开销。"""
+    for c in calls:
+        c()  # 预热（含 Triton 编译）
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    return sorted(times)[len(times) // 2]
 
 
 def triton_next_power_of_2(n: int) -> int:

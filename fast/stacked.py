@@ -12,7 +12,12 @@
 
 数值规则逐项照搬 transformers 的 Llama（RMSNorm 先转 float32、RoPE 用模型自己的 rotary_emb、
 残差在模型精度下相加），float32 下与 transformers 的前向一致到舍入误差，测试逐 token 对比慢速循环。
-只支持结构完全相同、无偏置、SiLU 的 Llama，且不能是量化模型：不满足时 check_stackable 说明原因。
+只支持结构完全相同、无偏置、SiLU 的 Llama：不满足时 check_stackable 说明原因。
+
+4 位（bitsandbytes NF4，issue 16）：解码层的 7 个投影都是 NF4 的 Linear4bit 时，q/k/v、gate/up 照样拼接、模型照样叠加，
+只是叠的是 bitsandbytes 的打包字节（每个 Params4bit 改为指向叠好的 (S, ΣN, K/2) uint8 张量的切片，4 位权重不多一份），
+矩阵乘走 fast.nf4 的 Triton kernel（查表反量化在寄存器里做），而不是 bitsandbytes 每步重建一份 bf16 权重。
+嵌入、lm_head、RMSNorm 的权重在 bitsandbytes 模型里本来就是 bf16，照常叠。其他量化（torchao int4 等）不能叠。
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from fast.attention import (ATTENTION_MODES, head_dim_of, load_triton_attention, triton_attention_problem,
                             triton_decode_attention)
+from fast.nf4 import NF4Weight, load_nf4_kernels, nf4_linear_stacked, repack_nf4, tune_nf4
 
 # 必须在所有模型之间相同的配置项：它们决定权重形状与数值规则。
 SHAPE_KEYS: tuple[str, ...] = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -45,8 +51,11 @@ def check_stackable(models: Sequence[PreTrainedModel]) -> str | None:
         cfg = m.config
         if cfg.model_type != "llama":
             return f"only the Llama architecture is supported, got model_type={cfg.model_type!r}"
-        if getattr(m, "hf_quantizer", None) is not None:
-            return "quantized (4-bit/8-bit) weights are not plain tensors and cannot be stacked"
+        kind = weight_kind(m)
+        if kind not in ("plain", "nf4"):
+            return kind
+        if kind != weight_kind(first):
+            return "some models are 4-bit NF4 and others are not"
         if len(set((getattr(m, "hf_device_map", None) or {"": 0}).values())) > 1:
             return "the model is spread over several devices by device_map"
         if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
@@ -64,16 +73,44 @@ def check_stackable(models: Sequence[PreTrainedModel]) -> str | None:
     return None
 
 
+PROJECTIONS: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def weight_kind(model: PreTrainedModel) -> str:
+    """解码层投影的权重种类："plain"（普通张量）、"nf4"（全部是 bitsandbytes NF4 的 Linear4bit，块不跨行），
+    否则返回一句不能叠加的原因。按模块本身判断（不只看 hf_quantizer）：测试里手工换成 Linear4bit 的模型也一样。"""
+    mods = [layer.get_submodule(name) for layer in model.model.layers for name in PROJECTIONS]
+    four_bit = [getattr(getattr(mod, "weight", None), "quant_state", None) for mod in mods]
+    if all(state is None for state in four_bit):
+        if getattr(model, "hf_quantizer", None) is not None or any(type(mod) is not torch.nn.Linear for mod in mods):
+            return ("quantized weights other than bitsandbytes NF4 (e.g. torchao int4) use their own kernels and "
+                    "cannot be stacked")
+        return "plain"
+    if any(state is None for state in four_bit):
+        return "only some projections are 4-bit"
+    for mod, state in zip(mods, four_bit):
+        if getattr(state, "quant_type", None) != "nf4":
+            return f"4-bit weights must be NF4, got quant_type={getattr(state, 'quant_type', None)!r}"
+        if mod.in_features % state.blocksize:
+            return (f"in_features={mod.in_features} is not a multiple of the NF4 blocksize {state.blocksize} "
+                    "(blocks would straddle rows)")
+        if getattr(mod, "bias", None) is not None:
+            return "4-bit projections with biases are not supported"
+    return "nf4"
+
+
 @dataclass
 class StackedWeights:
     """叠好的权重（第 0 维是模型 m）。qkv: [层] (M, (H_q + 2·H_kv)·D, hidden)；o: [层] (M, hidden, H_q·D)；
     gate_up: [层] (M, 2·I, hidden)；down: [层] (M, hidden, I)；ln1/ln2: [层] (M, hidden)；
-    norm: (M, hidden)；embed: (M, V, hidden)；lm_head: (M, V, hidden)（权重绑定时与 embed 是同一个张量）。"""
+    norm: (M, hidden)；embed: (M, V, hidden)；lm_head: (M, V, hidden)（权重绑定时与 embed 是同一个张量）。
+    4 位模型的 qkv/o/gate_up/down 是叠好的 NF4Weight（qweight (M, out, in/2) uint8、absmax (M, in/64, out)）。"""
 
-    qkv: list[torch.Tensor]
-    o: list[torch.Tensor]
-    gate_up: list[torch.Tensor]
-    down: list[torch.Tensor]
+    qkv: list[torch.Tensor | NF4Weight]
+    o: list[torch.Tensor | NF4Weight]
+    gate_up: list[torch.Tensor | NF4Weight]
+    down: list[torch.Tensor | NF4Weight]
     ln1: list[torch.Tensor]
     ln2: list[torch.Tensor]
     norm: torch.Tensor
@@ -100,6 +137,31 @@ def _stack_into(groups: list[list[torch.nn.Parameter]]) -> torch.Tensor:
     return out
 
 
+def _stack_nf4_into(groups: list[list[torch.nn.Module]]) -> NF4Weight:
+    """NF4 版的 _stack_into：groups[m] 为模型 m 要沿输出维拼接的 Linear4bit。分配 (M, ΣN, K/2) uint8 的打包字节与
+    (M, K/bs, ΣN) float32 的还原 absmax，拷入后让每个 Params4bit 指向自己的切片（形状保持 bitsandbytes 的
+    (N·K/2, 1)；它的 QuantState 不变，transformers/bitsandbytes 的前向照常工作，读的是同一份字节）。"""
+    head = [mod.weight for mod in groups[0]]
+    k, blocksize = head[0].quant_state.shape[1], head[0].quant_state.blocksize
+    rows = sum(p.quant_state.shape[0] for p in head)
+    device = head[0].device
+    q = torch.empty((len(groups), rows, k // 2), dtype=torch.uint8, device=device)
+    a = torch.empty((len(groups), k // blocksize, rows), dtype=torch.float32, device=device)
+    one = None
+    for m, group in enumerate(groups):
+        row = 0
+        for mod in group:
+            p = mod.weight
+            one = repack_nf4(p.data, p.quant_state)  # qweight 是视图，absmax 新算的 (K/bs, N)
+            n = one.out_features
+            q[m, row:row + n].copy_(one.qweight)
+            a[m, :, row:row + n].copy_(one.absmax)
+            p.data = q[m, row:row + n].reshape(p.data.shape)
+            row += n
+    assert one is not None
+    return NF4Weight(qweight=q, absmax=a, code=one.code, blocksize=blocksize, dtype=one.dtype, out_features=rows)
+
+
 # 已叠好的权重：键是模型组里的第一个模型（弱引用，模型被释放时条目自动消失）。
 _STACKS: "weakref.WeakKeyDictionary[PreTrainedModel, tuple[tuple[int, ...], StackedWeights]]" = (
     weakref.WeakKeyDictionary())
@@ -119,13 +181,20 @@ def stack_weights(models: Sequence[PreTrainedModel]) -> StackedWeights:
     cached = _STACKS.get(models[0])
     if cached is not None and cached[0] == ids and cached[1].anchors == [_anchor(m) for m in models]:
         return cached[1]
+    nf4 = weight_kind(models[0]) == "nf4"
+
+    def proj(ls: list[torch.nn.Module], *names: str) -> torch.Tensor | NF4Weight:
+        """一层的若干投影（各模型）拼接叠加：NF4 叠打包字节，否则叠 bf16/fp32 参数。"""
+        if nf4:
+            return _stack_nf4_into([[l.get_submodule(n) for n in names] for l in ls])
+        return _stack_into([[l.get_submodule(n).weight for n in names] for l in ls])
+
     with torch.no_grad():
         layers = [[m.model.layers[i] for m in models] for i in range(models[0].config.num_hidden_layers)]
-        qkv = [_stack_into([[l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight]
-                            for l in ls]) for ls in layers]
-        o = [_stack_into([[l.self_attn.o_proj.weight] for l in ls]) for ls in layers]
-        gate_up = [_stack_into([[l.mlp.gate_proj.weight, l.mlp.up_proj.weight] for l in ls]) for ls in layers]
-        down = [_stack_into([[l.mlp.down_proj.weight] for l in ls]) for ls in layers]
+        qkv = [proj(ls, "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") for ls in layers]
+        o = [proj(ls, "self_attn.o_proj") for ls in layers]
+        gate_up = [proj(ls, "mlp.gate_proj", "mlp.up_proj") for ls in layers]
+        down = [proj(ls, "mlp.down_proj") for ls in layers]
         ln1 = [_stack_into([[l.input_layernorm.weight] for l in ls]) for ls in layers]
         ln2 = [_stack_into([[l.post_attention_layernorm.weight] for l in ls]) for ls in layers]
         norm = _stack_into([[m.model.norm.weight] for m in models])
@@ -137,8 +206,11 @@ def stack_weights(models: Sequence[PreTrainedModel]) -> StackedWeights:
                              lm_head=lm_head, anchors=[_anchor(m) for m in models])
     # 标成静态地址：这些张量不是 nn.Parameter，torch.compile(mode="reduce-overhead") 的 cudagraph 会把它们当作
     # 普通输入、每次重放前整份拷进自己的静态缓冲（那样每步都要多拷一份全部权重，解码慢一倍以上、峰值显存多一份权重）。
-    for t in [*qkv, *o, *gate_up, *down, *ln1, *ln2, norm, embed, lm_head]:
+    for t in [*ln1, *ln2, norm, embed, lm_head]:
         torch._dynamo.mark_static_address(t)
+    for w in [*qkv, *o, *gate_up, *down]:
+        for t in ((w.qweight, w.absmax, w.code) if isinstance(w, NF4Weight) else (w,)):
+            torch._dynamo.mark_static_address(t)
     _STACKS[models[0]] = (ids, weights)
     return weights
 
@@ -151,8 +223,11 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight[:, None, :] * h.to(x.dtype)
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """逐模型的 x @ wᵀ：x (M, N, in)，w (M, out, in) → (M, N, out)，一次 bmm（w 转置只是视图）。"""
+def _linear(x: torch.Tensor, w: torch.Tensor | NF4Weight) -> torch.Tensor:
+    """逐模型的 x @ wᵀ：x (M, N, in)，w (M, out, in) → (M, N, out)，一次 bmm（w 转置只是视图）；
+    NF4 权重走 fast.nf4 的 Triton kernel（一次发射算 M 个模型，float32 累加，输出 x 的精度）。"""
+    if isinstance(w, NF4Weight):
+        return nf4_linear_stacked(x.contiguous(), w)
     return torch.bmm(x, w.transpose(1, 2))
 
 
@@ -175,6 +250,10 @@ class StackedLlama:
         if attention == "triton":
             load_triton_attention()  # 在编译区域之外注册算子
         self.weights = stack_weights(models)
+        self.nf4 = isinstance(self.weights.qkv[0], NF4Weight)
+        if self.nf4:
+            load_nf4_kernels()  # 在编译区域之外注册算子
+        self.tuned: dict[str, object] = {}  # tune_nf4 的结果（基准记录它）
         self.n_models = len(models)
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = head_dim_of(cfg)
@@ -194,6 +273,10 @@ class StackedLlama:
         """
         if self.shape == (batch, length):
             return
+        if self.nf4 and self.weights.embed.is_cuda:
+            # 4 位：按本批的解码形状（M = batch 行）给每种权重形状实测选 kernel 配置（编译追踪之前：那时配置成了常量）
+            w = self.weights
+            self.tuned.update(tune_nf4([w.qkv[0], w.o[0], w.gate_up[0], w.down[0]], batch, w.embed.dtype))
         self.keys, self.values = [], []
         w = self.weights.embed
         shape = (self.n_models * batch, self.kv_heads, length, self.head_dim)

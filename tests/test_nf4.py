@@ -57,11 +57,10 @@ def test_repack_dequantize_equals_bitsandbytes(n: int, k: int, blocksize: int, n
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)).to(dtype)
     packed, state = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=blocksize, compress_statistics=nested)
     nf4 = repack_nf4(packed, state)
-    tiles = -(-n // 64)  # 输出补零到 64 的倍数
-    assert nf4.qweight.shape == (tiles, k // blocksize, blocksize // 2, 64)
-    assert nf4.absmax.shape == (tiles, k // blocksize, 64)
+    assert nf4.qweight.shape == (n, k // 2) and nf4.absmax.shape == (k // blocksize, n)
+    assert nf4.qweight.data_ptr() == packed.data_ptr()  # 是 bitsandbytes 数据的视图：4 位权重不多一份
     assert (nf4.out_features, nf4.in_features) == (n, k)
-    assert nf4.nbytes == tiles * 64 * (k // 2 + k // blocksize * 4)
+    assert nf4.nbytes == n * (k // 2 + k // blocksize * 4)
     ref = bnbf.dequantize_4bit(packed, state)
     out = dequantize_nf4(nf4)
     assert out.dtype == ref.dtype == dtype
@@ -116,16 +115,16 @@ def test_repack_refuses_bad_input() -> None:
 
 
 def test_cat_and_stack_layouts() -> None:
-    """cat_nf4 沿输出维拼接 == 反量化后拼接（b 的 N = 32 补了零列：拼接时不能留在中间）；
+    """cat_nf4 沿输出维拼接 == 反量化后拼接；
     stack_nf4 多一个前导维，逐个反量化相同。"""
     a, b = _nf4(64, 128, seed=1), _nf4(32, 128, seed=2)
     ab, ba = cat_nf4([a, b]), cat_nf4([b, a])
     assert torch.equal(dequantize_nf4(ab), torch.cat([dequantize_nf4(a), dequantize_nf4(b)]))
     assert torch.equal(dequantize_nf4(ba), torch.cat([dequantize_nf4(b), dequantize_nf4(a)]))
-    assert ba.out_features == 96 and ba.qweight.shape[0] == 2
+    assert ba.out_features == 96 and ba.qweight.shape == (96, 64) and ba.absmax.shape == (2, 96)
     c = _nf4(64, 128, seed=3)
     stacked = stack_nf4([a, c])
-    assert stacked.stacked and stacked.qweight.shape == (2, 1, 2, 32, 64)
+    assert stacked.stacked and stacked.qweight.shape == (2, 64, 64) and stacked.absmax.shape == (2, 2, 64)
     assert torch.equal(dequantize_nf4(stacked), torch.stack([dequantize_nf4(a), dequantize_nf4(c)]))
     with pytest.raises(ValueError, match="out_features differ"):
         stack_nf4([a, b])
@@ -167,6 +166,8 @@ def test_nf4_linear_fp16_blocksize_128_and_config(interpreted_triton: None) -> N
     assert _relative_error(y, ref) < TOLERANCE[torch.float16]
     y1 = nf4_linear(x[:1], w, config=("gemv", 1, 64, 2, 4, 1), split_k=2)
     assert _relative_error(y1, ref[:1]) < TOLERANCE[torch.float16]
+    y1 = nf4_linear(x[:1], w, config=("gemv", 1, 16, 4, 2, 1), split_k=1)  # BLOCK_N 小于 N：三个 n 块，最后一块不满
+    assert _relative_error(y1, ref[:1]) < TOLERANCE[torch.float16]
 
 
 @needs_triton
@@ -197,12 +198,12 @@ def test_nf4_linear_refuses_bad_input(interpreted_triton: None) -> None:
     with pytest.raises(ValueError, match="contiguous"):
         nf4_linear(x, dataclasses.replace(w, qweight=w.qweight.transpose(-1, -2).contiguous().transpose(-1, -2)))
     with pytest.raises(ValueError, match="multiple of blocksize"):
-        nf4_linear(torch.randn(2, 96), dataclasses.replace(w, qweight=torch.zeros(1, 1, 48, 64, dtype=torch.uint8)))
+        nf4_linear(torch.randn(2, 96), dataclasses.replace(w, qweight=torch.zeros(32, 48, dtype=torch.uint8)))
     with pytest.raises(ValueError, match="stacked"):
         nf4_linear(x, stack_nf4([w, w]))
     with pytest.raises(ValueError, match="S = 2"):
         nf4_linear_stacked(x[None], stack_nf4([w, w]))
     with pytest.raises(ValueError, match="M = 1 only"):
         nf4_linear(x, w, config=("gemv", 1, 64, 2, 4, 1))
-    with pytest.raises(ValueError, match="multiple of the tile width"):
-        nf4_linear(x, w, config=("dot", 16, 32, 1, 4, 1))
+    with pytest.raises(ValueError, match="layout of repack_nf4"):
+        nf4_linear(x, dataclasses.replace(w, absmax=w.absmax.t().contiguous()))

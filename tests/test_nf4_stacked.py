@@ -1,0 +1,138 @@
+"""4 位（bitsandbytes NF4）模型走叠加前向（issue 16）：fast/stacked.py + fast/nf4.py。
+
+- weight_kind / check_stackable / resolve_stack / resolve_overlap：NF4 的 Linear4bit 可以叠（auto 时叠、可上侧流），
+  部分量化、混合、其他量化给出原因；
+- 叠加只改打包字节的存储位置（每个 Params4bit 指向叠好的张量的切片），bitsandbytes 的前向结果逐位不变，
+  4 位权重不多一份；
+- FastDecoder(stack="all") 在 NF4 模型上 == 慢速参考循环（同一份量化权重，bitsandbytes 的前向）逐 token：
+  引导与基线、各种 overlap；投机解码的验证前向（M = B·(K+1)，tl.dot kernel）也一样。
+CPU 上 kernel 由 Triton 解释器执行（conftest 设 TRITON_INTERPRET=1），float32；GPU 上编译出的 kernel 由
+bench.py --check --quant nf4 检查。
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from fast.decoder import FastDecoder, resolve_overlap, resolve_stack
+from fast.nf4 import NF4Weight
+from fast.stacked import PROJECTIONS, check_stackable, stack_weights, weight_kind
+from test_evaluator import PAD, PROMPTS, STEER, VOCAB, run, tiny_llama
+from test_stacked import PER_ROLE
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="没有 bitsandbytes"),
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                       reason="没有 triton 包（.ci/run 会安装它，用解释器在 CPU 上跑 kernel）"),
+]
+
+
+@pytest.fixture(autouse=True)
+def interpreted_triton() -> None:
+    """kernel 在 CPU 上由解释器执行：conftest 在导入 triton 之前设了 TRITON_INTERPRET=1。"""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET 不是 1：kernel 要编译给 GPU，CPU 测试跑不了")
+
+
+def to_nf4(model: LlamaForCausalLM, layers: tuple[int, ...] | None = None) -> LlamaForCausalLM:
+    """把解码层的 7 个投影换成 bitsandbytes 的 NF4 Linear4bit（块 64、absmax 双重量化、float32 计算），
+    与 transformers 用 BitsAndBytesConfig 加载的模块相同（那条路要 CUDA）；lm_head 与嵌入保持原样（bitsandbytes
+    默认也不量化它们）。layers 给出时只换这些层（部分量化的反例）。"""
+    import bitsandbytes as bnb
+
+    for i, layer in enumerate(model.model.layers):
+        if layers is not None and i not in layers:
+            continue
+        for name in PROJECTIONS:
+            parent, attr = name.split(".")
+            old = getattr(getattr(layer, parent), attr)
+            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=False, compute_dtype=torch.float32,
+                                    quant_type="nf4", compress_statistics=True)
+            new.weight = bnb.nn.Params4bit(old.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                           compress_statistics=True, blocksize=64)
+            setattr(getattr(layer, parent), attr, new.to("cpu"))  # 搬到设备时量化
+    return model
+
+
+@pytest.fixture(scope="module")
+def trio() -> list[LlamaForCausalLM]:
+    """本文件自己的三个 NF4 模型（叠加会改变打包字节的存储位置，不与其他测试共用）。"""
+    return [to_nf4(tiny_llama(60 + i)) for i in range(3)]
+
+
+def test_weight_kind_and_stacking_rules() -> None:
+    a, b = to_nf4(tiny_llama(70)), to_nf4(tiny_llama(71))
+    assert weight_kind(a) == "nf4" and weight_kind(tiny_llama(72)) == "plain"
+    assert check_stackable([a, b]) is None
+    assert "some models are 4-bit NF4" in check_stackable([a, tiny_llama(73)])
+    assert "only some projections" in check_stackable([to_nf4(tiny_llama(74), layers=(0,))])
+    int4 = tiny_llama(75)
+    int4.hf_quantizer = object()  # 例如 torchao int4：有 hf_quantizer，投影不是 Linear4bit
+    assert "other than bitsandbytes NF4" in check_stackable([int4])
+    fp4 = to_nf4(tiny_llama(76))
+    fp4.model.layers[1].mlp.down_proj.weight.quant_state.quant_type = "fp4"
+    assert "must be NF4" in check_stackable([fp4])
+    models = [a, b, to_nf4(tiny_llama(77))]
+    assert resolve_stack("auto", models, steering=STEER, compile=True, device_type="cuda") == "all"
+    # 叠加的 NF4 模型可以上侧流；不叠的量化模型（bitsandbytes 自己的前向）不上
+    for m in models:
+        m.hf_quantizer = object()
+    assert resolve_overlap("auto", models, steering=STEER, compile=True, device_type="cuda",
+                           stacked=models) == "streams"
+    assert resolve_overlap("auto", models, steering=STEER, compile=True, device_type="cuda",
+                           stacked=models[1:]) == "off"
+
+
+@torch.no_grad()
+def test_stacking_shares_the_packed_bytes() -> None:
+    """叠加后每个 Params4bit 指向叠好的 (M, ΣN, K/2) 张量的切片（4 位权重不多一份），bitsandbytes 的前向逐位不变。"""
+    models = [to_nf4(tiny_llama(80)), to_nf4(tiny_llama(81))]
+    ids = torch.tensor([[5, 9, 14, 3, 7]])
+    before = [m(ids).logits for m in models]
+    w = stack_weights(models)
+    assert isinstance(w.qkv[0], NF4Weight) and w.qkv[0].qweight.shape == (2, 64 + 2 * 32, 32)
+    assert w.gate_up[1].qweight.shape == (2, 256, 32) and w.down[0].absmax.shape == (2, 2, 64)
+    base = w.gate_up[1].qweight
+    for k, m in enumerate(models):
+        mlp = m.model.layers[1].mlp
+        assert mlp.gate_proj.weight.data_ptr() == base[k].data_ptr()
+        assert mlp.up_proj.weight.data_ptr() == base[k, 128:].data_ptr()
+        assert mlp.up_proj.weight.shape == (128 * 64 // 2, 1)  # bitsandbytes 的形状不变
+    for m, ref in zip(models, before):
+        assert torch.equal(m(ids).logits, ref)
+
+
+@pytest.mark.parametrize("overlap", ["off", "streams"])
+def test_fast_decoder_nf4_equals_reference_loop(trio: list[LlamaForCausalLM], overlap: str) -> None:
+    """NF4 的叠加路径（fast.nf4 kernel）== 慢速循环（bitsandbytes 的前向，同一份量化权重）逐 token，α 一致；
+    每个角色的提示不同、批不满。"""
+    decoder = FastDecoder(trio, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4, steering=STEER,
+                          compile=False, overlap=overlap, stack="all")
+    assert all(s is not None and s.nf4 for s in decoder.stacked)
+    quick = decoder.generate(PER_ROLE, 10)
+    slow = run(trio, None, steps=10, steering=STEER, per_role=PER_ROLE)
+    assert quick.tokens == slow.tokens
+    for a, b in zip(quick.alpha, slow.alpha):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_fast_decoder_nf4_target_only(trio: list[LlamaForCausalLM]) -> None:
+    """基线（只有目标，M = 1 的 NF4 叠加前向）== 慢速循环。"""
+    decoder = FastDecoder(trio[:1], vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=3, steering=None,
+                          compile=False, stack="all")
+    assert decoder.generate([PROMPTS], 10).tokens == run(trio[:1], PROMPTS, steps=10).tokens
+
+
+def test_speculative_verify_on_nf4(trio: list[LlamaForCausalLM]) -> None:
+    """投机解码的 K+1 位置验证前向（M = B·(K+1) 行，tl.dot kernel）在 NF4 上与不投机的参考逐 token 相同。"""
+    from fast.speculative import SpeculativeDecoder
+
+    dec = SpeculativeDecoder(trio, k=2, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4, steering=STEER,
+                             compile=False, stack="all")
+    got = dec.generate(PER_ROLE, 10)
+    assert got.tokens == run(trio, None, steps=10, steering=STEER, per_role=PER_ROLE).tokens
+    assert sum(got.drafted) > 0
