@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import bench
 
 
@@ -266,7 +268,8 @@ def test_tiny_speculative_rows_fast_path(capsys):
         (c, 2, a) for c in ("free", "expert") for a in (0.0, 1.0)]
     for r in spec:
         assert r["identical_rows"] == 2 and r["tokens"] == 2 * r["new"]
-        assert r["speedup"] == round(r["plain_ms_per_step"] / r["ms_per_token"], 3)
+        # speedup 由未舍入的时间算出，两个毫秒字段各自舍入到 3 位：只能在舍入误差内比较
+        assert r["speedup"] == pytest.approx(r["plain_ms_per_step"] / r["ms_per_token"], rel=2e-3)
         if r["agreement"] == 1.0:
             assert r["accepted"] == r["drafted"] > 0 and r["tokens_per_verify"] > 1
         else:
