@@ -8,6 +8,7 @@
     python bench.py --quant nf4 --batches 16,64       # 4-bit NF4（需要 bitsandbytes）
     python bench.py --quant int4 --batches 16,64      # 4-bit int4（torchao tile-packed，需要 torchao==0.18.0）
     python bench.py --check                           # 真实形状上 fp32：快速路径 == 慢速循环逐 token；bf16 的一致率
+    python bench.py --check --quant nf4               # 同上，NF4 权重：fast.nf4 的 kernel 对 bitsandbytes 的参考循环
     python bench.py --batches 1,64 --overlap off,streams --with-profile   # 比较 overlap 模式，并附每步 kernel 剖析
     python bench.py --preset tiny --device cpu        # CI 冒烟测试，几秒钟
     python bench.py --speculate 2,4,6 --batches 1      # 快速路径的投机解码：oracle 草稿接受率 0/0.5/0.7/0.9 时的速度
@@ -80,6 +81,30 @@ def random_model(kind: str, preset: str, dtype: torch.dtype, device: str, seed: 
         with torch.no_grad():
             model.lm_head.weight.mul_(head_scale)
     return model.eval()
+
+
+def nf4_in_place(model: PreTrainedModel, compute_dtype: torch.dtype) -> PreTrainedModel:
+    """把解码层的 7 个投影换成 bitsandbytes 的 NF4 Linear4bit（块 64、absmax 双重量化、compute_dtype 计算），在模型所在
+    设备上量化；与 BitsAndBytesConfig 加载出的模块相同（transformers 的那条路固定 bf16 计算、要 CUDA）。lm_head 与嵌入
+    不动（bitsandbytes 默认也不量化它们）。--check --quant nf4 用它：float32 计算时快速路径与参考循环可以逐 token 比较，
+    CPU 上（tiny，Triton 解释器）也能跑。"""
+    import bitsandbytes as bnb
+
+    from fast.stacked import PROJECTIONS
+
+    device = model.device
+    for layer in model.model.layers:
+        for name in PROJECTIONS:
+            parent, attr = name.split(".")
+            old = getattr(getattr(layer, parent), attr)
+            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=False, compute_dtype=compute_dtype,
+                                    quant_type="nf4", compress_statistics=True, device="meta")
+            new.weight = bnb.nn.Params4bit(old.weight.data.to("cpu" if device.type == "cpu" else device),
+                                           requires_grad=False, quant_type="nf4", compress_statistics=True,
+                                           blocksize=64)
+            setattr(getattr(layer, parent), attr, new.to(device))  # 搬到设备时量化
+            del old
+    return model
 
 
 def quantized_models(quant: str, preset: str, device: str, int4_group_size: int) -> list[PreTrainedModel]:
@@ -338,6 +363,8 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
         dtype = dtypes[dtype_name]
         models = [random_model(k, args.preset, dtype, args.device, s, head_scale=8.0)
                   for k, s in (("8b", 0), ("1b", 1), ("1b", 2))]
+        if args.quant == "nf4":  # 同一份 NF4 权重：快速路径（fast.nf4 kernel）对 bitsandbytes 前向的参考循环
+            models = [nf4_in_place(m, dtype) for m in models]
         vocab = models[0].config.vocab_size
         prompts = [p[:n] for p, n in zip(prompts_for(len(lengths), args.prompt, vocab, seed=3), lengths)]
         for steered in [m == "steered" for m in args.check_modes.split(",")]:
@@ -357,7 +384,9 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
                             f"{prefix}/{total}", "agreement": round(prefix / total, 4), "compiled": compile_step,
                             "overlap": decoder.overlap, "stack": decoder.stack, "attention": decoder.attention,
                             "temperature": args.temperature,
-                            "top_p": args.top_p}
+                            "top_p": args.top_p, "quant": args.quant,
+                            # 是否真的走了 fast.nf4 的 kernel（叠加的 NF4 单元），而不是 bitsandbytes 的前向
+                            "nf4_kernels": any(s is not None and s.nf4 for s in decoder.stacked)}
             print(json.dumps({"check": key, **results[key]}), flush=True)
             if args.speculate and args.temperature == 0:
                 results[key + ":speculative"] = check_speculative(models, prompts, slow, steered, args, compile_step)
@@ -802,6 +831,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--draft fusion needs the steered mode: add --modes steered")
         if not (args.check or args.profile) and any(not b.isdigit() for b in args.batches.split(",") if b):
             parser.error("--speculate needs numeric --batches (no max)")
+    if args.check and args.quant == "int4":
+        parser.error("--check covers bf16 and --quant nf4 (the NF4 fast path against bitsandbytes' reference loop); "
+                     "int4 runs torchao's own kernel on both paths")
     compile_step = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda"))
     torch.set_grad_enabled(False)
     env = environment()

@@ -294,3 +294,22 @@ def test_speculate_refusals():
                  ["--speculate", "2", "--draft", "fusion"], ["--speculate", "0"]):
         with pytest.raises(SystemExit):
             bench.main(["--preset", "tiny", "--device", "cpu", *argv])
+
+
+def test_tiny_check_nf4(capsys):
+    """--check --quant nf4：同一份 NF4 权重（bitsandbytes 的 Linear4bit），快速路径的叠加前向（fast.nf4 的 kernel，
+    CPU 上由 Triton 解释器执行）== bitsandbytes 前向的参考循环，float32 逐 token；int4 不在 --check 的范围里。"""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("bitsandbytes") is None or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs bitsandbytes and the Triton interpreter (conftest sets TRITON_INTERPRET=1)")
+    assert bench.main(["--preset", "tiny", "--device", "cpu", "--check", "--quant", "nf4", "--check-dtypes",
+                       "float32", "--stack", "all"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for mode in ("target", "steered"):
+        got = report["check"][f"float32:{mode}"]
+        assert got["identical_rows"] == "4/4" and got["agreement"] == 1.0
+        assert got["quant"] == "nf4" and got["nf4_kernels"] is True
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "tiny", "--device", "cpu", "--check", "--quant", "int4"])
