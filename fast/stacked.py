@@ -34,6 +34,10 @@ from fast.attention import (ATTENTION_MODES, head_dim_of, load_triton_attention,
                             triton_decode_attention)
 from fast.nf4 import NF4Weight, load_nf4_kernels, nf4_linear_stacked, repack_nf4, tune_nf4
 
+# 预填充每块每个模型的 token 数上限（StackedLlama.prefill 按行分块，见那里的说明）。4096：块内的矩阵乘仍然足够大
+# （M = 4096 行喂满 tensor core），中间张量从 B·T 行降到至多 4096 行。
+PREFILL_TOKENS: int = 4096
+
 # 必须在所有模型之间相同的配置项：它们决定权重形状与数值规则。
 SHAPE_KEYS: tuple[str, ...] = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                                "head_dim", "intermediate_size", "vocab_size", "rms_norm_eps", "hidden_act",
@@ -323,6 +327,28 @@ class StackedLlama:
         """预填充（左填充的提示）：ids/mask/positions (M·B, T)，mask 1 = 真实 token。
         把 K/V 写进缓存槽位 0..T−1，返回最后位置的 logits (M, B, V)。先 allocate()。
 
+        按行分块：每块每个模型至多 PREFILL_TOKENS 个 token（至少一行）。为什么：预填充的中间张量随 B·T 线性增长
+        （MLP 的 gate/up 输出是 B·T × 2·I：批 16、768 个 token 时 8B 约 0.7 GB、两个 1B 叠起来约 0.8 GB，再加 SiLU·mul 的
+        两份），是整次运行的显存峰值；分块后它只剩一块的大小，KV 缓存与权重不变。各行的预填充互不相关（注意力只在行内），
+        分块不改变数学（块大小不同时矩阵乘的 kernel 可能不同，bf16 下舍入可以不同，与批大小不同时一样）。
+        """
+        rows, t = ids.shape
+        batch = rows // self.n_models
+        chunk = max(1, PREFILL_TOKENS // max(1, t))
+        if chunk >= batch:
+            return self._prefill_rows(ids, mask, positions, None)
+        parts = []
+        for b0 in range(0, batch, chunk):
+            b = torch.arange(b0, min(b0 + chunk, batch), device=ids.device)
+            sel = (torch.arange(self.n_models, device=ids.device)[:, None] * batch + b[None, :]).reshape(-1)
+            parts.append(self._prefill_rows(ids[sel], mask[sel], positions[sel], sel))
+        return torch.cat(parts, dim=1)
+
+    def _prefill_rows(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                      sel: torch.Tensor | None) -> torch.Tensor:
+        """一块行的预填充：ids/mask/positions (M·b, T)，按模型主序（第 m 个模型的第 j 行是 m·b + j）；
+        sel (M·b,) 这些行在缓存里的行号（None = 全部行，顺序相同）。返回 (M, b, V)。
+
         注意力掩码 = 因果 ∧ (键是真实 token ∨ 键就是查询自己)：左填充位置的查询只看见自己，
         不会出现整行被屏蔽（那会得到 NaN，NaN 的 V 再被后面的查询乘 0 仍是 NaN）；真实行的掩码与
         transformers 完全相同。GQA 在这里显式复制 K/V（与 transformers 的 sdpa 预填充相同），
@@ -336,8 +362,12 @@ class StackedLlama:
         visible = causal[None] & (mask.bool()[:, None, :] | torch.eye(t, dtype=torch.bool, device=ids.device)[None])
 
         def attend(l: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.keys[l][:, :, :t] = k
-            self.values[l][:, :, :t] = v
+            if sel is None:
+                self.keys[l][:, :, :t] = k
+                self.values[l][:, :, :t] = v
+            else:
+                self.keys[l][sel, :, :t] = k
+                self.values[l][sel, :, :t] = v
             k = k[:, :, None].expand(rows, self.kv_heads, n_rep, t, self.head_dim).reshape(rows, self.heads, t, -1)
             v = v[:, :, None].expand(rows, self.kv_heads, n_rep, t, self.head_dim).reshape(rows, self.heads, t, -1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], scale=self.scale)

@@ -97,6 +97,26 @@ def test_stacked_forward_matches_transformers(kind: str) -> None:
         assert torch.equal(r, h)
 
 
+def test_chunked_prefill_matches_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """预填充按行分块（PREFILL_TOKENS 很小：每块一行）：logits、写进缓存的 K/V 与之后的解码步仍与 transformers 一致，
+    与不分块的结果在 float32 舍入误差内相同。分块只是为了压低预填充的显存峰值。"""
+    import fast.stacked as stacked
+
+    models = [tiny_llama(25), tiny_llama(26)]
+    prompts = PER_ROLE[1:3]
+    feed = [[5, 6, 7], [60, 2, 31], [1, 1, 1]]
+    ref = _hf_logits(models, prompts, feed)
+    whole = _stacked_logits(models, prompts, feed)
+    monkeypatch.setattr(stacked, "PREFILL_TOKENS", 1)  # 每块一行（每个模型）：三块
+    chunked = _stacked_logits(models, prompts, feed)
+    monkeypatch.setattr(stacked, "PREFILL_TOKENS", 2 * 9)  # 提示宽 9：每块两行，最后一块一行
+    pairs = _stacked_logits(models, prompts, feed)
+    for r, w, c, p in zip(ref, whole, chunked, pairs):
+        torch.testing.assert_close(c, r, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(c, w, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(p, w, rtol=1e-5, atol=1e-5)
+
+
 def test_stacking_shares_storage_and_is_done_once() -> None:
     """参数改为指向叠好的张量的切片（不多占内存）；同一组再叠直接复用；模型被移动（地址变了）后重新叠。"""
     models = [tiny_llama(30), tiny_llama(31)]
