@@ -102,6 +102,7 @@ def nf4_in_place(model: PreTrainedModel, compute_dtype: torch.dtype) -> PreTrain
             new.weight = bnb.nn.Params4bit(old.weight.data.to("cpu" if device.type == "cpu" else device),
                                            requires_grad=False, quant_type="nf4", compress_statistics=True,
                                            blocksize=64)
+            new.support_avx512bf16_for_cpu = False  # CPU 上不让 bitsandbytes 在前向时改排字节（叠加要标准布局）
             setattr(getattr(layer, parent), attr, new.to(device))  # 搬到设备时量化
             del old
     return model

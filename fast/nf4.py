@@ -16,7 +16,8 @@
   （慢速参考、字母打分）读的是同一份字节，4 位权重在显存里只有一份。
   为什么按行：bitsandbytes 的原始布局就是它（不用第二份权重）；一个线程沿 K 读 16 个连续字节（向量读），
   每行每步至少读一个 32 字节的段，DRAM 的访问是整段的。
-- absmax：每块一个 float32，按 (K/blocksize, N) 存（K 主序：一个程序的 BLOCK_N 个输出的同一块的尺度是连续的）。
+- absmax：每块一个 float32，按行存 (N, K/blocksize)（与 bitsandbytes 的块顺序相同：bitsandbytes 自己的 kernel 也能
+  直接用它，见方式 "bnb"）。
   双重量化在这里一次还原（与 bitsandbytes 的 dequantize_blockwise 同样的两次 float32 舍入），kernel 里不再查第二张表。
   这是唯一新分配的部分：每个权重 4 / blocksize 字节（blocksize 64 时 0.0625 B），bitsandbytes 的 uint8 absmax
   与第二层照旧留给它自己的前向。要求 K 是 blocksize 的倍数（块不跨行）。
@@ -32,10 +33,12 @@ dequantize_nf4 是纯 torch 的参考路径（与 bitsandbytes 的 dequantize_4b
 """
 from __future__ import annotations
 
-import functools
 import dataclasses
+import functools
+import importlib.util
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Final, Sequence
 
@@ -52,7 +55,10 @@ NESTED_BLOCKSIZE: Final[int] = 256  # bitsandbytes 双重量化 absmax 时的块
 
 # 按 M（激活行数）选 kernel 配置的默认表：(M 上界, 方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)。
 # 方式 "gemv"：M = 1，逐元素乘加、最后归约（不用 tensor core），每个程序 BLOCK_N 个输出 × 每步 NB 个 absmax 块；
-# 方式 "dot"：反量化出 (NB·blocksize, BLOCK_N) 的 bf16/fp16 块，tl.dot 在 tensor core 上累加（M 不满 BLOCK_M 时补零行）。
+# 方式 "dot"：反量化出 (NB·blocksize, BLOCK_N) 的 bf16/fp16 块，tl.dot 在 tensor core 上累加（M 不满 BLOCK_M 时补零行）；
+# 方式 "bnb"：bitsandbytes 自己的 matmul_4bit（M = 1 走它的 gemv_4bit，否则反量化成 x 的精度 + F.linear），读同一份
+# 打包字节与本模块的 float32 absmax——调优的候选之一：我们的 kernel 在某个形状上比它慢时就用它（不会比 bitsandbytes 的
+# 原路径更慢），数值与 bitsandbytes 的前向相同。其余字段无意义（填 0）。
 # 两种方式都按 SM 数在 K 上切段（split-K，见 split_k_for），部分和由第二个 kernel 相加（确定性的，不用原子加）。
 # 这张表只是没有调优时的起点：CUDA 上 tune_nf4 按实际形状与 M 在候选里实测选最快的（StackedLlama.allocate 调用），
 # 结果记在 _TUNED 里，config_for 先查它。num_stages = 1：查表依赖刚读到的字节，多级流水只多占寄存器
@@ -78,9 +84,10 @@ _TUNED: dict[tuple[int, int, int, int, torch.dtype], tuple[Config, int]] = {}
 
 @dataclass(frozen=True)
 class NF4Weight:
-    """NF4 权重（布局见模块说明）。单个：qweight (N, K/2) uint8（按行打包，高 4 位在前）、absmax (K/bs, N) float32；
+    """NF4 权重（布局见模块说明）。单个：qweight (N, K/2) uint8（按行打包，高 4 位在前）、absmax (N, K/bs) float32；
     叠加（stack_nf4）：两者多一个前导维 S。code (16,) float32；dtype 是原权重的精度（dequantize_nf4 的输出精度）；
-    out_features = N。"""
+    out_features = N。states：给方式 "bnb" 的每个模型一份 bitsandbytes QuantState（with_bnb_states 建，
+    非嵌套、absmax 就是本对象 absmax 的视图）；空 = 还没建。"""
 
     qweight: torch.Tensor
     absmax: torch.Tensor
@@ -88,6 +95,7 @@ class NF4Weight:
     blocksize: int
     dtype: torch.dtype
     out_features: int
+    states: tuple[Any, ...] = ()
 
     @property
     def in_features(self) -> int:
@@ -230,7 +238,7 @@ def repack_nf4(weight_packed: torch.Tensor, quant_state: Any) -> NF4Weight:
             raise ValueError(f"repack_nf4: {absmax.numel()} absmax values, expected {n * k // blocksize} "
                              f"for shape {shape} and blocksize {blocksize}")
         code = torch.tensor(NF4_CODE, dtype=torch.float32, device=data.device)
-        scales = absmax.reshape(n, k // blocksize).t().contiguous()  # (K/bs, N)
+        scales = absmax.reshape(n, k // blocksize)  # (N, K/bs)
     return NF4Weight(qweight=data.reshape(n, k // 2), absmax=scales, code=code, blocksize=blocksize,
                      dtype=quant_state.dtype, out_features=n)
 
@@ -240,14 +248,14 @@ def dequantize_nf4(w: NF4Weight) -> torch.Tensor:
     相同：code[半字节] · absmax 在 float32 里相乘，最后一次转成 dtype。"""
     q = w.qweight  # (..., N, K/2)
     nibbles = torch.stack([q >> 4, q & 0xF], dim=-1).flatten(-2).long()  # (..., N, K)：高半字节在前
-    values = w.code[nibbles] * w.absmax.transpose(-1, -2).repeat_interleave(w.blocksize, dim=-1)
+    values = w.code[nibbles] * w.absmax.repeat_interleave(w.blocksize, dim=-1)
     return values.to(w.dtype)
 
 
 def cat_nf4(weights: Sequence[NF4Weight]) -> NF4Weight:
     """沿输出维拼接（q/k/v → qkv，gate/up → gate_up，与 StackedLlama 的融合相同）：各行独立，直接按行拼（拷贝）。"""
     _check_same(weights, "cat_nf4", same_n=False)
-    return NF4Weight(qweight=torch.cat([w.qweight for w in weights]), absmax=torch.cat([w.absmax for w in weights], 1),
+    return NF4Weight(qweight=torch.cat([w.qweight for w in weights]), absmax=torch.cat([w.absmax for w in weights]),
                      code=weights[0].code, blocksize=weights[0].blocksize, dtype=weights[0].dtype,
                      out_features=sum(w.out_features for w in weights))
 
@@ -281,6 +289,34 @@ def _check_same(weights: Sequence[NF4Weight], who: str, same_n: bool) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Triton kernel
 # ---------------------------------------------------------------------------------------------------------------
+_BNB: Any = None  # bitsandbytes 模块（with_bnb_states 在编译区域之外导入；编译区域里只读这个全局）
+
+
+def with_bnb_states(w: NF4Weight) -> NF4Weight:
+    """给方式 "bnb" 建每个模型的 bitsandbytes QuantState：非嵌套，absmax 是 w.absmax 的视图（按行存的块顺序与
+    bitsandbytes 相同），不多占显存。返回带 states 的新 NF4Weight（其余字段不变）。要求装了 bitsandbytes。"""
+    global _BNB
+    import bitsandbytes
+    from bitsandbytes.functional import QuantState
+
+    _BNB = bitsandbytes
+    absmax = w.absmax if w.stacked else w.absmax[None]
+    shape = torch.Size([w.out_features, w.in_features])
+    states = tuple(QuantState(absmax=absmax[s].reshape(-1), shape=shape, code=w.code, blocksize=w.blocksize,
+                              quant_type="nf4", dtype=w.dtype) for s in range(absmax.shape[0]))
+    return dataclasses.replace(w, states=states)
+
+
+def _bnb_matmul(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
+    """方式 "bnb"：逐模型调用 bitsandbytes 的 matmul_4bit。x (S, M, K)，w 叠好的、带 states → (S, M, N)，x 的精度。"""
+    if not w.states:
+        if torch.compiler.is_compiling():
+            raise ValueError("nf4 linear: method 'bnb' needs with_bnb_states(weight) before compilation")
+        w = with_bnb_states(w)
+    return torch.stack([_BNB.matmul_4bit(x[s], w.qweight[s].reshape(-1, 1).t(), quant_state=w.states[s])
+                        for s in range(x.shape[0])])
+
+
 def config_for(m: int) -> Config:
     """按 M 查默认表 NF4_CONFIGS：(方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)。"""
     for bound, *cfg in NF4_CONFIGS:
@@ -340,7 +376,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             b_ok = blk < hi
             byte = blk[:, None] * HALF + j[None, :]  # (NB, HALF)：行内字节号（也是 x 的偶数列 / 2）
             q = tl.load(q_rows + byte[None, :, :], mask=n_ok[:, None, None] & b_ok[None, :, None], other=0)
-            scale = tl.load(A + s * a_s + blk[None, :] * N + n[:, None], mask=n_ok[:, None] & b_ok[None, :],
+            scale = tl.load(A + s * a_s + n[:, None] * blocks + blk[None, :], mask=n_ok[:, None] & b_ok[None, :],
                             other=0.0)  # (BLOCK_N, NB)
             xe = tl.load(X + s * x_s + 2 * byte, mask=b_ok[:, None], other=0.0).to(tl.float32)
             xo = tl.load(X + s * x_s + 2 * byte + 1, mask=b_ok[:, None], other=0.0).to(tl.float32)
@@ -391,9 +427,9 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             q = tl.load(q_rows + (kb * HALF + kk // 2)[:, None], mask=k_ok[:, None] & n_ok[None, :],
                         other=0).to(tl.int32)  # (BK, BLOCK_N)
             if NB == 1:
-                scale = tl.load(A + s * a_s + kb * N + n, mask=n_ok, other=0.0)[None, :]
+                scale = tl.load(A + s * a_s + n * blocks + kb, mask=n_ok, other=0.0)[None, :]
             else:
-                scale = tl.load(A + s * a_s + (kb + kk // BLOCKSIZE)[:, None] * N + n[None, :],
+                scale = tl.load(A + s * a_s + n[None, :] * blocks + (kb + kk // BLOCKSIZE)[:, None],
                                 mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             w = tl.load(CODE + ((q >> shift[:, None]) & 0xF)) * scale
             xt = tl.load(X + s * x_s + m[:, None] * x_m + kb * BLOCKSIZE + kk[None, :],
@@ -432,7 +468,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     def nf4_linear_op(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                       n: int, blocksize: int, gemv: bool, block_m: int, block_n: int, nb: int, split_k: int,
                       num_warps: int, num_stages: int) -> torch.Tensor:
-        """算子本体（参数已由 _launch 核对）：x (S, M, K)，按行打包的 qweight (S, N, K/2)、absmax (S, K/bs, N)，
+        """算子本体（参数已由 _launch 核对）：x (S, M, K)，按行打包的 qweight (S, N, K/2)、absmax (S, N, K/bs)，
         n = N → (S, M, N)，x 的精度。split_k > 1 时另分配 float32 部分和
         (split_k, S, M, N)。"""
         stacks, rows, k = x.shape
@@ -497,9 +533,9 @@ def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None, config: Config |
         raise ValueError(f"nf4 linear: x has K = {k} columns but the weight has in_features = {w.in_features}")
     n, blocks = w.out_features, k // w.blocksize
     if (k % w.blocksize or w.blocksize % 32 or w.qweight.shape[1:] != (n, k // 2)
-            or w.absmax.shape[1:] != (blocks, n)):
+            or w.absmax.shape[1:] != (n, blocks)):
         raise ValueError(f"nf4 linear: K = {k} must be a multiple of blocksize = {w.blocksize} (a multiple of 32) and "
-                         f"the weight must be in the layout of repack_nf4 (qweight (N, K/2), absmax (K/blocksize, N)); "
+                         f"the weight must be in the layout of repack_nf4 (qweight (N, K/2), absmax (N, K/blocksize)); "
                          f"got qweight {tuple(w.qweight.shape)}, absmax {tuple(w.absmax.shape)}, N = {n}")
     if w.qweight.dtype != torch.uint8 or w.absmax.dtype != torch.float32 or w.code.dtype != torch.float32:
         raise ValueError("nf4 linear: weight must hold uint8 qweight, float32 absmax and a float32 code table "
@@ -515,6 +551,8 @@ def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None, config: Config |
     tuned = _TUNED.get((stacks, n, k, rows, x.dtype)) if config is None and split_k is None else None
     if tuned is not None:
         config, split_k = tuned
+    if (config or config_for(rows))[0] == "bnb":
+        return _bnb_matmul(x, w)
     method, block_m, block_n, nb, warps, stages = config or config_for(rows)
     gemv = method == "gemv"
     if gemv and rows != 1:
@@ -544,6 +582,8 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
 
     为什么：最快的 (BLOCK_N, NB, num_warps, split-K) 随形状、M 与 GPU 变化，一张手写的表不可能处处最好
     （triton.autotune 的做法，但在编译区域之外、显式地做：torch.compile 追踪时配置已经是常量）。
+    候选：本模块的 kernel（gemv / dot 的各种块大小与 split-K）与 bitsandbytes 自己的 matmul_4bit（装了时；
+    选中它的形状就与 bitsandbytes 的原路径一样快）。每个候选先与参照（bitsandbytes 的结果）比一次，偏离的不要。
     每个形状轮流用几份拷贝（合计 ≥ 128 MiB，大于 H200 的 50 MB L2，不让小权重一直命中 L2——解码时每层的权重只读一次），
     CUDA event 计时 reps 次取中位数。同一 (形状, M, dtype) 只调一次。返回 {形状: (配置, split_k, 微秒)}（给基准记录）。
     CPU 上什么也不做（解释器的速度没有意义）。
@@ -556,19 +596,30 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
         if not stacked.qweight.is_cuda or key in _TUNED:
             continue
         copies = max(1, min(16, -(-128 * 2**20 // max(1, stacked.nbytes))))
-        sets = [stacked] + [dataclasses.replace(stacked, qweight=stacked.qweight.clone(),
-                                                absmax=stacked.absmax.clone()) for _ in range(copies - 1)]
+        use_bnb = importlib.util.find_spec("bitsandbytes") is not None
+        clones = [dataclasses.replace(stacked, qweight=stacked.qweight.clone(), absmax=stacked.absmax.clone(), states=())
+                  for _ in range(copies - 1)]
+        sets = [with_bnb_states(ws) if use_bnb else ws for ws in [stacked, *clones]]
         x = torch.randn(s, rows, k, dtype=dtype, device=stacked.qweight.device)
         if rows == 1:
             candidates = [("gemv", 1, bn, nb, nw, 1) for bn, nb, nw in TUNE_GEMV]
         else:
             bm = max(16, min(64, triton_next_power_of_2(rows)))
             candidates = [("dot", bm, bn, nb, nw, 1) for bn, nb, nw in TUNE_DOT]
-        results = []
+        bnb_cfg: Config = ("bnb", 0, 0, 0, 0, 0)
+        # 正确性的参照：bitsandbytes 的结果（没装时用默认配置的）；偏离它的候选（编译器的问题等）不参加比较
+        reference = _launch(x, sets[0], 1 if use_bnb else None, bnb_cfg if use_bnb else config_for(rows)).float()
+        results = [(_time_us([lambda ws=ws: _launch(x, ws, 1, bnb_cfg) for ws in sets], reps), bnb_cfg, 1)] \
+            if use_bnb else []
         for cfg in candidates:
             nb = min(cfg[3], triton_next_power_of_2(k // w.blocksize))
             for split in sorted({_split_k(x, stacked, rows, cfg[1], cfg[2], nb, rows == 1, p) for p in TUNE_PER_SM}):
                 try:
+                    y = _launch(x, sets[0], split, cfg).float()
+                    if ((y - reference).norm() / reference.norm().clamp_min(1e-30)).item() > 1e-2:
+                        warnings.warn(f"tune_nf4: config {cfg} split {split} disagrees with the reference for "
+                                      f"S={s}, N={n}, K={k}, M={rows}; skipped")
+                        continue
                     us = _time_us([lambda ws=ws: _launch(x, ws, split, cfg) for ws in sets], reps)
                 except Exception:  # noqa: BLE001 —— 个别配置编译不了（寄存器/共享内存超限）：跳过它
                     continue

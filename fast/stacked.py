@@ -32,7 +32,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from fast.attention import (ATTENTION_MODES, head_dim_of, load_triton_attention, triton_attention_problem,
                             triton_decode_attention)
-from fast.nf4 import NF4Weight, load_nf4_kernels, nf4_linear_stacked, repack_nf4, tune_nf4
+from fast.nf4 import NF4Weight, load_nf4_kernels, nf4_linear_stacked, repack_nf4, tune_nf4, with_bnb_states
 
 # 预填充每块每个模型的 token 数上限（StackedLlama.prefill 按行分块，见那里的说明）。4096：块内的矩阵乘仍然足够大
 # （M = 4096 行喂满 tensor core），中间张量从 B·T 行降到至多 4096 行。
@@ -101,6 +101,8 @@ def weight_kind(model: PreTrainedModel) -> str:
                     "(blocks would straddle rows)")
         if getattr(mod, "bias", None) is not None:
             return "4-bit projections with biases are not supported"
+        if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes 在 AVX512-BF16 的 CPU 上前向时会改排字节
+            return "bitsandbytes repacked these 4-bit weights into its CPU layout; stacking needs its standard layout"
     return "nf4"
 
 
@@ -109,7 +111,7 @@ class StackedWeights:
     """叠好的权重（第 0 维是模型 m）。qkv: [层] (M, (H_q + 2·H_kv)·D, hidden)；o: [层] (M, hidden, H_q·D)；
     gate_up: [层] (M, 2·I, hidden)；down: [层] (M, hidden, I)；ln1/ln2: [层] (M, hidden)；
     norm: (M, hidden)；embed: (M, V, hidden)；lm_head: (M, V, hidden)（权重绑定时与 embed 是同一个张量）。
-    4 位模型的 qkv/o/gate_up/down 是叠好的 NF4Weight（qweight (M, out, in/2) uint8、absmax (M, in/64, out)）。"""
+    4 位模型的 qkv/o/gate_up/down 是叠好的 NF4Weight（qweight (M, out, in/2) uint8、absmax (M, out, in/64)）。"""
 
     qkv: list[torch.Tensor | NF4Weight]
     o: list[torch.Tensor | NF4Weight]
@@ -143,27 +145,29 @@ def _stack_into(groups: list[list[torch.nn.Parameter]]) -> torch.Tensor:
 
 def _stack_nf4_into(groups: list[list[torch.nn.Module]]) -> NF4Weight:
     """NF4 版的 _stack_into：groups[m] 为模型 m 要沿输出维拼接的 Linear4bit。分配 (M, ΣN, K/2) uint8 的打包字节与
-    (M, K/bs, ΣN) float32 的还原 absmax，拷入后让每个 Params4bit 指向自己的切片（形状保持 bitsandbytes 的
+    (M, ΣN, K/bs) float32 的还原 absmax，拷入后让每个 Params4bit 指向自己的切片（形状保持 bitsandbytes 的
     (N·K/2, 1)；它的 QuantState 不变，transformers/bitsandbytes 的前向照常工作，读的是同一份字节）。"""
     head = [mod.weight for mod in groups[0]]
     k, blocksize = head[0].quant_state.shape[1], head[0].quant_state.blocksize
     rows = sum(p.quant_state.shape[0] for p in head)
     device = head[0].device
     q = torch.empty((len(groups), rows, k // 2), dtype=torch.uint8, device=device)
-    a = torch.empty((len(groups), k // blocksize, rows), dtype=torch.float32, device=device)
+    a = torch.empty((len(groups), rows, k // blocksize), dtype=torch.float32, device=device)
     one = None
     for m, group in enumerate(groups):
         row = 0
         for mod in group:
             p = mod.weight
-            one = repack_nf4(p.data, p.quant_state)  # qweight 是视图，absmax 新算的 (K/bs, N)
+            one = repack_nf4(p.data, p.quant_state)  # qweight 是视图，absmax 新算的 (N, K/bs)
             n = one.out_features
             q[m, row:row + n].copy_(one.qweight)
-            a[m, :, row:row + n].copy_(one.absmax)
+            a[m, row:row + n].copy_(one.absmax)
             p.data = q[m, row:row + n].reshape(p.data.shape)
             row += n
     assert one is not None
-    return NF4Weight(qweight=q, absmax=a, code=one.code, blocksize=blocksize, dtype=one.dtype, out_features=rows)
+    # 带上 bitsandbytes 的 QuantState（absmax 的视图）：调优若为某个形状选了 bitsandbytes 自己的 kernel，编译前就已备好
+    return with_bnb_states(NF4Weight(qweight=q, absmax=a, code=one.code, blocksize=blocksize, dtype=one.dtype,
+                                     out_features=rows))
 
 
 # 已叠好的权重：键是模型组里的第一个模型（弱引用，模型被释放时条目自动消失）。

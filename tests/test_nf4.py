@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fast.nf4 import (NF4Weight, cat_nf4, dequantize_nf4, dynamic_map, nf4_linear, nf4_linear_stacked,
-                      quantize_nf4_reference, repack_nf4, stack_nf4)
+                      quantize_nf4_reference, repack_nf4, stack_nf4, with_bnb_states)
 
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="没有 bitsandbytes")
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -57,7 +57,7 @@ def test_repack_dequantize_equals_bitsandbytes(n: int, k: int, blocksize: int, n
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)).to(dtype)
     packed, state = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=blocksize, compress_statistics=nested)
     nf4 = repack_nf4(packed, state)
-    assert nf4.qweight.shape == (n, k // 2) and nf4.absmax.shape == (k // blocksize, n)
+    assert nf4.qweight.shape == (n, k // 2) and nf4.absmax.shape == (n, k // blocksize)
     assert nf4.qweight.data_ptr() == packed.data_ptr()  # 是 bitsandbytes 数据的视图：4 位权重不多一份
     assert (nf4.out_features, nf4.in_features) == (n, k)
     assert nf4.nbytes == n * (k // 2 + k // blocksize * 4)
@@ -121,10 +121,10 @@ def test_cat_and_stack_layouts() -> None:
     ab, ba = cat_nf4([a, b]), cat_nf4([b, a])
     assert torch.equal(dequantize_nf4(ab), torch.cat([dequantize_nf4(a), dequantize_nf4(b)]))
     assert torch.equal(dequantize_nf4(ba), torch.cat([dequantize_nf4(b), dequantize_nf4(a)]))
-    assert ba.out_features == 96 and ba.qweight.shape == (96, 64) and ba.absmax.shape == (2, 96)
+    assert ba.out_features == 96 and ba.qweight.shape == (96, 64) and ba.absmax.shape == (96, 2)
     c = _nf4(64, 128, seed=3)
     stacked = stack_nf4([a, c])
-    assert stacked.stacked and stacked.qweight.shape == (2, 64, 64) and stacked.absmax.shape == (2, 2, 64)
+    assert stacked.stacked and stacked.qweight.shape == (2, 64, 64) and stacked.absmax.shape == (2, 64, 2)
     assert torch.equal(dequantize_nf4(stacked), torch.stack([dequantize_nf4(a), dequantize_nf4(c)]))
     with pytest.raises(ValueError, match="out_features differ"):
         stack_nf4([a, b])
@@ -168,6 +168,25 @@ def test_nf4_linear_fp16_blocksize_128_and_config(interpreted_triton: None) -> N
     assert _relative_error(y1, ref[:1]) < TOLERANCE[torch.float16]
     y1 = nf4_linear(x[:1], w, config=("gemv", 1, 16, 4, 2, 1), split_k=1)  # BLOCK_N 小于 N：三个 n 块，最后一块不满
     assert _relative_error(y1, ref[:1]) < TOLERANCE[torch.float16]
+
+
+@needs_bnb
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bnb_method_matches_dequantize_matmul(m: int, dtype: torch.dtype) -> None:
+    """方式 "bnb"（bitsandbytes 的 matmul_4bit，M = 1 时是它的 gemv）读本模块的打包字节与按行的 float32 absmax：
+    单个与叠加的结果都与“反量化 + float32 矩阵乘”一致；QuantState 的 absmax 是视图，不是拷贝。"""
+    ws = [_nf4(48, 128, seed=s) for s in range(2)]
+    x = torch.randn(2, m, 128, generator=torch.Generator().manual_seed(m)).to(dtype)
+    bnb_cfg = ("bnb", 0, 0, 0, 0, 0)
+    stacked = with_bnb_states(stack_nf4(ws))
+    assert stacked.states[1].absmax.data_ptr() == stacked.absmax[1].data_ptr()
+    y = nf4_linear_stacked(x, stacked, config=bnb_cfg)
+    assert y.shape == (2, m, 48) and y.dtype == dtype
+    for s in range(2):
+        ref = x[s].float() @ dequantize_nf4(dataclasses.replace(ws[s], dtype=torch.float32)).T
+        assert _relative_error(y[s], ref) < TOLERANCE[dtype]
+        assert _relative_error(nf4_linear(x[s], ws[s], config=bnb_cfg), ref) < TOLERANCE[dtype]
 
 
 @needs_triton

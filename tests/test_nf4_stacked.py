@@ -39,22 +39,19 @@ def interpreted_triton() -> None:
 
 
 def to_nf4(model: LlamaForCausalLM, layers: tuple[int, ...] | None = None) -> LlamaForCausalLM:
-    """把解码层的 7 个投影换成 bitsandbytes 的 NF4 Linear4bit（块 64、absmax 双重量化、float32 计算），
-    与 transformers 用 BitsAndBytesConfig 加载的模块相同（那条路要 CUDA）；lm_head 与嵌入保持原样（bitsandbytes
-    默认也不量化它们）。layers 给出时只换这些层（部分量化的反例）。"""
-    import bitsandbytes as bnb
+    """bench.nf4_in_place（float32 计算）：解码层的 7 个投影换成 bitsandbytes 的 NF4 Linear4bit，与 BitsAndBytesConfig
+    加载出的模块相同。layers 给出时只换这些层（部分量化的反例：先整体换掉，再把其余层换回普通 Linear）。"""
+    from bench import nf4_in_place
 
-    for i, layer in enumerate(model.model.layers):
-        if layers is not None and i not in layers:
-            continue
-        for name in PROJECTIONS:
+    if layers is None:
+        return nf4_in_place(model, torch.float32)
+    plain = {i: {n: model.model.layers[i].get_submodule(n) for n in PROJECTIONS} for i in range(len(model.model.layers))
+             if i not in layers}
+    nf4_in_place(model, torch.float32)
+    for i, mods in plain.items():
+        for name, mod in mods.items():
             parent, attr = name.split(".")
-            old = getattr(getattr(layer, parent), attr)
-            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=False, compute_dtype=torch.float32,
-                                    quant_type="nf4", compress_statistics=True)
-            new.weight = bnb.nn.Params4bit(old.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                           compress_statistics=True, blocksize=64)
-            setattr(getattr(layer, parent), attr, new.to("cpu"))  # 搬到设备时量化
+            setattr(getattr(model.model.layers[i], parent), attr, mod)
     return model
 
 
@@ -95,7 +92,7 @@ def test_stacking_shares_the_packed_bytes() -> None:
     before = [m(ids).logits for m in models]
     w = stack_weights(models)
     assert isinstance(w.qkv[0], NF4Weight) and w.qkv[0].qweight.shape == (2, 64 + 2 * 32, 32)
-    assert w.gate_up[1].qweight.shape == (2, 256, 32) and w.down[0].absmax.shape == (2, 2, 64)
+    assert w.gate_up[1].qweight.shape == (2, 256, 32) and w.down[0].absmax.shape == (2, 64, 2)
     base = w.gate_up[1].qweight
     for k, m in enumerate(models):
         mlp = m.model.layers[1].mlp
@@ -136,3 +133,15 @@ def test_speculative_verify_on_nf4(trio: list[LlamaForCausalLM]) -> None:
     got = dec.generate(PER_ROLE, 10)
     assert got.tokens == run(trio, None, steps=10, steering=STEER, per_role=PER_ROLE).tokens
     assert sum(got.drafted) > 0
+
+
+def test_bitsandbytes_kernels_as_a_tuned_choice(trio: list[LlamaForCausalLM], monkeypatch: pytest.MonkeyPatch) -> None:
+    """调优可以为某个形状选 bitsandbytes 自己的 matmul_4bit（方式 "bnb"，读同一份打包字节与 float32 absmax）：
+    全部形状都选它时，叠加路径仍与参考循环逐 token 相同。"""
+    import fast.nf4 as nf4
+
+    monkeypatch.setattr(nf4, "config_for", lambda m: ("bnb", 0, 0, 0, 0, 0))
+    decoder = FastDecoder(trio, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4, steering=STEER,
+                          compile=False, stack="all")
+    assert all(s.weights.qkv[0].states for s in decoder.stacked)  # QuantState 在叠加时就建好了
+    assert decoder.generate(PER_ROLE, 8).tokens == run(trio, None, steps=8, steering=STEER, per_role=PER_ROLE).tokens
