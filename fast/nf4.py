@@ -61,21 +61,22 @@ NESTED_BLOCKSIZE: Final[int] = 256  # bitsandbytes 双重量化 absmax 时的块
 # 原路径更慢），数值与 bitsandbytes 的前向相同。其余字段无意义（填 0）。
 # 两种方式都按 SM 数在 K 上切段（split-K，见 split_k_for），部分和由第二个 kernel 相加（确定性的，不用原子加）。
 # 这张表只是没有调优时的起点：CUDA 上 tune_nf4 按实际形状与 M 在候选里实测选最快的（StackedLlama.allocate 调用），
-# 结果记在 _TUNED 里，config_for 先查它。num_stages = 1：查表依赖刚读到的字节，多级流水只多占寄存器
+# 结果记在 _TUNED 里，_launch 先查它。num_stages = 1：查表依赖刚读到的字节，多级流水只多占寄存器
 # （旧的瓦片布局在 H200 上扫出来的结论，见 BENCHMARKS.md）。
 NF4_CONFIGS: Final[tuple[tuple[int, str, int, int, int, int, int], ...]] = (
-    (1, "gemv", 1, 32, 2, 4, 1),
-    (16, "dot", 16, 256, 1, 8, 1),
-    (32, "dot", 32, 256, 1, 4, 1),
-    (64, "dot", 64, 256, 1, 4, 1),
+    (1, "gemv", 1, 16, 4, 4, 1),
+    (16, "dot", 16, 128, 1, 4, 1),
+    (32, "dot", 32, 128, 1, 4, 1),
+    (64, "dot", 64, 128, 1, 4, 1),
     (1 << 62, "dot", 64, 128, 1, 8, 1),
 )
 # tune_nf4 的候选：gemv (BLOCK_N, NB, num_warps)，dot (BLOCK_N, NB, num_warps)（BLOCK_M 由 M 定）；
-# 每个候选再配两种 split-K 强度（split_k_for 的 per_sm）。
-TUNE_GEMV: Final[tuple[tuple[int, int, int], ...]] = (
-    (32, 2, 4), (64, 1, 4), (16, 4, 4), (64, 2, 8), (32, 4, 8), (128, 1, 8), (16, 2, 2), (8, 4, 2))
-TUNE_DOT: Final[tuple[tuple[int, int, int], ...]] = (
-    (64, 1, 4), (128, 1, 4), (128, 1, 8), (256, 1, 8), (256, 1, 4), (64, 2, 4), (128, 2, 8))
+# 每个候选再配两种 split-K 强度（split_k_for 的 per_sm）。每多一个候选，每个形状的调优多一次 Triton 编译与计时
+# （启动时间：4e84028 的 8 个/7 个候选让一个解码器的预热到了 100–170 s），所以只留 H200 上的赢家与几种近邻
+# （4e84028 的调优只记录了赢家：8 个 8B/1B 形状里，M = 1 赢的是 (16, 4, 4) 与 (8, 4, 2)，M = 16 是 (128, 1, 4) 与
+# (64, 1, 4)；默认表取它们）。
+TUNE_GEMV: Final[tuple[tuple[int, int, int], ...]] = ((16, 4, 4), (8, 4, 2), (32, 2, 4), (16, 2, 2), (32, 4, 8))
+TUNE_DOT: Final[tuple[tuple[int, int, int], ...]] = ((128, 1, 4), (64, 1, 4), (128, 1, 8), (256, 1, 8))
 TUNE_PER_SM: Final[tuple[int, ...]] = (4, 8)
 Config = tuple[str, int, int, int, int, int]  # (方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)
 # 调优结果：(S, N, K, M, dtype) → (配置, split_k)。进程内有效（不同 GPU、不同形状各调一次）。
