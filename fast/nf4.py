@@ -290,6 +290,14 @@ def _check_same(weights: Sequence[NF4Weight], who: str, same_n: bool) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Triton kernel
 # ---------------------------------------------------------------------------------------------------------------
+BNB_ROWS: Final[int] = 256  # 行数超过它（预填充）时默认用 bitsandbytes 的反量化 + cuBLAS，见 config_for
+
+
+# 装没装 bitsandbytes（导入时查一次，是常量：编译区域里的 config_for 也读它；NF4 模型本来就是它加载的，
+# 纯 torch 量化器造的权重可以没有它）
+HAS_BNB: Final[bool] = importlib.util.find_spec("bitsandbytes") is not None
+
+
 _BNB: Any = None  # bitsandbytes 模块（with_bnb_states 在编译区域之外导入；编译区域里只读这个全局）
 
 
@@ -319,7 +327,11 @@ def _bnb_matmul(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
 
 
 def config_for(m: int) -> Config:
-    """按 M 查默认表 NF4_CONFIGS：(方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)。"""
+    """按 M 查默认表 NF4_CONFIGS：(方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)。
+    M > BNB_ROWS（预填充）且装了 bitsandbytes 时取方式 "bnb"：那时矩阵乘受算力限制，反量化一次成 bf16 再交给 cuBLAS
+    远比 tl.dot kernel 划算（后者每个 BLOCK_M 行的块都要把整份权重重新查表反量化一遍：4096 行就是 64 遍）。"""
+    if m > BNB_ROWS and HAS_BNB:
+        return ("bnb", 0, 0, 0, 0, 0)
     for bound, *cfg in NF4_CONFIGS:
         if m <= bound:
             return tuple(cfg)  # type: ignore[return-value]
@@ -597,7 +609,7 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
         if not stacked.qweight.is_cuda or key in _TUNED:
             continue
         copies = max(1, min(16, -(-128 * 2**20 // max(1, stacked.nbytes))))
-        use_bnb = importlib.util.find_spec("bitsandbytes") is not None
+        use_bnb = HAS_BNB
         clones = [dataclasses.replace(stacked, qweight=stacked.qweight.clone(), absmax=stacked.absmax.clone(), states=())
                   for _ in range(copies - 1)]
         sets = [with_bnb_states(ws) if use_bnb else ws for ws in [stacked, *clones]]

@@ -189,6 +189,19 @@ def test_bnb_method_matches_dequantize_matmul(m: int, dtype: torch.dtype) -> Non
         assert _relative_error(nf4_linear(x[s], ws[s], config=bnb_cfg), ref) < TOLERANCE[dtype]
 
 
+@needs_bnb
+def test_prefill_rows_use_bitsandbytes_dequantize_then_matmul() -> None:
+    """M > BNB_ROWS（预填充）默认走方式 "bnb"（反量化一次 + 矩阵乘），结果与“反量化 + float32 矩阵乘”一致；
+    解码的 M 仍走本模块的 kernel。"""
+    from fast.nf4 import BNB_ROWS, config_for
+
+    assert config_for(BNB_ROWS + 1)[0] == "bnb" and config_for(1)[0] == "gemv" and config_for(64)[0] == "dot"
+    w = _nf4(48, 128, seed=9)
+    x = torch.randn(BNB_ROWS + 3, 128, generator=torch.Generator().manual_seed(2))
+    ref = x @ dequantize_nf4(dataclasses.replace(w, dtype=torch.float32)).T
+    assert _relative_error(nf4_linear(x, w), ref) < TOLERANCE[torch.float32]
+
+
 @needs_triton
 @pytest.mark.parametrize("m", [1, 5])
 def test_nf4_linear_stacked_equals_per_model(interpreted_triton: None, m: int) -> None:
