@@ -77,21 +77,25 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
                                q_r, q_h, q_g, k_r, k_h, k_s, v_r, v_h, v_s, m_r, o_r, o_h, o_g,
                                H_KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
                                BLOCK_N: tl.constexpr, N_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-                               QK_SCALE: tl.constexpr):
-        # 程序 (rh, split)：行 r = rh // H_KV 的第 h 个 KV 头，序列的第 split 段。查询块 (BLOCK_G, D)：G 个查询头
-        # 补零到 BLOCK_G ≥ 16 行（tl.dot 的最小尺寸；多出的行不写回）。分数在 log2 域（QK_SCALE 含 log2 e）。
+                               QK_SCALE: tl.constexpr, T: tl.constexpr):
+        # 程序 (rh, split)：行 r = rh // H_KV 的第 h 个 KV 头，序列的第 split 段。查询块 (BLOCK_G, D)：G 个查询
+        # （解码：G = 共享 KV 头的查询头数；验证：G = 查询头数 × T，第 g 个查询是位置 g % T）补零到 BLOCK_G ≥ 16 行
+        # （tl.dot 的最小尺寸；多出的行不写回）。位置 i 的查询只看槽位 ≤ slot + i 的键（块内因果；T = 1 即解码）。
+        # 分数在 log2 域（QK_SCALE 含 log2 e）。
         # QK_SCALE 是编译期常量：作为普通浮点参数时 Inductor 按 float64 传入，分数会被提升成 float64。
         rh = tl.program_id(0)
         split = tl.program_id(1)
         r = rh // H_KV
         h = rh % H_KV
-        end = tl.load(SLOT).to(tl.int32) + 1  # 只看槽位 < end 的键：本步 token 写在 slot，之后的槽位还没写
+        first = tl.load(SLOT).to(tl.int32)
+        end = first + T  # 只看槽位 < end 的键：本轮的 T 个 token 写在 slot..slot+T−1，之后的槽位还没写
         chunk = tl.cdiv(tl.cdiv(end, N_SPLIT), BLOCK_N) * BLOCK_N  # 按已写长度均分，各段整块对齐
         lo = split * chunk
         hi = tl.minimum(lo + chunk, end)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, D)
         n = tl.arange(0, BLOCK_N)
+        last = first + g % T  # (BLOCK_G,)：每个查询能看到的最后一个槽位
         q = tl.load(Q + r * q_r + h * q_h + g[:, None] * q_g + d[None, :], mask=g[:, None] < G, other=0.0)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -103,7 +107,10 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
             k = tl.load(K + r * k_r + h * k_h + pos[:, None] * k_s + d[None, :], mask=inside[:, None], other=0.0)
             v = tl.load(V + r * v_r + h * v_h + pos[:, None] * v_s + d[None, :], mask=inside[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * QK_SCALE  # (BLOCK_G, BLOCK_N)
-            s = tl.where(keep[None, :], s, float("-inf"))
+            if T == 1:
+                s = tl.where(keep[None, :], s, float("-inf"))
+            else:
+                s = tl.where(keep[None, :] & (pos[None, :] <= last[:, None]), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # 到目前为止全被屏蔽的行 m_new = −inf：用 0 代替做减数，exp2(−inf) = 0，避免 (−inf) − (−inf) = NaN
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -150,7 +157,7 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
     @triton_op("steer::decode_attention", mutates_args=())
     def decode_attention_op(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                             slot: torch.Tensor, scale: float, n_split: int, block_n: int, num_warps: int,
-                            num_stages: int) -> torch.Tensor:
+                            num_stages: int, t: int) -> torch.Tensor:
         """算子本体（参数见 triton_decode_attention，它先核对形状）：分配输出 (R, H_kv, G, D)，
         切段时另分配部分和 (R·H_kv, n_split, BLOCK_G, D) 与 (m, l) (R·H_kv, n_split, 2, BLOCK_G)，均为 float32。"""
         rows, kv_heads, groups, dim = q.shape
@@ -168,7 +175,7 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
             values.stride(0), values.stride(1), values.stride(2), mask.stride(0),
             out.stride(0), out.stride(1), out.stride(2),
             H_KV=kv_heads, G=groups, D=dim, BLOCK_G=block_g, BLOCK_N=block_n, N_SPLIT=n_split, PRECISION=precision,
-            QK_SCALE=scale * math.log2(math.e),
+            QK_SCALE=scale * math.log2(math.e), T=t,
             num_warps=num_warps, num_stages=num_stages)
         if n_split > 1:
             wrap_triton(decode_attention_combine)[(rows * kv_heads,)](
@@ -180,10 +187,14 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
 
 
 def triton_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                            slot: torch.Tensor, scale: float, n_split: int | None = None) -> torch.Tensor:
+                            slot: torch.Tensor, scale: float, n_split: int | None = None, t: int = 1) -> torch.Tensor:
     """单 token 解码的打包 GQA 注意力（Triton，只读到 slot 为止）。q (R, H_kv, G, D)：第 h 个 KV 头下的 G 个查询头；
     keys/values (R, H_kv, L, D) 静态缓存；mask (R, L) 1 = 非左填充；slot (1,) 本 token 的槽位（已写入缓存）。
     可见 = mask ∧ 槽位 ≤ slot，与 StackedLlama 的 SDPA 路径相同。返回 (R, H_kv, G, D)，q 的精度。
+
+    t > 1：投机解码的验证（StackedLlama.verify），一次 t 个位置写在 slot..slot+t−1；q 的第 g 个查询是位置 g % t
+    （打包顺序：查询头 r、位置 i → r·t + i），它只看 mask ∧ 槽位 ≤ slot + i。只读到 slot + t − 1 为止：
+    cuDNN 的 SDPA 要读满整个静态缓存（验证时它是每轮注意力时间的大头）。
 
     n_split None = split_count 按 GPU 的 SM 数选；测试用它强制走“切段 + 合并”。先调用 load_triton_attention()。
     kernel 按步长寻址，只要求每个张量的最后一维连续；形状不符时报错（在编译追踪时就会报出，不会算出错的数）。
@@ -195,7 +206,9 @@ def triton_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     if mask.shape != (rows, keys.shape[2]) or slot.shape != (1,):
         raise ValueError(f"mask must be (R, L) = ({rows}, {keys.shape[2]}) and slot (1,); "
                          f"got {tuple(mask.shape)} and {tuple(slot.shape)}")
-    if not triton_attention_supports(dim) or any(t.stride(-1) != 1 for t in (q, keys, values)):
+    if t < 1 or groups % t:
+        raise ValueError(f"t = {t} positions must divide the {groups} packed queries per KV head")
+    if not triton_attention_supports(dim) or any(x.stride(-1) != 1 for x in (q, keys, values)):
         raise ValueError(f"Triton decode attention needs head_dim a power of 2 >= 16 and a contiguous last dimension (head_dim={dim}); "
                          "use attention='sdpa'")
     block_n, warps, stages = TRITON_ATTENTION_CONFIG.get(q.shape[-1], (64, 4, 2))
@@ -203,4 +216,4 @@ def triton_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
         n_split = split_count(q.shape[0] * q.shape[1], -(-keys.shape[2] // block_n), sms)
     # 经 torch.ops 调用（而不是调用 load_triton_attention()）：编译区域里 dynamo 只看到一个已注册的算子
-    return torch.ops.steer.decode_attention(q, keys, values, mask, slot, scale, n_split, block_n, warps, stages)
+    return torch.ops.steer.decode_attention(q, keys, values, mask, slot, scale, n_split, block_n, warps, stages, t)

@@ -415,25 +415,31 @@ class StackedLlama:
                slot: torch.Tensor) -> torch.Tensor:
         """投机解码的验证前向：一次喂 T 个位置。tokens (B, T) 喂给全部 M 个模型；positions (M·B, T)；
         mask (M·B, L) 1 = 可见（左填充与被拒的槽位为 0）；slot (1,) 第一个新 token 的槽位，第 i 个写 slot + i。
-        返回 logits (M, B, T, V)，模型精度。T = 1 时与 decode 的数学相同（decode 更快：它有 Triton 注意力）。
+        返回 logits (M, B, T, V)，模型精度。T = 1 时与 decode 的数学相同。
 
         可见 = mask ∧ 槽位 ≤ slot + i（第 i 个查询只看到自己与之前写入的槽位，块内因果）。注意力仍是“打包 GQA”：
-        共享一个 KV 头的 n_rep 个查询头与 T 个位置一起当作查询长度维 (n_rep·T)，掩码按查询位置 i 复制 n_rep 份，
-        不复制 K/V。T 很小（K+1 ≤ 17），SDPA 读满整个静态缓存一次，代价与一次解码步相近。
+        共享一个 KV 头的 n_rep 个查询头与 T 个位置一起当作查询长度维 (n_rep·T)，不复制 K/V。
+        self.attention == "triton"：triton_decode_attention(t=T) 只读到 slot + T − 1；"sdpa"：掩码按查询位置 i 复制
+        n_rep 份，SDPA 读满整个静态缓存（投机解码的缓存按 (K+1)·新 token 数分配，比解码的长得多）。
         """
         rows, t = positions.shape
         n_rep = self.heads // self.kv_heads
         length = mask.shape[1]
         cols = slot + torch.arange(t, device=mask.device)  # (T,)：本次写入的槽位
-        visible = mask.bool()[:, None, :] & (torch.arange(length, device=mask.device)[None, :] <= cols[:, None])[None]
-        visible = visible[:, None, None].expand(rows, 1, n_rep, t, length).reshape(rows, 1, n_rep * t, length)
+        visible = None
+        if self.attention != "triton":
+            visible = mask.bool()[:, None, :] & (torch.arange(length, device=mask.device)[None, :] <= cols[:, None])[None]
+            visible = visible[:, None, None].expand(rows, 1, n_rep, t, length).reshape(rows, 1, n_rep * t, length)
 
         def attend(l: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self.keys[l].index_copy_(2, cols, k)
             self.values[l].index_copy_(2, cols, v)
             packed = q.reshape(rows, self.kv_heads, n_rep * t, self.head_dim)  # 头 h = k·n_rep + r，查询 (r, i)
-            out = F.scaled_dot_product_attention(packed, self.keys[l], self.values[l], attn_mask=visible,
-                                                 scale=self.scale)
+            if self.attention == "triton":  # 只读到 slot + T − 1，块内因果在 kernel 里
+                out = triton_decode_attention(packed, self.keys[l], self.values[l], mask, slot, self.scale, t=t)
+            else:
+                out = F.scaled_dot_product_attention(packed, self.keys[l], self.values[l], attn_mask=visible,
+                                                     scale=self.scale)
             return out.reshape(rows, self.heads, t, self.head_dim).transpose(1, 2)
 
         ids = tokens.repeat(self.n_models, 1)

@@ -47,11 +47,11 @@ def spec_reference(trio: list[Any], steering: Any, k: int, draft: str, new: int 
 
 
 def decoder(trio: list[Any], steering: Any, k: int, draft: str = "expert", stack: str = "off",
-            ends: tuple[int, ...] = (), batch: int = 4, **kw: Any) -> SpeculativeDecoder:
+            ends: tuple[int, ...] = (), batch: int = 4, attention: str = "sdpa", **kw: Any) -> SpeculativeDecoder:
     """快速路径的投机解码器（CPU、不编译）：引导 [目标, 专家, 基座]，基线 [目标, 专家（只作草稿）]。"""
     models = trio if steering else trio[:2]
     return SpeculativeDecoder(models, k=k, draft=draft, steering=steering, vocab_size=VOCAB, end_ids=list(ends),
-                              pad_id=PAD, batch_size=batch, compile=False, stack=stack, attention="sdpa", **kw)
+                              pad_id=PAD, batch_size=batch, compile=False, stack=stack, attention=attention, **kw)
 
 
 def prompts_for(steering: Any) -> list[list[list[int]]]:
@@ -92,6 +92,21 @@ def test_identical_to_the_reference_loops(trio, arm, draft, k, stack):
     same_as_references(got, plain(trio, steering), spec_reference(trio, steering, k, draft), steering)
     if arm == "adaptive_js":
         assert max(got.accepted) > 0  # 草稿确实被接受过：接受的路径被走到
+
+
+@pytest.mark.parametrize("arm, draft, k", [("adaptive_js", "expert", 2), (None, "expert", 3)])
+def test_triton_verify_attention(trio, arm, draft, k):
+    """叠加单元的 Triton 注意力（CPU 上由解释器执行）：解码步与 K+1 位置的验证都只读到已写的槽位，块内因果在 kernel
+    里；每个 token 与不投机的循环相同，接受统计与投机参考循环相同。"""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET 不是 1：kernel 要编译给 GPU")
+    steering = STEERINGS[arm] if arm else None
+    dec = decoder(trio, steering, k, draft, "all", attention="triton")
+    assert dec.attention == "triton"
+    got = dec.generate(prompts_for(steering), NEW)
+    same_as_references(got, plain(trio, steering), spec_reference(trio, steering, k, draft), steering)
 
 
 @pytest.mark.parametrize("stack", ["off", "all"])

@@ -283,6 +283,30 @@ def test_triton_attention_matches_sdpa(interpreted_triton: None, rows: int, kv_h
 
 
 @needs_triton
+@pytest.mark.parametrize("t, n_split", [(3, 1), (3, 2), (5, 4), (2, 1)])
+def test_triton_verify_attention_matches_sdpa(interpreted_triton: None, t: int, n_split: int) -> None:
+    """投机解码的验证（t 个位置写在 slot..slot+t−1）：第 g 个打包查询是位置 g % t，只看 mask ∧ 槽位 ≤ slot + i——
+    与 float64 SDPA（按位置的因果掩码，StackedLlama.verify 的 SDPA 路径的规则）一致；slot + t 之后的槽位不被读到。"""
+    rows, kv_heads, heads_per_kv, dim, length, slot = 3, 2, 4, 16, 64, 20
+    torch.manual_seed(t * 10 + n_split)
+    q = torch.randn(rows, kv_heads, heads_per_kv * t, dim)  # 查询 (r, i) → r·t + i
+    k, v = torch.randn(rows, kv_heads, length, dim), torch.randn(rows, kv_heads, length, dim)
+    k[:, :, slot + t:] = 1e4  # 还没写的槽位
+    mask = torch.ones(rows, length, dtype=torch.long)
+    for r in range(rows):
+        mask[r, : r * 3] = 0  # 左填充
+    mask[1, slot + 1] = 0  # 被拒的草稿列（掩掉、不裁剪）：之后的位置也看不见它
+    out = triton_decode_attention(q, k, v, mask, torch.tensor([slot]), dim ** -0.5, n_split=n_split, t=t)
+    cols = slot + torch.arange(t)
+    visible = mask.bool()[:, None, :] & (torch.arange(length)[None, :] <= cols[:, None])[None]  # (R, t, L)
+    visible = visible[:, None, None].expand(rows, 1, heads_per_kv, t, length).reshape(rows, 1, heads_per_kv * t, length)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=visible, scale=dim ** -0.5)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="must divide"):
+        triton_decode_attention(q[:, :, :-1], k, v, mask, torch.tensor([slot]), dim ** -0.5, t=t)
+
+
+@needs_triton
 def test_triton_attention_strided_query(interpreted_triton: None) -> None:
     """q 是转置出来的视图（StackedLlama 里 (R, H, 1, D) 经 reshape 得到）：kernel 按步长读，不要求连续。"""
     torch.manual_seed(5)
