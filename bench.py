@@ -118,12 +118,17 @@ def quantized_models(quant: str, preset: str, device: str, int4_group_size: int)
     resolve_device(cfg)  # 与 main.py 相同的前置检查：CUDA、所选格式的库、int4 的计算能力
     models = []
     for kind, seed in (("8b", 0), ("1b", 1), ("1b", 2)):
-        folder = tempfile.mkdtemp(prefix=f"bench-{kind}-")  # 不放在 $OUT 下：8B 有 16 GB
-        m = random_model(kind, preset, torch.bfloat16, device, seed)
-        m.save_pretrained(folder)
-        del m
-        gc.collect()
-        torch.cuda.empty_cache()
+        # 同一台机器上的几次 bench 共用存好的随机模型（不放在 $OUT 下：8B 有 16 GB）：存盘一次约 20 s
+        folder = os.path.join(tempfile.gettempdir(), "steer-bench-models", f"{kind}-{preset}-{seed}")
+        if not os.path.isdir(folder):
+            m = random_model(kind, preset, torch.bfloat16, device, seed)
+            os.makedirs(os.path.dirname(folder), exist_ok=True)
+            partial = tempfile.mkdtemp(prefix=f"{kind}-", dir=os.path.dirname(folder))
+            m.save_pretrained(partial)
+            os.replace(partial, folder)  # 整个文件夹一次换上：被中断的存盘不会留下半份模型
+            del m
+            gc.collect()
+            torch.cuda.empty_cache()
         models.append(load_model(folder, cfg, torch.device(device), role=kind))
     return models
 
@@ -675,14 +680,21 @@ def environment() -> dict[str, Any]:
     # BENCH_COMMIT 优先：设备机上的副本带着一个 .git，但它的 HEAD 不是被复制的工作树的提交
     # （设备上的 .git 可能不是所复制工作树的提交），所以由环境变量 BENCH_COMMIT 传入真实的提交号。
     commit = os.environ.get("BENCH_COMMIT") or None
+    tree = "given by BENCH_COMMIT" if commit else None
     if commit is None:
+        here = os.path.dirname(os.path.abspath(__file__))
         try:
             commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip() or None
+                                    cwd=here, timeout=5).stdout.strip() or None
+            # 工作树与该提交不同（有改动或未跟踪的文件）时如实记下：那时 commit 不是跑的那份代码
+            # （设备机上的副本就是这样：它的 .git 可能停在更早的提交上，见 BENCHMARKS.md 的 note）
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, cwd=here, timeout=10).stdout.strip()
+            tree = "differs from the commit" if dirty else "clean"
         except (OSError, subprocess.SubprocessError):
             commit = None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"device": gpu, "python": platform.python_version(), **versions, "commit": commit}
+    return {"device": gpu, "python": platform.python_version(), **versions, "commit": commit, "tree": tree}
 
 
 def target_row(rows: list[dict[str, Any]], r: dict[str, Any]) -> dict[str, Any] | None:
