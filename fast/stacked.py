@@ -101,6 +101,8 @@ def weight_kind(model: PreTrainedModel) -> str:
                     "(blocks would straddle rows)")
         if getattr(mod, "bias", None) is not None:
             return "4-bit projections with biases are not supported"
+        if mod.weight.dtype != torch.uint8:  # quant_storage ≠ uint8（FSDP 用）：打包字节的张量形状不同
+            return f"4-bit weights stored as {mod.weight.dtype} (bnb_4bit_quant_storage) are not supported; use uint8"
         if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes 在 AVX512-BF16 的 CPU 上前向时会改排字节
             return "bitsandbytes repacked these 4-bit weights into its CPU layout; stacking needs its standard layout"
     return "nf4"

@@ -73,6 +73,10 @@ def test_weight_kind_and_stacking_rules() -> None:
     fp4 = to_nf4(tiny_llama(76))
     fp4.model.layers[1].mlp.down_proj.weight.quant_state.quant_type = "fp4"
     assert "must be NF4" in check_stackable([fp4])
+    stored = to_nf4(tiny_llama(78))
+    stored.model.layers[0].self_attn.o_proj.weight.data = stored.model.layers[0].self_attn.o_proj.weight.data.view(
+        torch.int8)  # 例如 bnb_4bit_quant_storage 不是 uint8
+    assert "bnb_4bit_quant_storage" in check_stackable([stored])
     models = [a, b, to_nf4(tiny_llama(77))]
     assert resolve_stack("auto", models, steering=STEER, compile=True, device_type="cuda") == "all"
     # 叠加的 NF4 模型可以上侧流；不叠的量化模型（bitsandbytes 自己的前向）不上
