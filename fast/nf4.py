@@ -25,8 +25,9 @@
 kernel 每个权重读 0.5（半字节）+ 4 / blocksize（absmax）= 0.5625 B（blocksize 64）；bf16 是 2 B。
 
 现状（H200，4e84028，BENCHMARKS.md）：调优后 M = 1 只到约 0.65–0.91 TB/s，M = 16 的 gate/up 约 0.38 TB/s——
-瓶颈是反量化的指令（每字节两次 L1 查表 + 取半字节，每个权重约 5 条指令），不是显存。下一步：查表留在寄存器里
-（prmt 字节置换，tl.inline_asm_elementwise），M ≥ 16 用每个权重瓦片只反量化一次进共享内存的混合输入 GEMM。
+不是显存所限；按指令构成推断（没有 ncu 剖析）是反量化（每字节两次 L1 查表 + 取半字节，每个权重约 5 条指令）。
+下一步：先做硬件剖析；查表不走 L1（寄存器里的 prmt 字节置换或共享内存里的表），M ≥ 16 用每个权重瓦片只反量化
+一次进共享内存的混合输入 GEMM。在那之前调优也比较 bitsandbytes 自己的 kernel（方式 "bnb"），取快的。
 
 dequantize_nf4 是纯 torch 的参考路径（与 bitsandbytes 的 dequantize_4bit 逐位相同）；quantize_nf4_reference 是
 纯 torch 的量化器（与 bitsandbytes 的 quantize_4bit 逐位相同），供没有 bitsandbytes 的机器（基准）生成同格式的权重。
