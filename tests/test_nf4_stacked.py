@@ -134,8 +134,8 @@ def test_speculative_verify_on_nf4(trio: list[LlamaForCausalLM]) -> None:
 
     dec = SpeculativeDecoder(trio, k=2, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4, steering=STEER,
                              compile=False, stack="all")
-    got = dec.generate(PER_ROLE, 10)
-    assert got.tokens == run(trio, None, steps=10, steering=STEER, per_role=PER_ROLE).tokens
+    got = dec.generate(PER_ROLE, 6)
+    assert got.tokens == run(trio, None, steps=6, steering=STEER, per_role=PER_ROLE).tokens
     assert sum(got.drafted) > 0
 
 
