@@ -275,7 +275,8 @@ class SpeculativeDecoder(FastDecoder):
 
     def _advance(self, live: torch.Tensor, adv: torch.Tensor, width: int, last: torch.Tensor, n_emit: torch.Tensor,
                  bad_emitted: torch.Tensor, stopped: torch.Tensor, done: torch.Tensor) -> None:
-        """_round 与 _plain_round 共用的状态推进（原地写进 self.state 的缓冲；放在一处，两条路径不会各改各的）。
+        """_round、_plain_round 与预填充后的第 0 个 token 共用的状态推进（原地写进 self.state 的缓冲；放在一处，
+        几条路径不会各改各的）。
 
         live (B,) bool 本轮前未结束的行；adv (B,) int64 各行位置号前进的个数（本轮写入缓存的有效 token 数）；
         width 本轮追加的缓存列数（k+1：所有行都追加，槽位号与行无关）；last (B,) 下一轮要喂的 token；
@@ -383,13 +384,8 @@ class SpeculativeDecoder(FastDecoder):
         none = torch.zeros(self.batch_size, 0, dtype=torch.long, device=self.device)
         zero = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
         verdict, m, n_emit, alpha, ended, stopped, bad_emitted = self._accept(z0, none, zero, st.finished)
-        live = ~st.finished
-        st.last.copy_(verdict[:, 0])
-        st.n_out.add_(n_emit)
-        st.verify_steps.add_(live.long())
-        st.nonfinite.add_(bad_emitted)
-        st.stopped.logical_or_(stopped)
-        st.finished.logical_or_(ended | stopped | (st.n_out >= max_new_tokens))
+        # 预填充已写好缓存、位置已就绪：位置与槽位都不前进（adv = 0、width = 0），其余记账与每轮相同
+        self._advance(~st.finished, zero, 0, verdict[:, 0], n_emit, bad_emitted, stopped, ended | stopped)
         outputs = [(verdict, n_emit, alpha)]
         k = self.k
         qids = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)  # 贪心：选词不用随机数
