@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fast.nf4 import (config_for, dequantize_nf4, load_nf4_kernels, nf4_linear,  # noqa: E402
+from fast.nf4 import (config_for, dequantize_nf4, graph_time_us, load_nf4_kernels, nf4_linear,  # noqa: E402
                       nf4_linear_stacked, quantize_nf4_reference, repack_nf4, stack_nf4)
 
 # (模型, 名字, N = out_features, K = in_features, S = 叠加的模型数)
@@ -62,30 +61,8 @@ def time_calls(calls: list[Callable[[], Any]], smoke: bool) -> tuple[float, str]
         for fn in calls:
             fn()
         return (time.perf_counter() - start) * 1e3 / len(calls), "cpu"
-    for fn in calls[:2]:
-        fn()
-    torch.cuda.synchronize()
     try:
-        stream = torch.cuda.Stream()
-        with torch.cuda.stream(stream):
-            for fn in calls[:2]:
-                fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for fn in calls:
-                fn()
-        graph.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(10):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times) / len(calls), "graph"
+        return graph_time_us(calls, reps=10) / 1e3, "graph"
     except Exception:  # noqa: BLE001 —— 录不进 graph 的调用退回逐次发射
         torch.cuda.synchronize()
         import triton.testing

@@ -39,6 +39,7 @@ import functools
 import importlib.util
 import math
 import os
+import statistics
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Final, Sequence
@@ -627,7 +628,7 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
         if use_bnb:
             try:
                 reference = _launch(x, sets[0], 1, bnb_cfg).float()
-                results.append((_time_us([lambda ws=ws: _launch(x, ws, 1, bnb_cfg) for ws in sets], reps), bnb_cfg, 1))
+                results.append((graph_time_us([lambda ws=ws: _launch(x, ws, 1, bnb_cfg) for ws in sets], reps), bnb_cfg, 1))
             except Exception as exc:  # noqa: BLE001 —— 不让 bitsandbytes 的问题拖垮启动：只是少一个候选，并说出来
                 warnings.warn(f"tune_nf4: bitsandbytes' matmul_4bit failed for S={s}, N={n}, K={k}, M={rows} "
                               f"({type(exc).__name__}: {exc}); timing the Triton kernels only")
@@ -643,7 +644,7 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
                         warnings.warn(f"tune_nf4: config {cfg} split {split} disagrees with the reference for "
                                       f"S={s}, N={n}, K={k}, M={rows}; skipped")
                         continue
-                    us = _time_us([lambda ws=ws: _launch(x, ws, split, cfg) for ws in sets], reps)
+                    us = graph_time_us([lambda ws=ws: _launch(x, ws, split, cfg) for ws in sets], reps)
                 except Exception:  # noqa: BLE001 —— 个别配置编译不了（寄存器/共享内存超限）：跳过它
                     continue
                 results.append((us, cfg, split))
@@ -655,12 +656,18 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
     return report
 
 
-def _time_us(calls: Sequence[Callable[[], torch.Tensor]], reps: int) -> float:
+def graph_time_us(calls: Sequence[Callable[[], Any]], reps: int) -> float:
     """轮流调用 calls（不同地址的同形状权重）：全部录进一个 CUDA graph，重放 reps 次，CUDA event 计时，
     返回每次调用的中位微秒数。为什么录图：单次调用只有十几微秒，Python 里的核对与发射比 GPU 上的 kernel 还慢，
-    逐次计时量到的是主机开销。"""
+    逐次计时量到的是主机开销。录图前先在默认流与一条侧流上各跑一遍（Triton 编译、cuBLAS 句柄与工作区等懒初始化
+    不能发生在录制里，PyTorch 的 CUDA graph 文档这样建议）。tune_nf4 与 benchmarks/micro_nf4.py 共用。"""
     for c in calls:
-        c()  # 预热（含 Triton 编译）
+        c()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        for c in calls:
+            c()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -675,7 +682,7 @@ def _time_us(calls: Sequence[Callable[[], torch.Tensor]], reps: int) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def triton_next_power_of_2(n: int) -> int:
