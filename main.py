@@ -331,6 +331,11 @@ def check_context(cfg: Config, data: Data, tokenizer: Any, forced: ForcedAnswer 
     return dataclasses.replace(data, questions=kept, skipped=data.skipped + skipped, trace_index=trace_index)
 
 
+def compiles_step(cfg: Config, device: torch.device) -> bool:
+    """快速路径的解码步是否编译：--compile on，或 auto 且在 CUDA 上（decode_arms 与内存估计共用这一条规则）。"""
+    return cfg.fast and (cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"))
+
+
 def check_memory(cfg: Config, data: Data, longest: int, device: torch.device) -> None:
     """内存估计，在加载任何权重之前（只读模型配置）：权重（各不同模型各一份）+ 最大的那个臂的 KV 缓存
     （批大小 × 每行槽位数，evaluator.cache_length：快速路径按长度桶一次分配、参考循环最多 最长提示 + 新 token、
@@ -345,8 +350,9 @@ def check_memory(cfg: Config, data: Data, longest: int, device: torch.device) ->
     specs = {role: getattr(cfg, role) for role in roles}
     configs = {spec: model_config(spec) for spec in set(specs.values())}
     dtype = torch.bfloat16 if cfg.load_in_4bit else torch_dtype(cfg.dtype)
-    # NF4 在快速路径上（CUDA、编译时叠加）另存 float32 的块尺度：估计里算上它，否则少算 0.56 GB（三个模型）
-    fast_scales = cfg.fast and device.type == "cuda" and cfg.compile != "off"
+    # NF4 在快速路径上（CUDA、编译时叠加，resolve_stack 的 auto 规则）另存 float32 的块尺度：估计里算上它，
+    # 否则少算 0.56 GB（三个模型）
+    fast_scales = compiles_step(cfg, device) and device.type == "cuda"
     weights = sum(weight_bytes(c, dtype, cfg.load_in_4bit, cfg.quant, cfg.int4_group_size, fast_scales)
                   for c in configs.values())
     batch = min(cfg.batch_size, len(data.questions))
@@ -500,7 +506,7 @@ def decode_arms(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, load
     rank 0 合并各进程的记录并返回全部记录（只从持久文件读）与计时，其他 rank 返回 (None, {})。"""
     tok, questions = loaded.tokenizer, data.questions
     role_prompts = cot_prompts(cfg, questions, tok, loaded.models)
-    compile_step = cfg.fast and (cfg.compile == "on" or (cfg.compile == "auto" and loaded.device.type == "cuda"))
+    compile_step = compiles_step(cfg, loaded.device)
     sink_path = os.path.join(run_dir, PREDICTIONS_FILE if dist.world == 1 else rank_file(dist.rank))
     timing: dict[str, dict[str, Any]] = {}
     speculation = Speculation(cfg.speculate, cfg.draft, cfg.speculative_sampling, cfg.min_acceptance) \
