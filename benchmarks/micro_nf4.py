@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fast.nf4 import (config_for, dequantize_nf4, graph_time_us, load_nf4_kernels, nf4_linear,  # noqa: E402
-                      nf4_linear_stacked, quantize_nf4_reference, repack_nf4, stack_nf4)
+                      nf4_linear_stacked, quantize_nf4_reference, repack_nf4, stack_nf4, tune_nf4)
 
 # (模型, 名字, N = out_features, K = in_features, S = 叠加的模型数)
 SHAPES: list[tuple[str, str, int, int, int]] = [
@@ -104,8 +104,9 @@ def bnb_bytes(packed: torch.Tensor, state: Any) -> int:
 
 
 def run_shape(model: str, name: str, n: int, k: int, stacks: int, batches: tuple[int, ...], device: str,
-              use_bnb: bool, sweep: bool, smoke: bool) -> list[dict[str, Any]]:
-    """一个形状的所有 M：各方法的每次调用毫秒、TB/s 与正确性。"""
+              use_bnb: bool, sweep: bool, smoke: bool, tune: bool = False) -> list[dict[str, Any]]:
+    """一个形状的所有 M：各方法的每次调用毫秒、TB/s 与正确性。tune：先用 tune_nf4 为 (形状, M) 选配置（与解码器
+    启动时相同），"NF4 Triton" 列就是调优后的选择，行里另记每种方式最快的微秒数（us_by_method）。"""
     torch.manual_seed(0)
     dtype = torch.bfloat16
     dense = [torch.randn(n, k, dtype=dtype, device=device) * 0.02 for _ in range(stacks)]
@@ -132,14 +133,17 @@ def run_shape(model: str, name: str, n: int, k: int, stacks: int, batches: tuple
                 return nf4_linear_stacked(xs[i], sets[i], split_k=split_k, config=config)
             return nf4_linear(xs[i][0], sets[i], split_k=split_k, config=config)[None]
 
+        tuned = tune_nf4([weight], m, dtype)[f"S{stacks}_N{n}_K{k}_M{m}"] if tune and not smoke else None
         y = ours(0)
         ref = torch.matmul(xs[0].float(), reference_w.reshape(stacks, n, k).transpose(1, 2))
         rel_err = ((y.float() - ref).norm() / ref.norm()).item()
         ms, how = time_calls([lambda i=i: ours(i) for i in range(len(sets))], smoke)
-        cfg = config_for(m)
+        cfg = tuned["config"] if tuned else list(config_for(m))
         row: dict[str, Any] = {"model": model, "proj": name, "N": n, "K": k, "S": stacks, "M": m,
                                "config": list(cfg), "nf4_ms": ms, "nf4_timing": how,
                                "nf4_tbs": (per_set + io_bytes) / ms / 1e9, "rel_err": rel_err}
+        if tuned:
+            row.update(split_k=tuned["split_k"], us_by_method=tuned["us_by_method"])
         def dense_call(i: int) -> torch.Tensor:
             # 单个权重用 F.linear（与 transformers 的 bf16 路径相同），叠加时用 bmm（StackedLlama._linear）
             if stacks == 1:
@@ -175,7 +179,9 @@ def run_shape(model: str, name: str, n: int, k: int, stacks: int, batches: tuple
         rows.append(row)
         print(f"  {model} {name} N={n} K={k} S={stacks} M={m}: nf4 {ms * 1e3:.1f} us ({how}), "
               f"bf16 {ms_bf16 * 1e3:.1f} us" + (f", bnb {row['bnb_ms'] * 1e3:.1f} us" if use_bnb else "")
-              + f", rel err {rel_err:.2e}" + (f", best {row['sweep_top5'][:2]}" if sweep else ""), flush=True)
+              + f", rel err {rel_err:.2e}" + (f", best {row['sweep_top5'][:2]}" if sweep else "")
+              + (f", tuned {tuned['config']} split {tuned['split_k']}, by method {tuned['us_by_method']}"
+                 if tuned else ""), flush=True)
     return rows
 
 
@@ -199,6 +205,9 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time every kernel config and report the best")
     parser.add_argument("--only", default="", help="comma-separated model names to keep (e.g. 8B,1B x2)")
     parser.add_argument("--proj", default="", help="comma-separated projection names to keep (e.g. gate/up,down)")
+    parser.add_argument("--tune", action="store_true",
+                        help="choose each shape's kernel with fast.nf4.tune_nf4 first (as the decoder does) and "
+                             "report the best time of every method")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated M values")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
@@ -220,7 +229,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with torch.inference_mode():
         for model, name, n, k, stacks in shapes:
-            rows += run_shape(model, name, n, k, stacks, batches, device, use_bnb, args.sweep, args.smoke)
+            rows += run_shape(model, name, n, k, stacks, batches, device, use_bnb, args.sweep, args.smoke,
+                              args.tune)
     table = markdown(rows, bandwidth, use_bnb)
     print(table)
     worst = max(r["rel_err"] for r in rows)

@@ -57,6 +57,8 @@ NESTED_BLOCKSIZE: Final[int] = 256  # bitsandbytes 双重量化 absmax 时的块
 
 # 按 M（激活行数）选 kernel 配置的默认表：(M 上界, 方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)。
 # 方式 "gemv"：M = 1，逐元素乘加、最后归约（不用 tensor core），每个程序 BLOCK_N 个输出 × 每步 NB 个 absmax 块；
+# 方式 "gemv2"：同 "gemv"，但 x 事先拆成偶/奇两段（向量读）、下一步的读先发出去（软件流水），见 nf4_gemv_eo；
+# 方式 "dotT"：同 "dot"，但按行向量读字节、反量化的权重块当 tl.dot 的左操作数（outᵀ = W·xᵀ），见 nf4_dot_t；
 # 方式 "dot"：反量化出 (NB·blocksize, BLOCK_N) 的 bf16/fp16 块，tl.dot 在 tensor core 上累加（M 不满 BLOCK_M 时补零行）；
 # 方式 "bnb"：bitsandbytes 自己的 matmul_4bit（M = 1 走它的 gemv_4bit，否则反量化成 x 的精度 + F.linear），读同一份
 # 打包字节与本模块的 float32 absmax——调优的候选之一：我们的 kernel 在某个形状上比它慢时就用它（不会比 bitsandbytes 的
@@ -79,10 +81,17 @@ NF4_CONFIGS: Final[tuple[tuple[int, str, int, int, int, int, int], ...]] = (
 # (64, 1, 4)；默认表取它们）。
 TUNE_GEMV: Final[tuple[tuple[int, int, int], ...]] = ((16, 4, 4), (8, 4, 2), (32, 2, 4), (16, 2, 2), (32, 4, 8))
 TUNE_DOT: Final[tuple[tuple[int, int, int], ...]] = ((128, 1, 4), (64, 1, 4), (128, 1, 8), (256, 1, 8))
+# 方式 "dotT"（swap-AB）的候选 (BLOCK_N, NB, num_warps, num_stages)：还没有在 GPU 上量过，取 MMA 的常用块形状；
+# num_stages 2 让 Triton 的软件流水提前发下一步的读。
+TUNE_DOT_T: Final[tuple[tuple[int, int, int, int], ...]] = ((64, 1, 4, 1), (128, 1, 4, 1), (64, 2, 4, 2), (128, 2, 8, 2))
 TUNE_PER_SM: Final[tuple[int, ...]] = (4, 8)
+# 方式名 → 算子的 kernel 号（nf4_linear_op 的 gemv 参数）；"bnb" 不经算子
+KERNELS: Final[dict[str, int]] = {"dot": 0, "gemv": 1, "gemv2": 2, "dotT": 3}
 Config = tuple[str, int, int, int, int, int]  # (方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)
 # 调优结果：(S, N, K, M, dtype) → (配置, split_k)。进程内有效（不同 GPU、不同形状各调一次）。
 _TUNED: dict[tuple[int, int, int, int, torch.dtype], tuple[Config, int]] = {}
+# 同一键的调优报告（配置、split_k、微秒、每种方式最快的微秒）：后来的解码器复用调优结果时也能报告它
+_TUNED_REPORT: dict[tuple[int, int, int, int, torch.dtype], dict[str, Any]] = {}
 
 
 @dataclass(frozen=True)
@@ -408,6 +417,62 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             tl.store(PART + (pid_k * tl.num_programs(2) + s) * N + n, total, mask=n_ok)
 
     @triton.jit
+    def nf4_gemv_eo(XEO, Q, A, CODE, OUT, PART, N, K, x_s, q_s, a_s, o_s,
+                    BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr,
+                    FIX: tl.constexpr):
+        # 方式 "gemv2"：nf4_gemv 的两处改动（为什么：4e84028 的 nf4_gemv 在 M = 1 只到 0.65–0.91 TB/s）。
+        # 1) x 事先拆成偶数列、奇数列两段 XEO (S, K)：[x0 x2 x4 … | x1 x3 x5 …]（_launch 做，编译后融进上一个逐元素
+        #    kernel）。高半字节乘的 x 在 XEO 里与字节号连续，一个线程 16 个字节对应的 x 是两段连续的 16 个值——向量读；
+        #    nf4_gemv 里 x 按步长 2 逐个读，每个权重一条 load 指令，与查表争 LSU。
+        # 2) 软件流水：先发下一步的权重字节、absmax 与 x 的读，再算这一步（循环携带四个张量）。nf4_gemv 每步都要等
+        #    一次 DRAM 延迟才能开始查表；每个程序只有几步，延迟几乎不被掩盖。
+        HALF: tl.constexpr = BLOCKSIZE // 2
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        s = tl.program_id(2)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        b = tl.arange(0, NB)
+        j = tl.arange(0, HALF)
+        n_ok = n < N
+        blocks = K // BLOCKSIZE
+        steps = tl.cdiv(tl.cdiv(blocks, NB), SPLIT_K)
+        lo = pid_k * steps * NB
+        hi = tl.minimum(lo + steps * NB, blocks)
+        q_rows = Q + s * q_s + n.to(tl.int64)[:, None, None] * (K // 2)  # (BLOCK_N, 1, 1)
+        a_rows = A + s * a_s + n[:, None] * blocks  # (BLOCK_N, 1)
+        xe_ptr = XEO + s * x_s
+        xo_ptr = XEO + s * x_s + K // 2
+        # 第一步的读（lo 可能 ≥ hi：空段，全部被 mask 掉）
+        blk = lo + b
+        b_ok = blk < hi
+        byte = blk[:, None] * HALF + j[None, :]  # (NB, HALF)
+        q = tl.load(q_rows + byte[None, :, :], mask=n_ok[:, None, None] & b_ok[None, :, None], other=0)
+        scale = tl.load(a_rows + blk[None, :], mask=n_ok[:, None] & b_ok[None, :], other=0.0)
+        xe = tl.load(xe_ptr + byte, mask=b_ok[:, None], other=0.0)
+        xo = tl.load(xo_ptr + byte, mask=b_ok[:, None], other=0.0)
+        acc = tl.zeros([BLOCK_N, NB, HALF], tl.float32)
+        for kb in range(lo, hi, NB):
+            nblk = kb + NB + b  # 下一步的块号；越过 hi 的 mask 掉（最后一步不读内存）
+            nb_ok = nblk < hi
+            nbyte = nblk[:, None] * HALF + j[None, :]
+            q_next = tl.load(q_rows + nbyte[None, :, :], mask=n_ok[:, None, None] & nb_ok[None, :, None], other=0)
+            scale_next = tl.load(a_rows + nblk[None, :], mask=n_ok[:, None] & nb_ok[None, :], other=0.0)
+            xe_next = tl.load(xe_ptr + nbyte, mask=nb_ok[:, None], other=0.0)
+            xo_next = tl.load(xo_ptr + nbyte, mask=nb_ok[:, None], other=0.0)
+            we = tl.load(CODE + (q >> 4).to(tl.int32))  # 查表：16 项的表常驻 L1
+            wo = tl.load(CODE + (q & 0xF).to(tl.int32))
+            acc += (we * xe.to(tl.float32)[None, :, :] + wo * xo.to(tl.float32)[None, :, :]) * scale[:, :, None]
+            q, scale, xe, xo = q_next, scale_next, xe_next, xo_next
+        total = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BLOCK_N,)
+        if SPLIT_K == 1:
+            if FIX:  # 见 RTNE_NOTE
+                total = (total.to(tl.uint32, bitcast=True) + 0x7FFF + ((total.to(tl.uint32, bitcast=True) >> 16) & 1)
+                         ).to(tl.float32, bitcast=True)
+            tl.store(OUT + s * o_s + n, total.to(OUT.dtype.element_ty), mask=n_ok)
+        else:
+            tl.store(PART + (pid_k * tl.num_programs(2) + s) * N + n, total, mask=n_ok)
+
+    @triton.jit
     def nf4_dot(X, Q, A, CODE, OUT, PART, M, N, K, x_s, x_m, q_s, a_s, o_s, o_m,
                 BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
                 SPLIT_K: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr):
@@ -467,6 +532,70 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             tl.store(PART + ((pid_k * tl.num_programs(2) + s) * M + m[:, None]) * N + n[None, :], acc, mask=mask)
 
     @triton.jit
+    def nf4_dot_t(X, Q, A, CODE, OUT, PART, M, N, K, x_s, x_m, q_s, a_s, o_s, o_m,
+                  BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+                  SPLIT_K: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr):
+        # 方式 "dotT"：算转置 outᵀ (BLOCK_N, BLOCK_M) += W 块 (BLOCK_N, BK) @ xᵀ (BK, BLOCK_M)。
+        # 为什么（nf4_dot 在 M = 16 只到约 0.38 TB/s）：nf4_dot 的权重块按 (BK, BLOCK_N) 取，沿 K 每两个元素读同一个字节，
+        # 读不成向量、每个权重一条字节 load。这里按行读 (BLOCK_N, NB·blocksize/2) 个连续字节（每行一段，向量读），
+        # 高/低半字节各查一次表，再用 join + reshape 在寄存器里交错成 (BLOCK_N, BK)（k = 2i 是高半字节）。
+        # 反量化后的权重是 tl.dot 的左操作数：解码时 M 小，把 N 放在 MMA 的大维度上（swap-AB，Marlin/gemlite 的
+        # 小批量做法），M 只要补到 16。舍入与 nf4_dot 相同：code · absmax 在 float32 里乘，转成 x 的精度，float32 累加。
+        HALF: tl.constexpr = BLOCKSIZE // 2
+        BK: tl.constexpr = NB * BLOCKSIZE
+        BH: tl.constexpr = NB * HALF  # 每行每步的字节数
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        s = tl.program_id(2)
+        m_tiles = tl.cdiv(M, BLOCK_M)
+        pid_m = pid % m_tiles
+        pid_n = pid // m_tiles
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        hb = tl.arange(0, BH)
+        kk = tl.arange(0, BK)
+        m_ok = m < M
+        n_ok = n < N
+        blocks = K // BLOCKSIZE
+        steps = tl.cdiv(tl.cdiv(blocks, NB), SPLIT_K)
+        lo = pid_k * steps * NB
+        hi = tl.minimum(lo + steps * NB, blocks)
+        q_rows = Q + s * q_s + n.to(tl.int64)[:, None] * (K // 2)  # (BLOCK_N, 1)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for kb in range(lo, hi, NB):
+            b_ok = kb + hb // HALF < hi  # (BH,)
+            q = tl.load(q_rows + kb * HALF + hb[None, :], mask=n_ok[:, None] & b_ok[None, :],
+                        other=0).to(tl.int32)  # (BLOCK_N, BH)
+            if NB == 1:
+                scale = tl.load(A + s * a_s + n * blocks + kb, mask=n_ok, other=0.0)[:, None]
+            else:
+                scale = tl.load(A + s * a_s + n[:, None] * blocks + (kb + hb // HALF)[None, :],
+                                mask=n_ok[:, None] & b_ok[None, :], other=0.0)
+            w_hi = tl.load(CODE + (q >> 4)) * scale
+            w_lo = tl.load(CODE + (q & 0xF)) * scale
+            if FIX:  # 见 RTNE_NOTE
+                w_hi = (w_hi.to(tl.uint32, bitcast=True) + 0x7FFF + ((w_hi.to(tl.uint32, bitcast=True) >> 16) & 1)
+                        ).to(tl.float32, bitcast=True)
+                w_lo = (w_lo.to(tl.uint32, bitcast=True) + 0x7FFF + ((w_lo.to(tl.uint32, bitcast=True) >> 16) & 1)
+                        ).to(tl.float32, bitcast=True)
+            w = tl.reshape(tl.join(w_hi.to(X.dtype.element_ty), w_lo.to(X.dtype.element_ty)), (BLOCK_N, BK))
+            k_ok = kb + kk // BLOCKSIZE < hi
+            xt = tl.load(X + s * x_s + m[None, :] * x_m + kb * BLOCKSIZE + kk[:, None],
+                         mask=k_ok[:, None] & m_ok[None, :], other=0.0)  # (BK, BLOCK_M)
+            if IEEE:
+                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, xt, acc)
+        mask = n_ok[:, None] & m_ok[None, :]
+        if SPLIT_K == 1:
+            if FIX:
+                acc = (acc.to(tl.uint32, bitcast=True) + 0x7FFF + ((acc.to(tl.uint32, bitcast=True) >> 16) & 1)
+                       ).to(tl.float32, bitcast=True)
+            tl.store(OUT + s * o_s + m[None, :] * o_m + n[:, None], acc.to(OUT.dtype.element_ty), mask=mask)
+        else:
+            tl.store(PART + ((pid_k * tl.num_programs(2) + s) * M + m[None, :]) * N + n[:, None], acc, mask=mask)
+
+    @triton.jit
     def nf4_split_sum(PART, OUT, total, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, FIX: tl.constexpr):
         # 把 K 段的部分和 PART (SPLIT_K, S·M·N) float32 按固定顺序相加（确定性），转成输出精度写进 OUT (S·M·N)。
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -481,22 +610,24 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
 
     @triton_op("steer::nf4_linear", mutates_args=())
     def nf4_linear_op(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                      n: int, blocksize: int, gemv: bool, block_m: int, block_n: int, nb: int, split_k: int,
+                      n: int, blocksize: int, gemv: int, block_m: int, block_n: int, nb: int, split_k: int,
                       num_warps: int, num_stages: int) -> torch.Tensor:
         """算子本体（参数已由 _launch 核对）：x (S, M, K)，按行打包的 qweight (S, N, K/2)、absmax (S, N, K/bs)，
-        n = N → (S, M, N)，x 的精度。split_k > 1 时另分配 float32 部分和
-        (split_k, S, M, N)。"""
+        n = N → (S, M, N)，x 的精度。gemv（kernel 号）：0 = nf4_dot，1 = nf4_gemv，2 = nf4_gemv_eo（x 已拆成偶/奇
+        两段，见它的注释），3 = nf4_dot_t。
+        split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)。"""
         stacks, rows, k = x.shape
         out = torch.empty((stacks, rows, n), dtype=x.dtype, device=x.device)
         part = torch.empty((split_k, stacks, rows, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
         fix = INTERPRETED and x.dtype == torch.bfloat16
-        if gemv:
-            wrap_triton(nf4_gemv)[(triton.cdiv(n, block_n), split_k, stacks)](
+        if gemv in (1, 2):
+            wrap_triton(nf4_gemv_eo if gemv == 2 else nf4_gemv)[(triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, n, k, x.stride(0), qweight.stride(0), absmax.stride(0),
                 out.stride(0), BLOCKSIZE=blocksize, BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, FIX=fix,
                 num_warps=num_warps, num_stages=num_stages)
         else:
-            wrap_triton(nf4_dot)[(triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k, stacks)](
+            wrap_triton(nf4_dot_t if gemv == 3 else nf4_dot)[
+                (triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, rows, n, k, x.stride(0), x.stride(1), qweight.stride(0),
                 absmax.stride(0), out.stride(0), out.stride(1), BLOCKSIZE=blocksize, BLOCK_M=block_m,
                 BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, IEEE=x.dtype == torch.float32 or INTERPRETED, FIX=fix,
@@ -569,12 +700,17 @@ def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None, config: Config |
     if (config or config_for(rows))[0] == "bnb":
         return _bnb_matmul(x, w)
     method, block_m, block_n, nb, warps, stages = config or config_for(rows)
-    gemv = method == "gemv"
-    if gemv and rows != 1:
-        raise ValueError(f"nf4 linear: the 'gemv' kernel handles M = 1 only, got M = {rows}")
+    gemv = KERNELS.get(method)
+    if gemv is None:
+        raise ValueError(f"nf4 linear: unknown method {method!r}; expected one of {sorted(KERNELS)} or 'bnb'")
+    if gemv in (1, 2) and rows != 1:
+        raise ValueError(f"nf4 linear: the {method!r} kernel handles M = 1 only, got M = {rows}")
+    if gemv == 2:
+        # (S, 1, K) → (S, 1, K)：[偶数列 | 奇数列]（nf4_gemv_eo 的输入；编译后这次拷贝融进产生 x 的逐元素 kernel）
+        x = x.view(stacks, 1, k // 2, 2).transpose(-1, -2).reshape(stacks, 1, k)
     nb = min(nb, triton_next_power_of_2(blocks))
     if split_k is None:
-        split_k = _split_k(x, w, rows, block_m, block_n, nb, gemv)
+        split_k = _split_k(x, w, rows, block_m, block_n, nb, gemv in (1, 2))
     split_k = max(1, min(split_k, -(-blocks // nb)))
     if not torch.compiler.is_compiling():
         load_nf4_kernels()  # 编译区域里 dynamo 追踪不了 kernel 的定义：那里要求算子已经注册过
@@ -600,14 +736,17 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
     候选：本模块的 kernel（gemv / dot 的各种块大小与 split-K）与 bitsandbytes 自己的 matmul_4bit（装了时；
     选中它的形状就与 bitsandbytes 的原路径一样快）。每个候选先与参照（bitsandbytes 的结果）比一次，偏离的不要。
     每个形状轮流用几份拷贝（合计 ≥ 128 MiB，大于 H200 的 50 MB L2，不让小权重一直命中 L2——解码时每层的权重只读一次），
-    CUDA event 计时 reps 次取中位数。同一 (形状, M, dtype) 只调一次。返回 {形状: (配置, split_k, 微秒)}（给基准记录）。
-    CPU 上什么也不做（解释器的速度没有意义）。
+    CUDA event 计时 reps 次取中位数。同一 (形状, M, dtype) 只调一次。返回 {形状: 报告}（给基准记录；已调过的形状也返回）。
+    CPU 上什么也不做（解释器的速度没有意义）。报告的每项：{config, split_k, us, us_by_method}。
     """
     report: dict[str, Any] = {}
     for w in weights:
         stacked = w if w.stacked else dataclasses.replace(w, qweight=w.qweight[None], absmax=w.absmax[None])
         s, n, k = stacked.qweight.shape[0], w.out_features, w.in_features
         key = (s, n, k, rows, dtype)
+        name = f"S{s}_N{n}_K{k}_M{rows}"
+        if key in _TUNED_REPORT:
+            report[name] = _TUNED_REPORT[key]
         if not stacked.qweight.is_cuda or key in _TUNED:
             continue
         copies = max(1, min(16, -(-128 * 2**20 // max(1, stacked.nbytes))))
@@ -617,10 +756,11 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
         sets = [with_bnb_states(ws) if use_bnb else ws for ws in [stacked, *clones]]
         x = torch.randn(s, rows, k, dtype=dtype, device=stacked.qweight.device)
         if rows == 1:
-            candidates = [("gemv", 1, bn, nb, nw, 1) for bn, nb, nw in TUNE_GEMV]
+            candidates = [(method, 1, bn, nb, nw, 1) for method in ("gemv", "gemv2") for bn, nb, nw in TUNE_GEMV]
         else:
             bm = max(16, min(64, triton_next_power_of_2(rows)))
             candidates = [("dot", bm, bn, nb, nw, 1) for bn, nb, nw in TUNE_DOT]
+            candidates += [("dotT", bm, bn, nb, nw, st) for bn, nb, nw, st in TUNE_DOT_T]
         bnb_cfg: Config = ("bnb", 0, 0, 0, 0, 0)
         # 正确性的参照：bitsandbytes 的结果（没装或它在这里出错时用本模块默认配置的）；偏离它的候选不参加比较
         results: list[tuple[float, Config, int]] = []
@@ -652,7 +792,11 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
             raise RuntimeError(f"tune_nf4: no candidate configuration ran for S={s}, N={n}, K={k}, M={rows}")
         best = min(results, key=lambda r: r[0])
         _TUNED[key] = (best[1], best[2])
-        report[f"S{s}_N{n}_K{k}_M{rows}"] = (list(best[1]), best[2], round(best[0], 2))
+        by_method: dict[str, float] = {}  # 每种方式最快的微秒数（看各 kernel 之间差多少）
+        for us, cfg, _ in results:
+            by_method[cfg[0]] = round(min(us, by_method.get(cfg[0], math.inf)), 2)
+        _TUNED_REPORT[key] = report[name] = {"config": list(best[1]), "split_k": best[2], "us": round(best[0], 2),
+                                             "us_by_method": by_method}
     return report
 
 
