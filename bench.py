@@ -612,9 +612,12 @@ def speculate_fast_rows(args: argparse.Namespace, sizes: list[int], compile_step
             print(json.dumps(plain), flush=True)
             n_models = 3 if steered else 2
             gen_prompts = [prompts] * n_models
+            # 一个解码器给所有草稿代价与 K：编译的是每个单元的前向 / 验证（按 K 各一份），免费与付费草稿共用它们；
+            # 每种代价重建解码器（torch.compiler.reset）会把目标与基座的验证图再编译一遍（冷缓存时每个要几十秒）
+            dec = spec_decoder(models, steered, batch, max(ks), args, compile_step,
+                               cache_len=length_bucket(args.prompt + (max(ks) + 1) * args.new))
             for cost in args.draft_cost.split(","):
-                dec = spec_decoder(models, steered, batch, max(ks), args, compile_step,
-                                   cache_len=length_bucket(args.prompt + (max(ks) + 1) * args.new))
+                dec.k = max(ks)
                 dec.set_oracle([[0] * args.new] * batch, 0.0, free=cost == "free")
                 own = dec.generate(gen_prompts, args.new).tokens  # 投机路径自己的贪心输出（a = 0：每轮只取验证者的第一个）
                 for k in ks:
@@ -646,10 +649,10 @@ def speculate_fast_rows(args: argparse.Namespace, sizes: list[int], compile_step
                             row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                         rows.append(row)
                         print(json.dumps(row), flush=True)
-                del dec
-                gc.collect()
-                if args.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
+            del dec
+            gc.collect()
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
     return rows
 
 

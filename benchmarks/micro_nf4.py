@@ -50,7 +50,7 @@ BATCHES = (1, 16, 64)
 # --sweep 试的配置：(方式, BLOCK_M, BLOCK_N, NB, warps, stages)，每个配置再试 SWEEP_SPLITS 里的 split_k
 SWEEP_SPLITS: tuple[int | None, ...] = (None, 1, 2, 4, 8, 16)  # None = split_k_for 的选择
 SWEEP_GEMV = [("gemv", 1, 64, nb, w, 1) for nb in (1, 2, 4) for w in (2, 4, 8)]
-SWEEP_DOT = [("dot", bm, bn, 1, w, 1) for bm in (16, 64) for bn in (128, 256) for w in (4, 8)]
+SWEEP_DOT = [("dotT", bm, bn, 1, w, 1) for bm in (16, 64) for bn in (64, 128) for w in (4, 8)]
 
 
 def time_calls(calls: list[Callable[[], Any]], smoke: bool) -> tuple[float, str]:

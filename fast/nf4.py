@@ -24,10 +24,11 @@
 - code (16,) float32：NF4 表。
 kernel 每个权重读 0.5（半字节）+ 4 / blocksize（absmax）= 0.5625 B（blocksize 64）；bf16 是 2 B。
 
-现状（H200，4e84028，BENCHMARKS.md）：调优后 M = 1 只到约 0.65–0.91 TB/s，M = 16 的 gate/up 约 0.38 TB/s——
-不是显存所限；按指令构成推断（没有 ncu 剖析）是反量化（每字节两次 L1 查表 + 取半字节，每个权重约 5 条指令）。
-下一步：先做硬件剖析；查表不走 L1（寄存器里的 prmt 字节置换或共享内存里的表），M ≥ 16 用每个权重瓦片只反量化
-一次进共享内存的混合输入 GEMM。在那之前调优也比较 bitsandbytes 自己的 kernel（方式 "bnb"），取快的。
+现状（H200，f3031a1，benchmarks/micro_nf4.py --tune，BENCHMARKS.md）：M = 1 时调优后的最快者（本模块的 gemv 或
+bitsandbytes 自己的 gemv_4bit，谁快用谁）只到 0.5–1.2 TB/s，用时是同形状 bf16 的 0.86–1.25 倍——4 位少读的字节
+没有变成时间；两家 kernel 一样慢，按指令构成推断（没有 ncu 剖析）限制在反量化（每个权重一次 L1 查表 + 取半字节 +
+两次乘加）。M = 16 / 64 的 dotT 比 bitsandbytes 的 matmul_4bit 快 1.16–1.81 倍，仍比 bf16 慢 1.5–2.3 倍（0.36–0.62 TB/s）。
+下一步：硬件剖析；查表不走 L1（寄存器里的 prmt 字节置换，FLUTE 的做法），或换一种能用整数位运算反量化的格式。
 
 dequantize_nf4 是纯 torch 的参考路径（与 bitsandbytes 的 dequantize_4bit 逐位相同）；quantize_nf4_reference 是
 纯 torch 的量化器（与 bitsandbytes 的 quantize_4bit 逐位相同），供没有 bitsandbytes 的机器（基准）生成同格式的权重。
@@ -57,36 +58,31 @@ NESTED_BLOCKSIZE: Final[int] = 256  # bitsandbytes 双重量化 absmax 时的块
 
 # 按 M（激活行数）选 kernel 配置的默认表：(M 上界, 方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)。
 # 方式 "gemv"：M = 1，逐元素乘加、最后归约（不用 tensor core），每个程序 BLOCK_N 个输出 × 每步 NB 个 absmax 块；
-# 方式 "gemv2"：同 "gemv"，但 x 事先拆成偶/奇两段（向量读）、下一步的读先发出去（软件流水），见 nf4_gemv_eo；
-# 方式 "dotT"：同 "dot"，但按行向量读字节、反量化的权重块当 tl.dot 的左操作数（outᵀ = W·xᵀ），见 nf4_dot_t；
-# 方式 "dot"：反量化出 (NB·blocksize, BLOCK_N) 的 bf16/fp16 块，tl.dot 在 tensor core 上累加（M 不满 BLOCK_M 时补零行）；
+# 方式 "dotT"：M > 1，按行向量读字节、反量化出 (BLOCK_N, NB·blocksize) 的 bf16/fp16 块，当 tl.dot 的左操作数
+# 在 tensor core 上算 outᵀ = W·xᵀ（M 不满 BLOCK_M 时补零列），见 nf4_dot_t；
 # 方式 "bnb"：bitsandbytes 自己的 matmul_4bit（M = 1 走它的 gemv_4bit，否则反量化成 x 的精度 + F.linear），读同一份
 # 打包字节与本模块的 float32 absmax——调优的候选之一：我们的 kernel 在某个形状上比它慢时就用它（不会比 bitsandbytes 的
 # 原路径更慢），数值与 bitsandbytes 的前向相同。其余字段无意义（填 0）。
-# 两种方式都按 SM 数在 K 上切段（split-K，见 split_k_for），部分和由第二个 kernel 相加（确定性的，不用原子加）。
+# 两种 Triton 方式都按 SM 数在 K 上切段（split-K，见 split_k_for），部分和由第二个 kernel 相加（确定性的，不用原子加）。
 # 这张表只是没有调优时的起点：CUDA 上 tune_nf4 按实际形状与 M 在候选里实测选最快的（StackedLlama.allocate 调用），
-# 结果记在 _TUNED 里，_launch 先查它。num_stages = 1：查表依赖刚读到的字节，多级流水只多占寄存器
-# （旧的瓦片布局在 H200 上扫出来的结论，见 BENCHMARKS.md）。
+# 结果记在 _TUNED 里，_launch 先查它。默认值取 f3031a1 在 H200 上的调优赢家（BENCHMARKS.md 的 micro_nf4 表：
+# M = 16 是 BLOCK_N 128 或 64，M = 64 全是 64；M = 32 没有量过，取两者之间）。
 NF4_CONFIGS: Final[tuple[tuple[int, str, int, int, int, int, int], ...]] = (
     (1, "gemv", 1, 16, 4, 4, 1),
-    (16, "dot", 16, 128, 1, 4, 1),
-    (32, "dot", 32, 128, 1, 4, 1),
-    (64, "dot", 64, 128, 1, 4, 1),
-    (1 << 62, "dot", 64, 128, 1, 8, 1),
+    (16, "dotT", 16, 128, 1, 4, 1),
+    (32, "dotT", 32, 64, 1, 4, 1),
+    (1 << 62, "dotT", 64, 64, 1, 4, 1),
 )
-# tune_nf4 的候选：gemv (BLOCK_N, NB, num_warps)，dot (BLOCK_N, NB, num_warps)（BLOCK_M 由 M 定）；
-# 每个候选再配两种 split-K 强度（split_k_for 的 per_sm）。每多一个候选，每个形状的调优多一次 Triton 编译与计时
-# （启动时间：4e84028 的 8 个/7 个候选让一个解码器的预热到了 100–170 s），所以只留 H200 上的赢家与几种近邻
-# （4e84028 的调优只记录了赢家：8 个 8B/1B 形状里，M = 1 赢的是 (16, 4, 4) 与 (8, 4, 2)，M = 16 是 (128, 1, 4) 与
-# (64, 1, 4)；默认表取它们）。
+# tune_nf4 的候选：gemv 与 dotT 的 (BLOCK_N, NB, num_warps)（BLOCK_M 由 M 定，num_stages 1）；每个候选再配两种
+# split-K 强度（split_k_for 的 per_sm）。每多一个候选，每个形状的调优多一次 Triton 编译与计时，所以只留 H200 上的
+# 赢家与近邻：M = 1 在 4e84028 赢的是 (16, 4, 4) 与 (8, 4, 2)；dotT 在 f3031a1 的 16 个 (形状, M ∈ {16, 64}) 里赢的都是
+# (128, 1, 4) 或 (64, 1, 4)（同一次调优里的 num_stages 2 候选 (64, 2, 4)、(128, 2, 8) 一次也没赢，已删）。
+# 试过又删掉的（BENCHMARKS.md 记着数字）：旧的 "dot"（权重块按 (BK, BLOCK_N) 取，每个权重一条字节 load）在
+# f3031a1 的 16 个 (形状, M ∈ {16, 64}) 上都比 dotT 慢 1.19–1.54 倍；"gemv2"（x 预拆成偶/奇两段 + 软件预取
+# 下一步）在 M = 1 的 8 个形状上都比 gemv 慢 2–7 µs（含拆 x 的一次拷贝）。
 TUNE_GEMV: Final[tuple[tuple[int, int, int], ...]] = ((16, 4, 4), (8, 4, 2), (32, 2, 4), (16, 2, 2), (32, 4, 8))
-TUNE_DOT: Final[tuple[tuple[int, int, int], ...]] = ((128, 1, 4), (64, 1, 4), (128, 1, 8), (256, 1, 8))
-# 方式 "dotT"（swap-AB）的候选 (BLOCK_N, NB, num_warps, num_stages)：还没有在 GPU 上量过，取 MMA 的常用块形状；
-# num_stages 2 让 Triton 的软件流水提前发下一步的读。
-TUNE_DOT_T: Final[tuple[tuple[int, int, int, int], ...]] = ((64, 1, 4, 1), (128, 1, 4, 1), (64, 2, 4, 2), (128, 2, 8, 2))
+TUNE_DOT_T: Final[tuple[tuple[int, int, int], ...]] = ((128, 1, 4), (64, 1, 4), (32, 1, 4))
 TUNE_PER_SM: Final[tuple[int, ...]] = (4, 8)
-# 方式名 → 算子的 kernel 号（nf4_linear_op 的 gemv 参数）；"bnb" 不经算子
-KERNELS: Final[dict[str, int]] = {"dot": 0, "gemv": 1, "gemv2": 2, "dotT": 3}
 Config = tuple[str, int, int, int, int, int]  # (方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)
 # 调优结果：(S, N, K, M, dtype) → (配置, split_k)。进程内有效（不同 GPU、不同形状各调一次）。
 _TUNED: dict[tuple[int, int, int, int, torch.dtype], tuple[Config, int]] = {}
@@ -417,130 +413,15 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             tl.store(PART + (pid_k * tl.num_programs(2) + s) * N + n, total, mask=n_ok)
 
     @triton.jit
-    def nf4_gemv_eo(XEO, Q, A, CODE, OUT, PART, N, K, x_s, q_s, a_s, o_s,
-                    BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr,
-                    FIX: tl.constexpr):
-        # 方式 "gemv2"：nf4_gemv 的两处改动（为什么：4e84028 的 nf4_gemv 在 M = 1 只到 0.65–0.91 TB/s）。
-        # 1) x 事先拆成偶数列、奇数列两段 XEO (S, K)：[x0 x2 x4 … | x1 x3 x5 …]（_launch 做，编译后融进上一个逐元素
-        #    kernel）。高半字节乘的 x 在 XEO 里与字节号连续，一个线程 16 个字节对应的 x 是两段连续的 16 个值——向量读；
-        #    nf4_gemv 里 x 按步长 2 逐个读，每个权重一条 load 指令，与查表争 LSU。
-        # 2) 软件流水：先发下一步的权重字节、absmax 与 x 的读，再算这一步（循环携带四个张量）。nf4_gemv 每步都要等
-        #    一次 DRAM 延迟才能开始查表；每个程序只有几步，延迟几乎不被掩盖。
-        HALF: tl.constexpr = BLOCKSIZE // 2
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        s = tl.program_id(2)
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        b = tl.arange(0, NB)
-        j = tl.arange(0, HALF)
-        n_ok = n < N
-        blocks = K // BLOCKSIZE
-        steps = tl.cdiv(tl.cdiv(blocks, NB), SPLIT_K)
-        lo = pid_k * steps * NB
-        hi = tl.minimum(lo + steps * NB, blocks)
-        q_rows = Q + s * q_s + n.to(tl.int64)[:, None, None] * (K // 2)  # (BLOCK_N, 1, 1)
-        a_rows = A + s * a_s + n[:, None] * blocks  # (BLOCK_N, 1)
-        xe_ptr = XEO + s * x_s
-        xo_ptr = XEO + s * x_s + K // 2
-        # 第一步的读（lo 可能 ≥ hi：空段，全部被 mask 掉）
-        blk = lo + b
-        b_ok = blk < hi
-        byte = blk[:, None] * HALF + j[None, :]  # (NB, HALF)
-        q = tl.load(q_rows + byte[None, :, :], mask=n_ok[:, None, None] & b_ok[None, :, None], other=0)
-        scale = tl.load(a_rows + blk[None, :], mask=n_ok[:, None] & b_ok[None, :], other=0.0)
-        xe = tl.load(xe_ptr + byte, mask=b_ok[:, None], other=0.0)
-        xo = tl.load(xo_ptr + byte, mask=b_ok[:, None], other=0.0)
-        acc = tl.zeros([BLOCK_N, NB, HALF], tl.float32)
-        for kb in range(lo, hi, NB):
-            nblk = kb + NB + b  # 下一步的块号；越过 hi 的 mask 掉（最后一步不读内存）
-            nb_ok = nblk < hi
-            nbyte = nblk[:, None] * HALF + j[None, :]
-            q_next = tl.load(q_rows + nbyte[None, :, :], mask=n_ok[:, None, None] & nb_ok[None, :, None], other=0)
-            scale_next = tl.load(a_rows + nblk[None, :], mask=n_ok[:, None] & nb_ok[None, :], other=0.0)
-            xe_next = tl.load(xe_ptr + nbyte, mask=nb_ok[:, None], other=0.0)
-            xo_next = tl.load(xo_ptr + nbyte, mask=nb_ok[:, None], other=0.0)
-            we = tl.load(CODE + (q >> 4).to(tl.int32))  # 查表：16 项的表常驻 L1
-            wo = tl.load(CODE + (q & 0xF).to(tl.int32))
-            acc += (we * xe.to(tl.float32)[None, :, :] + wo * xo.to(tl.float32)[None, :, :]) * scale[:, :, None]
-            q, scale, xe, xo = q_next, scale_next, xe_next, xo_next
-        total = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BLOCK_N,)
-        if SPLIT_K == 1:
-            if FIX:  # 见 RTNE_NOTE
-                total = (total.to(tl.uint32, bitcast=True) + 0x7FFF + ((total.to(tl.uint32, bitcast=True) >> 16) & 1)
-                         ).to(tl.float32, bitcast=True)
-            tl.store(OUT + s * o_s + n, total.to(OUT.dtype.element_ty), mask=n_ok)
-        else:
-            tl.store(PART + (pid_k * tl.num_programs(2) + s) * N + n, total, mask=n_ok)
-
-    @triton.jit
-    def nf4_dot(X, Q, A, CODE, OUT, PART, M, N, K, x_s, x_m, q_s, a_s, o_s, o_m,
-                BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
-                SPLIT_K: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr):
-        # 程序 (m 块 × n 块, K 段, 模型 s)。每步 BK = NB·blocksize 个 K：权重块 (BK, BLOCK_N) 的第 k 行读第 n 行的
-        # 字节 k // 2（每个字节读两次，第二次命中 L1），偶数 k 取高半字节、奇数 k 取低半字节——不用在寄存器里交错；
-        # 查表、乘 absmax、转成 x 的精度（与 bitsandbytes 反量化成 bf16 再 F.linear 的舍入相同），
-        # 一次 tl.dot (BLOCK_M, BK) × (BK, BLOCK_N) 累加到 float32。同一 n 块的 m 块相邻编号：共用的权重多半命中 L2。
-        # IEEE：float32 精确相乘（x 为 float32 时；以及解释器里：Triton 3.7 的解释器把 bf16 按 uint16 的位模式
-        # 相乘，tl.dot 的 bf16 结果是错的，所以先转成 float32——bf16 两数之积在 float32 里是精确的，结果不变）。
-        HALF: tl.constexpr = BLOCKSIZE // 2
-        BK: tl.constexpr = NB * BLOCKSIZE
-        pid = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        s = tl.program_id(2)
-        m_tiles = tl.cdiv(M, BLOCK_M)
-        pid_m = pid % m_tiles
-        pid_n = pid // m_tiles
-        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        kk = tl.arange(0, BK)
-        shift = (1 - kk % 2) * 4  # 偶数 k 在高 4 位
-        m_ok = m < M
-        n_ok = n < N
-        blocks = K // BLOCKSIZE
-        steps = tl.cdiv(tl.cdiv(blocks, NB), SPLIT_K)
-        lo = pid_k * steps * NB
-        hi = tl.minimum(lo + steps * NB, blocks)
-        q_rows = Q + s * q_s + n.to(tl.int64)[None, :] * (K // 2)  # (1, BLOCK_N)：各输出行的起点
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for kb in range(lo, hi, NB):
-            k_ok = kb + kk // BLOCKSIZE < hi
-            q = tl.load(q_rows + (kb * HALF + kk // 2)[:, None], mask=k_ok[:, None] & n_ok[None, :],
-                        other=0).to(tl.int32)  # (BK, BLOCK_N)
-            if NB == 1:
-                scale = tl.load(A + s * a_s + n * blocks + kb, mask=n_ok, other=0.0)[None, :]
-            else:
-                scale = tl.load(A + s * a_s + n[None, :] * blocks + (kb + kk // BLOCKSIZE)[:, None],
-                                mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            w = tl.load(CODE + ((q >> shift[:, None]) & 0xF)) * scale
-            xt = tl.load(X + s * x_s + m[:, None] * x_m + kb * BLOCKSIZE + kk[None, :],
-                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BK)
-            if FIX:
-                w = (w.to(tl.uint32, bitcast=True) + 0x7FFF + ((w.to(tl.uint32, bitcast=True) >> 16) & 1)
-                     ).to(tl.float32, bitcast=True)
-            w = w.to(xt.dtype)
-            if IEEE:
-                acc = tl.dot(xt.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xt, w, acc)
-        mask = m_ok[:, None] & n_ok[None, :]
-        if SPLIT_K == 1:
-            if FIX:
-                acc = (acc.to(tl.uint32, bitcast=True) + 0x7FFF + ((acc.to(tl.uint32, bitcast=True) >> 16) & 1)
-                       ).to(tl.float32, bitcast=True)
-            tl.store(OUT + s * o_s + m[:, None] * o_m + n[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
-        else:
-            tl.store(PART + ((pid_k * tl.num_programs(2) + s) * M + m[:, None]) * N + n[None, :], acc, mask=mask)
-
-    @triton.jit
     def nf4_dot_t(X, Q, A, CODE, OUT, PART, M, N, K, x_s, x_m, q_s, a_s, o_s, o_m,
                   BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
                   SPLIT_K: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr):
         # 方式 "dotT"：算转置 outᵀ (BLOCK_N, BLOCK_M) += W 块 (BLOCK_N, BK) @ xᵀ (BK, BLOCK_M)。
-        # 为什么（nf4_dot 在 M = 16 只到约 0.38 TB/s）：nf4_dot 的权重块按 (BK, BLOCK_N) 取，沿 K 每两个元素读同一个字节，
-        # 读不成向量、每个权重一条字节 load。这里按行读 (BLOCK_N, NB·blocksize/2) 个连续字节（每行一段，向量读），
+        # 为什么：之前的 nf4_dot（4e84028 在 M = 16 只到约 0.38 TB/s）把权重块按 (BK, BLOCK_N) 取，沿 K 每两个元素读
+        # 同一个字节，读不成向量、每个权重一条字节 load。这里按行读 (BLOCK_N, NB·blocksize/2) 个连续字节（每行一段，向量读），
         # 高/低半字节各查一次表，再用 join + reshape 在寄存器里交错成 (BLOCK_N, BK)（k = 2i 是高半字节）。
         # 反量化后的权重是 tl.dot 的左操作数：解码时 M 小，把 N 放在 MMA 的大维度上（swap-AB，Marlin/gemlite 的
-        # 小批量做法），M 只要补到 16。舍入与 nf4_dot 相同：code · absmax 在 float32 里乘，转成 x 的精度，float32 累加。
+        # 小批量做法），M 只要补到 16。舍入与 bitsandbytes 的“反量化成 bf16 + F.linear”相同：code · absmax 在 float32 里乘，转成 x 的精度，float32 累加。
         HALF: tl.constexpr = BLOCKSIZE // 2
         BK: tl.constexpr = NB * BLOCKSIZE
         BH: tl.constexpr = NB * HALF  # 每行每步的字节数
@@ -610,24 +491,21 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
 
     @triton_op("steer::nf4_linear", mutates_args=())
     def nf4_linear_op(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                      n: int, blocksize: int, gemv: int, block_m: int, block_n: int, nb: int, split_k: int,
+                      n: int, blocksize: int, gemv: bool, block_m: int, block_n: int, nb: int, split_k: int,
                       num_warps: int, num_stages: int) -> torch.Tensor:
         """算子本体（参数已由 _launch 核对）：x (S, M, K)，按行打包的 qweight (S, N, K/2)、absmax (S, N, K/bs)，
-        n = N → (S, M, N)，x 的精度。gemv（kernel 号）：0 = nf4_dot，1 = nf4_gemv，2 = nf4_gemv_eo（x 已拆成偶/奇
-        两段，见它的注释），3 = nf4_dot_t。
-        split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)。"""
+        n = N → (S, M, N)，x 的精度。gemv：True = nf4_gemv（M = 1），False = nf4_dot_t。split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)。"""
         stacks, rows, k = x.shape
         out = torch.empty((stacks, rows, n), dtype=x.dtype, device=x.device)
         part = torch.empty((split_k, stacks, rows, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
         fix = INTERPRETED and x.dtype == torch.bfloat16
-        if gemv in (1, 2):
-            wrap_triton(nf4_gemv_eo if gemv == 2 else nf4_gemv)[(triton.cdiv(n, block_n), split_k, stacks)](
+        if gemv:
+            wrap_triton(nf4_gemv)[(triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, n, k, x.stride(0), qweight.stride(0), absmax.stride(0),
                 out.stride(0), BLOCKSIZE=blocksize, BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, FIX=fix,
                 num_warps=num_warps, num_stages=num_stages)
         else:
-            wrap_triton(nf4_dot_t if gemv == 3 else nf4_dot)[
-                (triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k, stacks)](
+            wrap_triton(nf4_dot_t)[(triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, rows, n, k, x.stride(0), x.stride(1), qweight.stride(0),
                 absmax.stride(0), out.stride(0), out.stride(1), BLOCKSIZE=blocksize, BLOCK_M=block_m,
                 BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, IEEE=x.dtype == torch.float32 or INTERPRETED, FIX=fix,
@@ -700,17 +578,14 @@ def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None, config: Config |
     if (config or config_for(rows))[0] == "bnb":
         return _bnb_matmul(x, w)
     method, block_m, block_n, nb, warps, stages = config or config_for(rows)
-    gemv = KERNELS.get(method)
-    if gemv is None:
-        raise ValueError(f"nf4 linear: unknown method {method!r}; expected one of {sorted(KERNELS)} or 'bnb'")
-    if gemv in (1, 2) and rows != 1:
-        raise ValueError(f"nf4 linear: the {method!r} kernel handles M = 1 only, got M = {rows}")
-    if gemv == 2:
-        # (S, 1, K) → (S, 1, K)：[偶数列 | 奇数列]（nf4_gemv_eo 的输入；编译后这次拷贝融进产生 x 的逐元素 kernel）
-        x = x.view(stacks, 1, k // 2, 2).transpose(-1, -2).reshape(stacks, 1, k)
+    if method not in ("gemv", "dotT"):
+        raise ValueError(f"nf4 linear: unknown method {method!r}; expected 'gemv', 'dotT' or 'bnb'")
+    gemv = method == "gemv"
+    if gemv and rows != 1:
+        raise ValueError(f"nf4 linear: the 'gemv' kernel handles M = 1 only, got M = {rows}")
     nb = min(nb, triton_next_power_of_2(blocks))
     if split_k is None:
-        split_k = _split_k(x, w, rows, block_m, block_n, nb, gemv in (1, 2))
+        split_k = _split_k(x, w, rows, block_m, block_n, nb, gemv)
     split_k = max(1, min(split_k, -(-blocks // nb)))
     if not torch.compiler.is_compiling():
         load_nf4_kernels()  # 编译区域里 dynamo 追踪不了 kernel 的定义：那里要求算子已经注册过
@@ -756,11 +631,10 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
         sets = [with_bnb_states(ws) if use_bnb else ws for ws in [stacked, *clones]]
         x = torch.randn(s, rows, k, dtype=dtype, device=stacked.qweight.device)
         if rows == 1:
-            candidates = [(method, 1, bn, nb, nw, 1) for method in ("gemv", "gemv2") for bn, nb, nw in TUNE_GEMV]
+            candidates = [("gemv", 1, bn, nb, nw, 1) for bn, nb, nw in TUNE_GEMV]
         else:
             bm = max(16, min(64, triton_next_power_of_2(rows)))
-            candidates = [("dot", bm, bn, nb, nw, 1) for bn, nb, nw in TUNE_DOT]
-            candidates += [("dotT", bm, bn, nb, nw, st) for bn, nb, nw, st in TUNE_DOT_T]
+            candidates = [("dotT", bm, bn, nb, nw, 1) for bn, nb, nw in TUNE_DOT_T]
         bnb_cfg: Config = ("bnb", 0, 0, 0, 0, 0)
         # 正确性的参照：bitsandbytes 的结果（没装或它在这里出错时用本模块默认配置的）；偏离它的候选不参加比较
         results: list[tuple[float, Config, int]] = []

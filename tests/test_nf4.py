@@ -162,38 +162,12 @@ def test_nf4_linear_fp16_blocksize_128_and_config(interpreted_triton: None) -> N
     x = torch.randn(2, 512, generator=torch.Generator().manual_seed(0)).half()
     ref = x.float() @ dequantize_nf4(dataclasses.replace(w, dtype=torch.float32)).T
     assert _relative_error(nf4_linear(x, w), ref) < TOLERANCE[torch.float16]
-    y = nf4_linear(x, w, config=("dot", 16, 128, 2, 4, 1), split_k=1)
+    y = nf4_linear(x, w, config=("dotT", 16, 128, 2, 4, 1), split_k=1)
     assert _relative_error(y, ref) < TOLERANCE[torch.float16]
     y1 = nf4_linear(x[:1], w, config=("gemv", 1, 64, 2, 4, 1), split_k=2)
     assert _relative_error(y1, ref[:1]) < TOLERANCE[torch.float16]
     y1 = nf4_linear(x[:1], w, config=("gemv", 1, 16, 4, 2, 1), split_k=1)  # BLOCK_N 小于 N：三个 n 块，最后一块不满
     assert _relative_error(y1, ref[:1]) < TOLERANCE[torch.float16]
-
-
-@needs_triton
-@pytest.mark.parametrize("n, k, blocksize, block_n, nb, split_k", [
-    (80, 256, 64, 16, 4, 1),    # 一个 K 段只有一步：流水的“下一步”全部 mask 掉
-    (40, 512, 128, 16, 1, 1),   # 多步流水，blocksize 128，N 不满最后一块
-    (64, 1024, 64, 32, 2, 3),   # 切 K（最后一段不满）+ 合并
-    (48, 320, 64, 16, 1, 4),    # 5 块切 4 段、每段 2 块：最后一段为空（lo ≥ hi）
-])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gemv2_matches_dequantize_matmul_and_gemv(interpreted_triton: None, n: int, k: int, blocksize: int,
-                                                  block_n: int, nb: int, split_k: int, dtype: torch.dtype) -> None:
-    """方式 "gemv2"（x 拆成偶/奇两段 + 软件流水）== x @ dequantize(W)ᵀ；float32 时与方式 "gemv" 逐位相同
-    （同样的乘加顺序），单个与叠加的权重都对。"""
-    ws = [_nf4(n, k, seed=s + n, blocksize=blocksize) for s in range(2)]
-    x = torch.randn(2, 1, k, generator=torch.Generator().manual_seed(k)).to(dtype)
-    y = nf4_linear_stacked(x, stack_nf4(ws), config=("gemv2", 1, block_n, nb, 4, 1), split_k=split_k)
-    assert y.shape == (2, 1, n) and y.dtype == dtype
-    for s in range(2):
-        ref = x[s].float() @ dequantize_nf4(dataclasses.replace(ws[s], dtype=torch.float32)).T
-        assert _relative_error(y[s], ref) < TOLERANCE[dtype]
-        single = nf4_linear(x[s], ws[s], config=("gemv2", 1, block_n, nb, 4, 1), split_k=split_k)
-        assert torch.equal(single, y[s])
-        if dtype == torch.float32:
-            assert torch.equal(single, nf4_linear(x[s], ws[s], config=("gemv", 1, block_n, nb, 4, 1),
-                                                  split_k=split_k))
 
 
 @needs_triton
@@ -244,7 +218,7 @@ def test_prefill_rows_use_bitsandbytes_dequantize_then_matmul() -> None:
     解码的 M 仍走本模块的 kernel。"""
     from fast.nf4 import BNB_ROWS, config_for
 
-    assert config_for(BNB_ROWS + 1)[0] == "bnb" and config_for(1)[0] == "gemv" and config_for(64)[0] == "dot"
+    assert config_for(BNB_ROWS + 1)[0] == "bnb" and config_for(1)[0] == "gemv" and config_for(64)[0] == "dotT"
     w = _nf4(48, 128, seed=9)
     x = torch.randn(BNB_ROWS + 3, 128, generator=torch.Generator().manual_seed(2))
     ref = x @ dequantize_nf4(dataclasses.replace(w, dtype=torch.float32)).T
@@ -286,9 +260,7 @@ def test_nf4_linear_refuses_bad_input(interpreted_triton: None) -> None:
         nf4_linear_stacked(x[None], stack_nf4([w, w]))
     with pytest.raises(ValueError, match="M = 1 only"):
         nf4_linear(x, w, config=("gemv", 1, 64, 2, 4, 1))
-    with pytest.raises(ValueError, match="M = 1 only"):
-        nf4_linear(x, w, config=("gemv2", 1, 64, 2, 4, 1))
-    with pytest.raises(ValueError, match="unknown method 'gemm'"):
-        nf4_linear(x, w, config=("gemm", 1, 64, 2, 4, 1))
+    with pytest.raises(ValueError, match="unknown method 'dot'"):
+        nf4_linear(x, w, config=("dot", 16, 64, 2, 4, 1))
     with pytest.raises(ValueError, match="layout of repack_nf4"):
         nf4_linear(x, dataclasses.replace(w, absmax=w.absmax.t().contiguous()))
