@@ -28,6 +28,7 @@ kernel 每个权重读 0.5（半字节）+ 4 / blocksize（absmax）= 0.5625 B�
 bitsandbytes 自己的 gemv_4bit，谁快用谁）只到 0.5–1.2 TB/s，用时是同形状 bf16 的 0.86–1.25 倍——4 位少读的字节
 没有变成时间；两家 kernel 一样慢，按指令构成推断（没有 ncu 剖析）限制在反量化（每个权重一次 L1 查表 + 取半字节 +
 两次乘加）。M = 16 / 64 的 dotT 比 bitsandbytes 的 matmul_4bit 快 1.16–1.81 倍，仍比 bf16 慢 1.5–2.3 倍（0.36–0.62 TB/s）。
+之后加的候选 dotS（每步一块、absmax 在点积之后乘，每个权重只剩查表与转精度）还没有在 GPU 上量过。
 下一步：硬件剖析；查表不走 L1（寄存器里的 prmt 字节置换，FLUTE 的做法），或换一种能用整数位运算反量化的格式。
 
 dequantize_nf4 是纯 torch 的参考路径（与 bitsandbytes 的 dequantize_4bit 逐位相同）；quantize_nf4_reference 是
@@ -60,6 +61,8 @@ NESTED_BLOCKSIZE: Final[int] = 256  # bitsandbytes 双重量化 absmax 时的块
 # 方式 "gemv"：M = 1，逐元素乘加、最后归约（不用 tensor core），每个程序 BLOCK_N 个输出 × 每步 NB 个 absmax 块；
 # 方式 "dotT"：M > 1，按行向量读字节、反量化出 (BLOCK_N, NB·blocksize) 的 bf16/fp16 块，当 tl.dot 的左操作数
 # 在 tensor core 上算 outᵀ = W·xᵀ（M 不满 BLOCK_M 时补零列），见 nf4_dot_t；
+# 方式 "dotS"：同 dotT 的 outᵀ = W·xᵀ，但每步一个量化块、absmax 在块的 tl.dot 之后乘（每个权重少一次乘法与交错），
+# 见 nf4_dot_s；还没有在 GPU 上量过，只是调优的候选（M = 1 时也试：tensor core 做乘加，CUDA core 只查表）；
 # 方式 "bnb"：bitsandbytes 自己的 matmul_4bit（M = 1 走它的 gemv_4bit，否则反量化成 x 的精度 + F.linear），读同一份
 # 打包字节与本模块的 float32 absmax——调优的候选之一：我们的 kernel 在某个形状上比它慢时就用它（不会比 bitsandbytes 的
 # 原路径更慢），数值与 bitsandbytes 的前向相同。其余字段无意义（填 0）。
@@ -82,7 +85,10 @@ NF4_CONFIGS: Final[tuple[tuple[int, str, int, int, int, int, int], ...]] = (
 # 下一步）在 M = 1 的 8 个形状上都比 gemv 慢 2–7 µs（含拆 x 的一次拷贝）。
 TUNE_GEMV: Final[tuple[tuple[int, int, int], ...]] = ((16, 4, 4), (8, 4, 2), (32, 2, 4), (16, 2, 2), (32, 4, 8))
 TUNE_DOT_T: Final[tuple[tuple[int, int, int], ...]] = ((128, 1, 4), (64, 1, 4), (32, 1, 4))
+TUNE_DOT_S: Final[tuple[tuple[int, int], ...]] = ((128, 4), (64, 4))  # dotS 的 (BLOCK_N, num_warps)，NB 恒为 1
 TUNE_PER_SM: Final[tuple[int, ...]] = (4, 8)
+# 方式名 → 算子的 kernel 编号（nf4_linear_op 的 kernel 参数）；"bnb" 不经算子
+KERNELS: Final[dict[str, int]] = {"gemv": 0, "dotT": 1, "dotS": 2}
 Config = tuple[str, int, int, int, int, int]  # (方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)
 # 调优结果：(S, N, K, M, dtype) → (配置, split_k)。进程内有效（不同 GPU、不同形状各调一次）。
 _TUNED: dict[tuple[int, int, int, int, torch.dtype], tuple[Config, int]] = {}
@@ -407,7 +413,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         if SPLIT_K == 1:
             if FIX:  # 解释器里 .to(bf16) 是截断：先在位模式上加 0x7FFF + 保留位的最低位（见 RTNE_NOTE）
                 total = (total.to(tl.uint32, bitcast=True) + 0x7FFF + ((total.to(tl.uint32, bitcast=True) >> 16) & 1)
-                         ).to(tl.float32, bitcast=True)
+                        ).to(tl.float32, bitcast=True)
             tl.store(OUT + s * o_s + n, total.to(OUT.dtype.element_ty), mask=n_ok)
         else:
             tl.store(PART + (pid_k * tl.num_programs(2) + s) * N + n, total, mask=n_ok)
@@ -456,9 +462,9 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             w_lo = tl.load(CODE + (q & 0xF)) * scale
             if FIX:  # 见 RTNE_NOTE
                 w_hi = (w_hi.to(tl.uint32, bitcast=True) + 0x7FFF + ((w_hi.to(tl.uint32, bitcast=True) >> 16) & 1)
-                        ).to(tl.float32, bitcast=True)
+                       ).to(tl.float32, bitcast=True)
                 w_lo = (w_lo.to(tl.uint32, bitcast=True) + 0x7FFF + ((w_lo.to(tl.uint32, bitcast=True) >> 16) & 1)
-                        ).to(tl.float32, bitcast=True)
+                       ).to(tl.float32, bitcast=True)
             w = tl.reshape(tl.join(w_hi.to(X.dtype.element_ty), w_lo.to(X.dtype.element_ty)), (BLOCK_N, BK))
             k_ok = kb + kk // BLOCKSIZE < hi
             xt = tl.load(X + s * x_s + m[None, :] * x_m + kb * BLOCKSIZE + kk[:, None],
@@ -471,7 +477,67 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         if SPLIT_K == 1:
             if FIX:
                 acc = (acc.to(tl.uint32, bitcast=True) + 0x7FFF + ((acc.to(tl.uint32, bitcast=True) >> 16) & 1)
+                      ).to(tl.float32, bitcast=True)
+            tl.store(OUT + s * o_s + m[None, :] * o_m + n[:, None], acc.to(OUT.dtype.element_ty), mask=mask)
+        else:
+            tl.store(PART + ((pid_k * tl.num_programs(2) + s) * M + m[None, :]) * N + n[:, None], acc, mask=mask)
+
+    @triton.jit
+    def nf4_dot_s(X, Q, A, CODE, OUT, PART, M, N, K, x_s, x_m, q_s, a_s, o_s, o_m,
+                  BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  SPLIT_K: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr):
+        # 方式 "dotS"：与 dotT 同样的 outᵀ = W·xᵀ，但每步正好一个量化块（NB = 1），absmax 在块的 tl.dot 之后才乘：
+        #   outᵀ[n] += absmax[n, 块] · (code[高半字节] @ x偶数列ᵀ + code[低半字节] @ x奇数列ᵀ)
+        # 为什么：反量化是这些 kernel 的瓶颈（BENCHMARKS.md 的 micro_nf4 表）。dotT 每个权重要查表、乘 absmax、
+        # 转成 bf16，再 join 交错；这里每个权重只剩查表与转精度，absmax 的乘法从每个权重一次降到每个输出每块一次，
+        # 高/低半字节各配 x 的偶数列 / 奇数列做一次 tl.dot（K = blocksize/2），不用在寄存器里交错。
+        # 舍入与 bitsandbytes 不同：bf16 的乘数是 bf16(code) 而不是 bf16(code · absmax)（误差同一量级；float32 时
+        # 只差求和顺序）。
+        HALF: tl.constexpr = BLOCKSIZE // 2
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        s = tl.program_id(2)
+        m_tiles = tl.cdiv(M, BLOCK_M)
+        pid_m = pid % m_tiles
+        pid_n = pid // m_tiles
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        j = tl.arange(0, HALF)
+        m_ok = m < M
+        n_ok = n < N
+        blocks = K // BLOCKSIZE
+        steps = tl.cdiv(blocks, SPLIT_K)
+        lo = pid_k * steps
+        hi = tl.minimum(lo + steps, blocks)
+        q_rows = Q + s * q_s + n.to(tl.int64)[:, None] * (K // 2)  # (BLOCK_N, 1)
+        x_cols = X + s * x_s + m[None, :] * x_m  # (1, BLOCK_M)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for kb in range(lo, hi):
+            q = tl.load(q_rows + kb * HALF + j[None, :], mask=n_ok[:, None], other=0).to(tl.int32)  # (BLOCK_N, HALF)
+            w_hi = tl.load(CODE + (q >> 4))
+            w_lo = tl.load(CODE + (q & 0xF))
+            if FIX:
+                w_hi = (w_hi.to(tl.uint32, bitcast=True) + 0x7FFF + ((w_hi.to(tl.uint32, bitcast=True) >> 16) & 1)
                        ).to(tl.float32, bitcast=True)
+                w_lo = (w_lo.to(tl.uint32, bitcast=True) + 0x7FFF + ((w_lo.to(tl.uint32, bitcast=True) >> 16) & 1)
+                       ).to(tl.float32, bitcast=True)
+            w_hi = w_hi.to(X.dtype.element_ty)
+            w_lo = w_lo.to(X.dtype.element_ty)
+            xe = tl.load(x_cols + kb * BLOCKSIZE + 2 * j[:, None], mask=m_ok[None, :], other=0.0)  # (HALF, BLOCK_M)
+            xo = tl.load(x_cols + kb * BLOCKSIZE + 2 * j[:, None] + 1, mask=m_ok[None, :], other=0.0)
+            if IEEE:
+                part = tl.dot(w_hi.to(tl.float32), xe.to(tl.float32), input_precision="ieee")
+                part = tl.dot(w_lo.to(tl.float32), xo.to(tl.float32), part, input_precision="ieee")
+            else:
+                part = tl.dot(w_hi, xe)
+                part = tl.dot(w_lo, xo, part)
+            scale = tl.load(A + s * a_s + n * blocks + kb, mask=n_ok, other=0.0)  # (BLOCK_N,)
+            acc += part * scale[:, None]
+        mask = n_ok[:, None] & m_ok[None, :]
+        if SPLIT_K == 1:
+            if FIX:
+                acc = (acc.to(tl.uint32, bitcast=True) + 0x7FFF + ((acc.to(tl.uint32, bitcast=True) >> 16) & 1)
+                      ).to(tl.float32, bitcast=True)
             tl.store(OUT + s * o_s + m[None, :] * o_m + n[:, None], acc.to(OUT.dtype.element_ty), mask=mask)
         else:
             tl.store(PART + ((pid_k * tl.num_programs(2) + s) * M + m[None, :]) * N + n[:, None], acc, mask=mask)
@@ -491,18 +557,24 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
 
     @triton_op("steer::nf4_linear", mutates_args=())
     def nf4_linear_op(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                      n: int, blocksize: int, gemv: bool, block_m: int, block_n: int, nb: int, split_k: int,
+                      n: int, blocksize: int, kernel: int, block_m: int, block_n: int, nb: int, split_k: int,
                       num_warps: int, num_stages: int) -> torch.Tensor:
         """算子本体（参数已由 _launch 核对）：x (S, M, K)，按行打包的 qweight (S, N, K/2)、absmax (S, N, K/bs)，
-        n = N → (S, M, N)，x 的精度。gemv：True = nf4_gemv（M = 1），False = nf4_dot_t。split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)。"""
+        n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 = nf4_gemv，1 = nf4_dot_t，2 = nf4_dot_s）。split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)。"""
         stacks, rows, k = x.shape
         out = torch.empty((stacks, rows, n), dtype=x.dtype, device=x.device)
         part = torch.empty((split_k, stacks, rows, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
         fix = INTERPRETED and x.dtype == torch.bfloat16
-        if gemv:
+        if kernel == 0:
             wrap_triton(nf4_gemv)[(triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, n, k, x.stride(0), qweight.stride(0), absmax.stride(0),
                 out.stride(0), BLOCKSIZE=blocksize, BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, FIX=fix,
+                num_warps=num_warps, num_stages=num_stages)
+        elif kernel == 2:
+            wrap_triton(nf4_dot_s)[(triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k, stacks)](
+                x, qweight, absmax, code, out, part, rows, n, k, x.stride(0), x.stride(1), qweight.stride(0),
+                absmax.stride(0), out.stride(0), out.stride(1), BLOCKSIZE=blocksize, BLOCK_M=block_m,
+                BLOCK_N=block_n, SPLIT_K=split_k, IEEE=x.dtype == torch.float32 or INTERPRETED, FIX=fix,
                 num_warps=num_warps, num_stages=num_stages)
         else:
             wrap_triton(nf4_dot_t)[(triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k, stacks)](
@@ -578,8 +650,10 @@ def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None, config: Config |
     if (config or config_for(rows))[0] == "bnb":
         return _bnb_matmul(x, w)
     method, block_m, block_n, nb, warps, stages = config or config_for(rows)
-    if method not in ("gemv", "dotT"):
-        raise ValueError(f"nf4 linear: unknown method {method!r}; expected 'gemv', 'dotT' or 'bnb'")
+    if method not in KERNELS:
+        raise ValueError(f"nf4 linear: unknown method {method!r}; expected one of {', '.join(KERNELS)} or 'bnb'")
+    if method == "dotS" and nb != 1:
+        raise ValueError(f"nf4 linear: the 'dotS' kernel takes one quantization block per step (NB = 1), got NB = {nb}")
     gemv = method == "gemv"
     if gemv and rows != 1:
         raise ValueError(f"nf4 linear: the 'gemv' kernel handles M = 1 only, got M = {rows}")
@@ -590,7 +664,7 @@ def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None, config: Config |
     if not torch.compiler.is_compiling():
         load_nf4_kernels()  # 编译区域里 dynamo 追踪不了 kernel 的定义：那里要求算子已经注册过
     # 经 torch.ops 调用：编译区域里 dynamo 只看到一个已注册的算子
-    return torch.ops.steer.nf4_linear(x, w.qweight, w.absmax, w.code, n, w.blocksize, gemv, block_m,
+    return torch.ops.steer.nf4_linear(x, w.qweight, w.absmax, w.code, n, w.blocksize, KERNELS[method], block_m,
                                       block_n, nb, split_k, warps, stages)
 
 
@@ -632,9 +706,11 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
         x = torch.randn(s, rows, k, dtype=dtype, device=stacked.qweight.device)
         if rows == 1:
             candidates = [("gemv", 1, bn, nb, nw, 1) for bn, nb, nw in TUNE_GEMV]
+            candidates += [("dotS", 16, bn, 1, nw, 1) for bn, nw in TUNE_DOT_S]
         else:
             bm = max(16, min(64, triton_next_power_of_2(rows)))
             candidates = [("dotT", bm, bn, nb, nw, 1) for bn, nb, nw in TUNE_DOT_T]
+            candidates += [("dotS", bm, bn, 1, nw, 1) for bn, nw in TUNE_DOT_S]
         bnb_cfg: Config = ("bnb", 0, 0, 0, 0, 0)
         # 正确性的参照：bitsandbytes 的结果（没装或它在这里出错时用本模块默认配置的）；偏离它的候选不参加比较
         results: list[tuple[float, Config, int]] = []
@@ -651,7 +727,7 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
             reference = _launch(x, sets[0], None, fallback).float()
         for cfg in candidates:
             nb = min(cfg[3], triton_next_power_of_2(k // w.blocksize))
-            for split in sorted({_split_k(x, stacked, rows, cfg[1], cfg[2], nb, rows == 1, p) for p in TUNE_PER_SM}):
+            for split in sorted({_split_k(x, stacked, rows, cfg[1], cfg[2], nb, cfg[0] == "gemv", p) for p in TUNE_PER_SM}):
                 try:
                     y = _launch(x, sets[0], split, cfg).float()
                     if ((y - reference).norm() / reference.norm().clamp_min(1e-30)).item() > 1e-2:
