@@ -393,10 +393,10 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
                             "top_p": args.top_p, "quant": args.quant,
                             # 是否真的走了 fast.nf4 的 kernel（叠加的 NF4 单元），而不是 bitsandbytes 的前向
                             "nf4_kernels": any(s is not None and s.nf4 for s in decoder.stacked)}
-            print(json.dumps({"check": key, **results[key]}), flush=True)
+            emit({"check": key, **results[key]}, args.out)
             if args.speculate and args.temperature == 0:
                 results[key + ":speculative"] = check_speculative(models, prompts, slow, steered, args, compile_step)
-                print(json.dumps({"check": key + ":speculative", **results[key + ":speculative"]}), flush=True)
+                emit({"check": key + ":speculative", **results[key + ":speculative"]}, args.out)
         del models
         gc.collect()
         if args.device.startswith("cuda"):
@@ -563,7 +563,7 @@ def speculate_rows(args: argparse.Namespace, sizes: list[int]) -> list[dict[str,
                          **{k: summary[k] for k in ("drafted", "accepted", "verify_steps", "tokens", "rounds")},
                          "acceptance": summary["acceptance"], "tokens_per_verify": summary["tokens_per_verify"],
                          "plain_s": round(t_plain, 4), "speculative_s": round(t_spec, 4)})
-            print(json.dumps(rows[-1]), flush=True)
+            emit(rows[-1], args.out)
     return rows
 
 
@@ -609,7 +609,7 @@ def speculate_fast_rows(args: argparse.Namespace, sizes: list[int], compile_step
             plain = measure("fast", models, steered, batch, args, compile_step, overlap, stack, attention)
             plain["path"] = "fast"
             rows.append(plain)
-            print(json.dumps(plain), flush=True)
+            emit(plain, args.out)
             n_models = 3 if steered else 2
             gen_prompts = [prompts] * n_models
             # 一个解码器给所有草稿代价与 K：编译的是每个单元的前向 / 验证（按 K 各一份），免费与付费草稿共用它们；
@@ -648,7 +648,7 @@ def speculate_fast_rows(args: argparse.Namespace, sizes: list[int], compile_step
                         if args.device.startswith("cuda"):
                             row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                         rows.append(row)
-                        print(json.dumps(row), flush=True)
+                        emit(row, args.out)
             del dec
             gc.collect()
             if args.device.startswith("cuda"):
@@ -856,6 +856,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"env": env, "args": vars(args)}), flush=True)
 
     report: dict[str, Any] = {"env": env, "args": vars(args)}
+    if args.out:  # 边测边写（见 emit）：先写下环境与参数，complete = false 直到 finish
+        with open(args.out, "w") as f:
+            json.dump({**report, "complete": False, "rows_so_far": []}, f, indent=1)
     if args.speculate and args.paths == "fast" and not args.check and not args.profile:
         report["speculation"] = speculate_fast_rows(args, [int(b) for b in args.batches.split(",") if b], compile_step)
         print(f"\n{'mode':<9}{'batch':>6}{'K':>3} {'draft':<7}{'agree':>6}{'accept':>8}{'tok/verify':>11}"
@@ -931,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:  # noqa: BLE001 — 记录失败（如 4-bit 下编译失败）并继续测其余配置
                     row = {**key, "error": f"{type(exc).__name__}: {exc}"[:500]}
                 rows.append(row)
-                print(json.dumps(row), flush=True)
+                emit(row, args.out)
                 gc.collect()
                 if args.device.startswith("cuda"):
                     torch.cuda.empty_cache()
@@ -969,12 +972,25 @@ def main(argv: list[str] | None = None) -> int:
     return finish(report, args.out)
 
 
+def emit(row: dict[str, Any], out: str | None) -> None:
+    """打印一行结果（一行 JSON）；给了 --out 时也把它追加进文件的 rows_so_far（文件由 main 先写好 env/args，
+    complete = false）。为什么：设备机上的命令有时间上限，超时或中途出错时已测的行不能只留在标准输出里
+    （f3031a1 的一次投机解码测量就是从日志里捞回来的）。finish 写完整报告时 complete = true、去掉 rows_so_far。"""
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out) as f:
+            partial = json.load(f)
+        partial["rows_so_far"].append(row)
+        with open(out, "w") as f:
+            json.dump(partial, f, indent=1)
+
+
 def finish(report: dict[str, Any], out: str | None) -> int:
-    """打印整份 JSON 报告；给了 --out 就也写进文件。每种模式（测速、--check、--profile、--speculate）都经这里收尾，
-    以免某种模式悄悄忽略 --out（--check 曾经如此）。"""
+    """打印整份 JSON 报告；给了 --out 就也写进文件（complete = true，覆盖 emit 写的中间结果）。每种模式（测速、
+    --check、--profile、--speculate）都经这里收尾，以免某种模式悄悄忽略 --out（--check 曾经如此）。"""
     if out:
         with open(out, "w") as f:
-            json.dump(report, f, indent=1)
+            json.dump({**report, "complete": True}, f, indent=1)
     print(json.dumps(report))
     return 0
 

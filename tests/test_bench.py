@@ -36,6 +36,28 @@ def test_tiny_check_fast_equals_eager_in_float32(capsys, tmp_path):
     assert 0.0 <= check["bfloat16:steered"]["agreement"] <= 1.0
 
 
+def test_out_file_keeps_rows_while_running_and_marks_completion(capsys, tmp_path, monkeypatch):
+    """--out 边测边写：每一行测完就进文件的 rows_so_far（complete = false），命令中途被杀时已测的行还在；
+    正常结束时文件是完整报告（complete = true，没有 rows_so_far）。"""
+    out = tmp_path / "rows.json"
+    real_finish = bench.finish
+    seen: dict = {}
+
+    def finish_spy(report, path):  # 收尾之前文件里是中间结果：与打印的行相同
+        seen.update(json.loads(out.read_text()))
+        return real_finish(report, path)
+
+    monkeypatch.setattr(bench, "finish", finish_spy)
+    assert bench.main(["--preset", "tiny", "--device", "cpu", "--batches", "2", "--modes", "target,steered",
+                       "--out", str(out)]) == 0
+    report = last_json(capsys)
+    assert seen["complete"] is False and seen["env"] == report["env"]
+    assert [(r["mode"], r["ms_per_step"]) for r in seen["rows_so_far"]] == [
+        (r["mode"], r["ms_per_step"]) for r in report["rows"]]
+    final = json.loads(out.read_text())
+    assert final["complete"] is True and "rows_so_far" not in final and final["rows"] == report["rows"]
+
+
 def test_tiny_benchmark_overlap_modes_and_attached_profile(capsys):
     """--overlap 可给多个：每个引导行各测一次（目标行只测一次）；--with-profile 把剖析附在每个快速路径行上。"""
     assert bench.main(["--preset", "tiny", "--device", "cpu", "--batches", "2", "--overlap", "off,streams",
