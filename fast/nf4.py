@@ -427,7 +427,8 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         # 同一个字节，读不成向量、每个权重一条字节 load。这里按行读 (BLOCK_N, NB·blocksize/2) 个连续字节（每行一段，向量读），
         # 高/低半字节各查一次表，再用 join + reshape 在寄存器里交错成 (BLOCK_N, BK)（k = 2i 是高半字节）。
         # 反量化后的权重是 tl.dot 的左操作数：解码时 M 小，把 N 放在 MMA 的大维度上（swap-AB，Marlin/gemlite 的
-        # 小批量做法），M 只要补到 16。舍入与 bitsandbytes 的“反量化成 bf16 + F.linear”相同：code · absmax 在 float32 里乘，转成 x 的精度，float32 累加。
+        # 小批量做法），M 只要补到 16。舍入与 bitsandbytes 的“反量化成 bf16 + F.linear”相同：code · absmax
+        # 在 float32 里乘，转成 x 的精度，float32 累加。
         HALF: tl.constexpr = BLOCKSIZE // 2
         BK: tl.constexpr = NB * BLOCKSIZE
         BH: tl.constexpr = NB * HALF  # 每行每步的字节数
@@ -560,7 +561,8 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                       n: int, blocksize: int, kernel: int, block_m: int, block_n: int, nb: int, split_k: int,
                       num_warps: int, num_stages: int) -> torch.Tensor:
         """算子本体（参数已由 _launch 核对）：x (S, M, K)，按行打包的 qweight (S, N, K/2)、absmax (S, N, K/bs)，
-        n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 = nf4_gemv，1 = nf4_dot_t，2 = nf4_dot_s）。split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)。"""
+        n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 = nf4_gemv，1 = nf4_dot_t，2 = nf4_dot_s）。
+        split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)。"""
         stacks, rows, k = x.shape
         out = torch.empty((stacks, rows, n), dtype=x.dtype, device=x.device)
         part = torch.empty((split_k, stacks, rows, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
@@ -682,7 +684,7 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
 
     为什么：最快的 (BLOCK_N, NB, num_warps, split-K) 随形状、M 与 GPU 变化，一张手写的表不可能处处最好
     （triton.autotune 的做法，但在编译区域之外、显式地做：torch.compile 追踪时配置已经是常量）。
-    候选：本模块的 kernel（gemv / dot 的各种块大小与 split-K）与 bitsandbytes 自己的 matmul_4bit（装了时；
+    候选：本模块的 kernel（M = 1：gemv 与 dotS；M > 1：dotT 与 dotS；各种块大小与 split-K）与 bitsandbytes 自己的 matmul_4bit（装了时；
     选中它的形状就与 bitsandbytes 的原路径一样快）。每个候选先与参照（bitsandbytes 的结果）比一次，偏离的不要。
     每个形状轮流用几份拷贝（合计 ≥ 128 MiB，大于 H200 的 50 MB L2，不让小权重一直命中 L2——解码时每层的权重只读一次），
     CUDA event 计时 reps 次取中位数。同一 (形状, M, dtype) 只调一次。返回 {形状: 报告}（给基准记录；已调过的形状也返回）。
@@ -727,7 +729,8 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
             reference = _launch(x, sets[0], None, fallback).float()
         for cfg in candidates:
             nb = min(cfg[3], triton_next_power_of_2(k // w.blocksize))
-            for split in sorted({_split_k(x, stacked, rows, cfg[1], cfg[2], nb, cfg[0] == "gemv", p) for p in TUNE_PER_SM}):
+            splits = {_split_k(x, stacked, rows, cfg[1], cfg[2], nb, cfg[0] == "gemv", p) for p in TUNE_PER_SM}
+            for split in sorted(splits):
                 try:
                     y = _launch(x, sets[0], split, cfg).float()
                     if ((y - reference).norm() / reference.norm().clamp_min(1e-30)).item() > 1e-2:
