@@ -988,9 +988,10 @@ def emit(row: dict[str, Any], out: str | None) -> None:
 def finish(report: dict[str, Any], out: str | None) -> int:
     """打印整份 JSON 报告；给了 --out 就也写进文件（complete = true，覆盖 emit 写的中间结果）。每种模式（测速、
     --check、--profile、--speculate）都经这里收尾，以免某种模式悄悄忽略 --out（--check 曾经如此）。"""
+    report = {**report, "complete": True}
     if out:
         with open(out, "w") as f:
-            json.dump({**report, "complete": True}, f, indent=1)
+            json.dump(report, f, indent=1)
     print(json.dumps(report))
     return 0
 
