@@ -28,7 +28,8 @@ kernel 每个权重读 0.5（半字节）+ 4 / blocksize（absmax）= 0.5625 B�
 bitsandbytes 自己的 gemv_4bit，谁快用谁）只到 0.5–1.2 TB/s，用时是同形状 bf16 的 0.86–1.25 倍——4 位少读的字节
 没有变成时间；两家 kernel 一样慢，按指令构成推断（没有 ncu 剖析）限制在反量化（每个权重一次 L1 查表 + 取半字节 +
 两次乘加）。M = 16 / 64 的 dotT 比 bitsandbytes 的 matmul_4bit 快 1.16–1.81 倍，仍比 bf16 慢 1.5–2.3 倍（0.36–0.62 TB/s）。
-之后加的候选 dotS（每步一块、absmax 在点积之后乘，每个权重只剩查表与转精度）还没有在 GPU 上量过。
+之后加的候选 dotS（每步一块、absmax 在点积之后乘，每个权重只剩查表与转精度）与 gemvR（M = 1：累加器小、每步读得多，
+针对“在途字节不够”的估算，见 nf4_gemv 的注释）还没有在 GPU 上量过。
 下一步：硬件剖析；查表不走 L1（寄存器里的 prmt 字节置换，FLUTE 的做法），或换一种能用整数位运算反量化的格式。
 
 dequantize_nf4 是纯 torch 的参考路径（与 bitsandbytes 的 dequantize_4bit 逐位相同）；quantize_nf4_reference 是
@@ -59,6 +60,8 @@ NESTED_BLOCKSIZE: Final[int] = 256  # bitsandbytes 双重量化 absmax 时的块
 
 # 按 M（激活行数）选 kernel 配置的默认表：(M 上界, 方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)。
 # 方式 "gemv"：M = 1，逐元素乘加、最后归约（不用 tensor core），每个程序 BLOCK_N 个输出 × 每步 NB 个 absmax 块；
+# 方式 "gemvR"：同 "gemv"，但每步先沿块内字节求和再乘 absmax（累加器小，NB 可以大），见 nf4_gemv 的 REDUCE；
+# 还没有在 GPU 上量过，只是调优的候选；
 # 方式 "dotT"：M > 1，按行向量读字节、反量化出 (BLOCK_N, NB·blocksize) 的 bf16/fp16 块，当 tl.dot 的左操作数
 # 在 tensor core 上算 outᵀ = W·xᵀ（M 不满 BLOCK_M 时补零列），见 nf4_dot_t；
 # 方式 "dotS"：同 dotT 的 outᵀ = W·xᵀ，但每步一个量化块、absmax 在块的 tl.dot 之后乘（每个权重少一次乘法与交错），
@@ -84,11 +87,14 @@ NF4_CONFIGS: Final[tuple[tuple[int, str, int, int, int, int, int], ...]] = (
 # f3031a1 的 16 个 (形状, M ∈ {16, 64}) 上都比 dotT 慢 1.19–1.54 倍；"gemv2"（x 预拆成偶/奇两段 + 软件预取
 # 下一步）在 M = 1 的 8 个形状上都比 gemv 慢 2–7 µs（含拆 x 的一次拷贝）。
 TUNE_GEMV: Final[tuple[tuple[int, int, int], ...]] = ((16, 4, 4), (8, 4, 2), (32, 2, 4), (16, 2, 2), (32, 4, 8))
-TUNE_DOT_T: Final[tuple[tuple[int, int, int], ...]] = ((128, 1, 4), (64, 1, 4), (32, 1, 4))
+# 方式 "gemvR" 的候选 (BLOCK_N, NB, num_warps)：还没有在 GPU 上量过；每个线程每步读 32–128 字节（gemv 的 2–8 倍）
+TUNE_GEMV_R: Final[tuple[tuple[int, int, int], ...]] = ((16, 8, 4), (16, 16, 4), (8, 32, 4), (32, 16, 8))
+# dotT 的 NB 2 / 4（每个线程每步读 2–4 倍的字节，同一“在途字节”的估算）是 f3031a1 之后加的，还没有量过
+TUNE_DOT_T: Final[tuple[tuple[int, int, int], ...]] = ((128, 1, 4), (64, 1, 4), (32, 1, 4), (128, 2, 4), (64, 4, 4))
 TUNE_DOT_S: Final[tuple[tuple[int, int], ...]] = ((128, 4), (64, 4))  # dotS 的 (BLOCK_N, num_warps)，NB 恒为 1
 TUNE_PER_SM: Final[tuple[int, ...]] = (4, 8)
 # 方式名 → 算子的 kernel 编号（nf4_linear_op 的 kernel 参数）；"bnb" 不经算子
-KERNELS: Final[dict[str, int]] = {"gemv": 0, "dotT": 1, "dotS": 2}
+KERNELS: Final[dict[str, int]] = {"gemv": 0, "dotT": 1, "dotS": 2, "gemvR": 3}
 Config = tuple[str, int, int, int, int, int]  # (方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)
 # 调优结果：(S, N, K, M, dtype) → (配置, split_k)。进程内有效（不同 GPU、不同形状各调一次）。
 _TUNED: dict[tuple[int, int, int, int, torch.dtype], tuple[Config, int]] = {}
@@ -379,10 +385,14 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     @triton.jit
     def nf4_gemv(X, Q, A, CODE, OUT, PART, N, K, x_s, q_s, a_s, o_s,
                  BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr,
-                 FIX: tl.constexpr):
+                 FIX: tl.constexpr, REDUCE: tl.constexpr):
         # M = 1。程序 (n 块, K 段, 模型 s)：BLOCK_N 个输出（Q 的 BLOCK_N 行）；每步读每行 NB 个块的字节
-        # (BLOCK_N, NB, HALF)——每行是一段连续的 NB·HALF 字节。高半字节乘 x 的偶数列、低半字节乘奇数列，
-        # 逐元素累加到 (BLOCK_N, NB, HALF) 的 float32 寄存器里，循环结束后才沿 K 归约一次。
+        # (BLOCK_N, NB, HALF)——每行是一段连续的 NB·HALF 字节。高半字节乘 x 的偶数列、低半字节乘奇数列。
+        # REDUCE = False（方式 "gemv"）：逐元素累加到 (BLOCK_N, NB, HALF) 的 float32 寄存器里，循环结束后才沿 K 归约。
+        # REDUCE = True（方式 "gemvR"）：每步先沿块内字节求和、再乘 absmax，累加器只有 (BLOCK_N, NB)。为什么：
+        # f3031a1 的表里 M = 1 的 kernel 只到约 1 TB/s；按 Little 定律估算，每个 SM 在途的权重字节不够（gemv 每个线程
+        # 每步只读 16 字节，寄存器又限制了每个 SM 的程序数）。小累加器省下寄存器，NB 可以取 8–32（每个线程每步
+        # 读 32–128 字节），absmax 的乘法也从每个字节一次变成每块一次。
         HALF: tl.constexpr = BLOCKSIZE // 2
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -397,6 +407,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         hi = tl.minimum(lo + steps * NB, blocks)
         q_rows = Q + s * q_s + n.to(tl.int64)[:, None, None] * (K // 2)  # (BLOCK_N, 1, 1)：各行的起点
         acc = tl.zeros([BLOCK_N, NB, HALF], tl.float32)
+        acc_blocks = tl.zeros([BLOCK_N, NB], tl.float32)
         for kb in range(lo, hi, NB):
             blk = kb + b
             b_ok = blk < hi
@@ -408,8 +419,14 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             xo = tl.load(X + s * x_s + 2 * byte + 1, mask=b_ok[:, None], other=0.0).to(tl.float32)
             we = tl.load(CODE + (q >> 4).to(tl.int32))  # 查表：16 项的表常驻 L1
             wo = tl.load(CODE + (q & 0xF).to(tl.int32))
-            acc += (we * xe[None, :, :] + wo * xo[None, :, :]) * scale[:, :, None]
-        total = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BLOCK_N,)
+            if REDUCE:
+                acc_blocks += tl.sum(we * xe[None, :, :] + wo * xo[None, :, :], axis=2) * scale
+            else:
+                acc += (we * xe[None, :, :] + wo * xo[None, :, :]) * scale[:, :, None]
+        if REDUCE:
+            total = tl.sum(acc_blocks, axis=1)  # (BLOCK_N,)
+        else:
+            total = tl.sum(tl.sum(acc, axis=2), axis=1)
         if SPLIT_K == 1:
             if FIX:  # 解释器里 .to(bf16) 是截断：先在位模式上加 0x7FFF + 保留位的最低位（见 RTNE_NOTE）
                 total = (total.to(tl.uint32, bitcast=True) + 0x7FFF + ((total.to(tl.uint32, bitcast=True) >> 16) & 1)
@@ -561,17 +578,18 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                       n: int, blocksize: int, kernel: int, block_m: int, block_n: int, nb: int, split_k: int,
                       num_warps: int, num_stages: int) -> torch.Tensor:
         """算子本体（参数已由 _launch 核对）：x (S, M, K)，按行打包的 qweight (S, N, K/2)、absmax (S, N, K/bs)，
-        n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 = nf4_gemv，1 = nf4_dot_t，2 = nf4_dot_s）。
+        n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 = nf4_gemv，1 = nf4_dot_t，2 = nf4_dot_s，
+        3 = nf4_gemv 的 REDUCE 版）。
         split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)。"""
         stacks, rows, k = x.shape
         out = torch.empty((stacks, rows, n), dtype=x.dtype, device=x.device)
         part = torch.empty((split_k, stacks, rows, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
         fix = INTERPRETED and x.dtype == torch.bfloat16
-        if kernel == 0:
+        if kernel in (0, 3):
             wrap_triton(nf4_gemv)[(triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, n, k, x.stride(0), qweight.stride(0), absmax.stride(0),
                 out.stride(0), BLOCKSIZE=blocksize, BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, FIX=fix,
-                num_warps=num_warps, num_stages=num_stages)
+                REDUCE=kernel == 3, num_warps=num_warps, num_stages=num_stages)
         elif kernel == 2:
             wrap_triton(nf4_dot_s)[(triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, rows, n, k, x.stride(0), x.stride(1), qweight.stride(0),
@@ -656,9 +674,9 @@ def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None, config: Config |
         raise ValueError(f"nf4 linear: unknown method {method!r}; expected one of {', '.join(KERNELS)} or 'bnb'")
     if method == "dotS" and nb != 1:
         raise ValueError(f"nf4 linear: the 'dotS' kernel takes one quantization block per step (NB = 1), got NB = {nb}")
-    gemv = method == "gemv"
+    gemv = method in ("gemv", "gemvR")
     if gemv and rows != 1:
-        raise ValueError(f"nf4 linear: the 'gemv' kernel handles M = 1 only, got M = {rows}")
+        raise ValueError(f"nf4 linear: the {method!r} kernel handles M = 1 only, got M = {rows}")
     nb = min(nb, triton_next_power_of_2(blocks))
     if split_k is None:
         split_k = _split_k(x, w, rows, block_m, block_n, nb, gemv)
@@ -708,6 +726,7 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
         x = torch.randn(s, rows, k, dtype=dtype, device=stacked.qweight.device)
         if rows == 1:
             candidates = [("gemv", 1, bn, nb, nw, 1) for bn, nb, nw in TUNE_GEMV]
+            candidates += [("gemvR", 1, bn, nb, nw, 1) for bn, nb, nw in TUNE_GEMV_R]
             candidates += [("dotS", 16, bn, 1, nw, 1) for bn, nw in TUNE_DOT_S]
         else:
             bm = max(16, min(64, triton_next_power_of_2(rows)))
@@ -729,7 +748,8 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
             reference = _launch(x, sets[0], None, fallback).float()
         for cfg in candidates:
             nb = min(cfg[3], triton_next_power_of_2(k // w.blocksize))
-            splits = {_split_k(x, stacked, rows, cfg[1], cfg[2], nb, cfg[0] == "gemv", p) for p in TUNE_PER_SM}
+            splits = {_split_k(x, stacked, rows, cfg[1], cfg[2], nb, cfg[0] in ("gemv", "gemvR"), p)
+                      for p in TUNE_PER_SM}
             for split in sorted(splits):
                 try:
                     y = _launch(x, sets[0], split, cfg).float()

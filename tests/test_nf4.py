@@ -171,6 +171,28 @@ def test_nf4_linear_fp16_blocksize_128_and_config(interpreted_triton: None) -> N
 
 
 @needs_triton
+@pytest.mark.parametrize("n, k, blocksize, block_n, nb, split_k", [
+    (80, 768, 64, 16, 8, 1),     # 12 块、NB = 8：第二步的后 4 块被 mask 掉；N 不满最后一块
+    (40, 1024, 128, 8, 2, 1),    # blocksize 128，多步
+    (64, 2048, 64, 16, 4, 3),    # 切 K（最后一段不满）+ 合并
+    (48, 320, 64, 16, 1, 4),     # 5 块切 4 段：最后一段为空
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_r_matches_dequantize_matmul(interpreted_triton: None, n: int, k: int, blocksize: int, block_n: int,
+                                          nb: int, split_k: int, dtype: torch.dtype) -> None:
+    """方式 "gemvR"（每步先沿块内字节求和再乘 absmax，累加器 (BLOCK_N, NB)）== x @ dequantize(W)ᵀ，单个与叠加都对。"""
+    ws = [_nf4(n, k, seed=s + n, blocksize=blocksize) for s in range(2)]
+    x = torch.randn(2, 1, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+    cfg = ("gemvR", 1, block_n, nb, 4, 1)
+    y = nf4_linear_stacked(x, stack_nf4(ws), config=cfg, split_k=split_k)
+    assert y.shape == (2, 1, n) and y.dtype == dtype
+    for s in range(2):
+        ref = x[s].float() @ dequantize_nf4(dataclasses.replace(ws[s], dtype=torch.float32)).T
+        assert _relative_error(y[s], ref) < TOLERANCE[dtype]
+        assert torch.equal(nf4_linear(x[s], ws[s], config=cfg, split_k=split_k), y[s])
+
+
+@needs_triton
 @pytest.mark.parametrize("method, m, n, k, blocksize, block_m, block_n, nb, split_k", [
     ("dotT", 3, 80, 256, 64, 16, 64, 1, 1),     # M 不满一块，N 不满最后一块
     ("dotT", 16, 48, 512, 128, 16, 16, 2, 1),   # NB = 2：每步两块的 absmax 按字节取
@@ -265,6 +287,8 @@ def test_nf4_linear_refuses_bad_input(interpreted_triton: None) -> None:
         nf4_linear_stacked(x[None], stack_nf4([w, w]))
     with pytest.raises(ValueError, match="M = 1 only"):
         nf4_linear(x, w, config=("gemv", 1, 64, 2, 4, 1))
+    with pytest.raises(ValueError, match="'gemvR' kernel handles M = 1 only"):
+        nf4_linear(x, w, config=("gemvR", 1, 16, 8, 4, 1))
     with pytest.raises(ValueError, match="one quantization block per step"):
         nf4_linear(x, w, config=("dotS", 16, 64, 2, 4, 1))
     with pytest.raises(ValueError, match="unknown method 'dot'"):
