@@ -65,7 +65,7 @@ NESTED_BLOCKSIZE: Final[int] = 256  # bitsandbytes 双重量化 absmax 时的块
 # 方式 "dotT"：M > 1，按行向量读字节、反量化出 (BLOCK_N, NB·blocksize) 的 bf16/fp16 块，当 tl.dot 的左操作数
 # 在 tensor core 上算 outᵀ = W·xᵀ（M 不满 BLOCK_M 时补零列），见 nf4_dot_t；
 # 方式 "dotS"：同 dotT 的 outᵀ = W·xᵀ，但每步一个量化块、absmax 在块的 tl.dot 之后乘（每个权重少一次乘法与交错），
-# 见 nf4_dot_s；还没有在 GPU 上量过，只是调优的候选（M = 1 时也试：tensor core 做乘加，CUDA core 只查表）；
+# 见 nf4_dot_t 的 PER_BLOCK；还没有在 GPU 上量过，只是调优的候选（M = 1 时也试：tensor core 做乘加，CUDA core 只查表）；
 # 方式 "bnb"：bitsandbytes 自己的 matmul_4bit（M = 1 走它的 gemv_4bit，否则反量化成 x 的精度 + F.linear），读同一份
 # 打包字节与本模块的 float32 absmax——调优的候选之一：我们的 kernel 在某个形状上比它慢时就用它（不会比 bitsandbytes 的
 # 原路径更慢），数值与 bitsandbytes 的前向相同。其余字段无意义（填 0）。
@@ -95,6 +95,7 @@ TUNE_DOT_S: Final[tuple[tuple[int, int], ...]] = ((128, 4), (64, 4))  # dotS 的
 TUNE_PER_SM: Final[tuple[int, ...]] = (4, 8)
 # 方式名 → 算子的 kernel 编号（nf4_linear_op 的 kernel 参数）；"bnb" 不经算子
 KERNELS: Final[dict[str, int]] = {"gemv": 0, "dotT": 1, "dotS": 2, "gemvR": 3}
+GEMV_METHODS: Final[tuple[str, ...]] = ("gemv", "gemvR")  # 只算 M = 1 的方式（程序网格没有 m 块）
 Config = tuple[str, int, int, int, int, int]  # (方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)
 # 调优结果：(S, N, K, M, dtype) → (配置, split_k)。进程内有效（不同 GPU、不同形状各调一次）。
 _TUNED: dict[tuple[int, int, int, int, torch.dtype], tuple[Config, int]] = {}
@@ -438,14 +439,19 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     @triton.jit
     def nf4_dot_t(X, Q, A, CODE, OUT, PART, M, N, K, x_s, x_m, q_s, a_s, o_s, o_m,
                   BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
-                  SPLIT_K: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr):
-        # 方式 "dotT"：算转置 outᵀ (BLOCK_N, BLOCK_M) += W 块 (BLOCK_N, BK) @ xᵀ (BK, BLOCK_M)。
+                  SPLIT_K: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr, PER_BLOCK: tl.constexpr):
+        # 算转置 outᵀ (BLOCK_N, BLOCK_M) += W 块 (BLOCK_N, BK) @ xᵀ (BK, BLOCK_M)，两种方式共用读取、查表与收尾。
         # 为什么：之前的 nf4_dot（4e84028 在 M = 16 只到约 0.38 TB/s）把权重块按 (BK, BLOCK_N) 取，沿 K 每两个元素读
-        # 同一个字节，读不成向量、每个权重一条字节 load。这里按行读 (BLOCK_N, NB·blocksize/2) 个连续字节（每行一段，向量读），
-        # 高/低半字节各查一次表，再用 join + reshape 在寄存器里交错成 (BLOCK_N, BK)（k = 2i 是高半字节）。
-        # 反量化后的权重是 tl.dot 的左操作数：解码时 M 小，把 N 放在 MMA 的大维度上（swap-AB，Marlin/gemlite 的
-        # 小批量做法），M 只要补到 16。舍入与 bitsandbytes 的“反量化成 bf16 + F.linear”相同：code · absmax
-        # 在 float32 里乘，转成 x 的精度，float32 累加。
+        # 同一个字节，读不成向量、每个权重一条字节 load。这里按行读 (BLOCK_N, NB·blocksize/2) 个连续字节（每行一段，
+        # 向量读），高/低半字节各查一次表。反量化后的权重是 tl.dot 的左操作数：解码时 M 小，把 N 放在 MMA 的大维度上
+        # （swap-AB，Marlin/gemlite 的小批量做法），M 只要补到 16。
+        # PER_BLOCK = False（方式 "dotT"）：code · absmax 在 float32 里乘、转成 x 的精度（与 bitsandbytes 的“反量化成
+        # bf16 + F.linear”舍入相同），用 join + reshape 在寄存器里交错成 (BLOCK_N, BK)（k = 2i 是高半字节），一次 tl.dot。
+        # PER_BLOCK = True（方式 "dotS"，要求 NB = 1：每步正好一个量化块）：absmax 在块的 tl.dot 之后才乘——
+        #   outᵀ[n] += absmax[n, 块] · (code[高半字节] @ x偶数列ᵀ + code[低半字节] @ x奇数列ᵀ)
+        # 每个权重只剩查表与转精度（反量化是这些 kernel 的瓶颈，见 BENCHMARKS.md 的 micro_nf4 表），absmax 的乘法从每个
+        # 权重一次降到每个输出每块一次，高/低半字节各配 x 的偶数列 / 奇数列做一次 tl.dot，不用交错。舍入与 bitsandbytes
+        # 不同：bf16 的乘数是 bf16(code) 而不是 bf16(code · absmax)（误差同一量级；float32 时只差求和顺序）。
         HALF: tl.constexpr = BLOCKSIZE // 2
         BK: tl.constexpr = NB * BLOCKSIZE
         BH: tl.constexpr = NB * HALF  # 每行每步的字节数
@@ -466,6 +472,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         lo = pid_k * steps * NB
         hi = tl.minimum(lo + steps * NB, blocks)
         q_rows = Q + s * q_s + n.to(tl.int64)[:, None] * (K // 2)  # (BLOCK_N, 1)
+        x_cols = X + s * x_s + m[None, :] * x_m  # (1, BLOCK_M)
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for kb in range(lo, hi, NB):
             b_ok = kb + hb // HALF < hi  # (BH,)
@@ -476,81 +483,37 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             else:
                 scale = tl.load(A + s * a_s + n[:, None] * blocks + (kb + hb // HALF)[None, :],
                                 mask=n_ok[:, None] & b_ok[None, :], other=0.0)
-            w_hi = tl.load(CODE + (q >> 4)) * scale
-            w_lo = tl.load(CODE + (q & 0xF)) * scale
-            if FIX:  # 见 RTNE_NOTE
-                w_hi = (w_hi.to(tl.uint32, bitcast=True) + 0x7FFF + ((w_hi.to(tl.uint32, bitcast=True) >> 16) & 1)
-                       ).to(tl.float32, bitcast=True)
-                w_lo = (w_lo.to(tl.uint32, bitcast=True) + 0x7FFF + ((w_lo.to(tl.uint32, bitcast=True) >> 16) & 1)
-                       ).to(tl.float32, bitcast=True)
-            w = tl.reshape(tl.join(w_hi.to(X.dtype.element_ty), w_lo.to(X.dtype.element_ty)), (BLOCK_N, BK))
-            k_ok = kb + kk // BLOCKSIZE < hi
-            xt = tl.load(X + s * x_s + m[None, :] * x_m + kb * BLOCKSIZE + kk[:, None],
-                         mask=k_ok[:, None] & m_ok[None, :], other=0.0)  # (BK, BLOCK_M)
-            if IEEE:
-                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w, xt, acc)
-        mask = n_ok[:, None] & m_ok[None, :]
-        if SPLIT_K == 1:
-            if FIX:
-                acc = (acc.to(tl.uint32, bitcast=True) + 0x7FFF + ((acc.to(tl.uint32, bitcast=True) >> 16) & 1)
-                      ).to(tl.float32, bitcast=True)
-            tl.store(OUT + s * o_s + m[None, :] * o_m + n[:, None], acc.to(OUT.dtype.element_ty), mask=mask)
-        else:
-            tl.store(PART + ((pid_k * tl.num_programs(2) + s) * M + m[None, :]) * N + n[:, None], acc, mask=mask)
-
-    @triton.jit
-    def nf4_dot_s(X, Q, A, CODE, OUT, PART, M, N, K, x_s, x_m, q_s, a_s, o_s, o_m,
-                  BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  SPLIT_K: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr):
-        # 方式 "dotS"：与 dotT 同样的 outᵀ = W·xᵀ，但每步正好一个量化块（NB = 1），absmax 在块的 tl.dot 之后才乘：
-        #   outᵀ[n] += absmax[n, 块] · (code[高半字节] @ x偶数列ᵀ + code[低半字节] @ x奇数列ᵀ)
-        # 为什么：反量化是这些 kernel 的瓶颈（BENCHMARKS.md 的 micro_nf4 表）。dotT 每个权重要查表、乘 absmax、
-        # 转成 bf16，再 join 交错；这里每个权重只剩查表与转精度，absmax 的乘法从每个权重一次降到每个输出每块一次，
-        # 高/低半字节各配 x 的偶数列 / 奇数列做一次 tl.dot（K = blocksize/2），不用在寄存器里交错。
-        # 舍入与 bitsandbytes 不同：bf16 的乘数是 bf16(code) 而不是 bf16(code · absmax)（误差同一量级；float32 时
-        # 只差求和顺序）。
-        HALF: tl.constexpr = BLOCKSIZE // 2
-        pid = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        s = tl.program_id(2)
-        m_tiles = tl.cdiv(M, BLOCK_M)
-        pid_m = pid % m_tiles
-        pid_n = pid // m_tiles
-        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        j = tl.arange(0, HALF)
-        m_ok = m < M
-        n_ok = n < N
-        blocks = K // BLOCKSIZE
-        steps = tl.cdiv(blocks, SPLIT_K)
-        lo = pid_k * steps
-        hi = tl.minimum(lo + steps, blocks)
-        q_rows = Q + s * q_s + n.to(tl.int64)[:, None] * (K // 2)  # (BLOCK_N, 1)
-        x_cols = X + s * x_s + m[None, :] * x_m  # (1, BLOCK_M)
-        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for kb in range(lo, hi):
-            q = tl.load(q_rows + kb * HALF + j[None, :], mask=n_ok[:, None], other=0).to(tl.int32)  # (BLOCK_N, HALF)
             w_hi = tl.load(CODE + (q >> 4))
             w_lo = tl.load(CODE + (q & 0xF))
-            if FIX:
+            if not PER_BLOCK:
+                w_hi = w_hi * scale
+                w_lo = w_lo * scale
+            if FIX:  # 见 RTNE_NOTE
                 w_hi = (w_hi.to(tl.uint32, bitcast=True) + 0x7FFF + ((w_hi.to(tl.uint32, bitcast=True) >> 16) & 1)
                        ).to(tl.float32, bitcast=True)
                 w_lo = (w_lo.to(tl.uint32, bitcast=True) + 0x7FFF + ((w_lo.to(tl.uint32, bitcast=True) >> 16) & 1)
                        ).to(tl.float32, bitcast=True)
             w_hi = w_hi.to(X.dtype.element_ty)
             w_lo = w_lo.to(X.dtype.element_ty)
-            xe = tl.load(x_cols + kb * BLOCKSIZE + 2 * j[:, None], mask=m_ok[None, :], other=0.0)  # (HALF, BLOCK_M)
-            xo = tl.load(x_cols + kb * BLOCKSIZE + 2 * j[:, None] + 1, mask=m_ok[None, :], other=0.0)
-            if IEEE:
-                part = tl.dot(w_hi.to(tl.float32), xe.to(tl.float32), input_precision="ieee")
-                part = tl.dot(w_lo.to(tl.float32), xo.to(tl.float32), part, input_precision="ieee")
+            if PER_BLOCK:
+                xe = tl.load(x_cols + kb * BLOCKSIZE + 2 * hb[:, None], mask=m_ok[None, :], other=0.0)  # (HALF, BLOCK_M)
+                xo = tl.load(x_cols + kb * BLOCKSIZE + 2 * hb[:, None] + 1, mask=m_ok[None, :], other=0.0)
+                if IEEE:
+                    part = tl.dot(w_hi.to(tl.float32), xe.to(tl.float32), input_precision="ieee")
+                    part = tl.dot(w_lo.to(tl.float32), xo.to(tl.float32), part, input_precision="ieee")
+                else:
+                    part = tl.dot(w_hi, xe)
+                    part = tl.dot(w_lo, xo, part)
+                acc += part * scale
             else:
-                part = tl.dot(w_hi, xe)
-                part = tl.dot(w_lo, xo, part)
-            scale = tl.load(A + s * a_s + n * blocks + kb, mask=n_ok, other=0.0)  # (BLOCK_N,)
-            acc += part * scale[:, None]
+                w = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BK))
+                k_ok = kb + kk // BLOCKSIZE < hi
+                xt = tl.load(x_cols + kb * BLOCKSIZE + kk[:, None], mask=k_ok[:, None] & m_ok[None, :],
+                             other=0.0)  # (BK, BLOCK_M)
+                if IEEE:
+                    acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(w, xt, acc)
         mask = n_ok[:, None] & m_ok[None, :]
         if SPLIT_K == 1:
             if FIX:
@@ -578,8 +541,8 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                       n: int, blocksize: int, kernel: int, block_m: int, block_n: int, nb: int, split_k: int,
                       num_warps: int, num_stages: int) -> torch.Tensor:
         """算子本体（参数已由 _launch 核对）：x (S, M, K)，按行打包的 qweight (S, N, K/2)、absmax (S, N, K/bs)，
-        n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 = nf4_gemv，1 = nf4_dot_t，2 = nf4_dot_s，
-        3 = nf4_gemv 的 REDUCE 版）。
+        n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 = nf4_gemv，1 = nf4_dot_t，
+        2 = nf4_dot_t 的 PER_BLOCK 版，3 = nf4_gemv 的 REDUCE 版）。
         split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)。"""
         stacks, rows, k = x.shape
         out = torch.empty((stacks, rows, n), dtype=x.dtype, device=x.device)
@@ -590,18 +553,12 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                 x, qweight, absmax, code, out, part, n, k, x.stride(0), qweight.stride(0), absmax.stride(0),
                 out.stride(0), BLOCKSIZE=blocksize, BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, FIX=fix,
                 REDUCE=kernel == 3, num_warps=num_warps, num_stages=num_stages)
-        elif kernel == 2:
-            wrap_triton(nf4_dot_s)[(triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k, stacks)](
-                x, qweight, absmax, code, out, part, rows, n, k, x.stride(0), x.stride(1), qweight.stride(0),
-                absmax.stride(0), out.stride(0), out.stride(1), BLOCKSIZE=blocksize, BLOCK_M=block_m,
-                BLOCK_N=block_n, SPLIT_K=split_k, IEEE=x.dtype == torch.float32 or INTERPRETED, FIX=fix,
-                num_warps=num_warps, num_stages=num_stages)
         else:
             wrap_triton(nf4_dot_t)[(triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, rows, n, k, x.stride(0), x.stride(1), qweight.stride(0),
                 absmax.stride(0), out.stride(0), out.stride(1), BLOCKSIZE=blocksize, BLOCK_M=block_m,
                 BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, IEEE=x.dtype == torch.float32 or INTERPRETED, FIX=fix,
-                num_warps=num_warps, num_stages=num_stages)
+                PER_BLOCK=kernel == 2, num_warps=num_warps, num_stages=num_stages)
         if split_k > 1:
             total = stacks * rows * n
             wrap_triton(nf4_split_sum)[(triton.cdiv(total, 1024),)](part, out, total, SPLIT_K=split_k, BLOCK=1024,
@@ -674,7 +631,7 @@ def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None, config: Config |
         raise ValueError(f"nf4 linear: unknown method {method!r}; expected one of {', '.join(KERNELS)} or 'bnb'")
     if method == "dotS" and nb != 1:
         raise ValueError(f"nf4 linear: the 'dotS' kernel takes one quantization block per step (NB = 1), got NB = {nb}")
-    gemv = method in ("gemv", "gemvR")
+    gemv = method in GEMV_METHODS
     if gemv and rows != 1:
         raise ValueError(f"nf4 linear: the {method!r} kernel handles M = 1 only, got M = {rows}")
     nb = min(nb, triton_next_power_of_2(blocks))
@@ -748,7 +705,7 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
             reference = _launch(x, sets[0], None, fallback).float()
         for cfg in candidates:
             nb = min(cfg[3], triton_next_power_of_2(k // w.blocksize))
-            splits = {_split_k(x, stacked, rows, cfg[1], cfg[2], nb, cfg[0] in ("gemv", "gemvR"), p)
+            splits = {_split_k(x, stacked, rows, cfg[1], cfg[2], nb, cfg[0] in GEMV_METHODS, p)
                       for p in TUNE_PER_SM}
             for split in sorted(splits):
                 try:
