@@ -49,7 +49,7 @@ SMOKE_SHAPES: list[tuple[str, str, int, int, int]] = [("tiny", "a", 96, 128, 1),
 BATCHES = (1, 16, 64)
 # --sweep 试的配置：(方式, BLOCK_M, BLOCK_N, NB, warps, stages)，每个配置再试 SWEEP_SPLITS 里的 split_k
 SWEEP_SPLITS: tuple[int | None, ...] = (None, 1, 2, 4, 8, 16)  # None = split_k_for 的选择
-SWEEP_GEMV = [("gemv", 1, 64, nb, w, 1) for nb in (1, 2, 4) for w in (2, 4, 8)]
+SWEEP_GEMV = [("gemvR", 1, bn, nb, w, 1) for bn in (16, 64) for nb in (4, 8, 16) for w in (2, 4, 8)]
 SWEEP_DOT = [("dotT", bm, bn, 1, w, 1) for bm in (16, 64) for bn in (64, 128) for w in (4, 8)]
 
 

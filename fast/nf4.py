@@ -24,12 +24,11 @@
 - code (16,) float32：NF4 表。
 kernel 每个权重读 0.5（半字节）+ 4 / blocksize（absmax）= 0.5625 B（blocksize 64）；bf16 是 2 B。
 
-现状（H200，f3031a1，benchmarks/micro_nf4.py --tune，BENCHMARKS.md）：M = 1 时调优后的最快者（本模块的 gemv 或
-bitsandbytes 自己的 gemv_4bit，谁快用谁）只到 0.5–1.2 TB/s，用时是同形状 bf16 的 0.86–1.25 倍——4 位少读的字节
-没有变成时间；两家 kernel 一样慢，按指令构成推断（没有 ncu 剖析）限制在反量化（每个权重一次 L1 查表 + 取半字节 +
-两次乘加）。M = 16 / 64 的 dotT 比 bitsandbytes 的 matmul_4bit 快 1.16–1.81 倍，仍比 bf16 慢 1.5–2.3 倍（0.36–0.62 TB/s）。
-之后加的候选 dotS（每步一块、absmax 在点积之后乘，每个权重只剩查表与转精度）与 gemvR（M = 1：累加器小、每步读得多，
-针对“在途字节不够”的估算，见 nf4_gemv 的注释）还没有在 GPU 上量过。
+现状（H200，f3031a1 的 benchmarks/micro_nf4.py --tune 与 b967a75 的 bench.py --quant nf4，BENCHMARKS.md）：M = 1 时
+调优后的最快者（本模块的 gemvR 或 bitsandbytes 自己的 gemv_4bit，谁快用谁）只到 0.5–1.2 TB/s，用时是同形状 bf16 的
+0.86–1.25 倍——4 位少读的字节没有变成时间；两家 kernel 一样慢，按指令构成推断（没有 ncu 剖析）限制在反量化（每个权重
+一次 L1 查表 + 取半字节 + 两次乘加）。M = 16 / 64 的 dotT 比 bitsandbytes 的 matmul_4bit 快 1.16–1.81 倍，仍比 bf16 慢
+1.5–2.3 倍（0.36–0.62 TB/s）。试过又删掉的方式（数字在 BENCHMARKS.md）：旧 gemv、gemv2、旧 dot、dotS。
 下一步：硬件剖析；查表不走 L1（寄存器里的 prmt 字节置换，FLUTE 的做法），或换一种能用整数位运算反量化的格式。
 
 dequantize_nf4 是纯 torch 的参考路径（与 bitsandbytes 的 dequantize_4bit 逐位相同）；quantize_nf4_reference 是
@@ -59,43 +58,41 @@ DTYPES: Final[tuple[torch.dtype, ...]] = (torch.bfloat16, torch.float16, torch.f
 NESTED_BLOCKSIZE: Final[int] = 256  # bitsandbytes 双重量化 absmax 时的块大小（quantize_4bit 里写死）
 
 # 按 M（激活行数）选 kernel 配置的默认表：(M 上界, 方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)。
-# 方式 "gemv"：M = 1，逐元素乘加、最后归约（不用 tensor core），每个程序 BLOCK_N 个输出 × 每步 NB 个 absmax 块；
-# 方式 "gemvR"：同 "gemv"，但每步先沿块内字节求和再乘 absmax（累加器小，NB 可以大），见 nf4_gemv 的 REDUCE；
-# 还没有在 GPU 上量过，只是调优的候选；
+# 方式 "gemvR"：M = 1，CUDA core 上乘加（不用 tensor core），每个程序 BLOCK_N 个输出 × 每步 NB 个 absmax 块，
+# 每步先沿块内字节求和再乘 absmax（累加器 (BLOCK_N, NB)），见 nf4_gemv；
 # 方式 "dotT"：M > 1，按行向量读字节、反量化出 (BLOCK_N, NB·blocksize) 的 bf16/fp16 块，当 tl.dot 的左操作数
 # 在 tensor core 上算 outᵀ = W·xᵀ（M 不满 BLOCK_M 时补零列），见 nf4_dot_t；
-# 方式 "dotS"：同 dotT 的 outᵀ = W·xᵀ，但每步一个量化块、absmax 在块的 tl.dot 之后乘（每个权重少一次乘法与交错），
-# 见 nf4_dot_t 的 PER_BLOCK；还没有在 GPU 上量过，只是调优的候选（M = 1 时也试：tensor core 做乘加，CUDA core 只查表）；
 # 方式 "bnb"：bitsandbytes 自己的 matmul_4bit（M = 1 走它的 gemv_4bit，否则反量化成 x 的精度 + F.linear），读同一份
 # 打包字节与本模块的 float32 absmax——调优的候选之一：我们的 kernel 在某个形状上比它慢时就用它（不会比 bitsandbytes 的
 # 原路径更慢），数值与 bitsandbytes 的前向相同。其余字段无意义（填 0）。
 # 两种 Triton 方式都按 SM 数在 K 上切段（split-K，见 split_k_for），部分和由第二个 kernel 相加（确定性的，不用原子加）。
 # 这张表只是没有调优时的起点：CUDA 上 tune_nf4 按实际形状与 M 在候选里实测选最快的（StackedLlama.allocate 调用），
-# 结果记在 _TUNED 里，_launch 先查它。默认值取 f3031a1 在 H200 上的调优赢家（BENCHMARKS.md 的 micro_nf4 表：
-# M = 16 是 BLOCK_N 128 或 64，M = 64 全是 64；M = 32 没有量过，取两者之间）。
+# 结果记在 _TUNED 里，_launch 先查它。默认值取 H200 上的调优赢家（BENCHMARKS.md：M = 1 是 b967a75 的 gemvR
+# (16, 8, 4)；M = 16 是 f3031a1 的 BLOCK_N 128 或 64，M = 64 全是 64；M = 32 没有量过，取两者之间）。
 NF4_CONFIGS: Final[tuple[tuple[int, str, int, int, int, int, int], ...]] = (
-    (1, "gemv", 1, 16, 4, 4, 1),
+    (1, "gemvR", 1, 16, 8, 4, 1),
     (16, "dotT", 16, 128, 1, 4, 1),
     (32, "dotT", 32, 64, 1, 4, 1),
     (1 << 62, "dotT", 64, 64, 1, 4, 1),
 )
-# tune_nf4 的候选：gemv 与 dotT 的 (BLOCK_N, NB, num_warps)（BLOCK_M 由 M 定，num_stages 1）；每个候选再配两种
-# split-K 强度（split_k_for 的 per_sm）。每多一个候选，每个形状的调优多一次 Triton 编译与计时，所以只留 H200 上的
-# 赢家与近邻：M = 1 在 4e84028 赢的是 (16, 4, 4) 与 (8, 4, 2)；dotT 在 f3031a1 的 16 个 (形状, M ∈ {16, 64}) 里赢的都是
-# (128, 1, 4) 或 (64, 1, 4)（同一次调优里的 num_stages 2 候选 (64, 2, 4)、(128, 2, 8) 一次也没赢，已删）。
-# 试过又删掉的（BENCHMARKS.md 记着数字）：旧的 "dot"（权重块按 (BK, BLOCK_N) 取，每个权重一条字节 load）在
-# f3031a1 的 16 个 (形状, M ∈ {16, 64}) 上都比 dotT 慢 1.19–1.54 倍；"gemv2"（x 预拆成偶/奇两段 + 软件预取
-# 下一步）在 M = 1 的 8 个形状上都比 gemv 慢 2–7 µs（含拆 x 的一次拷贝）。
-TUNE_GEMV: Final[tuple[tuple[int, int, int], ...]] = ((16, 4, 4), (8, 4, 2), (32, 2, 4), (16, 2, 2), (32, 4, 8))
-# 方式 "gemvR" 的候选 (BLOCK_N, NB, num_warps)：还没有在 GPU 上量过；每个线程每步读 32–128 字节（gemv 的 2–8 倍）
-TUNE_GEMV_R: Final[tuple[tuple[int, int, int], ...]] = ((16, 8, 4), (16, 16, 4), (8, 32, 4), (32, 16, 8))
-# dotT 的 NB 2 / 4（每个线程每步读 2–4 倍的字节，同一“在途字节”的估算）是 f3031a1 之后加的，还没有量过
-TUNE_DOT_T: Final[tuple[tuple[int, int, int], ...]] = ((128, 1, 4), (64, 1, 4), (32, 1, 4), (128, 2, 4), (64, 4, 4))
-TUNE_DOT_S: Final[tuple[tuple[int, int], ...]] = ((128, 4), (64, 4))  # dotS 的 (BLOCK_N, num_warps)，NB 恒为 1
+# tune_nf4 的候选：gemvR 与 dotT 的 (BLOCK_N, NB, num_warps)（BLOCK_M 由 M 定，num_stages 1）；每个候选再配两种
+# split-K 强度（split_k_for 的 per_sm）。每多一个候选，每个形状的调优多一次 Triton 编译与计时（NF4 解码器的启动
+# 因此要一两分钟），所以只留 H200 上的赢家与近邻：
+# - gemvR：b967a75 在它赢的三个形状上选的都是 (16, 8, 4)；留它、NB 16 的近邻，和旧 gemv 的赢家块形 (16, 4, 4)
+#   （gemvR 用这个块形还没有量过）。NB 32 与 BLOCK_N 32 的候选没赢过，已删；
+# - dotT：f3031a1 与 b967a75 的 M = 16 / 64 赢家都是 (128, 1, 4) 或 (64, 1, 4)；NB 2 / 4 的候选在 b967a75 的 8 个
+#   M = 16 形状上一次也没赢（M = 64 没有量过），num_stages 2 的候选在 f3031a1 一次也没赢，都已删。
+# 试过又删掉的方式（BENCHMARKS.md 记着数字）：旧的 "gemv"（逐元素累加 (BLOCK_N, NB, 32)，最后才归约），b967a75 的
+# 8 个 M = 1 形状上 7 个比 gemvR 慢 0.6–5.2 µs、1 个持平；"dotS"（每步一块、absmax 在点积之后乘）在 b967a75 的 16 个
+# (形状, M ∈ {1, 16}) 上全输（M = 1 慢 1.5–2.1 倍，M = 16 比 dotT 慢 5–22%）；旧的 "dot"（权重块按 (BK, BLOCK_N) 取，
+# 每个权重一条字节 load）在 f3031a1 的 16 个 (形状, M ∈ {16, 64}) 上都比 dotT 慢 1.19–1.54 倍；"gemv2"（x 预拆成
+# 偶/奇两段 + 软件预取下一步）在 f3031a1 的 8 个 M = 1 形状上都比旧 gemv 慢 2–7 µs。
+TUNE_GEMV_R: Final[tuple[tuple[int, int, int], ...]] = ((16, 4, 4), (16, 8, 4), (16, 16, 4))
+TUNE_DOT_T: Final[tuple[tuple[int, int, int], ...]] = ((128, 1, 4), (64, 1, 4), (32, 1, 4))
 TUNE_PER_SM: Final[tuple[int, ...]] = (4, 8)
 # 方式名 → 算子的 kernel 编号（nf4_linear_op 的 kernel 参数）；"bnb" 不经算子
-KERNELS: Final[dict[str, int]] = {"gemv": 0, "dotT": 1, "dotS": 2, "gemvR": 3}
-GEMV_METHODS: Final[tuple[str, ...]] = ("gemv", "gemvR")  # 只算 M = 1 的方式（程序网格没有 m 块）
+KERNELS: Final[dict[str, int]] = {"gemvR": 0, "dotT": 1}
+GEMV_METHODS: Final[tuple[str, ...]] = ("gemvR",)  # 只算 M = 1 的方式（程序网格没有 m 块）
 Config = tuple[str, int, int, int, int, int]  # (方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)
 # 调优结果：(S, N, K, M, dtype) → (配置, split_k)。进程内有效（不同 GPU、不同形状各调一次）。
 _TUNED: dict[tuple[int, int, int, int, torch.dtype], tuple[Config, int]] = {}
@@ -386,14 +383,13 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     @triton.jit
     def nf4_gemv(X, Q, A, CODE, OUT, PART, N, K, x_s, q_s, a_s, o_s,
                  BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr,
-                 FIX: tl.constexpr, REDUCE: tl.constexpr):
-        # M = 1。程序 (n 块, K 段, 模型 s)：BLOCK_N 个输出（Q 的 BLOCK_N 行）；每步读每行 NB 个块的字节
+                 FIX: tl.constexpr):
+        # 方式 "gemvR"，M = 1。程序 (n 块, K 段, 模型 s)：BLOCK_N 个输出（Q 的 BLOCK_N 行）；每步读每行 NB 个块的字节
         # (BLOCK_N, NB, HALF)——每行是一段连续的 NB·HALF 字节。高半字节乘 x 的偶数列、低半字节乘奇数列。
-        # REDUCE = False（方式 "gemv"）：逐元素累加到 (BLOCK_N, NB, HALF) 的 float32 寄存器里，循环结束后才沿 K 归约。
-        # REDUCE = True（方式 "gemvR"）：每步先沿块内字节求和、再乘 absmax，累加器只有 (BLOCK_N, NB)。为什么：
-        # f3031a1 的表里 M = 1 的 kernel 只到约 1 TB/s；按 Little 定律估算，每个 SM 在途的权重字节不够（gemv 每个线程
-        # 每步只读 16 字节，寄存器又限制了每个 SM 的程序数）。小累加器省下寄存器，NB 可以取 8–32（每个线程每步
-        # 读 32–128 字节），absmax 的乘法也从每个字节一次变成每块一次。
+        # 每步先沿块内字节求和、再乘 absmax，累加器只有 (BLOCK_N, NB)。为什么：旧的 gemv 逐元素累加到
+        # (BLOCK_N, NB, HALF) 的 float32 寄存器里、最后才归约；小累加器省下寄存器（每个 SM 能放更多程序、每步能读更多
+        # 字节——按 Little 定律估算 M = 1 的 kernel 在途字节不够），absmax 的乘法也从每个字节一次变成每块一次。
+        # b967a75 的 H200 调优里它在 8 个形状上 7 个比旧 gemv 快（0.6–5.2 µs）、1 个持平，旧 gemv 因此删掉。
         HALF: tl.constexpr = BLOCKSIZE // 2
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -407,7 +403,6 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         lo = pid_k * steps * NB
         hi = tl.minimum(lo + steps * NB, blocks)
         q_rows = Q + s * q_s + n.to(tl.int64)[:, None, None] * (K // 2)  # (BLOCK_N, 1, 1)：各行的起点
-        acc = tl.zeros([BLOCK_N, NB, HALF], tl.float32)
         acc_blocks = tl.zeros([BLOCK_N, NB], tl.float32)
         for kb in range(lo, hi, NB):
             blk = kb + b
@@ -420,14 +415,8 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             xo = tl.load(X + s * x_s + 2 * byte + 1, mask=b_ok[:, None], other=0.0).to(tl.float32)
             we = tl.load(CODE + (q >> 4).to(tl.int32))  # 查表：16 项的表常驻 L1
             wo = tl.load(CODE + (q & 0xF).to(tl.int32))
-            if REDUCE:
-                acc_blocks += tl.sum(we * xe[None, :, :] + wo * xo[None, :, :], axis=2) * scale
-            else:
-                acc += (we * xe[None, :, :] + wo * xo[None, :, :]) * scale[:, :, None]
-        if REDUCE:
-            total = tl.sum(acc_blocks, axis=1)  # (BLOCK_N,)
-        else:
-            total = tl.sum(tl.sum(acc, axis=2), axis=1)
+            acc_blocks += tl.sum(we * xe[None, :, :] + wo * xo[None, :, :], axis=2) * scale
+        total = tl.sum(acc_blocks, axis=1)  # (BLOCK_N,)
         if SPLIT_K == 1:
             if FIX:  # 解释器里 .to(bf16) 是截断：先在位模式上加 0x7FFF + 保留位的最低位（见 RTNE_NOTE）
                 total = (total.to(tl.uint32, bitcast=True) + 0x7FFF + ((total.to(tl.uint32, bitcast=True) >> 16) & 1)
@@ -439,19 +428,14 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     @triton.jit
     def nf4_dot_t(X, Q, A, CODE, OUT, PART, M, N, K, x_s, x_m, q_s, a_s, o_s, o_m,
                   BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
-                  SPLIT_K: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr, PER_BLOCK: tl.constexpr):
-        # 算转置 outᵀ (BLOCK_N, BLOCK_M) += W 块 (BLOCK_N, BK) @ xᵀ (BK, BLOCK_M)，两种方式共用读取、查表与收尾。
+                  SPLIT_K: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr):
+        # 方式 "dotT"：算转置 outᵀ (BLOCK_N, BLOCK_M) += W 块 (BLOCK_N, BK) @ xᵀ (BK, BLOCK_M)。
         # 为什么：之前的 nf4_dot（4e84028 在 M = 16 只到约 0.38 TB/s）把权重块按 (BK, BLOCK_N) 取，沿 K 每两个元素读
         # 同一个字节，读不成向量、每个权重一条字节 load。这里按行读 (BLOCK_N, NB·blocksize/2) 个连续字节（每行一段，
         # 向量读），高/低半字节各查一次表。反量化后的权重是 tl.dot 的左操作数：解码时 M 小，把 N 放在 MMA 的大维度上
         # （swap-AB，Marlin/gemlite 的小批量做法），M 只要补到 16。
-        # PER_BLOCK = False（方式 "dotT"）：code · absmax 在 float32 里乘、转成 x 的精度（与 bitsandbytes 的“反量化成
-        # bf16 + F.linear”舍入相同），用 join + reshape 在寄存器里交错成 (BLOCK_N, BK)（k = 2i 是高半字节），一次 tl.dot。
-        # PER_BLOCK = True（方式 "dotS"，要求 NB = 1：每步正好一个量化块）：absmax 在块的 tl.dot 之后才乘——
-        #   outᵀ[n] += absmax[n, 块] · (code[高半字节] @ x偶数列ᵀ + code[低半字节] @ x奇数列ᵀ)
-        # 每个权重只剩查表与转精度（反量化是这些 kernel 的瓶颈，见 BENCHMARKS.md 的 micro_nf4 表），absmax 的乘法从每个
-        # 权重一次降到每个输出每块一次，高/低半字节各配 x 的偶数列 / 奇数列做一次 tl.dot，不用交错。舍入与 bitsandbytes
-        # 不同：bf16 的乘数是 bf16(code) 而不是 bf16(code · absmax)（误差同一量级；float32 时只差求和顺序）。
+        # code · absmax 在 float32 里乘、转成 x 的精度（与 bitsandbytes 的“反量化成 bf16 + F.linear”舍入相同），
+        # 用 join + reshape 在寄存器里交错成 (BLOCK_N, BK)（k = 2i 是高半字节），一次 tl.dot。
         HALF: tl.constexpr = BLOCKSIZE // 2
         BK: tl.constexpr = NB * BLOCKSIZE
         BH: tl.constexpr = NB * HALF  # 每行每步的字节数
@@ -483,11 +467,8 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             else:
                 scale = tl.load(A + s * a_s + n[:, None] * blocks + (kb + hb // HALF)[None, :],
                                 mask=n_ok[:, None] & b_ok[None, :], other=0.0)
-            w_hi = tl.load(CODE + (q >> 4))
-            w_lo = tl.load(CODE + (q & 0xF))
-            if not PER_BLOCK:
-                w_hi = w_hi * scale
-                w_lo = w_lo * scale
+            w_hi = tl.load(CODE + (q >> 4)) * scale
+            w_lo = tl.load(CODE + (q & 0xF)) * scale
             if FIX:  # 见 RTNE_NOTE
                 w_hi = (w_hi.to(tl.uint32, bitcast=True) + 0x7FFF + ((w_hi.to(tl.uint32, bitcast=True) >> 16) & 1)
                        ).to(tl.float32, bitcast=True)
@@ -495,25 +476,14 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                        ).to(tl.float32, bitcast=True)
             w_hi = w_hi.to(X.dtype.element_ty)
             w_lo = w_lo.to(X.dtype.element_ty)
-            if PER_BLOCK:
-                xe = tl.load(x_cols + kb * BLOCKSIZE + 2 * hb[:, None], mask=m_ok[None, :], other=0.0)  # (HALF, BLOCK_M)
-                xo = tl.load(x_cols + kb * BLOCKSIZE + 2 * hb[:, None] + 1, mask=m_ok[None, :], other=0.0)
-                if IEEE:
-                    part = tl.dot(w_hi.to(tl.float32), xe.to(tl.float32), input_precision="ieee")
-                    part = tl.dot(w_lo.to(tl.float32), xo.to(tl.float32), part, input_precision="ieee")
-                else:
-                    part = tl.dot(w_hi, xe)
-                    part = tl.dot(w_lo, xo, part)
-                acc += part * scale
+            w = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BK))
+            k_ok = kb + kk // BLOCKSIZE < hi
+            xt = tl.load(x_cols + kb * BLOCKSIZE + kk[:, None], mask=k_ok[:, None] & m_ok[None, :],
+                         other=0.0)  # (BK, BLOCK_M)
+            if IEEE:
+                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
             else:
-                w = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BK))
-                k_ok = kb + kk // BLOCKSIZE < hi
-                xt = tl.load(x_cols + kb * BLOCKSIZE + kk[:, None], mask=k_ok[:, None] & m_ok[None, :],
-                             other=0.0)  # (BK, BLOCK_M)
-                if IEEE:
-                    acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(w, xt, acc)
+                acc = tl.dot(w, xt, acc)
         mask = n_ok[:, None] & m_ok[None, :]
         if SPLIT_K == 1:
             if FIX:
@@ -541,24 +511,23 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                       n: int, blocksize: int, kernel: int, block_m: int, block_n: int, nb: int, split_k: int,
                       num_warps: int, num_stages: int) -> torch.Tensor:
         """算子本体（参数已由 _launch 核对）：x (S, M, K)，按行打包的 qweight (S, N, K/2)、absmax (S, N, K/bs)，
-        n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 = nf4_gemv，1 = nf4_dot_t，
-        2 = nf4_dot_t 的 PER_BLOCK 版，3 = nf4_gemv 的 REDUCE 版）。
+        n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 = nf4_gemv，1 = nf4_dot_t）。
         split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)。"""
         stacks, rows, k = x.shape
         out = torch.empty((stacks, rows, n), dtype=x.dtype, device=x.device)
         part = torch.empty((split_k, stacks, rows, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
         fix = INTERPRETED and x.dtype == torch.bfloat16
-        if kernel in (0, 3):
+        if kernel == 0:
             wrap_triton(nf4_gemv)[(triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, n, k, x.stride(0), qweight.stride(0), absmax.stride(0),
                 out.stride(0), BLOCKSIZE=blocksize, BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, FIX=fix,
-                REDUCE=kernel == 3, num_warps=num_warps, num_stages=num_stages)
+                num_warps=num_warps, num_stages=num_stages)
         else:
             wrap_triton(nf4_dot_t)[(triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, rows, n, k, x.stride(0), x.stride(1), qweight.stride(0),
                 absmax.stride(0), out.stride(0), out.stride(1), BLOCKSIZE=blocksize, BLOCK_M=block_m,
                 BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, IEEE=x.dtype == torch.float32 or INTERPRETED, FIX=fix,
-                PER_BLOCK=kernel == 2, num_warps=num_warps, num_stages=num_stages)
+                num_warps=num_warps, num_stages=num_stages)
         if split_k > 1:
             total = stacks * rows * n
             wrap_triton(nf4_split_sum)[(triton.cdiv(total, 1024),)](part, out, total, SPLIT_K=split_k, BLOCK=1024,
@@ -629,8 +598,6 @@ def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None, config: Config |
     method, block_m, block_n, nb, warps, stages = config or config_for(rows)
     if method not in KERNELS:
         raise ValueError(f"nf4 linear: unknown method {method!r}; expected one of {', '.join(KERNELS)} or 'bnb'")
-    if method == "dotS" and nb != 1:
-        raise ValueError(f"nf4 linear: the 'dotS' kernel takes one quantization block per step (NB = 1), got NB = {nb}")
     gemv = method in GEMV_METHODS
     if gemv and rows != 1:
         raise ValueError(f"nf4 linear: the {method!r} kernel handles M = 1 only, got M = {rows}")
@@ -659,7 +626,7 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
 
     为什么：最快的 (BLOCK_N, NB, num_warps, split-K) 随形状、M 与 GPU 变化，一张手写的表不可能处处最好
     （triton.autotune 的做法，但在编译区域之外、显式地做：torch.compile 追踪时配置已经是常量）。
-    候选：本模块的 kernel（M = 1：gemv 与 dotS；M > 1：dotT 与 dotS；各种块大小与 split-K）与 bitsandbytes 自己的 matmul_4bit（装了时；
+    候选：本模块的 kernel（M = 1：gemvR；M > 1：dotT；各种块大小与 split-K）与 bitsandbytes 自己的 matmul_4bit（装了时；
     选中它的形状就与 bitsandbytes 的原路径一样快）。每个候选先与参照（bitsandbytes 的结果）比一次，偏离的不要。
     每个形状轮流用几份拷贝（合计 ≥ 128 MiB，大于 H200 的 50 MB L2，不让小权重一直命中 L2——解码时每层的权重只读一次），
     CUDA event 计时 reps 次取中位数。同一 (形状, M, dtype) 只调一次。返回 {形状: 报告}（给基准记录；已调过的形状也返回）。
@@ -682,13 +649,10 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
         sets = [with_bnb_states(ws) if use_bnb else ws for ws in [stacked, *clones]]
         x = torch.randn(s, rows, k, dtype=dtype, device=stacked.qweight.device)
         if rows == 1:
-            candidates = [("gemv", 1, bn, nb, nw, 1) for bn, nb, nw in TUNE_GEMV]
-            candidates += [("gemvR", 1, bn, nb, nw, 1) for bn, nb, nw in TUNE_GEMV_R]
-            candidates += [("dotS", 16, bn, 1, nw, 1) for bn, nw in TUNE_DOT_S]
+            candidates = [("gemvR", 1, bn, nb, nw, 1) for bn, nb, nw in TUNE_GEMV_R]
         else:
             bm = max(16, min(64, triton_next_power_of_2(rows)))
             candidates = [("dotT", bm, bn, nb, nw, 1) for bn, nb, nw in TUNE_DOT_T]
-            candidates += [("dotS", bm, bn, 1, nw, 1) for bn, nw in TUNE_DOT_S]
         bnb_cfg: Config = ("bnb", 0, 0, 0, 0, 0)
         # 正确性的参照：bitsandbytes 的结果（没装或它在这里出错时用本模块默认配置的）；偏离它的候选不参加比较
         results: list[tuple[float, Config, int]] = []

@@ -164,9 +164,9 @@ def test_nf4_linear_fp16_blocksize_128_and_config(interpreted_triton: None) -> N
     assert _relative_error(nf4_linear(x, w), ref) < TOLERANCE[torch.float16]
     y = nf4_linear(x, w, config=("dotT", 16, 128, 2, 4, 1), split_k=1)
     assert _relative_error(y, ref) < TOLERANCE[torch.float16]
-    y1 = nf4_linear(x[:1], w, config=("gemv", 1, 64, 2, 4, 1), split_k=2)
+    y1 = nf4_linear(x[:1], w, config=("gemvR", 1, 64, 2, 4, 1), split_k=2)
     assert _relative_error(y1, ref[:1]) < TOLERANCE[torch.float16]
-    y1 = nf4_linear(x[:1], w, config=("gemv", 1, 16, 4, 2, 1), split_k=1)  # BLOCK_N 小于 N：三个 n 块，最后一块不满
+    y1 = nf4_linear(x[:1], w, config=("gemvR", 1, 16, 4, 2, 1), split_k=1)  # BLOCK_N 小于 N：三个 n 块，最后一块不满
     assert _relative_error(y1, ref[:1]) < TOLERANCE[torch.float16]
 
 
@@ -198,17 +198,12 @@ def test_gemv_r_matches_dequantize_matmul(interpreted_triton: None, n: int, k: i
     ("dotT", 16, 48, 512, 128, 16, 16, 2, 1),   # NB = 2：每步两块的 absmax 按字节取
     ("dotT", 20, 64, 1024, 64, 16, 32, 1, 3),   # 两个 M 块 + 切 K（最后一段不满）+ 合并
     ("dotT", 5, 32, 320, 64, 16, 16, 1, 4),     # 5 块切 4 段：最后一段为空
-    ("dotS", 1, 80, 256, 64, 16, 64, 1, 1),     # M = 1（补到 16 列），N 不满最后一块
-    ("dotS", 16, 48, 512, 128, 16, 16, 1, 1),   # blocksize 128：每步一块的两次 tl.dot
-    ("dotS", 20, 64, 1024, 64, 16, 32, 1, 3),   # 两个 M 块 + 切 K + 合并
-    ("dotS", 5, 32, 320, 64, 16, 16, 1, 4),     # 最后一段为空
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dot_kernels_match_dequantize_matmul(interpreted_triton: None, method: str, m: int, n: int, k: int,
                                              blocksize: int, block_m: int, block_n: int, nb: int, split_k: int,
                                              dtype: torch.dtype) -> None:
-    """方式 "dotT"（按行向量读字节、join 交错高/低半字节、outᵀ = W·xᵀ）与 "dotS"（每步一块、高/低半字节各一次
-    tl.dot、absmax 在点积之后乘）== x @ dequantize(W)ᵀ，单个与叠加都对。"""
+    """方式 "dotT"（按行向量读字节、join 交错高/低半字节、outᵀ = W·xᵀ）== x @ dequantize(W)ᵀ，单个与叠加都对。"""
     ws = [_nf4(n, k, seed=s + m, blocksize=blocksize) for s in range(2)]
     x = torch.randn(2, m, k, generator=torch.Generator().manual_seed(k + m)).to(dtype)
     cfg = (method, block_m, block_n, nb, 4, 1)
@@ -245,7 +240,7 @@ def test_prefill_rows_use_bitsandbytes_dequantize_then_matmul() -> None:
     解码的 M 仍走本模块的 kernel。"""
     from fast.nf4 import BNB_ROWS, config_for
 
-    assert config_for(BNB_ROWS + 1)[0] == "bnb" and config_for(1)[0] == "gemv" and config_for(64)[0] == "dotT"
+    assert config_for(BNB_ROWS + 1)[0] == "bnb" and config_for(1)[0] == "gemvR" and config_for(64)[0] == "dotT"
     w = _nf4(48, 128, seed=9)
     x = torch.randn(BNB_ROWS + 3, 128, generator=torch.Generator().manual_seed(2))
     ref = x @ dequantize_nf4(dataclasses.replace(w, dtype=torch.float32)).T
@@ -285,12 +280,10 @@ def test_nf4_linear_refuses_bad_input(interpreted_triton: None) -> None:
         nf4_linear(x, stack_nf4([w, w]))
     with pytest.raises(ValueError, match="S = 2"):
         nf4_linear_stacked(x[None], stack_nf4([w, w]))
-    with pytest.raises(ValueError, match="M = 1 only"):
-        nf4_linear(x, w, config=("gemv", 1, 64, 2, 4, 1))
     with pytest.raises(ValueError, match="'gemvR' kernel handles M = 1 only"):
         nf4_linear(x, w, config=("gemvR", 1, 16, 8, 4, 1))
-    with pytest.raises(ValueError, match="one quantization block per step"):
-        nf4_linear(x, w, config=("dotS", 16, 64, 2, 4, 1))
+    with pytest.raises(ValueError, match="unknown method 'dotS'"):
+        nf4_linear(x, w, config=("dotS", 16, 64, 1, 4, 1))
     with pytest.raises(ValueError, match="unknown method 'dot'"):
         nf4_linear(x, w, config=("dot", 16, 64, 2, 4, 1))
     with pytest.raises(ValueError, match="layout of repack_nf4"):

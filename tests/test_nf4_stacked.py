@@ -139,17 +139,6 @@ def test_speculative_verify_on_nf4(trio: list[LlamaForCausalLM]) -> None:
     assert sum(got.drafted) > 0
 
 
-def test_new_kernels_as_the_tuned_choice(trio: list[LlamaForCausalLM], monkeypatch: pytest.MonkeyPatch) -> None:
-    """调优可以选方式 "gemvR"（M = 1：每步先沿块求和再乘 absmax）与 "dotS"（每步一块、absmax 在点积之后乘）：
-    解码步全部走 gemvR、其余（预填充）全部走 dotS 时，叠加路径（解释器、float32）仍与参考循环逐 token 相同。"""
-    import fast.nf4 as nf4
-
-    monkeypatch.setattr(nf4, "config_for", lambda m: ("gemvR", 1, 16, 8, 4, 1) if m == 1 else ("dotS", 16, 32, 1, 4, 1))
-    decoder = FastDecoder(trio, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4, steering=STEER,
-                          compile=False, stack="all")
-    assert decoder.generate(PER_ROLE, 8).tokens == run(trio, None, steps=8, steering=STEER, per_role=PER_ROLE).tokens
-
-
 def test_bitsandbytes_kernels_as_a_tuned_choice(trio: list[LlamaForCausalLM], monkeypatch: pytest.MonkeyPatch) -> None:
     """调优可以为某个形状选 bitsandbytes 自己的 matmul_4bit（方式 "bnb"，读同一份打包字节与 float32 absmax）：
     全部形状都选它时，叠加路径仍与参考循环逐 token 相同。"""
