@@ -339,8 +339,11 @@ def _bnb_matmul(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
         if torch.compiler.is_compiling():
             raise ValueError("nf4 linear: method 'bnb' needs with_bnb_states(weight) before compilation")
         w = with_bnb_states(w)
-    return torch.stack([_BNB.matmul_4bit(x[s], w.qweight[s].reshape(-1, 1).t(), quant_state=w.states[s])
-                        for s in range(x.shape[0])])
+    outs = [_BNB.matmul_4bit(x[s], w.qweight[s].reshape(-1, 1).t(), quant_state=w.states[s])
+            for s in range(x.shape[0])]
+    # S = 1（8B 的每个投影）用视图而不是 torch.stack：stack 一个张量也是一次拷贝 kernel，M = 1 时 bitsandbytes 赢下
+    # 8B 的全部四个投影，那就是每步 4 × 32 = 128 次多余的拷贝（每次几微秒）
+    return outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
 
 
 def config_for(m: int) -> Config:
