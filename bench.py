@@ -38,7 +38,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from config import INT4_GROUP_SIZE, INT4_GROUP_SIZES, MIN_ACCEPTANCE
 from evaluator import BatchResult, generate_batch
 from fast.attention import ATTENTION_MODES, head_dim_of
-from fast.decoder import STACK_MODES, FastDecoder, length_bucket
+from fast.decoder import STACK_MODES, FastDecoder, compiles, length_bucket
 from sampling import Sampling
 from speculative import acceptance_summary, generate_speculative
 from steering_utils import SteeringParams
@@ -850,7 +850,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check and args.quant == "int4":
         parser.error("--check covers bf16 and --quant nf4 (the NF4 fast path against bitsandbytes' reference loop); "
                      "int4 runs torchao's own kernel on both paths")
-    compile_step = args.compile == "on" or (args.compile == "auto" and args.device.startswith("cuda"))
+    compile_step = compiles(args.compile, torch.device(args.device).type)
     torch.set_grad_enabled(False)
     env = environment()
     print(json.dumps({"env": env, "args": vars(args)}), flush=True)

@@ -333,7 +333,9 @@ def check_context(cfg: Config, data: Data, tokenizer: Any, forced: ForcedAnswer 
 
 def compiles_step(cfg: Config, device: torch.device) -> bool:
     """快速路径的解码步是否编译：--compile on，或 auto 且在 CUDA 上（decode_arms 与内存估计共用这一条规则）。"""
-    return cfg.fast and (cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"))
+    from fast.decoder import compiles  # 快速引擎只在需要时导入（与 evaluator 相同）
+
+    return cfg.fast and compiles(cfg.compile, device.type)
 
 
 def check_memory(cfg: Config, data: Data, longest: int, device: torch.device) -> None:

@@ -78,6 +78,14 @@ def packed_gqa(models: Sequence[PreTrainedModel]) -> Iterator[None]:
 RECOMPILE_LIMIT: Final[int] = 64
 
 
+def compiles(compile: str, device_type: str) -> bool:
+    """--compile 的规则（main.py 与 bench.py 共用这一处）：on 总是编译，auto 只在 CUDA 上编译（CPU 上编译慢、
+    没有 CUDA graph，测试与冒烟运行用 eager），off 不编译。"""
+    if compile not in ("auto", "on", "off"):
+        raise ValueError(f"compile={compile!r}: must be auto / on / off")
+    return compile == "on" or (compile == "auto" and device_type == "cuda")
+
+
 def length_bucket(n: int, granularity: int = 128) -> int:
     """静态缓存长度向上取整到 granularity 的倍数：不同批复用同一缓存与同一编译图，避免每批重新编译。"""
     return -(-n // granularity) * granularity

@@ -75,20 +75,26 @@ def run_demo(root: Path) -> SimpleNamespace:
 # ---------------------------------------------------------------------------
 
 
-def tiny_llama(vocab: int, seed: int, head_scale: float = 40.0) -> Any:
-    """2 层、hidden 64 的随机 Llama；lm_head ×40 让 argmax 没有近似平局（批大小变化不会翻转 token）。
-    head_scale=1 保留随机初始化的 lm_head：logits 几乎平坦，采样真的随机。"""
+def tiny_llama(vocab: int, seed: int, head_scale: float = 40.0, *, hidden: int = 64, intermediate: int | None = None,
+               layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int | None = None,
+               max_positions: int = 1024, tie: bool = False, pad_id: int | None = 0, dtype: Any = None) -> Any:
+    """测试共用的微型随机 Llama（各测试文件只在这里造模型，按需改尺寸）：默认 2 层、hidden 64、MLP 2 × hidden、
+    GQA（4 个头、2 个 KV 头），fp32、eval。lm_head ×head_scale 让 argmax 没有近似平局（批大小变化不会翻转 token；
+    tie=True 时 lm_head 就是嵌入表，一起放大）；head_scale=1 保留随机初始化：logits 几乎平坦，采样真的随机。
+    同一 (seed, 配置) 的权重逐位相同（先 manual_seed 再构造）。dtype 给出时最后转换精度。"""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      head_dim=head_dim, max_position_embeddings=max_positions, tie_word_embeddings=tie,
+                      pad_token_id=pad_id, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(head_scale)
-    return model
+    if head_scale != 1.0:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(head_scale)
+    return model if dtype is None else model.to(dtype)
 
 
 def save_tiny_trio(root: Path, tokenizer: Any, head_scale: float = 40.0) -> list[str]:

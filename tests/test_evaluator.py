@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from evaluator import generate_batch, left_pad
 from steering_utils import SteeringParams
 from steering_utils import calculate_adaptive_alpha, compute_steered_logits
+from shared_runs import tiny_llama as shared_tiny_llama
 
 VOCAB = 96
 PAD = 0
@@ -20,15 +21,8 @@ PROMPTS = [[5, 17, 23, 9, 41, 7, 3], [11, 2, 60], [33, 34, 35, 36, 37]]
 
 
 def tiny_llama(seed: int, vocab: int = VOCAB, max_positions: int = 256) -> LlamaForCausalLM:
-    """2 层、hidden 64 的随机 Llama（GQA：4 个头、2 个 KV 头）；lm_head ×40 使 argmax 无近似平局。"""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                      tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40.0)
-    return model
+    """shared_runs.tiny_llama 的默认尺寸（2 层、hidden 64、GQA 4/2 头，lm_head ×40 使 argmax 无近似平局）。"""
+    return shared_tiny_llama(vocab, seed, max_positions=max_positions, pad_id=PAD)
 
 
 @pytest.fixture(scope="module")
@@ -442,6 +436,24 @@ def test_resolve_overlap_auto_rules(trio):
     quantized.hf_quantizer = object()  # 只看这个属性是否存在（transformers 给 4-bit 模型设置它）
     assert resolve_overlap("auto", [quantized, *models[1:]], steering=STEER, compile=True,
                            device_type="cuda") == "off"
+
+
+def test_compile_rule_shared_by_main_and_bench():
+    """--compile 的规则只有一处（fast.decoder.compiles）：auto 只在 CUDA 上编译，on / off 照字面；
+    main.compiles_step 另外要求走快速路径；拼错的值报错而不是当成 off。"""
+    import dataclasses
+
+    from config import Config
+    from fast.decoder import compiles
+    from main import compiles_step
+
+    assert [compiles(c, d) for c in ("auto", "on", "off") for d in ("cuda", "cpu")] == \
+        [True, False, True, True, False, False]
+    with pytest.raises(ValueError, match="auto / on / off"):
+        compiles("yes", "cuda")
+    cfg = Config(compile="on")
+    assert compiles_step(cfg, torch.device("cpu")) and not compiles_step(dataclasses.replace(cfg, fast=False),
+                                                                       torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------

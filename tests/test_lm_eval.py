@@ -18,7 +18,7 @@ pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 # --- 项目内的名字：集中在这一处，代码重组时只改这里 ---
 import eval as lm_eval_cli  # noqa: E402
@@ -28,6 +28,7 @@ from evaluator import generate_batch  # noqa: E402
 from lm_eval_adapter import SteeredLM, predictions_from_samples  # noqa: E402
 from steering_utils import SteeringParams, apply_plausibility, compute_steered_logits, schedule_alpha  # noqa: E402
 from scoring import letter_prompt  # noqa: E402
+from shared_runs import tiny_llama as shared_tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_JSONL = os.path.join(ROOT, "data", "medqa", "test.jsonl")
@@ -44,14 +45,7 @@ CONTINUATIONS = [" Paris", " a fever and a cough", " myocardial infarction."]
 
 def tiny_llama(seed: int, vocab: int) -> LlamaForCausalLM:
     """与 SmolLM2 分词器同词表的小随机 Llama（fp32）。lm_head 放大，logits 拉开，argmax 不会近似平局。"""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False, pad_token_id=2, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    return model
+    return shared_tiny_llama(vocab, seed, head_scale=8.0, hidden=32, layers=1, max_positions=512, pad_id=2)
 
 
 @pytest.fixture(autouse=True)

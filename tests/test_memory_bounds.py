@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import fast.decoder
 import main
@@ -20,6 +20,7 @@ from config import parse_args
 from evaluator import ModelAdapter, cache_length, kv_cache_bytes, left_pad, run_arm
 from model_loader import available_memory, weight_bytes
 from steering_utils import SteeringParams
+from shared_runs import tiny_llama
 
 VOCAB = 96
 PROMPTS = [[5, 17, 23, 9, 41, 7, 3], [11, 2, 60], [33, 34, 35, 36, 37]]
@@ -30,11 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # 原因见 tests/conftest.p
 
 def _tiny(seed: int, vocab: int = VOCAB, *, tie: bool = False, dtype: torch.dtype = torch.float32,
           head_dim: int | None = None) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, head_dim=head_dim,
-                      tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(cfg).to(dtype).eval()
+    return tiny_llama(vocab, seed, head_scale=1.0, max_positions=256, tie=tie, head_dim=head_dim, dtype=dtype)
 
 
 def _cache_nbytes(cache: Any) -> int:

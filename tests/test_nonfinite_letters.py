@@ -11,8 +11,7 @@ import json
 from typing import Any
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from config import ROLES
 from data_loader import Question
@@ -20,6 +19,7 @@ from evaluator import run_arm, score_letters_shard
 from scoring import ArmSpec, ForcedAnswer, RecordRules, letter_records, merge_letter_scores, verify_record
 from stats import arm_metrics
 from steering_utils import SteeringParams
+from shared_runs import tiny_llama
 
 VOCAB = 96
 MARK = 77  # 只出现在第 1 行提示里的 token：钩子据此只毒化这一行
@@ -32,11 +32,7 @@ QUESTIONS = [Question(index=10 + j, question="q?", options=OPTIONS, answer_idx="
 
 
 def _tiny_llama(seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(VOCAB, seed, head_scale=1.0, max_positions=256)  # lm_head 不放大（原样的随机初始化）
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # 原因见 tests/conftest.py

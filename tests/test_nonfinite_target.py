@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from evaluator import BatchResult, generate_batch, run_arm
 from fast.decoder import FastDecoder
@@ -20,6 +20,7 @@ from scoring import ForcedAnswer
 from speculative import generate_speculative
 from stats import arm_metrics
 from steering_utils import SteeringParams, nonfinite_rows, stop_nonfinite_target
+from shared_runs import tiny_llama
 
 VOCAB = 96
 PROMPTS = [[5, 17, 23, 9, 41, 7, 3], [11, 2, 60], [33, 34, 35, 36, 37]]
@@ -72,14 +73,7 @@ def test_stop_rule_shapes_are_checked() -> None:
 # ---------------------------------------------------------------------------
 
 def _tiny_llama(seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40.0)  # 拉开 logits：argmax 没有近似平局
-    return model
+    return tiny_llama(VOCAB, seed, max_positions=256)  # lm_head ×40 拉开 logits：argmax 没有近似平局
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # 原因见 tests/conftest.py

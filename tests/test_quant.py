@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import config
 import model_loader
 from config import Config, ConfigError, config_diff, config_from_dict, parse_config
 from model_loader import ModelLoadError, quantization_config, require_quant_library, resolve_device, weight_bytes
+from shared_runs import tiny_llama as shared_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # 原因见 tests/conftest.py
 
@@ -32,11 +33,8 @@ CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="本测试检查
 
 def tiny_llama(hidden: int = 192, intermediate: int = 256, seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
     """微型随机 Llama（默认 hidden 192 = 1.5 × 128：与 SmolLM2 的 576 一样，q/k/v/o/gate/up 不是 128 的倍数）。"""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
-                      num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=64,
-                      tie_word_embeddings=tie)
-    return LlamaForCausalLM(cfg).eval()
+    return shared_tiny_llama(96, seed, head_scale=1.0, hidden=hidden, intermediate=intermediate, heads=3, kv_heads=1,
+                             max_positions=64, tie=tie, pad_id=None)
 
 
 # ---------------------------------------------------------------------------

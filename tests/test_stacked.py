@@ -23,6 +23,7 @@ from fast.decoder import FastDecoder, _GraphedStep, resolve_attention, resolve_s
 from fast.stacked import StackedLlama, check_stackable, stack_weights
 from sampling import Sampling
 from test_evaluator import PAD, PROMPTS, STEER, VOCAB, run, tiny_llama
+from shared_runs import tiny_llama as shared_tiny_llama
 
 # 每个角色自己的提示（长度各不相同）：叠加单元里两个模型的左填充宽度不同，必须不影响结果。
 PER_ROLE = [PROMPTS, [[9, 8, 7, 6], [1, 3, 5, 7, 9, 11, 13, 15, 17], [4]], [[20, 21], [22], [23, 24, 25, 26, 27, 28]]]
@@ -36,13 +37,8 @@ def trio() -> list[LlamaForCausalLM]:
 
 def tied_llama(seed: int) -> LlamaForCausalLM:
     """权重绑定（lm_head 即嵌入表，1B 专家/基座的结构）的小随机 Llama；嵌入表放大，argmax 无近似平局。"""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
-                      tie_word_embeddings=True, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(8.0)
+    model = shared_tiny_llama(VOCAB, seed, head_scale=8.0, kv_heads=1, head_dim=32, max_positions=256, tie=True,
+                              pad_id=PAD)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     return model
 
