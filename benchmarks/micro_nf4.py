@@ -11,7 +11,10 @@ bf16 列按 bf16 权重算。表旁边给出同一次运行里测得的读带宽
 正确性：每个形状的第一组输出与“反量化 + float32 矩阵乘”比较（相对误差 ‖y − ref‖ / ‖ref‖）。
 
 没有 bitsandbytes 时（GPU 机器上默认如此）用 fast.nf4.quantize_nf4_reference 生成同格式的权重，bnb 列留空。
-用法：python benchmarks/micro_nf4.py [--sweep] [--smoke]；环境变量 OUT 是目录时把 JSON 写进 $OUT/micro_nf4.json。
+用法：python benchmarks/micro_nf4.py [--sweep] [--tune] [--ablate] [--smoke]；环境变量 OUT 是目录时把 JSON 写进
+$OUT/micro_nf4.json。
+--ablate：时间花在哪（没有 ncu 时的剖析，见 fast/nf4.py 的 ABLATE_NOTE）：同一 kernel、同一配置、同一网格，
+依次只读字节与 absmax、再加查表、完整乘积，三者的微秒与 TB/s 记在每行的 ablate 里。
 --smoke：CPU 上用 Triton 解释器跑极小的形状（几秒），只检查脚本本身能跑通。
 """
 from __future__ import annotations
@@ -104,7 +107,7 @@ def bnb_bytes(packed: torch.Tensor, state: Any) -> int:
 
 
 def run_shape(model: str, name: str, n: int, k: int, stacks: int, batches: tuple[int, ...], device: str,
-              use_bnb: bool, sweep: bool, smoke: bool, tune: bool = False) -> list[dict[str, Any]]:
+              use_bnb: bool, sweep: bool, smoke: bool, tune: bool = False, ablate: bool = False) -> list[dict[str, Any]]:
     """一个形状的所有 M：各方法的每次调用毫秒、TB/s 与正确性。tune：先用 tune_nf4 为 (形状, M) 选配置（与解码器
     启动时相同），"NF4 Triton" 列就是调优后的选择，行里另记每种方式最快的微秒数（us_by_method）。"""
     torch.manual_seed(0)
@@ -128,9 +131,10 @@ def run_shape(model: str, name: str, n: int, k: int, stacks: int, batches: tuple
         io_bytes = stacks * m * (k + n) * 2
 
         def ours(i: int, config: tuple[str, int, int, int, int, int] | None = None,
-                 split_k: int | None = None) -> torch.Tensor:
-            if stacks > 1:
-                return nf4_linear_stacked(xs[i], sets[i], split_k=split_k, config=config)
+                 split_k: int | None = None, part: int = 0) -> torch.Tensor:
+            if stacks > 1 or part:
+                w = sets[i] if stacks > 1 else stack_nf4([sets[i]])
+                return nf4_linear_stacked(xs[i], w, split_k=split_k, config=config, ablate=part)
             return nf4_linear(xs[i][0], sets[i], split_k=split_k, config=config)[None]
 
         tuned = tune_nf4([weight], m, dtype)[f"S{stacks}_N{n}_K{k}_M{m}"] if tune and not smoke else None
@@ -163,6 +167,17 @@ def run_shape(model: str, name: str, n: int, k: int, stacks: int, batches: tuple
             ms_bnb, how_bnb = time_calls([lambda i=i: bnb_call(i) for i in range(len(sets))], smoke)
             weight_bytes = sum(bnb_bytes(p, s) for p, s in quantized)
             row.update(bnb_ms=ms_bnb, bnb_timing=how_bnb, bnb_tbs=(weight_bytes + io_bytes) / ms_bnb / 1e9)
+        if ablate:
+            # 本模块的 kernel（调优选中 bitsandbytes 时取默认表的配置）：只读 / 加查表 / 完整，三次同配置计时
+            own = tuned is not None and tuned["config"][0] != "bnb"
+            cfg_a = tuple(tuned["config"]) if own else config_for(m)
+            if cfg_a[0] != "bnb":
+                split_a = tuned["split_k"] if own else None
+                parts = {}
+                for part, label in ((1, "bytes"), (2, "lookup"), (0, "full")):
+                    t, _ = time_calls([lambda i=i: ours(i, cfg_a, split_a, part) for i in range(len(sets))], smoke)
+                    parts[label] = {"us": round(t * 1e3, 2), "tbs": round((per_set + io_bytes) / t / 1e9, 3)}
+                row["ablate"] = {"config": list(cfg_a), "split_k": split_a, **parts}
         if sweep:
             candidates = SWEEP_GEMV if m == 1 else [c for c in SWEEP_DOT if c[1] <= max(16, m)]
             results = []
@@ -181,7 +196,9 @@ def run_shape(model: str, name: str, n: int, k: int, stacks: int, batches: tuple
               f"bf16 {ms_bf16 * 1e3:.1f} us" + (f", bnb {row['bnb_ms'] * 1e3:.1f} us" if use_bnb else "")
               + f", rel err {rel_err:.2e}" + (f", best {row['sweep_top5'][:2]}" if sweep else "")
               + (f", tuned {tuned['config']} split {tuned['split_k']}, by method {tuned['us_by_method']}"
-                 if tuned else ""), flush=True)
+                 if tuned else "")
+              + (", ablate " + ", ".join(f"{key} {row['ablate'][key]['us']} us" for key in ("bytes", "lookup", "full"))
+                 if "ablate" in row else ""), flush=True)
     return rows
 
 
@@ -208,6 +225,9 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true",
                         help="choose each shape's kernel with fast.nf4.tune_nf4 first (as the decoder does) and "
                              "report the best time of every method")
+    parser.add_argument("--ablate", action="store_true",
+                        help="where the time goes: time the same kernel reading only the bytes and scales, then "
+                             "adding the table lookups, then the full product")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated M values")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
@@ -230,7 +250,7 @@ def main() -> None:
     with torch.inference_mode():
         for model, name, n, k, stacks in shapes:
             rows += run_shape(model, name, n, k, stacks, batches, device, use_bnb, args.sweep, args.smoke,
-                              args.tune)
+                              args.tune, args.ablate)
     table = markdown(rows, bandwidth, use_bnb)
     print(table)
     worst = max(r["rel_err"] for r in rows)

@@ -382,17 +382,23 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     # RTNE_NOTE：FIX 只在解释器里且输出为 bf16 时为真。Triton 3.7 的解释器把 float32 → bf16 的 .to() 做成截断，
     # GPU 上是就近舍入到偶数；在位模式上先加 0x7FFF + 保留位的最低位，之后的截断就等于就近舍入（GPU 上不走这段）。
     INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+    # ABLATE_NOTE：两个 kernel 的 ABLATE 常量（编译期常量，生产路径 ABLATE = 0 时多出的分支被编译器删掉）只为回答
+    # “时间花在哪”（issue 16 要求的剖析；GPU 上没有 ncu）：同一网格、同样读全部字节与 absmax，依次加上查表、再加
+    # 与 x 的乘加 / tl.dot。三者用时之差就是各部分的代价：若只读字节已经和完整乘积一样慢，限制在访存的方式（在途字节、
+    # 访问模式），不在反量化；若查表一加就慢，限制在查表。输出只供 tests/test_nf4.py 核对部分计算本身是对的。
 
     @triton.jit
     def nf4_gemv(X, Q, A, CODE, OUT, PART, N, K, x_s, q_s, a_s, o_s,
                  BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr,
-                 FIX: tl.constexpr):
+                 FIX: tl.constexpr, ABLATE: tl.constexpr):
         # 方式 "gemvR"，M = 1。程序 (n 块, K 段, 模型 s)：BLOCK_N 个输出（Q 的 BLOCK_N 行）；每步读每行 NB 个块的字节
         # (BLOCK_N, NB, HALF)——每行是一段连续的 NB·HALF 字节。高半字节乘 x 的偶数列、低半字节乘奇数列。
         # 每步先沿块内字节求和、再乘 absmax，累加器只有 (BLOCK_N, NB)。为什么：旧的 gemv 逐元素累加到
         # (BLOCK_N, NB, HALF) 的 float32 寄存器里、最后才归约；小累加器省下寄存器（每个 SM 能放更多程序、每步能读更多
         # 字节——按 Little 定律估算 M = 1 的 kernel 在途字节不够），absmax 的乘法也从每个字节一次变成每块一次。
         # b967a75 的 H200 调优里它在 8 个形状上 7 个比旧 gemv 快（0.6–5.2 µs）、1 个持平，旧 gemv 因此删掉。
+        # ABLATE（只给诊断用，见 ABLATE_NOTE）：0 = 正常的乘积；1 = 只读字节与 absmax（out = Σ absmax · Σ 字节值）；
+        # 2 = 再加查表（out = Σ absmax · Σ (code[高] + code[低])，不乘 x）。
         HALF: tl.constexpr = BLOCKSIZE // 2
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -416,9 +422,15 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                             other=0.0)  # (BLOCK_N, NB)
             xe = tl.load(X + s * x_s + 2 * byte, mask=b_ok[:, None], other=0.0).to(tl.float32)
             xo = tl.load(X + s * x_s + 2 * byte + 1, mask=b_ok[:, None], other=0.0).to(tl.float32)
-            we = tl.load(CODE + (q >> 4).to(tl.int32))  # 查表：16 项的表常驻 L1
-            wo = tl.load(CODE + (q & 0xF).to(tl.int32))
-            acc_blocks += tl.sum(we * xe[None, :, :] + wo * xo[None, :, :], axis=2) * scale
+            if ABLATE == 1:
+                acc_blocks += tl.sum(q.to(tl.float32), axis=2) * scale
+            else:
+                we = tl.load(CODE + (q >> 4).to(tl.int32))  # 查表：16 项的表常驻 L1
+                wo = tl.load(CODE + (q & 0xF).to(tl.int32))
+                if ABLATE == 2:
+                    acc_blocks += tl.sum(we + wo, axis=2) * scale
+                else:
+                    acc_blocks += tl.sum(we * xe[None, :, :] + wo * xo[None, :, :], axis=2) * scale
         total = tl.sum(acc_blocks, axis=1)  # (BLOCK_N,)
         if SPLIT_K == 1:
             if FIX:  # 解释器里 .to(bf16) 是截断：先在位模式上加 0x7FFF + 保留位的最低位（见 RTNE_NOTE）
@@ -431,7 +443,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     @triton.jit
     def nf4_dot_t(X, Q, A, CODE, OUT, PART, M, N, K, x_s, x_m, q_s, a_s, o_s, o_m,
                   BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
-                  SPLIT_K: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr):
+                  SPLIT_K: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr, ABLATE: tl.constexpr):
         # 方式 "dotT"：算转置 outᵀ (BLOCK_N, BLOCK_M) += W 块 (BLOCK_N, BK) @ xᵀ (BK, BLOCK_M)。
         # 为什么：之前的 nf4_dot（4e84028 在 M = 16 只到约 0.38 TB/s）把权重块按 (BK, BLOCK_N) 取，沿 K 每两个元素读
         # 同一个字节，读不成向量、每个权重一条字节 load。这里按行读 (BLOCK_N, NB·blocksize/2) 个连续字节（每行一段，
@@ -439,6 +451,8 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         # （swap-AB，Marlin/gemlite 的小批量做法），M 只要补到 16。
         # code · absmax 在 float32 里乘、转成 x 的精度（与 bitsandbytes 的“反量化成 bf16 + F.linear”舍入相同），
         # 用 join + reshape 在寄存器里交错成 (BLOCK_N, BK)（k = 2i 是高半字节），一次 tl.dot。
+        # ABLATE（只给诊断用，见 ABLATE_NOTE）：0 = 正常的乘积；1 = 只读字节与 absmax（outᵀ[n, m] = Σ absmax · Σ 字节值，
+        # 各 m 相同）；2 = 再加查表、乘 absmax、转精度与交错（outᵀ[n, m] = Σ_k w[n, k]，不做 tl.dot）。
         HALF: tl.constexpr = BLOCKSIZE // 2
         BK: tl.constexpr = NB * BLOCKSIZE
         BH: tl.constexpr = NB * HALF  # 每行每步的字节数
@@ -470,23 +484,29 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             else:
                 scale = tl.load(A + s * a_s + n[:, None] * blocks + (kb + hb // HALF)[None, :],
                                 mask=n_ok[:, None] & b_ok[None, :], other=0.0)
-            w_hi = tl.load(CODE + (q >> 4)) * scale
-            w_lo = tl.load(CODE + (q & 0xF)) * scale
-            if FIX:  # 见 RTNE_NOTE
-                w_hi = (w_hi.to(tl.uint32, bitcast=True) + 0x7FFF + ((w_hi.to(tl.uint32, bitcast=True) >> 16) & 1)
-                       ).to(tl.float32, bitcast=True)
-                w_lo = (w_lo.to(tl.uint32, bitcast=True) + 0x7FFF + ((w_lo.to(tl.uint32, bitcast=True) >> 16) & 1)
-                       ).to(tl.float32, bitcast=True)
-            w_hi = w_hi.to(X.dtype.element_ty)
-            w_lo = w_lo.to(X.dtype.element_ty)
-            w = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BK))
-            k_ok = kb + kk // BLOCKSIZE < hi
-            xt = tl.load(x_cols + kb * BLOCKSIZE + kk[:, None], mask=k_ok[:, None] & m_ok[None, :],
-                         other=0.0)  # (BK, BLOCK_M)
-            if IEEE:
-                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+            if ABLATE == 1:
+                acc += tl.sum(q.to(tl.float32) * scale, axis=1)[:, None]
             else:
-                acc = tl.dot(w, xt, acc)
+                w_hi = tl.load(CODE + (q >> 4)) * scale
+                w_lo = tl.load(CODE + (q & 0xF)) * scale
+                if FIX:  # 见 RTNE_NOTE
+                    w_hi = (w_hi.to(tl.uint32, bitcast=True) + 0x7FFF
+                            + ((w_hi.to(tl.uint32, bitcast=True) >> 16) & 1)).to(tl.float32, bitcast=True)
+                    w_lo = (w_lo.to(tl.uint32, bitcast=True) + 0x7FFF
+                            + ((w_lo.to(tl.uint32, bitcast=True) >> 16) & 1)).to(tl.float32, bitcast=True)
+                w_hi = w_hi.to(X.dtype.element_ty)
+                w_lo = w_lo.to(X.dtype.element_ty)
+                w = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BK))
+                if ABLATE == 2:
+                    acc += tl.sum(w.to(tl.float32), axis=1)[:, None]
+                else:
+                    k_ok = kb + kk // BLOCKSIZE < hi
+                    xt = tl.load(x_cols + kb * BLOCKSIZE + kk[:, None], mask=k_ok[:, None] & m_ok[None, :],
+                                 other=0.0)  # (BK, BLOCK_M)
+                    if IEEE:
+                        acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(w, xt, acc)
         mask = n_ok[:, None] & m_ok[None, :]
         if SPLIT_K == 1:
             if FIX:
@@ -512,9 +532,10 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     @triton_op("steer::nf4_linear", mutates_args=())
     def nf4_linear_op(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                       n: int, blocksize: int, kernel: int, block_m: int, block_n: int, nb: int, split_k: int,
-                      num_warps: int, num_stages: int) -> torch.Tensor:
+                      num_warps: int, num_stages: int, ablate: int) -> torch.Tensor:
         """算子本体（参数已由 _launch 核对）：x (S, M, K)，按行打包的 qweight (S, N, K/2)、absmax (S, N, K/bs)，
-        n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 = nf4_gemv，1 = nf4_dot_t）。
+        n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 = nf4_gemv，1 = nf4_dot_t）；
+        ablate：0 = 正常的乘积，1 / 2 = 诊断用的部分计算（ABLATE_NOTE）。
         split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)。"""
         stacks, rows, k = x.shape
         out = torch.empty((stacks, rows, n), dtype=x.dtype, device=x.device)
@@ -524,13 +545,13 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             wrap_triton(nf4_gemv)[(triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, n, k, x.stride(0), qweight.stride(0), absmax.stride(0),
                 out.stride(0), BLOCKSIZE=blocksize, BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, FIX=fix,
-                num_warps=num_warps, num_stages=num_stages)
+                ABLATE=ablate, num_warps=num_warps, num_stages=num_stages)
         else:
             wrap_triton(nf4_dot_t)[(triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, rows, n, k, x.stride(0), x.stride(1), qweight.stride(0),
                 absmax.stride(0), out.stride(0), out.stride(1), BLOCKSIZE=blocksize, BLOCK_M=block_m,
                 BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, IEEE=x.dtype == torch.float32 or INTERPRETED, FIX=fix,
-                num_warps=num_warps, num_stages=num_stages)
+                ABLATE=ablate, num_warps=num_warps, num_stages=num_stages)
         if split_k > 1:
             total = stacks * rows * n
             wrap_triton(nf4_split_sum)[(triton.cdiv(total, 1024),)](part, out, total, SPLIT_K=split_k, BLOCK=1024,
@@ -541,11 +562,12 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
 
 
 def nf4_linear_stacked(x: torch.Tensor, w: NF4Weight, split_k: int | None = None,
-                       config: tuple[str, int, int, int, int, int] | None = None) -> torch.Tensor:
+                       config: tuple[str, int, int, int, int, int] | None = None, ablate: int = 0) -> torch.Tensor:
     """S 个模型各自的 x @ Wᵀ 一次发射：x (S, M, K) bf16/fp16/fp32（最后一维连续），w 叠好的（stack_nf4，前导维 S）
     → (S, M, N)，x 的精度，float32 累加。程序网格的第三维是 S（StackedLlama._linear 的 bmm 的 4 位版本）。
 
     split_k None = split_k_for 按 SM 数选；config None = config_for(M)（测试用这两个参数强制走某条路径）。
+    ablate ≠ 0 只给诊断（benchmarks/micro_nf4.py --ablate）：kernel 只做一部分计算，结果不是乘积（ABLATE_NOTE）。
     """
     if not w.stacked:
         raise ValueError("nf4_linear_stacked: expects a stacked weight (leading dimension S) from stack_nf4; "
@@ -553,7 +575,7 @@ def nf4_linear_stacked(x: torch.Tensor, w: NF4Weight, split_k: int | None = None
     if x.dim() != 3 or x.shape[0] != w.qweight.shape[0]:
         raise ValueError(f"nf4_linear_stacked: x must be (S, M, K) with S = {w.qweight.shape[0]} stacked weights, "
                          f"got shape {tuple(x.shape)}")
-    return _launch(x, w, split_k, config)
+    return _launch(x, w, split_k, config, ablate)
 
 
 def nf4_linear(x: torch.Tensor, w: NF4Weight, split_k: int | None = None,
@@ -569,8 +591,9 @@ def nf4_linear(x: torch.Tensor, w: NF4Weight, split_k: int | None = None,
                    config)[0]
 
 
-def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None, config: Config | None) -> torch.Tensor:
-    """核对输入后经 torch.ops 调用算子。x (S, M, K)；w 叠好的（前导维 S）。"""
+def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None, config: Config | None,
+            ablate: int = 0) -> torch.Tensor:
+    """核对输入后经 torch.ops 调用算子。x (S, M, K)；w 叠好的（前导维 S）。ablate 见 ABLATE_NOTE。"""
     stacks, rows, k = x.shape
     if x.dtype not in DTYPES:
         raise ValueError(f"nf4 linear: x dtype must be bfloat16, float16 or float32, got {x.dtype}")
@@ -596,7 +619,12 @@ def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None, config: Config |
     tuned = _TUNED.get((stacks, n, k, rows, x.dtype)) if config is None and split_k is None else None
     if tuned is not None:
         config, split_k = tuned
+    if ablate not in (0, 1, 2):
+        raise ValueError(f"nf4 linear: ablate must be 0 (the product), 1 (bytes and scales only) or 2 (plus the "
+                         f"table lookups), got {ablate}")
     if (config or config_for(rows))[0] == "bnb":
+        if ablate:
+            raise ValueError("nf4 linear: ablate applies to this module's Triton kernels, not to method 'bnb'")
         return _bnb_matmul(x, w)
     method, block_m, block_n, nb, warps, stages = config or config_for(rows)
     if method not in KERNELS:
@@ -612,7 +640,7 @@ def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None, config: Config |
         load_nf4_kernels()  # 编译区域里 dynamo 追踪不了 kernel 的定义：那里要求算子已经注册过
     # 经 torch.ops 调用：编译区域里 dynamo 只看到一个已注册的算子
     return torch.ops.steer.nf4_linear(x, w.qweight, w.absmax, w.code, n, w.blocksize, KERNELS[method], block_m,
-                                      block_n, nb, split_k, warps, stages)
+                                      block_n, nb, split_k, warps, stages, ablate)
 
 
 def _split_k(x: torch.Tensor, w: NF4Weight, rows: int, block_m: int, block_n: int, nb: int, gemv: bool,

@@ -234,6 +234,42 @@ def test_bnb_method_matches_dequantize_matmul(m: int, dtype: torch.dtype) -> Non
         assert _relative_error(nf4_linear(x[s], ws[s], config=bnb_cfg), ref) < TOLERANCE[dtype]
 
 
+@needs_triton
+@pytest.mark.parametrize("config, m, split_k", [
+    (("gemvR", 1, 16, 8, 4, 1), 1, 1),
+    (("gemvR", 1, 16, 4, 4, 1), 1, 3),    # 切 K + 合并
+    (("dotT", 16, 32, 1, 4, 1), 5, 1),
+    (("dotT", 16, 32, 2, 4, 1), 5, 2),    # 每步两块（absmax 按字节取）+ 切 K
+])
+@pytest.mark.parametrize("ablate", [1, 2])
+def test_ablated_kernels_compute_their_part(interpreted_triton: None, config: tuple[str, int, int, int, int, int],
+                                            m: int, split_k: int, ablate: int) -> None:
+    """诊断用的部分计算（ABLATE_NOTE）自身是对的：ablate 1 = Σ_块 absmax · Σ 字节值，ablate 2 = Σ_块 absmax ·
+    Σ (code[高半字节] + code[低半字节])；两种 kernel 都对每个 m 输出同一个值（float32，叠加两个模型）。
+    这样 micro_nf4 --ablate 的计时确实是“读全部字节与 absmax”“再加查表”这两部分的代价。"""
+    ws = [_nf4(48, 512, seed=s + 7) for s in range(2)]
+    stacked = stack_nf4(ws)
+    x = torch.randn(2, m, 512, generator=torch.Generator().manual_seed(3))
+    y = nf4_linear_stacked(x, stacked, config=config, split_k=split_k, ablate=ablate)
+    q = stacked.qweight.reshape(2, 48, -1, 32).long()  # (S, N, 块, 字节)
+    per_byte = q.double() if ablate == 1 else (stacked.code[q >> 4] + stacked.code[q & 0xF]).double()
+    ref = (per_byte.sum(-1) * stacked.absmax.double()).sum(-1)  # (S, N)
+    assert y.shape == (2, m, 48)
+    for row in range(m):
+        assert _relative_error(y[:, row], ref) < 1e-6
+
+
+@needs_triton
+def test_ablate_is_refused_where_it_means_nothing(interpreted_triton: None) -> None:
+    """ablate 只有 0 / 1 / 2，且只对本模块的 Triton kernel 有意义：其余取值与方式 "bnb" 在发射前报错。"""
+    w = stack_nf4([_nf4(32, 128)])
+    x = torch.randn(1, 1, 128)
+    with pytest.raises(ValueError, match="ablate must be 0"):
+        nf4_linear_stacked(x, w, ablate=3)
+    with pytest.raises(ValueError, match="not to method 'bnb'"):
+        nf4_linear_stacked(x, w, config=("bnb", 0, 0, 0, 0, 0), ablate=1)
+
+
 @needs_bnb
 def test_prefill_rows_use_bitsandbytes_dequantize_then_matmul() -> None:
     """M > BNB_ROWS（预填充）默认走方式 "bnb"（反量化一次 + 矩阵乘），结果与“反量化 + float32 矩阵乘”一致；
@@ -288,3 +324,17 @@ def test_nf4_linear_refuses_bad_input(interpreted_triton: None) -> None:
         nf4_linear(x, w, config=("dot", 16, 64, 2, 4, 1))
     with pytest.raises(ValueError, match="layout of repack_nf4"):
         nf4_linear(x, dataclasses.replace(w, absmax=w.absmax.t().contiguous()))
+
+
+@needs_triton
+def test_micro_nf4_ablate_rows(interpreted_triton: None) -> None:
+    """benchmarks/micro_nf4.py --ablate 的行（CPU 解释器，不看数值大小）：三部分都有微秒与 TB/s，计时的是本模块的
+    kernel（M = 1 的 gemvR、M > 1 的 dotT），结果在 JSON 里。"""
+    from benchmarks import micro_nf4
+
+    rows = micro_nf4.run_shape("tiny", "a", 96, 128, 1, (1, 5), "cpu", use_bnb=False, sweep=False, smoke=True,
+                               ablate=True)
+    assert [r["ablate"]["config"][0] for r in rows] == ["gemvR", "dotT"]
+    for r in rows:
+        assert all(r["ablate"][part]["us"] > 0 and r["ablate"][part]["tbs"] >= 0  # CPU：TB/s 舍入到 0
+                   for part in ("bytes", "lookup", "full"))
