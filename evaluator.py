@@ -485,6 +485,10 @@ def run_arm(
     bar = tqdm(total=len(own), initial=sum(i in done for i in own), desc=mode, unit="q", disable=not progress,
                bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} q [{elapsed}<{remaining}{postfix}]")
     live = {"tokens": 0, "base": float(bar.n)}  # 本次会话已生成的 token 数；已完成的题数（批内进度的起点）
+    if decoder is not None and decoder.compile and plan:
+        # 第一批先编译解码步（4 位时还要给每种权重形状实测选 kernel）：GPU 上要一到三分钟，进度条在这期间不动。
+        # 后缀先说明原因，免得用户以为卡住了；第一步解码之后 step_progress 把它换成 tok/s。
+        bar.set_postfix_str("first batch: compiling the decode step, 1-3 min on a GPU")
     start = time.perf_counter()
     for b, chunk in enumerate(plan):
         pending = [chunk]

@@ -283,3 +283,25 @@ def test_record_validation(tmp_path: Path, changes: dict[str, Any], problem: str
     else:
         with pytest.raises(main.DataError, match=":1: "):
             read_records(str(path), ["baseline"], {0}, rules=RULES)
+
+
+def test_progress_bar_says_the_first_batch_compiles(trio, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """编译的快速路径：第一批之前进度条的后缀说明正在编译（GPU 上一到三分钟进度条不动，免得以为卡住）；
+    不编译时没有这句。这里只把解码器的 compile 标志设为真（CPU 上真的编译太慢），看的是 run_arm 的说明。"""
+    import fast.decoder as fd
+
+    class Flagged(fd.FastDecoder):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.compile = True
+
+    def run(progress: bool) -> str:
+        run_arm("steered", questions(), {r: [list(p) for p in PROMPTS] for r in ROLES}, trio, IdTokenizer(),
+                vocab_size=VOCAB, batch_size=3, max_new_tokens=STEPS, end_ids=[], fast=True, progress=progress,
+                steering=SteeringParams(1.0, 1.0, 1.0, "js"))
+        return capsys.readouterr().err
+
+    assert "compiling the decode step" not in run(True)
+    monkeypatch.setattr(fd, "FastDecoder", Flagged)
+    assert "first batch: compiling the decode step" in run(True)
+    assert "compiling" not in run(False)  # progress=False：没有进度条，也没有这句
