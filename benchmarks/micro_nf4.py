@@ -13,6 +13,9 @@ bf16 列按 bf16 权重算。表旁边给出同一次运行里测得的读带宽
 没有 bitsandbytes 时（GPU 机器上默认如此）用 fast.nf4.quantize_nf4_reference 生成同格式的权重，bnb 列留空。
 用法：python benchmarks/micro_nf4.py [--sweep] [--tune] [--ablate] [--smoke]；环境变量 OUT 是目录时把 JSON 写进
 $OUT/micro_nf4.json。
+--int4（只在 CUDA 上）：同一形状、同一 M，再测两个 int4 库的 kernel——torchao 0.18 的 tile-packed int4（tinygemm，
+--quant int4 今天用的）与 gemlite 0.6 的 A16W4（Triton），组大小 64，各自的字节算 TB/s，输出与各自反量化后的
+float32 矩阵乘比相对误差。issue 16 要求两者之间“按测量选”：这一列就是那个测量（装不上哪个库，那一列就空着）。
 --ablate：时间花在哪（没有 ncu 时的剖析，见 fast/nf4.py 的 ABLATE_NOTE）：同一 kernel、同一配置、同一网格，
 依次只读字节与 absmax、再加查表、完整乘积，三者的微秒与 TB/s 记在每行的 ablate 里。
 --smoke：CPU 上用 Triton 解释器跑极小的形状（几秒），只检查脚本本身能跑通。
@@ -106,8 +109,71 @@ def bnb_bytes(packed: torch.Tensor, state: Any) -> int:
     return total
 
 
+def affine_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (N, K) → (q (N, K) uint8 ∈ [0, 15], scale (N, K/group), zero (N, K/group))，float32 计算：每组按 min/max 的
+    非对称仿射量化，w ≈ (q − zero) · scale（gemlite 的 A16Wn 约定，zero 可以是小数，HQQ 的写法），不需要校准数据。
+    只给 --int4 的 gemlite 列造权重（torchao 用它自己的量化器）；两者的格式都是“每组一对 (scale, zero)”的 int4。"""
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"affine_int4: K = {k} is not a multiple of the group size {group}")
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-8)
+    zero = -lo / scale
+    q = torch.clamp(torch.round(g / scale[..., None] + zero[..., None]), 0, 15)
+    return q.reshape(n, k).to(torch.uint8), scale, zero
+
+
+def int4_columns(dense: list[torch.Tensor], xs: list[torch.Tensor], copies: int, io_bytes: int,
+                 group: int = 64) -> dict[str, Any]:
+    """--int4 的列（CUDA）：torchao tile-packed int4 与 gemlite A16W4 的每次调用毫秒、TB/s、相对误差。
+    dense：S 个 (N, K) bf16 权重；xs：每组一个 (S, M, K) 激活；copies 组权重副本（不同地址，不在 L2 里命中）。
+    每个库一列；没装或出错时那一列记下原因（不让一个库的问题拖垮整个微基准）。"""
+    n, k = dense[0].shape
+    weight_bytes = len(dense) * (n * k // 2 + n * (k // group) * 4)  # 半字节 + 每组 bf16 的 (scale, zero)
+    out: dict[str, Any] = {}
+
+    def measure(label: str, build: Callable[[torch.Tensor], tuple[Callable[[torch.Tensor], torch.Tensor],
+                                                                  torch.Tensor]]) -> None:
+        try:
+            built = [[build(w) for w in dense] for _ in range(copies)]  # [副本][模型] → (前向, 反量化后的权重)
+            y = torch.stack([built[0][s][0](xs[0][s]) for s in range(len(dense))])
+            ref = torch.stack([xs[0][s].float() @ built[0][s][1].float().T for s in range(len(dense))])
+            ms, how = time_calls([lambda i=i: [built[i][s][0](xs[i % len(xs)][s]) for s in range(len(dense))]
+                                  for i in range(copies)], smoke=False)
+            out[label] = {"ms": ms, "timing": how, "tbs": (weight_bytes + io_bytes) / ms / 1e9,
+                          "rel_err": ((y.float() - ref).norm() / ref.norm()).item()}
+        except Exception as exc:  # noqa: BLE001 —— 记下原因，其余列照测
+            out[label] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+    def torchao_linear(w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        lin = torch.nn.Linear(k, n, bias=False, dtype=w.dtype, device=w.device)
+        lin.weight.data.copy_(w)
+        quantize_(lin, Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d",
+                                            set_inductor_config=False))
+        from benchmarks.quant_quality import int4_roundtrip  # torchao 的 from_hp 用的同一组 tinygemm 原语
+
+        return lin, int4_roundtrip(w, group)
+
+    def gemlite_linear(w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+        from gemlite.helper import A16Wn
+
+        q, scale, zero = affine_int4(w, group)
+        scale, zero = scale.to(w.dtype), zero.to(w.dtype)  # gemlite 存 bf16 的 scale 与 zero
+        lin = A16Wn(device=str(w.device), dtype=w.dtype).from_weights(q, scale, zero, 4, group)
+        deq = (q.float().reshape(n, k // group, group) - zero.float()[..., None]) * scale.float()[..., None]
+        return lin, deq.reshape(n, k)
+
+    measure("torchao", torchao_linear)
+    measure("gemlite", gemlite_linear)
+    return out
+
+
 def run_shape(model: str, name: str, n: int, k: int, stacks: int, batches: tuple[int, ...], device: str,
-              use_bnb: bool, sweep: bool, smoke: bool, tune: bool = False, ablate: bool = False) -> list[dict[str, Any]]:
+              use_bnb: bool, sweep: bool, smoke: bool, tune: bool = False, ablate: bool = False,
+              int4: bool = False) -> list[dict[str, Any]]:
     """一个形状的所有 M：各方法的每次调用毫秒、TB/s 与正确性。tune：先用 tune_nf4 为 (形状, M) 选配置（与解码器
     启动时相同），"NF4 Triton" 列就是调优后的选择，行里另记每种方式最快的微秒数（us_by_method）。"""
     torch.manual_seed(0)
@@ -167,6 +233,8 @@ def run_shape(model: str, name: str, n: int, k: int, stacks: int, batches: tuple
             ms_bnb, how_bnb = time_calls([lambda i=i: bnb_call(i) for i in range(len(sets))], smoke)
             weight_bytes = sum(bnb_bytes(p, s) for p, s in quantized)
             row.update(bnb_ms=ms_bnb, bnb_timing=how_bnb, bnb_tbs=(weight_bytes + io_bytes) / ms_bnb / 1e9)
+        if int4:
+            row["int4"] = int4_columns(dense, xs, min(len(sets), 8), io_bytes)
         if ablate:
             # 本模块的 kernel（调优选中 bitsandbytes 时取默认表的配置）：只读 / 加查表 / 完整，三次同配置计时
             own = tuned is not None and tuned["config"][0] != "bnb"
@@ -198,7 +266,9 @@ def run_shape(model: str, name: str, n: int, k: int, stacks: int, batches: tuple
               + (f", tuned {tuned['config']} split {tuned['split_k']}, by method {tuned['us_by_method']}"
                  if tuned else "")
               + (", ablate " + ", ".join(f"{key} {row['ablate'][key]['us']} us" for key in ("bytes", "lookup", "full"))
-                 if "ablate" in row else ""), flush=True)
+                 if "ablate" in row else "")
+              + ("".join(f", {lib} " + (f"{v['ms'] * 1e3:.1f} us (rel err {v['rel_err']:.1e})" if "ms" in v
+                                        else v["error"]) for lib, v in row.get("int4", {}).items())), flush=True)
     return rows
 
 
@@ -228,10 +298,15 @@ def main() -> None:
     parser.add_argument("--ablate", action="store_true",
                         help="where the time goes: time the same kernel reading only the bytes and scales, then "
                              "adding the table lookups, then the full product")
+    parser.add_argument("--int4", action="store_true",
+                        help="also time torchao's tile-packed int4 and gemlite's A16W4 (group size 64) on the same "
+                             "shapes (CUDA only)")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated M values")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("No CUDA device: run on a GPU, or pass --smoke for the CPU interpreter check.")
+    if args.int4 and args.smoke:
+        sys.exit("--int4 times torchao's and gemlite's CUDA kernels: it needs a GPU and cannot run with --smoke.")
     device = "cpu" if args.smoke else "cuda"
     use_bnb = importlib.util.find_spec("bitsandbytes") is not None and not args.smoke
     load_nf4_kernels()
@@ -250,7 +325,7 @@ def main() -> None:
     with torch.inference_mode():
         for model, name, n, k, stacks in shapes:
             rows += run_shape(model, name, n, k, stacks, batches, device, use_bnb, args.sweep, args.smoke,
-                              args.tune, args.ablate)
+                              args.tune, args.ablate, args.int4)
     table = markdown(rows, bandwidth, use_bnb)
     print(table)
     worst = max(r["rel_err"] for r in rows)

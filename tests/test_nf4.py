@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -338,3 +339,32 @@ def test_micro_nf4_ablate_rows(interpreted_triton: None) -> None:
     for r in rows:
         assert all(r["ablate"][part]["us"] > 0 and r["ablate"][part]["tbs"] >= 0  # CPU：TB/s 舍入到 0
                    for part in ("bytes", "lookup", "full"))
+
+
+def test_affine_int4_for_the_gemlite_column() -> None:
+    """micro_nf4 --int4 给 gemlite 造的权重：q ∈ [0, 15]，每组 (q − zero) · scale 还原 w 的误差不超过半格，
+    每组的最小、最大值落在格点 0 与 15 上；K 不是组大小的倍数时报错。"""
+    from benchmarks.micro_nf4 import affine_int4
+
+    w = torch.randn(6, 256, generator=torch.Generator().manual_seed(4))
+    q, scale, zero = affine_int4(w, 64)
+    assert q.dtype == torch.uint8 and q.shape == (6, 256) and int(q.max()) <= 15
+    assert scale.shape == zero.shape == (6, 4)
+    deq = (q.float().reshape(6, 4, 64) - zero[..., None]) * scale[..., None]
+    assert ((deq - w.reshape(6, 4, 64)).abs() <= scale[..., None] / 2 + 1e-6).all()
+    groups = q.reshape(6, 4, 64)
+    assert (groups.amin(-1) == 0).all() and (groups.amax(-1) == 15).all()
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        affine_int4(w[:, :100], 64)
+
+
+def test_micro_nf4_int4_columns_record_failures_and_need_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--int4 的列在 CPU 上测不了：每个库的失败记在它自己的列里（不拖垮其余测量），--smoke --int4 直接说明需要 GPU。"""
+    from benchmarks import micro_nf4
+
+    w = torch.randn(64, 128).bfloat16()
+    out = micro_nf4.int4_columns([w], [torch.randn(1, 1, 128).bfloat16()], copies=1, io_bytes=0)
+    assert set(out) == {"torchao", "gemlite"} and all("error" in v for v in out.values())
+    monkeypatch.setattr(sys, "argv", ["micro_nf4.py", "--smoke", "--int4"])
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        micro_nf4.main()
