@@ -23,31 +23,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fast.attention import TRITON_ATTENTION_CONFIG, load_triton_attention, split_count  # noqa: E402
+from fast.nf4 import graph_time_us  # noqa: E402
 
 
 def graph_ms(calls: list[Callable[[], Any]], replays: int = 20) -> float:
-    """把 calls 依次录进一张 CUDA graph，重放 replays 次，返回每次调用的平均毫秒（CUDA events）。"""
-    for fn in calls[:2]:
-        fn()  # 预热：Triton 编译、cuDNN 计划
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for fn in calls[:2]:
-            fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (replays * len(calls))
+    """把 calls 依次录进一张 CUDA graph，重放 replays 次，返回每次调用的平均毫秒（CUDA events）：共用
+    fast.nf4.graph_time_us 的计时器，取它的平均口径（这里发表过的数字都按平均算）。"""
+    return graph_time_us(calls, replays, mean=True) / 1e3
 
 
 def shape_rows(name: str, rows: int, dim: int, length: int, slot: int, configs: list[tuple[int, int, int, int]]

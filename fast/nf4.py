@@ -725,11 +725,12 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
     return report
 
 
-def graph_time_us(calls: Sequence[Callable[[], Any]], reps: int) -> float:
+def graph_time_us(calls: Sequence[Callable[[], Any]], reps: int, mean: bool = False) -> float:
     """轮流调用 calls（不同地址的同形状权重）：全部录进一个 CUDA graph，重放 reps 次，CUDA event 计时，
-    返回每次调用的中位微秒数。为什么录图：单次调用只有十几微秒，Python 里的核对与发射比 GPU 上的 kernel 还慢，
-    逐次计时量到的是主机开销。录图前先在默认流与一条侧流上各跑一遍（Triton 编译、cuBLAS 句柄与工作区等懒初始化
-    不能发生在录制里，PyTorch 的 CUDA graph 文档这样建议）。tune_nf4 与 benchmarks/micro_nf4.py 共用。"""
+    返回每次调用的中位微秒数（mean=True：一对 event 包住全部重放，取平均——benchmarks/micro_attn.py 与
+    micro_layout.py 发表的数字是这个口径）。为什么录图：单次调用只有十几微秒，Python 里的核对与发射比 GPU 上的
+    kernel 还慢，逐次计时量到的是主机开销。录图前先在默认流与一条侧流上各跑一遍（Triton 编译、cuBLAS 句柄与工作区等
+    懒初始化不能发生在录制里，PyTorch 的 CUDA graph 文档这样建议）。tune_nf4 与各微基准共用这一个计时器。"""
     for c in calls:
         c()
     torch.cuda.synchronize()
@@ -743,6 +744,15 @@ def graph_time_us(calls: Sequence[Callable[[], Any]], reps: int) -> float:
         for c in calls:
             c()
     graph.replay()
+    if mean:
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3 / (reps * len(calls))
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
