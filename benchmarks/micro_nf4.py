@@ -199,7 +199,9 @@ def run_shape(model: str, name: str, n: int, k: int, stacks: int, batches: tuple
         def ours(i: int, config: tuple[str, int, int, int, int, int] | None = None,
                  split_k: int | None = None, part: int = 0) -> torch.Tensor:
             if stacks > 1 or part:
-                w = sets[i] if stacks > 1 else stack_nf4([sets[i]])
+                # 单个权重加一个前导维（视图，不拷贝：计时的图里不能混进拷贝）
+                w = sets[i] if stacks > 1 else dataclasses.replace(sets[i], qweight=sets[i].qweight[None],
+                                                                   absmax=sets[i].absmax[None])
                 return nf4_linear_stacked(xs[i], w, split_k=split_k, config=config, ablate=part)
             return nf4_linear(xs[i][0], sets[i], split_k=split_k, config=config)[None]
 
