@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fast.nf4 import (config_for, dequantize_nf4, graph_time_us, load_nf4_kernels, nf4_linear,  # noqa: E402
+from fast.nf4 import (as_stacked, config_for, dequantize_nf4, graph_time_us, load_nf4_kernels,  # noqa: E402
                       nf4_linear_stacked, quantize_nf4_reference, repack_nf4, stack_nf4, tune_nf4)
 
 # (模型, 名字, N = out_features, K = in_features, S = 叠加的模型数)
@@ -149,12 +149,12 @@ def int4_columns(dense: list[torch.Tensor], xs: list[torch.Tensor], copies: int,
     def torchao_linear(w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
         from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
+        from benchmarks.quant_quality import int4_roundtrip  # torchao 的 from_hp 用的同一组 tinygemm 原语
+
         lin = torch.nn.Linear(k, n, bias=False, dtype=w.dtype, device=w.device)
         lin.weight.data.copy_(w)
         quantize_(lin, Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d",
                                             set_inductor_config=False))
-        from benchmarks.quant_quality import int4_roundtrip  # torchao 的 from_hp 用的同一组 tinygemm 原语
-
         return lin, int4_roundtrip(w, group)
 
     def gemlite_linear(w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
@@ -198,12 +198,8 @@ def run_shape(model: str, name: str, n: int, k: int, stacks: int, batches: tuple
 
         def ours(i: int, config: tuple[str, int, int, int, int, int] | None = None,
                  split_k: int | None = None, part: int = 0) -> torch.Tensor:
-            if stacks > 1 or part:
-                # 单个权重加一个前导维（视图，不拷贝：计时的图里不能混进拷贝）
-                w = sets[i] if stacks > 1 else dataclasses.replace(sets[i], qweight=sets[i].qweight[None],
-                                                                   absmax=sets[i].absmax[None])
-                return nf4_linear_stacked(xs[i], w, split_k=split_k, config=config, ablate=part)
-            return nf4_linear(xs[i][0], sets[i], split_k=split_k, config=config)[None]
+            # 第 i 组权重的乘积 (S, M, N)；单个权重经 as_stacked 走同一条叠加路径（视图），part 见 --ablate
+            return nf4_linear_stacked(xs[i], as_stacked(sets[i]), split_k=split_k, config=config, ablate=part)
 
         tuned = tune_nf4([weight], m, dtype)[f"S{stacks}_N{n}_K{k}_M{m}"] if tune and not smoke else None
         y = ours(0)

@@ -287,6 +287,14 @@ def stack_nf4(weights: Sequence[NF4Weight]) -> NF4Weight:
                      out_features=weights[0].out_features)
 
 
+def as_stacked(w: NF4Weight) -> NF4Weight:
+    """单个权重 → 前导维 S = 1 的叠加权重（qweight (1, N, K/2)、absmax (1, N, K/bs)，视图、不拷贝）；已叠好的原样返回。
+    为什么：算子与调优只认叠加布局，单个权重经它进入同一条路径（计时的图里也不会混进 stack_nf4 的拷贝）。"""
+    if w.stacked:
+        return w
+    return dataclasses.replace(w, qweight=w.qweight[None], absmax=w.absmax[None])
+
+
 def _check_same(weights: Sequence[NF4Weight], who: str, same_n: bool) -> None:
     """拼接/叠加前核对：非空、都是单个权重、K/blocksize/dtype/设备相同（叠加还要 N 相同）。"""
     if not weights:
@@ -587,7 +595,7 @@ def nf4_linear(x: torch.Tensor, w: NF4Weight, split_k: int | None = None,
         raise ValueError("nf4_linear: got a stacked weight; use nf4_linear_stacked with x of shape (S, M, K)")
     if x.dim() != 2:
         raise ValueError(f"nf4_linear: x must be 2-D (M, K), got shape {tuple(x.shape)}; flatten leading dimensions")
-    return _launch(x[None], dataclasses.replace(w, qweight=w.qweight[None], absmax=w.absmax[None]), split_k,
+    return _launch(x[None], as_stacked(w), split_k,
                    config)[0]
 
 
@@ -665,7 +673,7 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
     """
     report: dict[str, Any] = {}
     for w in weights:
-        stacked = w if w.stacked else dataclasses.replace(w, qweight=w.qweight[None], absmax=w.absmax[None])
+        stacked = as_stacked(w)
         s, n, k = stacked.qweight.shape[0], w.out_features, w.in_features
         key = (s, n, k, rows, dtype)
         name = f"S{s}_N{n}_K{k}_M{rows}"

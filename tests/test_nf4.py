@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from fast.nf4 import (NF4Weight, cat_nf4, dequantize_nf4, dynamic_map, nf4_linear, nf4_linear_stacked,
+from fast.nf4 import (NF4Weight, as_stacked, cat_nf4, dequantize_nf4, dynamic_map, nf4_linear, nf4_linear_stacked,
                       quantize_nf4_reference, repack_nf4, stack_nf4, with_bnb_states)
 
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="没有 bitsandbytes")
@@ -368,3 +368,13 @@ def test_micro_nf4_int4_columns_record_failures_and_need_a_gpu(monkeypatch: pyte
     monkeypatch.setattr(sys, "argv", ["micro_nf4.py", "--smoke", "--int4"])
     with pytest.raises(SystemExit, match="needs a GPU"):
         micro_nf4.main()
+
+
+def test_as_stacked_is_a_view_with_one_leading_model() -> None:
+    """as_stacked：单个权重加前导维 S = 1（与原权重共用存储，不拷贝）；已叠好的权重原样返回。"""
+    w = _nf4(32, 128)
+    one = as_stacked(w)
+    assert one.stacked and one.qweight.shape == (1, 32, 64) and one.absmax.shape == (1, 32, 2)
+    assert one.qweight.data_ptr() == w.qweight.data_ptr() and one.absmax.data_ptr() == w.absmax.data_ptr()
+    both = stack_nf4([w, w])
+    assert as_stacked(both) is both
