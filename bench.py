@@ -320,6 +320,10 @@ def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int,
     gen(min(new, 24))  # 预热：编译、CUDA graph 录制、cuBLAS 句柄
     gen(min(new, 24))
     warmup = time.perf_counter() - start
+    cuda = args.device.startswith("cuda")
+    if cuda:  # 峰值分两段：预热（调优、编译、录图）与计时段（只剩预填充与解码），看超出常驻部分的显存是谁用的
+        warm_peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     t_one = min(timed(lambda: gen(1), args.device) for _ in range(2))
     t_full = timed(lambda: gen(new), args.device)
     ms = 1000 * (t_full - t_one) / (new - 1)
@@ -330,8 +334,12 @@ def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int,
            "stack": decoder.stack if decoder is not None else "off",
            "attention": decoder.attention if decoder is not None else "sdpa",
            "temperature": args.temperature, "top_p": args.top_p}
-    if args.device.startswith("cuda"):
-        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if cuda:
+        timed_peak = torch.cuda.max_memory_allocated()
+        row["peak_gib"] = round(max(warm_peak, timed_peak) / 2**30, 2)  # 整行的峰值（预热 + 计时）
+        row["peak_timed_gib"] = round(timed_peak / 2**30, 2)  # 计时段的峰值：预填充 + 解码
+        # 常驻：计时后解码器仍在时已分配的显存（权重、KV 缓存、CUDA graph 的静态缓冲）；峰值减它是临时的
+        row["resident_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
     # 带宽下限：这一行每步至少要读的字节（权重 + 计时窗口里平均上下文的 K/V），以及按它折算的实际读取速率
     row["mean_context"] = mean_context(args.prompt, new)
     row["floor_bytes"] = round(floor_bytes(use, batch, row["mean_context"]))
@@ -340,6 +348,9 @@ def measure(path: str, models: list[PreTrainedModel], steered: bool, batch: int,
     tuned = {k: v for s in (decoder.stacked if decoder is not None else []) if s is not None for k, v in s.tuned.items()}
     if tuned:  # NF4 叠加前向：tune_nf4 为每种权重形状选出的 kernel 配置（方式, BLOCK_M, BLOCK_N, NB, warps, stages）、split-K、µs
         row["nf4_kernels"] = tuned
+    if decoder is not None and any(s is not None and s.nf4 for s in decoder.stacked):
+        # 预热里调优占的秒数（其余是编译与录图）：NF4 解码器的启动比 bf16 多 1–2 分钟，先分清是哪一段
+        row["tune_s"] = round(sum(s.tune_s for s in decoder.stacked if s is not None), 1)
     if args.with_profile and decoder is not None:
         row["profile"] = profile_decoder(decoder, prompts, len(use), args.profile_steps, args.device)
     return row
@@ -895,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
         # 模型加载之前、设备空闲时测只读带宽；CPU（CI 冒烟测试）用小得多的张量
         bandwidth = read_bandwidth(args.device, 2 * 2**30 if args.device.startswith("cuda") else 64 * 2**20)
         report["read_bandwidth"] = bandwidth
-        print(json.dumps({"read_bandwidth": bandwidth}), flush=True)
+        emit_key("read_bandwidth", bandwidth, args.out)
     if args.quant != "bf16":
         models = quantized_models(args.quant, args.preset, args.device, args.int4_group_size)
     else:
@@ -977,12 +988,25 @@ def emit(row: dict[str, Any], out: str | None) -> None:
     complete = false）。为什么：设备机上的命令有时间上限，超时或中途出错时已测的行不能只留在标准输出里
     （f3031a1 的一次投机解码测量就是从日志里捞回来的）。finish 写完整报告时 complete = true、去掉 rows_so_far。"""
     print(json.dumps(row), flush=True)
-    if out:
-        with open(out) as f:
-            partial = json.load(f)
-        partial["rows_so_far"].append(row)
-        with open(out, "w") as f:
-            json.dump(partial, f, indent=1)
+    _update_partial(out, lambda partial: partial["rows_so_far"].append(row))
+
+
+def emit_key(key: str, value: Any, out: str | None) -> None:
+    """打印一项 {key: value}（一行 JSON），给了 --out 时也写进中间文件。为什么：份额列（share of floor time）要用同一
+    进程的只读带宽，29a413f 的一次 NF4 测量超时后文件里只有各行、没有带宽，只能从日志里找回。"""
+    print(json.dumps({key: value}), flush=True)
+    _update_partial(out, lambda partial: partial.__setitem__(key, value))
+
+
+def _update_partial(out: str | None, change: Callable[[dict[str, Any]], Any]) -> None:
+    """读出 --out 的中间文件、就地改一处、写回（没给 --out 时什么也不做）。emit 与 emit_key 共用。"""
+    if not out:
+        return
+    with open(out) as f:
+        partial = json.load(f)
+    change(partial)
+    with open(out, "w") as f:
+        json.dump(partial, f, indent=1)
 
 
 def finish(report: dict[str, Any], out: str | None) -> int:

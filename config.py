@@ -41,10 +41,13 @@ LOAD_IN_4BIT: bool = True
 # 4-bit 的格式（只在 LOAD_IN_4BIT 时有意义）：nf4 = bitsandbytes NF4（分块 64、双重量化）；
 # int4 = torchao 的仿射 int4 只量化权重（Int4WeightOnlyConfig，tile-packed 布局即 tinygemm kernel），加载时由 bf16 权重
 # 直接量化、不需要校准数据。两者的质量对比见 BENCHMARKS.md（CPU 上 SmolLM2 的 KL / 贪心一致率）。
+# 为什么 int4 用 torchao 不用 gemlite（29a413f 的 H200 kernel 实测，BENCHMARKS.md）：批 1 两者持平；gemlite 在 M ≤ 63
+# 用 bf16 原子加合并 split-K 的部分和，误差是 torchao 的 4–9 倍、相加顺序每次不同（同一贪心运行不可复现）。
+# 批 16 / 64 时 nf4 比两个 int4 库都快，所以默认 nf4、int4 留给批 1。
 QUANT: str = "nf4"  # "nf4" | "int4"
 # int4 每组共享一对 (scale, zero) 的输入维元素数：组越小越准、每个权重多占 32/组 比特。in_features 不是它的倍数的
 # Linear 保持 bf16（torchao 的规则；Llama-3 8B/1B 的所有投影都是 128 的倍数）。默认 64：BENCHMARKS.md 的 CPU 质量表里
-# 同样只量化 down_proj 时 g128 的平均 KL 约是 g64 的 1.8 倍，g64 与 nf4（块也是 64）相当；GPU 上的速度差尚未测。
+# 同样只量化 down_proj 时 g128 的平均 KL 约是 g64 的 1.8 倍，g64 与 nf4（块也是 64）相当；g128 在 GPU 上的速度尚未测。
 INT4_GROUP_SIZE: int = 64
 INT4_GROUP_SIZES: tuple[int, ...] = (64, 128)
 DTYPE: str = "bfloat16"  # 非 4-bit 时的权重精度："bfloat16" | "float16" | "float32"

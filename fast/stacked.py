@@ -21,6 +21,7 @@
 """
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -264,6 +265,7 @@ class StackedLlama:
         if self.nf4:
             load_nf4_kernels()  # 在编译区域之外注册算子
         self.tuned: dict[str, object] = {}  # tune_nf4 的结果（基准记录它）
+        self.tune_s = 0.0  # tune_nf4 累计用的秒数：启动时间里调优占多少（基准记录它，与编译、录图分开）
         self.n_models = len(models)
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = head_dim_of(cfg)
@@ -283,10 +285,13 @@ class StackedLlama:
         """
         if self.shape == (batch, length):
             return
-        if self.nf4 and self.weights.embed.is_cuda:
-            # 4 位：按本批的解码形状（M = batch 行）给每种权重形状实测选 kernel 配置（编译追踪之前：那时配置成了常量）
+        if self.nf4:
+            # 4 位：按本批的解码形状（M = batch 行）给每种权重形状实测选 kernel 配置（编译追踪之前：那时配置成了常量）；
+            # 只在 CUDA 上实测，CPU 上 tune_nf4 什么也不做（解释器的速度没有意义）
             w = self.weights
+            start = time.perf_counter()
             self.tuned.update(tune_nf4([w.qkv[0], w.o[0], w.gate_up[0], w.down[0]], batch, w.embed.dtype))
+            self.tune_s += time.perf_counter() - start
         self.keys, self.values = [], []
         w = self.weights.embed
         shape = (self.n_models * batch, self.kv_heads, length, self.head_dim)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import bench
 
@@ -52,6 +53,7 @@ def test_out_file_keeps_rows_while_running_and_marks_completion(capsys, tmp_path
                        "--out", str(out)]) == 0
     report = last_json(capsys)
     assert seen["complete"] is False and seen["env"] == report["env"]
+    assert seen["read_bandwidth"] == report["read_bandwidth"]  # 份额列需要的带宽也在中间文件里
     assert [(r["mode"], r["ms_per_step"]) for r in seen["rows_so_far"]] == [
         (r["mode"], r["ms_per_step"]) for r in report["rows"]]
     final = json.loads(out.read_text())
@@ -335,3 +337,21 @@ def test_tiny_check_nf4(capsys):
         assert got["quant"] == "nf4" and got["nf4_kernels"] is True
     with pytest.raises(SystemExit):
         bench.main(["--preset", "tiny", "--device", "cpu", "--check", "--quant", "int4"])
+
+
+def test_tiny_nf4_row_records_tuning_time(capsys, monkeypatch):
+    """NF4 的测速行记下预热里调优用的秒数 tune_s（CPU 上不调优：0.0）；显存的三列只在 CUDA 上有。
+    --quant 的加载要 CUDA（model_loader），这里换成 --check 用的同一种 CPU 上的 NF4 模型（bitsandbytes 的 Linear4bit）。"""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("bitsandbytes") is None or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs bitsandbytes and the Triton interpreter (conftest sets TRITON_INTERPRET=1)")
+    monkeypatch.setattr(bench, "quantized_models", lambda quant, preset, device, group: [
+        bench.nf4_in_place(bench.random_model(k, preset, torch.float32, device, s), torch.float32)
+        for k, s in (("8b", 0), ("1b", 1), ("1b", 2))])
+    assert bench.main(["--preset", "tiny", "--device", "cpu", "--quant", "nf4", "--batches", "2", "--modes",
+                       "target", "--new", "4", "--stack", "all", "--compile", "off"]) == 0
+    row = last_json(capsys)["rows"][0]
+    assert row["stack"] == "target" and row["tune_s"] == 0.0
+    assert not {"peak_gib", "peak_timed_gib", "resident_gib"} & set(row)

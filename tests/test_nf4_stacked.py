@@ -149,3 +149,29 @@ def test_bitsandbytes_kernels_as_a_tuned_choice(trio: list[LlamaForCausalLM], mo
                           compile=False, stack="all")
     assert all(s.weights.qkv[0].states for s in decoder.stacked)  # QuantState 在叠加时就建好了
     assert decoder.generate(PER_ROLE, 8).tokens == run(trio, None, steps=8, steering=STEER, per_role=PER_ROLE).tokens
+
+
+def test_tuning_time_is_recorded(trio: list[LlamaForCausalLM], monkeypatch: pytest.MonkeyPatch) -> None:
+    """allocate 调 tune_nf4（每个新的 (批, 长度) 一次）并累计它用的秒数 tune_s、合并它的报告：基准把启动时间里的
+    调优与编译、录图分开记。CPU 上真的 tune_nf4 什么也不做，这里换成一个会花时间、有报告的替身。"""
+    import time
+
+    import fast.stacked as stacked
+
+    calls: list[int] = []
+
+    def fake_tune(weights, rows, dtype):  # noqa: ANN001, ANN202 —— 替身：记下批大小，睡 20 ms，返回一条报告
+        calls.append(rows)
+        time.sleep(0.02)
+        return {f"fake_M{rows}": {"us": 1.0}}
+
+    monkeypatch.setattr(stacked, "tune_nf4", fake_tune)
+    decoder = FastDecoder(trio[:1], vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=3, steering=None,
+                          compile=False, stack="all")
+    unit = decoder.stacked[0]
+    assert unit is not None and unit.nf4 and unit.tune_s == 0.0
+    unit.allocate(3, 64)
+    unit.allocate(3, 64)  # 形状没变：不再调优
+    assert calls == [3] and unit.tune_s >= 0.02 and unit.tuned == {"fake_M3": {"us": 1.0}}
+    unit.allocate(5, 64)
+    assert calls == [3, 5] and unit.tune_s >= 0.04 and set(unit.tuned) == {"fake_M3", "fake_M5"}
