@@ -43,7 +43,7 @@ LOAD_IN_4BIT: bool = True
 # 直接量化、不需要校准数据。两者的质量对比见 BENCHMARKS.md（CPU 上 SmolLM2 的 KL / 贪心一致率）。
 # 为什么 int4 用 torchao 不用 gemlite（29a413f 的 H200 kernel 实测，BENCHMARKS.md）：批 1 两者持平；gemlite 在 M ≤ 63
 # 用 bf16 原子加合并 split-K 的部分和，误差是 torchao 的 4–9 倍、相加顺序每次不同（同一贪心运行不可复现）。
-# 批 16 / 64 时 nf4 比两个 int4 库都快，所以默认 nf4、int4 留给批 1。
+# 批 16 / 64 时 nf4 的 kernel 比两个 int4 库都快；int4 只在批 1 的 kernel 时间上占优（端到端尚未测：int4 不走叠加快速路径）。
 QUANT: str = "nf4"  # "nf4" | "int4"
 # int4 每组共享一对 (scale, zero) 的输入维元素数：组越小越准、每个权重多占 32/组 比特。in_features 不是它的倍数的
 # Linear 保持 bf16（torchao 的规则；Llama-3 8B/1B 的所有投影都是 128 的倍数）。默认 64：BENCHMARKS.md 的 CPU 质量表里
