@@ -256,7 +256,7 @@ def test_tuning_cache_from_another_setup_or_unreadable_is_ignored(trio: list[Lla
 
 def test_tuning_cache_store_round_trip(fresh_tuning: object, tmp_path) -> None:  # noqa: ANN001
     """_store 整份写回（临时文件 + rename，不留临时文件）；下一个“进程”（重新 use_tuning_cache）读回同样的记录；
-    目录不存在时先建好。"""
+    目录不存在时先建好；写不了时警告、不抛错。"""
     nf4 = fresh_tuning
     path = tmp_path / "sub" / "tuning.json"
     fingerprint = nf4.tuning_fingerprint(torch.device("cpu"))
@@ -266,3 +266,9 @@ def test_tuning_cache_store_round_trip(fresh_tuning: object, tmp_path) -> None: 
     assert sorted(p.name for p in path.parent.iterdir()) == ["tuning.json"]
     nf4.use_tuning_cache(str(path))
     assert nf4._cache_entries(fingerprint) == {"S1_N8_K64_M1_bfloat16": {"config": ["bnb", 0, 0, 0, 0, 0], "split_k": 1}}
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    nf4.use_tuning_cache(str(blocked / "tuning.json"))  # 父“目录”是个文件：写不了 → 警告，运行照常
+    nf4._cache_entries(fingerprint)
+    with pytest.warns(UserWarning, match="could not be written"):
+        nf4._store("S1_N8_K64_M1_bfloat16", {"config": ["bnb", 0, 0, 0, 0, 0], "split_k": 1})
