@@ -29,7 +29,10 @@ kernel 每个权重读 0.5（半字节）+ 4 / blocksize（absmax）= 0.5625 B�
 0.86–1.25 倍——4 位少读的字节没有变成时间；两家 kernel 一样慢，按指令构成推断（没有 ncu 剖析）限制在反量化（每个权重
 一次 L1 查表 + 取半字节 + 两次乘加）。M = 16 / 64 的 dotT 比 bitsandbytes 的 matmul_4bit 快 1.16–1.81 倍，仍比 bf16 慢
 1.5–2.3 倍（0.36–0.62 TB/s）。试过又删掉的方式（数字在 BENCHMARKS.md）：旧 gemv、gemv2、旧 dot、dotS。
-下一步：硬件剖析；查表不走 L1（寄存器里的 prmt 字节置换，FLUTE 的做法），或换一种能用整数位运算反量化的格式。
+29a413f 的 ABLATE 实测（BENCHMARKS.md）证实了推断：M = 1 时 8B 一层里只读字节占 38%，查表占 43%，乘加 19%。
+下一步：查表不走 L1——寄存器里的表加 warp shuffle（bitsandbytes 新的 k 位 kernel 设计用 __shfl_sync；Triton 里是
+tl.gather），或 FLUTE 的做法（共享内存里成对取值的表，复制几份避开 bank 冲突）；或换一种能用整数位运算反量化的格式
+（int4：同一次测量里 torchao / gemlite 的 M = 1 kernel 在 8B 一层上比我们的少用约 27% 的时间）。
 
 dequantize_nf4 是纯 torch 的参考路径（与 bitsandbytes 的 dequantize_4bit 逐位相同）；quantize_nf4_reference 是
 纯 torch 的量化器（与 bitsandbytes 的 quantize_4bit 逐位相同），供没有 bitsandbytes 的机器（基准）生成同格式的权重。
