@@ -93,10 +93,18 @@ NF4_CONFIGS: Final[tuple[tuple[int, str, int, int, int, int, int], ...]] = (
 # 偶/奇两段 + 软件预取下一步）在 f3031a1 的 8 个 M = 1 形状上都比旧 gemv 慢 2–7 µs。
 TUNE_GEMV_R: Final[tuple[tuple[int, int, int], ...]] = ((16, 4, 4), (16, 8, 4), (16, 16, 4))
 TUNE_DOT_T: Final[tuple[tuple[int, int, int], ...]] = ((128, 1, 4), (64, 1, 4), (32, 1, 4))
+# GATHER_NOTE：方式 "gemvG" / "dotG" 是 gemvR / dotT 的同一个 kernel，只有查表换了做法（编译期常量 GATHER）：
+# 16 项的 NF4 表先读进寄存器，每个半字节用 tl.gather 取值，而不是每个半字节一条经 L1 的 load（还要算 64 位地址）。
+# 为什么：29a413f 的 ABLATE 实测（BENCHMARKS.md）里 M = 1 时查表占 8B 一层的 43%，是最大的一块；寄存器里的表加
+# warp shuffle 是 bitsandbytes 新的 k 位 kernel 的做法。取到的值与 L1 的表逐位相同（同一张 float32 表），数值不变。
+# 它在 GPU 上还没有量过（加入时没有 GPU 时间）：只作调优候选，各取旧方式赢过的块形，赢了才会被选中；编译不了的
+# 配置由调优跳过。
+TUNE_GEMV_G: Final[tuple[tuple[int, int, int], ...]] = ((16, 8, 4),)
+TUNE_DOT_G: Final[tuple[tuple[int, int, int], ...]] = ((128, 1, 4), (64, 1, 4))
 TUNE_PER_SM: Final[tuple[int, ...]] = (4, 8)
 # 方式名 → 算子的 kernel 编号（nf4_linear_op 的 kernel 参数）；"bnb" 不经算子
-KERNELS: Final[dict[str, int]] = {"gemvR": 0, "dotT": 1}
-GEMV_METHODS: Final[tuple[str, ...]] = ("gemvR",)  # 只算 M = 1 的方式（程序网格没有 m 块）
+KERNELS: Final[dict[str, int]] = {"gemvR": 0, "dotT": 1, "gemvG": 2, "dotG": 3}
+GEMV_METHODS: Final[tuple[str, ...]] = ("gemvR", "gemvG")  # 只算 M = 1 的方式（程序网格没有 m 块）
 Config = tuple[str, int, int, int, int, int]  # (方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)
 # 调优结果：(S, N, K, M, dtype) → (配置, split_k)。进程内有效（不同 GPU、不同形状各调一次）。
 _TUNED: dict[tuple[int, int, int, int, torch.dtype], tuple[Config, int]] = {}
@@ -497,7 +505,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     @triton.jit
     def nf4_gemv(X, Q, A, CODE, OUT, PART, N, K, x_s, q_s, a_s, o_s,
                  BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr,
-                 FIX: tl.constexpr, ABLATE: tl.constexpr):
+                 FIX: tl.constexpr, ABLATE: tl.constexpr, GATHER: tl.constexpr):
         # 方式 "gemvR"，M = 1。程序 (n 块, K 段, 模型 s)：BLOCK_N 个输出（Q 的 BLOCK_N 行）；每步读每行 NB 个块的字节
         # (BLOCK_N, NB, HALF)——每行是一段连续的 NB·HALF 字节。高半字节乘 x 的偶数列、低半字节乘奇数列。
         # 每步先沿块内字节求和、再乘 absmax，累加器只有 (BLOCK_N, NB)。为什么：旧的 gemv 逐元素累加到
@@ -519,6 +527,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         lo = pid_k * steps * NB
         hi = tl.minimum(lo + steps * NB, blocks)
         q_rows = Q + s * q_s + n.to(tl.int64)[:, None, None] * (K // 2)  # (BLOCK_N, 1, 1)：各行的起点
+        table = tl.load(CODE + tl.arange(0, 16))  # (16,)：GATHER 时的寄存器表（见 GATHER_NOTE；不用时编译器删掉）
         acc_blocks = tl.zeros([BLOCK_N, NB], tl.float32)
         for kb in range(lo, hi, NB):
             blk = kb + b
@@ -532,8 +541,15 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             if ABLATE == 1:
                 acc_blocks += tl.sum(q.to(tl.float32), axis=2) * scale
             else:
-                we = tl.load(CODE + (q >> 4).to(tl.int32))  # 查表：16 项的表常驻 L1
-                wo = tl.load(CODE + (q & 0xF).to(tl.int32))
+                if GATHER:  # 寄存器里的表：按一维取值再变回 (BLOCK_N, NB, HALF)（tl.gather 要求与表同维数）
+                    flat: tl.constexpr = BLOCK_N * NB * HALF
+                    we = tl.reshape(tl.gather(table, tl.reshape((q >> 4).to(tl.int32), (flat,)), 0),
+                                    (BLOCK_N, NB, HALF))
+                    wo = tl.reshape(tl.gather(table, tl.reshape((q & 0xF).to(tl.int32), (flat,)), 0),
+                                    (BLOCK_N, NB, HALF))
+                else:
+                    we = tl.load(CODE + (q >> 4).to(tl.int32))  # 查表：16 项的表常驻 L1
+                    wo = tl.load(CODE + (q & 0xF).to(tl.int32))
                 if ABLATE == 2:
                     acc_blocks += tl.sum(we + wo, axis=2) * scale
                 else:
@@ -550,7 +566,8 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     @triton.jit
     def nf4_dot_t(X, Q, A, CODE, OUT, PART, M, N, K, x_s, x_m, q_s, a_s, o_s, o_m,
                   BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
-                  SPLIT_K: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr, ABLATE: tl.constexpr):
+                  SPLIT_K: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr, ABLATE: tl.constexpr,
+                  GATHER: tl.constexpr):
         # 方式 "dotT"：算转置 outᵀ (BLOCK_N, BLOCK_M) += W 块 (BLOCK_N, BK) @ xᵀ (BK, BLOCK_M)。
         # 为什么：之前的 nf4_dot（4e84028 在 M = 16 只到约 0.38 TB/s）把权重块按 (BK, BLOCK_N) 取，沿 K 每两个元素读
         # 同一个字节，读不成向量、每个权重一条字节 load。这里按行读 (BLOCK_N, NB·blocksize/2) 个连续字节（每行一段，
@@ -581,6 +598,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         hi = tl.minimum(lo + steps * NB, blocks)
         q_rows = Q + s * q_s + n.to(tl.int64)[:, None] * (K // 2)  # (BLOCK_N, 1)
         x_cols = X + s * x_s + m[None, :] * x_m  # (1, BLOCK_M)
+        table = tl.load(CODE + tl.arange(0, 16))  # (16,)：GATHER 时的寄存器表（见 GATHER_NOTE）
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for kb in range(lo, hi, NB):
             b_ok = kb + hb // HALF < hi  # (BH,)
@@ -594,8 +612,12 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             if ABLATE == 1:
                 acc += tl.sum(q.to(tl.float32) * scale, axis=1)[:, None]
             else:
-                w_hi = tl.load(CODE + (q >> 4)) * scale
-                w_lo = tl.load(CODE + (q & 0xF)) * scale
+                if GATHER:  # 寄存器里的表（GATHER_NOTE）：按一维取值再变回 (BLOCK_N, BH)
+                    w_hi = tl.reshape(tl.gather(table, tl.reshape(q >> 4, (BLOCK_N * BH,)), 0), (BLOCK_N, BH)) * scale
+                    w_lo = tl.reshape(tl.gather(table, tl.reshape(q & 0xF, (BLOCK_N * BH,)), 0), (BLOCK_N, BH)) * scale
+                else:
+                    w_hi = tl.load(CODE + (q >> 4)) * scale
+                    w_lo = tl.load(CODE + (q & 0xF)) * scale
                 if FIX:  # 见 RTNE_NOTE
                     w_hi = (w_hi.to(tl.uint32, bitcast=True) + 0x7FFF
                             + ((w_hi.to(tl.uint32, bitcast=True) >> 16) & 1)).to(tl.float32, bitcast=True)
@@ -641,24 +663,25 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                       n: int, blocksize: int, kernel: int, block_m: int, block_n: int, nb: int, split_k: int,
                       num_warps: int, num_stages: int, ablate: int) -> torch.Tensor:
         """算子本体（参数已由 _launch 核对）：x (S, M, K)，按行打包的 qweight (S, N, K/2)、absmax (S, N, K/bs)，
-        n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 = nf4_gemv，1 = nf4_dot_t）；
+        n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 / 2 = nf4_gemv，1 / 3 = nf4_dot_t；2 / 3 用
+        寄存器里的表查表，GATHER_NOTE）；
         ablate：0 = 正常的乘积，1 / 2 = 诊断用的部分计算（ABLATE_NOTE）。
         split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)。"""
         stacks, rows, k = x.shape
         out = torch.empty((stacks, rows, n), dtype=x.dtype, device=x.device)
         part = torch.empty((split_k, stacks, rows, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
         fix = INTERPRETED and x.dtype == torch.bfloat16
-        if kernel == 0:
+        if kernel in (0, 2):  # gemvR / gemvG（同一个 kernel，查表的做法不同，见 GATHER_NOTE）
             wrap_triton(nf4_gemv)[(triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, n, k, x.stride(0), qweight.stride(0), absmax.stride(0),
                 out.stride(0), BLOCKSIZE=blocksize, BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, FIX=fix,
-                ABLATE=ablate, num_warps=num_warps, num_stages=num_stages)
-        else:
+                ABLATE=ablate, GATHER=kernel == 2, num_warps=num_warps, num_stages=num_stages)
+        else:  # dotT / dotG
             wrap_triton(nf4_dot_t)[(triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, rows, n, k, x.stride(0), x.stride(1), qweight.stride(0),
                 absmax.stride(0), out.stride(0), out.stride(1), BLOCKSIZE=blocksize, BLOCK_M=block_m,
                 BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, IEEE=x.dtype == torch.float32 or INTERPRETED, FIX=fix,
-                ABLATE=ablate, num_warps=num_warps, num_stages=num_stages)
+                ABLATE=ablate, GATHER=kernel == 3, num_warps=num_warps, num_stages=num_stages)
         if split_k > 1:
             total = stacks * rows * n
             wrap_triton(nf4_split_sum)[(triton.cdiv(total, 1024),)](part, out, total, SPLIT_K=split_k, BLOCK=1024,
@@ -764,7 +787,7 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
 
     为什么：最快的 (BLOCK_N, NB, num_warps, split-K) 随形状、M 与 GPU 变化，一张手写的表不可能处处最好
     （triton.autotune 的做法，但在编译区域之外、显式地做：torch.compile 追踪时配置已经是常量）。
-    候选：本模块的 kernel（M = 1：gemvR；M > 1：dotT；各种块大小与 split-K）与 bitsandbytes 自己的 matmul_4bit（装了时；
+    候选：本模块的 kernel（M = 1：gemvR、gemvG；M > 1：dotT、dotG；各种块大小与 split-K）与 bitsandbytes 自己的 matmul_4bit（装了时；
     选中它的形状就与 bitsandbytes 的原路径一样快）。每个候选先与参照（bitsandbytes 的结果）比一次，偏离的不要。
     每个形状轮流用几份拷贝（合计 ≥ 128 MiB，大于 H200 的 50 MB L2，不让小权重一直命中 L2——解码时每层的权重只读一次），
     CUDA event 计时 reps 次取中位数。同一 (形状, M, dtype) 只调一次。返回 {形状: 报告}（给基准记录；已调过的形状也返回）。
@@ -802,10 +825,12 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
         sets = [with_bnb_states(ws) if use_bnb else ws for ws in [stacked, *clones]]
         x = torch.randn(s, rows, k, dtype=dtype, device=stacked.qweight.device)
         if rows == 1:
-            candidates = [("gemvR", 1, bn, nb, nw, 1) for bn, nb, nw in TUNE_GEMV_R]
+            candidates = ([("gemvR", 1, bn, nb, nw, 1) for bn, nb, nw in TUNE_GEMV_R]
+                          + [("gemvG", 1, bn, nb, nw, 1) for bn, nb, nw in TUNE_GEMV_G])
         else:
             bm = max(16, min(64, triton_next_power_of_2(rows)))
-            candidates = [("dotT", bm, bn, nb, nw, 1) for bn, nb, nw in TUNE_DOT_T]
+            candidates = ([("dotT", bm, bn, nb, nw, 1) for bn, nb, nw in TUNE_DOT_T]
+                          + [("dotG", bm, bn, nb, nw, 1) for bn, nb, nw in TUNE_DOT_G])
         bnb_cfg: Config = ("bnb", 0, 0, 0, 0, 0)
         # 正确性的参照：bitsandbytes 的结果（没装或它在这里出错时用本模块默认配置的）；偏离它的候选不参加比较
         results: list[tuple[float, Config, int]] = []

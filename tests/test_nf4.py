@@ -179,18 +179,22 @@ def test_nf4_linear_fp16_blocksize_128_and_config(interpreted_triton: None) -> N
     (48, 320, 64, 16, 1, 4),     # 5 块切 4 段：最后一段为空
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["gemvR", "gemvG"])
 def test_gemv_r_matches_dequantize_matmul(interpreted_triton: None, n: int, k: int, blocksize: int, block_n: int,
-                                          nb: int, split_k: int, dtype: torch.dtype) -> None:
-    """方式 "gemvR"（每步先沿块内字节求和再乘 absmax，累加器 (BLOCK_N, NB)）== x @ dequantize(W)ᵀ，单个与叠加都对。"""
+                                          nb: int, split_k: int, dtype: torch.dtype, method: str) -> None:
+    """方式 "gemvR"（每步先沿块内字节求和再乘 absmax，累加器 (BLOCK_N, NB)）== x @ dequantize(W)ᵀ，单个与叠加都对；
+    "gemvG"（同一 kernel，寄存器里的表 + tl.gather 查表，GATHER_NOTE）也一样。"""
     ws = [_nf4(n, k, seed=s + n, blocksize=blocksize) for s in range(2)]
     x = torch.randn(2, 1, k, generator=torch.Generator().manual_seed(k)).to(dtype)
-    cfg = ("gemvR", 1, block_n, nb, 4, 1)
+    cfg = (method, 1, block_n, nb, 4, 1)
     y = nf4_linear_stacked(x, stack_nf4(ws), config=cfg, split_k=split_k)
     assert y.shape == (2, 1, n) and y.dtype == dtype
     for s in range(2):
         ref = x[s].float() @ dequantize_nf4(dataclasses.replace(ws[s], dtype=torch.float32)).T
         assert _relative_error(y[s], ref) < TOLERANCE[dtype]
         assert torch.equal(nf4_linear(x[s], ws[s], config=cfg, split_k=split_k), y[s])
+    if method == "gemvG":  # 只有查表的做法不同：与 gemvR 逐位相同
+        assert torch.equal(nf4_linear_stacked(x, stack_nf4(ws), config=("gemvR", *cfg[1:]), split_k=split_k), y)
 
 
 @needs_triton
@@ -199,6 +203,8 @@ def test_gemv_r_matches_dequantize_matmul(interpreted_triton: None, n: int, k: i
     ("dotT", 16, 48, 512, 128, 16, 16, 2, 1),   # NB = 2：每步两块的 absmax 按字节取
     ("dotT", 20, 64, 1024, 64, 16, 32, 1, 3),   # 两个 M 块 + 切 K（最后一段不满）+ 合并
     ("dotT", 5, 32, 320, 64, 16, 16, 1, 4),     # 5 块切 4 段：最后一段为空
+    ("dotG", 3, 80, 256, 64, 16, 64, 1, 1),     # 寄存器里的表 + tl.gather 查表（GATHER_NOTE）
+    ("dotG", 20, 64, 1024, 64, 16, 32, 1, 3),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dot_kernels_match_dequantize_matmul(interpreted_triton: None, method: str, m: int, n: int, k: int,
@@ -214,6 +220,8 @@ def test_dot_kernels_match_dequantize_matmul(interpreted_triton: None, method: s
         ref = x[s].float() @ dequantize_nf4(dataclasses.replace(ws[s], dtype=torch.float32)).T
         assert _relative_error(y[s], ref) < TOLERANCE[dtype]
         assert torch.equal(nf4_linear(x[s], ws[s], config=cfg, split_k=split_k), y[s])
+    if method == "dotG":  # 只有查表的做法不同：与 dotT 逐位相同
+        assert torch.equal(nf4_linear_stacked(x, stack_nf4(ws), config=("dotT", *cfg[1:]), split_k=split_k), y)
 
 
 @needs_bnb
@@ -241,6 +249,8 @@ def test_bnb_method_matches_dequantize_matmul(m: int, dtype: torch.dtype) -> Non
     (("gemvR", 1, 16, 4, 4, 1), 1, 3),    # 切 K + 合并
     (("dotT", 16, 32, 1, 4, 1), 5, 1),
     (("dotT", 16, 32, 2, 4, 1), 5, 2),    # 每步两块（absmax 按字节取）+ 切 K
+    (("gemvG", 1, 16, 8, 4, 1), 1, 1),    # 寄存器表查表的两种 kernel：ablate 2 的查表也走 tl.gather
+    (("dotG", 16, 32, 1, 4, 1), 5, 1),
 ])
 @pytest.mark.parametrize("ablate", [1, 2])
 def test_ablated_kernels_compute_their_part(interpreted_triton: None, config: tuple[str, int, int, int, int, int],
