@@ -110,6 +110,8 @@ Config = tuple[str, int, int, int, int, int]  # (方式, BLOCK_M, BLOCK_N, NB, n
 _TUNED: dict[tuple[int, int, int, int, torch.dtype], tuple[Config, int]] = {}
 # 同一键的调优报告（配置、split_k、微秒、每种方式最快的微秒）：后来的解码器复用调优结果时也能报告它
 _TUNED_REPORT: dict[tuple[int, int, int, int, torch.dtype], dict[str, Any]] = {}
+# load_nf4_kernels 定义的 @triton.jit kernel（名字 → JITFunction），只给静态剖析 benchmarks/sass_nf4.py 用。
+JIT_KERNELS: dict[str, Any] = {}
 # 调优结果的磁盘缓存（use_tuning_cache 设置；None = 不用，每个进程重新计时）。见 TUNING_CACHE_NOTE。
 _CACHE_PATH: str | None = None
 _CACHE: dict[str, Any] | None = None  # 读进来的缓存：{"fingerprint": {...}, "entries": {名字: 报告}}；None = 还没读
@@ -688,6 +690,8 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                                                                      FIX=fix, num_warps=4)
         return out
 
+    # 给静态剖析（benchmarks/sass_nf4.py：不用 GPU，按真实启动的特化编译成 sm_90 机器码数指令）用的 kernel 本体
+    JIT_KERNELS.update(nf4_gemv=nf4_gemv, nf4_dot_t=nf4_dot_t, nf4_split_sum=nf4_split_sum)
     return nf4_linear_op
 
 

@@ -1,0 +1,50 @@
+"""benchmarks/sass_nf4.py：NF4 kernel 真的按 GPU 的路子编译一遍（sm_90，Triton 自带的 ptxas，不用 GPU）。
+
+为什么要这个测试：其余 NF4 测试在 Triton 解释器里跑 kernel（数值对），但解释器不编译——kernel 能否编译给 GPU、
+编出来的主循环是不是预期的样子，原来只有上 GPU 才知道。这里在子进程里编译（TRITON_INTERPRET 必须在导入 triton
+之前去掉；本测试进程里 conftest 已经设成 1），检查：
+- 每种方式都编译得出来，有主循环；
+- 字节是向量读的（主循环里没有 1 字节的 LDG.E.U8：地址对齐的特化丢了时就会变成那样，指令多一倍）；
+- gemvG / dotG 的查表走共享内存（LDS），不再是每个半字节一条经 L1 的 LDG，每个权重的指令比 gemvR / dotT 少。
+速度不在这里看（GPU 上的 micro_nf4.py 才算数）。
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _toolchain() -> bool:
+    """有 triton、且它自带 ptxas / nvdisasm / cuobjdump（pip 的 triton 包带着）。"""
+    spec = importlib.util.find_spec("triton")
+    if spec is None or spec.origin is None:
+        return False
+    bin_dir = Path(spec.origin).parent / "backends" / "nvidia" / "bin"
+    return all((bin_dir / tool).exists() for tool in ("ptxas", "nvdisasm", "cuobjdump"))
+
+
+@pytest.mark.skipif(not _toolchain(), reason="needs triton with its bundled ptxas / nvdisasm / cuobjdump")
+def test_nf4_kernels_compile_for_sm90_and_look_as_intended(tmp_path: Path) -> None:
+    out = tmp_path / "sass.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sass_nf4.py"), "--json", str(out)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r["method"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"gemvR", "dotT", "gemvG", "dotG"}
+    for r in rows.values():
+        assert r["loop_instructions"] > 0 and r["registers"] > 0 and r["programs_per_sm"] >= 1
+        assert "LDG.E.U8" not in r["loads"], r  # 字节要向量读
+    for fast, slow in (("gemvG", "gemvR"), ("dotG", "dotT")):
+        weights = rows[fast]["config"][1] * rows[fast]["config"][2] * 64 / (32 * rows[fast]["config"][3])
+        assert rows[fast]["loads"].get("LDS", 0) >= weights  # 每个半字节一次共享内存查表
+        assert rows[slow]["loads"].get("LDG.E", 0) >= weights  # 旧方式：每个半字节一条 L1 的 LDG
+        assert rows[fast]["instructions_per_weight"] < rows[slow]["instructions_per_weight"]
