@@ -11,7 +11,7 @@
 tt.divisibility = 16（Triton 的启动器对这些参数就是这样特化的；不标时编译器以为地址不对齐，字节只能一个一个读）。
 每个权重的指令数 = 循环体的指令数 ÷ 每个线程每次迭代处理的权重数（BLOCK_N · NB · blocksize · ⌈M⌉块 / 线程数）。
 
-用法：python benchmarks/sass_nf4.py [--methods gemvR,gemvG,dotT,dotG] [--m 16] [--json FILE]
+用法：python benchmarks/sass_nf4.py [--methods gemvR,gemvG,dotT,dotG] [--m 16] [--no-extra] [--json FILE]
 （不能在 TRITON_INTERPRET=1 下运行：解释器不编译；脚本自己把它从环境里去掉，必须在导入 triton 之前。）
 """
 from __future__ import annotations
@@ -34,18 +34,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fast.nf4 import GEMV_METHODS, JIT_KERNELS, KERNELS, NF4_CONFIGS, load_nf4_kernels  # noqa: E402
 
-# 每种方式默认剖析的配置：(BLOCK_M, BLOCK_N, NB, num_warps)，取 NF4_CONFIGS 里 M = 1 与 M = 16 的默认值
-DEFAULTS: dict[str, tuple[int, int, int, int]] = {
-    "gemv": tuple(NF4_CONFIGS[0][2:6]),  # type: ignore[dict-item]
-    "dot": tuple(NF4_CONFIGS[1][2:6]),  # type: ignore[dict-item]
+# 每种方式默认剖析的配置：(BLOCK_M, BLOCK_N, NB, num_warps, num_stages)，取 NF4_CONFIGS 里 M = 1 与 M = 16 的默认值
+DEFAULTS: dict[str, tuple[int, int, int, int, int]] = {
+    "gemv": tuple(NF4_CONFIGS[0][2:7]),  # type: ignore[dict-item]
+    "dot": tuple(NF4_CONFIGS[1][2:7]),  # type: ignore[dict-item]
 }
+# 默认之外也剖析的调优候选（gemvG / dotG 的流水线配置，GATHER_NOTE）：(方式, M, 配置)
+EXTRA: tuple[tuple[str, int, tuple[int, int, int, int, int]], ...] = (
+    ("gemvG", 1, (1, 16, 8, 4, 4)), ("gemvG", 1, (1, 8, 8, 4, 4)), ("dotG", 16, (16, 64, 1, 4, 3)))
 SM90 = ("cuda", 90, 32)
 
 
-def compile_method(method: str, m: int, blocksize: int = 64, config: tuple[int, int, int, int] | None = None,
+def compile_method(method: str, m: int, blocksize: int = 64, config: tuple[int, int, int, int, int] | None = None,
                    dtype: str = "bf16") -> Any:
     """按真实启动的特化把方式 method 的 kernel 编译成 sm_90 机器码（CompiledKernel，asm 里有 ttgir / ptx / cubin）。
-    m：激活行数（gemv 方式必须是 1）；config：(BLOCK_M, BLOCK_N, NB, num_warps)，默认见 DEFAULTS；split-K 取 1。"""
+    m：激活行数（gemv 方式必须是 1）；config：(BLOCK_M, BLOCK_N, NB, num_warps, num_stages)，默认见 DEFAULTS；
+    split-K 取 1。STAGES 与 nf4_linear_op 的规则相同：只有 gemvG / dotG 用 num_stages 做循环流水线。"""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -56,9 +60,10 @@ def compile_method(method: str, m: int, blocksize: int = 64, config: tuple[int, 
     if gemv and m != 1:
         raise ValueError(f"method {method!r} handles M = 1 only, got M = {m}")
     load_nf4_kernels()
-    block_m, block_n, nb, warps = config or DEFAULTS["gemv" if gemv else "dot"]
+    block_m, block_n, nb, warps, stages = config or DEFAULTS["gemv" if gemv else "dot"]
+    gather = KERNELS[method] in (2, 3)
     common = {"BLOCKSIZE": blocksize, "BLOCK_N": block_n, "NB": nb, "SPLIT_K": 1, "FIX": False, "ABLATE": 0,
-              "GATHER": KERNELS[method] in (2, 3)}
+              "GATHER": gather, "STAGES": stages if gather else 1}
     if gemv:
         fn = JIT_KERNELS["nf4_gemv"]
         ints = ["N", "K", "x_s", "q_s", "a_s", "o_s"]
@@ -74,7 +79,7 @@ def compile_method(method: str, m: int, blocksize: int = 64, config: tuple[int, 
     aligned = [*pointers, *(name for name in ints if name != "M" or m % 16 == 0)]
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget(*SM90), options={"num_warps": warps, "num_stages": 1})
+    return triton.compile(source, target=GPUTarget(*SM90), options={"num_warps": warps, "num_stages": stages})
 
 
 def disassemble(cubin: bytes) -> str:
@@ -145,10 +150,12 @@ def family(op: str) -> str:
             "FADD": "fp32 math", "FMUL": "fp32 math", "HMMA": "tensor core", "HGMMA": "tensor core"}.get(head, "other")
 
 
-def profile(method: str, m: int, blocksize: int = 64, config: tuple[int, int, int, int] | None = None) -> dict[str, Any]:
-    """一种方式的静态剖析：主循环每次迭代的指令（按操作码）、每个线程每个权重的指令数、共享内存字节。"""
+def profile(method: str, m: int, blocksize: int = 64,
+            config: tuple[int, int, int, int, int] | None = None) -> dict[str, Any]:
+    """一种方式的静态剖析：主循环每次迭代的指令（按操作码）、每个线程每个权重的指令数、寄存器、驻留程序数、
+    在途的权重字节（流水线的 num_stages − 1 步预取加上正在算的一步，按 max(1, num_stages − 1) 步计）。"""
     gemv = method in GEMV_METHODS
-    block_m, block_n, nb, warps = config or DEFAULTS["gemv" if gemv else "dot"]
+    block_m, block_n, nb, warps, stages = config or DEFAULTS["gemv" if gemv else "dot"]
     kernel = compile_method(method, m, blocksize, config)
     body = main_loop(disassemble(kernel.asm["cubin"]))
     if not body:
@@ -162,11 +169,12 @@ def profile(method: str, m: int, blocksize: int = 64, config: tuple[int, int, in
     by_family: dict[str, int] = collections.Counter()
     for op, count in body.items():
         by_family[family(op)] += count
-    return {"method": method, "m": m, "config": [block_m, block_n, nb, warps], "blocksize": blocksize,
+    in_flight = programs * step_bytes * max(1, stages - 1)
+    return {"method": method, "m": m, "config": [block_m, block_n, nb, warps, stages], "blocksize": blocksize,
             "loop_instructions": total, "instructions_per_weight": round(total / weights, 2),
             "by_family": dict(by_family), "loads": {op: c for op, c in body.items() if op.startswith(("LDG", "LDS"))},
             "shared_bytes": kernel.metadata.shared, "registers": regs, "programs_per_sm": programs,
-            "weight_bytes_per_step": step_bytes, "weight_bytes_in_flight_per_sm": programs * step_bytes}
+            "weight_bytes_per_step": step_bytes, "weight_bytes_in_flight_per_sm": in_flight}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,16 +183,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(KERNELS), help="comma-separated methods (default: all)")
     parser.add_argument("--m", type=int, default=16, help="activation rows for the tl.dot methods (gemv ones use 1)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--no-extra", action="store_true",
+                        help="only each method's default config, not the pipelined gemvG / dotG tuning candidates")
     args = parser.parse_args(argv)
     methods = [x for x in args.methods.split(",") if x]
     unknown = [x for x in methods if x not in KERNELS]
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(KERNELS)}")
     rows = [profile(method, 1 if method in GEMV_METHODS else args.m) for method in methods]
-    print(f"{'method':<8}{'M':>4} {'config (BM, BN, NB, warps)':<28}{'instr/iter':>11}{'instr/weight':>13}"
+    if not args.no_extra:
+        rows += [profile(method, m, config=cfg) for method, m, cfg in EXTRA if method in methods]
+    print(f"{'method':<8}{'M':>4} {'config (BM, BN, NB, warps, stages)':<36}{'instr/iter':>11}{'instr/weight':>13}"
           f"{'regs':>6}{'progs/SM':>9}{'KB in flight/SM':>16}  loads")
     for r in rows:
-        print(f"{r['method']:<8}{r['m']:>4} {str(r['config']):<28}{r['loop_instructions']:>11}"
+        print(f"{r['method']:<8}{r['m']:>4} {str(r['config']):<36}{r['loop_instructions']:>11}"
               f"{r['instructions_per_weight']:>13.2f}{r['registers']:>6}{r['programs_per_sm']:>9}"
               f"{r['weight_bytes_in_flight_per_sm'] / 1024:>16.1f}  {r['loads']}")
     if args.json:

@@ -97,10 +97,14 @@ TUNE_DOT_T: Final[tuple[tuple[int, int, int], ...]] = ((128, 1, 4), (64, 1, 4), 
 # 16 项的 NF4 表先读进寄存器，每个半字节用 tl.gather 取值，而不是每个半字节一条经 L1 的 load（还要算 64 位地址）。
 # 为什么：29a413f 的 ABLATE 实测（BENCHMARKS.md）里 M = 1 时查表占 8B 一层的 43%，是最大的一块；寄存器里的表加
 # warp shuffle 是 bitsandbytes 新的 k 位 kernel 的做法。取到的值与 L1 的表逐位相同（同一张 float32 表），数值不变。
-# 它在 GPU 上还没有量过（加入时没有 GPU 时间）：只作调优候选，各取旧方式赢过的块形，赢了才会被选中；编译不了的
-# 配置由调优跳过。
-TUNE_GEMV_G: Final[tuple[tuple[int, int, int], ...]] = ((16, 8, 4),)
-TUNE_DOT_G: Final[tuple[tuple[int, int, int], ...]] = ((128, 1, 4), (64, 1, 4))
+# 这两种方式的 num_stages（配置的第 6 项）> 1 时，主循环是 tl.range(num_stages=…)：Triton 用 cp.async 把后面几步的
+# 字节、尺度与 x 预取进共享内存。为什么：benchmarks/sass_nf4.py 的静态剖析（BENCHMARKS.md）里，每个程序只有一步
+# 的字节在途（num_stages 对普通 range 的循环不起作用），每个 SM 至多约 36 KB——只读字节的 ABLATE 也只到 1.9 TB/s。
+# 经 L1 查表的 gemvR / dotT 不这样做：那会把每个半字节的查表也预取进共享内存（每个程序几十 KB）。
+# 它们在 GPU 上还没有量过（加入时没有 GPU 时间）：只作调优候选，块形取旧方式赢过的，赢了才会被选中；编译不了的
+# 配置由调优跳过。候选元组：(BLOCK_N, NB, num_warps, num_stages)。
+TUNE_GEMV_G: Final[tuple[tuple[int, int, int, int], ...]] = ((16, 8, 4, 1), (16, 8, 4, 4), (8, 8, 4, 4))
+TUNE_DOT_G: Final[tuple[tuple[int, int, int, int], ...]] = ((128, 1, 4, 1), (64, 1, 4, 3))
 TUNE_PER_SM: Final[tuple[int, ...]] = (4, 8)
 # 方式名 → 算子的 kernel 编号（nf4_linear_op 的 kernel 参数）；"bnb" 不经算子
 KERNELS: Final[dict[str, int]] = {"gemvR": 0, "dotT": 1, "gemvG": 2, "dotG": 3}
@@ -507,7 +511,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     @triton.jit
     def nf4_gemv(X, Q, A, CODE, OUT, PART, N, K, x_s, q_s, a_s, o_s,
                  BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr,
-                 FIX: tl.constexpr, ABLATE: tl.constexpr, GATHER: tl.constexpr):
+                 FIX: tl.constexpr, ABLATE: tl.constexpr, GATHER: tl.constexpr, STAGES: tl.constexpr):
         # 方式 "gemvR"，M = 1。程序 (n 块, K 段, 模型 s)：BLOCK_N 个输出（Q 的 BLOCK_N 行）；每步读每行 NB 个块的字节
         # (BLOCK_N, NB, HALF)——每行是一段连续的 NB·HALF 字节。高半字节乘 x 的偶数列、低半字节乘奇数列。
         # 每步先沿块内字节求和、再乘 absmax，累加器只有 (BLOCK_N, NB)。为什么：旧的 gemv 逐元素累加到
@@ -531,7 +535,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         q_rows = Q + s * q_s + n.to(tl.int64)[:, None, None] * (K // 2)  # (BLOCK_N, 1, 1)：各行的起点
         table = tl.load(CODE + tl.arange(0, 16))  # (16,)：GATHER 时的寄存器表（见 GATHER_NOTE；不用时编译器删掉）
         acc_blocks = tl.zeros([BLOCK_N, NB], tl.float32)
-        for kb in range(lo, hi, NB):
+        for kb in tl.range(lo, hi, NB, num_stages=STAGES):  # STAGES > 1：流水线预取后面几步的字节（GATHER_NOTE）
             blk = kb + b
             b_ok = blk < hi
             byte = blk[:, None] * HALF + j[None, :]  # (NB, HALF)：行内字节号（也是 x 的偶数列 / 2）
@@ -569,7 +573,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     def nf4_dot_t(X, Q, A, CODE, OUT, PART, M, N, K, x_s, x_m, q_s, a_s, o_s, o_m,
                   BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
                   SPLIT_K: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr, ABLATE: tl.constexpr,
-                  GATHER: tl.constexpr):
+                  GATHER: tl.constexpr, STAGES: tl.constexpr):
         # 方式 "dotT"：算转置 outᵀ (BLOCK_N, BLOCK_M) += W 块 (BLOCK_N, BK) @ xᵀ (BK, BLOCK_M)。
         # 为什么：之前的 nf4_dot（4e84028 在 M = 16 只到约 0.38 TB/s）把权重块按 (BK, BLOCK_N) 取，沿 K 每两个元素读
         # 同一个字节，读不成向量、每个权重一条字节 load。这里按行读 (BLOCK_N, NB·blocksize/2) 个连续字节（每行一段，
@@ -602,7 +606,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         x_cols = X + s * x_s + m[None, :] * x_m  # (1, BLOCK_M)
         table = tl.load(CODE + tl.arange(0, 16))  # (16,)：GATHER 时的寄存器表（见 GATHER_NOTE）
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for kb in range(lo, hi, NB):
+        for kb in tl.range(lo, hi, NB, num_stages=STAGES):  # STAGES > 1：流水线预取后面几步的字节（GATHER_NOTE）
             b_ok = kb + hb // HALF < hi  # (BH,)
             q = tl.load(q_rows + kb * HALF + hb[None, :], mask=n_ok[:, None] & b_ok[None, :],
                         other=0).to(tl.int32)  # (BLOCK_N, BH)
@@ -677,13 +681,15 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             wrap_triton(nf4_gemv)[(triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, n, k, x.stride(0), qweight.stride(0), absmax.stride(0),
                 out.stride(0), BLOCKSIZE=blocksize, BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, FIX=fix,
-                ABLATE=ablate, GATHER=kernel == 2, num_warps=num_warps, num_stages=num_stages)
+                ABLATE=ablate, GATHER=kernel == 2, STAGES=num_stages if kernel == 2 else 1, num_warps=num_warps,
+                num_stages=num_stages)
         else:  # dotT / dotG
             wrap_triton(nf4_dot_t)[(triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, rows, n, k, x.stride(0), x.stride(1), qweight.stride(0),
                 absmax.stride(0), out.stride(0), out.stride(1), BLOCKSIZE=blocksize, BLOCK_M=block_m,
                 BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, IEEE=x.dtype == torch.float32 or INTERPRETED, FIX=fix,
-                ABLATE=ablate, GATHER=kernel == 3, num_warps=num_warps, num_stages=num_stages)
+                ABLATE=ablate, GATHER=kernel == 3, STAGES=num_stages if kernel == 3 else 1, num_warps=num_warps,
+                num_stages=num_stages)
         if split_k > 1:
             total = stacks * rows * n
             wrap_triton(nf4_split_sum)[(triton.cdiv(total, 1024),)](part, out, total, SPLIT_K=split_k, BLOCK=1024,
@@ -830,11 +836,11 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
         x = torch.randn(s, rows, k, dtype=dtype, device=stacked.qweight.device)
         if rows == 1:
             candidates = ([("gemvR", 1, bn, nb, nw, 1) for bn, nb, nw in TUNE_GEMV_R]
-                          + [("gemvG", 1, bn, nb, nw, 1) for bn, nb, nw in TUNE_GEMV_G])
+                          + [("gemvG", 1, bn, nb, nw, st) for bn, nb, nw, st in TUNE_GEMV_G])
         else:
             bm = max(16, min(64, triton_next_power_of_2(rows)))
             candidates = ([("dotT", bm, bn, nb, nw, 1) for bn, nb, nw in TUNE_DOT_T]
-                          + [("dotG", bm, bn, nb, nw, 1) for bn, nb, nw in TUNE_DOT_G])
+                          + [("dotG", bm, bn, nb, nw, st) for bn, nb, nw, st in TUNE_DOT_G])
         bnb_cfg: Config = ("bnb", 0, 0, 0, 0, 0)
         # 正确性的参照：bitsandbytes 的结果（没装或它在这里出错时用本模块默认配置的）；偏离它的候选不参加比较
         results: list[tuple[float, Config, int]] = []

@@ -388,3 +388,23 @@ def test_as_stacked_is_a_view_with_one_leading_model() -> None:
     assert one.qweight.data_ptr() == w.qweight.data_ptr() and one.absmax.data_ptr() == w.absmax.data_ptr()
     both = stack_nf4([w, w])
     assert as_stacked(both) is both
+
+
+@needs_triton
+@pytest.mark.parametrize("config, m, split_k", [
+    (("gemvG", 1, 16, 8, 4, 4), 1, 1),
+    (("gemvG", 1, 8, 8, 4, 4), 1, 3),
+    (("dotG", 16, 64, 1, 4, 3), 5, 2),
+])
+def test_pipelined_gather_kernels_match(interpreted_triton: None, config: tuple[str, int, int, int, int, int], m: int,
+                                        split_k: int) -> None:
+    """gemvG / dotG 的流水线候选（配置的 num_stages > 1 → 主循环 tl.range(num_stages=…)，GATHER_NOTE）：结果与
+    “反量化 + float32 矩阵乘”一致，且与不流水线的同一配置逐位相同（流水线只改读的时机，不改算术）。"""
+    ws = [_nf4(96, 512, seed=s + 7) for s in range(2)]
+    x = torch.randn(2, m, 512, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    y = nf4_linear_stacked(x, stack_nf4(ws), config=config, split_k=split_k)
+    flat = nf4_linear_stacked(x, stack_nf4(ws), config=(*config[:5], 1), split_k=split_k)
+    assert torch.equal(y, flat)
+    for s in range(2):
+        ref = x[s].float() @ dequantize_nf4(dataclasses.replace(ws[s], dtype=torch.float32)).T
+        assert _relative_error(y[s], ref) < TOLERANCE[torch.bfloat16]

@@ -5,7 +5,8 @@
 之前去掉；本测试进程里 conftest 已经设成 1），检查：
 - 每种方式都编译得出来，有主循环；
 - 字节是向量读的（主循环里没有 1 字节的 LDG.E.U8：地址对齐的特化丢了时就会变成那样，指令多一倍）；
-- gemvG / dotG 的查表走共享内存（LDS），不再是每个半字节一条经 L1 的 LDG，每个权重的指令比 gemvR / dotT 少。
+- gemvG / dotG 的查表走共享内存（LDS），不再是每个半字节一条经 L1 的 LDG，每个权重的指令比 gemvR / dotT 少；
+- 它们的流水线候选（num_stages > 1）真的用 cp.async 预取，在途的字节比不流水线时多。
 速度不在这里看（GPU 上的 micro_nf4.py 才算数）。
 """
 from __future__ import annotations
@@ -38,11 +39,17 @@ def test_nf4_kernels_compile_for_sm90_and_look_as_intended(tmp_path: Path) -> No
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sass_nf4.py"), "--json", str(out)], env=env,
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = {r["method"]: r for r in json.loads(out.read_text())}
+    every = json.loads(out.read_text())
+    rows = {r["method"]: r for r in every if r["config"][4] == 1}  # 各方式的默认配置（不流水线）
     assert set(rows) == {"gemvR", "dotT", "gemvG", "dotG"}
-    for r in rows.values():
+    for r in every:
         assert r["loop_instructions"] > 0 and r["registers"] > 0 and r["programs_per_sm"] >= 1
         assert "LDG.E.U8" not in r["loads"], r  # 字节要向量读
+    pipelined = [r for r in every if r["config"][4] > 1]
+    assert pipelined and all(r["method"] in ("gemvG", "dotG") for r in pipelined)
+    for r in pipelined:  # tl.range(num_stages > 1)：字节经 cp.async（LDGSTS）预取进共享内存，在途的字节多几步
+        assert any(op.startswith("LDGSTS") for op in r["loads"]), r
+        assert r["weight_bytes_in_flight_per_sm"] > rows[r["method"]]["weight_bytes_in_flight_per_sm"]
     for fast, slow in (("gemvG", "gemvR"), ("dotG", "dotT")):
         weights = rows[fast]["config"][1] * rows[fast]["config"][2] * 64 / (32 * rows[fast]["config"][3])
         assert rows[fast]["loads"].get("LDS", 0) >= weights  # 每个半字节一次共享内存查表
