@@ -30,9 +30,10 @@ kernel 每个权重读 0.5（半字节）+ 4 / blocksize（absmax）= 0.5625 B�
 一次 L1 查表 + 取半字节 + 两次乘加）。M = 16 / 64 的 dotT 比 bitsandbytes 的 matmul_4bit 快 1.16–1.81 倍，仍比 bf16 慢
 1.5–2.3 倍（0.36–0.62 TB/s）。试过又删掉的方式（数字在 BENCHMARKS.md）：旧 gemv、gemv2、旧 dot、dotS。
 29a413f 的 ABLATE 实测（BENCHMARKS.md）证实了推断：M = 1 时 8B 一层里只读字节占 38%，查表占 43%，乘加 19%。
-下一步：查表不走 L1——寄存器里的表加 warp shuffle（bitsandbytes 新的 k 位 kernel 设计用 __shfl_sync；Triton 里是
-tl.gather），或 FLUTE 的做法（共享内存里成对取值的表，复制几份避开 bank 冲突）；或换一种能用整数位运算反量化的格式
-（int4：同一次测量里 torchao / gemlite 的 M = 1 kernel 在 8B 一层上比我们的少用约 27% 的时间）。
+下一步：查表不走 L1——寄存器里的表加 warp shuffle（bitsandbytes 新的 k 位 kernel 设计用 __shfl_sync），或 FLUTE 的
+做法（共享内存里成对取值的表，复制几份避开 bank 冲突）；或换一种能用整数位运算反量化的格式（int4：同一次测量里
+torchao / gemlite 的 M = 1 kernel 在 8B 一层上比我们的少用约 27% 的时间）。已加的第一步：gemvG / dotG（tl.gather，
+sm_90 上降成共享内存的读，GATHER_NOTE），还没有在 GPU 上量过。
 
 dequantize_nf4 是纯 torch 的参考路径（与 bitsandbytes 的 dequantize_4bit 逐位相同）；quantize_nf4_reference 是
 纯 torch 的量化器（与 bitsandbytes 的 quantize_4bit 逐位相同），供没有 bitsandbytes 的机器（基准）生成同格式的权重。
@@ -94,9 +95,10 @@ NF4_CONFIGS: Final[tuple[tuple[int, str, int, int, int, int, int], ...]] = (
 TUNE_GEMV_R: Final[tuple[tuple[int, int, int], ...]] = ((16, 4, 4), (16, 8, 4), (16, 16, 4))
 TUNE_DOT_T: Final[tuple[tuple[int, int, int], ...]] = ((128, 1, 4), (64, 1, 4), (32, 1, 4))
 # GATHER_NOTE：方式 "gemvG" / "dotG" 是 gemvR / dotT 的同一个 kernel，只有查表换了做法（编译期常量 GATHER）：
-# 16 项的 NF4 表先读进寄存器，每个半字节用 tl.gather 取值，而不是每个半字节一条经 L1 的 load（还要算 64 位地址）。
-# 为什么：29a413f 的 ABLATE 实测（BENCHMARKS.md）里 M = 1 时查表占 8B 一层的 43%，是最大的一块；寄存器里的表加
-# warp shuffle 是 bitsandbytes 新的 k 位 kernel 的做法。取到的值与 L1 的表逐位相同（同一张 float32 表），数值不变。
+# 16 项的 NF4 表先读成一个张量，每个半字节用 tl.gather 取值，而不是每个半字节一条经 L1 的 load（还要算 64 位地址）。
+# sm_90 上 Triton 把这里的 tl.gather 降成共享内存的读（LDS，32 位地址；benchmarks/sass_nf4.py 的静态剖析看得到），
+# 不是 bitsandbytes 新的 k 位 kernel 那样的 warp shuffle。为什么：29a413f 的 ABLATE 实测（BENCHMARKS.md）里 M = 1 时
+# 查表占 8B 一层的 43%，是最大的一块。取到的值与 L1 的表逐位相同（同一张 float32 表），数值不变。
 # 这两种方式的 num_stages（配置的第 6 项）> 1 时，主循环是 tl.range(num_stages=…)：Triton 用 cp.async 把后面几步的
 # 字节、尺度与 x 预取进共享内存。为什么：benchmarks/sass_nf4.py 的静态剖析（BENCHMARKS.md）里，每个程序只有一步
 # 的字节在途（num_stages 对普通 range 的循环不起作用），每个 SM 至多约 36 KB——只读字节的 ABLATE 也只到 1.9 TB/s。
@@ -210,6 +212,7 @@ def tuned_report() -> dict[str, dict[str, Any]]:
 
 
 def _name(s: int, n: int, k: int, rows: int) -> str:
+    """调优报告与缓存里一个 (叠加数 S, 输出 N, 输入 K, 激活行数 M) 的名字，例如 S1_N4096_K4096_M1。"""
     return f"S{s}_N{n}_K{k}_M{rows}"
 
 
@@ -533,7 +536,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         lo = pid_k * steps * NB
         hi = tl.minimum(lo + steps * NB, blocks)
         q_rows = Q + s * q_s + n.to(tl.int64)[:, None, None] * (K // 2)  # (BLOCK_N, 1, 1)：各行的起点
-        table = tl.load(CODE + tl.arange(0, 16))  # (16,)：GATHER 时的寄存器表（见 GATHER_NOTE；不用时编译器删掉）
+        table = tl.load(CODE + tl.arange(0, 16))  # (16,)：GATHER 时查的表（见 GATHER_NOTE；不用时编译器删掉）
         acc_blocks = tl.zeros([BLOCK_N, NB], tl.float32)
         for kb in tl.range(lo, hi, NB, num_stages=STAGES):  # STAGES > 1：流水线预取后面几步的字节（GATHER_NOTE）
             blk = kb + b
@@ -547,7 +550,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             if ABLATE == 1:
                 acc_blocks += tl.sum(q.to(tl.float32), axis=2) * scale
             else:
-                if GATHER:  # 寄存器里的表：按一维取值再变回 (BLOCK_N, NB, HALF)（tl.gather 要求与表同维数）
+                if GATHER:  # tl.gather 查表（GATHER_NOTE）：按一维取值再变回 (BLOCK_N, NB, HALF)（要求与表同维数）
                     flat: tl.constexpr = BLOCK_N * NB * HALF
                     we = tl.reshape(tl.gather(table, tl.reshape((q >> 4).to(tl.int32), (flat,)), 0),
                                     (BLOCK_N, NB, HALF))
@@ -604,7 +607,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         hi = tl.minimum(lo + steps * NB, blocks)
         q_rows = Q + s * q_s + n.to(tl.int64)[:, None] * (K // 2)  # (BLOCK_N, 1)
         x_cols = X + s * x_s + m[None, :] * x_m  # (1, BLOCK_M)
-        table = tl.load(CODE + tl.arange(0, 16))  # (16,)：GATHER 时的寄存器表（见 GATHER_NOTE）
+        table = tl.load(CODE + tl.arange(0, 16))  # (16,)：GATHER 时查的表（见 GATHER_NOTE）
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for kb in tl.range(lo, hi, NB, num_stages=STAGES):  # STAGES > 1：流水线预取后面几步的字节（GATHER_NOTE）
             b_ok = kb + hb // HALF < hi  # (BH,)
@@ -618,7 +621,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             if ABLATE == 1:
                 acc += tl.sum(q.to(tl.float32) * scale, axis=1)[:, None]
             else:
-                if GATHER:  # 寄存器里的表（GATHER_NOTE）：按一维取值再变回 (BLOCK_N, BH)
+                if GATHER:  # tl.gather 查表（GATHER_NOTE）：按一维取值再变回 (BLOCK_N, BH)
                     w_hi = tl.reshape(tl.gather(table, tl.reshape(q >> 4, (BLOCK_N * BH,)), 0), (BLOCK_N, BH)) * scale
                     w_lo = tl.reshape(tl.gather(table, tl.reshape(q & 0xF, (BLOCK_N * BH,)), 0), (BLOCK_N, BH)) * scale
                 else:
@@ -670,7 +673,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                       num_warps: int, num_stages: int, ablate: int) -> torch.Tensor:
         """算子本体（参数已由 _launch 核对）：x (S, M, K)，按行打包的 qweight (S, N, K/2)、absmax (S, N, K/bs)，
         n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 / 2 = nf4_gemv，1 / 3 = nf4_dot_t；2 / 3 用
-        寄存器里的表查表，GATHER_NOTE）；
+        tl.gather 查表、num_stages > 1 时流水线，GATHER_NOTE）；
         ablate：0 = 正常的乘积，1 / 2 = 诊断用的部分计算（ABLATE_NOTE）。
         split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)。"""
         stacks, rows, k = x.shape

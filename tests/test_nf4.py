@@ -177,14 +177,14 @@ def test_nf4_linear_fp16_blocksize_128_and_config(interpreted_triton: None) -> N
     ("gemvR", 40, 1024, 128, 8, 2, 1),    # blocksize 128，多步
     ("gemvR", 64, 2048, 64, 16, 4, 3),    # 切 K（最后一段不满）+ 合并
     ("gemvR", 48, 320, 64, 16, 1, 4),     # 5 块切 4 段：最后一段为空
-    ("gemvG", 80, 768, 64, 16, 8, 1),     # 寄存器表的查表（GATHER_NOTE）：mask 掉的块、N 不满
+    ("gemvG", 80, 768, 64, 16, 8, 1),     # tl.gather 查表（GATHER_NOTE）：mask 掉的块、N 不满
     ("gemvG", 48, 320, 64, 16, 1, 4),     # 空的最后一段
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemv_r_matches_dequantize_matmul(interpreted_triton: None, method: str, n: int, k: int, blocksize: int,
                                           block_n: int, nb: int, split_k: int, dtype: torch.dtype) -> None:
     """方式 "gemvR"（每步先沿块内字节求和再乘 absmax，累加器 (BLOCK_N, NB)）== x @ dequantize(W)ᵀ，单个与叠加都对；
-    "gemvG"（同一 kernel，寄存器里的表 + tl.gather 查表，GATHER_NOTE）也一样。"""
+    "gemvG"（同一 kernel，tl.gather 查表，GATHER_NOTE）也一样。"""
     ws = [_nf4(n, k, seed=s + n, blocksize=blocksize) for s in range(2)]
     x = torch.randn(2, 1, k, generator=torch.Generator().manual_seed(k)).to(dtype)
     cfg = (method, 1, block_n, nb, 4, 1)
@@ -204,7 +204,7 @@ def test_gemv_r_matches_dequantize_matmul(interpreted_triton: None, method: str,
     ("dotT", 16, 48, 512, 128, 16, 16, 2, 1),   # NB = 2：每步两块的 absmax 按字节取
     ("dotT", 20, 64, 1024, 64, 16, 32, 1, 3),   # 两个 M 块 + 切 K（最后一段不满）+ 合并
     ("dotT", 5, 32, 320, 64, 16, 16, 1, 4),     # 5 块切 4 段：最后一段为空
-    ("dotG", 3, 80, 256, 64, 16, 64, 1, 1),     # 寄存器里的表 + tl.gather 查表（GATHER_NOTE）
+    ("dotG", 3, 80, 256, 64, 16, 64, 1, 1),     # tl.gather 查表（GATHER_NOTE）
     ("dotG", 5, 32, 320, 64, 16, 16, 1, 4),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
