@@ -250,7 +250,7 @@ def test_bnb_method_matches_dequantize_matmul(m: int, dtype: torch.dtype) -> Non
     (("gemvR", 1, 16, 4, 4, 1), 1, 3),    # 切 K + 合并
     (("dotT", 16, 32, 1, 4, 1), 5, 1),
     (("dotT", 16, 32, 2, 4, 1), 5, 2),    # 每步两块（absmax 按字节取）+ 切 K
-    (("gemvG", 1, 16, 8, 4, 1), 1, 1),    # 寄存器表查表的两种 kernel：ablate 2 的查表也走 tl.gather
+    (("gemvG", 1, 16, 8, 4, 1), 1, 1),    # tl.gather 查表的两种 kernel：ablate 2 的查表也走 tl.gather
     (("dotG", 16, 32, 1, 4, 1), 5, 1),
 ])
 @pytest.mark.parametrize("ablate", [1, 2])
