@@ -62,6 +62,7 @@ def compile_method(method: str, m: int, blocksize: int = 64, config: tuple[int, 
     load_nf4_kernels()
     block_m, block_n, nb, warps, stages = config or DEFAULTS["gemv" if gemv else "dot"]
     gather = KERNELS[method] in (2, 3)
+    # SPLIT_K 是运行时参数（SPLIT_K_NOTE）；段数为 1 时启动器把它特化成常量 1，这里照样给 1
     common = {"BLOCKSIZE": blocksize, "BLOCK_N": block_n, "NB": nb, "SPLIT_K": 1, "FIX": False, "ABLATE": 0,
               "GATHER": gather, "STAGES": stages if gather else 1}
     if gemv:

@@ -506,6 +506,10 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     # RTNE_NOTE：FIX 只在解释器里且输出为 bf16 时为真。Triton 3.7 的解释器把 float32 → bf16 的 .to() 做成截断，
     # GPU 上是就近舍入到偶数；在位模式上先加 0x7FFF + 保留位的最低位，之后的截断就等于就近舍入（GPU 上不走这段）。
     INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+    # SPLIT_K_NOTE：split-K 的段数是运行时参数，不是编译期常量。为什么：调优按形状与 SM 数算出的段数各不相同
+    # （29a413f 的候选里 1–16 都有），作常量时每个 (配置, 段数) 都要单独编译一次——静态数出来每个 M 有 26–31 个
+    # kernel 变体，NF4 解码器启动要一两分钟，其中就有这些编译；作运行时参数后只剩 6–12 个（段数为 1 时 Triton
+    # 照样按常量 1 特化，写输出的分支被折叠掉）。段内的步数本来就是运行时算的，求和顺序不变，结果逐位相同。
     # ABLATE_NOTE：两个 kernel 的 ABLATE 常量（编译期常量，生产路径 ABLATE = 0 时多出的分支被编译器删掉）只为回答
     # “时间花在哪”（issue 16 要求的剖析；GPU 上没有 ncu）：同一网格、同样读全部字节与 absmax，依次加上查表、再加
     # 与 x 的乘加 / tl.dot。三者用时之差就是各部分的代价：若只读字节已经和完整乘积一样慢，限制在访存的方式（在途字节、
@@ -513,7 +517,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
 
     @triton.jit
     def nf4_gemv(X, Q, A, CODE, OUT, PART, N, K, x_s, q_s, a_s, o_s,
-                 BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr,
+                 BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT_K,
                  FIX: tl.constexpr, ABLATE: tl.constexpr, GATHER: tl.constexpr, STAGES: tl.constexpr):
         # 方式 "gemvR"，M = 1。程序 (n 块, K 段, 模型 s)：BLOCK_N 个输出（Q 的 BLOCK_N 行）；每步读每行 NB 个块的字节
         # (BLOCK_N, NB, HALF)——每行是一段连续的 NB·HALF 字节。高半字节乘 x 的偶数列、低半字节乘奇数列。
@@ -575,7 +579,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     @triton.jit
     def nf4_dot_t(X, Q, A, CODE, OUT, PART, M, N, K, x_s, x_m, q_s, a_s, o_s, o_m,
                   BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
-                  SPLIT_K: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr, ABLATE: tl.constexpr,
+                  SPLIT_K, IEEE: tl.constexpr, FIX: tl.constexpr, ABLATE: tl.constexpr,
                   GATHER: tl.constexpr, STAGES: tl.constexpr):
         # 方式 "dotT"：算转置 outᵀ (BLOCK_N, BLOCK_M) += W 块 (BLOCK_N, BK) @ xᵀ (BK, BLOCK_M)。
         # 为什么：之前的 nf4_dot（4e84028 在 M = 16 只到约 0.38 TB/s）把权重块按 (BK, BLOCK_N) 取，沿 K 每两个元素读
@@ -655,12 +659,12 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             tl.store(PART + ((pid_k * tl.num_programs(2) + s) * M + m[None, :]) * N + n[:, None], acc, mask=mask)
 
     @triton.jit
-    def nf4_split_sum(PART, OUT, total, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, FIX: tl.constexpr):
+    def nf4_split_sum(PART, OUT, total, SPLIT_K, BLOCK: tl.constexpr, FIX: tl.constexpr):
         # 把 K 段的部分和 PART (SPLIT_K, S·M·N) float32 按固定顺序相加（确定性），转成输出精度写进 OUT (S·M·N)。
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < total
         acc = tl.zeros([BLOCK], tl.float32)
-        for p in tl.static_range(SPLIT_K):
+        for p in range(SPLIT_K):  # 运行时的段数（SPLIT_K_NOTE），p = 0, 1, … 的固定顺序
             acc += tl.load(PART + p * total + i, mask=ok, other=0.0)
         if FIX:  # 解释器里 .to(bf16) 是截断：先在位模式上加 0x7FFF + 保留位的最低位（见 RTNE_NOTE）
             acc = (acc.to(tl.uint32, bitcast=True) + 0x7FFF + ((acc.to(tl.uint32, bitcast=True) >> 16) & 1)
