@@ -156,11 +156,13 @@ def use_tuning_cache(path: str | None) -> None:
     _CACHE = None
 
 
-def _cache_entries(fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """缓存文件里与 fingerprint 相符的记录（第一次调用时读文件）。文件不存在 → 空；读不了、格式不对或指纹不同 →
-    警告一次（说明是哪种情况、会重新计时）并从空开始；_store 之后整份覆盖它。"""
+def _cache_entries(device: torch.device) -> dict[str, Any]:
+    """缓存文件里与本机指纹（tuning_fingerprint(device)）相符的记录。只在第一次调用时算指纹、读文件（指纹要散列
+    本文件的源码，不必每个形状算一遍）。文件不存在 → 空；读不了、格式不对或指纹不同 → 警告一次（说明是哪种情况、
+    会重新计时）并从空开始；_store 之后整份覆盖它。"""
     global _CACHE
     if _CACHE is None:
+        fingerprint = tuning_fingerprint(device)
         _CACHE = {"fingerprint": fingerprint, "entries": {}}
         if _CACHE_PATH is not None and os.path.exists(_CACHE_PATH):
             try:
@@ -182,7 +184,8 @@ def _cache_entries(fingerprint: dict[str, Any]) -> dict[str, Any]:
 
 
 def _store(name: str, entry: dict[str, Any]) -> None:
-    """把一条调优结果写进缓存文件（先写临时文件再 os.replace：别的进程不会读到半个文件）。写不了时警告、继续运行。"""
+    """把一条调优结果写进缓存文件（先写临时文件再 os.replace：别的进程不会读到半个文件）。写不了时警告、继续运行。
+    要先经 _cache_entries 读过（tune_nf4 查缓存时就读了）；没读过时什么也不做。"""
     if _CACHE_PATH is None or _CACHE is None:
         return
     _CACHE["entries"][name] = entry
@@ -208,12 +211,17 @@ def _valid_entry(entry: Any) -> bool:
 
 def tuned_report() -> dict[str, dict[str, Any]]:
     """本进程里用到的全部调优选择 {形状名_精度: 报告}（报告见 tune_nf4；来自缓存的带 "cached": true）。"""
-    return {f"{_name(*key[:4])}_{str(key[4]).removeprefix('torch.')}": rep for key, rep in _TUNED_REPORT.items()}
+    return {_full_name(key): rep for key, rep in _TUNED_REPORT.items()}
 
 
 def _name(s: int, n: int, k: int, rows: int) -> str:
-    """调优报告与缓存里一个 (叠加数 S, 输出 N, 输入 K, 激活行数 M) 的名字，例如 S1_N4096_K4096_M1。"""
+    """调优报告里一个 (叠加数 S, 输出 N, 输入 K, 激活行数 M) 的名字，例如 S1_N4096_K4096_M1。"""
     return f"S{s}_N{n}_K{k}_M{rows}"
+
+
+def _full_name(key: tuple[int, int, int, int, torch.dtype]) -> str:
+    """_TUNED 的键 (S, N, K, M, dtype) 在缓存文件与 tuned_report 里的名字：形状名加精度，例如 S1_N4096_K4096_M1_bfloat16。"""
+    return f"{_name(*key[:4])}_{str(key[4]).removeprefix('torch.')}"
 
 
 @dataclass(frozen=True)
@@ -822,9 +830,9 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
             report[name] = _TUNED_REPORT[key]
         if key in _TUNED:
             continue
-        cache_name = f"{name}_{str(dtype).removeprefix('torch.')}"
+        cache_name = _full_name(key)
         if _CACHE_PATH is not None:  # 缓存里有这台 GPU、这套版本上的选择：直接用（见 TUNING_CACHE_NOTE）
-            cached = _cache_entries(tuning_fingerprint(stacked.qweight.device)).get(cache_name)
+            cached = _cache_entries(stacked.qweight.device).get(cache_name)
             if cached is not None and not _valid_entry(cached):
                 warnings.warn(f"NF4 tuning cache {_CACHE_PATH}: the entry for {cache_name} is malformed ({cached!r:.120}); "
                               "it is timed again and replaced")
@@ -886,9 +894,7 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
             by_method[cfg[0]] = round(min(us, by_method.get(cfg[0], math.inf)), 2)
         _TUNED_REPORT[key] = report[name] = {"config": list(best[1]), "split_k": best[2], "us": round(best[0], 2),
                                              "us_by_method": by_method}
-        if _CACHE_PATH is not None:
-            _cache_entries(tuning_fingerprint(stacked.qweight.device))
-            _store(cache_name, report[name])
+        _store(cache_name, report[name])  # 设了缓存时写回（上面查缓存时已读过文件）
     return report
 
 

@@ -259,16 +259,16 @@ def test_tuning_cache_store_round_trip(fresh_tuning: object, tmp_path) -> None: 
     目录不存在时先建好；写不了时警告、不抛错。"""
     nf4 = fresh_tuning
     path = tmp_path / "sub" / "tuning.json"
-    fingerprint = nf4.tuning_fingerprint(torch.device("cpu"))
+    cpu = torch.device("cpu")
     nf4.use_tuning_cache(str(path))
-    assert nf4._cache_entries(fingerprint) == {}
+    assert nf4._cache_entries(cpu) == {}
     nf4._store("S1_N8_K64_M1_bfloat16", {"config": ["bnb", 0, 0, 0, 0, 0], "split_k": 1})
     assert sorted(p.name for p in path.parent.iterdir()) == ["tuning.json"]
     nf4.use_tuning_cache(str(path))
-    assert nf4._cache_entries(fingerprint) == {"S1_N8_K64_M1_bfloat16": {"config": ["bnb", 0, 0, 0, 0, 0], "split_k": 1}}
+    assert nf4._cache_entries(cpu) == {"S1_N8_K64_M1_bfloat16": {"config": ["bnb", 0, 0, 0, 0, 0], "split_k": 1}}
     blocked = tmp_path / "a_file"
     blocked.write_text("")
     nf4.use_tuning_cache(str(blocked / "tuning.json"))  # 父“目录”是个文件：写不了 → 警告，运行照常
-    nf4._cache_entries(fingerprint)
+    nf4._cache_entries(cpu)
     with pytest.warns(UserWarning, match="could not be written"):
         nf4._store("S1_N8_K64_M1_bfloat16", {"config": ["bnb", 0, 0, 0, 0, 0], "split_k": 1})
