@@ -83,31 +83,28 @@ def compile_method(method: str, m: int, blocksize: int = 64, config: tuple[int, 
     return triton.compile(source, target=GPUTarget(*SM90), options={"num_warps": warps, "num_stages": stages})
 
 
-def disassemble(cubin: bytes) -> str:
-    """Triton 自带的 nvdisasm 把 cubin 反汇编成 SASS 文本（-c：只要代码段）。"""
+def _cubin_tool(tool: str, cubin: bytes, *args: str) -> str:
+    """把 cubin 写进临时文件，用 Triton 自带的 CUDA 工具（nvdisasm / cuobjdump）读它，返回标准输出。"""
     import triton
 
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    path_tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        done = subprocess.run([str(tool), "-c", str(path)], capture_output=True, text=True, check=True)
-    return done.stdout
+        return subprocess.run([str(path_tool), *args, str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def disassemble(cubin: bytes) -> str:
+    """cubin 反汇编成 SASS 文本（nvdisasm -c：只要代码段）。"""
+    return _cubin_tool("nvdisasm", cubin, "-c")
 
 
 def registers(cubin: bytes) -> int:
-    """每个线程的寄存器数（Triton 自带的 cuobjdump --dump-resource-usage 的 REG）。"""
-    import triton
-
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "kernel.cubin"
-        path.write_bytes(cubin)
-        done = subprocess.run([str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True,
-                              check=True)
-    found = re.search(r"REG:(\d+)", done.stdout)
+    """每个线程的寄存器数（cuobjdump --dump-resource-usage 的 REG）。"""
+    usage = _cubin_tool("cuobjdump", cubin, "--dump-resource-usage")
+    found = re.search(r"REG:(\d+)", usage)
     if found is None:
-        raise RuntimeError(f"cuobjdump printed no register count: {done.stdout[:200]!r}")
+        raise RuntimeError(f"cuobjdump printed no register count: {usage[:200]!r}")
     return int(found.group(1))
 
 
