@@ -171,6 +171,23 @@ def test_nf4_linear_fp16_blocksize_128_and_config(interpreted_triton: None) -> N
     assert _relative_error(y1, ref[:1]) < TOLERANCE[torch.float16]
 
 
+# tl.gather 查表的方式 → 经 L1 查表的同一 kernel（GATHER_NOTE：只有查表的做法不同，结果逐位相同）
+L1_TWIN: dict[str, str] = {"gemvG": "gemvR", "dotG": "dotT"}
+
+
+def _check_stacked_product(x: torch.Tensor, ws: list[NF4Weight], y: torch.Tensor,
+                           cfg: tuple[str, int, int, int, int, int], split_k: int) -> None:
+    """叠加的乘积 y (S, M, N)（x (S, M, K) 乘 stack_nf4(ws)，配置 cfg）逐个模型核对：与“反量化 + float32 矩阵乘”
+    的相对误差在 x 精度的容差内，与单个权重的同一配置逐位相同；tl.gather 查表的方式还与它的 L1 孪生逐位相同。"""
+    for s in range(len(ws)):
+        ref = x[s].float() @ dequantize_nf4(dataclasses.replace(ws[s], dtype=torch.float32)).T
+        assert _relative_error(y[s], ref) < TOLERANCE[x.dtype]
+        assert torch.equal(nf4_linear(x[s], ws[s], config=cfg, split_k=split_k), y[s])
+    if cfg[0] in L1_TWIN:
+        twin = (L1_TWIN[cfg[0]], *cfg[1:])
+        assert torch.equal(nf4_linear_stacked(x, stack_nf4(ws), config=twin, split_k=split_k), y)
+
+
 @needs_triton
 @pytest.mark.parametrize("method, n, k, blocksize, block_n, nb, split_k", [
     ("gemvR", 80, 768, 64, 16, 8, 1),     # 12 块、NB = 8：第二步的后 4 块被 mask 掉；N 不满最后一块
@@ -190,12 +207,7 @@ def test_gemv_r_matches_dequantize_matmul(interpreted_triton: None, method: str,
     cfg = (method, 1, block_n, nb, 4, 1)
     y = nf4_linear_stacked(x, stack_nf4(ws), config=cfg, split_k=split_k)
     assert y.shape == (2, 1, n) and y.dtype == dtype
-    for s in range(2):
-        ref = x[s].float() @ dequantize_nf4(dataclasses.replace(ws[s], dtype=torch.float32)).T
-        assert _relative_error(y[s], ref) < TOLERANCE[dtype]
-        assert torch.equal(nf4_linear(x[s], ws[s], config=cfg, split_k=split_k), y[s])
-    if method == "gemvG":  # 只有查表的做法不同：与 gemvR 逐位相同
-        assert torch.equal(nf4_linear_stacked(x, stack_nf4(ws), config=("gemvR", *cfg[1:]), split_k=split_k), y)
+    _check_stacked_product(x, ws, y, cfg, split_k)
 
 
 @needs_triton
@@ -217,12 +229,7 @@ def test_dot_kernels_match_dequantize_matmul(interpreted_triton: None, method: s
     cfg = (method, block_m, block_n, nb, 4, 1)
     y = nf4_linear_stacked(x, stack_nf4(ws), config=cfg, split_k=split_k)
     assert y.shape == (2, m, n) and y.dtype == dtype
-    for s in range(2):
-        ref = x[s].float() @ dequantize_nf4(dataclasses.replace(ws[s], dtype=torch.float32)).T
-        assert _relative_error(y[s], ref) < TOLERANCE[dtype]
-        assert torch.equal(nf4_linear(x[s], ws[s], config=cfg, split_k=split_k), y[s])
-    if method == "dotG":  # 只有查表的做法不同：与 dotT 逐位相同
-        assert torch.equal(nf4_linear_stacked(x, stack_nf4(ws), config=("dotT", *cfg[1:]), split_k=split_k), y)
+    _check_stacked_product(x, ws, y, cfg, split_k)
 
 
 @needs_bnb
