@@ -39,6 +39,7 @@ from config import INT4_GROUP_SIZE, INT4_GROUP_SIZES, MIN_ACCEPTANCE
 from evaluator import BatchResult, generate_batch
 from fast.attention import ATTENTION_MODES, head_dim_of
 from fast.decoder import STACK_MODES, FastDecoder, compiles, length_bucket
+from fast.nf4 import use_tuning_cache
 from sampling import Sampling
 from speculative import acceptance_summary, generate_speculative
 from steering_utils import SteeringParams
@@ -802,6 +803,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="> 0: sample (includes the per-step top-p and Gumbel cost)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--out", default=None, help="also write the JSON results to this file")
+    parser.add_argument("--nf4-tuning-cache", default="off", metavar="PATH",
+                        help="NF4 kernel choices: reuse the timed choices stored in PATH and store new ones there, as "
+                             "main.py does (default off: every process times its kernels afresh)")
     parser.add_argument("--speculate", default="", metavar="K[,K...]",
                         help="speculative decoding with K draft tokens per verify step. With --paths fast (default): "
                              "times the fast path's speculative decoder with a simulated (oracle) draft at each "
@@ -863,6 +867,8 @@ def main(argv: list[str] | None = None) -> int:
                      "int4 runs torchao's own kernel on both paths")
     compile_step = compiles(args.compile, torch.device(args.device).type)
     torch.set_grad_enabled(False)
+    # NF4 调优缓存：给了路径时，同一台 GPU 上的几个基准进程共用调优结果（后面的进程不再花一两分钟计时）；默认 off
+    use_tuning_cache(args.nf4_tuning_cache)
     env = environment()
     print(json.dumps({"env": env, "args": vars(args)}), flush=True)
 

@@ -11,7 +11,7 @@
 tt.divisibility = 16（Triton 的启动器对这些参数就是这样特化的；不标时编译器以为地址不对齐，字节只能一个一个读）。
 每个权重的指令数 = 循环体的指令数 ÷ 每个线程每次迭代处理的权重数（BLOCK_N · NB · blocksize · ⌈M⌉块 / 线程数）。
 
-用法：python benchmarks/sass_nf4.py [--methods gemvR,gemvG,dotT,dotG] [--m 16] [--no-extra] [--json FILE]
+用法：python benchmarks/sass_nf4.py [--methods gemvR,gemvG,gemvW,dotT,dotG] [--m 16] [--no-extra] [--json FILE]
 （不能在 TRITON_INTERPRET=1 下运行：解释器不编译；脚本自己把它从环境里去掉，必须在导入 triton 之前。）
 """
 from __future__ import annotations
@@ -39,9 +39,10 @@ DEFAULTS: dict[str, tuple[int, int, int, int, int]] = {
     "gemv": tuple(NF4_CONFIGS[0][2:7]),  # type: ignore[dict-item]
     "dot": tuple(NF4_CONFIGS[1][2:7]),  # type: ignore[dict-item]
 }
-# 默认之外也剖析的调优候选（gemvG / dotG 的流水线配置，GATHER_NOTE）：(方式, M, 配置)
+# 默认之外也剖析的调优候选（gemvG / dotG / gemvW 的流水线配置，GATHER_NOTE）：(方式, M, 配置)
 EXTRA: tuple[tuple[str, int, tuple[int, int, int, int, int]], ...] = (
-    ("gemvG", 1, (1, 16, 8, 4, 4)), ("gemvG", 1, (1, 8, 8, 4, 4)), ("dotG", 16, (16, 64, 1, 4, 3)))
+    ("gemvG", 1, (1, 16, 8, 4, 4)), ("gemvG", 1, (1, 8, 8, 4, 4)), ("dotG", 16, (16, 64, 1, 4, 3)),
+    ("gemvW", 1, (1, 16, 8, 4, 3)))
 SM90 = ("cuda", 90, 32)
 
 
@@ -62,10 +63,15 @@ def compile_method(method: str, m: int, blocksize: int = 64, config: tuple[int, 
     load_nf4_kernels()
     block_m, block_n, nb, warps, stages = config or DEFAULTS["gemv" if gemv else "dot"]
     gather = KERNELS[method] in (2, 3)
+    words = method == "gemvW"  # nf4_gemv_w：没有 GATHER 常量（总是 tl.gather），num_stages 总是循环的流水线
     # SPLIT_K 是运行时参数（SPLIT_K_NOTE）；段数为 1 时启动器把它特化成常量 1，这里照样给 1
     common = {"BLOCKSIZE": blocksize, "BLOCK_N": block_n, "NB": nb, "SPLIT_K": 1, "FIX": False, "ABLATE": 0,
               "GATHER": gather, "STAGES": stages if gather else 1}
-    if gemv:
+    if words:
+        fn = JIT_KERNELS["nf4_gemv_w"]
+        ints = ["N", "K", "x_s", "q_s", "a_s", "o_s"]
+        constexprs = {**{k: v for k, v in common.items() if k != "GATHER"}, "STAGES": stages}
+    elif gemv:
         fn = JIT_KERNELS["nf4_gemv"]
         ints = ["N", "K", "x_s", "q_s", "a_s", "o_s"]
         constexprs = common

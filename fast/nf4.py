@@ -108,9 +108,18 @@ TUNE_DOT_T: Final[tuple[tuple[int, int, int], ...]] = ((128, 1, 4), (64, 1, 4), 
 TUNE_GEMV_G: Final[tuple[tuple[int, int, int, int], ...]] = ((16, 8, 4, 1), (16, 8, 4, 4), (8, 8, 4, 4))
 TUNE_DOT_G: Final[tuple[tuple[int, int, int, int], ...]] = ((128, 1, 4, 1), (64, 1, 4, 3))
 TUNE_PER_SM: Final[tuple[int, ...]] = (4, 8)
+# WORDS_NOTE：方式 "gemvW"（nf4_gemv_w，M = 1）按 int32 字读字节，每个字的 8 个半字节在线程内用移位与掩码取出，
+# tl.gather 查表，累加器按字 (BLOCK_N, NB, 每块字数)，每步只在线程内求和。为什么：benchmarks/sass_nf4.py 的静态剖析
+# （Triton 3.7、sm_90）里 gemvG 每个权重 7.89 条指令，其中整数指令（逐字节的 PRMT 取字节、移位、掩码、算查表地址）
+# 每个权重约 4.3 条——H100/H200 的 SM 每拍只能做 64 路整数运算（浮点 128 路），这是 M = 1 时的瓶颈（29a413f 的
+# ABLATE：查表与乘加占 62%，只读字节也只到 1.9 TB/s）；跨线程的块内求和又每步要 warp shuffle。gemvW 是 5.23 条
+# （整数约 2.5 条：半字节号 × 4 直接并进了移位与掩码，不再单算地址），64 个寄存器，没有 shuffle。
+# 与 gemvR 的数值不逐位相同（求和顺序不同：按字累加、最后才归约），误差同级（tests/test_nf4.py 对参照检查）。
+# 还没有在 GPU 上量过：只作调优候选（赢了才用）。候选元组：(BLOCK_N, NB, num_warps, num_stages)。
+TUNE_GEMV_W: Final[tuple[tuple[int, int, int, int], ...]] = ((16, 8, 4, 1), (32, 4, 4, 1), (16, 8, 2, 1), (16, 8, 4, 3))
 # 方式名 → 算子的 kernel 编号（nf4_linear_op 的 kernel 参数）；"bnb" 不经算子
-KERNELS: Final[dict[str, int]] = {"gemvR": 0, "dotT": 1, "gemvG": 2, "dotG": 3}
-GEMV_METHODS: Final[tuple[str, ...]] = ("gemvR", "gemvG")  # 只算 M = 1 的方式（程序网格没有 m 块）
+KERNELS: Final[dict[str, int]] = {"gemvR": 0, "dotT": 1, "gemvG": 2, "dotG": 3, "gemvW": 4}
+GEMV_METHODS: Final[tuple[str, ...]] = ("gemvR", "gemvG", "gemvW")  # 只算 M = 1 的方式（程序网格没有 m 块）
 Config = tuple[str, int, int, int, int, int]  # (方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)
 # 调优结果：(S, N, K, M, dtype) → (配置, split_k)。进程内有效（不同 GPU、不同形状各调一次）。
 _TUNED: dict[tuple[int, int, int, int, torch.dtype], tuple[Config, int]] = {}
@@ -585,6 +594,65 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             tl.store(PART + (pid_k * tl.num_programs(2) + s) * N + n, total, mask=n_ok)
 
     @triton.jit
+    def nf4_gemv_w(X, Q, A, CODE, OUT, PART, N, K, x_s, q_s, a_s, o_s,
+                   BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT_K,
+                   FIX: tl.constexpr, ABLATE: tl.constexpr, STAGES: tl.constexpr):
+        # 方式 "gemvW"，M = 1（WORDS_NOTE）。与 nf4_gemv 相同的程序网格与 split-K，但字节按 int32 字读：每个字 8 个
+        # 半字节，t = 0..7 号半字节 = 字节 t // 2 的高（t 偶）/ 低（t 奇）4 位，乘 x 的第 8·字号 + t 列——一个字的 8 个
+        # x 是连续的。半字节号 (字 >> 移位) & 0xF 在线程内算，查表用 tl.gather（共享内存）；累加器按字 (BLOCK_N, NB, WPB)，
+        # 每步只沿线程内的 8 个半字节求和再乘 absmax，不做跨线程的归约（那要 warp shuffle），循环结束后才归约。
+        # ABLATE（见 ABLATE_NOTE）：1 = 只读字节与 absmax（out = Σ absmax · Σ 字节值）；2 = 再加查表（不乘 x）。
+        HALF: tl.constexpr = BLOCKSIZE // 2
+        WPB: tl.constexpr = HALF // 4  # 每块的字数
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        s = tl.program_id(2)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        b = tl.arange(0, NB)
+        w = tl.arange(0, WPB)
+        t = tl.arange(0, 8)
+        shifts = (t // 2) * 8 + 4 - 4 * (t % 2)  # (8,)：小端字里字节 t // 2 的高 / 低半字节的位置
+        n_ok = n < N
+        blocks = K // BLOCKSIZE
+        steps = tl.cdiv(tl.cdiv(blocks, NB), SPLIT_K)
+        lo = pid_k * steps * NB
+        hi = tl.minimum(lo + steps * NB, blocks)
+        q_rows = Q.to(tl.pointer_type(tl.int32)) + s * (q_s // 4) + n.to(tl.int64)[:, None, None] * (K // 8)
+        table = tl.load(CODE + tl.arange(0, 16))  # (16,)：tl.gather 查的表
+        acc = tl.zeros([BLOCK_N, NB, WPB], tl.float32)
+        for kb in tl.range(lo, hi, NB, num_stages=STAGES):
+            blk = kb + b
+            b_ok = blk < hi
+            word = blk[:, None] * WPB + w[None, :]  # (NB, WPB)：行内字号
+            q = tl.load(q_rows + word[None, :, :], mask=n_ok[:, None, None] & b_ok[None, :, None], other=0)
+            scale = tl.load(A + s * a_s + n[:, None] * blocks + blk[None, :], mask=n_ok[:, None] & b_ok[None, :],
+                            other=0.0)  # (BLOCK_N, NB)
+            if ABLATE == 1:
+                byte = (q[:, :, :, None] >> (8 * tl.arange(0, 4))[None, None, None, :]) & 0xFF
+                acc += tl.sum(byte.to(tl.float32), axis=3) * scale[:, :, None]
+            else:
+                # x 的指针按 (BLOCK_N, NB, WPB, 8) 形状给（沿 n 的 0 · n 只为形状）：Triton 让每个线程直接读与自己的
+                # 字对应的 8 个 x（一条 16 字节的 load，L1 命中），而不是读一份 (NB, WPB, 8) 再经共享内存换布局
+                word_in = tl.minimum(blk, blocks - 1)[:, None] * WPB + w[None, :]
+                x_ptr = X + s * x_s + word_in[None, :, :, None] * 8 + t[None, None, None, :] + 0 * n[:, None, None, None]
+                flat: tl.constexpr = BLOCK_N * NB * WPB * 8
+                nib = (q[:, :, :, None] >> shifts[None, None, None, :]) & 0xF  # (BLOCK_N, NB, WPB, 8)
+                v = tl.reshape(tl.gather(table, tl.reshape(nib, (flat,)), 0), (BLOCK_N, NB, WPB, 8))
+                if ABLATE == 2:
+                    acc += tl.sum(v, axis=3) * scale[:, :, None]
+                else:
+                    xv = tl.load(x_ptr).to(tl.float32)
+                    acc += tl.sum(v * xv, axis=3) * scale[:, :, None]
+        total = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BLOCK_N,)
+        if SPLIT_K == 1:
+            if FIX:  # 见 RTNE_NOTE
+                total = (total.to(tl.uint32, bitcast=True) + 0x7FFF + ((total.to(tl.uint32, bitcast=True) >> 16) & 1)
+                        ).to(tl.float32, bitcast=True)
+            tl.store(OUT + s * o_s + n, total.to(OUT.dtype.element_ty), mask=n_ok)
+        else:
+            tl.store(PART + (pid_k * tl.num_programs(2) + s) * N + n, total, mask=n_ok)
+
+    @triton.jit
     def nf4_dot_t(X, Q, A, CODE, OUT, PART, M, N, K, x_s, x_m, q_s, a_s, o_s, o_m,
                   BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
                   SPLIT_K, IEEE: tl.constexpr, FIX: tl.constexpr, ABLATE: tl.constexpr,
@@ -684,7 +752,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                       n: int, blocksize: int, kernel: int, block_m: int, block_n: int, nb: int, split_k: int,
                       num_warps: int, num_stages: int, ablate: int) -> torch.Tensor:
         """算子本体（参数已由 _launch 核对）：x (S, M, K)，按行打包的 qweight (S, N, K/2)、absmax (S, N, K/bs)，
-        n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 / 2 = nf4_gemv，1 / 3 = nf4_dot_t；2 / 3 用
+        n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 / 2 = nf4_gemv，1 / 3 = nf4_dot_t，4 = nf4_gemv_w；2 / 3 用
         tl.gather 查表、num_stages > 1 时流水线，GATHER_NOTE）；
         ablate：0 = 正常的乘积，1 / 2 = 诊断用的部分计算（ABLATE_NOTE）。
         split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)。"""
@@ -692,7 +760,12 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         out = torch.empty((stacks, rows, n), dtype=x.dtype, device=x.device)
         part = torch.empty((split_k, stacks, rows, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
         fix = INTERPRETED and x.dtype == torch.bfloat16
-        if kernel in (0, 2):  # gemvR / gemvG（同一个 kernel，查表的做法不同，见 GATHER_NOTE）
+        if kernel == 4:  # gemvW（WORDS_NOTE）
+            wrap_triton(nf4_gemv_w)[(triton.cdiv(n, block_n), split_k, stacks)](
+                x, qweight, absmax, code, out, part, n, k, x.stride(0), qweight.stride(0), absmax.stride(0),
+                out.stride(0), BLOCKSIZE=blocksize, BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, FIX=fix,
+                ABLATE=ablate, STAGES=num_stages, num_warps=num_warps, num_stages=num_stages)
+        elif kernel in (0, 2):  # gemvR / gemvG（同一个 kernel，查表的做法不同，见 GATHER_NOTE）
             wrap_triton(nf4_gemv)[(triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, n, k, x.stride(0), qweight.stride(0), absmax.stride(0),
                 out.stride(0), BLOCKSIZE=blocksize, BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, FIX=fix,
@@ -712,7 +785,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         return out
 
     # 给静态剖析（benchmarks/sass_nf4.py：不用 GPU，按真实启动的特化编译成 sm_90 机器码数指令）用的 kernel 本体
-    JIT_KERNELS.update(nf4_gemv=nf4_gemv, nf4_dot_t=nf4_dot_t, nf4_split_sum=nf4_split_sum)
+    JIT_KERNELS.update(nf4_gemv=nf4_gemv, nf4_gemv_w=nf4_gemv_w, nf4_dot_t=nf4_dot_t, nf4_split_sum=nf4_split_sum)
     return nf4_linear_op
 
 
@@ -812,7 +885,7 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
 
     为什么：最快的 (BLOCK_N, NB, num_warps, split-K) 随形状、M 与 GPU 变化，一张手写的表不可能处处最好
     （triton.autotune 的做法，但在编译区域之外、显式地做：torch.compile 追踪时配置已经是常量）。
-    候选：本模块的 kernel（M = 1：gemvR、gemvG；M > 1：dotT、dotG；各种块大小与 split-K）与 bitsandbytes 自己的 matmul_4bit（装了时；
+    候选：本模块的 kernel（M = 1：gemvR、gemvG、gemvW；M > 1：dotT、dotG；各种块大小与 split-K）与 bitsandbytes 自己的 matmul_4bit（装了时；
     选中它的形状就与 bitsandbytes 的原路径一样快）。每个候选先与参照（bitsandbytes 的结果）比一次，偏离的不要。
     每个形状轮流用几份拷贝（合计 ≥ 128 MiB，大于 H200 的 50 MB L2，不让小权重一直命中 L2——解码时每层的权重只读一次），
     CUDA event 计时 reps 次取中位数。同一 (形状, M, dtype) 只调一次。返回 {形状: 报告}（给基准记录；已调过的形状也返回）。
@@ -851,7 +924,8 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
         x = torch.randn(s, rows, k, dtype=dtype, device=stacked.qweight.device)
         if rows == 1:
             candidates = ([("gemvR", 1, bn, nb, nw, 1) for bn, nb, nw in TUNE_GEMV_R]
-                          + [("gemvG", 1, bn, nb, nw, st) for bn, nb, nw, st in TUNE_GEMV_G])
+                          + [("gemvG", 1, bn, nb, nw, st) for bn, nb, nw, st in TUNE_GEMV_G]
+                          + [("gemvW", 1, bn, nb, nw, st) for bn, nb, nw, st in TUNE_GEMV_W])
         else:
             bm = max(16, min(64, triton_next_power_of_2(rows)))
             candidates = ([("dotT", bm, bn, nb, nw, 1) for bn, nb, nw in TUNE_DOT_T]

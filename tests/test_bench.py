@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -341,7 +342,18 @@ def test_tiny_check_nf4(capsys):
 
 def test_tiny_nf4_row_records_tuning_time(capsys, monkeypatch):
     """NF4 的测速行记下预热里调优用的秒数 tune_s（CPU 上不调优：0.0）；显存的三列只在 CUDA 上有。
-    --quant 的加载要 CUDA（model_loader），这里换成 --check 用的同一种 CPU 上的 NF4 模型（bitsandbytes 的 Linear4bit）。"""
+    模型见 cpu_nf4_models。"""
+    cpu_nf4_models(monkeypatch)
+    assert bench.main(["--preset", "tiny", "--device", "cpu", "--quant", "nf4", "--batches", "2", "--modes",
+                       "target", "--new", "4", "--stack", "all", "--compile", "off"]) == 0
+    row = last_json(capsys)["rows"][0]
+    assert row["stack"] == "target" and row["tune_s"] == 0.0
+    assert not {"peak_gib", "peak_timed_gib", "resident_gib"} & set(row)
+
+
+def cpu_nf4_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--quant nf4 的加载要 CUDA（model_loader）：换成 --check 用的同一种 CPU 上的 NF4 模型（bitsandbytes 的
+    Linear4bit）。要 bitsandbytes 与 Triton 解释器（conftest 设 TRITON_INTERPRET=1），没有时跳过。"""
     import importlib.util
     import os
 
@@ -350,8 +362,23 @@ def test_tiny_nf4_row_records_tuning_time(capsys, monkeypatch):
     monkeypatch.setattr(bench, "quantized_models", lambda quant, preset, device, group: [
         bench.nf4_in_place(bench.random_model(k, preset, torch.float32, device, s), torch.float32)
         for k, s in (("8b", 0), ("1b", 1), ("1b", 2))])
-    assert bench.main(["--preset", "tiny", "--device", "cpu", "--quant", "nf4", "--batches", "2", "--modes",
-                       "target", "--new", "4", "--stack", "all", "--compile", "off"]) == 0
-    row = last_json(capsys)["rows"][0]
-    assert row["stack"] == "target" and row["tune_s"] == 0.0
-    assert not {"peak_gib", "peak_timed_gib", "resident_gib"} & set(row)
+
+
+def test_nf4_tuning_cache_flag_reaches_the_tuner(capsys, monkeypatch, tmp_path):
+    """--nf4-tuning-cache PATH：bench 的 NF4 解码器经 fast.nf4 的调优缓存选 kernel（同一台 GPU 上的几个基准进程共用
+    调优结果）。证据是调优真的读了这个文件：指纹不符的文件给出“another setup”的警告（CPU 上也查缓存）。默认 off 不读。"""
+    from fast import nf4
+
+    cpu_nf4_models(monkeypatch)
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps({"fingerprint": {"device": "another GPU"}, "entries": {}}))
+    argv = ["--preset", "tiny", "--device", "cpu", "--quant", "nf4", "--batches", "2", "--modes", "target", "--new",
+            "4", "--stack", "all", "--compile", "off"]
+    with pytest.warns(UserWarning, match="written for another setup"):
+        assert bench.main([*argv, "--nf4-tuning-cache", str(path)]) == 0
+    assert nf4._CACHE_PATH == str(path)
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # 默认 off：不读任何缓存文件，也就没有这条警告
+        assert bench.main(argv) == 0
+    assert nf4._CACHE_PATH is None

@@ -196,12 +196,17 @@ def _check_stacked_product(x: torch.Tensor, ws: list[NF4Weight], y: torch.Tensor
     ("gemvR", 48, 320, 64, 16, 1, 4),     # 5 块切 4 段：最后一段为空
     ("gemvG", 80, 768, 64, 16, 8, 1),     # tl.gather 查表（GATHER_NOTE）：mask 掉的块、N 不满
     ("gemvG", 48, 320, 64, 16, 1, 4),     # 空的最后一段
+    ("gemvW", 80, 768, 64, 16, 8, 1),     # 按 int32 字读（WORDS_NOTE）：mask 掉的块（x 的下标夹在界内）、N 不满
+    ("gemvW", 40, 1024, 128, 8, 2, 1),    # blocksize 128（每块 16 个字），多步
+    ("gemvW", 64, 2048, 64, 16, 4, 3),    # 切 K（最后一段不满）+ 合并
+    ("gemvW", 48, 320, 64, 16, 1, 4),     # 空的最后一段
+    ("gemvW", 24, 96, 32, 8, 4, 1),       # blocksize 32（每块 4 个字）
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemv_r_matches_dequantize_matmul(interpreted_triton: None, method: str, n: int, k: int, blocksize: int,
                                           block_n: int, nb: int, split_k: int, dtype: torch.dtype) -> None:
     """方式 "gemvR"（每步先沿块内字节求和再乘 absmax，累加器 (BLOCK_N, NB)）== x @ dequantize(W)ᵀ，单个与叠加都对；
-    "gemvG"（同一 kernel，tl.gather 查表，GATHER_NOTE）也一样。"""
+    "gemvG"（同一 kernel，tl.gather 查表，GATHER_NOTE）与 "gemvW"（按字读、按字累加，WORDS_NOTE）也一样。"""
     ws = [_nf4(n, k, seed=s + n, blocksize=blocksize) for s in range(2)]
     x = torch.randn(2, 1, k, generator=torch.Generator().manual_seed(k)).to(dtype)
     cfg = (method, 1, block_n, nb, 4, 1)
@@ -259,6 +264,8 @@ def test_bnb_method_matches_dequantize_matmul(m: int, dtype: torch.dtype) -> Non
     (("dotT", 16, 32, 2, 4, 1), 5, 2),    # 每步两块（absmax 按字节取）+ 切 K
     (("gemvG", 1, 16, 8, 4, 1), 1, 1),    # tl.gather 查表的两种 kernel：ablate 2 的查表也走 tl.gather
     (("dotG", 16, 32, 1, 4, 1), 5, 1),
+    (("gemvW", 1, 16, 8, 4, 1), 1, 1),    # 按字读的 kernel：字节值与查表都从 int32 字里移位取出
+    (("gemvW", 1, 16, 4, 4, 1), 1, 3),
 ])
 @pytest.mark.parametrize("ablate", [1, 2])
 def test_ablated_kernels_compute_their_part(interpreted_triton: None, config: tuple[str, int, int, int, int, int],
@@ -403,6 +410,7 @@ def test_as_stacked_is_a_view_with_one_leading_model() -> None:
     (("gemvG", 1, 16, 8, 4, 4), 1, 1),
     (("gemvG", 1, 8, 8, 4, 4), 1, 3),
     (("dotG", 16, 64, 1, 4, 3), 5, 2),
+    (("gemvW", 1, 16, 8, 4, 3), 1, 3),
 ])
 def test_pipelined_gather_kernels_match(interpreted_triton: None, config: tuple[str, int, int, int, int, int], m: int,
                                         split_k: int) -> None:

@@ -6,6 +6,7 @@
 - 每种方式都编译得出来，有主循环；
 - 字节是向量读的（主循环里没有 1 字节的 LDG.E.U8：地址对齐的特化丢了时就会变成那样，指令多一倍）；
 - gemvG / dotG 的查表走共享内存（LDS），不再是每个半字节一条经 L1 的 LDG，每个权重的指令比 gemvR / dotT 少；
+- gemvW（按 int32 字读、线程内取半字节、按字累加）每个权重的指令比 gemvG 少两条以上，主循环没有 warp shuffle；
 - 它们的流水线候选（num_stages > 1）真的用 cp.async 预取，在途的字节比不流水线时多。
 速度不在这里看（GPU 上的 micro_nf4.py 才算数）。
 """
@@ -41,12 +42,12 @@ def test_nf4_kernels_compile_for_sm90_and_look_as_intended(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr[-2000:]
     every = json.loads(out.read_text())
     rows = {r["method"]: r for r in every if r["config"][4] == 1}  # 各方式的默认配置（不流水线）
-    assert set(rows) == {"gemvR", "dotT", "gemvG", "dotG"}
+    assert set(rows) == {"gemvR", "dotT", "gemvG", "dotG", "gemvW"}
     for r in every:
         assert r["loop_instructions"] > 0 and r["registers"] > 0 and r["programs_per_sm"] >= 1
         assert "LDG.E.U8" not in r["loads"], r  # 字节要向量读
     pipelined = [r for r in every if r["config"][4] > 1]
-    assert pipelined and all(r["method"] in ("gemvG", "dotG") for r in pipelined)
+    assert pipelined and all(r["method"] in ("gemvG", "dotG", "gemvW") for r in pipelined)
     for r in pipelined:  # tl.range(num_stages > 1)：字节经 cp.async（LDGSTS）预取进共享内存，在途的字节多几步
         assert any(op.startswith("LDGSTS") for op in r["loads"]), r
         assert r["weight_bytes_in_flight_per_sm"] > rows[r["method"]]["weight_bytes_in_flight_per_sm"]
@@ -55,3 +56,9 @@ def test_nf4_kernels_compile_for_sm90_and_look_as_intended(tmp_path: Path) -> No
         assert rows[fast]["loads"].get("LDS", 0) >= weights  # 每个半字节一次共享内存查表
         assert rows[slow]["loads"].get("LDG.E", 0) >= weights  # 旧方式：每个半字节一条 L1 的 LDG
         assert rows[fast]["instructions_per_weight"] < rows[slow]["instructions_per_weight"]
+    # gemvW（WORDS_NOTE）：每个半字节仍是一次共享内存查表，但没有逐字节的 PRMT、主循环里没有 warp shuffle，
+    # 每个权重的指令比 gemvG 少两条以上
+    w_row = rows["gemvW"]
+    weights = w_row["config"][1] * w_row["config"][2] * 64 / (32 * w_row["config"][3])
+    assert w_row["loads"].get("LDS", 0) >= weights and w_row["by_family"].get("warp shuffle", 0) == 0
+    assert w_row["instructions_per_weight"] < rows["gemvG"]["instructions_per_weight"] - 2
