@@ -463,13 +463,15 @@ def _kernel_times(decoder: FastDecoder, prompts: list[list[int]], n_models: int,
 
 
 def kernel_kind(name: str) -> str:
-    """按 kernel 名归类：matmul（cuBLAS/cutlass/nvjet/gemv）、attention（SDPA 的 flash/efficient 等）、
+    """按 kernel 名归类：matmul（cuBLAS/cutlass/nvjet/gemv，以及 fast/nf4.py 的 NF4 kernel 与它的 split-K 求和）、attention（SDPA 的 flash/efficient 等）、
     triton（inductor 生成的融合 kernel：RMSNorm、RoPE、SiLU·乘、softmax/JS 等）、other（index_copy、拷贝等）。"""
     low = name.lower()
     # "attention" 也匹配 fast/attention.py 的 Triton kernel（decode_attention_split / _combine）
     if any(k in low for k in ("flash", "fmha", "attention", "sdpa", "efficient")):
         return "attention"
-    if any(k in low for k in ("gemm", "nvjet", "sm90_", "cutlass", "matmul", "gemv", "splitk")):
+    # "nf4_"：NF4 的 Triton kernel（nf4_gemv / nf4_gemv_w / nf4_dot_t / nf4_split_sum）。d48920c 之前 nf4_dot_t 与
+    # nf4_split_sum 落进了 other，批 16 的剖析因此把矩阵乘记成 0.5 ms、other 记成 8.7 ms
+    if any(k in low for k in ("gemm", "nvjet", "sm90_", "cutlass", "matmul", "gemv", "splitk", "nf4_")):
         return "matmul"
     if low.startswith("triton"):
         return "triton"

@@ -115,7 +115,11 @@ TUNE_PER_SM: Final[tuple[int, ...]] = (4, 8)
 # ABLATE：查表与乘加占 62%，只读字节也只到 1.9 TB/s）；跨线程的块内求和又每步要 warp shuffle。gemvW 是 5.23 条
 # （整数约 2.5 条：半字节号 × 4 直接并进了移位与掩码，不再单算地址），64 个寄存器，没有 shuffle。
 # 与 gemvR 的数值不逐位相同（求和顺序不同：按字累加、最后才归约），误差同级（tests/test_nf4.py 对参照检查）。
-# 还没有在 GPU 上量过：只作调优候选（赢了才用）。候选元组：(BLOCK_N, NB, num_warps, num_stages)。
+# d48920c 的 H200 调优（BENCHMARKS.md）：M = 1 的 8 个形状里 gemvW 赢了 4 个（8B 的 gate/up 与 down、1B 对的
+# gate/up 与 down，比之前最快的方式快 1–21%），gemvG 赢 2 个，bitsandbytes 赢 2 个（8B 的 qkv 与 o）。
+# 试过又删掉的：同样按字读的 tl.dot 版 "dotW"——静态剖析里 (BLOCK_N, NB, 字, 8) 的布局换成 tl.dot 操作数的布局
+# 代价太大（16 × 128 块 219 个寄存器、每个 SM 2 个程序，每个权重 8.59 条指令，与 dotT 的 8.62 持平；其余块形更差），
+# 没有上过 GPU。候选元组：(BLOCK_N, NB, num_warps, num_stages)。
 TUNE_GEMV_W: Final[tuple[tuple[int, int, int, int], ...]] = ((16, 8, 4, 1), (32, 4, 4, 1), (16, 8, 2, 1), (16, 8, 4, 3))
 # 方式名 → 算子的 kernel 编号（nf4_linear_op 的 kernel 参数）；"bnb" 不经算子
 KERNELS: Final[dict[str, int]] = {"gemvR": 0, "dotT": 1, "gemvG": 2, "dotG": 3, "gemvW": 4}
@@ -740,8 +744,12 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < total
         acc = tl.zeros([BLOCK], tl.float32)
-        for p in range(SPLIT_K):  # 运行时的段数（SPLIT_K_NOTE），p = 0, 1, … 的固定顺序
-            acc += tl.load(PART + p * total + i, mask=ok, other=0.0)
+        # 段数是运行时参数（SPLIT_K_NOTE），但每 16 段展开成 16 条互不依赖的 load（段数之外的 mask 掉，加 0.0）：
+        # 逐段的 range 循环里每条 load 要等上一条加完才发出，16 段就是 16 次访存延迟——d48920c 的剖析（H200）里
+        # 这个 kernel 在批 16 每步 192 次共 1.07 ms（每次 5.6 µs，占整步 13%）。相加仍按 p = 0, 1, … 的固定顺序。
+        for p0 in range(0, SPLIT_K, 16):
+            for p in tl.static_range(16):
+                acc += tl.load(PART + (p0 + p) * total + i, mask=ok & (p0 + p < SPLIT_K), other=0.0)
         if FIX:  # 解释器里 .to(bf16) 是截断：先在位模式上加 0x7FFF + 保留位的最低位（见 RTNE_NOTE）
             acc = (acc.to(tl.uint32, bitcast=True) + 0x7FFF + ((acc.to(tl.uint32, bitcast=True) >> 16) & 1)
                   ).to(tl.float32, bitcast=True)

@@ -382,3 +382,14 @@ def test_nf4_tuning_cache_flag_reaches_the_tuner(capsys, monkeypatch, tmp_path):
         warnings.simplefilter("error", UserWarning)  # 默认 off：不读任何缓存文件，也就没有这条警告
         assert bench.main(argv) == 0
     assert nf4._CACHE_PATH is None
+
+
+def test_kernel_kind_buckets_the_nf4_kernels_as_matmul():
+    """剖析的分类：NF4 的 Triton kernel（含 split-K 的求和）算矩阵乘，不落进 other（d48920c 的批 16 剖析就记错了）；
+    其余几类照旧。"""
+    for name in ("nf4_gemv", "nf4_gemv_w", "nf4_dot_t", "nf4_split_sum", "void gemm_4bit_simt<__nv_bfloat16, 1>",
+                 "nvjet_sm90_tst_256x8_64x6_2x1_v_bz_TNT"):
+        assert bench.kernel_kind(name) == "matmul", name
+    assert bench.kernel_kind("decode_attention_split") == "attention"
+    assert bench.kernel_kind("triton_poi_fused_mul_silu_split_6") == "triton"
+    assert bench.kernel_kind("void at::native::vectorized_elementwise_kernel<4>") == "other"
