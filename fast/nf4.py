@@ -74,6 +74,8 @@ NESTED_BLOCKSIZE: Final[int] = 256  # bitsandbytes 双重量化 absmax 时的块
 # 这张表只是没有调优时的起点：CUDA 上 tune_nf4 按实际形状与 M 在候选里实测选最快的（StackedLlama.allocate 调用），
 # 结果记在 _TUNED 里，_launch 先查它。默认值取 H200 上的调优赢家（BENCHMARKS.md：M = 1 是 b967a75 的 gemvR
 # (16, 8, 4)；M = 16 是 f3031a1 的 BLOCK_N 128 或 64，M = 64 全是 64；M = 32 没有量过，取两者之间）。
+# d48920c 的调优在 M = 1 多选了 gemvW / gemvG、在 M = 16 全选了流水线的 dotG（BENCHMARKS.md）；默认表仍是只用 L1 查表的
+# 老方式：它们不依赖 tl.gather 的降级方式，也是 CPU 测试（解释器）逐位核对的基准。
 NF4_CONFIGS: Final[tuple[tuple[int, str, int, int, int, int, int], ...]] = (
     (1, "gemvR", 1, 16, 8, 4, 1),
     (16, "dotT", 16, 128, 1, 4, 1),
@@ -103,10 +105,14 @@ TUNE_DOT_T: Final[tuple[tuple[int, int, int], ...]] = ((128, 1, 4), (64, 1, 4), 
 # 字节、尺度与 x 预取进共享内存。为什么：benchmarks/sass_nf4.py 的静态剖析（BENCHMARKS.md）里，每个程序只有一步
 # 的字节在途（num_stages 对普通 range 的循环不起作用），每个 SM 至多约 36 KB——只读字节的 ABLATE 也只到 1.9 TB/s。
 # 经 L1 查表的 gemvR / dotT 不这样做：那会把每个半字节的查表也预取进共享内存（每个程序几十 KB）。
-# 它们在 GPU 上还没有量过（加入时没有 GPU 时间）：只作调优候选，块形取旧方式赢过的，赢了才会被选中；编译不了的
-# 配置由调优跳过。候选元组：(BLOCK_N, NB, num_warps, num_stages)。
+# 只作调优候选（赢了才会被选中；编译不了的配置由调优跳过）。候选元组：(BLOCK_N, NB, num_warps, num_stages)。
+# d48920c 的 H200 调优（BENCHMARKS.md）：M = 16 的 8 个形状全选了流水线的 dotG (64, 1, 4, 3)，比 dotT 快 15–31%
+# （静态剖析里它每个权重的指令比 dotT 多，但每个 SM 在途的权重 31.5 KB 对 18 KB——M = 16 时在途的字节说了算）；
+# M = 1 的 gemvG 赢了 1B 对的 qkv 与 o。据此加了两个在途更多的 dotG 候选（静态：(64, 1, 4, 4) 同样 72 个寄存器、
+# 每 SM 7 个程序，在途 47 KB；(128, 1, 4, 3) 每个权重 8.62 条指令、在途 36 KB），还没有在 GPU 上量过。
 TUNE_GEMV_G: Final[tuple[tuple[int, int, int, int], ...]] = ((16, 8, 4, 1), (16, 8, 4, 4), (8, 8, 4, 4))
-TUNE_DOT_G: Final[tuple[tuple[int, int, int, int], ...]] = ((128, 1, 4, 1), (64, 1, 4, 3))
+TUNE_DOT_G: Final[tuple[tuple[int, int, int, int], ...]] = ((128, 1, 4, 1), (64, 1, 4, 3), (64, 1, 4, 4),
+                                                             (128, 1, 4, 3))
 TUNE_PER_SM: Final[tuple[int, ...]] = (4, 8)
 # WORDS_NOTE：方式 "gemvW"（nf4_gemv_w，M = 1）按 int32 字读字节，每个字的 8 个半字节在线程内用移位与掩码取出，
 # tl.gather 查表，累加器按字 (BLOCK_N, NB, 每块字数)，每步只在线程内求和。为什么：benchmarks/sass_nf4.py 的静态剖析
