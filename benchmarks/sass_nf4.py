@@ -63,14 +63,15 @@ def compile_method(method: str, m: int, blocksize: int = 64, config: tuple[int, 
     load_nf4_kernels()
     block_m, block_n, nb, warps, stages = config or DEFAULTS["gemv" if gemv else "dot"]
     gather = KERNELS[method] in (2, 3)
-    words = method == "gemvW"  # nf4_gemv_w：没有 GATHER 常量（总是 tl.gather），num_stages 总是循环的流水线
+    words = method in ("gemvW", "gemvP")  # nf4_gemv_w：没有 GATHER 常量（总是 tl.gather），num_stages 总是循环的流水线
     # SPLIT_K 是运行时参数（SPLIT_K_NOTE）；段数为 1 时启动器把它特化成常量 1，这里照样给 1
     common = {"BLOCKSIZE": blocksize, "BLOCK_N": block_n, "NB": nb, "SPLIT_K": 1, "FIX": False, "ABLATE": 0,
               "GATHER": gather, "STAGES": stages if gather else 1}
     if words:
         fn = JIT_KERNELS["nf4_gemv_w"]
         ints = ["N", "K", "x_s", "q_s", "a_s", "o_s"]
-        constexprs = {**{k: v for k, v in common.items() if k != "GATHER"}, "STAGES": stages}
+        constexprs = {**{k: v for k, v in common.items() if k != "GATHER"}, "STAGES": stages,
+                      "PREFETCH": method == "gemvP"}
     elif gemv:
         fn = JIT_KERNELS["nf4_gemv"]
         ints = ["N", "K", "x_s", "q_s", "a_s", "o_s"]
@@ -157,7 +158,7 @@ def family(op: str) -> str:
 def profile(method: str, m: int, blocksize: int = 64,
             config: tuple[int, int, int, int, int] | None = None) -> dict[str, Any]:
     """一种方式的静态剖析：主循环每次迭代的指令（按操作码）、每个线程每个权重的指令数、寄存器、驻留程序数、
-    在途的权重字节（流水线的 num_stages − 1 步预取加上正在算的一步，按 max(1, num_stages − 1) 步计）。"""
+    在途的权重字节（流水线的 num_stages − 1 步预取加上正在算的一步，按 max(1, num_stages − 1) 步计；gemvP 按 2 步计）。"""
     gemv = method in GEMV_METHODS
     block_m, block_n, nb, warps, stages = config or DEFAULTS["gemv" if gemv else "dot"]
     kernel = compile_method(method, m, blocksize, config)
@@ -173,7 +174,8 @@ def profile(method: str, m: int, blocksize: int = 64,
     by_family: dict[str, int] = collections.Counter()
     for op, count in body.items():
         by_family[family(op)] += count
-    in_flight = programs * step_bytes * max(1, stages - 1)
+    # gemvP（PREFETCH_NOTE）：寄存器里多一步（下一步的 load 在算这一步时已经发出）
+    in_flight = programs * step_bytes * (2 if method == "gemvP" else max(1, stages - 1))
     return {"method": method, "m": m, "config": [block_m, block_n, nb, warps, stages], "blocksize": blocksize,
             "loop_instructions": total, "instructions_per_weight": round(total / weights, 2),
             "by_family": dict(by_family), "loads": {op: c for op, c in body.items() if op.startswith(("LDG", "LDS"))},
