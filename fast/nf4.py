@@ -148,6 +148,8 @@ _TUNED: dict[tuple[int, int, int, int, torch.dtype], tuple[Config, int]] = {}
 _TUNED_REPORT: dict[tuple[int, int, int, int, torch.dtype], dict[str, Any]] = {}
 # load_nf4_kernels 定义的 @triton.jit kernel（名字 → JITFunction），只给静态剖析 benchmarks/sass_nf4.py 用。
 JIT_KERNELS: dict[str, Any] = {}
+# 三个乘积 kernel 共用的 K 段范围（@triton.jit 函数；load_nf4_kernels 定义时绑定，见那里的说明）
+_k_range: Any = None
 # 调优结果的磁盘缓存（use_tuning_cache 设置；None = 不用，每个进程重新计时）。见 TUNING_CACHE_NOTE。
 _CACHE_PATH: str | None = None
 _CACHE: dict[str, Any] | None = None  # 读进来的缓存：{"fingerprint": {...}, "entries": {名字: 报告}}；None = 还没读
@@ -553,6 +555,19 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     # 与 x 的乘加 / tl.dot。三者用时之差就是各部分的代价：若只读字节已经和完整乘积一样慢，限制在访存的方式（在途字节、
     # 访问模式），不在反量化；若查表一加就慢，限制在查表。输出只供 tests/test_nf4.py 核对部分计算本身是对的。
 
+    # _k_range 绑定成模块级的名字（global）：Triton 的解释器只在 kernel 的模块全局里找被调用的 JIT 函数，
+    # 找不到闭包里的（编译器两者都找）。
+    global _k_range
+
+    @triton.jit
+    def _k_range(K, BLOCKSIZE: tl.constexpr, NB: tl.constexpr, SPLIT_K, pid_k):
+        # 第 pid_k 个 K 段的块范围 [lo, hi) 与总块数：每段 ⌈⌈blocks / NB⌉ / SPLIT_K⌉ 步，一步 NB 块（最后一段可以不满
+        # 或为空）。三个乘积 kernel 共用它：split-K 的部分和要按同一种切法才能由 nf4_split_sum 相加。
+        blocks = K // BLOCKSIZE
+        steps = tl.cdiv(tl.cdiv(blocks, NB), SPLIT_K)
+        lo = pid_k * steps * NB
+        return blocks, lo, tl.minimum(lo + steps * NB, blocks)
+
     @triton.jit
     def nf4_gemv(X, Q, A, CODE, OUT, PART, N, K, x_s, q_s, a_s, o_s,
                  BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT_K,
@@ -573,10 +588,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         b = tl.arange(0, NB)
         j = tl.arange(0, HALF)
         n_ok = n < N
-        blocks = K // BLOCKSIZE
-        steps = tl.cdiv(tl.cdiv(blocks, NB), SPLIT_K)  # 每段的 K 步数（一步 NB 块）
-        lo = pid_k * steps * NB
-        hi = tl.minimum(lo + steps * NB, blocks)
+        blocks, lo, hi = _k_range(K, BLOCKSIZE, NB, SPLIT_K, pid_k)
         q_rows = Q + s * q_s + n.to(tl.int64)[:, None, None] * (K // 2)  # (BLOCK_N, 1, 1)：各行的起点
         table = tl.load(CODE + tl.arange(0, 16))  # (16,)：GATHER 时查的表（见 GATHER_NOTE；不用时编译器删掉）
         acc_blocks = tl.zeros([BLOCK_N, NB], tl.float32)
@@ -635,10 +647,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         t = tl.arange(0, 8)
         shifts = (t // 2) * 8 + 4 - 4 * (t % 2)  # (8,)：小端字里字节 t // 2 的高 / 低半字节的位置
         n_ok = n < N
-        blocks = K // BLOCKSIZE
-        steps = tl.cdiv(tl.cdiv(blocks, NB), SPLIT_K)
-        lo = pid_k * steps * NB
-        hi = tl.minimum(lo + steps * NB, blocks)
+        blocks, lo, hi = _k_range(K, BLOCKSIZE, NB, SPLIT_K, pid_k)
         q_rows = Q.to(tl.pointer_type(tl.int32)) + s * (q_s // 4) + n.to(tl.int64)[:, None, None] * (K // 8)
         table = tl.load(CODE + tl.arange(0, 16))  # (16,)：tl.gather 查的表
         acc = tl.zeros([BLOCK_N, NB, WPB], tl.float32)
@@ -711,10 +720,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         kk = tl.arange(0, BK)
         m_ok = m < M
         n_ok = n < N
-        blocks = K // BLOCKSIZE
-        steps = tl.cdiv(tl.cdiv(blocks, NB), SPLIT_K)
-        lo = pid_k * steps * NB
-        hi = tl.minimum(lo + steps * NB, blocks)
+        blocks, lo, hi = _k_range(K, BLOCKSIZE, NB, SPLIT_K, pid_k)
         q_rows = Q + s * q_s + n.to(tl.int64)[:, None] * (K // 2)  # (BLOCK_N, 1)
         x_cols = X + s * x_s + m[None, :] * x_m  # (1, BLOCK_M)
         table = tl.load(CODE + tl.arange(0, 16))  # (16,)：GATHER 时查的表（见 GATHER_NOTE）
