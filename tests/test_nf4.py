@@ -195,6 +195,7 @@ def _check_stacked_product(x: torch.Tensor, ws: list[NF4Weight], y: torch.Tensor
     ("gemvR", 40, 1024, 128, 8, 2, 1),    # blocksize 128，多步
     ("gemvR", 64, 2048, 64, 16, 4, 3),    # 切 K（最后一段不满）+ 合并
     ("gemvR", 48, 320, 64, 16, 1, 4),     # 5 块切 4 段：最后一段为空
+    ("gemvR", 32, 1344, 64, 16, 1, 20),   # 20 段：nf4_split_sum 每遍展开 16 段，第二遍带 mask（后几段为空）
     ("gemvG", 80, 768, 64, 16, 8, 1),     # tl.gather 查表（GATHER_NOTE）：mask 掉的块、N 不满
     ("gemvG", 48, 320, 64, 16, 1, 4),     # 空的最后一段
     ("gemvW", 80, 768, 64, 16, 8, 1),     # 按 int32 字读（WORDS_NOTE）：mask 掉的块（x 的下标夹在界内）、N 不满
