@@ -82,8 +82,8 @@ NF4_CONFIGS: Final[tuple[tuple[int, str, int, int, int, int, int], ...]] = (
     (32, "dotT", 32, 64, 1, 4, 1),
     (1 << 62, "dotT", 64, 64, 1, 4, 1),
 )
-# tune_nf4 的候选：gemvR 与 dotT 的 (BLOCK_N, NB, num_warps)（BLOCK_M 由 M 定，num_stages 1）；每个候选再配两种
-# split-K 强度（split_k_for 的 per_sm）。每多一个候选，每个形状的调优多一次 Triton 编译与计时（NF4 解码器的启动
+# tune_nf4 的候选：gemvR 与 dotT 的 (BLOCK_N, NB, num_warps, num_stages)（BLOCK_M 由 M 定；它们的循环不流水线，
+# num_stages 1）；每个候选再配两种 split-K 强度（split_k_for 的 per_sm）。每多一个候选，每个形状的调优多一次 Triton 编译与计时（NF4 解码器的启动
 # 因此要一两分钟），所以只留 H200 上的赢家与近邻：
 # - gemvR：b967a75 在它赢的三个形状上选的都是 (16, 8, 4)；留它、NB 16 的近邻，和旧 gemv 的赢家块形 (16, 4, 4)
 #   （gemvR 用这个块形还没有量过）。NB 32 与 BLOCK_N 32 的候选没赢过，已删；
@@ -94,8 +94,8 @@ NF4_CONFIGS: Final[tuple[tuple[int, str, int, int, int, int, int], ...]] = (
 # (形状, M ∈ {1, 16}) 上全输（M = 1 慢 1.5–2.1 倍，M = 16 比 dotT 慢 5–22%）；旧的 "dot"（权重块按 (BK, BLOCK_N) 取，
 # 每个权重一条字节 load）在 f3031a1 的 16 个 (形状, M ∈ {16, 64}) 上都比 dotT 慢 1.19–1.54 倍；"gemv2"（x 预拆成
 # 偶/奇两段 + 软件预取下一步）在 f3031a1 的 8 个 M = 1 形状上都比旧 gemv 慢 2–7 µs。
-TUNE_GEMV_R: Final[tuple[tuple[int, int, int], ...]] = ((16, 4, 4), (16, 8, 4), (16, 16, 4))
-TUNE_DOT_T: Final[tuple[tuple[int, int, int], ...]] = ((128, 1, 4), (64, 1, 4), (32, 1, 4))
+TUNE_GEMV_R: Final[tuple[tuple[int, int, int, int], ...]] = ((16, 4, 4, 1), (16, 8, 4, 1), (16, 16, 4, 1))
+TUNE_DOT_T: Final[tuple[tuple[int, int, int, int], ...]] = ((128, 1, 4, 1), (64, 1, 4, 1), (32, 1, 4, 1))
 # GATHER_NOTE：方式 "gemvG" / "dotG" 是 gemvR / dotT 的同一个 kernel，只有查表换了做法（编译期常量 GATHER）：
 # 16 项的 NF4 表先读成一个张量，每个半字节用 tl.gather 取值，而不是每个半字节一条经 L1 的 load（还要算 64 位地址）。
 # sm_90 上 Triton 把这里的 tl.gather 降成共享内存的读（LDS，32 位地址；benchmarks/sass_nf4.py 的静态剖析看得到），
@@ -148,8 +148,11 @@ _TUNED: dict[tuple[int, int, int, int, torch.dtype], tuple[Config, int]] = {}
 _TUNED_REPORT: dict[tuple[int, int, int, int, torch.dtype], dict[str, Any]] = {}
 # load_nf4_kernels 定义的 @triton.jit kernel（名字 → JITFunction），只给静态剖析 benchmarks/sass_nf4.py 用。
 JIT_KERNELS: dict[str, Any] = {}
-# 三个乘积 kernel 共用的 K 段范围（@triton.jit 函数；load_nf4_kernels 定义时绑定，见那里的说明）
+# kernel 共用的 @triton.jit 小函数（load_nf4_kernels 定义时绑定成模块级的名字，见那里的说明）：K 段范围、解释器里的
+# 就近舍入、gemv 的输出
 _k_range: Any = None
+_rtne: Any = None
+_gemv_out: Any = None
 # 调优结果的磁盘缓存（use_tuning_cache 设置；None = 不用，每个进程重新计时）。见 TUNING_CACHE_NOTE。
 _CACHE_PATH: str | None = None
 _CACHE: dict[str, Any] | None = None  # 读进来的缓存：{"fingerprint": {...}, "entries": {名字: 报告}}；None = 还没读
@@ -555,9 +558,9 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     # 与 x 的乘加 / tl.dot。三者用时之差就是各部分的代价：若只读字节已经和完整乘积一样慢，限制在访存的方式（在途字节、
     # 访问模式），不在反量化；若查表一加就慢，限制在查表。输出只供 tests/test_nf4.py 核对部分计算本身是对的。
 
-    # _k_range 绑定成模块级的名字（global）：Triton 的解释器只在 kernel 的模块全局里找被调用的 JIT 函数，
-    # 找不到闭包里的（编译器两者都找）。
-    global _k_range
+    # 几个 kernel 共用的 JIT 小函数绑定成模块级的名字（global）：Triton 的解释器只在 kernel 的模块全局里找被调用的
+    # JIT 函数，找不到闭包里的（编译器两者都找）。
+    global _k_range, _rtne, _gemv_out
 
     @triton.jit
     def _k_range(K, BLOCKSIZE: tl.constexpr, NB: tl.constexpr, SPLIT_K, pid_k):
@@ -567,6 +570,24 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         steps = tl.cdiv(tl.cdiv(blocks, NB), SPLIT_K)
         lo = pid_k * steps * NB
         return blocks, lo, tl.minimum(lo + steps * NB, blocks)
+
+    @triton.jit
+    def _rtne(v, FIX: tl.constexpr):
+        # float32 张量 v 在转成 bf16 之前的修正（RTNE_NOTE）：FIX 时在位模式上加 0x7FFF + 保留位的最低位，解释器之后
+        # 的截断就等于 GPU 上的就近舍入到偶数；FIX 为假（GPU、或输出不是 bf16）时原样返回。
+        if FIX:
+            v = (v.to(tl.uint32, bitcast=True) + 0x7FFF + ((v.to(tl.uint32, bitcast=True) >> 16) & 1)
+                 ).to(tl.float32, bitcast=True)
+        return v
+
+    @triton.jit
+    def _gemv_out(total, OUT, PART, N, n, n_ok, s, o_s, pid_k, SPLIT_K, FIX: tl.constexpr):
+        # M = 1 的两个 kernel 的输出：total (BLOCK_N,) float32。不切 K 时直接转成输出精度写进 OUT (S, 1, N)；
+        # 切 K 时写 float32 部分和 PART (SPLIT_K, S, 1, N)，由 nf4_split_sum 按固定顺序相加。
+        if SPLIT_K == 1:
+            tl.store(OUT + s * o_s + n, _rtne(total, FIX).to(OUT.dtype.element_ty), mask=n_ok)
+        else:
+            tl.store(PART + (pid_k * tl.num_programs(2) + s) * N + n, total, mask=n_ok)
 
     @triton.jit
     def nf4_gemv(X, Q, A, CODE, OUT, PART, N, K, x_s, q_s, a_s, o_s,
@@ -618,13 +639,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                 else:
                     acc_blocks += tl.sum(we * xe[None, :, :] + wo * xo[None, :, :], axis=2) * scale
         total = tl.sum(acc_blocks, axis=1)  # (BLOCK_N,)
-        if SPLIT_K == 1:
-            if FIX:  # 解释器里 .to(bf16) 是截断：先在位模式上加 0x7FFF + 保留位的最低位（见 RTNE_NOTE）
-                total = (total.to(tl.uint32, bitcast=True) + 0x7FFF + ((total.to(tl.uint32, bitcast=True) >> 16) & 1)
-                        ).to(tl.float32, bitcast=True)
-            tl.store(OUT + s * o_s + n, total.to(OUT.dtype.element_ty), mask=n_ok)
-        else:
-            tl.store(PART + (pid_k * tl.num_programs(2) + s) * N + n, total, mask=n_ok)
+        _gemv_out(total, OUT, PART, N, n, n_ok, s, o_s, pid_k, SPLIT_K, FIX)
 
     @triton.jit
     def nf4_gemv_w(X, Q, A, CODE, OUT, PART, N, K, x_s, q_s, a_s, o_s,
@@ -683,13 +698,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                                  + 0 * n[:, None, None, None]).to(tl.float32)
                     acc += tl.sum(v * xv, axis=3) * scale[:, :, None]
         total = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BLOCK_N,)
-        if SPLIT_K == 1:
-            if FIX:  # 见 RTNE_NOTE
-                total = (total.to(tl.uint32, bitcast=True) + 0x7FFF + ((total.to(tl.uint32, bitcast=True) >> 16) & 1)
-                        ).to(tl.float32, bitcast=True)
-            tl.store(OUT + s * o_s + n, total.to(OUT.dtype.element_ty), mask=n_ok)
-        else:
-            tl.store(PART + (pid_k * tl.num_programs(2) + s) * N + n, total, mask=n_ok)
+        _gemv_out(total, OUT, PART, N, n, n_ok, s, o_s, pid_k, SPLIT_K, FIX)
 
     @triton.jit
     def nf4_dot_t(X, Q, A, CODE, OUT, PART, M, N, K, x_s, x_m, q_s, a_s, o_s, o_m,
@@ -743,13 +752,8 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                 else:
                     w_hi = tl.load(CODE + (q >> 4)) * scale
                     w_lo = tl.load(CODE + (q & 0xF)) * scale
-                if FIX:  # 见 RTNE_NOTE
-                    w_hi = (w_hi.to(tl.uint32, bitcast=True) + 0x7FFF
-                            + ((w_hi.to(tl.uint32, bitcast=True) >> 16) & 1)).to(tl.float32, bitcast=True)
-                    w_lo = (w_lo.to(tl.uint32, bitcast=True) + 0x7FFF
-                            + ((w_lo.to(tl.uint32, bitcast=True) >> 16) & 1)).to(tl.float32, bitcast=True)
-                w_hi = w_hi.to(X.dtype.element_ty)
-                w_lo = w_lo.to(X.dtype.element_ty)
+                w_hi = _rtne(w_hi, FIX).to(X.dtype.element_ty)
+                w_lo = _rtne(w_lo, FIX).to(X.dtype.element_ty)
                 w = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BK))
                 if ABLATE == 2:
                     acc += tl.sum(w.to(tl.float32), axis=1)[:, None]
@@ -763,10 +767,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                         acc = tl.dot(w, xt, acc)
         mask = n_ok[:, None] & m_ok[None, :]
         if SPLIT_K == 1:
-            if FIX:
-                acc = (acc.to(tl.uint32, bitcast=True) + 0x7FFF + ((acc.to(tl.uint32, bitcast=True) >> 16) & 1)
-                      ).to(tl.float32, bitcast=True)
-            tl.store(OUT + s * o_s + m[None, :] * o_m + n[:, None], acc.to(OUT.dtype.element_ty), mask=mask)
+            tl.store(OUT + s * o_s + m[None, :] * o_m + n[:, None], _rtne(acc, FIX).to(OUT.dtype.element_ty), mask=mask)
         else:
             tl.store(PART + ((pid_k * tl.num_programs(2) + s) * M + m[None, :]) * N + n[:, None], acc, mask=mask)
 
@@ -782,10 +783,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         for p0 in range(0, SPLIT_K, 16):
             for p in tl.static_range(16):
                 acc += tl.load(PART + (p0 + p) * total + i, mask=ok & (p0 + p < SPLIT_K), other=0.0)
-        if FIX:  # 解释器里 .to(bf16) 是截断：先在位模式上加 0x7FFF + 保留位的最低位（见 RTNE_NOTE）
-            acc = (acc.to(tl.uint32, bitcast=True) + 0x7FFF + ((acc.to(tl.uint32, bitcast=True) >> 16) & 1)
-                  ).to(tl.float32, bitcast=True)
-        tl.store(OUT + i, acc.to(OUT.dtype.element_ty), mask=ok)
+        tl.store(OUT + i, _rtne(acc, FIX).to(OUT.dtype.element_ty), mask=ok)
 
     @triton_op("steer::nf4_linear", mutates_args=())
     def nf4_linear_op(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
@@ -800,17 +798,14 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         out = torch.empty((stacks, rows, n), dtype=x.dtype, device=x.device)
         part = torch.empty((split_k, stacks, rows, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
         fix = INTERPRETED and x.dtype == torch.bfloat16
-        if kernel in (4, 5):  # gemvW / gemvP（WORDS_NOTE、PREFETCH_NOTE）
-            wrap_triton(nf4_gemv_w)[(triton.cdiv(n, block_n), split_k, stacks)](
+        if kernel in (0, 2, 4, 5):  # M = 1：gemvR / gemvG（nf4_gemv，GATHER_NOTE）、gemvW / gemvP（nf4_gemv_w）
+            fn, variant = ((nf4_gemv_w, {"PREFETCH": kernel == 5}) if kernel in (4, 5)
+                           else (nf4_gemv, {"GATHER": kernel == 2}))
+            wrap_triton(fn)[(triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, n, k, x.stride(0), qweight.stride(0), absmax.stride(0),
                 out.stride(0), BLOCKSIZE=blocksize, BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, FIX=fix,
-                ABLATE=ablate, STAGES=num_stages, PREFETCH=kernel == 5, num_warps=num_warps, num_stages=num_stages)
-        elif kernel in (0, 2):  # gemvR / gemvG（同一个 kernel，查表的做法不同，见 GATHER_NOTE）
-            wrap_triton(nf4_gemv)[(triton.cdiv(n, block_n), split_k, stacks)](
-                x, qweight, absmax, code, out, part, n, k, x.stride(0), qweight.stride(0), absmax.stride(0),
-                out.stride(0), BLOCKSIZE=blocksize, BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, FIX=fix,
-                ABLATE=ablate, GATHER=kernel == 2, STAGES=num_stages if kernel == 2 else 1, num_warps=num_warps,
-                num_stages=num_stages)
+                ABLATE=ablate, STAGES=1 if kernel == 0 else num_stages, num_warps=num_warps, num_stages=num_stages,
+                **variant)
         else:  # dotT / dotG
             wrap_triton(nf4_dot_t)[(triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, rows, n, k, x.stride(0), x.stride(1), qweight.stride(0),
@@ -962,15 +957,11 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
                   for _ in range(copies - 1)]
         sets = [with_bnb_states(ws) if use_bnb else ws for ws in [stacked, *clones]]
         x = torch.randn(s, rows, k, dtype=dtype, device=stacked.qweight.device)
-        if rows == 1:
-            candidates = ([("gemvR", 1, bn, nb, nw, 1) for bn, nb, nw in TUNE_GEMV_R]
-                          + [("gemvG", 1, bn, nb, nw, st) for bn, nb, nw, st in TUNE_GEMV_G]
-                          + [("gemvW", 1, bn, nb, nw, st) for bn, nb, nw, st in TUNE_GEMV_W]
-                          + [("gemvP", 1, bn, nb, nw, st) for bn, nb, nw, st in TUNE_GEMV_P])
-        else:
-            bm = max(16, min(64, triton_next_power_of_2(rows)))
-            candidates = ([("dotT", bm, bn, nb, nw, 1) for bn, nb, nw in TUNE_DOT_T]
-                          + [("dotG", bm, bn, nb, nw, st) for bn, nb, nw, st in TUNE_DOT_G])
+        # 候选：每种方式的表里每项 (BLOCK_N, NB, num_warps, num_stages) 前面加上方式与 BLOCK_M
+        bm = 1 if rows == 1 else max(16, min(64, triton_next_power_of_2(rows)))
+        tables = ((("gemvR", TUNE_GEMV_R), ("gemvG", TUNE_GEMV_G), ("gemvW", TUNE_GEMV_W), ("gemvP", TUNE_GEMV_P))
+                  if rows == 1 else (("dotT", TUNE_DOT_T), ("dotG", TUNE_DOT_G)))
+        candidates: list[Config] = [(method, bm, *c) for method, table in tables for c in table]
         bnb_cfg: Config = ("bnb", 0, 0, 0, 0, 0)
         # 正确性的参照：bitsandbytes 的结果（没装或它在这里出错时用本模块默认配置的）；偏离它的候选不参加比较
         results: list[tuple[float, Config, int]] = []
