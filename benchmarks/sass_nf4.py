@@ -50,7 +50,7 @@ def compile_method(method: str, m: int, blocksize: int = 64, config: tuple[int, 
                    dtype: str = "bf16") -> Any:
     """按真实启动的特化把方式 method 的 kernel 编译成 sm_90 机器码（CompiledKernel，asm 里有 ttgir / ptx / cubin）。
     m：激活行数（gemv 方式必须是 1）；config：(BLOCK_M, BLOCK_N, NB, num_warps, num_stages)，默认见 DEFAULTS；
-    split-K 取 1。STAGES 与 nf4_linear_op 的规则相同：只有 gemvG / dotG 用 num_stages 做循环流水线。"""
+    split-K 取 1。常量与 nf4_linear_op 的启动相同：gemvR / dotT 的循环不流水线（STAGES 1），其余方式用 num_stages。"""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -62,24 +62,20 @@ def compile_method(method: str, m: int, blocksize: int = 64, config: tuple[int, 
         raise ValueError(f"method {method!r} handles M = 1 only, got M = {m}")
     load_nf4_kernels()
     block_m, block_n, nb, warps, stages = config or DEFAULTS["gemv" if gemv else "dot"]
-    gather = KERNELS[method] in (2, 3)
-    words = method in ("gemvW", "gemvP")  # nf4_gemv_w：没有 GATHER 常量（总是 tl.gather），num_stages 总是循环的流水线
     # SPLIT_K 是运行时参数（SPLIT_K_NOTE）；段数为 1 时启动器把它特化成常量 1，这里照样给 1
-    common = {"BLOCKSIZE": blocksize, "BLOCK_N": block_n, "NB": nb, "SPLIT_K": 1, "FIX": False, "ABLATE": 0,
-              "GATHER": gather, "STAGES": stages if gather else 1}
-    if words:
+    constexprs: dict[str, Any] = {"BLOCKSIZE": blocksize, "BLOCK_N": block_n, "NB": nb, "SPLIT_K": 1, "FIX": False,
+                                  "ABLATE": 0, "STAGES": 1 if method in ("gemvR", "dotT") else stages}
+    if method in ("gemvW", "gemvP"):  # nf4_gemv_w（总是 tl.gather 查表；PREFETCH_NOTE）
         fn = JIT_KERNELS["nf4_gemv_w"]
+        constexprs["PREFETCH"] = method == "gemvP"
+    else:  # nf4_gemv / nf4_dot_t：GATHER 区分 L1 查表与 tl.gather（GATHER_NOTE）
+        fn = JIT_KERNELS["nf4_gemv" if gemv else "nf4_dot_t"]
+        constexprs["GATHER"] = KERNELS[method] in (2, 3)
+    if gemv:
         ints = ["N", "K", "x_s", "q_s", "a_s", "o_s"]
-        constexprs = {**{k: v for k, v in common.items() if k != "GATHER"}, "STAGES": stages,
-                      "PREFETCH": method == "gemvP"}
-    elif gemv:
-        fn = JIT_KERNELS["nf4_gemv"]
-        ints = ["N", "K", "x_s", "q_s", "a_s", "o_s"]
-        constexprs = common
     else:
-        fn = JIT_KERNELS["nf4_dot_t"]
         ints = ["M", "N", "K", "x_s", "x_m", "q_s", "a_s", "o_s", "o_m"]
-        constexprs = {**common, "BLOCK_M": block_m, "IEEE": dtype == "fp32"}
+        constexprs.update(BLOCK_M=block_m, IEEE=dtype == "fp32")
     pointers = {"X": f"*{dtype}", "Q": "*u8", "A": "*fp32", "CODE": "*fp32", "OUT": f"*{dtype}", "PART": "*fp32"}
     signature = {**pointers, **{name: "i32" for name in ints}}
     signature.update({name: "constexpr" for name in constexprs})

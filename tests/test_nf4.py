@@ -421,7 +421,7 @@ def test_as_stacked_is_a_view_with_one_leading_model() -> None:
 ])
 def test_pipelined_gather_kernels_match(interpreted_triton: None, config: tuple[str, int, int, int, int, int], m: int,
                                         split_k: int) -> None:
-    """gemvG / dotG 的流水线候选（配置的 num_stages > 1 → 主循环 tl.range(num_stages=…)，GATHER_NOTE）：结果与
+    """gemvG / dotG / gemvW 的流水线候选（配置的 num_stages > 1 → 主循环 tl.range(num_stages=…)，GATHER_NOTE）：结果与
     “反量化 + float32 矩阵乘”一致，且与不流水线的同一配置逐位相同（流水线只改读的时机，不改算术）。"""
     ws = [_nf4(96, 512, seed=s + 7) for s in range(2)]
     x = torch.randn(2, m, 512, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
