@@ -28,6 +28,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import weakref
 import time
 from importlib import metadata
 from typing import Any, Callable, Sequence
@@ -195,13 +196,26 @@ def mean_context(prompt: int, new: int) -> float:
     return prompt + new / 2
 
 
+# 每个模型加载时（快速路径改动它之前）的 weight_bytes：floor 按格式数字节。为什么要记下来：NF4 叠加时
+# （fast/stacked.py 的 _share_scales）bitsandbytes 的双重量化状态换成 float32 absmax 的视图，之后再数 quant_state
+# 得到的是每块 4 字节而不是格式的约 1 字节，floor 会随实现变大、各提交的“share of floor time”就不能比了。
+_LOADED_BYTES: "weakref.WeakKeyDictionary[PreTrainedModel, int]" = weakref.WeakKeyDictionary()
+
+
+def remember_weight_bytes(models: Sequence[PreTrainedModel]) -> None:
+    """加载之后、第一次解码之前调用：记下每个模型按格式的权重字节（floor_bytes 之后用它）。"""
+    for m in models:
+        _LOADED_BYTES[m] = weight_bytes(m)
+
+
 def floor_bytes(models: Sequence[PreTrainedModel], batch: int, context: float) -> float:
     """一步解码的最少读取字节（带宽下限的分子）：每个模型的权重各读一次 + 每行 context 个 token 的 K/V。
 
     不计 logits 的写回与融合的读取（批 64 时三路 bf16 logits 约 50 MB，< 总量的 0.3%：融合进 lm_head 的实现可以不读写它），
     也不计激活（每层 B × hidden，可以忽略）。所以它是下限：任何实现都至少要读这么多。
     """
-    return float(sum(weight_bytes(m) + batch * context * kv_bytes_per_token(m) for m in models))
+    weights = [_LOADED_BYTES[m] if m in _LOADED_BYTES else weight_bytes(m) for m in models]
+    return float(sum(w + batch * context * kv_bytes_per_token(m) for w, m in zip(weights, models)))
 
 
 def read_bandwidth(device: str, nbytes: int, repeats: int = 10) -> dict[str, Any]:
@@ -919,6 +933,7 @@ def main(argv: list[str] | None = None) -> int:
         models = quantized_models(args.quant, args.preset, args.device, args.int4_group_size)
     else:
         models = [random_model(k, args.preset, dtype, args.device, s) for k, s in (("8b", 0), ("1b", 1), ("1b", 2))]
+    remember_weight_bytes(models)
     if args.profile:
         report["profile"] = profile(models, args.profile, args, compile_step)
         return finish(report, args.out)

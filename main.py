@@ -352,8 +352,8 @@ def check_memory(cfg: Config, data: Data, longest: int, device: torch.device) ->
     specs = {role: getattr(cfg, role) for role in roles}
     configs = {spec: model_config(spec) for spec in set(specs.values())}
     dtype = torch.bfloat16 if cfg.load_in_4bit else torch_dtype(cfg.dtype)
-    # NF4 在快速路径上（CUDA、编译时叠加，resolve_stack 的 auto 规则）另存 float32 的块尺度：估计里算上它，
-    # 否则少算 0.56 GB（三个模型）
+    # NF4 在快速路径上（CUDA、编译时叠加，resolve_stack 的 auto 规则）的块尺度是 float32（每 64 个权重 4 字节，
+    # 双重量化的 1 字节随之释放）：估计里按它算，否则少算约 0.37 GB（三个模型）
     fast_scales = compiles_step(cfg, device) and device.type == "cuda"
     weights = sum(weight_bytes(c, dtype, cfg.load_in_4bit, cfg.quant, cfg.int4_group_size, fast_scales)
                   for c in configs.values())

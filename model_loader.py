@@ -428,8 +428,8 @@ def weight_bytes(config: Any, dtype: torch.dtype, four_bit: bool = False, quant:
     dtype：权重精度。four_bit：解码层里的 Linear 每个参数 0.5 字节，再加每组的量化参数——nf4：每 64 个一字节 absmax
     （双重量化之后更少）；int4：每 int4_group_size 个一对 bf16 (scale, zero) 共 4 字节，in_features 不是组大小倍数的
     Linear 保持 dtype（torchao 不量化它）。嵌入与 lm_head 保持 dtype。与两个库的布局大致相同，是估计，不是逐字节。
-    nf4_fast_scales：NF4 走快速路径的叠加前向时（CUDA、编译），fast/nf4.py 另存一份还原成 float32 的块尺度——
-    每 64 个权重再加 4 字节。
+    nf4_fast_scales：NF4 走快速路径的叠加前向时（CUDA、编译），fast/nf4.py 把块尺度还原成 float32 存一份，
+    bitsandbytes 的双重量化 absmax 随即释放（fast/stacked.py 的 _share_scales）——每 64 个权重 4 字节而不是 1 字节。
     """
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -438,7 +438,7 @@ def weight_bytes(config: Any, dtype: torch.dtype, four_bit: bool = False, quant:
                  if four_bit and isinstance(m, torch.nn.Linear) and m is not head
                  and (quant == "nf4" or m.in_features % int4_group_size == 0)}
     size = torch.empty((), dtype=dtype).element_size()
-    per_group = (64, 5 if nf4_fast_scales else 1) if quant == "nf4" else (int4_group_size, 4)  # (每组权重数, 每组字节)
+    per_group = (64, 4 if nf4_fast_scales else 1) if quant == "nf4" else (int4_group_size, 4)  # (每组权重数, 每组字节)
     return sum(p.numel() // 2 + p.numel() // per_group[0] * per_group[1] if id(p) in quantized else p.numel() * size
                for p in model.parameters())
 

@@ -19,8 +19,10 @@
 - absmax：每块一个 float32，按行存 (N, K/blocksize)（与 bitsandbytes 的块顺序相同：bitsandbytes 自己的 kernel 也能
   直接用它，见方式 "bnb"）。
   双重量化在这里一次还原（与 bitsandbytes 的 dequantize_blockwise 同样的两次 float32 舍入），kernel 里不再查第二张表。
-  这是唯一新分配的部分：每个权重 4 / blocksize 字节（blocksize 64 时 0.0625 B），bitsandbytes 的 uint8 absmax
-  与第二层照旧留给它自己的前向。要求 K 是 blocksize 的倍数（块不跨行）。
+  这是唯一新分配的部分：每个权重 4 / blocksize 字节（blocksize 64 时 0.0625 B）。叠加（StackedLlama）之后
+  bitsandbytes 的参数也改用它（非嵌套的 QuantState 指向这份 absmax，bnb_state），它的 uint8 absmax 与第二层随即
+  释放——为什么：两份尺度并存时每个权重多占 1/64 字节（8B + 两个 1B 约 0.12 GiB），而 bitsandbytes 的前向用还原好的
+  float32 absmax 算出的结果逐位相同。要求 K 是 blocksize 的倍数（块不跨行）。
 - code (16,) float32：NF4 表。
 kernel 每个权重读 0.5（半字节）+ 4 / blocksize（absmax）= 0.5625 B（blocksize 64）；bf16 是 2 B。
 
@@ -488,16 +490,22 @@ _BNB: Any = None  # bitsandbytes 模块（with_bnb_states 在编译区域之外�
 def with_bnb_states(w: NF4Weight) -> NF4Weight:
     """给方式 "bnb" 建每个模型的 bitsandbytes QuantState：非嵌套，absmax 是 w.absmax 的视图（按行存的块顺序与
     bitsandbytes 相同），不多占显存。返回带 states 的新 NF4Weight（其余字段不变）。要求装了 bitsandbytes。"""
+    absmax = w.absmax if w.stacked else w.absmax[None]
+    states = tuple(bnb_state(absmax[s], w) for s in range(absmax.shape[0]))
+    return dataclasses.replace(w, states=states)
+
+
+def bnb_state(absmax: torch.Tensor, w: NF4Weight) -> Any:
+    """一个 (n, K) 权重的 bitsandbytes QuantState，非嵌套：absmax (n, K/bs) float32 的视图（不拷贝），码表、块大小、
+    精度取自 w。为什么非嵌套就够：这份 float32 absmax 正是 bitsandbytes 自己还原双重量化得到的值（_block_scales，
+    逐位相同），它的前向用它算出的结果与用嵌套状态时逐位相同。要求装了 bitsandbytes。"""
     global _BNB
     import bitsandbytes
     from bitsandbytes.functional import QuantState
 
     _BNB = bitsandbytes
-    absmax = w.absmax if w.stacked else w.absmax[None]
-    shape = torch.Size([w.out_features, w.in_features])
-    states = tuple(QuantState(absmax=absmax[s].reshape(-1), shape=shape, code=w.code, blocksize=w.blocksize,
-                              quant_type="nf4", dtype=w.dtype) for s in range(absmax.shape[0]))
-    return dataclasses.replace(w, states=states)
+    return QuantState(absmax=absmax.reshape(-1), shape=torch.Size([absmax.shape[0], w.in_features]), code=w.code,
+                      blocksize=w.blocksize, quant_type="nf4", dtype=w.dtype)
 
 
 def _bnb_matmul(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +33,16 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from fast.attention import (ATTENTION_MODES, head_dim_of, load_triton_attention, triton_attention_problem,
                             triton_decode_attention)
-from fast.nf4 import NF4Weight, load_nf4_kernels, nf4_linear_stacked, repack_nf4, tune_nf4, with_bnb_states
+from fast.nf4 import (NF4Weight, bnb_state, load_nf4_kernels, nf4_linear_stacked, repack_nf4, tune_nf4,
+                      with_bnb_states)
 
-# 预填充每块每个模型的 token 数上限（StackedLlama.prefill 按行分块，见那里的说明）。4096：块内的矩阵乘仍然足够大
-# （M = 4096 行喂满 tensor core），中间张量从 B·T 行降到至多 4096 行。
-PREFILL_TOKENS: int = 4096
+# 预填充每块每个模型的 token 数上限（StackedLlama.prefill 按行分块，见那里的说明）。1024：块内的矩阵乘仍然够大
+# （M = 1024 行的 GEMM 在 tensor core 上仍受算力限制），中间张量从 B·T 行降到至多 1024 行。为什么不是原来的 4096
+# （issue 16 的显存目标）：d48920c 在批 16、1,280 个 token 时量到的峰值 12.42 GiB 里有 0.81 GiB 是预填充的临时张量；
+# 块为 4096 时 8B 的 gate/up 输出 (3 行 × 1,152) × 28,672 × 2 B ≈ 0.2 GB，SiLU·mul 与 float32 的 RMSNorm 再各一份量级
+# 相同，块为 1024 时都是它们的三分之一。代价：NF4 的预填充（bitsandbytes 反量化 + cuBLAS）每块都把整份权重反量化
+# 一次，块数变多（批 16、1,152 个 token 时 6 块 → 16 块，每块约 6 ms 的反量化），预填充一次多约 0.1 s。
+PREFILL_TOKENS: int = 1024
 
 # 必须在所有模型之间相同的配置项：它们决定权重形状与数值规则。
 SHAPE_KEYS: tuple[str, ...] = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -149,7 +154,8 @@ def _stack_into(groups: list[list[torch.nn.Parameter]]) -> torch.Tensor:
 def _stack_nf4_into(groups: list[list[torch.nn.Module]]) -> NF4Weight:
     """NF4 版的 _stack_into：groups[m] 为模型 m 要沿输出维拼接的 Linear4bit。分配 (M, ΣN, K/2) uint8 的打包字节与
     (M, ΣN, K/bs) float32 的还原 absmax，拷入后让每个 Params4bit 指向自己的切片（形状保持 bitsandbytes 的
-    (N·K/2, 1)；它的 QuantState 不变，transformers/bitsandbytes 的前向照常工作，读的是同一份字节）。"""
+    (N·K/2, 1)），它的 QuantState 换成指向 absmax 切片的非嵌套状态（bnb_state）：transformers/bitsandbytes 的前向
+    照常工作、结果逐位不变，读的是同一份字节与尺度；双重量化的 uint8 absmax 随旧状态释放（见 fast/nf4.py 的说明）。"""
     head = [mod.weight for mod in groups[0]]
     k, blocksize = head[0].quant_state.shape[1], head[0].quant_state.blocksize
     rows = sum(p.quant_state.shape[0] for p in head)
@@ -166,11 +172,21 @@ def _stack_nf4_into(groups: list[list[torch.nn.Module]]) -> NF4Weight:
             q[m, row:row + n].copy_(one.qweight)
             a[m, row:row + n].copy_(one.absmax)
             p.data = q[m, row:row + n].reshape(p.data.shape)
+            _share_scales(mod, bnb_state(a[m, row:row + n], one))
             row += n
     assert one is not None
     # 带上 bitsandbytes 的 QuantState（absmax 的视图）：调优若为某个形状选了 bitsandbytes 自己的 kernel，编译前就已备好
     return with_bnb_states(NF4Weight(qweight=q, absmax=a, code=one.code, blocksize=blocksize, dtype=one.dtype,
                                      out_features=rows))
+
+
+def _share_scales(mod: torch.nn.Module, state: Any) -> None:
+    """Linear4bit 的量化状态换成 state。bitsandbytes 把同一个 QuantState 存在两处（Params4bit.quant_state 与
+    Linear4bit.quant_state，后者在参数丢了状态时用来恢复）：两处都换，旧状态（双重量化的 uint8 absmax）才真正释放。"""
+    old = mod.weight.quant_state
+    for holder in (mod.weight, mod, getattr(mod.weight, "module", None)):
+        if holder is not None and getattr(holder, "quant_state", None) is old:
+            holder.quant_state = state
 
 
 # 已叠好的权重：键是模型组里的第一个模型（弱引用，模型被释放时条目自动消失）。

@@ -94,6 +94,9 @@ def test_stacking_shares_the_packed_bytes() -> None:
     models = [to_nf4(tiny_llama(80)), to_nf4(tiny_llama(81))]
     ids = torch.tensor([[5, 9, 14, 3, 7]])
     before = [m(ids).logits for m in models]
+    for name in PROJECTIONS:  # 从检查点加载的 Linear4bit 自己也存一份状态（bitsandbytes 的恢复用）：第一个模型模拟它
+        mod = models[0].model.layers[1].get_submodule(name)
+        mod.quant_state = mod.weight.quant_state
     w = stack_weights(models)
     assert isinstance(w.qkv[0], NF4Weight) and w.qkv[0].qweight.shape == (2, 64 + 2 * 32, 32)
     assert w.gate_up[1].qweight.shape == (2, 256, 32) and w.down[0].absmax.shape == (2, 64, 2)
@@ -103,8 +106,35 @@ def test_stacking_shares_the_packed_bytes() -> None:
         assert mlp.gate_proj.weight.data_ptr() == base[k].data_ptr()
         assert mlp.up_proj.weight.data_ptr() == base[k, 128:].data_ptr()
         assert mlp.up_proj.weight.shape == (128 * 64 // 2, 1)  # bitsandbytes 的形状不变
+    # bitsandbytes 的状态换成指向叠好的 float32 absmax 切片的非嵌套状态（两处引用都换），双重量化的 uint8 absmax 不再被引用
+    ends = w.gate_up[1].absmax.data_ptr(), w.gate_up[1].absmax.data_ptr() + w.gate_up[1].absmax.nbytes
+    for k, m in enumerate(models):
+        for name in PROJECTIONS:
+            mod = m.model.layers[1].get_submodule(name)
+            state = mod.weight.quant_state
+            assert not state.nested and state.absmax.dtype == torch.float32
+            assert mod.quant_state is (state if k == 0 else None)
+            assert state.absmax.numel() == mod.out_features * mod.in_features // 64
+        up = m.model.layers[1].mlp.up_proj.weight.quant_state.absmax
+        assert ends[0] <= up.data_ptr() < ends[1] and up.data_ptr() == w.gate_up[1].absmax[k, 128:].data_ptr()
     for m, ref in zip(models, before):
         assert torch.equal(m(ids).logits, ref)
+
+
+@torch.no_grad()
+def test_floor_counts_the_format_as_loaded() -> None:
+    """bench 的 floor 按加载时的格式数字节（双重量化：uint8 absmax 与第二层的表）：叠加把状态换成 float32 absmax 之后，
+    记下的数不变，各提交的 share of floor time 仍可比。"""
+    import bench
+
+    models = [to_nf4(tiny_llama(82)), to_nf4(tiny_llama(83))]
+    before = bench.floor_bytes(models, 2, 8.0)
+    loaded = bench.weight_bytes(models[0])
+    bench.remember_weight_bytes(models)
+    stack_weights(models)
+    state = models[0].model.layers[0].self_attn.q_proj.weight.quant_state
+    assert not state.nested and bench.weight_bytes(models[0]) != loaded  # 现在数到的是 float32 absmax 与 NF4 码表
+    assert bench.floor_bytes(models, 2, 8.0) == before
 
 
 @pytest.mark.parametrize("overlap", ["off", "streams"])

@@ -177,9 +177,9 @@ def test_weight_estimate_per_format() -> None:
     numel = {n: m.weight.numel() for n, m in linears.items()}
     total = sum(numel.values())
     assert weight_bytes(cfg, torch.bfloat16, True, "nf4") == bf16 - 2 * total + sum(n // 2 + n // 64 for n in numel.values())
-    # 快速路径的叠加前向另存 float32 块尺度：每 64 个权重再 4 字节
+    # 快速路径的叠加前向把块尺度换成 float32（双重量化的 1 字节随之释放）：每 64 个权重 4 字节
     assert weight_bytes(cfg, torch.bfloat16, True, "nf4", nf4_fast_scales=True) == \
-        bf16 - 2 * total + sum(n // 2 + 5 * (n // 64) for n in numel.values())
+        bf16 - 2 * total + sum(n // 2 + 4 * (n // 64) for n in numel.values())
     assert weight_bytes(cfg, torch.bfloat16, True, "int4", 64) == \
         bf16 - 2 * total + sum(n // 2 + n // 64 * 4 for n in numel.values())
     down = sum(v for k, v in numel.items() if k.endswith("down_proj"))  # 只有 down_proj 的 in_features（256）是 128 的倍数
