@@ -38,6 +38,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from config import INT4_GROUP_SIZE, INT4_GROUP_SIZES, MIN_ACCEPTANCE
 from evaluator import BatchResult, generate_batch
+import fast
 from fast.attention import ATTENTION_MODES, head_dim_of
 from fast.decoder import STACK_MODES, FastDecoder, compiles, length_bucket
 from fast.nf4 import use_tuning_cache
@@ -798,6 +799,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--eager-new", type=int, default=64, help="steps timed on the slow loop (it is slow, so fewer)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--triton-ops", choices=fast.TRITON_OPS_MODES, default=fast.TRITON_OPS,
+                        help="how the Triton kernels enter torch.compile: opaque custom ops, or traced triton_op "
+                             "(the registration used up to commit 4fb66e2; for comparing warm-up times)")
     parser.add_argument("--check", action="store_true", help="correctness check only (fp32 token for token, bf16 agreement rate)")
     parser.add_argument("--check-new", type=int, default=48)
     parser.add_argument("--check-dtypes", default="float32,bfloat16", help="dtypes that --check checks (comma-separated)")
@@ -840,6 +844,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="--speculate: a row stops drafting once its acceptance is below this after 16 drafted "
                              "tokens (0 = never), as main.py's --min-acceptance")
     args = parser.parse_args(argv)
+    fast.TRITON_OPS = args.triton_ops  # 在任何 kernel 加载之前（TRITON_OPS_NOTE）
     if args.preset == "tiny":
         args.prompt, args.new, args.eager_new, args.check_new = min(args.prompt, 32), min(args.new, 16), \
             min(args.eager_new, 8), min(args.check_new, 8)

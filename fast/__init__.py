@@ -4,3 +4,41 @@ Triton 解码注意力（attention.py）。
 只在快速路径被使用时才导入（evaluator.run_arm 在函数内部导入；bench.py 直接导入）；
 慢速参考循环、打分与统计都不依赖这里。FastDecoder 对共享模型的改动只在 generate() 之内，返回前恢复。
 """
+from __future__ import annotations
+
+from typing import Any, Callable
+
+# TRITON_OPS_NOTE：我们的 Triton kernel（fast/nf4.py 的矩阵乘、fast/attention.py 的解码注意力）以哪种 torch.library
+# 算子进入 torch.compile。在第一次加载 kernel（load_nf4_kernels / load_triton_attention）之前设，之后不再读。
+# - "opaque"（默认）：custom_op + register_fake。dynamo 与 inductor 只看到一个不透明的算子（形状由 fake 函数给出），
+#   不分析 kernel；CUDA graph 照样录下算子里发射的 kernel。
+# - "traced"：triton_op + wrap_triton（49198b8 之前的做法）：inductor 看进 kernel。
+# 为什么默认 opaque：traced 时 torch 为图里的每一次 kernel 调用把 kernel 编译成 TTIR 再遍历，找出它写哪些参数
+# （functionalization 与 inductor 的 lowering 各自重做一遍；pytorch PR #193227 在一个模型上量到每次约 90 ms）。
+# NF4 的引导步每步约 400 次 kernel 调用（48 层 × 4 个投影，split-K 时再加求和），d48920c / 49198b8 的 NF4 预热
+# 比 bf16 多 75–145 s，与这个量级相符；inductor 看进 kernel 对我们没有用处（它不融合进自定义 kernel 的结果）。
+# 还没有在 GPU 上量过：bench.py --triton-ops traced 保留旧路径，用来对比预热时间。
+TRITON_OPS_MODES: tuple[str, ...] = ("opaque", "traced")
+TRITON_OPS: str = "opaque"
+
+
+def kernel_op(name: str, fake: Callable[..., Any]) -> tuple[Callable[[Callable[..., Any]], Any], Callable[[Any], Any]]:
+    """按 TRITON_OPS 返回 (注册算子的装饰器, 发射包装)：算子本体里用 launch(kernel)[grid](...) 发射 kernel。
+
+    opaque：装饰器 = torch.library.custom_op(name, mutates_args=())，再用 fake（与本体同参数，返回同形状、同精度的
+    空张量）注册 fake 实现；launch 原样返回 kernel。traced：装饰器 = triton_op，launch = wrap_triton。
+    本体不修改任何输入（mutates_args=()），两种方式都成立。"""
+    if TRITON_OPS not in TRITON_OPS_MODES:
+        raise ValueError(f"fast.TRITON_OPS={TRITON_OPS!r}: must be one of {', '.join(TRITON_OPS_MODES)}")
+    if TRITON_OPS == "traced":
+        from torch.library import triton_op, wrap_triton
+
+        return triton_op(name, mutates_args=()), wrap_triton
+    from torch.library import custom_op
+
+    def register(body: Callable[..., Any]) -> Any:
+        op = custom_op(name, mutates_args=())(body)
+        op.register_fake(fake)
+        return op
+
+    return register, lambda kernel: kernel

@@ -66,11 +66,12 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
     延迟到这里是因为 CPU 环境可以没有 triton（CI 为了测试装了它：tests/conftest.py 在导入 triton 之前设
     TRITON_INTERPRET=1，kernel 由解释器在 CPU 张量上执行）。必须在编译区域之外调用（StackedLlama 构造时）：
     dynamo 追踪不了 kernel 的定义。
-    注册成 triton_op：torch.compile 能看进去（kernel 进 Inductor 的图，不断图），CUDA graph 也能录制它。
+    按 fast.TRITON_OPS 注册成不透明的 custom_op（默认）或 triton_op（TRITON_OPS_NOTE）：torch.compile 都不断图，
+    CUDA graph 都能录制它。
     """
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
+    from fast import kernel_op
 
     @triton.jit
     def decode_attention_split(Q, K, V, MASK, SLOT, PART, STATS, OUT,
@@ -154,7 +155,15 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
         tl.store(OUT + r * o_r + h * o_h + g[:, None] * o_g + d[None, :], (acc / total[:, None]).to(
             OUT.dtype.element_ty), mask=g[:, None] < G)
 
-    @triton_op("steer::decode_attention", mutates_args=())
+    def decode_attention_fake(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                              slot: torch.Tensor, scale: float, n_split: int, block_n: int, num_warps: int,
+                              num_stages: int, t: int) -> torch.Tensor:
+        """编译追踪时的形状：与 q 同形状、同精度的连续张量（本体的输出）。"""
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    register, launch = kernel_op("steer::decode_attention", decode_attention_fake)
+
+    @register
     def decode_attention_op(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                             slot: torch.Tensor, scale: float, n_split: int, block_n: int, num_warps: int,
                             num_stages: int, t: int) -> torch.Tensor:
@@ -169,7 +178,7 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
         else:
             part = stats = out  # 不切段时不用：kernel 直接写 out
         precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 时精确相乘（不用 TF32），逐 token 测试要它
-        wrap_triton(decode_attention_split)[(rows * kv_heads, n_split)](
+        launch(decode_attention_split)[(rows * kv_heads, n_split)](
             q, keys, values, mask, slot, part, stats, out,
             q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
             values.stride(0), values.stride(1), values.stride(2), mask.stride(0),
@@ -178,7 +187,7 @@ def load_triton_attention() -> Callable[..., torch.Tensor]:
             QK_SCALE=scale * math.log2(math.e), T=t,
             num_warps=num_warps, num_stages=num_stages)
         if n_split > 1:
-            wrap_triton(decode_attention_combine)[(rows * kv_heads,)](
+            launch(decode_attention_combine)[(rows * kv_heads,)](
                 part, stats, out, out.stride(0), out.stride(1), out.stride(2),
                 H_KV=kv_heads, G=groups, D=dim, BLOCK_G=block_g, N_SPLIT=n_split, num_warps=4)
         return out

@@ -547,12 +547,13 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     """导入 triton、定义 kernel、注册 torch.library 算子 steer::nf4_linear 并返回它（只做一次）。
 
     与 fast.attention.load_triton_attention 相同的做法：延迟导入（CPU 环境可以没有 triton；测试在导入 triton 之前设
-    TRITON_INTERPRET=1，由解释器在 CPU 张量上执行），注册成 triton_op（torch.compile 能看进去、CUDA graph 能录制）。
+    TRITON_INTERPRET=1，由解释器在 CPU 张量上执行），按 fast.TRITON_OPS 注册成不透明的 custom_op（默认）或
+    triton_op（TRITON_OPS_NOTE）；两种 torch.compile 都不断图，CUDA graph 都能录制。
     必须在编译区域之外调用。
     """
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
+    from fast import kernel_op
 
     # RTNE_NOTE：FIX 只在解释器里且输出为 bf16 时为真。Triton 3.7 的解释器把 float32 → bf16 的 .to() 做成截断，
     # GPU 上是就近舍入到偶数；在位模式上先加 0x7FFF + 保留位的最低位，之后的截断就等于就近舍入（GPU 上不走这段）。
@@ -793,7 +794,15 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                 acc += tl.load(PART + (p0 + p) * total + i, mask=ok & (p0 + p < SPLIT_K), other=0.0)
         tl.store(OUT + i, _rtne(acc, FIX).to(OUT.dtype.element_ty), mask=ok)
 
-    @triton_op("steer::nf4_linear", mutates_args=())
+    def nf4_linear_fake(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                        n: int, blocksize: int, kernel: int, block_m: int, block_n: int, nb: int, split_k: int,
+                        num_warps: int, num_stages: int, ablate: int) -> torch.Tensor:
+        """编译追踪时的形状：(S, M, N)，x 的精度（本体的输出）。"""
+        return x.new_empty((x.shape[0], x.shape[1], n))
+
+    register, launch = kernel_op("steer::nf4_linear", nf4_linear_fake)
+
+    @register
     def nf4_linear_op(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                       n: int, blocksize: int, kernel: int, block_m: int, block_n: int, nb: int, split_k: int,
                       num_warps: int, num_stages: int, ablate: int) -> torch.Tensor:
@@ -809,13 +818,13 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         if kernel in (0, 2, 4, 5):  # M = 1：gemvR / gemvG（nf4_gemv，GATHER_NOTE）、gemvW / gemvP（nf4_gemv_w）
             fn, variant = ((nf4_gemv_w, {"PREFETCH": kernel == 5}) if kernel in (4, 5)
                            else (nf4_gemv, {"GATHER": kernel == 2}))
-            wrap_triton(fn)[(triton.cdiv(n, block_n), split_k, stacks)](
+            launch(fn)[(triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, n, k, x.stride(0), qweight.stride(0), absmax.stride(0),
                 out.stride(0), BLOCKSIZE=blocksize, BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, FIX=fix,
                 ABLATE=ablate, STAGES=1 if kernel == 0 else num_stages, num_warps=num_warps, num_stages=num_stages,
                 **variant)
         else:  # dotT / dotG
-            wrap_triton(nf4_dot_t)[(triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k, stacks)](
+            launch(nf4_dot_t)[(triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, rows, n, k, x.stride(0), x.stride(1), qweight.stride(0),
                 absmax.stride(0), out.stride(0), out.stride(1), BLOCKSIZE=blocksize, BLOCK_M=block_m,
                 BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, IEEE=x.dtype == torch.float32 or INTERPRETED, FIX=fix,
@@ -823,7 +832,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                 num_stages=num_stages)
         if split_k > 1:
             total = stacks * rows * n
-            wrap_triton(nf4_split_sum)[(triton.cdiv(total, 1024),)](part, out, total, SPLIT_K=split_k, BLOCK=1024,
+            launch(nf4_split_sum)[(triton.cdiv(total, 1024),)](part, out, total, SPLIT_K=split_k, BLOCK=1024,
                                                                      FIX=fix, num_warps=4)
         return out
 

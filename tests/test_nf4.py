@@ -431,3 +431,59 @@ def test_pipelined_gather_kernels_match(interpreted_triton: None, config: tuple[
     for s in range(2):
         ref = x[s].float() @ dequantize_nf4(dataclasses.replace(ws[s], dtype=torch.float32)).T
         assert _relative_error(y[s], ref) < TOLERANCE[torch.bfloat16]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 算子的注册方式（fast.TRITON_OPS，TRITON_OPS_NOTE）
+# ---------------------------------------------------------------------------------------------------------------
+# 子进程：按 argv[1] 的方式注册两个算子，eager 跑 NF4 矩阵乘与解码注意力并存下结果；opaque 时再用 aot_eager 编译一次。
+# 为什么用子进程：算子名在一个进程里只能注册一次（load_* 有缓存），本进程的测试用的是默认方式。
+_OPS_SCRIPT = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+import fast
+fast.TRITON_OPS = sys.argv[1]
+from fast.attention import load_triton_attention, triton_decode_attention
+from fast.nf4 import nf4_linear_stacked, quantize_nf4_reference, repack_nf4, stack_nf4
+gen = torch.Generator().manual_seed(0)
+w = stack_nf4([repack_nf4(*quantize_nf4_reference(torch.randn(96, 128, generator=gen))) for _ in range(2)])
+x = torch.randn(2, 3, 128, generator=gen)
+q, k, v = (torch.randn(2, 2, 4, 16, generator=gen), torch.randn(2, 2, 40, 16, generator=gen),
+           torch.randn(2, 2, 40, 16, generator=gen))
+mask, slot = torch.ones(2, 40, dtype=torch.long), torch.tensor([25])
+load_triton_attention()
+def both(x, q):
+    return nf4_linear_stacked(x, w, split_k=2), triton_decode_attention(q, k, v, mask, slot, 0.25, n_split=3)
+out = {"eager": both(x, q)}
+if sys.argv[1] == "opaque":
+    out["compiled"] = torch.compile(both, backend="aot_eager", fullgraph=True)(x, q)
+torch.save(out, sys.argv[2])
+"""
+
+
+@needs_triton
+def test_both_op_registrations_give_the_same_bits(interpreted_triton: None, tmp_path) -> None:  # noqa: ANN001
+    """opaque（custom_op + fake）与 traced（triton_op）发射的是同一个 kernel：eager 结果逐位相同；opaque 的算子
+    能被编译追踪（只用 fake 形状），编译后的结果也逐位相同。"""
+    import subprocess
+
+    results = {}
+    for mode in ("opaque", "traced"):
+        path = tmp_path / f"{mode}.pt"
+        proc = subprocess.run([sys.executable, "-c", _OPS_SCRIPT, mode, str(path)], capture_output=True, text=True,
+                              timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[mode] = torch.load(path)
+    for a, b in zip(results["opaque"]["eager"], results["traced"]["eager"]):
+        assert torch.equal(a, b)
+    for a, b in zip(results["opaque"]["eager"], results["opaque"]["compiled"]):
+        assert torch.equal(a, b)
+
+
+def test_unknown_op_registration_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fast
+
+    monkeypatch.setattr(fast, "TRITON_OPS", "inlined")
+    with pytest.raises(ValueError, match="must be one of opaque, traced"):
+        fast.kernel_op("steer::never_registered", lambda: None)

@@ -5,7 +5,8 @@
 - FastDecoder(stack="pair" / "all") == 慢速参考循环逐 token（贪心与采样、各种 overlap、编译、结束记号、批不满）；
 - 不能叠时给出原因（check_stackable / resolve_stack）；
 - Triton 解码注意力（CPU 上用 Triton 解释器，TRITON_INTERPRET=1）== SDPA（float64 参考），含左填充、切段合并、
-  空段；FastDecoder(attention="triton") == 慢速参考循环逐 token。编译后的 kernel 只能在 GPU 上检查（bench.py --check）。
+  空段；FastDecoder(attention="triton") == 慢速参考循环逐 token。编译成 GPU 代码的 kernel 只能在 GPU 上检查
+  （bench.py --check）；kernel 作为不透明算子进编译图的整步在 CPU 上也测（test_nf4_stacked 的 compiled 测试）。
 """
 from __future__ import annotations
 
