@@ -16,7 +16,7 @@ from transformers.masking_utils import sdpa_mask
 
 from evaluator import BatchResult, _alpha_rows, _trim, cache_kwarg, left_pad
 from fast.attention import ATTENTION_MODES, head_dim_of, triton_attention_problem
-from fast.stacked import StackedLlama, check_stackable
+from fast.stacked import StackedLlama, check_stackable, weight_kind
 from sampling import Sampling, pick_tokens
 from steering_utils import SteeringParams, fuse_step, stop_nonfinite_target
 
@@ -113,6 +113,13 @@ def resolve_overlap(overlap: str, models: Sequence[PreTrainedModel], *, steering
 STACK_MODES: Final[tuple[str, ...]] = ("auto", "off", "pair", "target", "all")
 
 
+def auto_stackable(models: Sequence[PreTrainedModel]) -> bool:
+    """stack="auto" 叠不叠这组模型：能叠（check_stackable），且不是张量子类的量化权重（weight_kind "module"，
+    例如 torchao int4）——那种叠加前向在 CPU 上逐 token 测过，还没有在 GPU 上量过速度与 CUDA graph 的静态地址，
+    先只在显式 stack 时用（bench.py --stack all）。"""
+    return check_stackable(models) is None and weight_kind(models[0]) != "module"
+
+
 def resolve_stack(stack: str, models: Sequence[PreTrainedModel], *, steering: SteeringParams | None,
                   compile: bool, device_type: str) -> str:
     """FastDecoder 的 stack 参数 → 实际模式（"off" / "pair" / "target" / "all"）。
@@ -120,9 +127,10 @@ def resolve_stack(stack: str, models: Sequence[PreTrainedModel], *, steering: St
     哪些模型走 stacked_llama.StackedLlama 的前向（q/k/v、gate/up 各拼成一次矩阵乘，自带 KV 缓存）：
     "pair" = 专家与基座叠成一次前向（每个投影一次 bmm）；"target" = 目标模型单独走它（M = 1）；
     "all" = 两者都是；"off" = 都走 transformers 的前向。只有目标模型（基线）时 "all" 与 "target" 相同。
-    "auto"：只在 CUDA 上编译时叠加，且按模型各自判断（check_stackable）——目标模型走哪条前向只取决于它自己，
+    "auto"：只在 CUDA 上编译时叠加，且按模型各自判断（auto_stackable）——目标模型走哪条前向只取决于它自己，
     所以基线与引导两个臂里目标模型的数值规则相同（bf16 下两条前向的舍入不同，这一点不能因臂而异）。
-    CPU / 不编译时取 "off"（没有可省的 kernel 启动）；量化模型不能叠。显式给出而做不到时报错说明原因。
+    CPU / 不编译时取 "off"（没有可省的 kernel 启动）；张量子类的量化权重（torchao int4）只在显式给出时叠。
+    显式给出而做不到时报错说明原因。
     """
     if stack not in STACK_MODES:
         raise ValueError(f"stack={stack!r}: must be {' / '.join(STACK_MODES)}")
@@ -130,8 +138,8 @@ def resolve_stack(stack: str, models: Sequence[PreTrainedModel], *, steering: St
     if stack == "auto":
         if not (compile and device_type == "cuda"):
             return "off"
-        target = check_stackable(models[:1]) is None
-        pair = steered and check_stackable(models[1:]) is None
+        target = auto_stackable(models[:1])
+        pair = steered and auto_stackable(models[1:])
         return {(True, True): "all", (True, False): "target", (False, True): "pair"}.get((target, pair), "off")
     if stack == "off":
         return stack

@@ -17,7 +17,11 @@
 4 位（bitsandbytes NF4，issue 16）：解码层的 7 个投影都是 NF4 的 Linear4bit 时，q/k/v、gate/up 照样拼接、模型照样叠加，
 只是叠的是 bitsandbytes 的打包字节（每个 Params4bit 改为指向叠好的 (S, ΣN, K/2) uint8 张量的切片，4 位权重不多一份），
 矩阵乘走 fast.nf4 的 Triton kernel（查表反量化在寄存器里做），而不是 bitsandbytes 每步重建一份 bf16 权重。
-嵌入、lm_head、RMSNorm 的权重在 bitsandbytes 模型里本来就是 bf16，照常叠。其他量化（torchao int4 等）不能叠。
+嵌入、lm_head、RMSNorm 的权重在 bitsandbytes 模型里本来就是 bf16，照常叠。
+
+张量子类的量化权重（torchao int4 等，weight_kind "module"）：打包布局属于库，不能拼接也不能叠，投影逐模型、逐个走
+库自己的 F.linear（ModuleWeights）；其余部分（嵌入、注意力与 Triton 解码注意力、RMSNorm、RoPE、KV 缓存、侧流）照常
+叠加。只在显式 stack 时用（resolve_stack 的 auto 不选它：还没有在 GPU 上量过，见 fast/decoder.py）。
 """
 from __future__ import annotations
 
@@ -62,10 +66,10 @@ def check_stackable(models: Sequence[PreTrainedModel]) -> str | None:
         if cfg.model_type != "llama":
             return f"only the Llama architecture is supported, got model_type={cfg.model_type!r}"
         kind = weight_kind(m)
-        if kind not in ("plain", "nf4"):
+        if kind not in WEIGHT_KINDS:
             return kind
         if kind != weight_kind(first):
-            return "some models are 4-bit NF4 and others are not"
+            return f"the models' projection weights are of different kinds ({weight_kind(first)} and {kind})"
         if len(set((getattr(m, "hf_device_map", None) or {"": 0}).values())) > 1:
             return "the model is spread over several devices by device_map"
         if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
@@ -87,15 +91,23 @@ PROJECTIONS: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_at
                                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
+# weight_kind 能叠加的三种（其余返回的是原因）
+WEIGHT_KINDS: tuple[str, ...] = ("plain", "nf4", "module")
+
+
 def weight_kind(model: PreTrainedModel) -> str:
-    """解码层投影的权重种类："plain"（普通张量）、"nf4"（全部是 bitsandbytes NF4 的 Linear4bit，块不跨行），
+    """解码层投影的权重种类："plain"（普通张量）、"nf4"（全部是 bitsandbytes NF4 的 Linear4bit，块不跨行）、
+    "module"（全部是无偏置 nn.Linear 上的张量子类权重，例如 torchao 的 int4：不能拼接，ModuleWeights 逐个调用），
     否则返回一句不能叠加的原因。按模块本身判断（不只看 hf_quantizer）：测试里手工换成 Linear4bit 的模型也一样。"""
     mods = [layer.get_submodule(name) for layer in model.model.layers for name in PROJECTIONS]
     four_bit = [getattr(getattr(mod, "weight", None), "quant_state", None) for mod in mods]
     if all(state is None for state in four_bit):
+        linear = all(type(mod) is torch.nn.Linear and mod.bias is None for mod in mods)
+        if linear and all(type(mod.weight) not in (torch.Tensor, torch.nn.Parameter) for mod in mods):
+            return "module"
         if getattr(model, "hf_quantizer", None) is not None or any(type(mod) is not torch.nn.Linear for mod in mods):
-            return ("quantized weights other than bitsandbytes NF4 (e.g. torchao int4) use their own kernels and "
-                    "cannot be stacked")
+            return ("quantized weights other than bitsandbytes NF4 or tensor-subclass weights on bias-free "
+                    "nn.Linear layers (e.g. torchao int4) cannot be stacked")
         return "plain"
     if any(state is None for state in four_bit):
         return "only some projections are 4-bit"
@@ -115,16 +127,26 @@ def weight_kind(model: PreTrainedModel) -> str:
 
 
 @dataclass
+class ModuleWeights:
+    """不能拼接、也不能叠加的量化权重（weight_kind "module"，例如 torchao int4 的张量子类）：weights[m] 是模型 m
+    按拼接顺序的投影权重（q、k、v 或 gate、up，或一个），前向时逐模型、逐投影用 F.linear（库自己的 kernel），
+    输出在最后一维上按同样的顺序拼起来——与叠加好的权重算出的 (M, N, ΣN) 布局相同，其余前向（注意力、RMSNorm、
+    RoPE、KV 缓存、侧流）照常叠加。权重不拷贝：就是模型自己的参数对象。"""
+
+    weights: list[list[torch.Tensor]]
+
+
+@dataclass
 class StackedWeights:
     """叠好的权重（第 0 维是模型 m）。qkv: [层] (M, (H_q + 2·H_kv)·D, hidden)；o: [层] (M, hidden, H_q·D)；
     gate_up: [层] (M, 2·I, hidden)；down: [层] (M, hidden, I)；ln1/ln2: [层] (M, hidden)；
     norm: (M, hidden)；embed: (M, V, hidden)；lm_head: (M, V, hidden)（权重绑定时与 embed 是同一个张量）。
     4 位模型的 qkv/o/gate_up/down 是叠好的 NF4Weight（qweight (M, out, in/2) uint8、absmax (M, out, in/64)）。"""
 
-    qkv: list[torch.Tensor | NF4Weight]
-    o: list[torch.Tensor | NF4Weight]
-    gate_up: list[torch.Tensor | NF4Weight]
-    down: list[torch.Tensor | NF4Weight]
+    qkv: list[torch.Tensor | NF4Weight | ModuleWeights]
+    o: list[torch.Tensor | NF4Weight | ModuleWeights]
+    gate_up: list[torch.Tensor | NF4Weight | ModuleWeights]
+    down: list[torch.Tensor | NF4Weight | ModuleWeights]
     ln1: list[torch.Tensor]
     ln2: list[torch.Tensor]
     norm: torch.Tensor
@@ -208,12 +230,14 @@ def stack_weights(models: Sequence[PreTrainedModel]) -> StackedWeights:
     cached = _STACKS.get(models[0])
     if cached is not None and cached[0] == ids and cached[1].anchors == [_anchor(m) for m in models]:
         return cached[1]
-    nf4 = weight_kind(models[0]) == "nf4"
+    kind = weight_kind(models[0])
 
-    def proj(ls: list[torch.nn.Module], *names: str) -> torch.Tensor | NF4Weight:
-        """一层的若干投影（各模型）拼接叠加：NF4 叠打包字节，否则叠 bf16/fp32 参数。"""
-        if nf4:
+    def proj(ls: list[torch.nn.Module], *names: str) -> torch.Tensor | NF4Weight | ModuleWeights:
+        """一层的若干投影（各模型）拼接叠加：NF4 叠打包字节，张量子类权重原样收进 ModuleWeights，否则叠 bf16/fp32 参数。"""
+        if kind == "nf4":
             return _stack_nf4_into([[l.get_submodule(n) for n in names] for l in ls])
+        if kind == "module":
+            return ModuleWeights([[l.get_submodule(n).weight for n in names] for l in ls])
         return _stack_into([[l.get_submodule(n).weight for n in names] for l in ls])
 
     with torch.no_grad():
@@ -236,7 +260,12 @@ def stack_weights(models: Sequence[PreTrainedModel]) -> StackedWeights:
     for t in [*ln1, *ln2, norm, embed, lm_head]:
         torch._dynamo.mark_static_address(t)
     for w in [*qkv, *o, *gate_up, *down]:
-        for t in ((w.qweight, w.absmax, w.code) if isinstance(w, NF4Weight) else (w,)):
+        if isinstance(w, ModuleWeights):  # 张量子类：标它里面的普通张量（可追踪子类的 __tensor_flatten__ 协议）
+            parts = [getattr(p, n) for ps in w.weights for p in ps
+                     for n in (p.__tensor_flatten__()[0] if hasattr(p, "__tensor_flatten__") else ())]
+        else:
+            parts = [w.qweight, w.absmax, w.code] if isinstance(w, NF4Weight) else [w]
+        for t in parts:
             torch._dynamo.mark_static_address(t)
     _STACKS[models[0]] = (ids, weights)
     return weights
@@ -252,9 +281,14 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 def _linear(x: torch.Tensor, w: torch.Tensor | NF4Weight) -> torch.Tensor:
     """逐模型的 x @ wᵀ：x (M, N, in)，w (M, out, in) → (M, N, out)，一次 bmm（w 转置只是视图）；
-    NF4 权重走 fast.nf4 的 Triton kernel（一次发射算 M 个模型，float32 累加，输出 x 的精度）。"""
+    NF4 权重走 fast.nf4 的 Triton kernel（一次发射算 M 个模型，float32 累加，输出 x 的精度）；
+    ModuleWeights（张量子类，例如 torchao int4）逐模型、逐投影走库自己的 F.linear。"""
     if isinstance(w, NF4Weight):
         return nf4_linear_stacked(x.contiguous(), w)
+    if isinstance(w, ModuleWeights):  # 逐模型、逐投影调用库的 kernel，按拼接顺序拼回 (M, N, ΣN)
+        outs = [torch.cat([F.linear(x[m], p) for p in ps], dim=-1) if len(ps) > 1 else F.linear(x[m], ps[0])
+                for m, ps in enumerate(w.weights)]
+        return outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
     return torch.bmm(x, w.transpose(1, 2))
 
 

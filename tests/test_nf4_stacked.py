@@ -65,11 +65,11 @@ def test_weight_kind_and_stacking_rules() -> None:
     a, b = to_nf4(tiny_llama(70)), to_nf4(tiny_llama(71))
     assert weight_kind(a) == "nf4" and weight_kind(tiny_llama(72)) == "plain"
     assert check_stackable([a, b]) is None
-    assert "some models are 4-bit NF4" in check_stackable([a, tiny_llama(73)])
+    assert "different kinds (nf4 and plain)" in check_stackable([a, tiny_llama(73)])
     assert "only some projections" in check_stackable([to_nf4(tiny_llama(74), layers=(0,))])
-    int4 = tiny_llama(75)
-    int4.hf_quantizer = object()  # 例如 torchao int4：有 hf_quantizer，投影不是 Linear4bit
-    assert "other than bitsandbytes NF4" in check_stackable([int4])
+    odd = tiny_llama(75)
+    odd.hf_quantizer = object()  # 有 hf_quantizer，投影却是普通张量：不认识的量化，不叠
+    assert "other than bitsandbytes NF4" in check_stackable([odd])
     fp4 = to_nf4(tiny_llama(76))
     fp4.model.layers[1].mlp.down_proj.weight.quant_state.quant_type = "fp4"
     assert "must be NF4" in check_stackable([fp4])

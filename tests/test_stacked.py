@@ -428,3 +428,60 @@ def test_fast_arm_leaves_shared_models_as_before() -> None:
     for m, saved in zip(models, weights):
         assert all(torch.equal(v, saved[k]) for k, v in m.state_dict().items())
     assert reference() == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 张量子类的量化权重（weight_kind "module"，例如 torchao int4）：投影逐模型、逐个走库的 F.linear，其余照常叠加
+# ---------------------------------------------------------------------------------------------------------------
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                   reason="没有 torchao（.ci/run 会安装它）")
+
+
+def _subclass_weights(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """解码层的 7 个投影换成 torchao 的 int8 只量化权重张量子类（Int8Tensor）。为什么不是 int4：torchao 的
+    tile-packed int4 只能在 CUDA 上构造；int8 是 CPU 上能跑的同一类张量子类（nn.Linear 不变、weight 是子类），
+    叠加路径对两者的处理完全相同（只调用 F.linear）。嵌入与 lm_head 不动（与 model_loader 的 int4 相同）。"""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda mod, fqn: isinstance(mod, torch.nn.Linear)
+              and ".layers." in f".{fqn}")
+    return model
+
+
+@pytest.fixture(scope="module")
+def subclass_trio() -> list[LlamaForCausalLM]:
+    return [_subclass_weights(tiny_llama(90 + i)) for i in range(3)]
+
+
+@needs_torchao
+def test_subclass_weights_stack_only_when_asked(subclass_trio: list[LlamaForCausalLM]) -> None:
+    """张量子类权重能叠（"module"），但 stack="auto" 不选它（还没有在 GPU 上量过）；显式 "all" 可以。
+    叠加不拷贝也不改指向：ModuleWeights 里就是模型自己的参数对象。"""
+    from fast.stacked import ModuleWeights, weight_kind
+
+    assert weight_kind(subclass_trio[0]) == "module" and check_stackable(subclass_trio) is None
+    assert resolve_stack("auto", subclass_trio, steering=STEER, compile=True, device_type="cuda") == "off"
+    assert resolve_stack("all", subclass_trio, steering=STEER, compile=True, device_type="cuda") == "all"
+    plain = tiny_llama(95)
+    assert "different kinds (module and plain)" in check_stackable([subclass_trio[1], plain])
+    w = stack_weights(subclass_trio[1:])
+    attn = subclass_trio[1].model.layers[0].self_attn
+    assert isinstance(w.qkv[0], ModuleWeights)
+    assert [p is q for p, q in zip(w.qkv[0].weights[0], (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight))] \
+        == [True, True, True]
+
+
+@needs_torchao
+@pytest.mark.parametrize("compile", [False, True])
+def test_fast_decoder_subclass_weights_equal_reference_loop(subclass_trio: list[LlamaForCausalLM],
+                                                            compile: bool) -> None:
+    """stack="all" 的张量子类路径 == 慢速循环（transformers 的前向，同一份量化权重）逐 token：引导（叠加的 pair 走
+    逐模型 F.linear）与基线；compile=True 时整步由 inductor 编译（子类在编译图里）。"""
+    decoder = FastDecoder(subclass_trio, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4, steering=STEER,
+                          compile=compile, overlap="off", stack="all")
+    assert decoder.stack == "all" and all(s is not None for s in decoder.stacked)
+    assert decoder.generate(PER_ROLE, 8).tokens == run(subclass_trio, None, steps=8, steering=STEER,
+                                                       per_role=PER_ROLE).tokens
+    target = FastDecoder(subclass_trio[:1], vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=3, steering=None,
+                         compile=compile, stack="target")
+    assert target.generate([PROMPTS], 8).tokens == run(subclass_trio[:1], PROMPTS, steps=8).tokens
