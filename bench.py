@@ -28,8 +28,8 @@ import platform
 import subprocess
 import sys
 import tempfile
-import weakref
 import time
+import weakref
 from importlib import metadata
 from typing import Any, Callable, Sequence
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 # 算子进入 torch.compile。在第一次加载 kernel（load_nf4_kernels / load_triton_attention）之前设，之后不再读。
 # - "opaque"（默认）：custom_op + register_fake。dynamo 与 inductor 只看到一个不透明的算子（形状由 fake 函数给出），
 #   不分析 kernel；CUDA graph 照样录下算子里发射的 kernel。
-# - "traced"：triton_op + wrap_triton（49198b8 之前的做法）：inductor 看进 kernel。
+# - "traced"：triton_op + wrap_triton（4fb66e2 及以前的做法）：inductor 看进 kernel。
 # 为什么默认 opaque：traced 时 torch 为图里的每一次 kernel 调用把 kernel 编译成 TTIR 再遍历，找出它写哪些参数
 # （functionalization 与 inductor 的 lowering 各自重做一遍；pytorch PR #193227 在一个模型上量到每次约 90 ms）。
 # NF4 的引导步每步约 400 次 kernel 调用（48 层 × 4 个投影，split-K 时再加求和），d48920c / 49198b8 的 NF4 预热
