@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -393,3 +395,43 @@ def test_kernel_kind_buckets_the_nf4_kernels_as_matmul():
     assert bench.kernel_kind("decode_attention_split") == "attention"
     assert bench.kernel_kind("triton_poi_fused_mul_silu_split_6") == "triton"
     assert bench.kernel_kind("void at::native::vectorized_elementwise_kernel<4>") == "other"
+
+
+def test_compare_rows_tables(tmp_path, capsys):
+    """benchmarks/compare_rows.py：并排表的比值、占 floor 时间的比例（floor ÷ 该进程的带宽 ÷ 每步）、缺行写 —、
+    被截断的文件用 rows_so_far；--kernels 按层数把所选 µs 加成每步（S = 1 乘目标层数，S = 2 乘叠加对的层数）。"""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import compare_rows
+
+    def row(batch, mode, ms, **extra):
+        return {"path": "fast", "mode": mode, "batch": batch, "ms_per_step": ms, "tok_per_s": batch * 1000 / ms,
+                "peak_gib": 10.0, "floor_bytes": 8e9, "floor_gb": 8.0, "achieved_tbps": 8.0 / ms, "warmup_s": 60.0,
+                **extra}
+
+    bf16 = {"env": {"commit": "aaa"}, "args": {"quant": "bf16"}, "read_bandwidth": {"tbps_best": 4.0},
+            "rows": [row(16, "steered", 4.0), row(16, "target", 3.0)], "complete": True}
+    kernels = {"S1_N64_K128_M16": {"config": ["dotG", 16, 128, 1, 4, 3], "split_k": 2, "us": 10.0,
+                                   "us_by_method": {"dotG": 10.0, "bnb": 30.0}},
+               "S2_N32_K64_M16": {"config": ["dotT", 16, 64, 1, 4, 1], "split_k": 1, "us": 5.0,
+                                  "us_by_method": {"dotT": 5.0}}}
+    nf4 = {"env": {"commit": "bbb"}, "args": {"quant": "nf4"}, "read_bandwidth": {"tbps_best": 4.0},
+           "rows_so_far": [row(16, "steered", 5.0, tune_s=7.5, nf4_kernels=kernels)], "complete": False}
+    paths = []
+    for name, report in (("bf16", bf16), ("nf4", nf4)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        Path(paths[-1]).write_text(json.dumps(report))
+    assert compare_rows.main([*paths, "--kernels", "--preset", "tiny"]) == 0
+    out, err = capsys.readouterr()
+    assert "was cut before it finished" in err
+    steered = next(line for line in out.splitlines() if line.startswith("| 16 | steered"))
+    # bf16: 8 GB / 4 TB/s = 2 ms of 4 ms → 50%；nf4: 2 ms of 5 ms → 40%，比值 1.25，预热 60 (7.5)
+    assert "| 4.000 (4,000) |" in steered and "| 50% |" in steered and "| 1.25 |" in steered
+    assert "| 40% |" in steered and "| 60 (7.5) |" in steered
+    target = next(line for line in out.splitlines() if line.startswith("| 16 | target"))
+    assert target.count("—") == 7  # nf4 没有这一行
+    layers = bench.llama_config("8b", "tiny").num_hidden_layers  # tiny：两种模型都是 2 层
+    assert f"chosen matmuls per step {10.0 * layers / 1000:.2f} ms target alone, " \
+           f"{(10.0 + 5.0) * layers / 1000:.2f} ms steered" in out
+    with pytest.raises(SystemExit):
+        Path(tmp_path / "check.json").write_text(json.dumps({"args": {}, "check": {}, "complete": True}))
+        compare_rows.main([str(tmp_path / "check.json")])
