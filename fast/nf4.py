@@ -115,6 +115,18 @@ TUNE_DOT_T: Final[tuple[tuple[int, int, int, int], ...]] = ((128, 1, 4, 1), (64,
 TUNE_GEMV_G: Final[tuple[tuple[int, int, int, int], ...]] = ((16, 8, 4, 1), (16, 8, 4, 4), (8, 8, 4, 4))
 TUNE_DOT_G: Final[tuple[tuple[int, int, int, int], ...]] = ((128, 1, 4, 1), (64, 1, 4, 3), (64, 1, 4, 4),
                                                              (128, 1, 4, 3))
+# SCALE_NOTE：方式 "dotA" 是 dotG 的同一个 kernel（编译期常量 SCALE_AFTER，只用于 NB = 1：一步正好一个块，块尺度
+# 对这一步的整块相同）。码表先转成 x 的精度，查到的码值直接交错成 tl.dot 的操作数，每一步的 tl.dot 之后再乘这一行
+# 的块尺度：outᵀ += (code 块 @ xᵀ) · absmax，而不是 dotG 的 ((code · absmax) 转 x 的精度) @ xᵀ。为什么：每个权重
+# 省掉一次 FMUL，float32 → bf16 的转换与打包（F2FP）只对 16 个码值做一次，乘尺度变成每步 BLOCK_N × BLOCK_M 次
+# （M = 16 时是每个权重 1/4 次）。benchmarks/sass_nf4.py 的静态剖析（sm_90，4fb66e2 之后）：(16, 128, 1, 4, 3) 每个
+# 权重 8.62 → 7.11 条指令，(16, 64, 1, 4, 3) 10.16 → 8.59，(64, 64, 1, 4, 3) 10.84 → 9.94；寄存器与在途字节不变。
+# 数值：与“反量化成 bf16 + F.linear”不再逐位相同（bf16 时舍入的是码值而不是码值 × 尺度，同样 2⁻⁹ 的相对误差；
+# float32 时只差乘法顺序），tests/test_nf4.py 按同一容差对参照检查。没有在 GPU 上量过：只作 M > 1 的调优候选。
+# 与删掉的 "dotS"（b967a75，上面）不同：dotS 也把尺度乘在点积之后，但每块两次 tl.dot（高/低半字节各对 x 的偶/奇列）、
+# 经 L1 查表、不流水线，输给了 dotT；dotA 保留 dotG 的做法（join 之后一次 tl.dot、tl.gather 查表、tl.range 流水线），
+# 只把乘尺度挪到点积之后。
+TUNE_DOT_A: Final[tuple[tuple[int, int, int, int], ...]] = ((128, 1, 4, 3), (64, 1, 4, 3), (64, 1, 4, 4))
 TUNE_PER_SM: Final[tuple[int, ...]] = (4, 8)
 # WORDS_NOTE：方式 "gemvW"（nf4_gemv_w，M = 1）按 int32 字读字节，每个字的 8 个半字节在线程内用移位与掩码取出，
 # tl.gather 查表，累加器按字 (BLOCK_N, NB, 每块字数)，每步只在线程内求和。为什么：benchmarks/sass_nf4.py 的静态剖析
@@ -141,7 +153,7 @@ TUNE_GEMV_W: Final[tuple[tuple[int, int, int, int], ...]] = ((16, 8, 4, 1), (32,
 # 没有在 GPU 上量过：只作调优候选。
 TUNE_GEMV_P: Final[tuple[tuple[int, int, int, int], ...]] = ((16, 8, 4, 1), (32, 4, 4, 1), (16, 8, 2, 1))
 # 方式名 → 算子的 kernel 编号（nf4_linear_op 的 kernel 参数）；"bnb" 不经算子
-KERNELS: Final[dict[str, int]] = {"gemvR": 0, "dotT": 1, "gemvG": 2, "dotG": 3, "gemvW": 4, "gemvP": 5}
+KERNELS: Final[dict[str, int]] = {"gemvR": 0, "dotT": 1, "gemvG": 2, "dotG": 3, "gemvW": 4, "gemvP": 5, "dotA": 6}
 GEMV_METHODS: Final[tuple[str, ...]] = ("gemvR", "gemvG", "gemvW", "gemvP")  # 只算 M = 1 的方式（程序网格没有 m 块）
 Config = tuple[str, int, int, int, int, int]  # (方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)
 # 调优结果：(S, N, K, M, dtype) → (配置, split_k)。进程内有效（不同 GPU、不同形状各调一次）。
@@ -713,7 +725,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     def nf4_dot_t(X, Q, A, CODE, OUT, PART, M, N, K, x_s, x_m, q_s, a_s, o_s, o_m,
                   BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
                   SPLIT_K, IEEE: tl.constexpr, FIX: tl.constexpr, ABLATE: tl.constexpr,
-                  GATHER: tl.constexpr, STAGES: tl.constexpr):
+                  GATHER: tl.constexpr, STAGES: tl.constexpr, SCALE_AFTER: tl.constexpr):
         # 方式 "dotT"：算转置 outᵀ (BLOCK_N, BLOCK_M) += W 块 (BLOCK_N, BK) @ xᵀ (BK, BLOCK_M)。
         # 为什么：之前的 nf4_dot（4e84028 在 M = 16 只到约 0.38 TB/s）把权重块按 (BK, BLOCK_N) 取，沿 K 每两个元素读
         # 同一个字节，读不成向量、每个权重一条字节 load。这里按行读 (BLOCK_N, NB·blocksize/2) 个连续字节（每行一段，
@@ -742,6 +754,8 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         q_rows = Q + s * q_s + n.to(tl.int64)[:, None] * (K // 2)  # (BLOCK_N, 1)
         x_cols = X + s * x_s + m[None, :] * x_m  # (1, BLOCK_M)
         table = tl.load(CODE + tl.arange(0, 16))  # (16,)：GATHER 时查的表（见 GATHER_NOTE）
+        if SCALE_AFTER and not IEEE:  # SCALE_NOTE：表先转成 x 的精度，查到的就是 tl.dot 的操作数
+            table = _rtne(table, FIX).to(X.dtype.element_ty)
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for kb in tl.range(lo, hi, NB, num_stages=STAGES):  # STAGES > 1：流水线预取后面几步的字节（GATHER_NOTE）
             b_ok = kb + hb // HALF < hi  # (BH,)
@@ -754,6 +768,20 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                                 mask=n_ok[:, None] & b_ok[None, :], other=0.0)
             if ABLATE == 1:
                 acc += tl.sum(q.to(tl.float32) * scale, axis=1)[:, None]
+            elif SCALE_AFTER:  # SCALE_NOTE（NB = 1）：码值直接作操作数，块尺度乘在这一步的 tl.dot 之后
+                c_hi = tl.reshape(tl.gather(table, tl.reshape(q >> 4, (BLOCK_N * BH,)), 0), (BLOCK_N, BH))
+                c_lo = tl.reshape(tl.gather(table, tl.reshape(q & 0xF, (BLOCK_N * BH,)), 0), (BLOCK_N, BH))
+                c = tl.reshape(tl.join(c_hi, c_lo), (BLOCK_N, BK))
+                if ABLATE == 2:
+                    acc += tl.sum(c.to(tl.float32), axis=1)[:, None] * scale
+                else:
+                    k_ok = kb + kk // BLOCKSIZE < hi
+                    xt = tl.load(x_cols + kb * BLOCKSIZE + kk[:, None], mask=k_ok[:, None] & m_ok[None, :],
+                                 other=0.0)  # (BK, BLOCK_M)
+                    if IEEE:
+                        acc += tl.dot(c, xt.to(tl.float32), input_precision="ieee") * scale
+                    else:
+                        acc += tl.dot(c, xt) * scale
             else:
                 if GATHER:  # tl.gather 查表（GATHER_NOTE）：按一维取值再变回 (BLOCK_N, BH)
                     w_hi = tl.reshape(tl.gather(table, tl.reshape(q >> 4, (BLOCK_N * BH,)), 0), (BLOCK_N, BH)) * scale
@@ -807,8 +835,9 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                       n: int, blocksize: int, kernel: int, block_m: int, block_n: int, nb: int, split_k: int,
                       num_warps: int, num_stages: int, ablate: int) -> torch.Tensor:
         """算子本体（参数已由 _launch 核对）：x (S, M, K)，按行打包的 qweight (S, N, K/2)、absmax (S, N, K/bs)，
-        n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 / 2 = nf4_gemv，1 / 3 = nf4_dot_t，4 / 5 = nf4_gemv_w（5 先发下一步的 load）；2 / 3 用
-        tl.gather 查表、num_stages > 1 时流水线，GATHER_NOTE）；
+        n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 / 2 = nf4_gemv，1 / 3 / 6 = nf4_dot_t，
+        4 / 5 = nf4_gemv_w（5 先发下一步的 load）；2 / 3 / 6 用 tl.gather 查表、num_stages > 1 时流水线，GATHER_NOTE；
+        6 把块尺度乘在 tl.dot 之后，SCALE_NOTE）；
         ablate：0 = 正常的乘积，1 / 2 = 诊断用的部分计算（ABLATE_NOTE）。
         split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)。"""
         stacks, rows, k = x.shape
@@ -823,13 +852,13 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                 out.stride(0), BLOCKSIZE=blocksize, BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, FIX=fix,
                 ABLATE=ablate, STAGES=1 if kernel == 0 else num_stages, num_warps=num_warps, num_stages=num_stages,
                 **variant)
-        else:  # dotT / dotG
+        else:  # dotT / dotG / dotA
             launch(nf4_dot_t)[(triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, rows, n, k, x.stride(0), x.stride(1), qweight.stride(0),
                 absmax.stride(0), out.stride(0), out.stride(1), BLOCKSIZE=blocksize, BLOCK_M=block_m,
                 BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, IEEE=x.dtype == torch.float32 or INTERPRETED, FIX=fix,
-                ABLATE=ablate, GATHER=kernel == 3, STAGES=num_stages if kernel == 3 else 1, num_warps=num_warps,
-                num_stages=num_stages)
+                ABLATE=ablate, GATHER=kernel in (3, 6), STAGES=num_stages if kernel in (3, 6) else 1,
+                SCALE_AFTER=kernel == 6, num_warps=num_warps, num_stages=num_stages)
         if split_k > 1:
             total = stacks * rows * n
             launch(nf4_split_sum)[(triton.cdiv(total, 1024),)](part, out, total, SPLIT_K=split_k, BLOCK=1024,
@@ -913,6 +942,9 @@ def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None, config: Config |
     if gemv and rows != 1:
         raise ValueError(f"nf4 linear: the {method!r} kernel handles M = 1 only, got M = {rows}")
     nb = min(nb, triton_next_power_of_2(blocks))
+    if method == "dotA" and nb != 1:
+        raise ValueError(f"nf4 linear: method 'dotA' scales each step's product by one block scale, so it needs "
+                         f"NB = 1 (one block per step), got NB = {nb}")
     if split_k is None:
         split_k = _split_k(x, w, rows, block_m, block_n, nb, gemv)
     split_k = max(1, min(split_k, -(-blocks // nb)))
@@ -977,7 +1009,7 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
         # 候选：每种方式的表里每项 (BLOCK_N, NB, num_warps, num_stages) 前面加上方式与 BLOCK_M
         bm = 1 if rows == 1 else max(16, min(64, triton_next_power_of_2(rows)))
         tables = ((("gemvR", TUNE_GEMV_R), ("gemvG", TUNE_GEMV_G), ("gemvW", TUNE_GEMV_W), ("gemvP", TUNE_GEMV_P))
-                  if rows == 1 else (("dotT", TUNE_DOT_T), ("dotG", TUNE_DOT_G)))
+                  if rows == 1 else (("dotT", TUNE_DOT_T), ("dotG", TUNE_DOT_G), ("dotA", TUNE_DOT_A)))
         candidates: list[Config] = [(method, bm, *c) for method, table in tables for c in table]
         bnb_cfg: Config = ("bnb", 0, 0, 0, 0, 0)
         # 正确性的参照：bitsandbytes 的结果（没装或它在这里出错时用本模块默认配置的）；偏离它的候选不参加比较

@@ -229,6 +229,9 @@ def test_gemv_r_matches_dequantize_matmul(interpreted_triton: None, method: str,
     ("dotT", 5, 32, 320, 64, 16, 16, 1, 4),     # 5 块切 4 段：最后一段为空
     ("dotG", 3, 80, 256, 64, 16, 64, 1, 1),     # tl.gather 查表（GATHER_NOTE）
     ("dotG", 5, 32, 320, 64, 16, 16, 1, 4),
+    ("dotA", 3, 80, 256, 64, 16, 64, 1, 1),     # 块尺度乘在 tl.dot 之后（SCALE_NOTE）
+    ("dotA", 20, 64, 1024, 64, 16, 32, 1, 3),   # 两个 M 块 + 切 K + 合并
+    ("dotA", 16, 48, 512, 128, 16, 16, 1, 1),   # blocksize 128：一步一个 128 的块
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dot_kernels_match_dequantize_matmul(interpreted_triton: None, method: str, m: int, n: int, k: int,
@@ -418,6 +421,7 @@ def test_as_stacked_is_a_view_with_one_leading_model() -> None:
     (("gemvG", 1, 8, 8, 4, 4), 1, 3),
     (("dotG", 16, 64, 1, 4, 3), 5, 2),
     (("gemvW", 1, 16, 8, 4, 3), 1, 3),
+    (("dotA", 16, 64, 1, 4, 3), 5, 2),
 ])
 def test_pipelined_gather_kernels_match(interpreted_triton: None, config: tuple[str, int, int, int, int, int], m: int,
                                         split_k: int) -> None:
@@ -479,6 +483,15 @@ def test_both_op_registrations_give_the_same_bits(interpreted_triton: None, tmp_
         assert torch.equal(a, b)
     for a, b in zip(results["opaque"]["eager"], results["opaque"]["compiled"]):
         assert torch.equal(a, b)
+
+
+@needs_triton
+def test_scale_after_dot_needs_one_block_per_step(interpreted_triton: None) -> None:
+    """dotA 每步只乘一个块尺度（SCALE_NOTE）：NB > 1 的配置报错说明，而不是算错。"""
+    ws = [_nf4(32, 256, seed=s) for s in range(2)]
+    x = torch.randn(2, 4, 256)
+    with pytest.raises(ValueError, match="needs NB = 1"):
+        nf4_linear_stacked(x, stack_nf4(ws), config=("dotA", 16, 16, 2, 4, 1))
 
 
 def test_unknown_op_registration_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
