@@ -151,12 +151,15 @@ def test_fast_decoder_nf4_equals_reference_loop(trio: list[LlamaForCausalLM], ov
         assert a == pytest.approx(b, abs=1e-5)
 
 
-def test_compiled_fast_decoder_nf4_with_triton_attention_equals_reference_loop(trio: list[LlamaForCausalLM]) -> None:
-    """CPU 上真的编译（inductor，整步 fullgraph）NF4 的叠加前向与 Triton 解码注意力：两个 kernel 是不透明的 custom_op
+@pytest.mark.parametrize("overlap", ["off", "streams"])
+def test_compiled_fast_decoder_nf4_with_triton_attention_equals_reference_loop(trio: list[LlamaForCausalLM],
+                                                                               overlap: str) -> None:
+    """CPU 上真的编译（inductor，fullgraph）NF4 的叠加前向与 Triton 解码注意力：两个 kernel 是不透明的 custom_op
     （TRITON_OPS_NOTE），编译追踪只用它们的 fake 形状，运行时由解释器执行 kernel；结果与慢速循环逐 token 一致。
+    overlap="off" 编译整步；"streams" 分开编译每个前向单元（GPU 上引导的默认路径，CPU 上没有侧流与图）。
     （traced 的 triton_op 在 CPU 上编译不了：追踪时要在假张量上跑解释器。）"""
     decoder = FastDecoder(trio, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4, steering=STEER,
-                          compile=True, overlap="off", stack="all", attention="triton")
+                          compile=True, overlap=overlap, stack="all", attention="triton")
     assert decoder.attention == "triton" and all(s is not None and s.nf4 for s in decoder.stacked)
     quick = decoder.generate(PER_ROLE, 8)
     slow = run(trio, None, steps=8, steering=STEER, per_role=PER_ROLE)
