@@ -5,6 +5,7 @@
 
   python benchmarks/compare_rows.py bf16.json nf4.json int4.json      # 第一份是比值的基准
   python benchmarks/compare_rows.py nf4.json --kernels                 # 另列 NF4 调优的选择与每步矩阵乘的和
+  python benchmarks/compare_rows.py tune.json --kernels                # 调优缓存文件（--nf4-tuning-cache）里的选择
 
 每一列的数：ms/step（tok/s）、与第一份的比值、峰值 GiB、floor GB/step、floor 折算的 TB/s、占 floor 时间的比例
 （= floor 字节 ÷ 该进程自己测的只读带宽 ÷ 每步时间）、预热秒数（其中调优秒数）。缺的行写 "—"。
@@ -26,9 +27,15 @@ MISSING = "—"
 
 def load_run(path: str) -> dict[str, Any]:
     """一份 bench JSON → {label, commit, read_tbps, complete, rows}。label = 权重格式（bf16 / nf4 / int4）；
-    被截断的文件（complete 为 false）用 rows_so_far。没有测速行（--check / --profile 的文件）时报错说明。"""
+    被截断的文件（complete 为 false）用 rows_so_far。没有测速行（--check / --profile 的文件）时报错说明。
+    NF4 的调优缓存文件（--nf4-tuning-cache，{fingerprint, entries}）也收：没有测速行，只有 kernel 的选择——
+    被时限截断的进程可能已经调好了某个批大小却没留下那一行（49198b8 的 M = 16 就是这样）。"""
     with open(path, encoding="utf-8") as fh:
         report = json.load(fh)
+    if "entries" in report and "fingerprint" in report:
+        kernels = {name.rsplit("_", 1)[0]: e for name, e in report["entries"].items() if name.endswith("_bfloat16")}
+        return {"label": "tuning cache", "commit": "?", "read_tbps": None, "complete": True, "rows": [],
+                "kernels": kernels}
     rows = report.get("rows") if report.get("complete") else report.get("rows_so_far")
     if rows is None or "args" not in report:
         raise ValueError(f"{path}: not a timing report of bench.py (no rows; --check and --profile files have none)")
@@ -88,7 +95,7 @@ def kernel_table(run: dict[str, Any], preset: str = "real") -> str:
     """NF4 调优的选择（每行的 nf4_kernels）：每个 (形状, M) 一行，方式与块配置、split-K、µs 与各方式的最好 µs；
     再按层数把所选的 µs 加成每步的矩阵乘时间（S = 1 是目标模型的层数，S = 2 是叠起来的专家与基座的层数）。"""
     layers = {1: llama_config("8b", preset).num_hidden_layers, 2: llama_config("1b", preset).num_hidden_layers}
-    entries: dict[str, dict[str, Any]] = {}
+    entries: dict[str, dict[str, Any]] = dict(run.get("kernels", {}))
     for row in run["rows"]:
         entries.update(row.get("nf4_kernels") or {})
     if not entries:
@@ -124,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     for run, path in zip(runs, args.files):
         if not run["complete"]:
             print(f"note: {path} was cut before it finished; only its finished rows are shown", file=sys.stderr)
-    print(compare_table(runs))
+    timed = [run for run in runs if "kernels" not in run]
+    if timed:
+        print(compare_table(timed))
+    elif not args.kernels:
+        parser.error("only tuning caches were given: add --kernels to list their choices")
     if args.kernels:
         for run, path in zip(runs, args.files):
             print(f"\n{path}:\n{kernel_table(run, args.preset)}")

@@ -432,6 +432,15 @@ def test_compare_rows_tables(tmp_path, capsys):
     layers = bench.llama_config("8b", "tiny").num_hidden_layers  # tiny：两种模型都是 2 层
     assert f"chosen matmuls per step {10.0 * layers / 1000:.2f} ms target alone, " \
            f"{(10.0 + 5.0) * layers / 1000:.2f} ms steered" in out
+    # 调优缓存文件（--nf4-tuning-cache）：只有 kernel 的选择（只取 bf16 的条目），--kernels 照样加成每步
+    cache = tmp_path / "tune.json"
+    cache.write_text(json.dumps({"fingerprint": {}, "entries": {f"{k}_bfloat16": v for k, v in kernels.items()}
+                                 | {"S1_N64_K128_M4_float32": kernels["S1_N64_K128_M16"]}}))
+    assert compare_rows.main([str(cache), "--kernels", "--preset", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "| S1_N64_K128 | 16 |" in out and "| 4 |" not in out and "ms steered" in out
+    with pytest.raises(SystemExit):
+        compare_rows.main([str(cache)])  # 只有调优缓存却没有 --kernels：说明要加它
     with pytest.raises(SystemExit):
         Path(tmp_path / "check.json").write_text(json.dumps({"args": {}, "check": {}, "complete": True}))
         compare_rows.main([str(tmp_path / "check.json")])
