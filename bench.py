@@ -394,8 +394,15 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     for dtype_name in args.check_dtypes.split(","):
         dtype = dtypes[dtype_name]
-        models = [random_model(k, args.preset, dtype, args.device, s, head_scale=8.0)
-                  for k, s in (("8b", 0), ("1b", 1), ("1b", 2))]
+        if args.quant == "int4":
+            # 同一份 int4 权重（model_loader 的加载路径，与测速行相同）：快速路径（--stack all 时是叠加前向里逐模型的
+            # torchao F.linear）对 transformers 前向的参考循环；只有 bf16，报告一致率。lm_head 放大 8 倍同 head_scale
+            models = quantized_models("int4", args.preset, args.device, args.int4_group_size)
+            for m in models:
+                m.lm_head.weight.mul_(8.0)
+        else:
+            models = [random_model(k, args.preset, dtype, args.device, s, head_scale=8.0)
+                      for k, s in (("8b", 0), ("1b", 1), ("1b", 2))]
         if args.quant == "nf4":  # 同一份 NF4 权重：快速路径（fast.nf4 kernel）对 bitsandbytes 前向的参考循环
             models = [nf4_in_place(m, dtype) for m in models]
         vocab = models[0].config.vocab_size
@@ -883,9 +890,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--draft fusion needs the steered mode: add --modes steered")
         if not (args.check or args.profile) and any(not b.isdigit() for b in args.batches.split(",") if b):
             parser.error("--speculate needs numeric --batches (no max)")
-    if args.check and args.quant == "int4":
-        parser.error("--check covers bf16 and --quant nf4 (the NF4 fast path against bitsandbytes' reference loop); "
-                     "int4 runs torchao's own kernel on both paths")
+    if args.check and args.quant == "int4" and args.check_dtypes != "bfloat16":
+        parser.error("--check --quant int4 compares in bf16 only (torchao's tile-packed int4 kernel computes in bf16): "
+                     "add --check-dtypes bfloat16")
     compile_step = compiles(args.compile, torch.device(args.device).type)
     torch.set_grad_enabled(False)
     # NF4 调优缓存：给了路径时，同一台 GPU 上的几个基准进程共用调优结果（后面的进程不再花一两分钟计时）；默认 off

@@ -353,6 +353,28 @@ def test_tiny_nf4_row_records_tuning_time(capsys, monkeypatch):
     assert not {"peak_gib", "peak_timed_gib", "resident_gib"} & set(row)
 
 
+def test_int4_check_on_the_stacked_path(capsys, monkeypatch):
+    """--check --quant int4（只比 bf16）：同一份量化权重，快速路径（--stack all：叠加前向里逐模型的 F.linear）对
+    transformers 前向的参考循环。torchao 的 tile-packed int4 只能在 CUDA 上构造：CPU 上换成同一类张量子类（int8 只量化
+    权重，test_stacked 的 _subclass_weights）。检查报告的结构、确实走了叠加路径，一致率不低。"""
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        pytest.skip("needs torchao (.ci/run installs it)")
+    from test_stacked import _subclass_weights
+
+    monkeypatch.setattr(bench, "quantized_models", lambda quant, preset, device, group: [
+        _subclass_weights(bench.random_model(k, preset, torch.bfloat16, device, s)) for k, s in (("8b", 0), ("1b", 1), ("1b", 2))])
+    assert bench.main(["--preset", "tiny", "--device", "cpu", "--check", "--quant", "int4", "--check-dtypes",
+                       "bfloat16", "--stack", "all"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for mode in ("target", "steered"):
+        got = report["check"][f"bfloat16:{mode}"]
+        assert got["quant"] == "int4" and got["stack"] == ("target" if mode == "target" else "all")
+        assert got["nf4_kernels"] is False
+        assert got["agreement"] >= 0.5, got
+
+
 def cpu_nf4_models(monkeypatch: pytest.MonkeyPatch) -> None:
     """--quant nf4 的加载要 CUDA（model_loader）：换成 --check 用的同一种 CPU 上的 NF4 模型（bitsandbytes 的
     Linear4bit）。要 bitsandbytes 与 Triton 解释器（conftest 设 TRITON_INTERPRET=1），没有时跳过。"""
