@@ -126,7 +126,9 @@ TUNE_DOT_G: Final[tuple[tuple[int, int, int, int], ...]] = ((128, 1, 4, 1), (64,
 # 与删掉的 "dotS"（b967a75，上面）不同：dotS 也把尺度乘在点积之后，但每块两次 tl.dot（高/低半字节各对 x 的偶/奇列）、
 # 经 L1 查表、不流水线，输给了 dotT；dotA 保留 dotG 的做法（join 之后一次 tl.dot、tl.gather 查表、tl.range 流水线），
 # 只把乘尺度挪到点积之后。
-TUNE_DOT_A: Final[tuple[tuple[int, int, int, int], ...]] = ((128, 1, 4, 3), (64, 1, 4, 3), (64, 1, 4, 4))
+# 候选：49198b8 在 M = 16 赢的 dotG 块形 (128, 1, 4, 3)、它多一级流水线的 (128, 1, 4, 4)（静态同样 7.11 条、在途
+# 54 KB/SM 对 36 KB），与 d48920c 的赢家 (64, 1, 4, 3)；(64, 1, 4, 4) 的 dotG 在 49198b8 的 M = 16 / 64 都没赢，不加。
+TUNE_DOT_A: Final[tuple[tuple[int, int, int, int], ...]] = ((128, 1, 4, 3), (128, 1, 4, 4), (64, 1, 4, 3))
 TUNE_PER_SM: Final[tuple[int, ...]] = (4, 8)
 # WORDS_NOTE：方式 "gemvW"（nf4_gemv_w，M = 1）按 int32 字读字节，每个字的 8 个半字节在线程内用移位与掩码取出，
 # tl.gather 查表，累加器按字 (BLOCK_N, NB, 每块字数)，每步只在线程内求和。为什么：benchmarks/sass_nf4.py 的静态剖析
