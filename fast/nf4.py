@@ -770,40 +770,35 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                                 mask=n_ok[:, None] & b_ok[None, :], other=0.0)
             if ABLATE == 1:
                 acc += tl.sum(q.to(tl.float32) * scale, axis=1)[:, None]
-            elif SCALE_AFTER:  # SCALE_NOTE（NB = 1）：码值直接作操作数，块尺度乘在这一步的 tl.dot 之后
-                c_hi = tl.reshape(tl.gather(table, tl.reshape(q >> 4, (BLOCK_N * BH,)), 0), (BLOCK_N, BH))
-                c_lo = tl.reshape(tl.gather(table, tl.reshape(q & 0xF, (BLOCK_N * BH,)), 0), (BLOCK_N, BH))
-                c = tl.reshape(tl.join(c_hi, c_lo), (BLOCK_N, BK))
-                if ABLATE == 2:
-                    acc += tl.sum(c.to(tl.float32), axis=1)[:, None] * scale
-                else:
-                    k_ok = kb + kk // BLOCKSIZE < hi
-                    xt = tl.load(x_cols + kb * BLOCKSIZE + kk[:, None], mask=k_ok[:, None] & m_ok[None, :],
-                                 other=0.0)  # (BK, BLOCK_M)
-                    if IEEE:
-                        acc += tl.dot(c, xt.to(tl.float32), input_precision="ieee") * scale
-                    else:
-                        acc += tl.dot(c, xt) * scale
             else:
                 if GATHER:  # tl.gather 查表（GATHER_NOTE）：按一维取值再变回 (BLOCK_N, BH)
-                    w_hi = tl.reshape(tl.gather(table, tl.reshape(q >> 4, (BLOCK_N * BH,)), 0), (BLOCK_N, BH)) * scale
-                    w_lo = tl.reshape(tl.gather(table, tl.reshape(q & 0xF, (BLOCK_N * BH,)), 0), (BLOCK_N, BH)) * scale
+                    w_hi = tl.reshape(tl.gather(table, tl.reshape(q >> 4, (BLOCK_N * BH,)), 0), (BLOCK_N, BH))
+                    w_lo = tl.reshape(tl.gather(table, tl.reshape(q & 0xF, (BLOCK_N * BH,)), 0), (BLOCK_N, BH))
                 else:
-                    w_hi = tl.load(CODE + (q >> 4)) * scale
-                    w_lo = tl.load(CODE + (q & 0xF)) * scale
-                w_hi = _rtne(w_hi, FIX).to(X.dtype.element_ty)
-                w_lo = _rtne(w_lo, FIX).to(X.dtype.element_ty)
+                    w_hi = tl.load(CODE + (q >> 4))
+                    w_lo = tl.load(CODE + (q & 0xF))
+                if not SCALE_AFTER:  # 乘块尺度、转成 x 的精度（dotA 的码值已是 x 的精度，尺度乘在点积后：SCALE_NOTE）
+                    w_hi = _rtne(w_hi * scale, FIX).to(X.dtype.element_ty)
+                    w_lo = _rtne(w_lo * scale, FIX).to(X.dtype.element_ty)
                 w = tl.reshape(tl.join(w_hi, w_lo), (BLOCK_N, BK))
+                if SCALE_AFTER:  # 这一步的乘积从零开始，乘上块尺度再加进累加器
+                    part = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+                else:
+                    part = acc
                 if ABLATE == 2:
-                    acc += tl.sum(w.to(tl.float32), axis=1)[:, None]
+                    part += tl.sum(w.to(tl.float32), axis=1)[:, None]
                 else:
                     k_ok = kb + kk // BLOCKSIZE < hi
                     xt = tl.load(x_cols + kb * BLOCKSIZE + kk[:, None], mask=k_ok[:, None] & m_ok[None, :],
                                  other=0.0)  # (BK, BLOCK_M)
                     if IEEE:
-                        acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+                        part = tl.dot(w.to(tl.float32), xt.to(tl.float32), part, input_precision="ieee")
                     else:
-                        acc = tl.dot(w, xt, acc)
+                        part = tl.dot(w, xt, part)
+                if SCALE_AFTER:
+                    acc += part * scale
+                else:
+                    acc = part
         mask = n_ok[:, None] & m_ok[None, :]
         if SPLIT_K == 1:
             tl.store(OUT + s * o_s + m[None, :] * o_m + n[:, None], _rtne(acc, FIX).to(OUT.dtype.element_ty), mask=mask)
