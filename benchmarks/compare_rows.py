@@ -52,6 +52,7 @@ def floor_share(row: dict[str, Any], read_tbps: float | None) -> float | None:
 
 
 def _key(row: dict[str, Any]) -> tuple[int, str]:
+    """并排的键：(批大小, 模式)。不同文件的同一键放在同一行。"""
     return row["batch"], row["mode"]
 
 
@@ -118,6 +119,7 @@ def kernel_table(run: dict[str, Any], preset: str = "real") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """命令行入口：读文件（读不了或不是测速报告时 argparse 报错退出），打印并排表，--kernels 时再打印调优的选择。"""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("files", nargs="+", help="bench.py --out files; the first is the baseline of the ratios")
