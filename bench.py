@@ -395,7 +395,7 @@ def check(args: argparse.Namespace, compile_step: bool) -> dict[str, Any]:
     for dtype_name in args.check_dtypes.split(","):
         dtype = dtypes[dtype_name]
         if args.quant == "int4":
-            # 同一份 int4 权重（model_loader 的加载路径，与测速行相同）：快速路径（--stack all 时是叠加前向里逐模型的
+            # 同一份 int4 权重（model_loader 的加载路径，与测速行相同）：快速路径（stack auto 或 all 时是叠加前向里逐模型的
             # torchao F.linear）对 transformers 前向的参考循环；只有 bf16，报告一致率。lm_head 放大 8 倍同 head_scale
             models = quantized_models("int4", args.preset, args.device, args.int4_group_size)
             for m in models:

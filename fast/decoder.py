@@ -16,7 +16,7 @@ from transformers.masking_utils import sdpa_mask
 
 from evaluator import BatchResult, _alpha_rows, _trim, cache_kwarg, left_pad
 from fast.attention import ATTENTION_MODES, head_dim_of, triton_attention_problem
-from fast.stacked import StackedLlama, check_stackable, weight_kind
+from fast.stacked import StackedLlama, check_stackable
 from sampling import Sampling, pick_tokens
 from steering_utils import SteeringParams, fuse_step, stop_nonfinite_target
 
@@ -98,8 +98,8 @@ def resolve_overlap(overlap: str, models: Sequence[PreTrainedModel], *, steering
     "auto" 只在 CUDA 上编译的 bf16/fp16 引导解码时取 "streams"（侧流上的专家与基座与 8B 并行，
     比 "graph" 快，fp32 下与慢速循环逐 token 相同，见 BENCHMARKS.md），其余情况取 "off"：
     CPU 没有流与图；不编译时 eager 前向里可能有主机同步，录图期间不允许；只有目标模型时没有可重叠的前向；
-    不走叠加前向的 4 位模型（bitsandbytes 自己的前向、torchao int4）在这条路径上没有测过，留在原来的整步编译上；
-    叠加的 NF4 模型（stacked 里的，走 fast.nf4 的 kernel）与 bf16 一样可以放到侧流上。
+    不走叠加前向的 4 位模型（stack off 时 bitsandbytes 自己的前向、torchao int4）在这条路径上没有测过，留在原来的
+    整步编译上；叠加的 4 位模型（stacked 里的 NF4 与 int4）与 bf16 一样可以放到侧流上。
     """
     if overlap not in ("auto", "off", "graph", "streams"):
         raise ValueError(f"overlap={overlap!r}: must be auto / off / graph / streams")
@@ -114,10 +114,10 @@ STACK_MODES: Final[tuple[str, ...]] = ("auto", "off", "pair", "target", "all")
 
 
 def auto_stackable(models: Sequence[PreTrainedModel]) -> bool:
-    """stack="auto" 叠不叠这组模型：能叠（check_stackable），且不是张量子类的量化权重（weight_kind "module"，
-    例如 torchao int4）——那种叠加前向在 CPU 上逐 token 测过，还没有在 GPU 上量过速度与 CUDA graph 的静态地址，
-    先只在显式 stack 时用（bench.py --stack all）。"""
-    return check_stackable(models) is None and weight_kind(models[0]) != "module"
+    """stack="auto" 叠不叠这组模型：能叠就叠（check_stackable），bf16、NF4 与张量子类的量化权重（weight_kind
+    "module"，例如 torchao int4）都一样。int4 的依据（H200，ff2a723，同一次机器会话）：引导批 1 叠加 4.28 ms/步、
+    不叠（transformers 前向）15.20 ms/步；叠加路径的 bf16 check 与 bf16 快速路径自己的一致率同量级（BENCHMARKS.md）。"""
+    return check_stackable(models) is None
 
 
 def resolve_stack(stack: str, models: Sequence[PreTrainedModel], *, steering: SteeringParams | None,
@@ -129,7 +129,7 @@ def resolve_stack(stack: str, models: Sequence[PreTrainedModel], *, steering: St
     "all" = 两者都是；"off" = 都走 transformers 的前向。只有目标模型（基线）时 "all" 与 "target" 相同。
     "auto"：只在 CUDA 上编译时叠加，且按模型各自判断（auto_stackable）——目标模型走哪条前向只取决于它自己，
     所以基线与引导两个臂里目标模型的数值规则相同（bf16 下两条前向的舍入不同，这一点不能因臂而异）。
-    CPU / 不编译时取 "off"（没有可省的 kernel 启动）；张量子类的量化权重（torchao int4）只在显式给出时叠。
+    CPU / 不编译时取 "off"（没有可省的 kernel 启动）。
     显式给出而做不到时报错说明原因。
     """
     if stack not in STACK_MODES:

@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from evaluator import ModelAdapter, left_pad
 from fast.attention import load_triton_attention, split_count, triton_decode_attention
-from fast.decoder import FastDecoder, _GraphedStep, resolve_attention, resolve_stack
+from fast.decoder import FastDecoder, _GraphedStep, resolve_attention, resolve_overlap, resolve_stack
 from fast.stacked import StackedLlama, check_stackable, stack_weights
 from sampling import Sampling
 from test_evaluator import PAD, PROMPTS, STEER, VOCAB, run, tiny_llama
@@ -454,14 +454,19 @@ def subclass_trio() -> list[LlamaForCausalLM]:
 
 
 @needs_torchao
-def test_subclass_weights_stack_only_when_asked(subclass_trio: list[LlamaForCausalLM]) -> None:
-    """张量子类权重能叠（"module"），但 stack="auto" 不选它（还没有在 GPU 上量过）；显式 "all" 可以。
+def test_subclass_weights_stack_on_cuda_compile(subclass_trio: list[LlamaForCausalLM]) -> None:
+    """张量子类权重能叠（"module"）：CUDA 编译时 stack="auto" 选 "all"（H200 上量过，比 transformers 前向快，
+    BENCHMARKS.md 的 ff2a723 一节），侧流也跟着开；CPU / 不编译时仍是 "off"。
     叠加不拷贝也不改指向：ModuleWeights 里就是模型自己的参数对象。"""
     from fast.stacked import ModuleWeights, weight_kind
 
     assert weight_kind(subclass_trio[0]) == "module" and check_stackable(subclass_trio) is None
-    assert resolve_stack("auto", subclass_trio, steering=STEER, compile=True, device_type="cuda") == "off"
-    assert resolve_stack("all", subclass_trio, steering=STEER, compile=True, device_type="cuda") == "all"
+    assert resolve_stack("auto", subclass_trio, steering=STEER, compile=True, device_type="cuda") == "all"
+    assert resolve_stack("auto", subclass_trio, steering=None, compile=True, device_type="cuda") == "target"
+    assert resolve_stack("auto", subclass_trio, steering=STEER, compile=True, device_type="cpu") == "off"
+    assert resolve_stack("auto", subclass_trio, steering=STEER, compile=False, device_type="cuda") == "off"
+    assert resolve_overlap("auto", subclass_trio, steering=STEER, compile=True, device_type="cuda",
+                           stacked=subclass_trio) == "streams"
     plain = tiny_llama(95)
     assert "different kinds (module and plain)" in check_stackable([subclass_trio[1], plain])
     w = stack_weights(subclass_trio[1:])
