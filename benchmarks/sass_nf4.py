@@ -11,7 +11,7 @@
 tt.divisibility = 16（Triton 的启动器对这些参数就是这样特化的；不标时编译器以为地址不对齐，字节只能一个一个读）。
 每个权重的指令数 = 循环体的指令数 ÷ 每个线程每次迭代处理的权重数（BLOCK_N · NB · blocksize · ⌈M⌉块 / 线程数）。
 
-用法：python benchmarks/sass_nf4.py [--methods gemvR,gemvG,gemvW,gemvP,dotT,dotG,dotA] [--m 16] [--no-extra] [--json FILE]
+用法：python benchmarks/sass_nf4.py [--methods gemvR,gemvG,gemvW,dotT,dotG,dotA] [--m 16] [--no-extra] [--json FILE]
 （不能在 TRITON_INTERPRET=1 下运行：解释器不编译；脚本自己把它从环境里去掉，必须在导入 triton 之前。）
 """
 from __future__ import annotations
@@ -66,9 +66,8 @@ def compile_method(method: str, m: int, blocksize: int = 64, config: tuple[int, 
     # SPLIT_K 是运行时参数（SPLIT_K_NOTE）；段数为 1 时启动器把它特化成常量 1，这里照样给 1
     constexprs: dict[str, Any] = {"BLOCKSIZE": blocksize, "BLOCK_N": block_n, "NB": nb, "SPLIT_K": 1, "FIX": False,
                                   "ABLATE": 0, "STAGES": 1 if method in ("gemvR", "dotT") else stages}
-    if method in ("gemvW", "gemvP"):  # nf4_gemv_w（总是 tl.gather 查表；PREFETCH_NOTE）
+    if method == "gemvW":  # nf4_gemv_w（总是 tl.gather 查表，WORDS_NOTE）
         fn = JIT_KERNELS["nf4_gemv_w"]
-        constexprs["PREFETCH"] = method == "gemvP"
     else:  # nf4_gemv / nf4_dot_t：GATHER 区分 L1 查表与 tl.gather（GATHER_NOTE）
         fn = JIT_KERNELS["nf4_gemv" if gemv else "nf4_dot_t"]
         constexprs["GATHER"] = KERNELS[method] in (2, 3, 6)
@@ -157,7 +156,7 @@ def family(op: str) -> str:
 def profile(method: str, m: int, blocksize: int = 64,
             config: tuple[int, int, int, int, int] | None = None) -> dict[str, Any]:
     """一种方式的静态剖析：主循环每次迭代的指令（按操作码）、每个线程每个权重的指令数、寄存器、驻留程序数、
-    在途的权重字节（流水线的 num_stages − 1 步预取加上正在算的一步，按 max(1, num_stages − 1) 步计；gemvP 按 2 步计）。"""
+    在途的权重字节（流水线的 num_stages − 1 步预取加上正在算的一步，按 max(1, num_stages − 1) 步计）。"""
     gemv = method in GEMV_METHODS
     block_m, block_n, nb, warps, stages = config or DEFAULTS["gemv" if gemv else "dot"]
     kernel = compile_method(method, m, blocksize, config)
@@ -173,8 +172,7 @@ def profile(method: str, m: int, blocksize: int = 64,
     by_family: dict[str, int] = collections.Counter()
     for op, count in body.items():
         by_family[family(op)] += count
-    # gemvP（PREFETCH_NOTE）：寄存器里多一步（下一步的 load 在算这一步时已经发出）
-    in_flight = programs * step_bytes * (2 if method == "gemvP" else max(1, stages - 1))
+    in_flight = programs * step_bytes * max(1, stages - 1)
     return {"method": method, "m": m, "config": [block_m, block_n, nb, warps, stages], "blocksize": blocksize,
             "loop_instructions": total, "instructions_per_weight": round(total / weights, 2),
             "by_family": dict(by_family), "loads": {op: c for op, c in body.items() if op.startswith(("LDG", "LDS"))},

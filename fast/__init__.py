@@ -17,7 +17,8 @@ from typing import Any, Callable
 # （functionalization 与 inductor 的 lowering 各自重做一遍；pytorch PR #193227 在一个模型上量到每次约 90 ms）。
 # NF4 的引导步每步约 400 次 kernel 调用（48 层 × 4 个投影，split-K 时再加求和），d48920c / 49198b8 的 NF4 预热
 # 比 bf16 多 75–145 s，与这个量级相符；inductor 看进 kernel 对我们没有用处（它不融合进自定义 kernel 的结果）。
-# 还没有在 GPU 上量过：bench.py --triton-ops traced 保留旧路径，用来对比预热时间。
+# H200 上（ff2a723，BENCHMARKS.md）NF4 预热比 bf16 多出的时间从 75–145 s 降到 3–26 s，步时不变；那次没有在同样的
+# 编译缓存条件下单独对比两种注册（traced 的一行跑在缓存已热之后）。bench.py --triton-ops traced 保留旧路径。
 TRITON_OPS_MODES: tuple[str, ...] = ("opaque", "traced")
 TRITON_OPS: str = "opaque"
 

@@ -143,20 +143,14 @@ TUNE_PER_SM: Final[tuple[int, ...]] = (4, 8)
 # 代价太大（16 × 128 块 219 个寄存器、每个 SM 2 个程序，每个权重 8.59 条指令，与 dotT 的 8.62 持平；其余块形更差），
 # 没有上过 GPU。候选元组：(BLOCK_N, NB, num_warps, num_stages)。
 TUNE_GEMV_W: Final[tuple[tuple[int, int, int, int], ...]] = ((16, 8, 4, 1), (32, 4, 4, 1), (16, 8, 2, 1), (16, 8, 4, 3))
-# PREFETCH_NOTE：方式 "gemvP" 是 gemvW 的同一 kernel（PREFETCH 常量），每次迭代先发下一步的字与 absmax 的 load，
-# 再算上一次迭代读进寄存器的那一步（多一次迭代收尾；第一次算的是零，只给累加器加 0.0，结果与 gemvW 逐位相同）。
-# x 不预取：它常驻 L1，而按字的布局要 64 个寄存器存它（试过：128 个寄存器、每 SM 4 个程序，在途反而不增）。
-# 静态剖析（sass_nf4.py，(16, 8, 4)）：每个权重 5.36 条指令、80 个寄存器、每 SM 6 个程序 × 2 步在途，gemvW 是
-# 5.30 条、64 个寄存器、8 个程序 × 1 步——在途的权重字节约 1.5 倍。
-# 为什么：d48920c 的 H200 上 gemvW 在 8B gate/up 上只读到 1.33 TB/s，而静态剖析（每个权重 5.30 条指令、约 2.5 条整数、
-# 1 次共享内存查表）按发射率算的下限约是实测的四成——时间花在等 load 上：每个程序只有一步在途（36 KB/SM），发出 load
-# 后要等它回来才能算、算完才发下一批。寄存器里预取一步让在途的字节翻倍，不像 tl.range 的流水线那样经共享内存
-# （gemvW (16, 8, 4, 3) 因此是 7.20 条指令）。以前的 "gemv2" 也预取过（慢 2–7 µs），那时瓶颈在整数指令，不在等待。
-# 没有在 GPU 上量过：只作调优候选。
-TUNE_GEMV_P: Final[tuple[tuple[int, int, int, int], ...]] = ((16, 8, 4, 1), (32, 4, 4, 1), (16, 8, 2, 1))
-# 方式名 → 算子的 kernel 编号（nf4_linear_op 的 kernel 参数）；"bnb" 不经算子
-KERNELS: Final[dict[str, int]] = {"gemvR": 0, "dotT": 1, "gemvG": 2, "dotG": 3, "gemvW": 4, "gemvP": 5, "dotA": 6}
-GEMV_METHODS: Final[tuple[str, ...]] = ("gemvR", "gemvG", "gemvW", "gemvP")  # 只算 M = 1 的方式（程序网格没有 m 块）
+# PREFETCH_NOTE（试过又删掉的 "gemvP"，d37bb31 加、ff2a723 之后删）：gemvW 的同一 kernel，每次迭代先发下一步的
+# 字与 absmax 的 load，再算上一次迭代读进寄存器的那一步（在途的权重字节约 1.5 倍：80 个寄存器、每 SM 6 个程序 × 2 步）。
+# 依据是 d48920c 的 gemvW 在 8B gate/up 上只读到 1.33 TB/s，推断时间花在等 load 上。ff2a723 的 H200 调优
+# （BENCHMARKS.md）里它 8 个形状一个也没赢（3 个第二，其余第三或更后；8B gate/up 52.19 µs 对 gemvW 的 48.34 µs）：
+# 多在途的字节没有变成时间，这一推断不成立，于是删掉（调优每个 M = 1 的形状也少计时 3 个配置）。
+# 编号 5 是删掉的 "gemvP"（PREFETCH_NOTE），不再复用
+KERNELS: Final[dict[str, int]] = {"gemvR": 0, "dotT": 1, "gemvG": 2, "dotG": 3, "gemvW": 4, "dotA": 6}
+GEMV_METHODS: Final[tuple[str, ...]] = ("gemvR", "gemvG", "gemvW")  # 只算 M = 1 的方式（程序网格没有 m 块）
 Config = tuple[str, int, int, int, int, int]  # (方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)
 # 调优结果：(S, N, K, M, dtype) → (配置, split_k)。进程内有效（不同 GPU、不同形状各调一次）。
 _TUNED: dict[tuple[int, int, int, int, torch.dtype], tuple[Config, int]] = {}
@@ -667,12 +661,11 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     @triton.jit
     def nf4_gemv_w(X, Q, A, CODE, OUT, PART, N, K, x_s, q_s, a_s, o_s,
                    BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT_K,
-                   FIX: tl.constexpr, ABLATE: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr):
+                   FIX: tl.constexpr, ABLATE: tl.constexpr, STAGES: tl.constexpr):
         # 方式 "gemvW"，M = 1（WORDS_NOTE）。与 nf4_gemv 相同的程序网格与 split-K，但字节按 int32 字读：每个字 8 个
         # 半字节，t = 0..7 号半字节 = 字节 t // 2 的高（t 偶）/ 低（t 奇）4 位，乘 x 的第 8·字号 + t 列——一个字的 8 个
         # x 是连续的。半字节号 (字 >> 移位) & 0xF 在线程内算，查表用 tl.gather（共享内存）；累加器按字 (BLOCK_N, NB, WPB)，
         # 每步只沿线程内的 8 个半字节求和再乘 absmax，不做跨线程的归约（那要 warp shuffle），循环结束后才归约。
-        # PREFETCH（方式 "gemvP"，PREFETCH_NOTE）：每次迭代先发下一步的 load，再算上一次迭代读进寄存器的那一步。
         # ABLATE（见 ABLATE_NOTE）：1 = 只读字节与 absmax（out = Σ absmax · Σ 字节值）；2 = 再加查表（不乘 x）。
         HALF: tl.constexpr = BLOCKSIZE // 2
         WPB: tl.constexpr = HALF // 4  # 每块的字数
@@ -689,20 +682,13 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         q_rows = Q.to(tl.pointer_type(tl.int32)) + s * (q_s // 4) + n.to(tl.int64)[:, None, None] * (K // 8)
         table = tl.load(CODE + tl.arange(0, 16))  # (16,)：tl.gather 查的表
         acc = tl.zeros([BLOCK_N, NB, WPB], tl.float32)
-        # PREFETCH 时上一次迭代读进来的字与 absmax；第一次迭代算的是这里的零（absmax = 0：只给累加器加 0.0）
-        q_prev = tl.zeros([BLOCK_N, NB, WPB], tl.int32)
-        scale_prev = tl.zeros([BLOCK_N, NB], tl.float32)
-        for kb in tl.range(lo, hi + NB * PREFETCH, NB, num_stages=STAGES):  # PREFETCH：多一次迭代算最后一步
+        for kb in tl.range(lo, hi, NB, num_stages=STAGES):
             blk = kb + b
             b_ok = blk < hi
             word = blk[:, None] * WPB + w[None, :]  # (NB, WPB)：行内字号
             q = tl.load(q_rows + word[None, :, :], mask=n_ok[:, None, None] & b_ok[None, :, None], other=0)
             scale = tl.load(A + s * a_s + n[:, None] * blocks + blk[None, :], mask=n_ok[:, None] & b_ok[None, :],
                             other=0.0)  # (BLOCK_N, NB)；mask 掉的块 absmax = 0，它的乘积也就是 0
-            if PREFETCH:  # 算上一步（这一步的 load 已经发出，等到下一次迭代才用）；x 不预取（常驻 L1，且要 64 个寄存器）
-                q, q_prev = q_prev, q
-                scale, scale_prev = scale_prev, scale
-                blk = blk - NB
             if ABLATE == 1:
                 byte = (q[:, :, :, None] >> (8 * tl.arange(0, 4))[None, None, None, :]) & 0xFF
                 acc += tl.sum(byte.to(tl.float32), axis=3) * scale[:, :, None]
@@ -715,7 +701,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                 else:
                     # x 的指针按 (BLOCK_N, NB, WPB, 8) 形状给（沿 n 的 0 · n 只为形状）：Triton 让每个线程直接读与自己的
                     # 字对应的 8 个 x（一条 16 字节的 load，L1 命中），而不是读一份 (NB, WPB, 8) 再经共享内存换布局。
-                    # 块号夹在界内：mask 掉的块（与 PREFETCH 第一次迭代的 −NB 块）读到的是有限的 x，乘 absmax = 0 仍是 0
+                    # 块号夹在 [0, blocks − 1]：mask 掉的块读到的是有限的 x，乘 absmax = 0 仍是 0
                     word_in = tl.minimum(tl.maximum(blk, 0), blocks - 1)[:, None] * WPB + w[None, :]
                     xv = tl.load(X + s * x_s + word_in[None, :, :, None] * 8 + t[None, None, None, :]
                                  + 0 * n[:, None, None, None]).to(tl.float32)
@@ -833,7 +819,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                       num_warps: int, num_stages: int, ablate: int) -> torch.Tensor:
         """算子本体（参数已由 _launch 核对）：x (S, M, K)，按行打包的 qweight (S, N, K/2)、absmax (S, N, K/bs)，
         n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 / 2 = nf4_gemv，1 / 3 / 6 = nf4_dot_t，
-        4 / 5 = nf4_gemv_w（5 先发下一步的 load）；2 / 3 / 6 用 tl.gather 查表、num_stages > 1 时流水线，GATHER_NOTE；
+        4 = nf4_gemv_w；2 / 3 / 6 用 tl.gather 查表、num_stages > 1 时流水线，GATHER_NOTE；
         6 把块尺度乘在 tl.dot 之后，SCALE_NOTE）；
         ablate：0 = 正常的乘积，1 / 2 = 诊断用的部分计算（ABLATE_NOTE）。
         split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)。"""
@@ -841,8 +827,8 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         out = torch.empty((stacks, rows, n), dtype=x.dtype, device=x.device)
         part = torch.empty((split_k, stacks, rows, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
         fix = INTERPRETED and x.dtype == torch.bfloat16
-        if kernel in (0, 2, 4, 5):  # M = 1：gemvR / gemvG（nf4_gemv，GATHER_NOTE）、gemvW / gemvP（nf4_gemv_w）
-            fn, variant = ((nf4_gemv_w, {"PREFETCH": kernel == 5}) if kernel in (4, 5)
+        if kernel in (0, 2, 4):  # M = 1：gemvR / gemvG（nf4_gemv，GATHER_NOTE）、gemvW（nf4_gemv_w）
+            fn, variant = ((nf4_gemv_w, {}) if kernel == 4
                            else (nf4_gemv, {"GATHER": kernel == 2}))
             launch(fn)[(triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, n, k, x.stride(0), qweight.stride(0), absmax.stride(0),
@@ -966,7 +952,7 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
 
     为什么：最快的 (BLOCK_N, NB, num_warps, split-K) 随形状、M 与 GPU 变化，一张手写的表不可能处处最好
     （triton.autotune 的做法，但在编译区域之外、显式地做：torch.compile 追踪时配置已经是常量）。
-    候选：本模块的 kernel（M = 1：gemvR、gemvG、gemvW、gemvP；M > 1：dotT、dotG；各种块大小与 split-K）与 bitsandbytes 自己的 matmul_4bit（装了时；
+    候选：本模块的 kernel（M = 1：gemvR、gemvG、gemvW；M > 1：dotT、dotG；各种块大小与 split-K）与 bitsandbytes 自己的 matmul_4bit（装了时；
     选中它的形状就与 bitsandbytes 的原路径一样快）。每个候选先与参照（bitsandbytes 的结果）比一次，偏离的不要。
     每个形状轮流用几份拷贝（合计 ≥ 128 MiB，大于 H200 的 50 MB L2，不让小权重一直命中 L2——解码时每层的权重只读一次），
     CUDA event 计时 reps 次取中位数。同一 (形状, M, dtype) 只调一次。返回 {形状: 报告}（给基准记录；已调过的形状也返回）。
@@ -1005,7 +991,7 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
         x = torch.randn(s, rows, k, dtype=dtype, device=stacked.qweight.device)
         # 候选：每种方式的表里每项 (BLOCK_N, NB, num_warps, num_stages) 前面加上方式与 BLOCK_M
         bm = 1 if rows == 1 else max(16, min(64, triton_next_power_of_2(rows)))
-        tables = ((("gemvR", TUNE_GEMV_R), ("gemvG", TUNE_GEMV_G), ("gemvW", TUNE_GEMV_W), ("gemvP", TUNE_GEMV_P))
+        tables = ((("gemvR", TUNE_GEMV_R), ("gemvG", TUNE_GEMV_G), ("gemvW", TUNE_GEMV_W))
                   if rows == 1 else (("dotT", TUNE_DOT_T), ("dotG", TUNE_DOT_G), ("dotA", TUNE_DOT_A)))
         candidates: list[Config] = [(method, bm, *c) for method, table in tables for c in table]
         bnb_cfg: Config = ("bnb", 0, 0, 0, 0, 0)

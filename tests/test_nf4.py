@@ -171,9 +171,8 @@ def test_nf4_linear_fp16_blocksize_128_and_config(interpreted_triton: None) -> N
     assert _relative_error(y1, ref[:1]) < TOLERANCE[torch.float16]
 
 
-# 结果必须逐位相同的孪生方式：tl.gather 查表的方式 → 经 L1 查表的同一 kernel（GATHER_NOTE：只有查表的做法不同）；
-# 先发下一步 load 的 gemvP → gemvW（PREFETCH_NOTE：只有 load 的时机不同，算术与求和顺序相同）
-TWIN: dict[str, str] = {"gemvG": "gemvR", "dotG": "dotT", "gemvP": "gemvW"}
+# 结果必须逐位相同的孪生方式：tl.gather 查表的方式 → 经 L1 查表的同一 kernel（GATHER_NOTE：只有查表的做法不同）
+TWIN: dict[str, str] = {"gemvG": "gemvR", "dotG": "dotT"}
 
 
 def _check_stacked_product(x: torch.Tensor, ws: list[NF4Weight], y: torch.Tensor,
@@ -203,16 +202,13 @@ def _check_stacked_product(x: torch.Tensor, ws: list[NF4Weight], y: torch.Tensor
     ("gemvW", 64, 2048, 64, 16, 4, 3),    # 切 K（最后一段不满）+ 合并
     ("gemvW", 48, 320, 64, 16, 1, 4),     # 空的最后一段
     ("gemvW", 24, 96, 32, 8, 4, 1),       # blocksize 32（每块 4 个字）
-    ("gemvP", 80, 768, 64, 16, 8, 1),     # 先发下一步的 load（PREFETCH_NOTE）：mask 掉的块、N 不满，与 gemvW 逐位相同
-    ("gemvP", 64, 2048, 64, 16, 4, 3),    # 切 K（最后一段不满）+ 合并
-    ("gemvP", 48, 320, 64, 16, 1, 4),     # 空的最后一段（只剩收尾的那次迭代）
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemv_r_matches_dequantize_matmul(interpreted_triton: None, method: str, n: int, k: int, blocksize: int,
                                           block_n: int, nb: int, split_k: int, dtype: torch.dtype) -> None:
     """方式 "gemvR"（每步先沿块内字节求和再乘 absmax，累加器 (BLOCK_N, NB)）== x @ dequantize(W)ᵀ，单个与叠加都对；
-    "gemvG"（同一 kernel，tl.gather 查表，GATHER_NOTE）、"gemvW"（按字读、按字累加，WORDS_NOTE）与 "gemvP"
-    （gemvW 先发下一步的 load，PREFETCH_NOTE）也一样。"""
+    "gemvG"（同一 kernel，tl.gather 查表，GATHER_NOTE）与 "gemvW"（按字读、按字累加，WORDS_NOTE）
+    也一样。"""
     ws = [_nf4(n, k, seed=s + n, blocksize=blocksize) for s in range(2)]
     x = torch.randn(2, 1, k, generator=torch.Generator().manual_seed(k)).to(dtype)
     cfg = (method, 1, block_n, nb, 4, 1)
@@ -275,7 +271,6 @@ def test_bnb_method_matches_dequantize_matmul(m: int, dtype: torch.dtype) -> Non
     (("dotG", 16, 32, 1, 4, 1), 5, 1),
     (("gemvW", 1, 16, 8, 4, 1), 1, 1),    # 按字读的 kernel：字节值与查表都从 int32 字里移位取出
     (("gemvW", 1, 16, 4, 4, 1), 1, 3),
-    (("gemvP", 1, 16, 4, 4, 1), 1, 3),    # 预取的 kernel：部分计算也是上一步的字与 absmax
 ])
 @pytest.mark.parametrize("ablate", [1, 2])
 def test_ablated_kernels_compute_their_part(interpreted_triton: None, config: tuple[str, int, int, int, int, int],
