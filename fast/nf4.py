@@ -35,7 +35,7 @@ kernel 每个权重读 0.5（半字节）+ 4 / blocksize（absmax）= 0.5625 B�
 下一步：查表不走 L1——寄存器里的表加 warp shuffle（bitsandbytes 新的 k 位 kernel 设计用 __shfl_sync），或 FLUTE 的
 做法（共享内存里成对取值的表，复制几份避开 bank 冲突）；或换一种能用整数位运算反量化的格式（int4：同一次测量里
 torchao / gemlite 的 M = 1 kernel 在 8B 一层上比我们的少用约 27% 的时间）。已加的第一步：gemvG / dotG（tl.gather，
-sm_90 上降成共享内存的读，GATHER_NOTE），还没有在 GPU 上量过。
+sm_90 上降成共享内存的读，GATHER_NOTE），d48920c 起在 H200 上量过（BENCHMARKS.md）。
 
 dequantize_nf4 是纯 torch 的参考路径（与 bitsandbytes 的 dequantize_4bit 逐位相同）；quantize_nf4_reference 是
 纯 torch 的量化器（与 bitsandbytes 的 quantize_4bit 逐位相同），供没有 bitsandbytes 的机器（基准）生成同格式的权重。
@@ -111,7 +111,8 @@ TUNE_DOT_T: Final[tuple[tuple[int, int, int, int], ...]] = ((128, 1, 4, 1), (64,
 # d48920c 的 H200 调优（BENCHMARKS.md）：M = 16 的 8 个形状全选了流水线的 dotG (64, 1, 4, 3)，比 dotT 快 15–31%
 # （静态剖析里它每个权重的指令比 dotT 多，但每个 SM 在途的权重 31.5 KB 对 18 KB——M = 16 时在途的字节说了算）；
 # M = 1 的 gemvG 赢了 1B 对的 qkv 与 o。据此加了两个在途更多的 dotG 候选（静态：(64, 1, 4, 4) 同样 72 个寄存器、
-# 每 SM 7 个程序，在途 47 KB；(128, 1, 4, 3) 每个权重 8.62 条指令、在途 36 KB），还没有在 GPU 上量过。
+# 每 SM 7 个程序，在途 47 KB；(128, 1, 4, 3) 每个权重 8.62 条指令、在途 36 KB）。49198b8 的 H200 上 (128, 1, 4, 3)
+# 赢了 M = 16 的全部 8 个形状，(64, 1, 4, 4) 一个也没赢。
 TUNE_GEMV_G: Final[tuple[tuple[int, int, int, int], ...]] = ((16, 8, 4, 1), (16, 8, 4, 4), (8, 8, 4, 4))
 TUNE_DOT_G: Final[tuple[tuple[int, int, int, int], ...]] = ((128, 1, 4, 1), (64, 1, 4, 3), (64, 1, 4, 4),
                                                              (128, 1, 4, 3))
@@ -122,7 +123,8 @@ TUNE_DOT_G: Final[tuple[tuple[int, int, int, int], ...]] = ((128, 1, 4, 1), (64,
 # （M = 16 时是每个权重 1/4 次）。benchmarks/sass_nf4.py 的静态剖析（sm_90，4fb66e2 之后）：(16, 128, 1, 4, 3) 每个
 # 权重 8.62 → 7.11 条指令，(16, 64, 1, 4, 3) 10.16 → 8.59，(64, 64, 1, 4, 3) 10.84 → 9.94；寄存器与在途字节不变。
 # 数值：与“反量化成 bf16 + F.linear”不再逐位相同（bf16 时舍入的是码值而不是码值 × 尺度，同样 2⁻⁹ 的相对误差；
-# float32 时只差乘法顺序），tests/test_nf4.py 按同一容差对参照检查。没有在 GPU 上量过：只作 M > 1 的调优候选。
+# float32 时只差乘法顺序），tests/test_nf4.py 按同一容差对参照检查。只作 M > 1 的调优候选：ff2a723 的 H200 上 M = 16 的 8 个形状全赢
+# （比 dotG 快 0–3%），M = 64 赢 6 个。
 # 与删掉的 "dotS"（b967a75，上面）不同：dotS 也把尺度乘在点积之后，但每块两次 tl.dot（高/低半字节各对 x 的偶/奇列）、
 # 经 L1 查表、不流水线，输给了 dotT；dotA 保留 dotG 的做法（join 之后一次 tl.dot、tl.gather 查表、tl.range 流水线），
 # 只把乘尺度挪到点积之后。

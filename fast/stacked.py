@@ -21,7 +21,7 @@
 
 张量子类的量化权重（torchao int4 等，weight_kind "module"）：打包布局属于库，不能拼接也不能叠，投影逐模型、逐个走
 库自己的 F.linear（ModuleWeights）；其余部分（嵌入、注意力与 Triton 解码注意力、RMSNorm、RoPE、KV 缓存、侧流）照常
-叠加。只在显式 stack 时用（resolve_stack 的 auto 不选它：还没有在 GPU 上量过，见 fast/decoder.py）。
+叠加。resolve_stack 的 auto 在 CUDA 编译时也叠它（ff2a723 的 H200：引导批 1 叠加 4.28 ms/步，不叠 15.20 ms/步）。
 """
 from __future__ import annotations
 
