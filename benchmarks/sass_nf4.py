@@ -11,7 +11,7 @@
 tt.divisibility = 16（Triton 的启动器对这些参数就是这样特化的；不标时编译器以为地址不对齐，字节只能一个一个读）。
 每个权重的指令数 = 循环体的指令数 ÷ 每个线程每次迭代处理的权重数（BLOCK_N · NB · blocksize · ⌈M⌉块 / 线程数）。
 
-用法：python benchmarks/sass_nf4.py [--methods gemvR,gemvG,gemvW,dotT,dotG,dotA] [--m 16] [--no-extra] [--json FILE]
+用法：python benchmarks/sass_nf4.py [--methods gemvR,gemvG,gemvW,dotT,dotG,dotA,dotB] [--m 16] [--no-extra] [--json FILE]
 （不能在 TRITON_INTERPRET=1 下运行：解释器不编译；脚本自己把它从环境里去掉，必须在导入 triton 之前。）
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ DEFAULTS: dict[str, tuple[int, int, int, int, int]] = {
 EXTRA: tuple[tuple[str, int, tuple[int, int, int, int, int]], ...] = (
     ("gemvG", 1, (1, 16, 8, 4, 4)), ("gemvG", 1, (1, 8, 8, 4, 4)), ("dotG", 16, (16, 64, 1, 4, 3)),
     ("gemvW", 1, (1, 16, 8, 4, 3)), ("dotG", 16, (16, 128, 1, 4, 3)), ("dotA", 16, (16, 128, 1, 4, 3)),
-    ("dotA", 16, (16, 64, 1, 4, 3)))
+    ("dotA", 16, (16, 64, 1, 4, 3)), ("dotB", 16, (16, 128, 1, 4, 3)), ("dotB", 16, (16, 64, 1, 4, 3)))
 SM90 = ("cuda", 90, 32)
 
 
@@ -70,9 +70,10 @@ def compile_method(method: str, m: int, blocksize: int = 64, config: tuple[int, 
         fn = JIT_KERNELS["nf4_gemv_w"]
     else:  # nf4_gemv / nf4_dot_t：GATHER 区分 L1 查表与 tl.gather（GATHER_NOTE）
         fn = JIT_KERNELS["nf4_gemv" if gemv else "nf4_dot_t"]
-        constexprs["GATHER"] = KERNELS[method] in (2, 3, 6)
-        if not gemv:  # dotA：码值作操作数、块尺度乘在 tl.dot 之后（SCALE_NOTE）
-            constexprs["SCALE_AFTER"] = method == "dotA"
+        constexprs["GATHER"] = KERNELS[method] in (2, 3, 6, 7)
+        if not gemv:  # dotA / dotB：码值作操作数、块尺度乘在 tl.dot 之后（SCALE_NOTE）；dotB 按字节成对查表（PAIR_NOTE）
+            constexprs["SCALE_AFTER"] = method in ("dotA", "dotB")
+            constexprs["PAIR"] = method == "dotB"
     if gemv:
         ints = ["N", "K", "x_s", "q_s", "a_s", "o_s"]
     else:

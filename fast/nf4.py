@@ -131,6 +131,16 @@ TUNE_DOT_G: Final[tuple[tuple[int, int, int, int], ...]] = ((128, 1, 4, 1), (64,
 # 候选：49198b8 在 M = 16 赢的 dotG 块形 (128, 1, 4, 3)、它多一级流水线的 (128, 1, 4, 4)（静态同样 7.11 条、在途
 # 54 KB/SM 对 36 KB），与 d48920c 的赢家 (64, 1, 4, 3)；(64, 1, 4, 4) 的 dotG 在 49198b8 的 M = 16 / 64 都没赢，不加。
 TUNE_DOT_A: Final[tuple[tuple[int, int, int, int], ...]] = ((128, 1, 4, 3), (128, 1, 4, 4), (64, 1, 4, 3))
+# PAIR_NOTE：方式 "dotB" 是 dotA 的同一个 kernel（编译期常量 PAIR），只有查表换了做法：程序开头从 16 项的码表（已是 x 的
+# 精度）建一张 256 项的 int32 表，字节值 b → (码值[b >> 4] 的 16 位) | (码值[b & 0xF] 的 16 位) << 16；主循环里每个
+# 字节只查一次（tl.gather），两半截成 int16 按位转回 bf16/fp16，再与 dotA 一样 join 成 tl.dot 的操作数。
+# 为什么：dotA 每个权重一次查表（LDS.U16）外加取半字节的移位与掩码；成对的表把查表减半、取半字节的运算去掉。
+# benchmarks/sass_nf4.py 的静态剖析（Triton 3.7、sm_90）：(16, 128, 1, 4, 3) 每个权重 7.11 → 4.06 条指令，
+# (16, 64, 1, 4, 3) 8.59 → 5.38，(64, 64, 1, 4, 3) 9.94 → 6.84。FLUTE 的成对查表是同一想法。
+# 代价：表 1 KB（256 个字），随机字节值落在 32 个 bank 上会有 bank 冲突（16 项的表只占 8 个字，同字是广播、没有冲突），
+# 静态剖析看不到；FLUTE 为此把表复制几份，tl.gather 表达不了按线程的副本。所以只作调优候选（与 dotA 同样的块形）。
+# 数值与 dotA 逐位相同（同样的码值、同样的 tl.dot 与乘尺度；tests/test_nf4.py 的 TWIN）。只有 16 位的 x：float32 的
+# 码值放不进半个字（float32 时 dotA 的表不转精度），_launch 对 float32 报错，调优不列它。还没有在 GPU 上量过。
 TUNE_PER_SM: Final[tuple[int, ...]] = (4, 8)
 # WORDS_NOTE：方式 "gemvW"（nf4_gemv_w，M = 1）按 int32 字读字节，每个字的 8 个半字节在线程内用移位与掩码取出，
 # tl.gather 查表，累加器按字 (BLOCK_N, NB, 每块字数)，每步只在线程内求和。为什么：benchmarks/sass_nf4.py 的静态剖析
@@ -151,7 +161,7 @@ TUNE_GEMV_W: Final[tuple[tuple[int, int, int, int], ...]] = ((16, 8, 4, 1), (32,
 # （BENCHMARKS.md）里它 8 个形状一个也没赢（3 个第二，其余第三或更后；8B gate/up 52.19 µs 对 gemvW 的 48.34 µs）：
 # 多在途的字节没有变成时间，这一推断不成立，于是删掉（调优每个 M = 1 的形状也少计时 3 个配置）。
 # 编号 5 是删掉的 "gemvP"（PREFETCH_NOTE），不再复用
-KERNELS: Final[dict[str, int]] = {"gemvR": 0, "dotT": 1, "gemvG": 2, "dotG": 3, "gemvW": 4, "dotA": 6}
+KERNELS: Final[dict[str, int]] = {"gemvR": 0, "dotT": 1, "gemvG": 2, "dotG": 3, "gemvW": 4, "dotA": 6, "dotB": 7}
 GEMV_METHODS: Final[tuple[str, ...]] = ("gemvR", "gemvG", "gemvW")  # 只算 M = 1 的方式（程序网格没有 m 块）
 Config = tuple[str, int, int, int, int, int]  # (方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)
 # 调优结果：(S, N, K, M, dtype) → (配置, split_k)。进程内有效（不同 GPU、不同形状各调一次）。
@@ -715,7 +725,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     def nf4_dot_t(X, Q, A, CODE, OUT, PART, M, N, K, x_s, x_m, q_s, a_s, o_s, o_m,
                   BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
                   SPLIT_K, IEEE: tl.constexpr, FIX: tl.constexpr, ABLATE: tl.constexpr,
-                  GATHER: tl.constexpr, STAGES: tl.constexpr, SCALE_AFTER: tl.constexpr):
+                  GATHER: tl.constexpr, STAGES: tl.constexpr, SCALE_AFTER: tl.constexpr, PAIR: tl.constexpr):
         # 方式 "dotT"：算转置 outᵀ (BLOCK_N, BLOCK_M) += W 块 (BLOCK_N, BK) @ xᵀ (BK, BLOCK_M)。
         # 为什么：之前的 nf4_dot（4e84028 在 M = 16 只到约 0.38 TB/s）把权重块按 (BK, BLOCK_N) 取，沿 K 每两个元素读
         # 同一个字节，读不成向量、每个权重一条字节 load。这里按行读 (BLOCK_N, NB·blocksize/2) 个连续字节（每行一段，
@@ -744,8 +754,17 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         q_rows = Q + s * q_s + n.to(tl.int64)[:, None] * (K // 2)  # (BLOCK_N, 1)
         x_cols = X + s * x_s + m[None, :] * x_m  # (1, BLOCK_M)
         table = tl.load(CODE + tl.arange(0, 16))  # (16,)：GATHER 时查的表（见 GATHER_NOTE）
-        if SCALE_AFTER and not IEEE:  # SCALE_NOTE：表先转成 x 的精度，查到的就是 tl.dot 的操作数
+        # SCALE_NOTE：表先转成 x 的精度，查到的就是 tl.dot 的操作数。条件写成“x 不是 float32”而不是“not IEEE”：GPU 上
+        # 两者相同；解释器里 IEEE 总为真，这样解释器里的 dotA / dotB 也按 GPU 的做法先把码值舍入到 x 的精度
+        if SCALE_AFTER and X.dtype.element_ty != tl.float32:
             table = _rtne(table, FIX).to(X.dtype.element_ty)
+        if PAIR:  # PAIR_NOTE：字节值 → 一对码值的位（低 16 位 = 高半字节的码值，k = 2i；高 16 位 = 低半字节的，k = 2i + 1）
+            i256 = tl.arange(0, 256)
+            if FIX:  # 解释器里的 bf16 存成 float32（截断的），位模式取它的高 16 位
+                bits = (table.to(tl.float32).to(tl.int32, bitcast=True) >> 16) & 0xFFFF
+            else:
+                bits = table.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            pairs = tl.gather(bits, i256 >> 4, 0) | (tl.gather(bits, i256 & 0xF, 0) << 16)  # (256,) int32
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for kb in tl.range(lo, hi, NB, num_stages=STAGES):  # STAGES > 1：流水线预取后面几步的字节（GATHER_NOTE）
             b_ok = kb + hb // HALF < hi  # (BH,)
@@ -759,7 +778,15 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             if ABLATE == 1:
                 acc += tl.sum(q.to(tl.float32) * scale, axis=1)[:, None]
             else:
-                if GATHER:  # tl.gather 查表（GATHER_NOTE）：按一维取值再变回 (BLOCK_N, BH)
+                if PAIR:  # 每个字节一次查表，两半截成 16 位再按位转回 x 的精度（与分两次查的码值逐位相同）
+                    pr = tl.reshape(tl.gather(pairs, tl.reshape(q, (BLOCK_N * BH,)), 0), (BLOCK_N, BH))
+                    if FIX:  # 解释器的 bf16：16 位放进 float32 的高半（值正好是那个 bf16），再转精度（精确）
+                        w_hi = (pr << 16).to(tl.float32, bitcast=True).to(X.dtype.element_ty)
+                        w_lo = (pr & -65536).to(tl.float32, bitcast=True).to(X.dtype.element_ty)
+                    else:
+                        w_hi = pr.to(tl.int16).to(X.dtype.element_ty, bitcast=True)
+                        w_lo = (pr >> 16).to(tl.int16).to(X.dtype.element_ty, bitcast=True)
+                elif GATHER:  # tl.gather 查表（GATHER_NOTE）：按一维取值再变回 (BLOCK_N, BH)
                     w_hi = tl.reshape(tl.gather(table, tl.reshape(q >> 4, (BLOCK_N * BH,)), 0), (BLOCK_N, BH))
                     w_lo = tl.reshape(tl.gather(table, tl.reshape(q & 0xF, (BLOCK_N * BH,)), 0), (BLOCK_N, BH))
                 else:
@@ -821,7 +848,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                       num_warps: int, num_stages: int, ablate: int) -> torch.Tensor:
         """算子本体（参数已由 _launch 核对）：x (S, M, K)，按行打包的 qweight (S, N, K/2)、absmax (S, N, K/bs)，
         n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 / 2 = nf4_gemv，1 / 3 / 6 = nf4_dot_t，
-        4 = nf4_gemv_w；2 / 3 / 6 用 tl.gather 查表、num_stages > 1 时流水线，GATHER_NOTE；
+        4 = nf4_gemv_w；2 / 3 / 6 / 7 用 tl.gather 查表、num_stages > 1 时流水线，GATHER_NOTE；
         6 把块尺度乘在 tl.dot 之后，SCALE_NOTE）；
         ablate：0 = 正常的乘积，1 / 2 = 诊断用的部分计算（ABLATE_NOTE）。
         split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)。"""
@@ -837,13 +864,13 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                 out.stride(0), BLOCKSIZE=blocksize, BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, FIX=fix,
                 ABLATE=ablate, STAGES=1 if kernel == 0 else num_stages, num_warps=num_warps, num_stages=num_stages,
                 **variant)
-        else:  # dotT / dotG / dotA
+        else:  # dotT / dotG / dotA / dotB
             launch(nf4_dot_t)[(triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, rows, n, k, x.stride(0), x.stride(1), qweight.stride(0),
                 absmax.stride(0), out.stride(0), out.stride(1), BLOCKSIZE=blocksize, BLOCK_M=block_m,
                 BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, IEEE=x.dtype == torch.float32 or INTERPRETED, FIX=fix,
-                ABLATE=ablate, GATHER=kernel in (3, 6), STAGES=num_stages if kernel in (3, 6) else 1,
-                SCALE_AFTER=kernel == 6, num_warps=num_warps, num_stages=num_stages)
+                ABLATE=ablate, GATHER=kernel in (3, 6, 7), STAGES=num_stages if kernel in (3, 6, 7) else 1,
+                SCALE_AFTER=kernel in (6, 7), PAIR=kernel == 7, num_warps=num_warps, num_stages=num_stages)
         if split_k > 1:
             total = stacks * rows * n
             launch(nf4_split_sum)[(triton.cdiv(total, 1024),)](part, out, total, SPLIT_K=split_k, BLOCK=1024,
@@ -927,8 +954,11 @@ def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None, config: Config |
     if gemv and rows != 1:
         raise ValueError(f"nf4 linear: the {method!r} kernel handles M = 1 only, got M = {rows}")
     nb = min(nb, triton_next_power_of_2(blocks))
-    if method == "dotA" and nb != 1:
-        raise ValueError(f"nf4 linear: method 'dotA' scales each step's product by one block scale, so it needs "
+    if method == "dotB" and x.dtype == torch.float32:
+        raise ValueError("nf4 linear: method 'dotB' packs two 16-bit code values into one table entry, so it needs "
+                         "bfloat16 or float16 activations; use 'dotA' (the same arithmetic) for float32")
+    if method in ("dotA", "dotB") and nb != 1:
+        raise ValueError(f"nf4 linear: method {method!r} scales each step's product by one block scale, so it needs "
                          f"NB = 1 (one block per step), got NB = {nb}")
     if split_k is None:
         split_k = _split_k(x, w, rows, block_m, block_n, nb, gemv)
@@ -938,6 +968,19 @@ def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None, config: Config |
     # 经 torch.ops 调用：编译区域里 dynamo 只看到一个已注册的算子
     return torch.ops.steer.nf4_linear(x, w.qweight, w.absmax, w.code, n, w.blocksize, KERNELS[method], block_m,
                                       block_n, nb, split_k, warps, stages, ablate)
+
+
+def tune_candidates(rows: int, dtype: torch.dtype) -> list[Config]:
+    """调优要计时的本模块配置（bitsandbytes 另算）：每种方式的表里每项 (BLOCK_N, NB, num_warps, num_stages) 前面加上
+    方式与 BLOCK_M。M = 1 是三种 gemv；M > 1 是 dotT / dotG / dotA，x 是 16 位时再加 dotB（float32 放不进成对的表，
+    PAIR_NOTE）。BLOCK_M = M 向上取到 2 的幂，夹在 [16, 64]。"""
+    if rows == 1:
+        tables = (("gemvR", TUNE_GEMV_R), ("gemvG", TUNE_GEMV_G), ("gemvW", TUNE_GEMV_W))
+    else:
+        tables = (("dotT", TUNE_DOT_T), ("dotG", TUNE_DOT_G), ("dotA", TUNE_DOT_A)) + (
+            (("dotB", TUNE_DOT_A),) if dtype != torch.float32 else ())
+    bm = 1 if rows == 1 else max(16, min(64, triton_next_power_of_2(rows)))
+    return [(method, bm, *c) for method, table in tables for c in table]
 
 
 def _split_k(x: torch.Tensor, w: NF4Weight, rows: int, block_m: int, block_n: int, nb: int, gemv: bool,
@@ -991,11 +1034,7 @@ def tune_nf4(weights: Sequence[NF4Weight], rows: int, dtype: torch.dtype, reps: 
                   for _ in range(copies - 1)]
         sets = [with_bnb_states(ws) if use_bnb else ws for ws in [stacked, *clones]]
         x = torch.randn(s, rows, k, dtype=dtype, device=stacked.qweight.device)
-        # 候选：每种方式的表里每项 (BLOCK_N, NB, num_warps, num_stages) 前面加上方式与 BLOCK_M
-        bm = 1 if rows == 1 else max(16, min(64, triton_next_power_of_2(rows)))
-        tables = ((("gemvR", TUNE_GEMV_R), ("gemvG", TUNE_GEMV_G), ("gemvW", TUNE_GEMV_W))
-                  if rows == 1 else (("dotT", TUNE_DOT_T), ("dotG", TUNE_DOT_G), ("dotA", TUNE_DOT_A)))
-        candidates: list[Config] = [(method, bm, *c) for method, table in tables for c in table]
+        candidates = tune_candidates(rows, dtype)
         bnb_cfg: Config = ("bnb", 0, 0, 0, 0, 0)
         # 正确性的参照：bitsandbytes 的结果（没装或它在这里出错时用本模块默认配置的）；偏离它的候选不参加比较
         results: list[tuple[float, Config, int]] = []

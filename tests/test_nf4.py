@@ -171,8 +171,9 @@ def test_nf4_linear_fp16_blocksize_128_and_config(interpreted_triton: None) -> N
     assert _relative_error(y1, ref[:1]) < TOLERANCE[torch.float16]
 
 
-# 结果必须逐位相同的孪生方式：tl.gather 查表的方式 → 经 L1 查表的同一 kernel（GATHER_NOTE：只有查表的做法不同）
-TWIN: dict[str, str] = {"gemvG": "gemvR", "dotG": "dotT"}
+# 结果必须逐位相同的孪生方式：tl.gather 查表的方式 → 经 L1 查表的同一 kernel（GATHER_NOTE：只有查表的做法不同）；
+# 按字节成对查表的 dotB → dotA（PAIR_NOTE：同样的码值、同样的点积与乘尺度）
+TWIN: dict[str, str] = {"gemvG": "gemvR", "dotG": "dotT", "dotB": "dotA"}
 
 
 def _check_stacked_product(x: torch.Tensor, ws: list[NF4Weight], y: torch.Tensor,
@@ -228,15 +229,23 @@ def test_gemv_r_matches_dequantize_matmul(interpreted_triton: None, method: str,
     ("dotA", 3, 80, 256, 64, 16, 64, 1, 1),     # 块尺度乘在 tl.dot 之后（SCALE_NOTE）
     ("dotA", 20, 64, 1024, 64, 16, 32, 1, 3),   # 两个 M 块 + 切 K + 合并
     ("dotA", 16, 48, 512, 128, 16, 16, 1, 1),   # blocksize 128：一步一个 128 的块
+    ("dotB", 3, 80, 256, 64, 16, 64, 1, 1),     # 按字节成对查表（PAIR_NOTE）：与 dotA 逐位相同
+    ("dotB", 20, 64, 1024, 64, 16, 32, 1, 3),   # 两个 M 块 + 切 K + 合并
+    ("dotB", 16, 48, 512, 128, 16, 16, 1, 1),   # blocksize 128
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dot_kernels_match_dequantize_matmul(interpreted_triton: None, method: str, m: int, n: int, k: int,
                                              blocksize: int, block_m: int, block_n: int, nb: int, split_k: int,
                                              dtype: torch.dtype) -> None:
-    """方式 "dotT"（按行向量读字节、join 交错高/低半字节、outᵀ = W·xᵀ）== x @ dequantize(W)ᵀ，单个与叠加都对。"""
+    """方式 "dotT"（按行向量读字节、join 交错高/低半字节、outᵀ = W·xᵀ）== x @ dequantize(W)ᵀ，单个与叠加都对；
+    dotG / dotA / dotB 也一样。dotB 只接受 16 位的 x：float32 时报错说明（PAIR_NOTE），而不是算错。"""
     ws = [_nf4(n, k, seed=s + m, blocksize=blocksize) for s in range(2)]
     x = torch.randn(2, m, k, generator=torch.Generator().manual_seed(k + m)).to(dtype)
     cfg = (method, block_m, block_n, nb, 4, 1)
+    if method == "dotB" and dtype == torch.float32:
+        with pytest.raises(ValueError, match="needs bfloat16 or float16 activations"):
+            nf4_linear_stacked(x, stack_nf4(ws), config=cfg, split_k=split_k)
+        return
     y = nf4_linear_stacked(x, stack_nf4(ws), config=cfg, split_k=split_k)
     assert y.shape == (2, m, n) and y.dtype == dtype
     _check_stacked_product(x, ws, y, cfg, split_k)
@@ -417,6 +426,7 @@ def test_as_stacked_is_a_view_with_one_leading_model() -> None:
     (("dotG", 16, 64, 1, 4, 3), 5, 2),
     (("gemvW", 1, 16, 8, 4, 3), 1, 3),
     (("dotA", 16, 64, 1, 4, 3), 5, 2),
+    (("dotB", 16, 64, 1, 4, 3), 5, 2),
 ])
 def test_pipelined_gather_kernels_match(interpreted_triton: None, config: tuple[str, int, int, int, int, int], m: int,
                                         split_k: int) -> None:
@@ -481,12 +491,44 @@ def test_both_op_registrations_give_the_same_bits(interpreted_triton: None, tmp_
 
 
 @needs_triton
+@pytest.mark.parametrize("config, m, split_k", [(("dotB", 16, 32, 1, 4, 1), 5, 1), (("dotB", 16, 64, 1, 4, 3), 20, 3)])
+def test_pair_lookup_float16_matches_dota(interpreted_triton: None, config: tuple[str, int, int, int, int, int], m: int,
+                                          split_k: int) -> None:
+    """dotB 在 float16 下（解释器里 float16 是真的 16 位，走的是 GPU 上的按位转换：int32 截成 int16 再按位当成
+    float16，PAIR_NOTE）== dotA 逐位相同，且与“反量化 + float32 矩阵乘”一致；流水线与切 K 也一样。"""
+    ws = [_nf4(96, 512, seed=s + 11) for s in range(2)]
+    x = torch.randn(2, m, 512, generator=torch.Generator().manual_seed(m)).to(torch.float16)
+    y = nf4_linear_stacked(x, stack_nf4(ws), config=config, split_k=split_k)
+    assert torch.equal(y, nf4_linear_stacked(x, stack_nf4(ws), config=("dotA", *config[1:]), split_k=split_k))
+    for s in range(2):
+        ref = x[s].float() @ dequantize_nf4(dataclasses.replace(ws[s], dtype=torch.float32)).T
+        assert _relative_error(y[s], ref) < TOLERANCE[torch.float16]
+
+
+def test_tune_candidates_per_batch_and_dtype() -> None:
+    """调优的候选：M = 1 只有 gemv 方式；M > 1 有 dotT / dotG / dotA，bf16 / fp16 时还有 dotB（与 dotA 同样的块形），
+    float32 时没有（PAIR_NOTE）；BLOCK_M 夹在 [16, 64]。"""
+    from fast.nf4 import GEMV_METHODS, TUNE_DOT_A, tune_candidates
+
+    assert {c[0] for c in tune_candidates(1, torch.bfloat16)} == set(GEMV_METHODS)
+    assert all(c[1] == 1 for c in tune_candidates(1, torch.bfloat16))
+    for dtype in (torch.bfloat16, torch.float16):
+        got = tune_candidates(16, dtype)
+        assert {c[0] for c in got} == {"dotT", "dotG", "dotA", "dotB"} and all(c[1] == 16 for c in got)
+        assert [c[2:] for c in got if c[0] == "dotB"] == [c[2:] for c in got if c[0] == "dotA"] == list(TUNE_DOT_A)
+    assert {c[0] for c in tune_candidates(4, torch.float32)} == {"dotT", "dotG", "dotA"}
+    assert {c[1] for c in tune_candidates(64, torch.bfloat16)} == {64} == {c[1] for c in tune_candidates(200, torch.bfloat16)}
+
+
+@needs_triton
 def test_scale_after_dot_needs_one_block_per_step(interpreted_triton: None) -> None:
     """dotA 每步只乘一个块尺度（SCALE_NOTE）：NB > 1 的配置报错说明，而不是算错。"""
     ws = [_nf4(32, 256, seed=s) for s in range(2)]
     x = torch.randn(2, 4, 256)
     with pytest.raises(ValueError, match="needs NB = 1"):
         nf4_linear_stacked(x, stack_nf4(ws), config=("dotA", 16, 16, 2, 4, 1))
+    with pytest.raises(ValueError, match="needs NB = 1"):
+        nf4_linear_stacked(x.to(torch.bfloat16), stack_nf4(ws), config=("dotB", 16, 16, 2, 4, 1))
 
 
 def test_unknown_op_registration_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
