@@ -11,7 +11,7 @@
 tt.divisibility = 16（Triton 的启动器对这些参数就是这样特化的；不标时编译器以为地址不对齐，字节只能一个一个读）。
 每个权重的指令数 = 循环体的指令数 ÷ 每个线程每次迭代处理的权重数（BLOCK_N · NB · blocksize · ⌈M⌉块 / 线程数）。
 
-用法：python benchmarks/sass_nf4.py [--methods gemvR,gemvG,gemvW,dotT,dotG,dotA,dotB] [--m 16] [--no-extra] [--json FILE]
+用法：python benchmarks/sass_nf4.py [--methods gemvR,gemvG,gemvW,gemvB,dotT,dotG,dotA,dotB] [--m 16] [--no-extra] [--json FILE]
 （不能在 TRITON_INTERPRET=1 下运行：解释器不编译；脚本自己把它从环境里去掉，必须在导入 triton 之前。）
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ DEFAULTS: dict[str, tuple[int, int, int, int, int]] = {
 # 默认之外也剖析的调优候选（gemvG / dotG / gemvW 的流水线配置，GATHER_NOTE）：(方式, M, 配置)
 EXTRA: tuple[tuple[str, int, tuple[int, int, int, int, int]], ...] = (
     ("gemvG", 1, (1, 16, 8, 4, 4)), ("gemvG", 1, (1, 8, 8, 4, 4)), ("dotG", 16, (16, 64, 1, 4, 3)),
-    ("gemvW", 1, (1, 16, 8, 4, 3)), ("dotG", 16, (16, 128, 1, 4, 3)), ("dotA", 16, (16, 128, 1, 4, 3)),
+    ("gemvW", 1, (1, 16, 8, 4, 3)), ("gemvB", 1, (1, 16, 8, 4, 3)), ("dotG", 16, (16, 128, 1, 4, 3)), ("dotA", 16, (16, 128, 1, 4, 3)),
     ("dotA", 16, (16, 64, 1, 4, 3)), ("dotB", 16, (16, 128, 1, 4, 3)), ("dotB", 16, (16, 64, 1, 4, 3)))
 SM90 = ("cuda", 90, 32)
 
@@ -66,8 +66,9 @@ def compile_method(method: str, m: int, blocksize: int = 64, config: tuple[int, 
     # SPLIT_K 是运行时参数（SPLIT_K_NOTE）；段数为 1 时启动器把它特化成常量 1，这里照样给 1
     constexprs: dict[str, Any] = {"BLOCKSIZE": blocksize, "BLOCK_N": block_n, "NB": nb, "SPLIT_K": 1, "FIX": False,
                                   "ABLATE": 0, "STAGES": 1 if method in ("gemvR", "dotT") else stages}
-    if method == "gemvW":  # nf4_gemv_w（总是 tl.gather 查表，WORDS_NOTE）
+    if method in ("gemvW", "gemvB"):  # nf4_gemv_w（总是 tl.gather 查表，WORDS_NOTE；gemvB 按字节成对查表，PAIR_NOTE）
         fn = JIT_KERNELS["nf4_gemv_w"]
+        constexprs["PAIR"] = method == "gemvB"
     else:  # nf4_gemv / nf4_dot_t：GATHER 区分 L1 查表与 tl.gather（GATHER_NOTE）
         fn = JIT_KERNELS["nf4_gemv" if gemv else "nf4_dot_t"]
         constexprs["GATHER"] = KERNELS[method] in (2, 3, 6, 7)

@@ -141,6 +141,10 @@ TUNE_DOT_A: Final[tuple[tuple[int, int, int, int], ...]] = ((128, 1, 4, 3), (128
 # 静态剖析看不到；FLUTE 为此把表复制几份，tl.gather 表达不了按线程的副本。所以只作调优候选（与 dotA 同样的块形）。
 # 数值与 dotA 逐位相同（同样的码值、同样的 tl.dot 与乘尺度；tests/test_nf4.py 的 TWIN）。只有 16 位的 x：float32 的
 # 码值放不进半个字（float32 时 dotA 的表不转精度），_launch 对 float32 报错，调优不列它。还没有在 GPU 上量过。
+# M = 1 的 "gemvB" 是 gemvW 的同一个 kernel（同一个 PAIR 常量）：表项是一对 float32 码值（int64，2 KB），每个字节一次
+# 64 位的查表，x 的 8 列拆成偶/奇两组（tl.split）各乘一个码值。静态剖析：(16, 8, 4, 1) 每个权重 5.31 → 4.22 条指令、
+# 64 → 72 个寄存器；(16, 8, 2, 1) 4.95 → 3.98。求和的结合顺序与 gemvW 不同（先偶奇成对再加），不逐位相同，误差同级。
+# 同样有 bank 冲突的风险、同样还没有在 GPU 上量过，只作 M = 1 的调优候选（float32 的 x 也可以：码值本来就是 float32）。
 TUNE_PER_SM: Final[tuple[int, ...]] = (4, 8)
 # WORDS_NOTE：方式 "gemvW"（nf4_gemv_w，M = 1）按 int32 字读字节，每个字的 8 个半字节在线程内用移位与掩码取出，
 # tl.gather 查表，累加器按字 (BLOCK_N, NB, 每块字数)，每步只在线程内求和。为什么：benchmarks/sass_nf4.py 的静态剖析
@@ -161,8 +165,9 @@ TUNE_GEMV_W: Final[tuple[tuple[int, int, int, int], ...]] = ((16, 8, 4, 1), (32,
 # （BENCHMARKS.md）里它 8 个形状一个也没赢（3 个第二，其余第三或更后；8B gate/up 52.19 µs 对 gemvW 的 48.34 µs）：
 # 多在途的字节没有变成时间，这一推断不成立，于是删掉（调优每个 M = 1 的形状也少计时 3 个配置）。
 # 编号 5 是删掉的 "gemvP"（PREFETCH_NOTE），不再复用
-KERNELS: Final[dict[str, int]] = {"gemvR": 0, "dotT": 1, "gemvG": 2, "dotG": 3, "gemvW": 4, "dotA": 6, "dotB": 7}
-GEMV_METHODS: Final[tuple[str, ...]] = ("gemvR", "gemvG", "gemvW")  # 只算 M = 1 的方式（程序网格没有 m 块）
+KERNELS: Final[dict[str, int]] = {"gemvR": 0, "dotT": 1, "gemvG": 2, "dotG": 3, "gemvW": 4, "dotA": 6, "dotB": 7,
+                                  "gemvB": 8}
+GEMV_METHODS: Final[tuple[str, ...]] = ("gemvR", "gemvG", "gemvW", "gemvB")  # 只算 M = 1 的方式（程序网格没有 m 块）
 Config = tuple[str, int, int, int, int, int]  # (方式, BLOCK_M, BLOCK_N, NB, num_warps, num_stages)
 # 调优结果：(S, N, K, M, dtype) → (配置, split_k)。进程内有效（不同 GPU、不同形状各调一次）。
 _TUNED: dict[tuple[int, int, int, int, torch.dtype], tuple[Config, int]] = {}
@@ -673,7 +678,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     @triton.jit
     def nf4_gemv_w(X, Q, A, CODE, OUT, PART, N, K, x_s, q_s, a_s, o_s,
                    BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT_K,
-                   FIX: tl.constexpr, ABLATE: tl.constexpr, STAGES: tl.constexpr):
+                   FIX: tl.constexpr, ABLATE: tl.constexpr, STAGES: tl.constexpr, PAIR: tl.constexpr):
         # 方式 "gemvW"，M = 1（WORDS_NOTE）。与 nf4_gemv 相同的程序网格与 split-K，但字节按 int32 字读：每个字 8 个
         # 半字节，t = 0..7 号半字节 = 字节 t // 2 的高（t 偶）/ 低（t 奇）4 位，乘 x 的第 8·字号 + t 列——一个字的 8 个
         # x 是连续的。半字节号 (字 >> 移位) & 0xF 在线程内算，查表用 tl.gather（共享内存）；累加器按字 (BLOCK_N, NB, WPB)，
@@ -693,6 +698,10 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         blocks, lo, hi = _k_range(K, BLOCKSIZE, NB, SPLIT_K, pid_k)
         q_rows = Q.to(tl.pointer_type(tl.int32)) + s * (q_s // 4) + n.to(tl.int64)[:, None, None] * (K // 8)
         table = tl.load(CODE + tl.arange(0, 16))  # (16,)：tl.gather 查的表
+        if PAIR:  # PAIR_NOTE（gemvB）：字节值 → 一对 float32 码值的位（低 32 位 = 高半字节的，k = 2i；高 32 位 = 低半字节的）
+            i256 = tl.arange(0, 256)
+            bits = table.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+            pairs = tl.gather(bits, i256 >> 4, 0) | (tl.gather(bits, i256 & 0xF, 0) << 32)  # (256,) int64
         acc = tl.zeros([BLOCK_N, NB, WPB], tl.float32)
         for kb in tl.range(lo, hi, NB, num_stages=STAGES):
             blk = kb + b
@@ -704,6 +713,20 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             if ABLATE == 1:
                 byte = (q[:, :, :, None] >> (8 * tl.arange(0, 4))[None, None, None, :]) & 0xFF
                 acc += tl.sum(byte.to(tl.float32), axis=3) * scale[:, :, None]
+            elif PAIR:  # 每个字节一次查表（一对码值），x 的 8 列拆成偶/奇两组各 4 列
+                flat4: tl.constexpr = BLOCK_N * NB * WPB * 4
+                byt = (q[:, :, :, None] >> (8 * tl.arange(0, 4))[None, None, None, :]) & 0xFF  # (BLOCK_N, NB, WPB, 4)
+                pv = tl.reshape(tl.gather(pairs, tl.reshape(byt, (flat4,)), 0), (BLOCK_N, NB, WPB, 4))
+                v_even = pv.to(tl.int32).to(tl.float32, bitcast=True)  # 字节 j 的高半字节：k = 8·字号 + 2j
+                v_odd = (pv >> 32).to(tl.int32).to(tl.float32, bitcast=True)  # 低半字节：k = 8·字号 + 2j + 1
+                if ABLATE == 2:
+                    acc += tl.sum(v_even + v_odd, axis=3) * scale[:, :, None]
+                else:
+                    word_in = tl.minimum(tl.maximum(blk, 0), blocks - 1)[:, None] * WPB + w[None, :]
+                    xv = tl.load(X + s * x_s + word_in[None, :, :, None] * 8 + t[None, None, None, :]
+                                 + 0 * n[:, None, None, None]).to(tl.float32)
+                    x_even, x_odd = tl.split(tl.reshape(xv, (BLOCK_N, NB, WPB, 4, 2)))
+                    acc += tl.sum(v_even * x_even + v_odd * x_odd, axis=3) * scale[:, :, None]
             else:
                 flat: tl.constexpr = BLOCK_N * NB * WPB * 8
                 nib = (q[:, :, :, None] >> shifts[None, None, None, :]) & 0xF  # (BLOCK_N, NB, WPB, 8)
@@ -848,7 +871,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                       num_warps: int, num_stages: int, ablate: int) -> torch.Tensor:
         """算子本体（参数已由 _launch 核对）：x (S, M, K)，按行打包的 qweight (S, N, K/2)、absmax (S, N, K/bs)，
         n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 / 2 = nf4_gemv，1 / 3 / 6 = nf4_dot_t，
-        4 = nf4_gemv_w；2 / 3 / 6 / 7 用 tl.gather 查表、num_stages > 1 时流水线，GATHER_NOTE；
+        4 / 8 = nf4_gemv_w（8 按字节成对查表，PAIR_NOTE）；2 / 3 / 6 / 7 用 tl.gather 查表、num_stages > 1 时流水线，GATHER_NOTE；
         6 把块尺度乘在 tl.dot 之后，SCALE_NOTE）；
         ablate：0 = 正常的乘积，1 / 2 = 诊断用的部分计算（ABLATE_NOTE）。
         split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)。"""
@@ -856,8 +879,8 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
         out = torch.empty((stacks, rows, n), dtype=x.dtype, device=x.device)
         part = torch.empty((split_k, stacks, rows, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
         fix = INTERPRETED and x.dtype == torch.bfloat16
-        if kernel in (0, 2, 4):  # M = 1：gemvR / gemvG（nf4_gemv，GATHER_NOTE）、gemvW（nf4_gemv_w）
-            fn, variant = ((nf4_gemv_w, {}) if kernel == 4
+        if kernel in (0, 2, 4, 8):  # M = 1：gemvR / gemvG（nf4_gemv，GATHER_NOTE）、gemvW / gemvB（nf4_gemv_w）
+            fn, variant = ((nf4_gemv_w, {"PAIR": kernel == 8}) if kernel in (4, 8)
                            else (nf4_gemv, {"GATHER": kernel == 2}))
             launch(fn)[(triton.cdiv(n, block_n), split_k, stacks)](
                 x, qweight, absmax, code, out, part, n, k, x.stride(0), qweight.stride(0), absmax.stride(0),
@@ -972,10 +995,10 @@ def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None, config: Config |
 
 def tune_candidates(rows: int, dtype: torch.dtype) -> list[Config]:
     """调优要计时的本模块配置（bitsandbytes 另算）：每种方式的表里每项 (BLOCK_N, NB, num_warps, num_stages) 前面加上
-    方式与 BLOCK_M。M = 1 是三种 gemv；M > 1 是 dotT / dotG / dotA，x 是 16 位时再加 dotB（float32 放不进成对的表，
+    方式与 BLOCK_M。M = 1 是四种 gemv（gemvB 用 gemvW 的块形）；M > 1 是 dotT / dotG / dotA，x 是 16 位时再加 dotB（float32 放不进成对的表，
     PAIR_NOTE）。BLOCK_M = M 向上取到 2 的幂，夹在 [16, 64]。"""
     if rows == 1:
-        tables = (("gemvR", TUNE_GEMV_R), ("gemvG", TUNE_GEMV_G), ("gemvW", TUNE_GEMV_W))
+        tables = (("gemvR", TUNE_GEMV_R), ("gemvG", TUNE_GEMV_G), ("gemvW", TUNE_GEMV_W), ("gemvB", TUNE_GEMV_W))
     else:
         tables = (("dotT", TUNE_DOT_T), ("dotG", TUNE_DOT_G), ("dotA", TUNE_DOT_A)) + (
             (("dotB", TUNE_DOT_A),) if dtype != torch.float32 else ())

@@ -203,13 +203,18 @@ def _check_stacked_product(x: torch.Tensor, ws: list[NF4Weight], y: torch.Tensor
     ("gemvW", 64, 2048, 64, 16, 4, 3),    # 切 K（最后一段不满）+ 合并
     ("gemvW", 48, 320, 64, 16, 1, 4),     # 空的最后一段
     ("gemvW", 24, 96, 32, 8, 4, 1),       # blocksize 32（每块 4 个字）
+    ("gemvB", 80, 768, 64, 16, 8, 1),     # 按字节成对查表（PAIR_NOTE）：mask 掉的块、N 不满
+    ("gemvB", 40, 1024, 128, 8, 2, 1),    # blocksize 128
+    ("gemvB", 64, 2048, 64, 16, 4, 3),    # 切 K + 合并
+    ("gemvB", 48, 320, 64, 16, 1, 4),     # 空的最后一段
+    ("gemvB", 24, 96, 32, 8, 4, 1),       # blocksize 32
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemv_r_matches_dequantize_matmul(interpreted_triton: None, method: str, n: int, k: int, blocksize: int,
                                           block_n: int, nb: int, split_k: int, dtype: torch.dtype) -> None:
     """方式 "gemvR"（每步先沿块内字节求和再乘 absmax，累加器 (BLOCK_N, NB)）== x @ dequantize(W)ᵀ，单个与叠加都对；
-    "gemvG"（同一 kernel，tl.gather 查表，GATHER_NOTE）与 "gemvW"（按字读、按字累加，WORDS_NOTE）
-    也一样。"""
+    "gemvG"（同一 kernel，tl.gather 查表，GATHER_NOTE）、"gemvW"（按字读、按字累加，WORDS_NOTE）与 "gemvB"
+    （gemvW 按字节成对查表，PAIR_NOTE）也一样。"""
     ws = [_nf4(n, k, seed=s + n, blocksize=blocksize) for s in range(2)]
     x = torch.randn(2, 1, k, generator=torch.Generator().manual_seed(k)).to(dtype)
     cfg = (method, 1, block_n, nb, 4, 1)
@@ -280,6 +285,8 @@ def test_bnb_method_matches_dequantize_matmul(m: int, dtype: torch.dtype) -> Non
     (("dotG", 16, 32, 1, 4, 1), 5, 1),
     (("gemvW", 1, 16, 8, 4, 1), 1, 1),    # 按字读的 kernel：字节值与查表都从 int32 字里移位取出
     (("gemvW", 1, 16, 4, 4, 1), 1, 3),
+    (("gemvB", 1, 16, 8, 4, 1), 1, 1),    # 成对查表的 kernel：ablate 2 的查表也是成对的
+    (("gemvB", 1, 16, 4, 4, 1), 1, 3),
 ])
 @pytest.mark.parametrize("ablate", [1, 2])
 def test_ablated_kernels_compute_their_part(interpreted_triton: None, config: tuple[str, int, int, int, int, int],
@@ -425,6 +432,7 @@ def test_as_stacked_is_a_view_with_one_leading_model() -> None:
     (("gemvG", 1, 8, 8, 4, 4), 1, 3),
     (("dotG", 16, 64, 1, 4, 3), 5, 2),
     (("gemvW", 1, 16, 8, 4, 3), 1, 3),
+    (("gemvB", 1, 16, 8, 4, 3), 1, 3),
     (("dotA", 16, 64, 1, 4, 3), 5, 2),
     (("dotB", 16, 64, 1, 4, 3), 5, 2),
 ])
@@ -506,11 +514,12 @@ def test_pair_lookup_float16_matches_dota(interpreted_triton: None, config: tupl
 
 
 def test_tune_candidates_per_batch_and_dtype() -> None:
-    """调优的候选：M = 1 只有 gemv 方式；M > 1 有 dotT / dotG / dotA，bf16 / fp16 时还有 dotB（与 dotA 同样的块形），
+    """调优的候选：M = 1 只有 gemv 方式（float32 也有 gemvB：它的码值本来是 float32）；M > 1 有 dotT / dotG / dotA，bf16 / fp16 时还有 dotB（与 dotA 同样的块形），
     float32 时没有（PAIR_NOTE）；BLOCK_M 夹在 [16, 64]。"""
     from fast.nf4 import GEMV_METHODS, TUNE_DOT_A, tune_candidates
 
-    assert {c[0] for c in tune_candidates(1, torch.bfloat16)} == set(GEMV_METHODS)
+    assert {c[0] for c in tune_candidates(1, torch.bfloat16)} == set(GEMV_METHODS) == {"gemvR", "gemvG", "gemvW", "gemvB"}
+    assert {c[0] for c in tune_candidates(1, torch.float32)} == set(GEMV_METHODS)
     assert all(c[1] == 1 for c in tune_candidates(1, torch.bfloat16))
     for dtype in (torch.bfloat16, torch.float16):
         got = tune_candidates(16, dtype)
