@@ -136,7 +136,8 @@ TUNE_DOT_A: Final[tuple[tuple[int, int, int, int], ...]] = ((128, 1, 4, 3), (128
 # 字节只查一次（tl.gather），两半截成 int16 按位转回 bf16/fp16，再与 dotA 一样 join 成 tl.dot 的操作数。
 # 为什么：dotA 每个权重一次查表（LDS.U16）外加取半字节的移位与掩码；成对的表把查表减半、取半字节的运算去掉。
 # benchmarks/sass_nf4.py 的静态剖析（Triton 3.7、sm_90）：(16, 128, 1, 4, 3) 每个权重 7.11 → 4.06 条指令，
-# (16, 64, 1, 4, 3) 8.59 → 5.38，(64, 64, 1, 4, 3) 9.94 → 6.84。FLUTE 的成对查表是同一想法。
+# (16, 64, 1, 4, 3) 8.59 → 5.38，(64, 64, 1, 4, 3) 9.94 → 6.84（145 个寄存器，每 SM 3 个程序，dotA 是 4 个）。
+# FLUTE 的成对查表是同一想法。
 # 代价：表 1 KB（256 个字），随机字节值落在 32 个 bank 上会有 bank 冲突（16 项的表只占 8 个字，同字是广播、没有冲突），
 # 静态剖析看不到；FLUTE 为此把表复制几份，tl.gather 表达不了按线程的副本。所以只作调优候选（与 dotA 同样的块形）。
 # 数值与 dotA 逐位相同（同样的码值、同样的 tl.dot 与乘尺度；tests/test_nf4.py 的 TWIN）。只有 16 位的 x：float32 的
@@ -870,9 +871,9 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                       n: int, blocksize: int, kernel: int, block_m: int, block_n: int, nb: int, split_k: int,
                       num_warps: int, num_stages: int, ablate: int) -> torch.Tensor:
         """算子本体（参数已由 _launch 核对）：x (S, M, K)，按行打包的 qweight (S, N, K/2)、absmax (S, N, K/bs)，
-        n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 / 2 = nf4_gemv，1 / 3 / 6 = nf4_dot_t，
+        n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 / 2 = nf4_gemv，1 / 3 / 6 / 7 = nf4_dot_t，
         4 / 8 = nf4_gemv_w（8 按字节成对查表，PAIR_NOTE）；2 / 3 / 6 / 7 用 tl.gather 查表、num_stages > 1 时流水线，GATHER_NOTE；
-        6 把块尺度乘在 tl.dot 之后，SCALE_NOTE）；
+        6 / 7 把块尺度乘在 tl.dot 之后，SCALE_NOTE；7 按字节成对查表，PAIR_NOTE）；
         ablate：0 = 正常的乘积，1 / 2 = 诊断用的部分计算（ABLATE_NOTE）。
         split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)。"""
         stacks, rows, k = x.shape
