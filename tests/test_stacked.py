@@ -490,3 +490,16 @@ def test_fast_decoder_subclass_weights_equal_reference_loop(subclass_trio: list[
     target = FastDecoder(subclass_trio[:1], vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=3, steering=None,
                          compile=compile, stack="target")
     assert target.generate([PROMPTS], 8).tokens == run(subclass_trio[:1], PROMPTS, steps=8).tokens
+
+
+@needs_torchao
+def test_speculative_decoding_on_subclass_weights(subclass_trio: list[LlamaForCausalLM]) -> None:
+    """stack auto 现在也叠 torchao int4（张量子类），--speculate 因此也走叠加的 K+1 位置验证前向（投影逐模型的
+    F.linear，M = B·(K+1) 行）：与不投机的参考循环逐 token 相同（CPU 上用 int8 子类代替只能在 CUDA 上构造的 int4）。"""
+    from fast.speculative import SpeculativeDecoder
+
+    dec = SpeculativeDecoder(subclass_trio, k=2, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4,
+                             steering=STEER, compile=False, stack="all")
+    assert dec.stack == "all" and all(s is not None for s in dec.stacked)
+    assert dec.generate(PER_ROLE, 6).tokens == run(subclass_trio, None, steps=6, steering=STEER,
+                                                   per_role=PER_ROLE).tokens
