@@ -809,6 +809,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton-ops", choices=fast.TRITON_OPS_MODES, default=fast.TRITON_OPS,
                         help="how the Triton kernels enter torch.compile: opaque custom ops, or traced triton_op "
                              "(the registration used up to commit 4fb66e2; for comparing warm-up times)")
+    parser.add_argument("--split-sum", choices=fast.SPLIT_SUM_MODES, default=fast.SPLIT_SUM,
+                        help="who adds an NF4 matmul's split-K partial sums in a compiled step: a separate kernel "
+                             "(default), or the graph, so that inductor can fuse the sum into the next kernel")
     parser.add_argument("--check", action="store_true", help="correctness check only (fp32 token for token, bf16 agreement rate)")
     parser.add_argument("--check-new", type=int, default=48)
     parser.add_argument("--check-dtypes", default="float32,bfloat16", help="dtypes that --check checks (comma-separated)")
@@ -852,6 +855,7 @@ def main(argv: list[str] | None = None) -> int:
                              "tokens (0 = never), as main.py's --min-acceptance")
     args = parser.parse_args(argv)
     fast.TRITON_OPS = args.triton_ops  # 在任何 kernel 加载之前（TRITON_OPS_NOTE）
+    fast.SPLIT_SUM = args.split_sum  # 在第一次编译之前（SPLIT_SUM_NOTE）
     if args.preset == "tiny":
         args.prompt, args.new, args.eager_new, args.check_new = min(args.prompt, 32), min(args.new, 16), \
             min(args.eager_new, 8), min(args.check_new, 8)

@@ -21,6 +21,16 @@ from typing import Any, Callable
 # 编译缓存条件下单独对比两种注册（traced 的一行跑在缓存已热之后）。bench.py --triton-ops traced 保留旧路径。
 TRITON_OPS_MODES: tuple[str, ...] = ("opaque", "traced")
 TRITON_OPS: str = "opaque"
+# SPLIT_SUM_NOTE：NF4 矩阵乘切 K（split_k > 1）时，各段的 float32 部分和 (split_k, S, M, N) 由谁相加。
+# - "kernel"（默认）：算子里再发一个 nf4_split_sum kernel，按 p = 0, 1, … 的固定顺序相加，转成 x 的精度。
+# - "graph"：只在 torch.compile 的区域里生效——算子直接返回部分和，相加（part.sum(0).to(x 的精度)）写在图里，
+#   inductor 可以把它并进下一个 kernel（残差加、RMSNorm、SiLU·乘、RoPE；段数 ≤ 8 时求和被展开成逐元素运算）。
+#   eager 调用（调优计时、不编译的路径）仍用 kernel。相加的顺序由 inductor 定（确定，但不一定与 kernel 相同）。
+# 为什么：ff2a723 的 H200 剖析（BENCHMARKS.md）里批 16 引导一步有 192 次 nf4_split_sum、共 1.26 ms（每次约 6.5 µs，
+# 多半是一个小 kernel 的启动与收尾），占 kernel 时间的 12.5%。还没有在 GPU 上量过，所以默认不变；
+# bench.py --split-sum graph 给下一次 GPU 会话对比。在第一次编译之前设。
+SPLIT_SUM_MODES: tuple[str, ...] = ("kernel", "graph")
+SPLIT_SUM: str = "kernel"
 
 
 def kernel_op(name: str, fake: Callable[..., Any]) -> tuple[Callable[[Callable[..., Any]], Any], Callable[[Any], Any]]:

@@ -55,6 +55,8 @@ from typing import Any, Callable, Final, Sequence
 
 import torch
 
+import fast  # SPLIT_SUM（SPLIT_SUM_NOTE）；包在导入本模块之前已经初始化到能读它
+
 # bitsandbytes 的 NF4 表（functional.get_4bit_type("nf4")）：N(0, 1) 的等概率分位点，归一化到 [-1, 1]，已排序。
 NF4_CODE: Final[tuple[float, ...]] = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -860,8 +862,10 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
 
     def nf4_linear_fake(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                         n: int, blocksize: int, kernel: int, block_m: int, block_n: int, nb: int, split_k: int,
-                        num_warps: int, num_stages: int, ablate: int) -> torch.Tensor:
-        """编译追踪时的形状：(S, M, N)，x 的精度（本体的输出）。"""
+                        num_warps: int, num_stages: int, ablate: int, partials: bool) -> torch.Tensor:
+        """编译追踪时的形状：(S, M, N)，x 的精度（本体的输出）；partials 时是 float32 部分和 (split_k, S, M, N)。"""
+        if partials:
+            return x.new_empty((split_k, x.shape[0], x.shape[1], n), dtype=torch.float32)
         return x.new_empty((x.shape[0], x.shape[1], n))
 
     register, launch = kernel_op("steer::nf4_linear", nf4_linear_fake)
@@ -869,13 +873,14 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
     @register
     def nf4_linear_op(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                       n: int, blocksize: int, kernel: int, block_m: int, block_n: int, nb: int, split_k: int,
-                      num_warps: int, num_stages: int, ablate: int) -> torch.Tensor:
+                      num_warps: int, num_stages: int, ablate: int, partials: bool) -> torch.Tensor:
         """算子本体（参数已由 _launch 核对）：x (S, M, K)，按行打包的 qweight (S, N, K/2)、absmax (S, N, K/bs)，
         n = N → (S, M, N)，x 的精度。kernel：KERNELS 里方式的编号（0 / 2 = nf4_gemv，1 / 3 / 6 / 7 = nf4_dot_t，
         4 / 8 = nf4_gemv_w（8 按字节成对查表，PAIR_NOTE）；2 / 3 / 6 / 7 用 tl.gather 查表、num_stages > 1 时流水线，GATHER_NOTE；
         6 / 7 把块尺度乘在 tl.dot 之后，SCALE_NOTE；7 按字节成对查表，PAIR_NOTE）；
         ablate：0 = 正常的乘积，1 / 2 = 诊断用的部分计算（ABLATE_NOTE）。
-        split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)。"""
+        split_k > 1 时另分配 float32 部分和 (split_k, S, M, N)；partials（只在 split_k > 1 时为真，SPLIT_SUM_NOTE）时
+        不发求和的 kernel，直接返回部分和，由调用者在图里相加。"""
         stacks, rows, k = x.shape
         out = torch.empty((stacks, rows, n), dtype=x.dtype, device=x.device)
         part = torch.empty((split_k, stacks, rows, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
@@ -895,6 +900,8 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                 BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, IEEE=x.dtype == torch.float32 or INTERPRETED, FIX=fix,
                 ABLATE=ablate, GATHER=kernel in (3, 6, 7), STAGES=num_stages if kernel in (3, 6, 7) else 1,
                 SCALE_AFTER=kernel in (6, 7), PAIR=kernel == 7, num_warps=num_warps, num_stages=num_stages)
+        if partials:
+            return part
         if split_k > 1:
             total = stacks * rows * n
             launch(nf4_split_sum)[(triton.cdiv(total, 1024),)](part, out, total, SPLIT_K=split_k, BLOCK=1024,
@@ -989,9 +996,14 @@ def _launch(x: torch.Tensor, w: NF4Weight, split_k: int | None, config: Config |
     split_k = max(1, min(split_k, -(-blocks // nb)))
     if not torch.compiler.is_compiling():
         load_nf4_kernels()  # 编译区域里 dynamo 追踪不了 kernel 的定义：那里要求算子已经注册过
+    if fast.SPLIT_SUM not in fast.SPLIT_SUM_MODES:
+        raise ValueError(f"fast.SPLIT_SUM={fast.SPLIT_SUM!r}: must be one of {', '.join(fast.SPLIT_SUM_MODES)}")
+    # SPLIT_SUM_NOTE："graph" 且在编译区域里时，部分和在图里相加，让 inductor 并进下一个 kernel
+    partials = split_k > 1 and fast.SPLIT_SUM == "graph" and torch.compiler.is_compiling()
     # 经 torch.ops 调用：编译区域里 dynamo 只看到一个已注册的算子
-    return torch.ops.steer.nf4_linear(x, w.qweight, w.absmax, w.code, n, w.blocksize, KERNELS[method], block_m,
-                                      block_n, nb, split_k, warps, stages, ablate)
+    y = torch.ops.steer.nf4_linear(x, w.qweight, w.absmax, w.code, n, w.blocksize, KERNELS[method], block_m,
+                                   block_n, nb, split_k, warps, stages, ablate, partials)
+    return y.sum(0).to(x.dtype) if partials else y
 
 
 def tune_candidates(rows: int, dtype: torch.dtype) -> list[Config]:

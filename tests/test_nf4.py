@@ -9,6 +9,7 @@ import dataclasses
 import importlib.util
 import os
 import sys
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -527,6 +528,46 @@ def test_tune_candidates_per_batch_and_dtype() -> None:
         assert [c[2:] for c in got if c[0] == "dotB"] == [c[2:] for c in got if c[0] == "dotA"] == list(TUNE_DOT_A)
     assert {c[0] for c in tune_candidates(4, torch.float32)} == {"dotT", "dotG", "dotA"}
     assert {c[1] for c in tune_candidates(64, torch.bfloat16)} == {64} == {c[1] for c in tune_candidates(200, torch.bfloat16)}
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_sum_in_graph(interpreted_triton: None, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """SPLIT_SUM_NOTE：fast.SPLIT_SUM = "graph" 时，编译区域里的算子返回 float32 部分和 (split_k, S, M, N)，图里
+    sum(0) 再转精度（dynamo 的图里看得到：算子的最后一个参数为真，后面跟着求和）；结果与 eager 的求和 kernel 一致
+    （相加顺序可以不同：float32 的舍入之内）。split_k = 1 时不走这条路；eager 调用（不在编译区域）仍用 kernel。"""
+    import fast
+
+    monkeypatch.setattr(fast, "SPLIT_SUM", "graph")
+    w = stack_nf4([_nf4(48, 512, seed=s + 21) for s in range(2)])
+    x = torch.randn(2, 5, 512, generator=torch.Generator().manual_seed(5)).to(dtype)
+    cfg = ("dotA", 16, 16, 1, 4, 1)
+    eager = nf4_linear_stacked(x, w, config=cfg, split_k=3)  # 不在编译区域：求和 kernel
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, _inputs: list[torch.Tensor]) -> Callable[..., Any]:
+        graphs.append(gm)
+        return gm.forward
+
+    def step(v: torch.Tensor) -> torch.Tensor:
+        return nf4_linear_stacked(v, w, config=cfg, split_k=3) * 2.0 + 1.0
+
+    torch._dynamo.reset()
+    got = torch.compile(step, backend=record, fullgraph=True)(x)
+    calls = [n for n in graphs[0].graph.nodes if "nf4_linear" in str(n.target)]
+    assert len(calls) == 1 and calls[0].args[-1] is True and calls[0].args[10] == 3
+    assert any(n.target in ("sum", torch.sum) or "sum" in str(n.target) for n in calls[0].users)
+    torch.testing.assert_close(got, eager * 2.0 + 1.0, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+    torch._dynamo.reset()
+    fused = torch.compile(step, fullgraph=True)(x)  # inductor（CPU）编译图里的求和
+    torch.testing.assert_close(fused, eager * 2.0 + 1.0, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+    torch._dynamo.reset()
+    one = torch.compile(lambda v: nf4_linear_stacked(v, w, config=cfg, split_k=1), backend=record, fullgraph=True)(x)
+    assert [n.args[-1] for n in graphs[-1].graph.nodes if "nf4_linear" in str(n.target)] == [False]
+    assert torch.equal(one, nf4_linear_stacked(x, w, config=cfg, split_k=1))
+    monkeypatch.setattr(fast, "SPLIT_SUM", "atomic")
+    with pytest.raises(ValueError, match="must be one of kernel, graph"):
+        nf4_linear_stacked(x, w, config=cfg, split_k=3)
 
 
 @needs_triton

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -166,6 +167,37 @@ def test_compiled_fast_decoder_nf4_with_triton_attention_equals_reference_loop(t
     assert quick.tokens == slow.tokens
     for a, b in zip(quick.alpha, slow.alpha):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+class _ForcedSplit(dict):
+    """替代 fast.nf4._TUNED：每个形状都“调优”成 NB = 1 的配置与 split_k = 4（_launch 再按 K 的块数夹小：K = 64 的投影
+    只有一块，仍是 1 段；MLP 的 down，K = 128，是 2 段）。记下要过的 K，确认真的有切 K 的调用。"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ks: set[int] = set()
+
+    def get(self, key: tuple[Any, ...], default: Any = None) -> Any:
+        self.ks.add(key[2])
+        return (("gemvW", 1, 16, 1, 4, 1) if key[3] == 1 else ("dotA", 16, 16, 1, 4, 1)), 4
+
+
+def test_compiled_nf4_split_k_sums_in_graph_equal_reference_loop(trio: list[LlamaForCausalLM],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """切 K 的 NF4 矩阵乘在编译的整步里，部分和在图里相加、由 inductor 并进下一个 kernel（fast.SPLIT_SUM = "graph"，
+    SPLIT_SUM_NOTE）：与慢速循环逐 token 一致。（求和 kernel 的默认方式由 tests/test_nf4.py 的算子测试覆盖；
+    解释器里的编译整步很慢，这里只跑一种，注意力用 sdpa。）"""
+    import fast
+    import fast.nf4
+
+    forced = _ForcedSplit()
+    monkeypatch.setattr(fast.nf4, "_TUNED", forced)
+    monkeypatch.setattr(fast, "SPLIT_SUM", "graph")
+    decoder = FastDecoder(trio, vocab_size=VOCAB, end_ids=[], pad_id=PAD, batch_size=4, steering=STEER,
+                          compile=True, overlap="off", stack="all", attention="sdpa")
+    quick = decoder.generate(PER_ROLE, 3)
+    assert 128 in forced.ks  # down 投影（K = 128）切了 2 段
+    assert quick.tokens == run(trio, None, steps=3, steering=STEER, per_role=PER_ROLE).tokens
 
 
 def test_fast_decoder_nf4_target_only(trio: list[LlamaForCausalLM]) -> None:
