@@ -113,13 +113,6 @@ def resolve_overlap(overlap: str, models: Sequence[PreTrainedModel], *, steering
 STACK_MODES: Final[tuple[str, ...]] = ("auto", "off", "pair", "target", "all")
 
 
-def auto_stackable(models: Sequence[PreTrainedModel]) -> bool:
-    """stack="auto" 叠不叠这组模型：能叠就叠（check_stackable），bf16、NF4 与张量子类的量化权重（weight_kind
-    "module"，例如 torchao int4）都一样。int4 的依据（H200，ff2a723，同一次机器会话）：引导批 1 叠加 4.28 ms/步、
-    不叠（transformers 前向）15.20 ms/步；叠加路径的 bf16 check 与 bf16 快速路径自己的一致率同量级（BENCHMARKS.md）。"""
-    return check_stackable(models) is None
-
-
 def resolve_stack(stack: str, models: Sequence[PreTrainedModel], *, steering: SteeringParams | None,
                   compile: bool, device_type: str) -> str:
     """FastDecoder 的 stack 参数 → 实际模式（"off" / "pair" / "target" / "all"）。
@@ -127,9 +120,10 @@ def resolve_stack(stack: str, models: Sequence[PreTrainedModel], *, steering: St
     哪些模型走 stacked_llama.StackedLlama 的前向（q/k/v、gate/up 各拼成一次矩阵乘，自带 KV 缓存）：
     "pair" = 专家与基座叠成一次前向（每个投影一次 bmm）；"target" = 目标模型单独走它（M = 1）；
     "all" = 两者都是；"off" = 都走 transformers 的前向。只有目标模型（基线）时 "all" 与 "target" 相同。
-    "auto"：只在 CUDA 上编译时叠加，且按模型各自判断（auto_stackable）——目标模型走哪条前向只取决于它自己，
+    "auto"：只在 CUDA 上编译时叠加，且按模型各自判断（check_stackable）——目标模型走哪条前向只取决于它自己，
     所以基线与引导两个臂里目标模型的数值规则相同（bf16 下两条前向的舍入不同，这一点不能因臂而异）。
-    CPU / 不编译时取 "off"（没有可省的 kernel 启动）。
+    能叠的都叠：bf16、NF4 与张量子类的量化权重（torchao int4；H200，ff2a723，同一次机器会话：引导批 1 叠加
+    4.28 ms/步、不叠 15.20 ms/步，BENCHMARKS.md）。CPU / 不编译时取 "off"（没有可省的 kernel 启动）。
     显式给出而做不到时报错说明原因。
     """
     if stack not in STACK_MODES:
@@ -138,8 +132,8 @@ def resolve_stack(stack: str, models: Sequence[PreTrainedModel], *, steering: St
     if stack == "auto":
         if not (compile and device_type == "cuda"):
             return "off"
-        target = auto_stackable(models[:1])
-        pair = steered and auto_stackable(models[1:])
+        target = check_stackable(models[:1]) is None
+        pair = steered and check_stackable(models[1:]) is None
         return {(True, True): "all", (True, False): "target", (False, True): "pair"}.get((target, pair), "off")
     if stack == "off":
         return stack
