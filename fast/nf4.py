@@ -179,10 +179,11 @@ _TUNED_REPORT: dict[tuple[int, int, int, int, torch.dtype], dict[str, Any]] = {}
 # load_nf4_kernels 定义的 @triton.jit kernel（名字 → JITFunction），只给静态剖析 benchmarks/sass_nf4.py 用。
 JIT_KERNELS: dict[str, Any] = {}
 # kernel 共用的 @triton.jit 小函数（load_nf4_kernels 定义时绑定成模块级的名字，见那里的说明）：K 段范围、解释器里的
-# 就近舍入、gemv 的输出
+# 就近舍入、gemv 的输出、gemvW / gemvB 按字读的 x
 _k_range: Any = None
 _rtne: Any = None
 _gemv_out: Any = None
+_x_words: Any = None
 # 调优结果的磁盘缓存（use_tuning_cache 设置；None = 不用，每个进程重新计时）。见 TUNING_CACHE_NOTE。
 _CACHE_PATH: str | None = None
 _CACHE: dict[str, Any] | None = None  # 读进来的缓存：{"fingerprint": {...}, "entries": {名字: 报告}}；None = 还没读
@@ -597,7 +598,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
 
     # 几个 kernel 共用的 JIT 小函数绑定成模块级的名字（global）：Triton 的解释器只在 kernel 的模块全局里找被调用的
     # JIT 函数，找不到闭包里的（编译器两者都找）。
-    global _k_range, _rtne, _gemv_out
+    global _k_range, _rtne, _gemv_out, _x_words
 
     @triton.jit
     def _k_range(K, BLOCKSIZE: tl.constexpr, NB: tl.constexpr, SPLIT_K, pid_k):
@@ -625,6 +626,17 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
             tl.store(OUT + s * o_s + n, _rtne(total, FIX).to(OUT.dtype.element_ty), mask=n_ok)
         else:
             tl.store(PART + (pid_k * tl.num_programs(2) + s) * N + n, total, mask=n_ok)
+
+    @triton.jit
+    def _x_words(X, s, x_s, blk, blocks, w, t, n, WPB: tl.constexpr):
+        # nf4_gemv_w（gemvW 与 gemvB）一步的 x：(BLOCK_N, NB, WPB, 8) float32，[.., 块 b, 字 j, t] = x 的第
+        # 8·(块号 · WPB + j) + t 列（blk (NB,) 块号，w (WPB,) 字号，t (8,)，n (BLOCK_N,) 只为形状）。
+        # x 的指针按 (BLOCK_N, NB, WPB, 8) 形状给（沿 n 的 0 · n 只为形状）：Triton 让每个线程直接读与自己的
+        # 字对应的 8 个 x（一条 16 字节的 load，L1 命中），而不是读一份 (NB, WPB, 8) 再经共享内存换布局。
+        # 块号夹在 [0, blocks − 1]：mask 掉的块读到的是有限的 x，乘 absmax = 0 仍是 0
+        word_in = tl.minimum(tl.maximum(blk, 0), blocks - 1)[:, None] * WPB + w[None, :]
+        return tl.load(X + s * x_s + word_in[None, :, :, None] * 8 + t[None, None, None, :]
+                       + 0 * n[:, None, None, None]).to(tl.float32)
 
     @triton.jit
     def nf4_gemv(X, Q, A, CODE, OUT, PART, N, K, x_s, q_s, a_s, o_s,
@@ -725,9 +737,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                 if ABLATE == 2:
                     acc += tl.sum(v_even + v_odd, axis=3) * scale[:, :, None]
                 else:
-                    word_in = tl.minimum(tl.maximum(blk, 0), blocks - 1)[:, None] * WPB + w[None, :]
-                    xv = tl.load(X + s * x_s + word_in[None, :, :, None] * 8 + t[None, None, None, :]
-                                 + 0 * n[:, None, None, None]).to(tl.float32)
+                    xv = _x_words(X, s, x_s, blk, blocks, w, t, n, WPB)
                     x_even, x_odd = tl.split(tl.reshape(xv, (BLOCK_N, NB, WPB, 4, 2)))
                     acc += tl.sum(v_even * x_even + v_odd * x_odd, axis=3) * scale[:, :, None]
             else:
@@ -737,12 +747,7 @@ def load_nf4_kernels() -> Callable[..., torch.Tensor]:
                 if ABLATE == 2:
                     acc += tl.sum(v, axis=3) * scale[:, :, None]
                 else:
-                    # x 的指针按 (BLOCK_N, NB, WPB, 8) 形状给（沿 n 的 0 · n 只为形状）：Triton 让每个线程直接读与自己的
-                    # 字对应的 8 个 x（一条 16 字节的 load，L1 命中），而不是读一份 (NB, WPB, 8) 再经共享内存换布局。
-                    # 块号夹在 [0, blocks − 1]：mask 掉的块读到的是有限的 x，乘 absmax = 0 仍是 0
-                    word_in = tl.minimum(tl.maximum(blk, 0), blocks - 1)[:, None] * WPB + w[None, :]
-                    xv = tl.load(X + s * x_s + word_in[None, :, :, None] * 8 + t[None, None, None, :]
-                                 + 0 * n[:, None, None, None]).to(tl.float32)
+                    xv = _x_words(X, s, x_s, blk, blocks, w, t, n, WPB)
                     acc += tl.sum(v * xv, axis=3) * scale[:, :, None]
         total = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BLOCK_N,)
         _gemv_out(total, OUT, PART, N, n, n_ok, s, o_s, pid_k, SPLIT_K, FIX)
